@@ -1,0 +1,241 @@
+"""Load and validate the daemon's YAML config; every mistake becomes one line naming the key and the fix."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "HEYGEM_"
+
+
+class ConfigError(Exception):
+    """A config problem a person must fix; the message is one line per problem."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Folders(_Section):
+    inbox: Path = Path("inbox")
+    work: Path = Path("work")
+    outputs: Path = Path("outputs")
+    failed: Path = Path("failed")
+    archive: Path = Path("archive")
+    state: Path = Path("state")
+    logs: Path = Path("logs")
+
+
+DEFAULT_IGNORE = [
+    "*.part", "*.tmp", "*.crdownload", "~$*", ".~lock*", "._*", ".DS_Store", "Thumbs.db", "desktop.ini",
+]
+# Names that mean "a program is still writing here": a folder holding one is not ready.
+DEFAULT_PARTIAL = ["*.part", "*.tmp", "*.crdownload", ".~lock*", "~$*"]
+
+
+class Watcher(_Section):
+    mode: Literal["auto", "inotify", "polling"] = "auto"
+    settle_seconds: float = Field(3.0, ge=0.0)
+    poll_interval: float = Field(2.0, gt=0.0)
+    rescan_seconds: float = Field(60.0, gt=0.0)
+    pair_timeout: float = Field(600.0, ge=0.0)
+    ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
+    partial: list[str] = Field(default_factory=lambda: list(DEFAULT_PARTIAL))
+    ignore_hidden: bool = True
+    probe_workers: int = Field(2, ge=1, le=32)
+
+
+class Limits(_Section):
+    min_audio_seconds: float = Field(0.3, ge=0.0)
+    max_audio_seconds: float = Field(1800.0, gt=0.0)
+    max_image_pixels: int = Field(40_000_000, gt=0)
+    max_video_pixels: int = Field(8_300_000, gt=0)
+    max_portrait_seconds: float = Field(120.0, gt=0.0)
+    max_file_mb: float = Field(4096.0, gt=0.0)
+
+
+class Preset(_Section):
+    height: int = Field(gt=0)
+    fps: int = Field(gt=0, le=120)
+    video_bitrate: int = Field(gt=0, description="bits per second")
+    audio_bitrate: int = Field(128_000, gt=0)
+
+    @field_validator("height")
+    @classmethod
+    def _even(cls, v: int) -> int:
+        if v % 2:
+            raise ValueError("must be even (H.264 with yuv420p needs even dimensions)")
+        return v
+
+
+DEFAULT_PRESETS = {
+    "480p": Preset(height=480, fps=25, video_bitrate=600_000, audio_bitrate=96_000),
+    "720p": Preset(height=720, fps=25, video_bitrate=1_500_000),
+    "1080p": Preset(height=1080, fps=30, video_bitrate=4_000_000, audio_bitrate=160_000),
+}
+
+
+class EngineChoice(_Section):
+    name: str = "preview"
+    preset: str = "480p"
+    x264_preset: str = "veryfast"
+
+
+class Workers(_Section):
+    devices: list[str] = Field(default_factory=lambda: ["cpu"])
+    per_device: int = Field(1, ge=1, le=16)
+    max_attempts: int = Field(3, ge=1)
+    backoff_seconds: float = Field(10.0, ge=0.0)
+    backoff_max_seconds: float = Field(600.0, ge=0.0)
+    stall_seconds: float = Field(300.0, gt=0.0)
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("list at least one device, e.g. [cpu] or [cuda:0]")
+        for d in v:
+            if d != "cpu" and not (d == "cuda" or (d.startswith("cuda:") and d[5:].isdigit())):
+                raise ValueError(f"unknown device {d!r}; use cpu, cuda or cuda:N")
+        return v
+
+
+class Dedupe(_Section):
+    window_hours: float = Field(24.0, ge=0.0)
+
+
+class Logging(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    console: bool = True
+
+
+class Config(_Section):
+    base_dir: Path = Path(".")
+    folders: Folders = Folders()
+    watcher: Watcher = Watcher()
+    limits: Limits = Limits()
+    presets: dict[str, Preset] = Field(default_factory=lambda: dict(DEFAULT_PRESETS))
+    engine: EngineChoice = EngineChoice()
+    engines: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    workers: Workers = Workers()
+    dedupe: Dedupe = Dedupe()
+    logging: Logging = Logging()
+
+    @model_validator(mode="after")
+    def _preset_known(self) -> "Config":
+        if self.engine.preset not in self.presets:
+            raise ValueError(
+                f"engine.preset {self.engine.preset!r} is not defined; pick one of {sorted(self.presets)}"
+            )
+        return self
+
+    def folder(self, key: str) -> Path:
+        """Absolute path of a configured folder (relative ones hang off base_dir)."""
+        p = getattr(self.folders, key)
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    def preset(self, name: str | None = None) -> Preset:
+        return self.presets[name or self.engine.preset]
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    """HEYGEM_SECTION__KEY=value -> {"section": {"key": value}}; values parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            node[parts[-1]] = raw
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in over.items():
+        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _describe(err: dict[str, Any], source: str) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        known = _known_keys(Config, loc)
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        fix = f"did you mean {close[0]!r}?" if close else f"known keys here: {', '.join(known)}"
+        return f"{source}: {key}: unknown key; {fix}"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    return f"{source}: {key}: {msg}{shown}"
+
+
+def _parse(data: dict[str, Any], source: str) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_describe(e, source) for e in exc.errors())) from None
+
+
+def _prepare_folders(cfg: Config) -> None:
+    for key in Folders.model_fields:
+        path = cfg.folder(key)
+        if path.is_dir():
+            continue
+        if path.exists():
+            raise ConfigError(f"folders.{key}: {path} exists but is not a folder; point it at a folder")
+        if not path.parent.is_dir():
+            raise ConfigError(
+                f"folders.{key}: {path.parent} does not exist; create it (or mount the share) or fix the path"
+            )
+        path.mkdir(mode=0o775)
+
+
+def load_config(path: Path | None, environ: dict[str, str] | None = None, prepare: bool = True) -> Config:
+    """Read YAML (or embedded defaults when path is None), apply env overrides, validate, make folders."""
+    environ = dict(os.environ) if environ is None else environ
+    source = str(path) if path else "defaults"
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read config ({exc.strerror}); check the path") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: top level must be a mapping of sections (folders:, watcher:, ...)")
+        data = loaded or {}
+    data = _merge(data, _env_overrides(environ))
+    cfg = _parse(data, source)
+    anchor = Path(path).resolve().parent if path else Path.cwd()
+    base = cfg.base_dir if cfg.base_dir.is_absolute() else (anchor / cfg.base_dir)
+    cfg = cfg.model_copy(update={"base_dir": base.resolve()})
+    if prepare:
+        if not cfg.base_dir.is_dir():
+            raise ConfigError(f"base_dir: {cfg.base_dir} does not exist; create it or fix the path")
+        _prepare_folders(cfg)
+    return cfg

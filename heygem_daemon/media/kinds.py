@@ -1,0 +1,33 @@
+"""Which file names are audio, portrait images or portrait videos (by extension, before any decoding)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import PurePath
+
+
+class MediaKind(str, Enum):
+    AUDIO = "audio"
+    IMAGE = "image"
+    VIDEO = "video"
+    OTHER = "other"
+
+
+AUDIO_EXTS = frozenset({".wav", ".mp3", ".m4a", ".aac", ".flac", ".ogg", ".opus"})
+IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
+VIDEO_EXTS = frozenset({".mp4", ".mov", ".webm"})
+
+
+def kind_of(path: PurePath | str) -> MediaKind:
+    ext = PurePath(path).suffix.lower()
+    if ext in AUDIO_EXTS:
+        return MediaKind.AUDIO
+    if ext in IMAGE_EXTS:
+        return MediaKind.IMAGE
+    if ext in VIDEO_EXTS:
+        return MediaKind.VIDEO
+    return MediaKind.OTHER
+
+
+def is_portrait(path: PurePath | str) -> bool:
+    return kind_of(path) in (MediaKind.IMAGE, MediaKind.VIDEO)
