@@ -1,0 +1,34 @@
+# Two set-up commands on a fresh machine:  `make run` (install + start the daemon), `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU wheel keeps tests light; on a GPU box install the torch build for your CUDA instead.
+TORCH  ?= torch==2.13.0
+
+.PHONY: run test bench install clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e '.[test,wav2lip]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(BIN)/heygem-daemon -c config.yaml run
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python bench/intake.py
+	$(BIN)/python bench/preview.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,155 @@
+"""Command line: run the daemon, look at jobs, retry failed ones, check a config file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from heygem_daemon import __version__
+from heygem_daemon.config import Config, ConfigError, load_config
+from heygem_daemon.store import Job, Store
+
+EXIT_CONFIG = 2
+
+
+def default_config_path() -> Path | None:
+    """$HEYGEM_CONFIG, else ./config.yaml when present, else the embedded defaults (None)."""
+    env = os.environ.get("HEYGEM_CONFIG")
+    if env:
+        return Path(env)
+    local = Path("config.yaml")
+    return local if local.is_file() else None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="heygem-daemon", description=__doc__)
+    p.add_argument("--version", action="version", version=f"heygem-daemon {__version__}")
+    p.add_argument("-c", "--config", type=Path, help="config file (default: $HEYGEM_CONFIG or ./config.yaml)")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run the daemon in the foreground (what systemd starts)")
+    st = sub.add_parser("status", help="jobs with their state and progress")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("-n", "--limit", type=int, default=20)
+    jb = sub.add_parser("jobs", help="list jobs")
+    jb.add_argument("--failed", action="store_true", help="only failed jobs, with reason and hint")
+    jb.add_argument("-n", "--limit", type=int, default=50)
+    rt = sub.add_parser("retry", help="queue a failed job again")
+    rt.add_argument("job", help="job name or id")
+    cf = sub.add_parser("config", help="config helpers")
+    cfs = cf.add_subparsers(dest="config_command", required=True)
+    chk = cfs.add_parser("check", help="validate a config file and exit (0 ok, 2 invalid)")
+    chk.add_argument("file", type=Path)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "config":
+            return _config_check(args.file)
+        cfg = load_config(args.config or default_config_path())
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "run":
+        return _run(cfg)
+    store = Store(cfg.folder("state") / "heygem.db")
+    if args.command == "status":
+        return _status(cfg, store, args.json, args.limit)
+    if args.command == "jobs":
+        return _jobs(store, args.failed, args.limit)
+    return _retry(cfg, store, args.job)
+
+
+def _run(cfg: Config) -> int:
+    from heygem_daemon.service import AlreadyRunning, run_daemon
+
+    try:
+        return run_daemon(cfg)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except AlreadyRunning as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _config_check(path: Path) -> int:
+    from heygem_daemon.engines.registry import check_engines
+
+    cfg = load_config(path, prepare=False)
+    check_engines(cfg)
+    print(f"{path}: OK (engine {cfg.engine.name}, preset {cfg.engine.preset}, inbox {cfg.folder('inbox')})")
+    return 0
+
+
+def _job_view(cfg: Config, store: Store, job: Job) -> dict[str, Any]:
+    tasks = store.tasks(job.id)
+    done = sum(t.state == "done" for t in tasks)
+    progress = sum(t.progress for t in tasks) / len(tasks) if tasks else (1.0 if job.state == "done" else 0.0)
+    view: dict[str, Any] = {
+        "id": job.id, "name": job.name, "state": job.state, "videos": len(tasks), "done": done,
+        "progress": round(progress, 3), "owner": job.owner,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at)),
+        "outputs": str(cfg.folder("outputs") / job.name) if done else None,
+        "tasks": [{"name": t.name, "state": t.state, "progress": round(t.progress, 3), "attempts": t.attempts,
+                   "device": t.device, "error": (t.last_error or {}).get("reason")} for t in tasks],
+    }
+    if job.duplicate_of:
+        original = store.job(job.duplicate_of)
+        view["duplicate_of"] = original.name
+        view["outputs"] = str(cfg.folder("outputs") / original.name)
+    if job.error:
+        view["error"] = {"reason": job.error.get("reason"), "hint": job.error.get("hint")}
+    return view
+
+
+def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
+    jobs = [_job_view(cfg, store, j) for j in store.jobs(limit=limit)]
+    counts = store.counts()
+    if as_json:
+        print(json.dumps({"tasks": counts, "jobs": jobs}, indent=2, ensure_ascii=False))
+        return 0
+    print("tasks: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none yet"))
+    for j in jobs:
+        line = f"{j['name']:<28} {j['state']:<10} {j['done']}/{j['videos']} videos {j['progress'] * 100:5.1f}%"
+        if j.get("duplicate_of"):
+            line += f"  duplicate of {j['duplicate_of']} -> {j['outputs']}"
+        elif j["outputs"]:
+            line += f"  -> {j['outputs']}"
+        if j.get("error"):
+            line += f"  ({j['error']['reason']})"
+        print(line)
+    return 0
+
+
+def _jobs(store: Store, failed_only: bool, limit: int) -> int:
+    jobs = store.jobs(("failed",) if failed_only else None, limit=limit)
+    if not jobs:
+        print("no failed jobs" if failed_only else "no jobs yet")
+    for job in jobs:
+        print(f"{job.name:<28} {job.state:<10} {job.id}")
+        if job.error:
+            print(f"    reason: {job.error.get('reason')}")
+            print(f"    hint:   {job.error.get('hint')}")
+    return 0
+
+
+def _retry(cfg: Config, store: Store, ref: str) -> int:
+    from heygem_daemon.jobs import JobError, retry_job
+
+    try:
+        print(retry_job(cfg, store, ref))
+    except JobError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Engine names -> classes, imported only when used so that torch never loads in the daemon process."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from pydantic import ValidationError
+
+from heygem_daemon.config import Config, ConfigError
+from heygem_daemon.engines.base import Engine
+
+ENGINES: dict[str, str] = {
+    "preview": "heygem_daemon.engines.preview:PreviewEngine",
+}
+
+
+def engine_class(name: str) -> Any:
+    try:
+        target = ENGINES[name]
+    except KeyError:
+        raise ConfigError(f"engine.name: unknown engine {name!r}; available: {', '.join(sorted(ENGINES))}") from None
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def settings_for(cfg: Config, name: str) -> Any:
+    cls = engine_class(name)
+    try:
+        return cls.Settings.model_validate(cfg.engines.get(name, {}))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise ConfigError(f"engines.{name}.{key}: {msg}") from None
+
+
+def check_engines(cfg: Config) -> None:
+    """Fail at start-up, not at the first job, when an engine section is wrong."""
+    unknown = set(cfg.engines) - set(ENGINES)
+    if unknown:
+        raise ConfigError(f"engines.{sorted(unknown)[0]}: unknown engine; available: {', '.join(sorted(ENGINES))}")
+    settings_for(cfg, cfg.engine.name)
+    for name in cfg.engines:
+        settings_for(cfg, name)
+
+
+def build_engine(name: str, raw_settings: dict[str, Any]) -> Engine:
+    cls = engine_class(name)
+    return cls(cls.Settings.model_validate(raw_settings))  # type: ignore[no-any-return]
+
+
+def needs_face(name: str) -> bool:
+    return bool(engine_class(name).needs_face)

@@ -1,0 +1,10 @@
+"""Wav2Lip-compatible lip-sync engine (torch core).
+
+Importing this package does not import torch. The torch-backed modules are imported explicitly:
+
+- ``heygem_daemon.engines.wav2lip.model``: the ``Wav2Lip`` generator network.
+- ``heygem_daemon.engines.wav2lip.checkpoint``: ``load_checkpoint`` / ``save_checkpoint`` for the
+  released ``wav2lip.pth`` / ``wav2lip_gan.pth`` format.
+- ``heygem_daemon.engines.wav2lip.audio_features``: the 80-band mel spectrogram and per-frame chunks.
+- ``heygem_daemon.engines.wav2lip.face_batch``: face crops to model input and model output to pixels.
+"""

@@ -1,0 +1,143 @@
+"""Claim a planned job (inbox -> work/<job-id>/in, then queued) or reject one (inbox -> failed/<name>/).
+
+Order makes crashes harmless: the store row (`detected`, with where files go) is written before any move,
+and the row advances only after the move; `recover_detected` puts half-moved files back in the inbox.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from heygem_daemon.config import Config
+from heygem_daemon.failures import ERROR_FILE, error_record, write_error_json
+from heygem_daemon.fsops import display_name, move, remove_tree
+from heygem_daemon.intake.inspect import Inspection
+from heygem_daemon.intake.pairing import Plan, Problem
+from heygem_daemon.log import get_logger
+from heygem_daemon.store import Job, NewTask, Store
+
+log = get_logger("heygem.claim")
+
+
+def fingerprint(plan: Plan, digests: dict[str, str], engine: str, preset: str) -> str:
+    """Same inputs (by content) + same options = same result, whatever the files are called."""
+    pairs = sorted((digests[p.audio], digests[p.portrait]) for p in plan.pairs)
+    doc = json.dumps({"pairs": pairs, "engine": engine, "preset": preset, "options": plan.options},
+                     sort_keys=True)
+    return hashlib.sha256(doc.encode()).hexdigest()
+
+
+def archive_dir(cfg: Config, job_name: str) -> Path:
+    return cfg.folder("archive") / time.strftime("%Y-%m-%d") / job_name
+
+
+def _taken_names(cfg: Config) -> set[str]:
+    """Names already used on disk (e.g. by jobs from before the state was reset) are not reused."""
+    taken: set[str] = set()
+    for key in ("outputs", "failed"):
+        try:
+            taken.update(p.name for p in cfg.folder(key).iterdir())
+        except FileNotFoundError:
+            pass
+    return taken
+
+
+def _stage_sources(inbox: Path, sources: list[str], staging: Path, is_folder: bool) -> None:
+    if is_folder:
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        move(inbox / sources[0], staging)
+        return
+    staging.mkdir(parents=True, exist_ok=True)
+    for rel in sources:
+        move(inbox / rel, staging / PurePosixPath(rel).name)
+
+
+def _staged(rel: str) -> str:
+    """Where an inbox-relative input lives inside the staging folder: its base name."""
+    return PurePosixPath(rel).name
+
+
+class Claimer:
+    def __init__(self, cfg: Config, store: Store) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.inbox = cfg.folder("inbox")
+
+    def claim(self, plan: Plan, insp: Inspection, engine: str, preset: str, is_folder: bool) -> Job:
+        fp = fingerprint(plan, insp.digests, engine, preset)
+        spec: dict[str, Any] = {
+            "sources": plan.sources, "folder": is_folder, "engine": engine, "preset": preset,
+            "options": plan.options, "digests": insp.digests,
+            "pairs": [{"audio": _staged(p.audio), "portrait": _staged(p.portrait), "name": p.name}
+                      for p in plan.pairs],
+        }
+        job = self.store.create_job(plan.name_hint, spec, fp, insp.owner, _taken_names(self.cfg))
+        original = self.store.find_duplicate(fp, self.cfg.dedupe.window_hours * 3600)
+        if original is not None and original.id != job.id:
+            staging = archive_dir(self.cfg, job.name)
+            self._record_staging(job, spec, staging)
+            _stage_sources(self.inbox, plan.sources, staging, is_folder)
+            self.store.mark_duplicate(job.id, original.id)
+            log.info("duplicate drop, not generated again", job_id=job.id, job=job.name,
+                     original=original.name, outputs=str(self.cfg.folder("outputs") / original.name))
+            return self.store.job(job.id)
+        staging = self.cfg.folder("work") / job.id / "in"
+        self._record_staging(job, spec, staging)
+        _stage_sources(self.inbox, plan.sources, staging, is_folder)
+        out_dir = self.cfg.folder("outputs") / job.name
+        self.store.queue_job(job.id, [
+            NewTask(p["name"], p["audio"], p["portrait"], str(out_dir / f"{p['name']}.mp4")) for p in spec["pairs"]
+        ])
+        log.info("job claimed", job_id=job.id, job=job.name, tasks=len(plan.pairs), owner=insp.owner,
+                 engine=engine, preset=preset)
+        return self.store.job(job.id)
+
+    def reject(self, name_hint: str, sources: list[str], problems: list[Problem], is_folder: bool,
+               stage: str = "intake") -> Job:
+        spec: dict[str, Any] = {"sources": sources, "folder": is_folder}
+        job = self.store.create_job(name_hint, spec, taken=_taken_names(self.cfg))
+        staging = self.cfg.folder("failed") / job.name
+        self._record_staging(job, spec, staging)
+        _stage_sources(self.inbox, sources, staging, is_folder)
+        record = error_record(job.name, stage, [p.as_dict() for p in problems], job_id=job.id,
+                              files=sorted(display_name(_staged(s)) for s in sources))
+        write_error_json(staging, record)
+        self.store.set_job_state(job.id, "failed", error=record)
+        log.warning("job rejected", job_id=job.id, job=job.name, stage=stage, reason=record["reason"],
+                    hint=record["hint"], problems=len(problems))
+        return self.store.job(job.id)
+
+    def _record_staging(self, job: Job, spec: dict[str, Any], staging: Path) -> None:
+        spec["staging"] = str(staging)
+        self.store.set_job_state(job.id, "detected", spec=spec)
+
+
+def recover_detected(cfg: Config, store: Store) -> int:
+    """Undo claims cut short by a crash: whatever already moved goes back to the inbox, the row goes."""
+    inbox = cfg.folder("inbox")
+    undone = 0
+    for job in store.jobs(("detected",)):
+        staging = Path(job.spec["staging"]) if "staging" in job.spec else None
+        if staging is not None and staging.is_dir():
+            (staging / ERROR_FILE).unlink(missing_ok=True)
+        for rel in job.spec.get("sources", []):
+            src = inbox / rel
+            moved = staging if job.spec.get("folder") else (staging / _staged(rel) if staging else None)
+            if moved is None or not (moved.exists() or moved.is_symlink()):
+                continue
+            # A staged copy exists only once it is complete, so any source left beside it is the leftover.
+            remove_tree(src)
+            src.parent.mkdir(parents=True, exist_ok=True)
+            move(moved, src)
+        if staging is not None:
+            remove_tree(staging)
+            if staging.name == "in":
+                remove_tree(staging.parent)
+        store.delete_job(job.id)
+        undone += 1
+        log.warning("interrupted claim undone; inputs are back in the inbox", job_id=job.id, job=job.name)
+    return undone

@@ -1,0 +1,104 @@
+"""Inspect a planned job's inputs in a child process: decode-check each file and hash it.
+
+Decoding untrusted media runs in a process pool so that a crashing decoder costs a child, not the daemon.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import pwd
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from heygem_daemon.config import Limits
+from heygem_daemon.intake.pairing import Problem
+from heygem_daemon.media.kinds import MediaKind, kind_of
+from heygem_daemon.proc import die_with_parent
+
+HASH_CHUNK = 1 << 20
+
+
+@dataclass
+class Inspection:
+    problems: list[Problem] = field(default_factory=list)
+    digests: dict[str, str] = field(default_factory=dict)
+    owner: str | None = None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _owner(path: Path) -> str:
+    uid = os.lstat(path).st_uid
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def inspect_inputs(inbox: str, rels: list[str], limits: Limits, need_face: bool) -> Inspection:
+    from heygem_daemon.intake.probe import ProbeError, probe_audio, probe_portrait
+
+    result = Inspection()
+    for rel in rels:
+        path = Path(inbox) / rel
+        try:
+            if kind_of(rel) is MediaKind.AUDIO:
+                probe_audio(path, limits)
+            else:
+                probe_portrait(path, limits, need_face)
+            result.digests[rel] = sha256_file(path)
+        except ProbeError as exc:
+            result.problems.append(Problem(rel, exc.reason, exc.hint))
+        except OSError as exc:
+            result.problems.append(Problem(rel, f"cannot be read ({exc.strerror})",
+                                           "check the file's permissions and drop it again"))
+    if rels:
+        result.owner = _owner(Path(inbox) / rels[0])
+    return result
+
+
+class Inspector:
+    """A small spawn-context process pool that survives a child dying mid-decode."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.generation = 0
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=die_with_parent, initargs=(os.getpid(),))
+
+    def _renew(self, generation: int) -> None:
+        if generation == self.generation:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = self._new_pool()
+            self.generation += 1
+
+    def submit(self, inbox: Path, rels: list[str], limits: Limits, need_face: bool) -> tuple[Future[Inspection], int]:
+        try:
+            return self._pool.submit(inspect_inputs, str(inbox), rels, limits, need_face), self.generation
+        except BrokenProcessPool:
+            self._renew(self.generation)
+            return self._pool.submit(inspect_inputs, str(inbox), rels, limits, need_face), self.generation
+
+    def outcome(self, fut: Future[Inspection], generation: int) -> Inspection | None:
+        """The inspection, or None when the pool broke (a child died): the caller may try once more."""
+        try:
+            return fut.result()
+        except BrokenProcessPool:
+            self._renew(generation)
+            return None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

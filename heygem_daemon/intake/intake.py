@@ -1,0 +1,254 @@
+"""The intake loop: inbox events and rescans in, claimed or rejected jobs out.
+
+One thread owns all intake state, so a pair is never claimed twice; watchers only mark names dirty.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Callable
+
+from heygem_daemon.config import Config
+from heygem_daemon.intake.claim import Claimer
+from heygem_daemon.intake.inspect import Inspection, Inspector
+from heygem_daemon.intake.pairing import (
+    MANIFEST_NAMES, FileInfo, Outcome, Plan, Problem, Rejection, Wait, entry_problem, plan_folder, plan_loose,
+)
+from heygem_daemon.intake.stability import NameFilter, Snapshot, StabilityTracker, snapshot
+from heygem_daemon.log import get_logger
+
+log = get_logger("heygem.intake")
+MAX_MANIFEST_BYTES = 64 * 1024
+RETRY_AFTER_ERROR = 5.0
+
+
+@dataclass
+class Probing:
+    plan: Plan
+    is_folder: bool
+    engine: str
+    preset: str
+    future: Future[Inspection]
+    generation: int
+    signatures: dict[str, tuple]
+    tries: int = 1
+
+
+def group_key(snap: Snapshot) -> str:
+    return f"d:{snap.name}" if snap.is_dir else f"f:{PurePosixPath(snap.name).stem.casefold()}"
+
+
+class Intake:
+    def __init__(self, cfg: Config, store_claimer: Claimer, inspector: Inspector, engines: set[str],
+                 needs_face: Callable[[str], bool], on_queued: Callable[[], None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.inbox = cfg.folder("inbox")
+        self.claimer = store_claimer
+        self.inspector = inspector
+        self.engines = engines
+        self.needs_face = needs_face
+        self.on_queued = on_queued
+        self.clock = clock
+        self.names = NameFilter(cfg.watcher)
+        self.tracker = StabilityTracker(cfg.watcher.settle_seconds)
+        self.wake = threading.Event()
+        self._lock = threading.Lock()
+        self._dirty: set[str] = set()
+        self._rescan = True
+        self._next_rescan = 0.0
+        self._due: list[tuple[float, str]] = []
+        self._members: dict[str, set[str]] = {}
+        self._key_of: dict[str, str] = {}
+        self._probing: dict[str, Probing] = {}
+
+    # --- called from watcher threads ------------------------------------------------------------
+
+    def touch(self, path: str | None) -> None:
+        """Something happened at `path` (absolute); None asks for a full rescan."""
+        with self._lock:
+            if path is None:
+                self._rescan = True
+            else:
+                top = self._top_name(path)
+                if top:
+                    self._dirty.add(top)
+        self.wake.set()
+
+    def _top_name(self, path: str) -> str | None:
+        try:
+            rel = os.path.relpath(path, self.inbox)
+        except ValueError:
+            return None
+        if rel == "." or rel.startswith(".." + os.sep) or rel == "..":
+            return None
+        return rel.split(os.sep, 1)[0]
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            timeout = self.step()
+            self.wake.wait(timeout)
+            self.wake.clear()
+
+    def step(self) -> float:
+        """Process everything pending; return how long the loop may sleep."""
+        now = self.clock()
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+            rescan = self._rescan or now >= self._next_rescan
+            self._rescan = False
+        if rescan:
+            dirty |= self._list_inbox() | set(self._key_of)
+            self._next_rescan = now + self.cfg.watcher.rescan_seconds
+        for name in dirty:
+            self._observe(name, now)
+        self._collect_probes(now)
+        while self._due and self._due[0][0] <= now:
+            _, key = heapq.heappop(self._due)
+            self._evaluate_safely(key, now)
+        horizon = min([self._next_rescan] + ([self._due[0][0]] if self._due else []))
+        return max(0.0, min(horizon - self.clock(), 1.0 if self._probing else 60.0))
+
+    def _list_inbox(self) -> set[str]:
+        try:
+            return set(os.listdir(self.inbox))
+        except OSError as exc:
+            log.error("cannot list the inbox; is the share mounted?", inbox=str(self.inbox), error=exc.strerror)
+            return set()
+
+    def _schedule(self, when: float, key: str) -> None:
+        heapq.heappush(self._due, (when, key))
+
+    def _observe(self, name: str, now: float) -> None:
+        snap = snapshot(self.inbox, name, self.names)
+        if snap is None:
+            key = self._key_of.pop(name, None)
+            self.tracker.forget(name)
+            if key is not None:
+                self._members.get(key, set()).discard(name)
+                if self._members.get(key):
+                    self._schedule(now, key)
+                else:
+                    self._members.pop(key, None)
+            return
+        key = group_key(snap)
+        self._key_of[name] = key
+        self._members.setdefault(key, set()).add(name)
+        if self.tracker.observe(snap, now):
+            self._schedule(now if snap.ready_marker else self.tracker.stable_at(name), key)
+
+    def _evaluate_safely(self, key: str, now: float) -> None:
+        try:
+            self._evaluate(key, now)
+        except Exception:
+            log.exception("intake step failed; will try again", group=key)
+            self._schedule(now + RETRY_AFTER_ERROR, key)
+
+    def _evaluate(self, key: str, now: float) -> None:
+        members = sorted(self._members.get(key, ()))
+        if not members or key in self._probing:
+            return
+        snaps = [self.tracker.entries[m].snap for m in members]
+        ready_at = max(self.tracker.stable_at(m) for m in members)
+        if snaps[0].is_dir and snaps[0].ready_marker:
+            ready_at = min(ready_at, now)
+        if any(s.partial for s in snaps) or now < ready_at:
+            self._schedule(max(ready_at, now + self.tracker.settle), key)
+            return
+        timed_out = now >= ready_at + self.cfg.watcher.pair_timeout
+        outcome = self._pair(snaps, timed_out)
+        if isinstance(outcome, Wait):
+            self._schedule(ready_at + self.cfg.watcher.pair_timeout, key)
+        elif isinstance(outcome, Rejection):
+            self.claimer.reject(outcome.name_hint, outcome.sources, outcome.problems, snaps[0].is_dir)
+            self._drop(members, now)
+        else:
+            self._start_probe(key, outcome, snaps)
+
+    def _pair(self, snaps: list[Snapshot], timed_out: bool) -> Outcome:
+        if not snaps[0].is_dir:
+            return plan_loose([s.files[0] for s in snaps], timed_out)
+        folder = snaps[0]
+        manifests = [f for f in folder.files if f.name in MANIFEST_NAMES]
+        files = [f for f in folder.files if f.name not in MANIFEST_NAMES]
+        manifest_bytes = None
+        if manifests:
+            problem = entry_problem(manifests[0])
+            if problem:
+                return Rejection(folder.name, [folder.name], [problem])
+            manifest_bytes = self._read_manifest(manifests[0])
+            if manifest_bytes is None:
+                return Rejection(folder.name, [folder.name], [Problem(
+                    manifests[0].rel, f"job.yaml is larger than {MAX_MANIFEST_BYTES // 1024} KiB",
+                    "job.yaml holds a few options and pairs; check you saved the right file")])
+        return plan_folder(folder.name, files, manifest_bytes, timed_out,
+                           self.engines, set(self.cfg.presets))
+
+    def _read_manifest(self, info: FileInfo) -> bytes | None:
+        fd = os.open(self.inbox / info.rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as fh:
+            data = fh.read(MAX_MANIFEST_BYTES + 1)
+        return None if len(data) > MAX_MANIFEST_BYTES else data
+
+    def _start_probe(self, key: str, plan: Plan, snaps: list[Snapshot], tries: int = 1) -> None:
+        engine = plan.engine or self.cfg.engine.name
+        preset = plan.preset or self.cfg.engine.preset
+        fut, gen = self.inspector.submit(self.inbox, plan.inputs, self.cfg.limits, self.needs_face(engine))
+        fut.add_done_callback(lambda _f: self.wake.set())
+        self._probing[key] = Probing(plan, snaps[0].is_dir, engine, preset, fut, gen,
+                                     {s.name: s.signature for s in snaps}, tries)
+
+    def _collect_probes(self, now: float) -> None:
+        for key, p in list(self._probing.items()):
+            if not p.future.done():
+                continue
+            del self._probing[key]
+            try:
+                self._finish_probe(key, p, now)
+            except Exception:
+                log.exception("claim failed; will try again", group=key)
+                self._schedule(now + RETRY_AFTER_ERROR, key)
+
+    def _finish_probe(self, key: str, p: Probing, now: float) -> None:
+        insp = self.inspector.outcome(p.future, p.generation)
+        current = {n: snapshot(self.inbox, n, self.names) for n in p.signatures}
+        if any(s is None or s.signature != p.signatures[n] for n, s in current.items()):
+            for n in current:
+                self._observe(n, now)
+            self._schedule(now, key)
+            return
+        members = list(p.signatures)
+        if insp is None and p.tries < 2:
+            self._start_probe(key, p.plan, [s for s in current.values() if s], p.tries + 1)
+            return
+        if insp is None:
+            insp = Inspection([Problem(", ".join(p.plan.inputs), "crashed the media decoder",
+                                       "the file is probably corrupt; re-export it and drop it again")])
+        if insp.problems:
+            self.claimer.reject(p.plan.name_hint, p.plan.sources, insp.problems, p.is_folder)
+        else:
+            self.claimer.claim(p.plan, insp, p.engine, p.preset, p.is_folder)
+            self.on_queued()
+        self._drop(members, now)
+
+    def _drop(self, members: list[str], now: float) -> None:
+        """Forget entries that left the inbox; a group member that arrived meanwhile is looked at again."""
+        for name in members:
+            key = self._key_of.pop(name, None)
+            self.tracker.forget(name)
+            if key is None:
+                continue
+            rest = self._members.get(key, set())
+            rest.discard(name)
+            if rest:
+                self._schedule(now, key)
+            else:
+                self._members.pop(key, None)

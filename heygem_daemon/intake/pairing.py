@@ -1,0 +1,283 @@
+"""Turn what people dropped into job plans, following the pairing rules people were promised.
+
+1. Folder `inbox/<name>/`: 1 audio + N portraits, or N audios + 1 portrait; anything else needs job.yaml.
+2. Loose pair: `inbox/alice.wav` + `inbox/alice.jpg` (same stem, any case) -> one video.
+3. job.yaml sets per-job options (name, engine, preset, options) and may list pairs explicitly.
+"""
+
+from __future__ import annotations
+
+import re
+import stat
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from heygem_daemon.fsops import display_name
+from heygem_daemon.media.kinds import AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS, MediaKind, kind_of
+
+MANIFEST_NAMES = ("job.yaml", "job.yml")
+READY_MARKER = ".ready"
+SUPPORTED = ", ".join(sorted(AUDIO_EXTS | IMAGE_EXTS | VIDEO_EXTS))
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    rel: str
+    """Path relative to the inbox, e.g. `alice.wav` or `promo/anna.jpg`."""
+    size: int
+    mtime_ns: int
+    mode: int
+
+    @property
+    def name(self) -> str:
+        return PurePosixPath(self.rel).name
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    reason: str
+    hint: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"file": self.file, "reason": self.reason, "hint": self.hint}
+
+
+@dataclass(frozen=True)
+class Pair:
+    audio: str
+    portrait: str
+    name: str
+
+
+@dataclass
+class Plan:
+    """A complete job, ready to be probed and claimed."""
+
+    name_hint: str
+    sources: list[str]
+    """Top-level inbox entries this job consumes (one folder, or the loose files)."""
+    pairs: list[Pair]
+    engine: str | None = None
+    preset: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def inputs(self) -> list[str]:
+        return sorted({p.audio for p in self.pairs} | {p.portrait for p in self.pairs})
+
+
+@dataclass
+class Rejection:
+    name_hint: str
+    sources: list[str]
+    problems: list[Problem]
+
+
+@dataclass
+class Wait:
+    """Not a job yet: a partner may still arrive. `problem` is what gets reported if it never does."""
+
+    problem: Problem
+
+
+Outcome = Plan | Rejection | Wait
+
+
+class PairSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    audio: str
+    portrait: str
+    name: str | None = None
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = None
+    engine: str | None = None
+    preset: str | None = None
+    options: dict[str, Any] = {}
+    pairs: list[PairSpec] | None = None
+
+
+def safe_name(text: str, fallback: str = "job") -> str:
+    """A folder/file name that is safe on every filesystem and shell: letters, digits, `-_.` and spaces."""
+    text = display_name(text)
+    cleaned = re.sub(r"[^\w.\- ]+", "_", text).strip(" ._")[:80]
+    return cleaned or fallback
+
+
+def entry_problem(info: FileInfo) -> Problem | None:
+    """Things no job may contain, whatever the pairing: links, special files, undecodable names."""
+    shown = display_name(info.rel)
+    if stat.S_ISLNK(info.mode):
+        return Problem(shown, "is a symbolic link; the daemon never follows links out of the inbox",
+                       "copy the real file into the inbox instead of linking to it")
+    if stat.S_ISDIR(info.mode):
+        return Problem(shown, "is a folder inside a job folder; nested folders are not supported",
+                       "put all files of a job directly in one folder")
+    if not stat.S_ISREG(info.mode):
+        return Problem(shown, "is not a regular file (a pipe, socket or device)",
+                       "drop ordinary audio and image/video files only")
+    if shown != info.rel:
+        return Problem(shown, "file name is not valid UTF-8",
+                       "rename the file using plain letters and digits and drop it again")
+    return None
+
+
+def _unsupported(info: FileInfo) -> Problem:
+    return Problem(info.rel, f"is not an audio or portrait file (supported: {SUPPORTED})",
+                   "remove it or convert it to a supported format")
+
+
+def plan_loose(group: list[FileInfo], timed_out: bool) -> Outcome:
+    """Top-level files sharing one stem: exactly one audio and one portrait make a job."""
+    stem = PurePosixPath(group[0].rel).stem
+    sources = sorted(f.rel for f in group)
+    bad = [p for p in (entry_problem(f) for f in group) if p]
+    if bad:
+        return Rejection(safe_name(stem), sources, bad)
+    others = [f for f in group if kind_of(f.name) is MediaKind.OTHER]
+    if others:
+        return Rejection(safe_name(stem), sources, [_unsupported(f) for f in others])
+    audios = [f for f in group if kind_of(f.name) is MediaKind.AUDIO]
+    portraits = [f for f in group if f not in audios]
+    if len(audios) > 1 or len(portraits) > 1:
+        names = ", ".join(sources)
+        return Rejection(safe_name(stem), sources, [Problem(
+            names, f"several files share the name {stem!r} ({names}); a loose pair is one audio + one portrait",
+            "keep one audio and one portrait with that name, or put them in a folder with a job.yaml")])
+    if audios and portraits:
+        return Plan(safe_name(stem), sources, [Pair(audios[0].rel, portraits[0].rel, safe_name(stem))])
+    lonely = group[0]
+    missing = "portrait (.jpg, .png, .mp4 ...)" if audios else "audio file (.wav, .mp3 ...)"
+    problem = Problem(lonely.rel, f"no {missing} named {stem!r} arrived to pair with it",
+                      f"drop a {missing.split(' (')[0]} called {stem}.<ext> next to it, "
+                      "or put both files in a folder")
+    return Rejection(safe_name(stem), sources, [problem]) if timed_out else Wait(problem)
+
+
+def plan_folder(folder: str, files: list[FileInfo], manifest: bytes | None, timed_out: bool,
+                engines: set[str], presets: set[str]) -> Outcome:
+    """A folder job. `files` excludes ignored names, the manifest and the ready marker."""
+    hint_name = safe_name(folder)
+    bad = [p for p in (entry_problem(f) for f in files) if p]
+    if bad:
+        return Rejection(hint_name, [folder], bad)
+    spec = Manifest()
+    if manifest is not None:
+        parsed = _parse_manifest(folder, manifest, engines, presets)
+        if isinstance(parsed, Problem):
+            return Rejection(hint_name, [folder], [parsed])
+        spec = parsed
+    name = safe_name(spec.name) if spec.name else hint_name
+    if spec.pairs is not None:
+        outcome = _explicit_pairs(folder, files, spec.pairs)
+    else:
+        outcome = _implicit_pairs(folder, files, timed_out)
+    if isinstance(outcome, Problem):
+        return Rejection(name, [folder], [outcome])
+    if isinstance(outcome, Wait):
+        return Rejection(name, [folder], [outcome.problem]) if timed_out else outcome
+    return Plan(name, [folder], outcome, spec.engine, spec.preset, dict(spec.options))
+
+
+def _parse_manifest(folder: str, raw: bytes, engines: set[str], presets: set[str]) -> Manifest | Problem:
+    where = f"{folder}/job.yaml"
+    try:
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return Problem(where, f"job.yaml is not valid YAML ({first})",
+                       "fix the syntax (a YAML checker helps) or delete job.yaml to use the default pairing")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        return Problem(where, "job.yaml must be a mapping (name:, engine:, preset:, pairs: ...)",
+                       "see the README section on job.yaml")
+    try:
+        spec = Manifest.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        return Problem(where, f"job.yaml: {key}: {msg}",
+                       "allowed keys: name, engine, preset, options, pairs (audio, portrait, name)")
+    if spec.engine is not None and spec.engine not in engines:
+        return Problem(where, f"job.yaml: engine {spec.engine!r} is not available",
+                       f"use one of: {', '.join(sorted(engines))}")
+    if spec.preset is not None and spec.preset not in presets:
+        return Problem(where, f"job.yaml: preset {spec.preset!r} is not defined",
+                       f"use one of: {', '.join(sorted(presets))}")
+    return spec
+
+
+def _member(folder: str, ref: str, by_name: dict[str, FileInfo]) -> FileInfo | Problem:
+    """A file named by job.yaml: a plain name inside the folder, never a path out of it."""
+    p = PurePosixPath(ref)
+    if p.is_absolute() or ".." in p.parts or len(p.parts) != 1 or "\\" in ref:
+        return Problem(f"{folder}/job.yaml", f"job.yaml names {ref!r}, which is not a file in this folder",
+                       "list plain file names from the job folder, without paths")
+    info = by_name.get(ref)
+    if info is None:
+        return Problem(f"{folder}/job.yaml", f"job.yaml names {ref!r}, but the folder has no such file",
+                       "check the spelling or add the file")
+    return info
+
+
+def _explicit_pairs(folder: str, files: list[FileInfo], specs: list[PairSpec]) -> list[Pair] | Problem:
+    if not specs:
+        return Problem(f"{folder}/job.yaml", "job.yaml has an empty pairs list", "list at least one pair")
+    by_name = {f.name: f for f in files}
+    pairs: list[Pair] = []
+    for spec in specs:
+        audio = _member(folder, spec.audio, by_name)
+        portrait = _member(folder, spec.portrait, by_name)
+        for got in (audio, portrait):
+            if isinstance(got, Problem):
+                return got
+        assert isinstance(audio, FileInfo) and isinstance(portrait, FileInfo)
+        if kind_of(audio.name) is not MediaKind.AUDIO:
+            return Problem(audio.rel, "listed as audio but is not an audio file", f"supported: {SUPPORTED}")
+        if kind_of(portrait.name) not in (MediaKind.IMAGE, MediaKind.VIDEO):
+            return Problem(portrait.rel, "listed as portrait but is not an image or video",
+                           f"supported: {SUPPORTED}")
+        name = safe_name(spec.name or f"{PurePosixPath(portrait.name).stem}-{PurePosixPath(audio.name).stem}")
+        pairs.append(Pair(audio.rel, portrait.rel, name))
+    return _unique_names(folder, pairs)
+
+
+def _implicit_pairs(folder: str, files: list[FileInfo], timed_out: bool) -> list[Pair] | Problem | Wait:
+    others = [f for f in files if kind_of(f.name) is MediaKind.OTHER]
+    if others:
+        return _unsupported(others[0])
+    audios = sorted((f for f in files if kind_of(f.name) is MediaKind.AUDIO), key=lambda f: f.rel)
+    portraits = sorted((f for f in files if f not in audios), key=lambda f: f.rel)
+    if len(audios) == 1 and portraits:
+        pairs = [Pair(audios[0].rel, p.rel, safe_name(PurePosixPath(p.name).stem)) for p in portraits]
+    elif len(portraits) == 1 and audios:
+        pairs = [Pair(a.rel, portraits[0].rel, safe_name(PurePosixPath(a.name).stem)) for a in audios]
+    elif not audios or not portraits:
+        missing = "an audio file" if not audios else "a portrait (photo or video)"
+        return Wait(Problem(folder, f"folder has no {missing}",
+                            f"add {missing} to the folder; a job needs both"))
+    else:
+        return Problem(folder, f"folder has {len(audios)} audio files and {len(portraits)} portraits, "
+                               "so it is not clear which goes with which",
+                       "use one audio with many portraits, many audios with one portrait, "
+                       "or add a job.yaml listing the pairs")
+    return _unique_names(folder, pairs)
+
+
+def _unique_names(folder: str, pairs: list[Pair]) -> list[Pair] | Problem:
+    seen: set[str] = set()
+    for p in pairs:
+        if p.name.casefold() in seen:
+            return Problem(folder, f"two videos would both be called {p.name!r}",
+                           "give the files different names, or set distinct names in job.yaml")
+        seen.add(p.name.casefold())
+    return pairs

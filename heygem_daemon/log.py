@@ -1,0 +1,85 @@
+"""structlog set-up: JSON lines under logs/, a readable console, and no secret ever written."""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+LOG_FILE = "heygem.log"
+_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key|signature)", re.I)
+# Credentials embedded in URLs (https://user:pass@host, ?token=...) are masked wherever they appear.
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s:]+:[^/@\s]+@", re.I)
+_QUERY_SECRET = re.compile(r"(?P<k>[?&](?:access_?token|token|secret|key|sign|signature|X-Amz-Signature)=)[^&\s]+", re.I)
+REDACTED = "***"
+
+
+def redact_text(text: str) -> str:
+    text = _URL_USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
+    return _QUERY_SECRET.sub(lambda m: f"{m['k']}{REDACTED}", text)
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, dict):
+        return {k: REDACTED if _SECRET_KEY.search(str(k)) else _redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redact(v) for v in value]
+    return value
+
+
+def redact_secrets(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    return _redact(event)
+
+
+def setup_logging(logs_dir: Path | None, level: str = "info", console: bool = True) -> None:
+    """Route structlog and stdlib logging to a JSON file (when logs_dir) and a console renderer."""
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redact_secrets,
+    ]
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
+    root.setLevel(level.upper())
+    if logs_dir is not None:
+        # WatchedFileHandler reopens the file when logrotate moves it away.
+        fh = logging.handlers.WatchedFileHandler(logs_dir / LOG_FILE, encoding="utf-8")
+        fh.setFormatter(_formatter(shared, structlog.processors.JSONRenderer()))
+        root.addHandler(fh)
+    if console:
+        ch = logging.StreamHandler(sys.stderr)
+        ch.setFormatter(_formatter(shared, structlog.dev.ConsoleRenderer(colors=False)))
+        root.addHandler(ch)
+    for noisy in ("watchdog", "PIL", "libav", "botocore", "urllib3", "apscheduler"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def _formatter(shared: list[Any], renderer: Any) -> logging.Formatter:
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+    )
+
+
+def get_logger(name: str = "heygem") -> Any:
+    return structlog.get_logger(name)

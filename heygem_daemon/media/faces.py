@@ -1,0 +1,50 @@
+"""Find the main face in a frame with OpenCV's bundled Haar cascade (no model download, CPU only)."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+_CASCADE = "haarcascade_frontalface_default.xml"
+# Detection cost grows with pixels; faces big enough to lip-sync survive this downscale.
+_MAX_SIDE = 640
+# cv2 releases the GIL during detection, and one classifier object is not meant for concurrent calls.
+_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Box:
+    x: int
+    y: int
+    w: int
+    h: int
+
+
+@functools.lru_cache(maxsize=1)
+def _cascade() -> cv2.CascadeClassifier:
+    classifier = cv2.CascadeClassifier(cv2.data.haarcascades + _CASCADE)
+    if classifier.empty():
+        raise RuntimeError(f"OpenCV could not load {_CASCADE}; reinstall opencv-python-headless 4.x")
+    return classifier
+
+
+def detect_face(bgr: np.ndarray) -> Box | None:
+    """The most confident frontal face, in the input's pixel coordinates, or None."""
+    gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    scale = min(1.0, _MAX_SIDE / max(gray.shape))
+    if scale < 1.0:
+        gray = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    gray = cv2.equalizeHist(gray)
+    with _LOCK:
+        boxes, _levels, weights = _cascade().detectMultiScale3(
+            gray, scaleFactor=1.1, minNeighbors=5, outputRejectLevels=True
+        )
+    if len(boxes) == 0:
+        return None
+    # The first or largest hit can be a face-like patch; the level weight ranks real faces highest.
+    x, y, w, h = (int(round(v / scale)) for v in boxes[int(np.argmax(weights))])
+    return Box(x, y, w, h)

@@ -1,0 +1,117 @@
+"""Write H.264 + AAC MP4s with PyAV, audio interleaved as frames arrive and cut to the video's length."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+from types import TracebackType
+
+import av
+import numpy as np
+
+from heygem_daemon.media.audio import AudioClip
+
+# Video's usual audio rate. The encoder resamples any source to it, which also keeps the padding of
+# the last AAC frame (1024 samples) near 21 ms; at 16 kHz it would be 64 ms, over a frame of video.
+_AAC_RATE = 48000
+
+
+class Mp4Writer:
+    """`with Mp4Writer(...) as w: w.write(bgr)`; a failure inside the block deletes the partial file."""
+
+    def __init__(
+        self,
+        path: Path,
+        width: int,
+        height: int,
+        fps: int,
+        video_bitrate: int,
+        audio: AudioClip | None,
+        audio_bitrate: int,
+        x264_preset: str = "veryfast",
+    ) -> None:
+        self.path = Path(path)
+        self.frames_written = 0
+        self._fps = fps
+        self._audio = audio
+        self._audio_sent = 0
+        self._closed = False
+        # Explicit format: the name may end in `.part`; faststart lets players start before the download ends.
+        self._container = av.open(
+            str(self.path), mode="w", format="mp4", container_options={"movflags": "+faststart"}
+        )
+        try:
+            self._video = self._container.add_stream("libx264", rate=fps, options={"preset": x264_preset})
+            self._video.width, self._video.height = width, height
+            self._video.pix_fmt = "yuv420p"
+            self._video.bit_rate = video_bitrate
+            self._sound = self._add_audio(audio, audio_bitrate) if audio is not None else None
+        except BaseException:
+            self._discard()
+            raise
+
+    def _add_audio(self, audio: AudioClip, bitrate: int) -> av.AudioStream:
+        stream = self._container.add_stream("aac", rate=_AAC_RATE)
+        stream.layout = "mono" if audio.channels == 1 else "stereo"
+        stream.format = "fltp"
+        stream.bit_rate = bitrate
+        return stream
+
+    def __enter__(self) -> Mp4Writer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._discard()
+
+    def write(self, bgr: np.ndarray) -> None:
+        """Encode one BGR frame, then the audio that plays until that frame ends."""
+        frame = av.VideoFrame.from_ndarray(bgr, format="bgr24")
+        frame.pts = self.frames_written
+        self._container.mux(self._video.encode(frame))
+        self.frames_written += 1
+        if self._sound is not None:
+            self._send_audio(self.frames_written)
+
+    def _send_audio(self, frames: int) -> None:
+        """Feed samples up to `frames`' end time; past the clip's end, silence pads the video's length."""
+        assert self._audio is not None and self._sound is not None
+        rate = self._audio.rate
+        end = round(frames * rate / self._fps)
+        if end <= self._audio_sent:
+            return
+        chunk = self._audio.samples[:, self._audio_sent:end]
+        if chunk.shape[1] < end - self._audio_sent:
+            chunk = np.pad(chunk, ((0, 0), (0, end - self._audio_sent - chunk.shape[1])))
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk), format="fltp", layout=self._sound.layout)
+        frame.sample_rate = rate
+        frame.time_base = Fraction(1, rate)
+        frame.pts = self._audio_sent
+        self._container.mux(self._sound.encode(frame))
+        self._audio_sent = end
+
+    def close(self) -> None:
+        """Flush both encoders and finish the file; on failure the partial file is removed."""
+        if self._closed:
+            return
+        try:
+            self._container.mux(self._video.encode(None))
+            if self._sound is not None:
+                self._container.mux(self._sound.encode(None))
+            self._container.close()
+            self._closed = True
+        except BaseException:
+            self._discard()
+            raise
+
+    def _discard(self) -> None:
+        self._closed = True
+        try:
+            self._container.close()
+        except av.FFmpegError:
+            pass  # the file is being deleted; a failed trailer write does not matter
+        self.path.unlink(missing_ok=True)

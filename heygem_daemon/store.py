@@ -1,0 +1,343 @@
+"""SQLite (WAL) state: jobs, tasks, attempts. The only module that writes SQL.
+
+Job states:  detected -> queued -> running -> generated -> done   (or failed; retried when re-dropped)
+Task states: queued -> running -> done | failed
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id           TEXT PRIMARY KEY,
+    name         TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    spec         TEXT NOT NULL,
+    fingerprint  TEXT,
+    duplicate_of TEXT,
+    owner        TEXT,
+    error        TEXT,
+    created_at   REAL NOT NULL,
+    updated_at   REAL NOT NULL,
+    finished_at  REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_live_name ON jobs(name) WHERE state != 'retried';
+CREATE INDEX IF NOT EXISTS jobs_fingerprint ON jobs(fingerprint, created_at);
+CREATE TABLE IF NOT EXISTS tasks (
+    id          INTEGER PRIMARY KEY,
+    job_id      TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    name        TEXT NOT NULL,
+    audio       TEXT NOT NULL,
+    portrait    TEXT NOT NULL,
+    output      TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    progress    REAL NOT NULL DEFAULT 0,
+    not_before  REAL NOT NULL DEFAULT 0,
+    device      TEXT,
+    last_error  TEXT,
+    started_at  REAL,
+    updated_at  REAL NOT NULL,
+    finished_at REAL,
+    UNIQUE (job_id, name)
+);
+CREATE INDEX IF NOT EXISTS tasks_queue ON tasks(state, not_before, id);
+CREATE TABLE IF NOT EXISTS attempts (
+    id         INTEGER PRIMARY KEY,
+    task_id    INTEGER NOT NULL REFERENCES tasks(id) ON DELETE CASCADE,
+    n          INTEGER NOT NULL,
+    device     TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    ended_at   REAL,
+    outcome    TEXT,
+    error      TEXT
+);
+CREATE INDEX IF NOT EXISTS attempts_task ON attempts(task_id);
+"""
+
+TERMINAL_JOB_STATES = ("done", "failed", "retried")
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    name: str
+    state: str
+    spec: dict[str, Any]
+    fingerprint: str | None
+    duplicate_of: str | None
+    owner: str | None
+    error: dict[str, Any] | None
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+
+
+@dataclass(frozen=True)
+class Task:
+    id: int
+    job_id: str
+    name: str
+    audio: str
+    portrait: str
+    output: str
+    state: str
+    attempts: int
+    progress: float
+    not_before: float
+    device: str | None
+    last_error: dict[str, Any] | None
+    started_at: float | None
+    updated_at: float
+    finished_at: float | None
+
+
+@dataclass(frozen=True)
+class NewTask:
+    name: str
+    audio: str
+    portrait: str
+    output: str
+
+
+def _job(row: sqlite3.Row) -> Job:
+    d = dict(row)
+    d["spec"] = json.loads(d["spec"])
+    d["error"] = json.loads(d["error"]) if d["error"] else None
+    return Job(**d)
+
+
+def _task(row: sqlite3.Row) -> Task:
+    d = dict(row)
+    d["last_error"] = json.loads(d["last_error"]) if d["last_error"] else None
+    return Task(**d)
+
+
+def backoff_delay(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with full jitter: a crowd of retries does not come back in step."""
+    return random.uniform(0.5, 1.0) * min(cap, base * (2 ** max(0, attempt - 1)))
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+        self._conn().executescript(SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One IMMEDIATE transaction: readers never see half a state change."""
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # --- jobs -------------------------------------------------------------------------------
+
+    def create_job(self, name_hint: str, spec: dict[str, Any], fingerprint: str | None = None,
+                   owner: str | None = None, taken: set[str] = frozenset()) -> Job:  # type: ignore[assignment]
+        """Insert a job in `detected` under a unique name (name, name-2, ...) not in `taken` either."""
+        now = time.time()
+        job_id = uuid.uuid4().hex[:12]
+        with self.tx() as db:
+            name = self._free_name(db, name_hint, taken)
+            db.execute(
+                "INSERT INTO jobs (id, name, state, spec, fingerprint, owner, created_at, updated_at)"
+                " VALUES (?, ?, 'detected', ?, ?, ?, ?, ?)",
+                (job_id, name, json.dumps(spec), fingerprint, owner, now, now),
+            )
+        return self.job(job_id)
+
+    @staticmethod
+    def _free_name(db: sqlite3.Connection, hint: str, taken: set[str]) -> str:
+        n = 1
+        while True:
+            name = hint if n == 1 else f"{hint}-{n}"
+            used = db.execute("SELECT 1 FROM jobs WHERE name = ? AND state != 'retried'", (name,)).fetchone()
+            if not used and name not in taken:
+                return name
+            n += 1
+
+    def job(self, job_id: str) -> Job:
+        row = self._conn().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise KeyError(job_id)
+        return _job(row)
+
+    def find_job(self, ref: str) -> Job | None:
+        """A job by id, or the live job with that name."""
+        db = self._conn()
+        row = db.execute("SELECT * FROM jobs WHERE id = ?", (ref,)).fetchone() or db.execute(
+            "SELECT * FROM jobs WHERE name = ? AND state != 'retried'", (ref,)).fetchone()
+        return _job(row) if row else None
+
+    def jobs(self, states: tuple[str, ...] | None = None, limit: int = 1000) -> list[Job]:
+        db = self._conn()
+        if states:
+            marks = ",".join("?" * len(states))
+            rows = db.execute(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY created_at DESC LIMIT ?",
+                              (*states, limit))
+        else:
+            rows = db.execute("SELECT * FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,))
+        return [_job(r) for r in rows]
+
+    def set_job_state(self, job_id: str, state: str, error: dict[str, Any] | None = None,
+                      spec: dict[str, Any] | None = None) -> None:
+        now = time.time()
+        finished = now if state in TERMINAL_JOB_STATES else None
+        with self.tx() as db:
+            db.execute(
+                "UPDATE jobs SET state = ?, updated_at = ?, finished_at = ?,"
+                " error = COALESCE(?, error), spec = COALESCE(?, spec) WHERE id = ?",
+                (state, now, finished, json.dumps(error) if error else None,
+                 json.dumps(spec) if spec is not None else None, job_id),
+            )
+
+    def delete_job(self, job_id: str) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    def queue_job(self, job_id: str, tasks: list[NewTask]) -> None:
+        """Claimed: the job's tasks exist and are queued, in the same transaction as the job's state."""
+        now = time.time()
+        with self.tx() as db:
+            db.executemany(
+                "INSERT INTO tasks (job_id, name, audio, portrait, output, state, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, 'queued', ?)",
+                [(job_id, t.name, t.audio, t.portrait, t.output, now) for t in tasks],
+            )
+            db.execute("UPDATE jobs SET state = 'queued', updated_at = ? WHERE id = ?", (now, job_id))
+
+    def mark_duplicate(self, job_id: str, original_id: str) -> None:
+        now = time.time()
+        with self.tx() as db:
+            db.execute("UPDATE jobs SET state = 'done', duplicate_of = ?, updated_at = ?, finished_at = ?"
+                       " WHERE id = ?", (original_id, now, now, job_id))
+
+    def find_duplicate(self, fingerprint: str, window_seconds: float) -> Job | None:
+        """An earlier job with the same inputs and options that is done or on its way to done."""
+        since = time.time() - window_seconds
+        row = self._conn().execute(
+            "SELECT * FROM jobs WHERE fingerprint = ? AND created_at >= ? AND duplicate_of IS NULL"
+            " AND state NOT IN ('failed', 'retried', 'detected') ORDER BY created_at LIMIT 1",
+            (fingerprint, since)).fetchone()
+        return _job(row) if row else None
+
+    # --- tasks ------------------------------------------------------------------------------
+
+    def tasks(self, job_id: str | None = None, states: tuple[str, ...] | None = None) -> list[Task]:
+        sql, args = "SELECT * FROM tasks WHERE 1=1", []
+        if job_id:
+            sql += " AND job_id = ?"
+            args.append(job_id)
+        if states:
+            sql += f" AND state IN ({','.join('?' * len(states))})"
+            args.extend(states)
+        return [_task(r) for r in self._conn().execute(sql + " ORDER BY id", args)]
+
+    def task(self, task_id: int) -> Task:
+        return _task(self._conn().execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone())
+
+    def take_next_task(self, device: str) -> Task | None:
+        """Atomically move the oldest runnable queued task to running on `device` and open an attempt."""
+        now = time.time()
+        with self.tx() as db:
+            row = db.execute(
+                "SELECT id FROM tasks WHERE state = 'queued' AND not_before <= ? ORDER BY id LIMIT 1", (now,)
+            ).fetchone()
+            if row is None:
+                return None
+            tid = row["id"]
+            db.execute(
+                "UPDATE tasks SET state = 'running', attempts = attempts + 1, progress = 0, device = ?,"
+                " started_at = ?, updated_at = ? WHERE id = ?", (device, now, now, tid))
+            db.execute(
+                "INSERT INTO attempts (task_id, n, device, started_at)"
+                " SELECT id, attempts, ?, ? FROM tasks WHERE id = ?", (device, now, tid))
+            db.execute("UPDATE jobs SET state = 'running', updated_at = ? WHERE id ="
+                       " (SELECT job_id FROM tasks WHERE id = ?) AND state = 'queued'", (now, tid))
+        return self.task(tid)
+
+    def next_wakeup(self) -> float | None:
+        row = self._conn().execute("SELECT MIN(not_before) AS t FROM tasks WHERE state = 'queued'").fetchone()
+        return row["t"]
+
+    def set_progress(self, task_id: int, progress: float) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE tasks SET progress = ?, updated_at = ? WHERE id = ? AND state = 'running'",
+                       (progress, time.time(), task_id))
+
+    def _end_attempt(self, db: sqlite3.Connection, task_id: int, outcome: str,
+                     error: dict[str, Any] | None, now: float) -> None:
+        db.execute(
+            "UPDATE attempts SET ended_at = ?, outcome = ?, error = ? WHERE task_id = ? AND ended_at IS NULL",
+            (now, outcome, json.dumps(error) if error else None, task_id))
+
+    def finish_task(self, task_id: int) -> None:
+        now = time.time()
+        with self.tx() as db:
+            self._end_attempt(db, task_id, "done", None, now)
+            db.execute("UPDATE tasks SET state = 'done', progress = 1, updated_at = ?, finished_at = ?,"
+                       " last_error = NULL WHERE id = ?", (now, now, task_id))
+
+    def fail_attempt(self, task_id: int, error: dict[str, Any], retry_at: float | None) -> str:
+        """Record a failed attempt; requeue at retry_at or fail for good when None. Returns the new state."""
+        now = time.time()
+        state = "queued" if retry_at is not None else "failed"
+        with self.tx() as db:
+            self._end_attempt(db, task_id, "retry" if retry_at is not None else "failed", error, now)
+            db.execute(
+                "UPDATE tasks SET state = ?, not_before = ?, last_error = ?, updated_at = ?, finished_at = ?"
+                " WHERE id = ?",
+                (state, retry_at or 0, json.dumps(error), now, None if retry_at is not None else now, task_id))
+        return state
+
+    def requeue_tasks(self, task_ids: list[int], reset_attempts: bool) -> None:
+        now = time.time()
+        with self.tx() as db:
+            for tid in task_ids:
+                db.execute(
+                    "UPDATE tasks SET state = 'queued', progress = 0, not_before = 0, finished_at = NULL,"
+                    " attempts = CASE WHEN ? THEN 0 ELSE MAX(attempts - 1, 0) END, updated_at = ? WHERE id = ?",
+                    (reset_attempts, now, tid))
+                db.execute("UPDATE attempts SET ended_at = ?, outcome = 'interrupted' WHERE task_id = ?"
+                           " AND ended_at IS NULL", (now, tid))
+
+    def counts(self) -> dict[str, int]:
+        rows = self._conn().execute("SELECT state, COUNT(*) AS n FROM tasks GROUP BY state")
+        return {r["state"]: r["n"] for r in rows}
+
+    def attempts(self, task_id: int) -> list[dict[str, Any]]:
+        rows = self._conn().execute("SELECT * FROM attempts WHERE task_id = ? ORDER BY id", (task_id,))
+        return [dict(r) for r in rows]

@@ -1,0 +1,262 @@
+"""The device pool: one worker process per device slot runs engines; a thread in the daemon supervises it.
+
+A CUDA fault or a segfault kills the worker, not the daemon. Supervisors pull tasks from the store,
+forward progress, detect stalls, and retry with backoff.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+import time
+import traceback
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, Callable
+
+from heygem_daemon.config import Config
+from heygem_daemon.engines.base import EngineError, TaskSpec
+from heygem_daemon.log import get_logger
+from heygem_daemon.proc import die_with_parent
+from heygem_daemon.store import Store, Task, backoff_delay
+
+log = get_logger("heygem.workers")
+PROGRESS_WRITE_INTERVAL = 0.5
+IDLE_POLL = 1.0
+
+
+def worker_main(conn: Connection, device: str, engine_settings: dict[str, dict[str, Any]], parent_pid: int) -> None:
+    """Worker process: build each engine once (models stay loaded), then run tasks as they come."""
+    from heygem_daemon.engines.registry import build_engine
+
+    die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    engines: dict[str, Any] = {}
+
+    def progress(fraction: float) -> None:
+        if os.getppid() != parent_pid:
+            os._exit(1)
+        conn.send(("progress", float(fraction)))
+
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        engine_name, spec = msg
+        try:
+            engine = engines.get(engine_name) or engines.setdefault(
+                engine_name, build_engine(engine_name, engine_settings.get(engine_name, {})))
+            out = engine.generate(spec, progress)
+            conn.send(("done", str(out)))
+        except EngineError as exc:
+            conn.send(("error", exc.retryable, exc.reason, exc.hint))
+        except Exception as exc:  # an engine bug: retry, and keep the traceback for the operator
+            tb = traceback.format_exc(limit=6)
+            conn.send(("error", True, f"{type(exc).__name__}: {exc}", f"engine crashed; see the log\n{tb}"))
+
+
+class WorkerProcess:
+    def __init__(self, device: str, engine_settings: dict[str, dict[str, Any]]) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=worker_main, args=(child, device, engine_settings, os.getpid()),
+                                name=f"heygem-worker-{device}", daemon=True)
+        self.proc.start()
+        child.close()
+
+    def alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(5)
+        self.conn.close()
+
+    def close(self) -> None:
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+        self.proc.join(5)
+        self.kill()
+
+
+class Attempt:
+    """Outcome of one attempt as the supervisor saw it."""
+
+    def __init__(self, ok: bool, reason: str = "", hint: str = "", retryable: bool = True,
+                 interrupted: bool = False) -> None:
+        self.ok, self.reason, self.hint = ok, reason, hint
+        self.retryable, self.interrupted = retryable, interrupted
+
+
+class Slot(threading.Thread):
+    """Supervises one worker process bound to one device."""
+
+    def __init__(self, cfg: Config, store: Store, device: str, index: int, wake: threading.Event,
+                 stop: threading.Event, on_task_end: Callable[[str], None],
+                 engine_settings: dict[str, dict[str, Any]]) -> None:
+        super().__init__(name=f"slot-{device}-{index}", daemon=True)
+        self.cfg, self.store, self.device = cfg, store, device
+        self.wake, self.stop_event, self.on_task_end = wake, stop, on_task_end
+        self.engine_settings = engine_settings
+        self.worker: WorkerProcess | None = None
+        self.current: Task | None = None
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                task = self.store.take_next_task(self.device)
+            except Exception:
+                log.exception("cannot read the queue", device=self.device)
+                task = None
+            if task is None:
+                self.wake.wait(self._idle_timeout())
+                self.wake.clear()
+                continue
+            self._run_task(task)
+        if self.worker:
+            self.worker.close()
+
+    def _idle_timeout(self) -> float:
+        nxt = self.store.next_wakeup()
+        return IDLE_POLL if nxt is None else max(0.05, min(IDLE_POLL, nxt - time.time()))
+
+    def _spec(self, task: Task) -> tuple[str, TaskSpec]:
+        job = self.store.job(task.job_id)
+        work = self.cfg.folder("work") / job.id
+        spec = TaskSpec(
+            task_id=task.id, job_id=job.id, name=task.name,
+            audio=work / "in" / task.audio, portrait=work / "in" / task.portrait,
+            output=Path(task.output + ".part"), workdir=work / f"task-{task.id}",
+            preset=self.cfg.preset(job.spec.get("preset")), device=self.device,
+            x264_preset=self.cfg.engine.x264_preset, options=job.spec.get("options", {}),
+        )
+        return job.spec.get("engine", self.cfg.engine.name), spec
+
+    def _run_task(self, task: Task) -> None:
+        self.current = task
+        bound = log.bind(job_id=task.job_id, task_id=task.id, task=task.name, device=self.device,
+                         attempt=task.attempts)
+        started = time.monotonic()
+        try:
+            engine, spec = self._spec(task)
+            spec.workdir.mkdir(parents=True, exist_ok=True)
+            spec.output.parent.mkdir(parents=True, exist_ok=True)
+            bound.info("task started", engine=engine)
+            result = self._attempt(engine, spec)
+            self._record(task, spec, result, bound, time.monotonic() - started)
+        except Exception:
+            bound.exception("supervisor error; task requeued")
+            self.store.requeue_tasks([task.id], reset_attempts=False)
+        finally:
+            self.current = None
+
+    def _attempt(self, engine: str, spec: TaskSpec) -> Attempt:
+        if self.worker is None or not self.worker.alive():
+            self.worker = WorkerProcess(self.device, self.engine_settings)
+        worker = self.worker
+        try:
+            worker.conn.send((engine, spec))
+        except OSError:
+            self._drop_worker()
+            return Attempt(False, "worker process is not accepting work", "it will be restarted")
+        last_beat = time.monotonic()
+        last_write = 0.0
+        while True:
+            if self.stop_event.is_set():
+                self._drop_worker()
+                return Attempt(False, "daemon stopping", interrupted=True)
+            if time.monotonic() - last_beat > self.cfg.workers.stall_seconds:
+                self._drop_worker()
+                return Attempt(False, f"no progress for {self.cfg.workers.stall_seconds:g} s (stalled)",
+                               "the engine hung; it was restarted and the task will be retried")
+            try:
+                ready = worker.conn.poll(0.5)
+                msg = worker.conn.recv() if ready else None
+            except (EOFError, OSError):
+                worker.proc.join(2)
+                code = worker.proc.exitcode
+                self._drop_worker()
+                return Attempt(False, f"worker process died (exit code {code})",
+                               "the engine crashed; the task will be retried")
+            if msg is None:
+                continue
+            last_beat = time.monotonic()
+            kind = msg[0]
+            if kind == "progress":
+                if last_beat - last_write >= PROGRESS_WRITE_INTERVAL:
+                    self.store.set_progress(spec.task_id, msg[1])
+                    last_write = last_beat
+            elif kind == "done":
+                return Attempt(True)
+            else:
+                _, retryable, reason, hint = msg
+                return Attempt(False, reason, hint, retryable)
+
+    def _drop_worker(self) -> None:
+        if self.worker is not None:
+            self.worker.kill()
+            self.worker = None
+
+    def _record(self, task: Task, spec: TaskSpec, result: Attempt, bound: Any, seconds: float) -> None:
+        if result.interrupted:
+            spec.output.unlink(missing_ok=True)
+            self.store.requeue_tasks([task.id], reset_attempts=False)
+            bound.info("task interrupted by shutdown; requeued")
+            return
+        if result.ok:
+            if not spec.output.is_file() or spec.output.stat().st_size == 0:
+                result = Attempt(False, "engine reported success but wrote no output", "engine bug; retried")
+            else:
+                os.replace(spec.output, task.output)
+                self.store.finish_task(task.id)
+                bound.info("task done", output=task.output, seconds=round(seconds, 2))
+                self.on_task_end(task.job_id)
+                return
+        spec.output.unlink(missing_ok=True)
+        error = {"stage": "generate", "reason": result.reason, "hint": result.hint.split("\n", 1)[0],
+                 "detail": result.hint, "attempt": task.attempts, "device": self.device}
+        retry_at = None
+        if result.retryable and task.attempts < self.cfg.workers.max_attempts:
+            retry_at = time.time() + backoff_delay(task.attempts, self.cfg.workers.backoff_seconds,
+                                                   self.cfg.workers.backoff_max_seconds)
+        state = self.store.fail_attempt(task.id, error, retry_at)
+        bound.warning("task attempt failed", reason=result.reason, retry=state == "queued",
+                      retry_in=round(retry_at - time.time(), 1) if retry_at else None)
+        if state == "failed":
+            self.on_task_end(task.job_id)
+
+
+class WorkerPool:
+    def __init__(self, cfg: Config, store: Store, on_task_end: Callable[[str], None]) -> None:
+        self.wake = threading.Event()
+        self.stop_event = threading.Event()
+        settings = {name: dict(raw) for name, raw in cfg.engines.items()}
+        self.slots = [
+            Slot(cfg, store, device, i, self.wake, self.stop_event, on_task_end, settings)
+            for device in cfg.workers.devices for i in range(cfg.workers.per_device)
+        ]
+
+    def start(self) -> None:
+        for s in self.slots:
+            s.start()
+
+    def notify(self) -> None:
+        self.wake.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.stop_event.set()
+        self.wake.set()
+        for s in self.slots:
+            s.join(timeout)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"slot": s.name, "device": s.device, "task": s.current.name if s.current else None}
+                for s in self.slots]

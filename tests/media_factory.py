@@ -1,0 +1,158 @@
+"""Make real media files for tests (speech-like audio, portrait videos, damaged copies) and inspect outputs."""
+
+from __future__ import annotations
+
+import struct
+import wave
+import zlib
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PORTRAIT_JPG = FIXTURES / "portrait.jpg"
+
+# extension -> (container format, codec, sample rate the codec is happy with)
+_AUDIO_FORMATS = {
+    ".wav": ("wav", "pcm_s16le", 16000),
+    ".mp3": ("mp3", "libmp3lame", 44100),
+    ".m4a": ("ipod", "aac", 44100),
+    ".aac": ("adts", "aac", 44100),
+    ".flac": ("flac", "flac", 44100),
+    ".ogg": ("ogg", "libopus", 48000),
+    ".opus": ("opus", "libopus", 48000),
+}
+_VIDEO_FORMATS = {".mp4": ("mp4", "libx264"), ".mov": ("mov", "libx264"), ".webm": ("webm", "libvpx")}
+
+
+def speech(seconds: float, rate: int = 16000, seed: int = 0) -> np.ndarray:
+    """Speech-like float32 mono: voiced harmonic syllables (~4/s) on a pitch contour, phrase pauses, noise."""
+    rng = np.random.default_rng(seed)
+    n = int(round(seconds * rate))
+    t = np.arange(n) / rate
+    f0 = 140 + 30 * np.sin(2 * np.pi * 0.6 * t) + 12 * np.sin(2 * np.pi * 3.3 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / rate
+    envelope = np.zeros(n)
+    tilt = np.ones(n)
+    start, in_phrase = 0.05, 0
+    while start < seconds:
+        length = rng.uniform(0.12, 0.2)
+        a, b = int(start * rate), min(n, int((start + length) * rate))
+        envelope[a:b] = rng.uniform(0.5, 1.0) * np.hanning(b - a) if b > a else 0
+        tilt[a:b] = rng.uniform(0.5, 1.5)  # a different vowel colour per syllable
+        in_phrase += 1
+        gap = rng.uniform(0.3, 0.45) if in_phrase % 6 == 0 else rng.uniform(0.04, 0.1)
+        start += length + gap
+    voiced = sum(np.sin(k * phase) / k**tilt for k in range(1, 16))
+    signal = voiced * envelope + 0.003 * rng.standard_normal(n)
+    return (0.6 * signal / np.max(np.abs(signal))).astype(np.float32)
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int = 16000) -> Path:
+    """16-bit WAV from float samples in [-1, 1], shape (n,) for mono or (channels, n)."""
+    planar = np.atleast_2d(samples)
+    pcm = (np.clip(planar.T, -1, 1) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(planar.shape[0])
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+    return Path(path)
+
+
+def write_speech_wav(path: Path, seconds: float, rate: int = 16000) -> Path:
+    return write_wav(path, speech(seconds, rate), rate)
+
+
+def write_audio(path: Path, seconds: float) -> Path:
+    """The same speech signal encoded with PyAV in the format the extension names."""
+    fmt, codec, rate = _AUDIO_FORMATS[Path(path).suffix.lower()]
+    samples = speech(seconds, rate)
+    with av.open(str(path), "w", format=fmt) as out:
+        stream = out.add_stream(codec, rate=rate)
+        stream.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(samples[np.newaxis], format="flt", layout="mono")
+        frame.sample_rate = rate
+        frame.time_base = Fraction(1, rate)
+        frame.pts = 0
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return Path(path)
+
+
+def write_portrait_video(path: Path, seconds: float, fps: int = 25, source: Path = PORTRAIT_JPG) -> Path:
+    """A slow pan across the portrait photo: frames differ, the face stays whole and detectable."""
+    fmt, codec = _VIDEO_FORMATS[Path(path).suffix.lower()]
+    still = cv2.imread(str(source))
+    side = (min(still.shape[:2]) - 32) // 2 * 2  # yuv420p needs even sides
+    top = (still.shape[0] - side) // 2
+    count = max(1, round(seconds * fps))
+    with av.open(str(path), "w", format=fmt) as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width = stream.height = side
+        stream.pix_fmt = "yuv420p"
+        for i in range(count):
+            x = round(32 * i / max(1, count - 1))
+            crop = np.ascontiguousarray(still[top : top + side, x : x + side])
+            frame = av.VideoFrame.from_ndarray(crop, format="bgr24")
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return Path(path)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def write_png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG that claims width x height (1-bit grey) but holds almost no pixel data: a bomb in 100 bytes."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    body = _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"\0")) + _png_chunk(b"IEND", b"")
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+    return Path(path)
+
+
+def truncate(path: Path, keep_fraction: float) -> Path:
+    """Cut a file to its first `keep_fraction` of bytes, like an interrupted copy."""
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: int(len(data) * keep_fraction)])
+    return Path(path)
+
+
+@dataclass(frozen=True)
+class VideoFacts:
+    has_video: bool
+    has_audio: bool
+    width: int
+    height: int
+    frames: int
+    fps: float
+    video_duration: float
+    audio_duration: float
+
+
+def video_facts(path: Path) -> VideoFacts:
+    """Decode a whole output file: proves it plays, and measures what a player would see."""
+    width = height = frames = 0
+    fps = audio_seconds = 0.0
+    with av.open(str(path)) as c:
+        has_video, has_audio = bool(c.streams.video), bool(c.streams.audio)
+        if has_video:
+            fps = float(c.streams.video[0].average_rate or 0)
+            for frame in c.decode(video=0):
+                width, height, frames = frame.width, frame.height, frames + 1
+    if has_audio:
+        with av.open(str(path)) as c:
+            audio_seconds = sum(f.samples / f.sample_rate for f in c.decode(audio=0))
+    return VideoFacts(has_video, has_audio, width, height, frames, fps, frames / fps if fps else 0.0, audio_seconds)
+
+
+def decoded_frames(path: Path) -> list[np.ndarray]:
+    """Every video frame of a file as BGR arrays."""
+    with av.open(str(path)) as c:
+        return [f.to_ndarray(format="bgr24") for f in c.decode(video=0)]

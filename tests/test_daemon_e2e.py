@@ -1,0 +1,117 @@
+"""The real daemon process, real files: drop inputs, get playable MP4s."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon_harness import DaemonHarness
+from heygem_daemon.intake.inspect import sha256_file
+from media_factory import PORTRAIT_JPG, video_facts, write_portrait_video, write_speech_wav
+
+FPS = 25
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    harness = DaemonHarness(tmp_path / "base")
+    yield harness.start()
+    harness.stop()
+
+
+@pytest.fixture
+def media(tmp_path) -> Path:
+    src = tmp_path / "src"
+    src.mkdir()
+    write_speech_wav(src / "voice.wav", 2.0)
+    write_speech_wav(src / "voice2.wav", 1.2)
+    return src
+
+
+def assert_playable(path: Path, audio_seconds: float, height: int = 480) -> None:
+    facts = video_facts(path)
+    assert facts.has_video and facts.has_audio
+    assert facts.height == height
+    assert abs(facts.video_duration - audio_seconds) <= 1 / FPS + 1e-6
+    assert abs(facts.audio_duration - facts.video_duration) <= 1 / FPS + 0.03
+
+
+def test_loose_pair_becomes_a_playable_mp4_and_the_job_is_done(daemon, media):
+    daemon.drop(media / "voice.wav", "alice.wav")
+    daemon.drop(PORTRAIT_JPG, "alice.jpg")
+    job = daemon.wait_job("alice")
+    assert job.state == "done"
+    out = daemon.folder("outputs") / "alice" / "alice.mp4"
+    assert_playable(out, 2.0)
+    assert [t.state for t in daemon.store().tasks(job.id)] == ["done"]
+    assert not list(daemon.folder("outputs").rglob("*.part"))
+    archived = list(daemon.folder("archive").glob("*/alice/alice.wav"))
+    assert len(archived) == 1 and sha256_file(archived[0]) == sha256_file(media / "voice.wav")
+    assert not os.listdir(daemon.inbox) and not os.listdir(daemon.folder("work"))
+
+
+def test_one_audio_and_three_portraits_make_three_videos(daemon, media, tmp_path):
+    write_portrait_video(tmp_path / "moving.mp4", 1.0)
+    staging = tmp_path / "batch"
+    staging.mkdir()
+    shutil.copy(media / "voice.wav", staging / "speech.wav")
+    shutil.copy(PORTRAIT_JPG, staging / "anna.jpg")
+    shutil.copy(PORTRAIT_JPG, staging / "ben.png")
+    shutil.copy(tmp_path / "moving.mp4", staging / "carl.mp4")
+    os.rename(staging, daemon.inbox / "batch")
+    job = daemon.wait_job("batch")
+    assert job.state == "done"
+    outs = sorted(p.name for p in (daemon.folder("outputs") / "batch").iterdir())
+    assert outs == ["anna.mp4", "ben.mp4", "carl.mp4"]
+    for name in outs:
+        assert_playable(daemon.folder("outputs") / "batch" / name, 2.0)
+
+
+def test_many_audios_and_one_portrait_make_one_video_per_audio(daemon, media):
+    daemon.drop(media / "voice.wav", "intro.wav", folder="lessons")
+    daemon.drop(media / "voice2.wav", "outro.wav", folder="lessons")
+    daemon.drop(PORTRAIT_JPG, "teacher.jpg", folder="lessons")
+    (daemon.inbox / "lessons" / ".ready").touch()
+    assert daemon.wait_job("lessons").state == "done"
+    assert_playable(daemon.folder("outputs") / "lessons" / "intro.mp4", 2.0)
+    assert_playable(daemon.folder("outputs") / "lessons" / "outro.mp4", 1.2)
+
+
+def test_status_command_shows_the_finished_job(daemon, media):
+    daemon.drop(media / "voice2.wav", "bob.wav")
+    daemon.drop(PORTRAIT_JPG, "bob.jpg")
+    daemon.wait_job("bob")
+    out = subprocess.run([sys.executable, "-m", "heygem_daemon.cli", "-c", str(daemon.config_path), "status",
+                          "--json"], capture_output=True, text=True, check=True).stdout
+    job = next(j for j in json.loads(out)["jobs"] if j["name"] == "bob")
+    assert job["state"] == "done" and job["done"] == 1 and job["outputs"].endswith("outputs/bob")
+
+
+def test_identical_drop_is_not_generated_twice(daemon, media):
+    daemon.drop(media / "voice2.wav", "carol.wav")
+    daemon.drop(PORTRAIT_JPG, "carol.jpg")
+    first = daemon.wait_job("carol")
+    daemon.drop(media / "voice2.wav", "carol.wav")
+    daemon.drop(PORTRAIT_JPG, "carol.jpg")
+    second = daemon.wait_job("carol-2")
+    assert second.duplicate_of == first.id and second.state == "done"
+    assert daemon.store().tasks(second.id) == []
+    assert not (daemon.folder("outputs") / "carol-2").exists()
+    assert "duplicate drop" in daemon.log_text()
+
+
+def test_a_second_daemon_on_the_same_state_refuses_to_start(daemon):
+    proc = subprocess.run([sys.executable, "daemon.py", "-c", str(daemon.config_path)],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "already serving" in proc.stderr
+    assert daemon.alive()
+
+
+def test_sigterm_stops_the_daemon_cleanly(daemon):
+    assert daemon.stop() == 0
+    assert "stopped" in daemon.log_text()

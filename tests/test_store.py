@@ -1,0 +1,94 @@
+import threading
+
+from heygem_daemon.store import NewTask, Store
+
+
+def make_store(tmp_path) -> Store:
+    return Store(tmp_path / "heygem.db")
+
+
+def queued_job(store: Store, name: str = "alice", n: int = 1) -> str:
+    job = store.create_job(name, {"pairs": []})
+    store.queue_job(job.id, [NewTask(f"t{i}", "a.wav", "p.jpg", f"/out/{name}/t{i}.mp4") for i in range(n)])
+    return job.id
+
+
+def test_job_names_are_made_unique(tmp_path):
+    store = make_store(tmp_path)
+    assert store.create_job("alice", {}).name == "alice"
+    assert store.create_job("alice", {}).name == "alice-2"
+    assert store.create_job("bob", {}, taken={"bob"}).name == "bob-2"
+
+
+def test_claimed_job_is_queued_with_its_tasks_in_one_step(tmp_path):
+    store = make_store(tmp_path)
+    job_id = queued_job(store, n=3)
+    assert store.job(job_id).state == "queued"
+    assert [t.state for t in store.tasks(job_id)] == ["queued"] * 3
+
+
+def test_take_next_task_hands_each_task_to_exactly_one_taker(tmp_path):
+    store = make_store(tmp_path)
+    queued_job(store, n=20)
+    taken: list[int] = []
+    lock = threading.Lock()
+
+    def taker() -> None:
+        own = Store(tmp_path / "heygem.db")
+        while (task := own.take_next_task("cpu")) is not None:
+            with lock:
+                taken.append(task.id)
+
+    threads = [threading.Thread(target=taker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(taken) == sorted(set(taken)) and len(taken) == 20
+
+
+def test_taking_a_task_marks_job_running_and_counts_the_attempt(tmp_path):
+    store = make_store(tmp_path)
+    job_id = queued_job(store)
+    task = store.take_next_task("cuda:0")
+    assert task is not None and task.state == "running" and task.attempts == 1 and task.device == "cuda:0"
+    assert store.job(job_id).state == "running"
+    assert store.attempts(task.id)[0]["device"] == "cuda:0"
+
+
+def test_failed_attempt_with_retry_waits_until_not_before(tmp_path):
+    store = make_store(tmp_path)
+    queued_job(store)
+    task = store.take_next_task("cpu")
+    assert store.fail_attempt(task.id, {"reason": "boom"}, retry_at=2e12) == "queued"
+    assert store.take_next_task("cpu") is None
+    assert store.fail_attempt(task.id, {"reason": "boom"}, retry_at=None) == "failed"
+    assert store.task(task.id).last_error == {"reason": "boom"}
+
+
+def test_requeue_after_crash_does_not_count_the_interrupted_attempt(tmp_path):
+    store = make_store(tmp_path)
+    queued_job(store)
+    task = store.take_next_task("cpu")
+    store.requeue_tasks([task.id], reset_attempts=False)
+    again = store.take_next_task("cpu")
+    assert again.id == task.id and again.attempts == 1
+    assert [a["outcome"] for a in store.attempts(task.id)][0] == "interrupted"
+
+
+def test_duplicate_lookup_ignores_failed_jobs_and_the_window(tmp_path):
+    store = make_store(tmp_path)
+    first = store.create_job("a", {}, fingerprint="f1")
+    store.set_job_state(first.id, "failed")
+    assert store.find_duplicate("f1", 3600) is None
+    second = store.create_job("b", {}, fingerprint="f1")
+    store.set_job_state(second.id, "done")
+    assert store.find_duplicate("f1", 3600).id == second.id
+    assert store.find_duplicate("f1", 0) is None
+
+
+def test_retried_job_frees_its_name(tmp_path):
+    store = make_store(tmp_path)
+    job = store.create_job("alice", {})
+    store.set_job_state(job.id, "retried")
+    assert store.create_job("alice", {}).name == "alice"
