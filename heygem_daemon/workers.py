@@ -27,11 +27,14 @@ PROGRESS_WRITE_INTERVAL = 0.5
 IDLE_POLL = 1.0
 
 
-def worker_main(conn: Connection, device: str, engine_settings: dict[str, dict[str, Any]], parent_pid: int) -> None:
+def worker_main(conn: Connection, device: str, engine_settings: dict[str, dict[str, Any]], parent_pid: int,
+                niceness: int) -> None:
     """Worker process: build each engine once (models stay loaded), then run tasks as they come."""
     from heygem_daemon.engines.registry import build_engine
 
     die_with_parent(parent_pid)
+    # Generation is batch work: the daemon's intake and probes must win the CPU when they need it.
+    os.nice(niceness)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     engines: dict[str, Any] = {}
 
@@ -61,10 +64,10 @@ def worker_main(conn: Connection, device: str, engine_settings: dict[str, dict[s
 
 
 class WorkerProcess:
-    def __init__(self, device: str, engine_settings: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, device: str, engine_settings: dict[str, dict[str, Any]], niceness: int) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=worker_main, args=(child, device, engine_settings, os.getpid()),
+        self.proc = ctx.Process(target=worker_main, args=(child, device, engine_settings, os.getpid(), niceness),
                                 name=f"heygem-worker-{device}", daemon=True)
         self.proc.start()
         child.close()
@@ -160,7 +163,7 @@ class Slot(threading.Thread):
 
     def _attempt(self, engine: str, spec: TaskSpec) -> Attempt:
         if self.worker is None or not self.worker.alive():
-            self.worker = WorkerProcess(self.device, self.engine_settings)
+            self.worker = WorkerProcess(self.device, self.engine_settings, self.cfg.workers.nice)
         worker = self.worker
         try:
             worker.conn.send((engine, spec))

@@ -26,7 +26,12 @@ _AUDIO_FORMATS = {
     ".ogg": ("ogg", "libopus", 48000),
     ".opus": ("opus", "libopus", 48000),
 }
-_VIDEO_FORMATS = {".mp4": ("mp4", "libx264"), ".mov": ("mov", "libx264"), ".webm": ("webm", "libvpx")}
+# extension -> (container format, codec, options that keep test encodes fast)
+_VIDEO_FORMATS = {
+    ".mp4": ("mp4", "libx264", {"preset": "ultrafast"}),
+    ".mov": ("mov", "libx264", {"preset": "ultrafast"}),
+    ".webm": ("webm", "libvpx", {"deadline": "realtime", "cpu-used": "8"}),
+}
 
 
 def speech(seconds: float, rate: int = 16000, seed: int = 0) -> np.ndarray:
@@ -84,20 +89,27 @@ def write_audio(path: Path, seconds: float) -> Path:
     return Path(path)
 
 
-def write_portrait_video(path: Path, seconds: float, fps: int = 25, source: Path = PORTRAIT_JPG) -> Path:
-    """A slow pan across the portrait photo: frames differ, the face stays whole and detectable."""
-    fmt, codec = _VIDEO_FORMATS[Path(path).suffix.lower()]
+def write_portrait_video(
+    path: Path, seconds: float, fps: int = 25, source: Path = PORTRAIT_JPG, rotation: int = 0
+) -> Path:
+    """A slow pan across the portrait photo: frames differ, the face stays whole and detectable.
+
+    `rotation` stores the frames turned by -rotation degrees plus a display matrix that turns them
+    back, the way phones record portrait video."""
+    fmt, codec, options = _VIDEO_FORMATS[Path(path).suffix.lower()]
     still = cv2.imread(str(source))
     side = (min(still.shape[:2]) - 32) // 2 * 2  # yuv420p needs even sides
     top = (still.shape[0] - side) // 2
     count = max(1, round(seconds * fps))
     with av.open(str(path), "w", format=fmt) as out:
-        stream = out.add_stream(codec, rate=fps)
+        stream = out.add_stream(codec, rate=fps, options=options)
         stream.width = stream.height = side
         stream.pix_fmt = "yuv420p"
+        if rotation:
+            stream.set_display_rotation(rotation)
         for i in range(count):
             x = round(32 * i / max(1, count - 1))
-            crop = np.ascontiguousarray(still[top : top + side, x : x + side])
+            crop = np.ascontiguousarray(np.rot90(still[top : top + side, x : x + side], -rotation // 90))
             frame = av.VideoFrame.from_ndarray(crop, format="bgr24")
             frame.pts = i
             out.mux(stream.encode(frame))
@@ -149,7 +161,8 @@ def video_facts(path: Path) -> VideoFacts:
     if has_audio:
         with av.open(str(path)) as c:
             audio_seconds = sum(f.samples / f.sample_rate for f in c.decode(audio=0))
-    return VideoFacts(has_video, has_audio, width, height, frames, fps, frames / fps if fps else 0.0, audio_seconds)
+    duration = frames / fps if fps else 0.0
+    return VideoFacts(has_video, has_audio, width, height, frames, fps, duration, audio_seconds)
 
 
 def decoded_frames(path: Path) -> list[np.ndarray]:

@@ -30,3 +30,14 @@ def test_cascade_is_loaded_once_per_process(portrait_jpg: Path) -> None:
     detect_face(image)
     assert faces._cascade.cache_info().currsize == 1
     assert faces._cascade() is faces._cascade()
+
+
+def test_search_near_the_last_box_finds_the_same_face(portrait_jpg: Path) -> None:
+    image = cv2.imread(str(portrait_jpg))
+    box = detect_face(image, near=Box(112, 44, 58, 58))
+    assert box is not None
+    assert abs(box.x - 109) <= 6 and abs(box.y - 40) <= 6 and 50 <= box.w <= 75
+
+
+def test_search_near_a_box_ignores_faces_elsewhere(portrait_jpg: Path) -> None:
+    assert detect_face(cv2.imread(str(portrait_jpg)), near=Box(230, 230, 60, 60)) is None

@@ -46,7 +46,9 @@ def test_text_file_named_mp3_raises_media_error(tmp_path: Path) -> None:
     [((1920, 1080), 480, (854, 480)), ((320, 320), 480, (480, 480)), ((1080, 1920), 480, (270, 480)),
      ((333, 500), 240, (160, 240))],
 )
-def test_output_size_keeps_aspect_with_even_sides(src: tuple[int, int], height: int, expected: tuple[int, int]) -> None:
+def test_output_size_keeps_aspect_with_even_sides(
+    src: tuple[int, int], height: int, expected: tuple[int, int]
+) -> None:
     assert output_size(*src, height) == expected
 
 
@@ -89,6 +91,13 @@ def test_video_portrait_is_spooled_to_a_memmap_in_scratch(tmp_path: Path) -> Non
     assert isinstance(frames.frames, np.memmap)
     assert len(list(scratch.iterdir())) == 1
     assert np.abs(frames.frame(0).astype(int) - frames.frame(24)).mean() > 5  # the pan moved
+
+
+def test_sideways_phone_video_is_turned_upright(tmp_path: Path) -> None:
+    plain = open_portrait(write_portrait_video(tmp_path / "plain.mp4", 0.2), 240, tmp_path)
+    turned = open_portrait(write_portrait_video(tmp_path / "turned.mp4", 0.2, rotation=90), 240, tmp_path)
+    difference = np.abs(turned.frame(0).astype(int) - plain.frame(0)).mean()
+    assert difference < 6  # only coding noise; a wrong turn differs by tens
 
 
 def test_video_portrait_loops_ping_pong(tmp_path: Path) -> None:

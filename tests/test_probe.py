@@ -145,6 +145,11 @@ def test_good_portrait_video_passes(tmp_path: Path) -> None:
     assert probe_portrait(video, LIMITS, need_face=True) == PortraitProbe("video", 288, 288, 1.0, 25.0)
 
 
+def test_sideways_phone_video_is_turned_upright_for_the_face_check(tmp_path: Path) -> None:
+    video = write_portrait_video(tmp_path / "face.mov", 0.5, rotation=-90)
+    assert probe_portrait(video, LIMITS, need_face=True).kind == "video"
+
+
 def test_webm_portrait_video_passes(tmp_path: Path) -> None:
     video = write_portrait_video(tmp_path / "face.webm", 0.5)
     assert probe_portrait(video, LIMITS, need_face=True).duration == pytest.approx(0.5, abs=0.05)

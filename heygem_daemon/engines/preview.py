@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import astuple
 from pathlib import Path
 from typing import ClassVar
 
@@ -41,6 +42,7 @@ _FADE_IN_PX = 3.0
 _PROGRESS_STEPS = 50
 # Box smoothing for video portraits: Haar boxes jitter by a few pixels between detections.
 _BOX_BLEND = 0.5
+_FIRST_FACE_TRIES = 20
 
 
 def mouth_openness(mono: np.ndarray, count: int, fps: float, gain: float) -> np.ndarray:
@@ -140,18 +142,25 @@ class _FaceTrack:
 
     def __init__(self, first: Box, every: int) -> None:
         self.box, self.every = first, every
+        self.lost = False
 
     def at(self, i: int, frame: np.ndarray) -> Box:
-        if i % self.every == 0 and (found := detect_face(frame)) is not None:
-            self.box = Box(*(round(_BOX_BLEND * a + (1 - _BOX_BLEND) * b) for a, b in zip(
-                (found.x, found.y, found.w, found.h), (self.box.x, self.box.y, self.box.w, self.box.h)
-            )))
+        if i % self.every:
+            return self.box
+        # Searching near the last box is cheap; after a miss, look at the whole frame again.
+        found = detect_face(frame, near=None if self.lost else self.box)
+        self.lost = found is None
+        if found is not None:
+            pairs = zip(astuple(found), astuple(self.box))
+            self.box = Box(*(round(_BOX_BLEND * new + (1 - _BOX_BLEND) * old) for new, old in pairs))
         return self.box
 
 
 def _first_face(portrait: PortraitFrames, every: int) -> Box | None:
-    """The first detectable face, trying every `every`-th source frame (stills have just one)."""
-    for k in range(0, portrait.count, every):
+    """The first detectable face, trying every `every`-th source frame (stills have just one).
+
+    A full-frame search is slow, so a long video is sampled at most _FIRST_FACE_TRIES times."""
+    for k in range(0, portrait.count, max(every, portrait.count // _FIRST_FACE_TRIES)):
         if (box := detect_face(portrait.frame(k))) is not None:
             return box
     return None
@@ -189,10 +198,12 @@ class PreviewEngine:
     needs_face: ClassVar[bool] = True
 
     class Settings(EngineSettings):
-        mouth_gain: float = Field(1.0, gt=0.0, le=4.0, description="above 1 the mouth opens wide on quieter speech")
+        mouth_gain: float = Field(
+            1.0, gt=0.0, le=4.0, description="above 1 the mouth opens wide on quieter speech"
+        )
         detect_every: int = Field(5, ge=1, description="video portraits: re-detect the face every N frames")
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: PreviewEngine.Settings) -> None:
         self.settings = settings
 
     def generate(self, task: TaskSpec, progress: ProgressFn) -> Path:

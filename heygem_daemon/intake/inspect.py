@@ -9,6 +9,7 @@ import hashlib
 import multiprocessing
 import os
 import pwd
+from collections import OrderedDict
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -45,6 +46,29 @@ def _owner(path: Path) -> str:
         return str(uid)
 
 
+class _PassedCache:
+    """Content that already passed a probe in this process: batches reuse one portrait for many jobs,
+    and a face detection costs tens of milliseconds while hashing a photo costs well under one."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._seen: OrderedDict[tuple[str, bool, Limits], None] = OrderedDict()
+
+    def __contains__(self, key: tuple[str, bool, Limits]) -> bool:
+        if key in self._seen:
+            self._seen.move_to_end(key)
+            return True
+        return False
+
+    def add(self, key: tuple[str, bool, Limits]) -> None:
+        self._seen[key] = None
+        if len(self._seen) > self.size:
+            self._seen.popitem(last=False)
+
+
+_passed = _PassedCache()
+
+
 def inspect_inputs(inbox: str, rels: list[str], limits: Limits, need_face: bool) -> Inspection:
     from heygem_daemon.intake.probe import ProbeError, probe_audio, probe_portrait
 
@@ -52,11 +76,15 @@ def inspect_inputs(inbox: str, rels: list[str], limits: Limits, need_face: bool)
     for rel in rels:
         path = Path(inbox) / rel
         try:
-            if kind_of(rel) is MediaKind.AUDIO:
-                probe_audio(path, limits)
-            else:
-                probe_portrait(path, limits, need_face)
-            result.digests[rel] = sha256_file(path)
+            digest = sha256_file(path) if path.is_file() and not path.is_symlink() else ""
+            key = (digest, need_face, limits)
+            if not digest or key not in _passed:
+                if kind_of(rel) is MediaKind.AUDIO:
+                    probe_audio(path, limits)
+                else:
+                    probe_portrait(path, limits, need_face)
+                _passed.add(key)
+            result.digests[rel] = digest
         except ProbeError as exc:
             result.problems.append(Problem(rel, exc.reason, exc.hint))
         except OSError as exc:

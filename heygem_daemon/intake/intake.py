@@ -37,7 +37,8 @@ class Probing:
     future: Future[Inspection]
     generation: int
     signatures: dict[str, tuple]
-    tries: int = 1
+    tries: int
+    started: float
 
 
 def group_key(snap: Snapshot) -> str:
@@ -204,7 +205,8 @@ class Intake:
         fut, gen = self.inspector.submit(self.inbox, plan.inputs, self.cfg.limits, self.needs_face(engine))
         fut.add_done_callback(lambda _f: self.wake.set())
         self._probing[key] = Probing(plan, snaps[0].is_dir, engine, preset, fut, gen,
-                                     {s.name: s.signature for s in snaps}, tries)
+                                     {s.name: s.signature for s in snaps}, tries, self.clock())
+        log.debug("checking inputs", group=key, inputs=len(plan.inputs))
 
     def _collect_probes(self, now: float) -> None:
         for key, p in list(self._probing.items()):
@@ -219,6 +221,7 @@ class Intake:
 
     def _finish_probe(self, key: str, p: Probing, now: float) -> None:
         insp = self.inspector.outcome(p.future, p.generation)
+        log.debug("inputs checked", group=key, seconds=round(now - p.started, 3))
         current = {n: snapshot(self.inbox, n, self.names) for n in p.signatures}
         if any(s is None or s.signature != p.signatures[n] for n, s in current.items()):
             for n in current:

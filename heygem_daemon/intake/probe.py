@@ -37,6 +37,9 @@ _SHORTFALL_SHARE = 0.02
 _EXIF_ORIENTATION = 0x0112
 _SIDEWAYS = {5, 6, 7, 8}
 _FACE_SAMPLES = 3
+# detect_face looks at no more than 640 pixels a side, so decoding more is wasted.
+_FACE_SIDE = 640
+_A_PORTRAIT, _PORTRAIT_KEY = "a portrait video", "max_portrait_seconds"
 
 
 class ProbeError(Exception):
@@ -219,10 +222,11 @@ def _probe_image(path: Path, limits: Limits, need_face: bool) -> PortraitProbe:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             w, h = _image_size(path, limits)
             # A reduced JPEG decode still reads every byte, so damage is caught at a fraction of the cost.
-            bgr = read_image(path, min_side=640)
+            bgr = read_image(path, min_side=_FACE_SIDE)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ProbeError(
-            f"{path.name} has too many pixels to decode safely ({exc})", "scale the photo down and drop it in again"
+            f"{path.name} has too many pixels to decode safely ({exc})",
+            "scale the photo down and drop it in again",
         ) from None
     except MediaError as exc:
         raise ProbeError(exc.reason, exc.hint) from None
@@ -272,7 +276,7 @@ def _probe_video(path: Path, limits: Limits, need_face: bool) -> PortraitProbe:
                 container.duration, Fraction(1, av.time_base)
             )
             if declared is not None and declared > limits.max_portrait_seconds:
-                raise _too_long(path.name, "a portrait video", declared, limits.max_portrait_seconds, "max_portrait_seconds")
+                raise _too_long(path.name, _A_PORTRAIT, declared, limits.max_portrait_seconds, _PORTRAIT_KEY)
             fps = float(stream.average_rate or stream.guessed_rate or 0) or None
             frames = _first_frames(container, stream, max(1, round((fps or 25) / 2)))
             if not frames:
@@ -282,7 +286,7 @@ def _probe_video(path: Path, limits: Limits, need_face: bool) -> PortraitProbe:
     except av.FFmpegError as exc:
         raise ProbeError(f"{path.name} is not a decodable video ({exc.strerror or exc})", _VIDEO_HINT) from None
     if seconds > limits.max_portrait_seconds:
-        raise _too_long(path.name, "a portrait video", seconds, limits.max_portrait_seconds, "max_portrait_seconds")
+        raise _too_long(path.name, _A_PORTRAIT, seconds, limits.max_portrait_seconds, _PORTRAIT_KEY)
     if need_face and not any(detect_face(f) is not None for f in frames):
         raise ProbeError(f"no face found in the first frames of {path.name}", _FACE_HINT)
     h, w = frames[0].shape[:2]

@@ -13,6 +13,16 @@ from watchdog.observers.polling import PollingObserver
 
 from heygem_daemon.log import get_logger
 
+try:
+    from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
+
+    # watchdog holds every IN_MOVED_FROM for 0.5 s to pair it with its IN_MOVED_TO, and that stalls the
+    # whole event queue behind it. Intake only needs the paths (it re-stats everything), not the pairing,
+    # so a file renamed into the inbox (how careful clients finish an upload) is seen at once.
+    InotifyMoveEventGrouper.delay = 0.0
+except ImportError:  # not Linux, or a watchdog without the grouper: nothing to tune
+    pass
+
 log = get_logger("heygem.watcher")
 NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "afs", "sshfs", "davfs")
 

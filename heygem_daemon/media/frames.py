@@ -80,7 +80,9 @@ def read_image(path: Path, min_side: int | None = None) -> np.ndarray:
     except UnidentifiedImageError:
         raise MediaError(f"{path.name} is not a valid image", _IMAGE_HINT) from None
     except Image.DecompressionBombError:
-        raise MediaError(f"{path.name} has too many pixels to decode safely", "scale it down and drop it in again") from None
+        raise MediaError(
+            f"{path.name} has too many pixels to decode safely", "scale it down and drop it in again"
+        ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise MediaError(f"{path.name} is a damaged or incomplete image ({exc})", _IMAGE_HINT) from None
     return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
