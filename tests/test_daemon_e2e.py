@@ -115,3 +115,29 @@ def test_a_second_daemon_on_the_same_state_refuses_to_start(daemon):
 def test_sigterm_stops_the_daemon_cleanly(daemon):
     assert daemon.stop() == 0
     assert "stopped" in daemon.log_text()
+
+
+def cli(daemon: DaemonHarness, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "heygem_daemon.cli", "-c", str(daemon.config_path), *args],
+                          capture_output=True, text=True)
+
+
+def test_failed_job_is_listed_with_its_hint_and_retry_after_a_fix_delivers_it(daemon, media):
+    from media_factory import FIXTURES
+
+    daemon.drop(media / "voice2.wav", "dave.wav")
+    daemon.drop(FIXTURES / "no_face.jpg", "dave.jpg")
+    assert daemon.wait_job("dave").state == "failed"
+    listed = cli(daemon, "jobs", "--failed").stdout
+    assert "dave" in listed and "no face" in listed and "hint:" in listed
+    shutil.copy(PORTRAIT_JPG, daemon.folder("failed") / "dave" / "dave.jpg")  # the person fixes the photo
+    done = cli(daemon, "retry", "dave")
+    assert done.returncode == 0, done.stderr
+    job = daemon.wait_for(lambda: next((j for j in daemon.store().jobs(("done",)) if j.name == "dave"), None),
+                          60, "the retried job to finish")
+    assert (daemon.folder("outputs") / job.name / "dave.mp4").is_file()
+
+
+def test_retry_of_an_unknown_job_says_how_to_find_jobs(daemon):
+    result = cli(daemon, "retry", "nobody")
+    assert result.returncode == 1 and "jobs --failed" in result.stderr
