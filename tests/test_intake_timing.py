@@ -12,7 +12,7 @@ from media_factory import PORTRAIT_JPG, write_speech_wav
 
 @pytest.fixture
 def daemon(tmp_path):
-    harness = DaemonHarness(tmp_path / "base", {"watcher": {"settle_seconds": 1.0}})
+    harness = DaemonHarness(tmp_path / "base", {"watcher": {"settle_seconds": 2.0}})
     yield harness.start()
     harness.stop()
 
@@ -23,7 +23,7 @@ def test_slow_writer_is_never_taken_early(daemon, tmp_path):
     daemon.drop(PORTRAIT_JPG, "slow.jpg")
     chunks = 12
     with open(daemon.inbox / "slow.wav", "wb") as fh:
-        for i in range(chunks):  # 12 chunks, 0.4 s apart: 4.4 s of writing with a 1 s settle window
+        for i in range(chunks):  # 12 chunks, 0.4 s apart: 4.4 s of writing with a 2 s settle window
             fh.write(data[i * len(data) // chunks:(i + 1) * len(data) // chunks])
             fh.flush()
             time.sleep(0.4)
