@@ -23,6 +23,7 @@ from heygem_daemon.workers import WorkerPool
 log = get_logger("heygem.daemon")
 DB_FILE = "heygem.db"
 LOCK_FILE = "heygem.pid"
+SIGNAL_POLL_SECONDS = 0.2
 
 
 class AlreadyRunning(Exception):
@@ -61,6 +62,7 @@ class Daemon:
                              self.pool.notify)
         self._finalize_store = store_for(cfg)
         self._finalize_lock = threading.Lock()
+        self._stop_requested = False
 
     def _task_ended(self, job_id: str) -> None:
         with self._finalize_lock:
@@ -76,7 +78,9 @@ class Daemon:
         intake_thread.start()
         log.info("daemon ready", inbox=str(self.cfg.folder("inbox")), outputs=str(self.cfg.folder("outputs")),
                  engine=self.cfg.engine.name, devices=self.cfg.workers.devices, watch_mode=mode)
-        self.stop.wait()
+        while not self._stop_requested:
+            self.stop.wait(SIGNAL_POLL_SECONDS)
+        self.stop.set()
         log.info("stopping")
         observer.stop()
         self.intake.wake.set()
@@ -88,7 +92,9 @@ class Daemon:
         return 0
 
     def request_stop(self, *_: Any) -> None:
-        self.stop.set()
+        # Only a plain flag: the handler runs on the main thread, possibly inside stop.wait() while it
+        # holds the Event's lock, so calling stop.set() here could deadlock.
+        self._stop_requested = True
 
 
 def run_daemon(cfg: Config) -> int:

@@ -141,3 +141,12 @@ def test_failed_job_is_listed_with_its_hint_and_retry_after_a_fix_delivers_it(da
 def test_retry_of_an_unknown_job_says_how_to_find_jobs(daemon):
     result = cli(daemon, "retry", "nobody")
     assert result.returncode == 1 and "jobs --failed" in result.stderr
+
+
+def test_sigterms_in_quick_succession_still_stop_the_daemon(daemon):
+    import signal
+
+    for _ in range(5):
+        daemon.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.01)
+    assert daemon.proc.wait(30) == 0
