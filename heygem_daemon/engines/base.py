@@ -63,3 +63,7 @@ class Engine(Protocol):
     def generate(self, task: TaskSpec, progress: ProgressFn) -> Path:
         """Write an MP4 (H.264 + AAC) to task.output and return that path."""
         ...
+
+    # Optional, for `heygem-daemon doctor` (runs in the CLI process, so heavy imports are fine there):
+    #   @classmethod
+    #   def doctor(cls, settings: Settings, devices: list[str]) -> list[heygem_daemon.checks.Check]

@@ -1,0 +1,1 @@
+"""Delivery: outputs watcher -> upload -> presigned links -> batch zip -> chat notification."""

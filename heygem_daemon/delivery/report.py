@@ -1,0 +1,46 @@
+"""What a finished batch tells people: the hand-off between delivery (links, zip) and notification."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class VideoLink:
+    name: str
+    """File name relative to the batch folder, e.g. `alice.mp4`."""
+    size: int
+    sha256: str
+    duration: float | None = None
+    url: str | None = None
+    """Presigned GET link; None in local-only mode."""
+    local_path: str | None = None
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    reason: str
+    hint: str = ""
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    job_id: str
+    job_name: str
+    videos: list[VideoLink] = field(default_factory=list)
+    failed: list[Problem] = field(default_factory=list)
+    zip_name: str | None = None
+    zip_url: str | None = None
+    expires_at: float | None = None
+    """Unix time when the links stop working."""
+    notify_urls: list[str] | None = None
+    """Per-job override of notify.urls (from job.yaml); None means the configured default."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    @property
+    def total_duration(self) -> float:
+        return sum(v.duration or 0.0 for v in self.videos)
