@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,8 +85,13 @@ def send(target: Target, message: Message) -> str | None:
     client = apprise.Apprise()
     client.add(target.plugin)
     with apprise.LogCapture(level=logging.WARNING) as captured:
-        ok = client.notify(body=message.body, title=message.title, notify_type=apprise.NotifyType(message.kind),
-                           body_format=apprise.NotifyFormat(message.body_format))
+        try:
+            ok = client.notify(body=message.body, title=message.title,
+                               notify_type=apprise.NotifyType(message.kind),
+                               body_format=apprise.NotifyFormat(message.body_format))
+        except Exception as exc:  # a plugin bug must not stop the sender thread
+            ok = False
+            logging.getLogger("apprise").warning("%s: %s", type(exc).__name__, exc)
     if ok:
         return None
     lines = [ln.split(" - ", 2)[-1] for ln in captured.getvalue().splitlines() if ln.strip()]
@@ -94,15 +100,10 @@ def send(target: Target, message: Message) -> str | None:
 
 
 def _mask(text: str, url: str) -> str:
-    """apprise messages may quote parts of the URL; every path or user segment is masked."""
-    for part in _url_parts(url):
-        text = text.replace(part, "***")
+    """apprise messages may quote parts of the URL (host, user, token path): each one is masked. Short
+    pieces (ports, `p`) are left alone, or ordinary words in the message would be masked too."""
+    pieces = {p for p in re.split(r"[/:@?&=#.]+", url.split("://", 1)[-1]) if len(p) >= 6}
+    pieces.add(url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1].split(":", 1)[0])
+    for piece in sorted(pieces, key=len, reverse=True):
+        text = text.replace(piece, "***")
     return text
-
-
-def _url_parts(url: str) -> list[str]:
-    rest = url.split("://", 1)[-1]
-    parts = [p for chunk in rest.replace("@", "/").replace("?", "/").replace("&", "/").split("/")
-             for p in chunk.split(":") + chunk.split("=")]
-    # Long segments are the tokens; short ones (ports, "p") would mask ordinary words.
-    return sorted({p for p in parts if len(p) >= 6}, key=len, reverse=True)
