@@ -194,3 +194,12 @@ def test_generation_failure_is_reported_again_only_after_a_retry(tmp_path, recei
     retry_job(cfg, store, "promo")
     fail_generation()
     receiver.wait_delivered(2, containing="engine crashed")
+
+
+def test_a_claim_undone_by_recovery_takes_its_unsent_message_with_it(store, receiver):
+    outbox, _ = sender(store, urls=[receiver.url()])
+    job = store.create_job("coffee", {"sources": ["coffee.jpg"], "folder": False})
+    record = {"stage": "intake", "problems": [{"file": "coffee.jpg", "reason": "no face", "hint": "use a photo"}]}
+    assert outbox.enqueue_failure(job, record) == 1
+    store.delete_job(job.id)
+    assert store.notifications() == []
