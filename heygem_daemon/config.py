@@ -110,6 +110,33 @@ class Dedupe(_Section):
     window_hours: float = Field(24.0, ge=0.0)
 
 
+class Notify(_Section):
+    """Chat notifications through apprise. URLs hold tokens: prefer urls_file or HEYGEM_NOTIFY__URLS."""
+
+    urls: list[str] = Field(default_factory=list)
+    operator_urls: list[str] | None = None
+    urls_file: Path | None = None
+    title_prefix: str = "[heygem] "
+    retry_base_seconds: float = Field(10.0, gt=0.0)
+    retry_max_seconds: float = Field(600.0, gt=0.0)
+    max_age_hours: float = Field(24.0, gt=0.0)
+    alert_repeat_hours: float = Field(24.0, gt=0.0)
+
+    @field_validator("urls", "operator_urls", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        # From the environment a list arrives as one string: split it on whitespace.
+        return v.split() if isinstance(v, str) else v
+
+    @field_validator("urls", "operator_urls")
+    @classmethod
+    def _url_shaped(cls, v: list[str] | None) -> list[str] | None:
+        for i, url in enumerate(v or []):
+            if "://" not in url:
+                raise ValueError(f"entry {i + 1} is not a URL (apprise URLs look like slack://... or json://...)")
+        return v
+
+
 class Logging(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     console: bool = True
@@ -125,6 +152,7 @@ class Config(_Section):
     engines: dict[str, dict[str, Any]] = Field(default_factory=dict)
     workers: Workers = Workers()
     dedupe: Dedupe = Dedupe()
+    notify: Notify = Notify()
     logging: Logging = Logging()
 
     @model_validator(mode="after")

@@ -9,7 +9,7 @@ from typing import Any
 from heygem_daemon.config import Config
 from heygem_daemon.failures import ERROR_FILE, error_record, write_error_json
 from heygem_daemon.fsops import move, remove_tree
-from heygem_daemon.intake.claim import archive_dir
+from heygem_daemon.intake.claim import OnFailed, archive_dir
 from heygem_daemon.intake.pairing import READY_MARKER
 from heygem_daemon.log import get_logger
 from heygem_daemon.store import Job, Store
@@ -28,7 +28,7 @@ def _relocate_inputs(job: Job, dest: Path) -> None:
         move(staging, dest)
 
 
-def finalize_job(cfg: Config, store: Store, job_id: str) -> None:
+def finalize_job(cfg: Config, store: Store, job_id: str, on_failed: OnFailed | None = None) -> None:
     """Once every task has ended: inputs to archive/ (all done) or failed/ with error.json; work/ removed."""
     tasks = store.tasks(job_id)
     if not tasks or any(t.state not in ("done", "failed") for t in tasks):
@@ -55,12 +55,14 @@ def finalize_job(cfg: Config, store: Store, job_id: str) -> None:
                           outputs=str(cfg.folder("outputs") / job.name) if made else None)
     write_error_json(dest, record)
     remove_tree(cfg.folder("work") / job.id)
+    if on_failed is not None:
+        on_failed(job, record)
     store.set_job_state(job_id, "failed", error=record, spec={**job.spec, "inputs_at": str(dest)})
     log.warning("job failed", job_id=job.id, job=job.name, failed=len(failed), made=len(made),
                 reason=record["reason"], hint=record["hint"])
 
 
-def recover(cfg: Config, store: Store) -> dict[str, int]:
+def recover(cfg: Config, store: Store, on_failed: OnFailed | None = None) -> dict[str, int]:
     """After a crash: tasks left running are queued again (or done, if their output made it), and jobs
     whose tasks all ended are finished. Completed work is never redone."""
     counts = {"requeued": 0, "completed": 0}
@@ -74,7 +76,7 @@ def recover(cfg: Config, store: Store) -> dict[str, int]:
             store.requeue_tasks([task.id], reset_attempts=False)
             counts["requeued"] += 1
     for job in store.jobs(("queued", "running", "generated")):
-        finalize_job(cfg, store, job.id)
+        finalize_job(cfg, store, job.id, on_failed)
     if any(counts.values()):
         log.warning("recovered tasks interrupted by a crash", **counts)
     return counts

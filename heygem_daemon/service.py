@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from heygem_daemon.config import Config
+from heygem_daemon.delivery.notify import Notifier, Outbox
 from heygem_daemon.engines.registry import ENGINES, check_engines, needs_face
 from heygem_daemon.intake.claim import Claimer, recover_detected
 from heygem_daemon.intake.inspect import Inspector
@@ -58,19 +59,23 @@ class Daemon:
         self.store = store_for(cfg)
         self.inspector = Inspector(cfg.watcher.probe_workers)
         self.pool = WorkerPool(cfg, store_for(cfg), self._task_ended)
-        self.intake = Intake(cfg, Claimer(cfg, store_for(cfg)), self.inspector, set(ENGINES), needs_face,
-                             self.pool.notify)
+        # Delivery hands finished batches to outbox.enqueue_report and operator alerts to enqueue_alert.
+        self.outbox = Outbox(cfg, store_for(cfg))
+        self.notifier = Notifier(self.outbox)
+        self.intake = Intake(cfg, Claimer(cfg, store_for(cfg), self.outbox.enqueue_failure), self.inspector,
+                             set(ENGINES), needs_face, self.pool.notify)
         self._finalize_store = store_for(cfg)
         self._finalize_lock = threading.Lock()
         self._stop_requested = False
 
     def _task_ended(self, job_id: str) -> None:
         with self._finalize_lock:
-            finalize_job(self.cfg, self._finalize_store, job_id)
+            finalize_job(self.cfg, self._finalize_store, job_id, self.outbox.enqueue_failure)
 
     def run(self) -> int:
         recover_detected(self.cfg, self.store)
-        recover(self.cfg, self.store)
+        recover(self.cfg, self.store, self.outbox.enqueue_failure)
+        self.notifier.start()
         self.pool.start()
         observer, mode = start_watcher(self.cfg.folder("inbox"), self.cfg.watcher.mode,
                                        self.cfg.watcher.poll_interval, self.intake.touch)
@@ -86,6 +91,7 @@ class Daemon:
         self.intake.wake.set()
         intake_thread.join(10)
         self.pool.stop()
+        self.notifier.stop()
         self.inspector.close()
         observer.join(5)
         log.info("stopped")

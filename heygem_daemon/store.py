@@ -1,7 +1,8 @@
-"""SQLite (WAL) state: jobs, tasks, attempts. The only module that writes SQL.
+"""SQLite (WAL) state: jobs, tasks, attempts, the notification outbox. The only module that writes SQL.
 
 Job states:  detected -> queued -> running -> generated -> done   (or failed; retried when re-dropped)
 Task states: queued -> running -> done | failed
+Notification states: pending -> sent | retrying (next_at) -> sent | gave_up
 """
 
 from __future__ import annotations
@@ -63,6 +64,27 @@ CREATE TABLE IF NOT EXISTS attempts (
     error      TEXT
 );
 CREATE INDEX IF NOT EXISTS attempts_task ON attempts(task_id);
+-- One row per event and chat target, so a target that is down never makes another one hear twice.
+-- `target` is a digest of the apprise URL: the URL holds tokens and is never stored.
+CREATE TABLE IF NOT EXISTS notifications (
+    id          INTEGER PRIMARY KEY,
+    event_key   TEXT NOT NULL,
+    target      TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    job_id      TEXT,
+    title       TEXT NOT NULL,
+    body        TEXT NOT NULL,
+    body_format TEXT NOT NULL,
+    notify_type TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    next_at     REAL NOT NULL,
+    last_error  TEXT,
+    created_at  REAL NOT NULL,
+    sent_at     REAL,
+    UNIQUE (event_key, target)
+);
+CREATE INDEX IF NOT EXISTS notifications_due ON notifications(state, next_at);
 """
 
 TERMINAL_JOB_STATES = ("done", "failed", "retried")
@@ -100,6 +122,37 @@ class Task:
     started_at: float | None
     updated_at: float
     finished_at: float | None
+
+
+@dataclass(frozen=True)
+class NewNotification:
+    event_key: str
+    target: str
+    kind: str
+    job_id: str | None
+    title: str
+    body: str
+    body_format: str
+    notify_type: str
+
+
+@dataclass(frozen=True)
+class Notification:
+    id: int
+    event_key: str
+    target: str
+    kind: str
+    job_id: str | None
+    title: str
+    body: str
+    body_format: str
+    notify_type: str
+    state: str
+    attempts: int
+    next_at: float
+    last_error: str | None
+    created_at: float
+    sent_at: float | None
 
 
 @dataclass(frozen=True)
@@ -227,6 +280,8 @@ class Store:
     def delete_job(self, job_id: str) -> None:
         with self.tx() as db:
             db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            # A claim undone by recovery is taken again as a new job with its own messages.
+            db.execute("DELETE FROM notifications WHERE job_id = ? AND state != 'sent'", (job_id,))
 
     def queue_job(self, job_id: str, tasks: list[NewTask]) -> None:
         """Claimed: the job's tasks exist and are queued, in the same transaction as the job's state."""
@@ -341,3 +396,59 @@ class Store:
     def attempts(self, task_id: int) -> list[dict[str, Any]]:
         rows = self._conn().execute("SELECT * FROM attempts WHERE task_id = ? ORDER BY id", (task_id,))
         return [dict(r) for r in rows]
+
+    def attempt_count(self, job_id: str) -> int:
+        """Attempts ever made for a job's tasks: grows with every retry, unchanged by crash recovery."""
+        row = self._conn().execute(
+            "SELECT COUNT(*) AS n FROM attempts WHERE task_id IN (SELECT id FROM tasks WHERE job_id = ?)",
+            (job_id,)).fetchone()
+        return int(row["n"])
+
+    # --- notification outbox ----------------------------------------------------------------
+
+    def add_notifications(self, rows: list[NewNotification]) -> int:
+        """Record messages to send; an (event, target) already recorded is left alone. Returns rows added."""
+        now = time.time()
+        with self.tx() as db:
+            before = db.total_changes
+            db.executemany(
+                "INSERT OR IGNORE INTO notifications (event_key, target, kind, job_id, title, body, body_format,"
+                " notify_type, state, next_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+                [(r.event_key, r.target, r.kind, r.job_id, r.title, r.body, r.body_format, r.notify_type, now, now)
+                 for r in rows])
+            return db.total_changes - before
+
+    def due_notifications(self, now: float, limit: int = 20) -> list[Notification]:
+        rows = self._conn().execute(
+            "SELECT * FROM notifications WHERE state IN ('pending', 'retrying') AND next_at <= ?"
+            " ORDER BY next_at, id LIMIT ?", (now, limit))
+        return [Notification(**dict(r)) for r in rows]
+
+    def next_notification_at(self) -> float | None:
+        row = self._conn().execute(
+            "SELECT MIN(next_at) AS t FROM notifications WHERE state IN ('pending', 'retrying')").fetchone()
+        return row["t"]
+
+    def notifications(self, job_id: str | None = None, states: tuple[str, ...] | None = None) -> list[Notification]:
+        sql, args = "SELECT * FROM notifications WHERE 1=1", []
+        if job_id:
+            sql += " AND job_id = ?"
+            args.append(job_id)
+        if states:
+            sql += f" AND state IN ({','.join('?' * len(states))})"
+            args.extend(states)
+        return [Notification(**dict(r)) for r in self._conn().execute(sql + " ORDER BY id", args)]
+
+    def notification_sent(self, notification_id: int) -> None:
+        now = time.time()
+        with self.tx() as db:
+            db.execute("UPDATE notifications SET state = 'sent', attempts = attempts + 1, sent_at = ?,"
+                       " last_error = NULL WHERE id = ?", (now, notification_id))
+
+    def notification_failed(self, notification_id: int, error: str, retry_at: float | None) -> None:
+        """A failed send: try again at retry_at, or give up for good when None."""
+        with self.tx() as db:
+            db.execute(
+                "UPDATE notifications SET state = ?, attempts = attempts + 1, next_at = COALESCE(?, next_at),"
+                " last_error = ? WHERE id = ?",
+                ("retrying" if retry_at is not None else "gave_up", retry_at, error, notification_id))

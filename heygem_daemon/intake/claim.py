@@ -10,7 +10,7 @@ import hashlib
 import json
 import time
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Callable
 
 from heygem_daemon.config import Config
 from heygem_daemon.failures import ERROR_FILE, error_record, write_error_json
@@ -61,11 +61,16 @@ def _staged(rel: str) -> str:
     return PurePosixPath(rel).name
 
 
+OnFailed = Callable[[Job, dict[str, Any]], None]
+"""Told about a job that ends in failed/ (with its error record) before the store says so."""
+
+
 class Claimer:
-    def __init__(self, cfg: Config, store: Store) -> None:
+    def __init__(self, cfg: Config, store: Store, on_failed: OnFailed | None = None) -> None:
         self.cfg = cfg
         self.store = store
         self.inbox = cfg.folder("inbox")
+        self.on_failed = on_failed
 
     def claim(self, plan: Plan, insp: Inspection, engine: str, preset: str, is_folder: bool) -> Job:
         fp = fingerprint(plan, insp.digests, engine, preset)
@@ -75,6 +80,8 @@ class Claimer:
             "pairs": [{"audio": _staged(p.audio), "portrait": _staged(p.portrait), "name": p.name}
                       for p in plan.pairs],
         }
+        if plan.notify is not None:
+            spec["notify"] = plan.notify
         job = self.store.create_job(plan.name_hint, spec, fp, insp.owner, _taken_names(self.cfg))
         original = self.store.find_duplicate(fp, self.cfg.dedupe.window_hours * 3600)
         if original is not None and original.id != job.id:
@@ -97,8 +104,10 @@ class Claimer:
         return self.store.job(job.id)
 
     def reject(self, name_hint: str, sources: list[str], problems: list[Problem], is_folder: bool,
-               stage: str = "intake") -> Job:
+               stage: str = "intake", notify: list[str] | None = None) -> Job:
         spec: dict[str, Any] = {"sources": sources, "folder": is_folder}
+        if notify is not None:
+            spec["notify"] = notify
         job = self.store.create_job(name_hint, spec, taken=_taken_names(self.cfg))
         staging = self.cfg.folder("failed") / job.name
         self._record_staging(job, spec, staging)
@@ -106,6 +115,8 @@ class Claimer:
         record = error_record(job.name, stage, [p.as_dict() for p in problems], job_id=job.id,
                               files=sorted(display_name(_staged(s)) for s in sources))
         write_error_json(staging, record)
+        if self.on_failed is not None:
+            self.on_failed(self.store.job(job.id), record)
         self.store.set_job_state(job.id, "failed", error=record)
         log.warning("job rejected", job_id=job.id, job=job.name, stage=stage, reason=record["reason"],
                     hint=record["hint"], problems=len(problems))

@@ -169,7 +169,8 @@ class Intake:
         if isinstance(outcome, Wait):
             self._schedule(ready_at + self.cfg.watcher.pair_timeout, key)
         elif isinstance(outcome, Rejection):
-            self.claimer.reject(outcome.name_hint, outcome.sources, outcome.problems, snaps[0].is_dir)
+            self.claimer.reject(outcome.name_hint, outcome.sources, outcome.problems, snaps[0].is_dir,
+                                notify=outcome.notify)
             self._drop(members, now)
         else:
             self._start_probe(key, outcome, snaps)
@@ -236,7 +237,8 @@ class Intake:
             insp = Inspection([Problem(", ".join(p.plan.inputs), "crashed the media decoder",
                                        "the file is probably corrupt; re-export it and drop it again")])
         if insp.problems:
-            self.claimer.reject(p.plan.name_hint, p.plan.sources, insp.problems, p.is_folder)
+            self.claimer.reject(p.plan.name_hint, p.plan.sources, insp.problems, p.is_folder,
+                                notify=p.plan.notify)
         else:
             self.claimer.claim(p.plan, insp, p.engine, p.preset, p.is_folder)
             self.on_queued()

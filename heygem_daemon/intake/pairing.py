@@ -2,7 +2,7 @@
 
 1. Folder `inbox/<name>/`: 1 audio + N portraits, or N audios + 1 portrait; anything else needs job.yaml.
 2. Loose pair: `inbox/alice.wav` + `inbox/alice.jpg` (same stem, any case) -> one video.
-3. job.yaml sets per-job options (name, engine, preset, options) and may list pairs explicitly.
+3. job.yaml sets per-job options (name, engine, preset, options, notify) and may list pairs explicitly.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from heygem_daemon.fsops import display_name
 from heygem_daemon.media.kinds import AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS, MediaKind, kind_of
@@ -65,6 +65,8 @@ class Plan:
     engine: str | None = None
     preset: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    notify: list[str] | None = None
+    """Chat targets for this job instead of notify.urls ([] = none); None = the configured ones."""
 
     @property
     def inputs(self) -> list[str]:
@@ -76,6 +78,7 @@ class Rejection:
     name_hint: str
     sources: list[str]
     problems: list[Problem]
+    notify: list[str] | None = None
 
 
 @dataclass
@@ -102,6 +105,17 @@ class Manifest(BaseModel):
     preset: str | None = None
     options: dict[str, Any] = {}
     pairs: list[PairSpec] | None = None
+    notify: list[str] | Literal[False] | None = None
+
+    @field_validator("notify")
+    @classmethod
+    def _urls(cls, v: list[str] | Literal[False] | None) -> list[str] | Literal[False] | None:
+        if v and any("://" not in u for u in v):
+            raise ValueError("list apprise URLs (slack://..., json://...) or write false to send nothing")
+        return v
+
+    def notify_urls(self) -> list[str] | None:
+        return [] if self.notify is False else self.notify
 
 
 def safe_name(text: str, fallback: str = "job") -> str:
@@ -180,10 +194,10 @@ def plan_folder(folder: str, files: list[FileInfo], manifest: bytes | None, time
     else:
         outcome = _implicit_pairs(folder, files, timed_out)
     if isinstance(outcome, Problem):
-        return Rejection(name, [folder], [outcome])
+        return Rejection(name, [folder], [outcome], spec.notify_urls())
     if isinstance(outcome, Wait):
-        return Rejection(name, [folder], [outcome.problem]) if timed_out else outcome
-    return Plan(name, [folder], outcome, spec.engine, spec.preset, dict(spec.options))
+        return Rejection(name, [folder], [outcome.problem], spec.notify_urls()) if timed_out else outcome
+    return Plan(name, [folder], outcome, spec.engine, spec.preset, dict(spec.options), spec.notify_urls())
 
 
 def _parse_manifest(folder: str, raw: bytes, engines: set[str], presets: set[str]) -> Manifest | Problem:
@@ -204,9 +218,9 @@ def _parse_manifest(folder: str, raw: bytes, engines: set[str], presets: set[str
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
         return Problem(where, f"job.yaml: {key}: {msg}",
-                       "allowed keys: name, engine, preset, options, pairs (audio, portrait, name)")
+                       "allowed keys: name, engine, preset, options, notify, pairs (audio, portrait, name)")
     if spec.engine is not None and spec.engine not in engines:
         return Problem(where, f"job.yaml: engine {spec.engine!r} is not available",
                        f"use one of: {', '.join(sorted(engines))}")

@@ -1,0 +1,218 @@
+"""Chat notifications: an outbox in the store and one sender thread.
+
+A message is rendered for each target (that service's length limit and markdown support) and recorded
+under an event key before anything is sent, so a restart re-enqueueing the same event adds nothing and a
+crash never loses a message. The sender retries a service that is down with backoff and jitter until
+`notify.max_age_hours`, then gives up with a logged error. Enqueueing is one insert: generation and intake
+never wait for a chat service.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from typing import Any, Callable
+
+from heygem_daemon.checks import Check
+from heygem_daemon.config import Config, ConfigError
+from heygem_daemon.delivery.messages import Message, alert_message, failure_message, report_message
+from heygem_daemon.delivery.report import BatchReport
+from heygem_daemon.delivery.targets import (
+    Target, configured_urls, operator_urls, parse_target, send, target_id,
+)
+from heygem_daemon.log import get_logger
+from heygem_daemon.store import Job, NewNotification, Notification, Store, backoff_delay
+
+log = get_logger("heygem.notify")
+IDLE_WAIT_SECONDS = 60.0
+BATCH = 20
+
+
+class Outbox:
+    """Records messages; `wake` is set whenever there is something new to send."""
+
+    def __init__(self, cfg: Config, store: Store) -> None:
+        self.cfg = cfg.notify
+        self.store = store
+        self.wake = threading.Event()
+        self._lock = threading.Lock()
+        self._known: dict[str, str] = {}
+        self.default_urls = configured_urls(self.cfg)
+        self.operator_urls = operator_urls(self.cfg)
+        for url in self.default_urls + self.operator_urls:
+            self._known[target_id(url)] = url
+
+    # --- enqueue ----------------------------------------------------------------------------
+
+    def enqueue_report(self, report: BatchReport) -> int:
+        """A finished batch. The event is the batch's outcome: the same videos and failures are one message,
+        however often the report is handed over (links re-signed after a restart included)."""
+        outcome = sorted((v.name, v.sha256) for v in report.videos) + sorted((p.file, "") for p in report.failed)
+        key = f"report:{report.job_id}:{_digest(repr(outcome))}"
+        urls = self.default_urls if report.notify_urls is None else report.notify_urls
+        return self._enqueue(key, "report", report.job_id, urls,
+                             lambda t: report_message(report, t.limits(), self.cfg.title_prefix))
+
+    def enqueue_failure(self, job: Job, record: dict[str, Any]) -> int:
+        """A job refused at intake or failed in generation (the record is its error.json).
+        A later failure of the same job after `retry` has more attempts, so it is a new event."""
+        key = f"failed:{job.id}:{self.store.attempt_count(job.id)}"
+        urls = job.spec.get("notify")
+        urls = self.default_urls if urls is None else urls
+        return self._enqueue(key, "failure", job.id, urls,
+                             lambda t: failure_message(job.name, record, t.limits(), self.cfg.title_prefix))
+
+    def enqueue_alert(self, key: str, text: str) -> int:
+        """Something the operator must fix. One message per key per `notify.alert_repeat_hours`, however
+        often the condition is seen."""
+        window = int(time.time() // (self.cfg.alert_repeat_hours * 3600))
+        return self._enqueue(f"alert:{key}:{window}", "alert", None, self.operator_urls,
+                             lambda t: alert_message(text, t.limits(), self.cfg.title_prefix))
+
+    def _enqueue(self, key: str, kind: str, job_id: str | None, urls: list[str],
+                 render: Callable[[Target], Message]) -> int:
+        # Called from intake and the worker supervisor: a problem here is logged, never raised into them.
+        try:
+            return self._record(key, kind, job_id, urls, render)
+        except Exception:
+            log.exception("could not record a notification", notification=key, job_id=job_id)
+            return 0
+
+    def _record(self, key: str, kind: str, job_id: str | None, urls: list[str],
+                render: Callable[[Target], Message]) -> int:
+        rows = []
+        for url in dict.fromkeys(urls):
+            target = parse_target(url)
+            if target is None:
+                log.error("notification target is not a URL apprise understands; message not sent",
+                          notification=key, target=f"#{target_id(url)[:8]}", job_id=job_id,
+                          fix="check the URL against https://github.com/caronc/apprise/wiki")
+                continue
+            with self._lock:
+                self._known[target.id] = url
+            msg = render(target)
+            rows.append(NewNotification(key, target.id, kind, job_id, msg.title, msg.body, msg.body_format,
+                                        msg.kind))
+        added = self.store.add_notifications(rows) if rows else 0
+        if added:
+            log.info("notification queued", notification=key, kind=kind, job_id=job_id, targets=added)
+            self.wake.set()
+        return added
+
+    # --- sending ----------------------------------------------------------------------------
+
+    def url_for(self, row: Notification) -> str | None:
+        """The URL behind a stored target: configured, seen since start-up, or from the job's job.yaml."""
+        with self._lock:
+            url = self._known.get(row.target)
+        if url is None and row.job_id:
+            job = self.store.find_job(row.job_id)
+            for candidate in (job.spec.get("notify") or []) if job else []:
+                if target_id(candidate) == row.target:
+                    url = candidate
+        return url
+
+
+class Notifier:
+    """The sender thread: pending messages out, retries with backoff, give-up after max age."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+        self.store = outbox.store
+        self.cfg = outbox.cfg
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="notify", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self._stop.set()
+        self.outbox.wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.send_due()
+            except Exception:
+                log.exception("notification sender failed; will try again")
+            self.outbox.wake.wait(self._sleep())
+            self.outbox.wake.clear()
+
+    def _sleep(self) -> float:
+        nxt = self.store.next_notification_at()
+        return IDLE_WAIT_SECONDS if nxt is None else min(max(nxt - time.time(), 0.05), IDLE_WAIT_SECONDS)
+
+    def send_due(self) -> int:
+        """Send every message that is due; returns how many went out."""
+        sent = 0
+        while not self._stop.is_set():
+            due = self.store.due_notifications(time.time(), BATCH)
+            if not due:
+                return sent
+            for row in due:
+                sent += self._deliver(row)
+        return sent
+
+    def _deliver(self, row: Notification) -> int:
+        url = self.outbox.url_for(row)
+        bound = log.bind(notification=row.event_key, job_id=row.job_id, target=f"#{row.target[:8]}")
+        if url is None:
+            self.store.notification_failed(row.id, "target no longer configured", None)
+            bound.error("notification dropped: its target is no longer in notify.urls", title=row.title)
+            return 0
+        target = parse_target(url)
+        if target is None:
+            self.store.notification_failed(row.id, "not a URL apprise understands", None)
+            bound.error("notification dropped: apprise does not understand the target URL", title=row.title)
+            return 0
+        bound = bound.bind(target=target.label)
+        error = send(target, Message(row.title, row.body, row.body_format, row.notify_type))
+        if error is None:
+            self.store.notification_sent(row.id)
+            bound.info("notification sent", attempts=row.attempts + 1)
+            return 1
+        age = time.time() - row.created_at
+        if age >= self.cfg.max_age_hours * 3600:
+            self.store.notification_failed(row.id, error, None)
+            bound.error("notification given up: the chat service kept refusing it", error=error,
+                        attempts=row.attempts + 1, title=row.title,
+                        fix="check the service and the URL (heygem-daemon doctor)")
+            return 0
+        delay = backoff_delay(row.attempts + 1, self.cfg.retry_base_seconds, self.cfg.retry_max_seconds)
+        self.store.notification_failed(row.id, error, time.time() + delay)
+        bound.warning("notification not delivered; will retry", error=error, attempts=row.attempts + 1,
+                      retry_in=round(delay, 1))
+        return 0
+
+
+def notify_checks(cfg: Config) -> list[Check]:
+    """`heygem-daemon doctor` lines: every configured URL parses with apprise (no message is sent)."""
+    try:
+        urls = configured_urls(cfg.notify)
+    except ConfigError as exc:
+        return [Check("notify.urls_file", False, str(exc), "fix notify.urls_file or remove it")]
+    ops = operator_urls(cfg.notify) if cfg.notify.operator_urls is not None else []
+    if not urls and not ops:
+        return [Check("notify", True, "off (notify.urls is empty); only jobs with notify: in job.yaml notify")]
+    checks = []
+    for key, group in (("notify.urls", urls), ("notify.operator_urls", ops)):
+        for i, url in enumerate(group, 1):
+            target = parse_target(url)
+            name = f"{key}[{i}] #{target_id(url)[:8]}"
+            if target is None:
+                checks.append(Check(name, False, f"{url.split('://', 1)[0]}:// URL not understood by apprise",
+                                    "check the URL format for that service in the apprise wiki"))
+            else:
+                limits = target.limits()
+                checks.append(Check(name, True, f"{target.plugin.service_name}, up to {limits.body_max} characters"
+                                    f"{', markdown' if limits.markdown else ', plain text'}"))
+    return checks
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
