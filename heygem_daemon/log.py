@@ -72,7 +72,7 @@ def set_level(level: str) -> None:
     """Also what SIGHUP calls when logging.level changes."""
     root = logging.getLogger()
     root.setLevel(level.upper())
-    for noisy in ("watchdog", "PIL", "libav", "botocore", "urllib3", "apscheduler"):
+    for noisy in ("watchdog", "PIL", "libav", "botocore", "urllib3", "apscheduler", "tzlocal"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 

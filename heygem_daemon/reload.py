@@ -24,7 +24,7 @@ class ReloadPlan:
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict) and data:
+    if isinstance(data, dict):
         out: dict[str, Any] = {}
         for k, v in data.items():
             out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
@@ -32,8 +32,14 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: data}
 
 
-def _needs_restart(key: str) -> bool:
-    return any(key == r or key.startswith(r + ".") for r in RESTART_KEYS)
+def _restart_prefix(key: str) -> str | None:
+    return next((r for r in RESTART_KEYS if key == r or key.startswith(r + ".")), None)
+
+
+def _get(tree: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
 
 
 def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -43,22 +49,13 @@ def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     tree[last] = value
 
 
-def _drop(tree: dict[str, Any], dotted: str) -> None:
-    *parents, last = dotted.split(".")
-    for p in parents:
-        tree = tree.get(p, {})
-    tree.pop(last, None)
-
-
 def plan_reload(old: Config, new: Config) -> ReloadPlan:
-    before, after = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
+    old_tree, new_tree = old.model_dump(mode="json"), new.model_dump(mode="json")
+    before, after = _flatten(old_tree), _flatten(new_tree)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k, ...) != after.get(k, ...))
-    live = [k for k in changed if not _needs_restart(k)]
-    restart = [k for k in changed if _needs_restart(k)]
-    merged = new.model_dump(mode="json")
-    for key in restart:
-        if key in before:
-            _set(merged, key, before[key])
-        else:
-            _drop(merged, key)
-    return ReloadPlan(Config.model_validate(merged), live, restart)
+    live = [k for k in changed if _restart_prefix(k) is None]
+    restart = [k for k in changed if _restart_prefix(k) is not None]
+    # Whole restart-only settings go back to their running value, so nothing half-applies.
+    for prefix in {_restart_prefix(k) for k in restart}:
+        _set(new_tree, prefix, _get(old_tree, prefix))  # type: ignore[arg-type]
+    return ReloadPlan(Config.model_validate(new_tree), live, restart)
