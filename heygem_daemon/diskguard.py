@@ -23,8 +23,11 @@ class Usage(NamedTuple):
     free: int
 
 
+UsageFn = Callable[[str], Usage]
+
+
 class DiskGuard:
-    def __init__(self, cfg: Config, usage: Callable[[str], Usage] = shutil.disk_usage) -> None:  # type: ignore[assignment]
+    def __init__(self, cfg: Config, usage: UsageFn = shutil.disk_usage) -> None:  # type: ignore[assignment]
         self.cfg = cfg
         self.usage = usage
         self.low: str | None = None

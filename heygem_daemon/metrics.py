@@ -52,8 +52,8 @@ class StateCollector(Collector):
 
 def serve(port: int, collector: StateCollector) -> Any:
     """Bind 127.0.0.1 only: the endpoint has no authentication; put a reverse proxy in front to expose it."""
-    REGISTRY.register(collector)
     server, _thread = start_http_server(port, addr="127.0.0.1", registry=REGISTRY)
+    REGISTRY.register(collector)
     return server
 
 

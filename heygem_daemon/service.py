@@ -126,23 +126,27 @@ class Daemon:
         unhealthy_logged = False
         while not done():
             now = time.monotonic()
-            if self._reload_requested and not self.draining:
-                self._reload_requested = False
-                self._reload()
-            if now >= next_disk:
-                next_disk = now + self.cfg.disk_guard.check_seconds
-                was_low = self.disk.low
-                if bool(self.disk.check()) != bool(was_low):
-                    self._apply_hold()
-            if now >= next_status:
-                next_status = now + STATUS_INTERVAL
-                with self._finalize_lock:
-                    settle_cancelled(self.cfg, self._finalize_store)
-                self.notifier.status(self._status())
+            try:
+                if self._reload_requested and not self.draining:
+                    self._reload_requested = False
+                    self._reload()
+                if now >= next_disk:
+                    next_disk = now + self.cfg.disk_guard.check_seconds
+                    was_low = self.disk.low
+                    if bool(self.disk.check()) != bool(was_low):
+                        self._apply_hold()
+                if now >= next_status:
+                    next_status = now + STATUS_INTERVAL
+                    with self._finalize_lock:
+                        settle_cancelled(self.cfg, self._finalize_store)
+                    self.notifier.status(self._status())
+            except Exception:
+                log.exception("main loop step failed; trying again")
             interval = self.notifier.watchdog_interval
             if interval is not None and now >= next_beat:
                 # A thread that died means the daemon no longer does its job: stay silent, get restarted.
-                dead = [t.name for t in self._threads if not t.is_alive()] + ([] if self.pool.alive() else ["workers"])
+                dead = [t.name for t in self._threads if not t.is_alive()]
+                dead += [] if self.pool.alive() else ["workers"]
                 if not dead:
                     self.notifier.watchdog()
                     next_beat = now + interval
@@ -197,7 +201,13 @@ class Daemon:
         collector = metrics.StateCollector(
             store_for(self.cfg), self.pool.describe,
             lambda: {"draining": self.draining, "disk_low": bool(self.disk.low)})
-        return metrics.serve(self.cfg.metrics.port, collector), collector
+        try:
+            return metrics.serve(self.cfg.metrics.port, collector), collector
+        except OSError as exc:
+            # Metrics are a side show: a taken port must not stop video production.
+            log.error("cannot serve metrics; running without them", port=self.cfg.metrics.port,
+                      error=exc.strerror, hint="pick a free metrics.port and restart")
+            return None, None
 
     # --- SIGHUP --------------------------------------------------------------------------------
 

@@ -117,3 +117,13 @@ def test_status_json_says_whether_the_daemon_runs(daemon, tmp_path):
     assert state["draining"] is False and state["disk_low"] is None
     idle = DaemonHarness(tmp_path / "idle")
     assert json.loads(cli(idle, "status", "--json").stdout)["daemon"] == {"running": False, "pid": None}
+
+
+def test_a_taken_metrics_port_is_logged_and_the_daemon_runs_on(daemon, tmp_path):
+    other = DaemonHarness(tmp_path / "other", {"metrics": {"port": daemon.metrics_port}})
+    other.start()
+    try:
+        assert "cannot serve metrics; running without them" in other.log_text()
+        assert other.alive()
+    finally:
+        assert other.stop() == 0
