@@ -1,4 +1,4 @@
-"""Command line: run the daemon, look at jobs, retry failed ones, check a config file."""
+"""Command line: run the daemon, look at jobs, retry or cancel them, check a config file or the whole set-up."""
 
 from __future__ import annotations
 
@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     jb.add_argument("-n", "--limit", type=int, default=50)
     rt = sub.add_parser("retry", help="queue a failed job again")
     rt.add_argument("job", help="job name or id")
+    cn = sub.add_parser("cancel", help="stop a queued or running job (its inputs go to failed/)")
+    cn.add_argument("job", help="job name or id")
+    sub.add_parser("doctor", help="check config, folders, codecs, disk and engines; exit 1 on any FAIL")
     cf = sub.add_parser("config", help="config helpers")
     cfs = cf.add_subparsers(dest="config_command", required=True)
     chk = cfs.add_parser("check", help="validate a config file and exit (0 ok, 2 invalid)")
@@ -52,25 +55,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "config":
             return _config_check(args.file)
+        if args.command == "doctor":
+            return _doctor(args.config or default_config_path())
         cfg = load_config(args.config or default_config_path())
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "run":
-        return _run(cfg)
+        return _run(cfg, args.config or default_config_path())
     store = Store(cfg.folder("state") / "heygem.db")
     if args.command == "status":
         return _status(cfg, store, args.json, args.limit)
     if args.command == "jobs":
         return _jobs(store, args.failed, args.limit)
+    if args.command == "cancel":
+        return _cancel(store, args.job)
     return _retry(cfg, store, args.job)
 
 
-def _run(cfg: Config) -> int:
+def _run(cfg: Config, path: Path | None) -> int:
     from heygem_daemon.service import AlreadyRunning, run_daemon
 
     try:
-        return run_daemon(cfg)
+        return run_daemon(cfg, path)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -113,7 +120,10 @@ def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
     jobs = [_job_view(cfg, store, j) for j in store.jobs(limit=limit)]
     counts = store.counts()
     if as_json:
-        print(json.dumps({"tasks": counts, "jobs": jobs}, indent=2, ensure_ascii=False))
+        from heygem_daemon.daemon_state import read_state
+
+        daemon = read_state(cfg.folder("state"))
+        print(json.dumps({"daemon": daemon, "tasks": counts, "jobs": jobs}, indent=2, ensure_ascii=False))
         return 0
     print("tasks: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none yet"))
     for j in jobs:
@@ -149,6 +159,25 @@ def _retry(cfg: Config, store: Store, ref: str) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _cancel(store: Store, ref: str) -> int:
+    from heygem_daemon.jobs import JobError, cancel_job
+
+    try:
+        print(cancel_job(store, ref))
+    except JobError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _doctor(path: Path | None) -> int:
+    from heygem_daemon.doctor import render, run_checks
+
+    checks = run_checks(path)
+    print(render(checks))
+    return 0 if all(c.ok for c in checks) else 1
 
 
 if __name__ == "__main__":

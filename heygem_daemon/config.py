@@ -142,6 +142,32 @@ class Logging(_Section):
     console: bool = True
 
 
+class Shutdown(_Section):
+    drain_seconds: float = Field(600.0, ge=0.0)
+
+
+class Cleanup(_Section):
+    """Retentions and how often each sweep runs (an interval of 0 turns that sweep off)."""
+
+    temp_hours: float = Field(6.0, gt=0.0)
+    temp_every_hours: float = Field(1.0, ge=0.0)
+    work_every_hours: float = Field(1.0, ge=0.0)
+    archive_days: float = Field(30.0, gt=0.0)
+    archive_every_hours: float = Field(24.0, ge=0.0)
+    rows_days: float = Field(90.0, gt=0.0)
+    failed_rows_days: float = Field(365.0, gt=0.0)
+    rows_every_hours: float = Field(24.0, ge=0.0)
+
+
+class DiskGuard(_Section):
+    min_free_gb: float = Field(2.0, ge=0.0)
+    check_seconds: float = Field(10.0, gt=0.0)
+
+
+class Metrics(_Section):
+    port: int | None = Field(None, ge=1, le=65535)
+
+
 class Config(_Section):
     base_dir: Path = Path(".")
     folders: Folders = Folders()
@@ -154,6 +180,10 @@ class Config(_Section):
     dedupe: Dedupe = Dedupe()
     notify: Notify = Notify()
     logging: Logging = Logging()
+    shutdown: Shutdown = Shutdown()
+    cleanup: Cleanup = Cleanup()
+    disk_guard: DiskGuard = DiskGuard()
+    metrics: Metrics = Metrics()
 
     @model_validator(mode="after")
     def _preset_known(self) -> "Config":

@@ -12,7 +12,8 @@ from heygem_daemon.fsops import move, remove_tree
 from heygem_daemon.intake.claim import OnFailed, archive_dir
 from heygem_daemon.intake.pairing import READY_MARKER
 from heygem_daemon.log import get_logger
-from heygem_daemon.store import Job, Store
+from heygem_daemon.store import CANCELLING, Job, Store
+from heygem_daemon.workers import CANCELLED_HINT, CANCELLED_REASON
 
 log = get_logger("heygem.jobs")
 
@@ -75,7 +76,7 @@ def recover(cfg: Config, store: Store, on_failed: OnFailed | None = None) -> dic
         else:
             store.requeue_tasks([task.id], reset_attempts=False)
             counts["requeued"] += 1
-    for job in store.jobs(("queued", "running", "generated")):
+    for job in store.jobs(("queued", "running", "generated", CANCELLING)):
         finalize_job(cfg, store, job.id, on_failed)
     if any(counts.values()):
         log.warning("recovered tasks interrupted by a crash", **counts)
@@ -119,3 +120,31 @@ def _redrop(cfg: Config, store: Store, job: Job, inputs: Path) -> str:
     store.set_job_state(job.id, "retried")
     log.info("job sent back through intake", job_id=job.id, job=job.name, folder=str(target))
     return f"{job.name}: inputs moved back to {target} for intake"
+
+
+def cancel_error() -> dict[str, Any]:
+    return {"stage": "generate", "reason": CANCELLED_REASON, "hint": CANCELLED_HINT}
+
+
+def cancel_job(store: Store, ref: str) -> str:
+    """Ask the daemon (through the store) to stop a queued or running job. Returns what will happen."""
+    job = store.find_job(ref)
+    if job is None:
+        raise JobError(f"no job called {ref!r}; `heygem-daemon status` lists them")
+    before, running = store.cancel_job(job.id, cancel_error())
+    if before not in ("queued", "running", CANCELLING):
+        raise JobError(f"job {job.name} is {before}; only queued or running jobs can be cancelled")
+    stopping = f"its {running} running task(s) are stopped and " if running else ""
+    return (f"{job.name}: cancelling; {stopping}its inputs go to failed/{job.name}/ with error.json "
+            f"(`heygem-daemon retry {job.name}` runs it again). The daemon does this within seconds.")
+
+
+def settle_cancelled(cfg: Config, store: Store, on_failed: OnFailed | None = None) -> list[str]:
+    """Daemon side of `cancel`: queued tasks of cancelling jobs fail, and a job with nothing left
+    running is finished (inputs to failed/). Running tasks are stopped by their worker slot."""
+    ids = []
+    for job in store.jobs((CANCELLING,)):
+        store.cancel_job(job.id, cancel_error())
+        finalize_job(cfg, store, job.id, on_failed)
+        ids.append(job.id)
+    return ids

@@ -56,7 +56,6 @@ def setup_logging(logs_dir: Path | None, level: str = "info", console: bool = Tr
     for h in list(root.handlers):
         root.removeHandler(h)
         h.close()
-    root.setLevel(level.upper())
     if logs_dir is not None:
         # WatchedFileHandler reopens the file when logrotate moves it away.
         fh = logging.handlers.WatchedFileHandler(logs_dir / LOG_FILE, encoding="utf-8")
@@ -66,7 +65,14 @@ def setup_logging(logs_dir: Path | None, level: str = "info", console: bool = Tr
         ch = logging.StreamHandler(sys.stderr)
         ch.setFormatter(_formatter(shared, structlog.dev.ConsoleRenderer(colors=False)))
         root.addHandler(ch)
-    for noisy in ("watchdog", "PIL", "libav", "botocore", "urllib3", "apscheduler"):
+    set_level(level)
+
+
+def set_level(level: str) -> None:
+    """Also what SIGHUP calls when logging.level changes."""
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    for noisy in ("watchdog", "PIL", "libav", "botocore", "urllib3", "apscheduler", "tzlocal"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 

@@ -87,7 +87,19 @@ CREATE TABLE IF NOT EXISTS notifications (
 CREATE INDEX IF NOT EXISTS notifications_due ON notifications(state, next_at);
 """
 
+# Operations (issue 3): when each cleanup sweep last ran, so a sweep missed while down runs once at start.
+OPS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cleanup_runs (
+    name     TEXT PRIMARY KEY,
+    last_run REAL NOT NULL,
+    removed  INTEGER NOT NULL,
+    bytes    INTEGER NOT NULL
+);
+"""
+
 TERMINAL_JOB_STATES = ("done", "failed", "retried")
+# An operator asked to stop the job (`heygem-daemon cancel`); the daemon ends it as failed.
+CANCELLING = "cancelling"
 
 
 @dataclass(frozen=True)
@@ -186,6 +198,7 @@ class Store:
         self.path = path
         self._local = threading.local()
         self._conn().executescript(SCHEMA)
+        self._conn().executescript(OPS_SCHEMA)
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -452,3 +465,52 @@ class Store:
                 "UPDATE notifications SET state = ?, attempts = attempts + 1, next_at = COALESCE(?, next_at),"
                 " last_error = ? WHERE id = ?",
                 ("retrying" if retry_at is not None else "gave_up", retry_at, error, notification_id))
+
+    # --- operations: cancel, cleanup, metrics ---------------------------------------------------
+
+    def cancel_job(self, job_id: str, error: dict[str, Any]) -> tuple[str, int]:
+        """Mark a queued/running job `cancelling` and fail its queued tasks, in one transaction.
+
+        Returns the job's state before (unchanged unless it was queued or running) and how many tasks
+        are still running: the daemon stops those and finishes the job.
+        """
+        now = time.time()
+        with self.tx() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise KeyError(job_id)
+            if row["state"] not in ("queued", "running", CANCELLING):
+                return row["state"], 0
+            db.execute("UPDATE jobs SET state = ?, updated_at = ? WHERE id = ?", (CANCELLING, now, job_id))
+            db.execute("UPDATE tasks SET state = 'failed', last_error = ?, updated_at = ?, finished_at = ?"
+                       " WHERE job_id = ? AND state = 'queued'", (json.dumps(error), now, now, job_id))
+            running = db.execute("SELECT COUNT(*) AS n FROM tasks WHERE job_id = ? AND state = 'running'",
+                                 (job_id,)).fetchone()["n"]
+        return row["state"], running
+
+    def job_state(self, job_id: str) -> str | None:
+        row = self._conn().execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return row["state"] if row else None
+
+    def job_counts(self) -> dict[str, int]:
+        rows = self._conn().execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+        return {r["state"]: r["n"] for r in rows}
+
+    def delete_finished_jobs(self, done_before: float, failed_before: float) -> list[str]:
+        """Forget finished jobs (their tasks and attempts go with them); failed ones have their own cut-off.
+        Returns the names of the jobs forgotten."""
+        where = "(state IN ('done', 'retried') AND finished_at < ?) OR (state = 'failed' AND finished_at < ?)"
+        with self.tx() as db:
+            names = [r["name"] for r in db.execute(f"SELECT name FROM jobs WHERE {where}",
+                                                   (done_before, failed_before))]
+            db.execute(f"DELETE FROM jobs WHERE {where}", (done_before, failed_before))
+        return names
+
+    def cleanup_runs(self) -> dict[str, float]:
+        return {r["name"]: r["last_run"] for r in self._conn().execute("SELECT name, last_run FROM cleanup_runs")}
+
+    def record_cleanup_run(self, name: str, at: float, removed: int, freed: int) -> None:
+        with self.tx() as db:
+            db.execute("INSERT INTO cleanup_runs (name, last_run, removed, bytes) VALUES (?, ?, ?, ?)"
+                       " ON CONFLICT(name) DO UPDATE SET last_run = excluded.last_run,"
+                       " removed = excluded.removed, bytes = excluded.bytes", (name, at, removed, freed))

@@ -16,15 +16,19 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable
 
+from heygem_daemon import metrics
 from heygem_daemon.config import Config
 from heygem_daemon.engines.base import EngineError, TaskSpec
 from heygem_daemon.log import get_logger
 from heygem_daemon.proc import die_with_parent
-from heygem_daemon.store import Store, Task, backoff_delay
+from heygem_daemon.store import CANCELLING, Store, Task, backoff_delay
 
 log = get_logger("heygem.workers")
 PROGRESS_WRITE_INTERVAL = 0.5
 IDLE_POLL = 1.0
+CANCEL_CHECK_INTERVAL = 1.0
+CANCELLED_REASON = "cancelled by the operator"
+CANCELLED_HINT = "fix what needed fixing, then `heygem-daemon retry JOB` (or drop the files again)"
 
 
 def worker_main(conn: Connection, device: str, engine_settings: dict[str, dict[str, Any]], parent_pid: int,
@@ -104,16 +108,20 @@ class Slot(threading.Thread):
 
     def __init__(self, cfg: Config, store: Store, device: str, index: int, wake: threading.Event,
                  stop: threading.Event, on_task_end: Callable[[str], None],
-                 engine_settings: dict[str, dict[str, Any]]) -> None:
+                 engine_settings: dict[str, dict[str, Any]], hold: threading.Event) -> None:
         super().__init__(name=f"slot-{device}-{index}", daemon=True)
         self.cfg, self.store, self.device = cfg, store, device
         self.wake, self.stop_event, self.on_task_end = wake, stop, on_task_end
+        self.hold = hold
         self.engine_settings = engine_settings
         self.worker: WorkerProcess | None = None
         self.current: Task | None = None
 
     def run(self) -> None:
         while not self.stop_event.is_set():
+            if self.hold.is_set():  # draining for shutdown: finish what runs, take nothing new
+                self.stop_event.wait(IDLE_POLL)
+                continue
             try:
                 task = self.store.take_next_task(self.device)
             except Exception:
@@ -154,7 +162,10 @@ class Slot(threading.Thread):
             spec.output.parent.mkdir(parents=True, exist_ok=True)
             bound.info("task started", engine=engine)
             result = self._attempt(engine, spec)
-            self._record(task, spec, result, bound, time.monotonic() - started)
+            seconds = time.monotonic() - started
+            outcome = "done" if result.ok else "interrupted" if result.interrupted else "failed"
+            metrics.TASK_SECONDS.labels(self.device, outcome).observe(seconds)
+            self._record(task, spec, result, bound, seconds)
         except Exception:
             bound.exception("supervisor error; task requeued")
             self.store.requeue_tasks([task.id], reset_attempts=False)
@@ -172,10 +183,16 @@ class Slot(threading.Thread):
             return Attempt(False, "worker process is not accepting work", "it will be restarted")
         last_beat = time.monotonic()
         last_write = 0.0
+        next_cancel_check = last_beat + CANCEL_CHECK_INTERVAL
         while True:
             if self.stop_event.is_set():
                 self._drop_worker()
                 return Attempt(False, "daemon stopping", interrupted=True)
+            if time.monotonic() >= next_cancel_check:
+                next_cancel_check = time.monotonic() + CANCEL_CHECK_INTERVAL
+                if self.store.job_state(spec.job_id) == CANCELLING:
+                    self._drop_worker()
+                    return Attempt(False, CANCELLED_REASON, CANCELLED_HINT, retryable=False)
             if time.monotonic() - last_beat > self.cfg.workers.stall_seconds:
                 self._drop_worker()
                 return Attempt(False, f"no progress for {self.cfg.workers.stall_seconds:g} s (stalled)",
@@ -227,7 +244,8 @@ class Slot(threading.Thread):
         error = {"stage": "generate", "reason": result.reason, "hint": result.hint.split("\n", 1)[0],
                  "detail": result.hint, "attempt": task.attempts, "device": self.device}
         retry_at = None
-        if result.retryable and task.attempts < self.cfg.workers.max_attempts:
+        cancelled = self.store.job_state(task.job_id) == CANCELLING
+        if result.retryable and not cancelled and task.attempts < self.cfg.workers.max_attempts:
             retry_at = time.time() + backoff_delay(task.attempts, self.cfg.workers.backoff_seconds,
                                                    self.cfg.workers.backoff_max_seconds)
         state = self.store.fail_attempt(task.id, error, retry_at)
@@ -241,9 +259,10 @@ class WorkerPool:
     def __init__(self, cfg: Config, store: Store, on_task_end: Callable[[str], None]) -> None:
         self.wake = threading.Event()
         self.stop_event = threading.Event()
+        self.hold = threading.Event()
         settings = {name: dict(raw) for name, raw in cfg.engines.items()}
         self.slots = [
-            Slot(cfg, store, device, i, self.wake, self.stop_event, on_task_end, settings)
+            Slot(cfg, store, device, i, self.wake, self.stop_event, on_task_end, settings, self.hold)
             for device in cfg.workers.devices for i in range(cfg.workers.per_device)
         ]
 
@@ -259,6 +278,22 @@ class WorkerPool:
         self.wake.set()
         for s in self.slots:
             s.join(timeout)
+
+    def drain(self) -> None:
+        """Take no new tasks; running ones carry on (`busy()` says when they are all done)."""
+        self.hold.set()
+        self.wake.set()
+
+    def busy(self) -> bool:
+        return any(s.current is not None for s in self.slots)
+
+    def alive(self) -> bool:
+        return all(s.is_alive() for s in self.slots)
+
+    def set_config(self, cfg: Config) -> None:
+        """Live config (SIGHUP): attempts, backoff, stall time, presets are read from it per task."""
+        for s in self.slots:
+            s.cfg = cfg
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"slot": s.name, "device": s.device, "task": s.current.name if s.current else None}

@@ -23,6 +23,8 @@ FAST_SETTINGS: dict[str, Any] = {
     "workers": {"backoff_seconds": 0.5, "backoff_max_seconds": 2, "max_attempts": 2, "stall_seconds": 60},
     "limits": {"max_audio_seconds": 30},
     "logging": {"console": False, "level": "debug"},
+    # Bounded, so stopping a daemon with a task still running never holds a test up for long.
+    "shutdown": {"drain_seconds": 10},
 }
 
 
@@ -54,8 +56,8 @@ class DaemonHarness:
 
     # --- process ------------------------------------------------------------------------------
 
-    def start(self) -> "DaemonHarness":
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    def start(self, env: dict[str, str] | None = None) -> "DaemonHarness":
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         with open(self.console, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, str(REPO / "daemon.py"), "-c", str(self.config_path)],

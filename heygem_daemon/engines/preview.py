@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 from pydantic import Field
 
+from heygem_daemon.checks import Check
 from heygem_daemon.engines.base import BadInputError, EngineSettings, ProgressFn, TaskSpec
 from heygem_daemon.media.audio import load_clip, load_mono
 from heygem_daemon.media.errors import MediaError
@@ -205,6 +206,18 @@ class PreviewEngine:
 
     def __init__(self, settings: PreviewEngine.Settings) -> None:
         self.settings = settings
+
+    @classmethod
+    def doctor(cls, settings: PreviewEngine.Settings, devices: list[str]) -> list[Check]:
+        """`heygem-daemon doctor`: the face detector must load; the engine draws on the CPU anyway."""
+        try:
+            detect_face(np.zeros((64, 64, 3), dtype=np.uint8))
+        except RuntimeError as exc:
+            return [Check("engine preview: face detector", False, str(exc),
+                          "pip install --force-reinstall 'opencv-python-headless<5'")]
+        gpus = [d for d in devices if d != "cpu"]
+        note = f"; runs on the CPU even for {', '.join(gpus)}" if gpus else ""
+        return [Check("engine preview: face detector", True, f"OpenCV {cv2.__version__} Haar cascade{note}")]
 
     def generate(self, task: TaskSpec, progress: ProgressFn) -> Path:
         fps = task.preset.fps

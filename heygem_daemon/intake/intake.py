@@ -26,6 +26,7 @@ from heygem_daemon.log import get_logger
 log = get_logger("heygem.intake")
 MAX_MANIFEST_BYTES = 64 * 1024
 RETRY_AFTER_ERROR = 5.0
+HOLD_RECHECK = 1.0
 
 
 @dataclass
@@ -60,6 +61,8 @@ class Intake:
         self.names = NameFilter(cfg.watcher)
         self.tracker = StabilityTracker(cfg.watcher.settle_seconds)
         self.wake = threading.Event()
+        self.hold = threading.Event()
+        """Set while nothing may be claimed (draining, disk low): entries wait in the inbox, still watched."""
         self._lock = threading.Lock()
         self._dirty: set[str] = set()
         self._rescan = True
@@ -68,6 +71,15 @@ class Intake:
         self._members: dict[str, set[str]] = {}
         self._key_of: dict[str, str] = {}
         self._probing: dict[str, Probing] = {}
+        self._new_cfg: Config | None = None
+
+    def set_config(self, cfg: Config) -> None:
+        """Live config (SIGHUP): settle time, timeouts, limits, name patterns; called from the main thread,
+        applied by the intake thread at its next step."""
+        with self._lock:
+            self._new_cfg = cfg
+            self._rescan = True
+        self.wake.set()
 
     # --- called from watcher threads ------------------------------------------------------------
 
@@ -103,9 +115,14 @@ class Intake:
         """Process everything pending; return how long the loop may sleep."""
         now = self.clock()
         with self._lock:
+            new_cfg, self._new_cfg = self._new_cfg, None
             dirty, self._dirty = self._dirty, set()
             rescan = self._rescan or now >= self._next_rescan
             self._rescan = False
+        if new_cfg is not None:
+            self.cfg = self.claimer.cfg = new_cfg
+            self.names = NameFilter(new_cfg.watcher)
+            self.tracker.settle = new_cfg.watcher.settle_seconds
         if rescan:
             dirty |= self._list_inbox() | set(self._key_of)
             self._next_rescan = now + self.cfg.watcher.rescan_seconds
@@ -156,6 +173,9 @@ class Intake:
     def _evaluate(self, key: str, now: float) -> None:
         members = sorted(self._members.get(key, ()))
         if not members or key in self._probing:
+            return
+        if self.hold.is_set():
+            self._schedule(now + HOLD_RECHECK, key)
             return
         snaps = [self.tracker.entries[m].snap for m in members]
         ready_at = max(self.tracker.stable_at(m) for m in members)
@@ -210,6 +230,8 @@ class Intake:
         log.debug("checking inputs", group=key, inputs=len(plan.inputs))
 
     def _collect_probes(self, now: float) -> None:
+        if self.hold.is_set():
+            return
         for key, p in list(self._probing.items()):
             if not p.future.done():
                 continue

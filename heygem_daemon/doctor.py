@@ -1,0 +1,130 @@
+"""`heygem-daemon doctor`: everything the daemon needs, checked once, as a table of OK/FAIL with the fix.
+
+Checks come from providers: functions taking the config and returning `Check`s. Another part of the
+daemon adds its own with one line in `PROVIDERS` (delivery: S3 credentials and bucket; notify: webhook
+URLs), imported only when the doctor runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable, Iterable
+
+from heygem_daemon.checks import Check
+from heygem_daemon.config import Config, ConfigError, Folders, load_config
+
+GB = 1024 ** 3
+
+PROVIDERS: list[str] = [
+    "heygem_daemon.doctor:folder_checks",
+    "heygem_daemon.doctor:codec_checks",
+    "heygem_daemon.doctor:disk_checks",
+    "heygem_daemon.doctor:engine_checks",
+]
+
+
+def _writable(folder: Path) -> str | None:
+    """None when a file can really be created in `folder` (os.access is blind to read-only mounts)."""
+    probe = folder / f".heygem-doctor-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def folder_checks(cfg: Config) -> Iterable[Check]:
+    for key in Folders.model_fields:
+        path = cfg.folder(key)
+        name = f"folder {key}"
+        fix = f"chown it to the daemon's user, or add it to ReadWritePaths= in the unit"
+        if path.is_dir():
+            problem = _writable(path)
+            yield Check(name, not problem, f"{path}" + (f" is not writable ({problem})" if problem else ""), fix)
+        elif path.exists():
+            yield Check(name, False, f"{path} is not a folder", f"point folders.{key} at a folder")
+        elif path.parent.is_dir() and not _writable(path.parent):
+            yield Check(name, True, f"{path} (created at start)")
+        else:
+            yield Check(name, False, f"{path} is missing and cannot be created",
+                        f"create it (install -d -o heygem -g heygem {path}), mount the share, or fix folders.{key}")
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def codec_checks(cfg: Config) -> Iterable[Check]:
+    import av
+
+    for codec, what in (("libx264", "H.264 video"), ("aac", "AAC audio")):
+        try:
+            av.codec.Codec(codec, "w")
+        except Exception as exc:  # PyAV raises different types across versions for an unknown codec
+            yield Check(f"encoder {codec}", False, f"PyAV {av.__version__} has no {what} encoder ({exc})",
+                        "install PyAV from PyPI (its wheels bundle FFmpeg with libx264 and aac)")
+        else:
+            yield Check(f"encoder {codec}", True, f"{what} (PyAV {av.__version__})")
+
+
+def disk_checks(cfg: Config) -> Iterable[Check]:
+    need = cfg.disk_guard.min_free_gb
+    for key in ("outputs", "work"):
+        free = shutil.disk_usage(_existing(cfg.folder(key))).free / GB
+        ok = free >= need
+        yield Check(f"free disk {key}", ok, f"{free:.1f} GB free (disk_guard.min_free_gb = {need:g})",
+                    "" if ok else "free some space (cleanup settings) or lower disk_guard.min_free_gb")
+
+
+def engine_checks(cfg: Config) -> Iterable[Check]:
+    from heygem_daemon.engines.registry import engine_class, settings_for
+
+    for name in sorted({cfg.engine.name, *cfg.engines}):
+        try:
+            cls = engine_class(name)
+            settings = settings_for(cfg, name)
+        except ConfigError as exc:
+            yield Check(f"engine {name}", False, str(exc), "fix the engine's section in the config")
+            continue
+        doctor = getattr(cls, "doctor", None)
+        if doctor is None:
+            yield Check(f"engine {name}", True, "has no self-check; skipped")
+            continue
+        yield from doctor(settings, list(cfg.workers.devices))
+
+
+def _provider(target: str) -> Callable[[Config], Iterable[Check]]:
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
+
+
+def run_checks(path: Path | None, environ: dict[str, str] | None = None) -> list[Check]:
+    try:
+        cfg = load_config(path, environ, prepare=False)
+    except ConfigError as exc:
+        return [Check("config", False, str(exc), f"fix {path or 'the config'}; `heygem-daemon config check` helps")]
+    checks = [Check("config", True, str(path or "embedded defaults"))]
+    for target in PROVIDERS:
+        try:
+            checks.extend(_provider(target)(cfg))
+        except Exception as exc:  # a broken check must not hide the others
+            checks.append(Check(target.rpartition(":")[2], False, f"check crashed: {exc!r}", "report this bug"))
+    return checks
+
+
+def render(checks: list[Check]) -> str:
+    width = max(len(c.name) for c in checks)
+    lines = [f"{'CHECK':<{width}}  RESULT  DETAIL", f"{'-' * width}  ------  ------"]
+    for c in checks:
+        lines.append(f"{c.name:<{width}}  {'OK' if c.ok else 'FAIL':<6}  {c.detail}")
+        if not c.ok and c.fix:
+            lines.append(f"{'':<{width}}          fix: {c.fix}")
+    failed = sum(not c.ok for c in checks)
+    lines.append(f"{len(checks) - failed} OK, {failed} FAIL")
+    return "\n".join(lines)

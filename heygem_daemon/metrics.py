@@ -1,0 +1,63 @@
+"""Prometheus metrics on an optional local port (`metrics.port`), served from the daemon's process.
+
+Counters and histograms are module objects, so any part of the daemon adds to them with one line
+(delivery: `metrics.BYTES_UPLOADED.inc(n)`); gauges that mirror the store are read at scrape time.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from heygem_daemon.store import Store
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+TASK_SECONDS = Histogram(
+    "heygem_task_seconds", "Duration of one generation attempt, by device and outcome",
+    ["device", "outcome"], registry=REGISTRY,
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, float("inf")))
+CLEANUP_BYTES = Counter("heygem_cleanup_freed_bytes", "Bytes freed by cleanup sweeps", ["sweep"],
+                        registry=REGISTRY)
+BYTES_UPLOADED = Counter("heygem_uploaded_bytes", "Bytes uploaded by delivery", registry=REGISTRY)
+
+
+class StateCollector(Collector):
+    """Jobs by state, queue length, busy device slots and the daemon's own state, at scrape time."""
+
+    def __init__(self, store: Store, slots: Callable[[], list[dict[str, Any]]],
+                 flags: Callable[[], dict[str, bool]]) -> None:
+        self.store, self.slots, self.flags = store, slots, flags
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        jobs = GaugeMetricFamily("heygem_jobs", "Jobs in the store by state", labels=["state"])
+        for state, n in sorted(self.store.job_counts().items()):
+            jobs.add_metric([state], n)
+        yield jobs
+        yield GaugeMetricFamily("heygem_queue_length", "Tasks waiting for a device",
+                                value=self.store.counts().get("queued", 0))
+        busy = GaugeMetricFamily("heygem_device_busy", "Device slots running a task", labels=["device"])
+        per_device: dict[str, int] = {}
+        for slot in self.slots():
+            per_device[slot["device"]] = per_device.get(slot["device"], 0) + (slot["task"] is not None)
+        for device, n in sorted(per_device.items()):
+            busy.add_metric([device], n)
+        yield busy
+        for name, value in sorted(self.flags().items()):
+            yield GaugeMetricFamily(f"heygem_{name}", f"1 while the daemon is {name.replace('_', ' ')}",
+                                    value=int(value))
+
+
+def serve(port: int, collector: StateCollector) -> Any:
+    """Bind 127.0.0.1 only: the endpoint has no authentication; put a reverse proxy in front to expose it."""
+    server, _thread = start_http_server(port, addr="127.0.0.1", registry=REGISTRY)
+    REGISTRY.register(collector)
+    return server
+
+
+def stop(server: Any, collector: StateCollector) -> None:
+    server.shutdown()
+    server.server_close()
+    REGISTRY.unregister(collector)

@@ -1,0 +1,191 @@
+"""Cleanup sweeps on real folders and a real store, judged by a clock set in the future."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from heygem_daemon.cleanup import DAY, HOUR, Cleanup, Sweep, sweep_archive, sweep_rows, sweep_temp, sweep_work
+from heygem_daemon.config import load_config
+from heygem_daemon.store import NewTask, Store
+
+# Everything made now is this old as far as the sweeps can tell.
+LATER = 100 * DAY
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    (tmp_path / "base").mkdir()
+    path = tmp_path / "config.yaml"
+    path.write_text("base_dir: base\ncleanup: {temp_hours: 2, archive_days: 7, rows_days: 30, failed_rows_days: 200}\n")
+    return load_config(path, environ={})
+
+
+@pytest.fixture
+def store(cfg):
+    return Store(cfg.folder("state") / "heygem.db")
+
+
+def write(path: Path, size: int = 100, age_from_later: float | None = None) -> Path:
+    """A real file; with age_from_later its mtime is that many seconds before the sweep's clock."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * size)
+    if age_from_later is not None:
+        t = time.time() + LATER - age_from_later
+        os.utime(path, (t, t))
+    return path
+
+
+def sweep(cfg, store) -> Sweep:
+    return Sweep(cfg, store, time.time() + LATER)
+
+
+def queued_job(store: Store, name: str, output: Path) -> str:
+    job = store.create_job(name, {"staging": "x"})
+    store.queue_job(job.id, [NewTask(name, "a.wav", "p.jpg", str(output))])
+    return job.id
+
+
+def test_temp_sweep_removes_old_leftovers_and_keeps_everything_else(cfg, store):
+    outputs, failed = cfg.folder("outputs"), cfg.folder("failed")
+    old_part = write(outputs / "alice" / "alice.mp4.part", 1000)
+    old_tmp = write(failed / "bob" / ".error.json.0123abcd.tmp", 20)
+    fresh_part = write(outputs / "carol" / "carol.mp4.part", age_from_later=HOUR)
+    video = write(outputs / "alice" / "old.mp4")
+    inbox_part = write(cfg.folder("inbox") / "upload.wav.part")
+    running_out = outputs / "dave" / "dave.mp4"
+    running_part = write(Path(str(running_out) + ".part"))
+    queued_job(store, "dave", running_out)
+    store.take_next_task("cpu")
+
+    s = sweep(cfg, store)
+    sweep_temp(s)
+
+    assert sorted(s.removed) == sorted([str(old_part), str(old_tmp)])
+    assert s.freed == 1020
+    for kept in (fresh_part, video, inbox_part, running_part):
+        assert kept.exists(), kept
+
+
+def test_temp_sweep_never_follows_a_symlink(cfg, store, tmp_path):
+    outside = write(tmp_path / "precious" / "data.part", 50)
+    link = cfg.folder("outputs") / "link.part"
+    link.symlink_to(outside)
+    (cfg.folder("outputs") / "linkdir").symlink_to(outside.parent)
+
+    s = sweep(cfg, store)
+    sweep_temp(s)
+
+    assert s.removed == [] and outside.exists() and link.is_symlink()
+
+
+def test_work_sweep_removes_folders_of_finished_and_unknown_jobs_only(cfg, store):
+    work = cfg.folder("work")
+    done = store.create_job("done", {})
+    store.set_job_state(done.id, "done")
+    failed = store.create_job("failed", {})
+    store.set_job_state(failed.id, "failed")
+    running = queued_job(store, "running", cfg.folder("outputs") / "running" / "running.mp4")
+    write(work / done.id / "in" / "a.wav", 300)
+    write(work / failed.id / "in" / "a.wav", 200)
+    write(work / "0123456789ab" / "in" / "a.wav", 100)  # no row: left by a crash
+    write(work / running / "in" / "a.wav")
+    retried = store.create_job("retried-just-now", {})
+    store.set_job_state(retried.id, "failed")
+    fresh = write(work / retried.id / "in" / "a.wav").parent.parent
+    t = time.time() + LATER - 60
+    os.utime(fresh, (t, t))  # `retry` is moving inputs in right now
+
+    s = sweep(cfg, store)
+    sweep_work(s)
+
+    assert sorted(Path(p).name for p in s.removed) == sorted([done.id, failed.id, "0123456789ab"])
+    assert s.freed == 600
+    assert (work / running).is_dir() and fresh.is_dir()
+
+
+def test_archive_sweep_removes_day_folders_older_than_the_retention(cfg, store):
+    archive = cfg.folder("archive")
+    now = time.time() + LATER
+    old_day = time.strftime("%Y-%m-%d", time.localtime(now - 9 * DAY))
+    recent_day = time.strftime("%Y-%m-%d", time.localtime(now - 3 * DAY))
+    write(archive / old_day / "alice" / "alice.wav", 400)
+    write(archive / recent_day / "bob" / "bob.wav")
+    write(archive / "notes" / "keep.txt")
+    (archive / "1999-01-01").symlink_to(archive / "notes")
+
+    s = Sweep(cfg, store, now)
+    sweep_archive(s)
+
+    assert s.removed == [str(archive / old_day)] and s.freed == 400
+    assert (archive / recent_day / "bob" / "bob.wav").exists()
+    assert (archive / "notes" / "keep.txt").exists() and (archive / "1999-01-01").is_symlink()
+
+
+def test_row_sweep_keeps_failed_jobs_longer_and_never_touches_live_ones(cfg, store):
+    done = store.create_job("done", {})
+    store.set_job_state(done.id, "done")
+    failed = store.create_job("failed", {})
+    store.set_job_state(failed.id, "failed")
+    queued_job(store, "live", cfg.folder("outputs") / "live" / "live.mp4")
+
+    s = sweep(cfg, store)  # 100 days on: past rows_days (30), not failed_rows_days (200)
+    sweep_rows(s)
+
+    assert s.removed == ["job row done"]
+    assert sorted(j.name for j in store.jobs()) == ["failed", "live"]
+    assert store.tasks(done.id) == []
+
+
+def test_a_sweep_refuses_to_delete_outside_the_daemons_folders(cfg, store):
+    victim = write(cfg.folder("inbox") / "alice.wav")
+    with pytest.raises(ValueError, match="not inside"):
+        sweep(cfg, store).remove(victim)
+    with pytest.raises(ValueError, match="not inside"):
+        sweep(cfg, store).remove(cfg.folder("outputs"))
+    assert victim.exists() and cfg.folder("outputs").is_dir()
+
+
+def test_runs_missed_while_down_happen_once_at_start(cfg, store):
+    now = time.time()
+    store.record_cleanup_run("temp", now - 10 * HOUR, 0, 0)  # every hour: ten runs missed
+    store.record_cleanup_run("work", now - 10 * HOUR, 0, 0)
+    store.record_cleanup_run("archive", now - HOUR, 0, 0)  # every day: not due yet
+    store.record_cleanup_run("rows", now - HOUR, 0, 0)
+    old_part = write(cfg.folder("outputs") / "x" / "x.mp4.part", age_from_later=LATER + 3 * HOUR)
+    runs: list[str] = []
+    cleanup = Cleanup(cfg, store, clock=lambda: now)
+    original = cleanup.run
+    cleanup.run = lambda job: runs.append(job.name) or original(job)  # type: ignore[method-assign]
+    cleanup.start()
+    try:
+        wait_until(lambda: store.cleanup_runs()["temp"] == store.cleanup_runs()["work"] == now, "the missed runs")
+        time.sleep(0.3)  # room for a wrong second run to show up
+    finally:
+        cleanup.stop()
+    assert sorted(runs) == ["temp", "work"]
+    assert not old_part.exists()
+    last = store.cleanup_runs()
+    assert last["temp"] == last["work"] == now and last["archive"] == last["rows"] == now - HOUR
+
+
+def wait_until(cond, what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_first_start_runs_every_sweep_once_and_reload_drops_a_switched_off_one(cfg, store):
+    cleanup = Cleanup(cfg, store)
+    cleanup.start()
+    try:
+        wait_until(lambda: len(store.cleanup_runs()) == 4, "all four sweeps to run")
+        assert sorted(j.id for j in cleanup.scheduler.get_jobs()) == ["archive", "rows", "temp", "work"]
+        cleanup.apply(cfg.model_copy(update={"cleanup": cfg.cleanup.model_copy(update={"rows_every_hours": 0})}))
+        assert sorted(j.id for j in cleanup.scheduler.get_jobs()) == ["archive", "temp", "work"]
+    finally:
+        cleanup.stop()
