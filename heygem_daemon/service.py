@@ -58,8 +58,8 @@ class Daemon:
         self.store = store_for(cfg)
         self.inspector = Inspector(cfg.watcher.probe_workers)
         self.pool = WorkerPool(cfg, store_for(cfg), self._task_ended)
-        self.intake = Intake(cfg, Claimer(cfg, store_for(cfg)), self.inspector, set(ENGINES), needs_face,
-                             self.pool.notify)
+        self.intake = Intake(cfg, Claimer(cfg, store_for(cfg)), self.inspector, set(ENGINES),
+                             lambda name: needs_face(name, cfg.engines.get(name)), self.pool.notify)
         self._finalize_store = store_for(cfg)
         self._finalize_lock = threading.Lock()
         self._stop_requested = False
