@@ -57,6 +57,13 @@ def test_the_tool_output_becomes_the_task_output_with_progress_from_its_percenta
     assert any(0.2 < p < 0.99 for p in seen) and seen[-1] == 1.0
 
 
+def test_a_tool_that_names_its_own_output_is_found_in_the_work_folder(tmp_path):
+    args = [("{workdir}/result.mp4" if a == "{output}" else a) for a in ARGS]
+    task = make_task(tmp_path)
+    make_engine(tmp_path, args=args).generate(task, lambda _p: None)
+    assert video_facts(task.output).has_audio and not (task.workdir / "result.mp4").exists()
+
+
 def test_file_names_with_quotes_and_shell_syntax_are_passed_as_plain_arguments(tmp_path):
     task = make_task(tmp_path, audio_name=f"{WEIRD}.wav")
     make_engine(tmp_path).generate(task, lambda _p: None)

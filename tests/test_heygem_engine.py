@@ -147,3 +147,13 @@ def test_a_service_that_is_not_an_http_url_is_a_config_error(tmp_path):
     path.write_text(f"engines:\n  heygem:\n    services: ['127.0.0.1:8383']\n    data_dir: {tmp_path}\n")
     with pytest.raises(ConfigError, match=r"engines\.heygem\.services: .*is not an http\(s\) URL"):
         settings_for(load_config(path, environ={}, prepare=False), "heygem")
+
+
+def test_the_commented_engine_examples_in_config_yaml_are_valid(tmp_path):
+    lines = (Path(__file__).parent.parent / "config.yaml").read_text().splitlines()
+    block = [ln.replace("# ", "", 1) for ln in lines if ln.startswith(("  #   ", "  # heygem:", "  # command:"))]
+    path = tmp_path / "config.yaml"
+    path.write_text("engines:\n" + "\n".join(block) + "\n")
+    cfg = load_config(path, environ={}, prepare=False)
+    assert settings_for(cfg, "heygem").services == ["http://127.0.0.1:8383"]
+    assert settings_for(cfg, "command").progress_regex == r"(\d+)%"

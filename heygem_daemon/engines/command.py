@@ -39,9 +39,13 @@ _BEAT_SECONDS = 0.5
 _LINE_BREAK = re.compile(rb"[\r\n]")
 
 
+def _fields(arg: str) -> list[tuple[str, str | None, str | None]]:
+    return [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(arg) if name is not None]
+
+
 def _check_template(arg: str) -> str:
     try:
-        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(arg) if name is not None]
+        fields = _fields(arg)
     except ValueError as exc:
         raise ValueError(f"{arg!r}: {exc}; write a literal brace as {{{{ or }}}}") from None
     for name, spec, conv in fields:
@@ -85,6 +89,7 @@ class CommandEngine:
         self.settings = settings
         self.program = Path(settings.args[0]).name
         self.regex = re.compile(settings.progress_regex) if settings.progress_regex else None
+        self.names_output = any(f[0] == "output" for arg in settings.args for f in _fields(arg))
 
     def generate(self, task: TaskSpec, progress: ProgressFn) -> Path:
         made = task.workdir / OUTPUT_NAME
@@ -97,6 +102,8 @@ class CommandEngine:
         code = self._run(argv, output)
         tail = output.tail
         self._judge(code, tail)
+        if not self.names_output:
+            made = self._found_output(task.workdir, tail)
         try:
             require_playable(made)
         except MediaError as exc:
@@ -129,6 +136,14 @@ class CommandEngine:
         finally:
             _kill_group(proc)
         return proc.returncode
+
+    def _found_output(self, workdir: Path, tail: deque[str]) -> Path:
+        """Tools that choose their own file name (SadTalker...) are given {workdir}: take their newest MP4."""
+        made = sorted(workdir.rglob("*.mp4"), key=lambda p: p.stat().st_mtime)
+        if not made:
+            raise EngineError(f"{self.program} exited 0 but wrote no MP4 under its work folder",
+                              _detail("pass {output} or {workdir} so the tool writes its video there", tail))
+        return made[-1]
 
     def _judge(self, code: int, tail: deque[str]) -> None:
         last = tail[-1] if tail else "no output"
