@@ -156,9 +156,9 @@ class HeygemStandin:
         try:
             self._step(job, 5)
             if job.behaviour == "stall":
+                self.release_stuck.clear()  # an unstick() meant for an earlier job does not count
                 self._step(job, 20)
                 self.release_stuck.wait()
-                self.release_stuck.clear()
                 with self.lock:
                     self.jobs.pop(job.code, None)
                 return

@@ -119,5 +119,25 @@ def test_a_failure_answer_ends_in_error_json_with_the_services_message(daemon, s
     assert job.state == "failed"
     record = json.loads((daemon.folder("failed") / "faceless" / "error.json").read_text())
     assert record["stage"] == "generate"
-    assert "failed: no face found in the video" in record["reason"] and "heygem service at http://127.0.0.1" in record["reason"]
+    assert "heygem service at http://127.0.0.1" in record["reason"]
+    assert record["reason"].endswith("failed: no face found in the video")
+    assert data_files(services) == []
+
+
+def test_a_daemon_killed_mid_job_finishes_it_after_restart_and_cleans_the_data_folder(
+        daemon, services, group, voice):
+    submitted = len(group.events("submit"))
+    group.behaviours.append("stall")  # the first attempt stays running on its service until we kill
+    drop_pair(daemon, voice, "restarted")
+    daemon.wait_for(lambda: len(group.events("submit")) > submitted, 60, "the job to reach a service")
+    daemon.kill()
+    assert data_files(services)  # the killed attempt's inputs are still in the data folder
+    try:
+        daemon.start()
+        job = daemon.wait_job("restarted")
+    finally:
+        for s in services:
+            s.unstick()
+    assert job.state == "done"
+    assert video_facts(daemon.folder("outputs") / "restarted" / "restarted.mp4").has_audio
     assert data_files(services) == []

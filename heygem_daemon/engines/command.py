@@ -50,7 +50,8 @@ def _check_template(arg: str) -> str:
         raise ValueError(f"{arg!r}: {exc}; write a literal brace as {{{{ or }}}}") from None
     for name, spec, conv in fields:
         if name not in PLACEHOLDERS:
-            raise ValueError(f"{arg!r}: unknown placeholder {{{name}}}; use {', '.join('{%s}' % p for p in PLACEHOLDERS)}")
+            known = ", ".join(f"{{{p}}}" for p in PLACEHOLDERS)
+            raise ValueError(f"{arg!r}: unknown placeholder {{{name}}}; use {known}")
         if spec or conv:
             raise ValueError(f"{arg!r}: write placeholders plainly as {{{name}}}, without formatting")
     return arg

@@ -25,10 +25,7 @@ class Mp4Facts:
 
 
 def _decodes_a_frame(container: av.container.InputContainer, stream: av.stream.Stream) -> bool:
-    for packet in container.demux(stream):
-        if packet.size and packet.decode():
-            return True
-    return False
+    return any(packet.size and packet.decode() for packet in container.demux(stream))
 
 
 def inspect_mp4(path: Path) -> Mp4Facts:
