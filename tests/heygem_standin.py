@@ -6,8 +6,8 @@ forgotten after the first terminal answer (10004 then). Its result is a real MP4
 avatar video's frames and the audio, written to `<data>/temp/<code>-r.mp4`.
 
 Tests steer it through a shared `Group`: a queue of behaviours for the next accepted jobs ("stall",
-"fail:<msg>", "no-audio"), `peers` (a job holds at 10% until that many jobs run at once across the
-group, so overlap is proven from the records, not from timing), and `occupy()` (an outside job
+"fail:<msg>", "no-audio"), `expect_peers(n)` (a job holds at 10% until n jobs have reached that point,
+so they all run at once and overlap is proven from the records, not from timing), and `occupy()` (an outside job
 keeps a service busy). Every answer and job event is recorded in `Group.journal`.
 """
 
@@ -57,10 +57,16 @@ class Group:
     journal: list[tuple[str, str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     running: int = 0
+    arrived: int = 0
     changed: threading.Condition = field(init=False)
 
     def __post_init__(self) -> None:
         self.changed = threading.Condition(self.lock)
+
+    def expect_peers(self, n: int) -> None:
+        """From now on, jobs hold at 10% until `n` of them have reached that point together."""
+        with self.lock:
+            self.peers, self.arrived = n, 0
 
     def record(self, event: str, service: str, code: str) -> None:
         with self.lock:
@@ -181,12 +187,15 @@ class HeygemStandin:
                 self.current = None
 
     def _wait_for_peers(self, job: Job) -> None:
-        """Hold until `peers` jobs run at once in the group, moving the progress a little meanwhile."""
+        """Hold until `peers` jobs have arrived here (so they all run at once), moving the progress a little
+        meanwhile as a working service does."""
         deadline = time.monotonic() + PEER_WAIT_SECONDS
         with self.group.changed:
-            while self.group.running < self.group.peers and time.monotonic() < deadline:
+            self.group.arrived += 1
+            self.group.changed.notify_all()
+            while self.group.arrived < self.group.peers and time.monotonic() < deadline:
                 self.group.changed.wait(STEP_SECONDS)
-                job.progress = min(job.progress + 0.1, 14.9)
+                job.progress = min(job.progress + 0.01, 14.99)
 
     def _step(self, job: Job, progress: float) -> None:
         with self.lock:

@@ -65,7 +65,7 @@ def test_a_pair_is_delivered_through_the_service_and_the_data_folder_is_left_cle
 
 def test_two_services_serve_two_tasks_at_once(daemon, services, group, voice, tmp_path):
     since = len(group.journal)
-    group.peers = 2
+    group.expect_peers(2)
     staging = tmp_path / "duo"
     staging.mkdir()
     shutil.copy(voice, staging / "speech.wav")
@@ -75,7 +75,7 @@ def test_two_services_serve_two_tasks_at_once(daemon, services, group, voice, tm
         shutil.move(staging, daemon.inbox / "duo")
         assert daemon.wait_job("duo").state == "done"
     finally:
-        group.peers = 1
+        group.expect_peers(1)
     assert group.max_running(since) == 2
     assert sorted(e[1] for e in group.events("submit")[-2:]) == ["a", "b"]
     assert sorted(p.name for p in (daemon.folder("outputs") / "duo").iterdir()) == ["anna.mp4", "ben.mp4"]
