@@ -32,7 +32,7 @@ def daemon(tmp_path_factory, services):
     harness = DaemonHarness(tmp_path_factory.mktemp("heygem-daemon"), {
         "engine": {"name": "heygem"},
         "engines": {"heygem": {"services": [s.url for s in services], "data_dir": str(services[0].data_dir),
-                               "poll_interval": 0.1, "stall_seconds": 3, "busy_retry_interval": 0.2}},
+                               "poll_interval": 0.1, "stall_seconds": 4, "busy_retry_interval": 0.2}},
         "workers": {"per_device": 2},  # one slot per service
         "dedupe": {"window_hours": 0},  # every test drops the same voice
     })
@@ -107,7 +107,7 @@ def test_a_stalled_service_fails_the_attempt_and_the_retry_delivers(daemon, serv
     assert job.state == "done"
     (task,) = daemon.store().tasks(job.id)
     first, second = daemon.store().attempts(task.id)
-    assert first["outcome"] == "retry" and "stalled at 20% for 3 s" in json.loads(first["error"])["reason"]
+    assert first["outcome"] == "retry" and "stalled at 20% for 4 s" in json.loads(first["error"])["reason"]
     assert second["outcome"] == "done"
     assert data_files(services) == []
 

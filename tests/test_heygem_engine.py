@@ -44,7 +44,7 @@ def closed_port_url() -> str:
 
 def engine_for(data_dir: Path, *urls: str, **extra) -> HeygemEngine:
     settings = {"services": list(urls), "data_dir": str(data_dir), "poll_interval": 0.05,
-                "busy_retry_interval": 0.1, "stall_seconds": 1.0, "request_timeout": 5, **extra}
+                "busy_retry_interval": 0.1, "stall_seconds": 5, "request_timeout": 5, **extra}
     return HeygemEngine(HeygemEngine.Settings.model_validate(settings))
 
 
@@ -101,7 +101,7 @@ def test_an_unreachable_service_is_a_retryable_error_naming_it(tmp_path, data_di
 def test_a_stalled_job_fails_the_attempt_and_leaves_no_files(tmp_path, data_dir, service, group):
     group.behaviours.append("stall")
     with pytest.raises(EngineError) as err:
-        engine_for(data_dir, service.url).generate(make_task(tmp_path), lambda _p: None)
+        engine_for(data_dir, service.url, stall_seconds=1).generate(make_task(tmp_path), lambda _p: None)
     assert err.value.retryable and "stalled at 20% for 1 s" in err.value.reason
     assert not list((data_dir / "temp").iterdir())
     service.unstick()
