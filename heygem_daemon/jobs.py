@@ -51,7 +51,8 @@ def finalize_job(cfg: Config, store: Store, job_id: str, on_failed: OnFailed | N
     _relocate_inputs(job, dest)
     made = [t for t in tasks if t.state == "done"]
     problems = [{"file": f"{t.name} ({t.portrait} + {t.audio})", "reason": (t.last_error or {}).get("reason", ""),
-                 "hint": (t.last_error or {}).get("hint", "")} for t in failed]
+                 "hint": (t.last_error or {}).get("hint", ""), "detail": (t.last_error or {}).get("detail", "")}
+                for t in failed]
     record = error_record(job.name, "generate", problems, job_id=job.id, videos_made=[t.name for t in made],
                           outputs=str(cfg.folder("outputs") / job.name) if made else None)
     write_error_json(dest, record)

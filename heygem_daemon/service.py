@@ -72,7 +72,7 @@ class Daemon:
         self.outbox = Outbox(cfg, store_for(cfg))
         self.chat = Notifier(self.outbox)
         self.intake = Intake(cfg, Claimer(cfg, store_for(cfg), self.outbox.enqueue_failure), self.inspector,
-                             set(ENGINES), needs_face, self.pool.notify)
+                             set(ENGINES), lambda name: needs_face(name, cfg.engines.get(name)), self.pool.notify)
         self._finalize_store = store_for(cfg)
         self._finalize_lock = threading.Lock()
         self.systemd = sdnotify.Notifier()

@@ -12,6 +12,8 @@ from heygem_daemon.engines.base import Engine
 
 ENGINES: dict[str, str] = {
     "preview": "heygem_daemon.engines.preview:PreviewEngine",
+    "heygem": "heygem_daemon.engines.heygem:HeygemEngine",
+    "command": "heygem_daemon.engines.command:CommandEngine",
 }
 
 
@@ -31,7 +33,7 @@ def settings_for(cfg: Config, name: str) -> Any:
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
         raise ConfigError(f"engines.{name}.{key}: {msg}") from None
 
 
@@ -50,5 +52,12 @@ def build_engine(name: str, raw_settings: dict[str, Any]) -> Engine:
     return cls(cls.Settings.model_validate(raw_settings))  # type: ignore[no-any-return]
 
 
-def needs_face(name: str) -> bool:
-    return bool(engine_class(name).needs_face)
+def needs_face(name: str, raw_settings: dict[str, Any] | None = None) -> bool:
+    """Whether intake must find a face; an engine may leave that to its settings (`needs_face:`)."""
+    cls = engine_class(name)
+    if "needs_face" in cls.Settings.model_fields:
+        try:
+            return bool(cls.Settings.model_validate(raw_settings or {}).needs_face)
+        except ValidationError:
+            pass  # an unconfigured engine: its job fails at generation with the config error
+    return bool(cls.needs_face)

@@ -1,0 +1,91 @@
+"""HeyGem's video service over HTTP: submit and query, each answer code turned into what it means."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+
+from heygem_daemon.engines.base import BadInputError, EngineError
+from heygem_daemon.log import redact_text
+
+OK, SYSTEM_ERROR, BUSY, BAD_PARAMETER, NOT_FOUND = 10000, 9999, 10001, 10002, 10004
+RUNNING, SUCCEEDED, FAILED = 1, 2, 3
+_RETRY_HINT = "the task will be retried"
+
+
+class ServiceBusy(Exception):
+    """10001: the service is running another job (one at a time); try later or another service."""
+
+
+class ServiceUnreachable(EngineError):
+    """No HTTP answer at all: the container is down, the URL is wrong, or the network is."""
+
+
+@dataclass(frozen=True)
+class TaskState:
+    status: int
+    progress: float
+    """0..100 as the service reports it."""
+    result: str
+    msg: str
+
+
+class HeygemClient:
+    def __init__(self, base_url: str, timeout: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        # Messages end up in error.json and logs: credentials in a URL must not.
+        self.shown = redact_text(self.base_url)
+        self.timeout = timeout
+        self.session = requests.Session()
+
+    def submit(self, code: str, audio: str, video: str, chaofen: bool, watermark: bool) -> None:
+        """Start a job; ServiceBusy when the service runs another one."""
+        body = {"audio_url": audio, "video_url": video, "code": code, "chaofen": int(chaofen),
+                "watermark_switch": int(watermark), "pn": 1}
+        self._check(self._call("POST", "/easy/submit", json=body))
+
+    def query(self, code: str) -> TaskState | None:
+        """The task's state, or None when the service does not know the code (10004)."""
+        answer = self._call("GET", "/easy/query", params={"code": code})
+        if answer.get("code") == NOT_FOUND:
+            return None
+        self._check(answer)
+        data = answer.get("data") or {}
+        try:
+            return TaskState(int(data.get("status", RUNNING)), float(data.get("progress") or 0.0),
+                             str(data.get("result") or ""), str(data.get("msg") or ""))
+        except (TypeError, ValueError):
+            raise EngineError(f"heygem service at {self.shown} answered a malformed task state: {data!r:.200}",
+                              _RETRY_HINT) from None
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        try:
+            resp = self.session.request(method, self.base_url + path, timeout=self.timeout, **kwargs)
+        except requests.RequestException as exc:
+            raise ServiceUnreachable(
+                f"heygem service at {self.shown} unreachable ({type(exc).__name__})",
+                f"check that the HeyGem container runs and engines.heygem.services is right; {_RETRY_HINT}",
+            ) from None
+        try:
+            answer = resp.json()
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise EngineError(f"heygem service at {self.shown} answered HTTP {resp.status_code} without a JSON object",
+                              "is this URL the HeyGem video service (port 8383)?")
+        return answer
+
+    def _check(self, answer: dict[str, Any]) -> None:
+        code, msg = answer.get("code"), str(answer.get("msg") or "no message")
+        if code == OK:
+            return
+        if code == BUSY:
+            raise ServiceBusy(self.base_url)
+        if code == BAD_PARAMETER:
+            raise BadInputError(f"heygem service at {self.shown} refused the inputs: {msg}",
+                                "check that the audio and the portrait play; a retry cannot help")
+        what = "had a system error" if code == SYSTEM_ERROR else f"answered code {code}"
+        raise EngineError(f"heygem service at {self.shown} {what}: {msg}",
+                          f"see the container's log (docker logs heygem-gen-video); {_RETRY_HINT}")

@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""A stand-in for an external lip-sync CLI (the `command` engine's tests run it for real).
+
+    fake_lipsync.py --audio A --portrait P --output O [--fps N] [--height H]
+
+It builds a real MP4 (H.264 + AAC) from the portrait and the audio with PyAV, printing `NN%` progress
+separated by carriage returns, as such tools do. What it does wrong is chosen by a word in the audio's
+file name, so one configured daemon can exercise every outcome: `crash` (traceback, exit 1),
+`badinput` (message, exit 3), `hang` (starts a helper process, writes its pid beside the output, then
+sleeps), `notmp4` (writes text), `noaudio` (an MP4 without sound), `env` (writes the names of its
+HEYGEM_* and FAKE_* environment variables beside the output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+
+AUDIO_RATE = 48000
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp"}
+
+
+def portrait_frame(path: Path, height: int) -> np.ndarray:
+    if path.suffix.lower() in IMAGE_EXTS:
+        image = Image.open(path).convert("RGB")
+    else:
+        with av.open(str(path)) as c:
+            image = next(c.decode(video=0)).to_image()
+    width = max(2, round(image.width * height / image.height / 2) * 2)
+    return np.asarray(image.resize((width, height)))
+
+
+def audio_samples(path: Path) -> np.ndarray:
+    resampler = av.AudioResampler(format="fltp", layout="mono", rate=AUDIO_RATE)
+    with av.open(str(path)) as c:
+        chunks = [f.to_ndarray() for frame in c.decode(audio=0) for f in resampler.resample(frame)]
+    return np.concatenate(chunks, axis=1)
+
+
+def make_mp4(args: argparse.Namespace, with_audio: bool) -> None:
+    picture = portrait_frame(args.portrait, args.height)
+    sound = audio_samples(args.audio)
+    count = max(1, round(sound.shape[1] / AUDIO_RATE * args.fps))
+    with av.open(str(args.output), "w", format="mp4") as out:
+        video = out.add_stream("libx264", rate=args.fps, options={"preset": "ultrafast"})
+        video.width, video.height, video.pix_fmt = picture.shape[1], picture.shape[0], "yuv420p"
+        audio = out.add_stream("aac", rate=AUDIO_RATE, layout="mono") if with_audio else None
+        for i in range(count):
+            frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+            frame.pts = i
+            out.mux(video.encode(frame))
+            if i % 5 == 0:
+                print(f"\rrendering {100 * i // count}%", end="", flush=True)
+        out.mux(video.encode(None))
+        if audio is not None:
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(sound), format="fltp", layout="mono")
+            frame.sample_rate, frame.time_base, frame.pts = AUDIO_RATE, Fraction(1, AUDIO_RATE), 0
+            out.mux(audio.encode(frame))
+            out.mux(audio.encode(None))
+    print("\rrendering 100%\ndone", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--audio", type=Path, required=True)
+    parser.add_argument("--portrait", type=Path, required=True)
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--fps", type=int, default=25)
+    parser.add_argument("--height", type=int, default=240)
+    args = parser.parse_args()
+    mode = args.audio.stem.lower()
+    print(f"loading models for {args.audio.name}", flush=True)
+    if "crash" in mode:
+        print("step 1 of 3 ok", flush=True)
+        return int(1 / 0)
+    if "badinput" in mode:
+        print(f"error: no face detected in {args.portrait.name}", file=sys.stderr, flush=True)
+        return 3
+    if "hang" in mode:
+        helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        (args.output.parent / "helper.pid").write_text(str(helper.pid))
+        print("working", flush=True)
+        time.sleep(600)
+    if "notmp4" in mode:
+        args.output.write_text("this is not a video\n")
+        return 0
+    if "env" in mode:
+        names = sorted(k for k in os.environ if k.startswith(("HEYGEM_", "FAKE_")))
+        (args.output.parent / "env.json").write_text(json.dumps(names))
+    make_mp4(args, with_audio="noaudio" not in mode)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
