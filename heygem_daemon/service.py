@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from heygem_daemon.config import Config
+from heygem_daemon.delivery.service import DeliveryService
 from heygem_daemon.engines.registry import ENGINES, check_engines, needs_face
 from heygem_daemon.intake.claim import Claimer, recover_detected
 from heygem_daemon.intake.inspect import Inspector
@@ -60,6 +61,8 @@ class Daemon:
         self.pool = WorkerPool(cfg, store_for(cfg), self._task_ended)
         self.intake = Intake(cfg, Claimer(cfg, store_for(cfg)), self.inspector, set(ENGINES), needs_face,
                              self.pool.notify)
+        # on_report / on_alert default to log lines; the notifications outbox plugs in here.
+        self.delivery = DeliveryService(cfg, store_for(cfg))
         self._finalize_store = store_for(cfg)
         self._finalize_lock = threading.Lock()
         self._stop_requested = False
@@ -72,6 +75,7 @@ class Daemon:
         recover_detected(self.cfg, self.store)
         recover(self.cfg, self.store)
         self.pool.start()
+        self.delivery.start()
         observer, mode = start_watcher(self.cfg.folder("inbox"), self.cfg.watcher.mode,
                                        self.cfg.watcher.poll_interval, self.intake.touch)
         intake_thread = threading.Thread(target=self.intake.run, args=(self.stop,), name="intake", daemon=True)
@@ -86,6 +90,7 @@ class Daemon:
         self.intake.wake.set()
         intake_thread.join(10)
         self.pool.stop()
+        self.delivery.stop()
         self.inspector.close()
         observer.join(5)
         log.info("stopped")
