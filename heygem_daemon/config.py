@@ -142,7 +142,8 @@ class S3(_Section):
     key_prefix: str = "{date}/{job}/{token}/{file}"
     addressing_style: Literal["auto", "virtual", "path"] = "auto"
     part_size_mb: int = Field(16, ge=5, le=5120, description="S3 refuses parts under 5 MiB (except the last)")
-    max_concurrency: int = Field(3, ge=1, le=32)
+    max_concurrency: int = Field(3, ge=1, le=32, description="files uploaded at a time")
+    part_concurrency: int = Field(4, ge=1, le=32, description="parts of one file in flight at a time")
     max_bandwidth_mb_s: float = Field(0.0, ge=0.0, description="0 means unlimited")
     link_expiry_hours: float = Field(24.0, gt=0.0)
     retry_seconds: float = Field(15.0, gt=0.0)

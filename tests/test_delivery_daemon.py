@@ -211,9 +211,10 @@ def test_s3_down_for_a_while_then_back_delivers_everything(aws_env, tmp_path):
         server.stop()
 
 
-def test_missing_bucket_alerts_the_operator_keeps_the_video_and_delivers_once_fixed(moto_server, aws_env, tmp_path):
+def test_missing_bucket_alerts_the_operator_keeps_the_video_and_delivers_after_restart(moto_server, aws_env,
+                                                                                        tmp_path):
     bucket = f"missing-{uuid.uuid4().hex[:8]}"
-    harness = DaemonHarness(tmp_path / "base", s3_overrides(moto_server, bucket))
+    harness = DaemonHarness(tmp_path / "base", s3_overrides(moto_server, bucket, alert_retry_seconds=600))
     harness.start()
     try:
         dest = other_tool_writes(harness, "nob", "clip.mp4", write_portrait_video(tmp_path / "clip.mp4", 0.6))
@@ -221,10 +222,15 @@ def test_missing_bucket_alerts_the_operator_keeps_the_video_and_delivers_once_fi
         assert alert["alert"] == f"s3:NoSuchBucket:{bucket}" and "does not exist" in alert["message"]
         d = harness.store().delivery_at(str(dest))
         assert d.state == "pending" and "s3.bucket" in d.last_error["hint"] and dest.is_file()
-        moto_server.client().create_bucket(Bucket=bucket)
+        assert harness.store().batch(d.batch_id).state == "open"  # not reported while a video is stuck
+        harness.stop()
+        moto_server.client().create_bucket(Bucket=bucket)  # the operator fixes it and restarts
+        harness.start()
         assert wait_delivered(harness, dest).sha256 == sha256_file(dest)
+        wait_reported(harness, d.batch_id)
     finally:
         harness.stop()
+    assert len(log_events(harness, "batch reported", job="nob")) == 1
 
 
 def test_local_only_mode_writes_local_links_and_zip_and_reports_failures_too(tmp_path):
@@ -252,3 +258,4 @@ def test_local_only_mode_writes_local_links_and_zip_and_reports_failures_too(tmp
     [ok] = log_events(harness, "batch reported", job="alice")
     [bad] = log_events(harness, "batch reported", job="dave")
     assert ok["ok"] is True and bad["ok"] is False and bad["failed"] == 1 and bad["videos"] == 0
+    assert not (harness.folder("outputs") / "dave").exists()

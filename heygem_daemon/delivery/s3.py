@@ -12,6 +12,7 @@ import mimetypes
 import os
 import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -174,31 +175,49 @@ class Uploader:
     def _multipart(self, d: Delivery, path: Path) -> Uploaded:
         upload_id, held = self._resume(d)
         sha = hashlib.sha256()
-        parts: list[Part] = []
+        parts: dict[int, Part] = {}
+        in_flight: dict[Future[Part], int] = {}
         sent = 0
-        with open(path, "rb") as fh:
+        # Parts go out s3.part_concurrency at a time (memory: that many parts); each is recorded as it lands.
+        with open(path, "rb") as fh, ThreadPoolExecutor(self.settings.part_concurrency) as pool:
             number = 0
             while chunk := fh.read(self.part_size):
                 number += 1
                 sha.update(chunk)  # parts the server holds are read too: the file's sha256 covers all bytes
-                md5_hex, md5_b64 = _md5(chunk)
                 have = held.get(number)
-                if have is not None and have.size == len(chunk) and have.md5 == md5_hex:
-                    parts.append(have)
+                if have is not None and have.size == len(chunk) and have.md5 == _md5(chunk)[0]:
+                    parts[number] = have
                     continue
                 if self.stopping.is_set():
                     raise Stopping(d.key)
+                while len(in_flight) >= self.settings.part_concurrency:
+                    parts.update(self._record_parts(d, in_flight))
                 self.throttle.take(len(chunk))
-                resp = self.client.upload_part(Bucket=self.bucket, Key=d.key, UploadId=upload_id, PartNumber=number,
-                                               Body=chunk, ContentMD5=md5_b64)
-                part = Part(number, resp["ETag"], len(chunk), md5_hex, time.time())
-                self.store.add_part(d.id, part)
-                parts.append(part)
+                in_flight[pool.submit(self._send_part, d.key, upload_id, number, chunk)] = number
                 sent += len(chunk)
+            while in_flight:
+                parts.update(self._record_parts(d, in_flight))
         resp = self.client.complete_multipart_upload(
             Bucket=self.bucket, Key=d.key, UploadId=upload_id,
-            MultipartUpload={"Parts": [{"PartNumber": p.number, "ETag": p.etag} for p in parts]})
+            MultipartUpload={"Parts": [{"PartNumber": n, "ETag": parts[n].etag} for n in sorted(parts)]})
         return Uploaded(resp["ETag"], sha.hexdigest(), sent)
+
+    def _send_part(self, key: str, upload_id: str, number: int, chunk: bytes) -> Part:
+        md5_hex, md5_b64 = _md5(chunk)  # hashed here, in parallel: hashlib lets go of the GIL
+        resp = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                                       Body=chunk, ContentMD5=md5_b64)
+        return Part(number, resp["ETag"], len(chunk), md5_hex, time.time())
+
+    def _record_parts(self, d: Delivery, in_flight: dict[Future[Part], int]) -> dict[int, Part]:
+        """Wait for at least one part in flight to land and record it; the store hears of each part once sent."""
+        done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+        landed: dict[int, Part] = {}
+        for future in done:
+            del in_flight[future]
+            part = future.result()
+            self.store.add_part(d.id, part)
+            landed[part.number] = part
+        return landed
 
     def _resume(self, d: Delivery) -> tuple[str, dict[int, Part]]:
         """The upload to continue and the parts the server confirms; a vanished upload starts over."""

@@ -349,6 +349,8 @@ class DeliveryService:
         linked = [d for d in self.store.deliveries(folder=batch.folder) if d.state == "linked"]
         if not batch.folder:
             linked = [d for d in linked if d.batch_id == batch.id]
+        if not linked:  # a job that made no video gets no outputs/ folder (its name stays free for a retry)
+            return
         stem = LINKS_JSON.removesuffix(".json") if batch.folder else f"{batch.name}.links"
         write_links(self._links_dir(batch), stem, batch.name, self._entries(linked), self._zip_entry(batch))
 
