@@ -466,6 +466,9 @@ class Store:
         return _batch(row) if row else None
 
     def ensure_batch(self, batch_id: str, name: str, folder: str, job_id: str | None) -> Batch:
+        existing = self.batch(batch_id)
+        if existing is not None:
+            return existing
         now = time.time()
         with self.tx() as db:
             db.execute("INSERT OR IGNORE INTO batches (id, name, folder, job_id, state, created_at, updated_at)"

@@ -80,7 +80,8 @@ def describe(exc: Exception, bucket: str) -> S3Failure:
     if isinstance(exc, BotoCoreError):
         return S3Failure(f"cannot reach S3 ({type(exc).__name__})", "network or endpoint down; retrying", True,
                          type(exc).__name__)
-    raise exc
+    return S3Failure(f"unexpected {type(exc).__name__}: {exc}", "see the daemon log; retrying", True,
+                     type(exc).__name__)
 
 
 def systemd_credentials(environ: dict[str, str] | None = None) -> dict[str, str]:

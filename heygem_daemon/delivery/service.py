@@ -229,7 +229,9 @@ class DeliveryService:
         failure = describe(exc, self.settings.bucket)
         later(failure)
         if failure.retryable:
-            log.warning("delivery failed; will retry", what=what, reason=failure.reason, hint=failure.hint)
+            # A traceback only for what is not an S3 answer or a network error: that would be our bug.
+            log.warning("delivery failed; will retry", what=what, reason=failure.reason, hint=failure.hint,
+                        exc_info=failure.reason.startswith("unexpected"))
             return
         log.error("delivery blocked; operator must act", what=what, reason=failure.reason, hint=failure.hint)
         self.on_alert(f"s3:{failure.code}:{self.settings.bucket}",
