@@ -29,6 +29,8 @@ test: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/intake.py
 	$(BIN)/python bench/preview.py
+	$(BIN)/python bench/upload.py
+	$(BIN)/python bench/zip.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

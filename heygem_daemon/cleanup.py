@@ -82,6 +82,10 @@ SWEEPS: list[SweepJob] = [
     SweepJob("work", lambda c: c.cleanup.work_every_hours, "heygem_daemon.cleanup:sweep_work"),
     SweepJob("archive", lambda c: c.cleanup.archive_every_hours, "heygem_daemon.cleanup:sweep_archive"),
     SweepJob("rows", lambda c: c.cleanup.rows_every_hours, "heygem_daemon.cleanup:sweep_rows"),
+    SweepJob("outputs", lambda c: c.cleanup.outputs_every_hours, "heygem_daemon.delivery.sweeps:uploaded_outputs"),
+    SweepJob("zips", lambda c: c.cleanup.zips_every_hours, "heygem_daemon.delivery.sweeps:expired_zips"),
+    SweepJob("stale_uploads", lambda c: c.cleanup.stale_uploads_every_hours,
+             "heygem_daemon.delivery.sweeps:stale_uploads"),
 ]
 
 

@@ -104,6 +104,7 @@ def _job_view(cfg: Config, store: Store, job: Job) -> dict[str, Any]:
         "progress": round(progress, 3), "owner": job.owner,
         "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at)),
         "outputs": str(cfg.folder("outputs") / job.name) if done else None,
+        "delivery": store.delivery_summary(job.id),
         "tasks": [{"name": t.name, "state": t.state, "progress": round(t.progress, 3), "attempts": t.attempts,
                    "device": t.device, "error": (t.last_error or {}).get("reason")} for t in tasks],
     }

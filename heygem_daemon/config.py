@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import string
 from pathlib import Path
 from typing import Any, Literal
 
@@ -157,6 +158,11 @@ class Cleanup(_Section):
     rows_days: float = Field(90.0, gt=0.0)
     failed_rows_days: float = Field(365.0, gt=0.0)
     rows_every_hours: float = Field(24.0, ge=0.0)
+    outputs_days: float = Field(7.0, gt=0.0, description="uploaded videos kept locally this long")
+    outputs_every_hours: float = Field(24.0, ge=0.0)
+    zips_every_hours: float = Field(6.0, ge=0.0)
+    stale_upload_hours: float = Field(24.0, gt=0.0)
+    stale_uploads_every_hours: float = Field(6.0, ge=0.0)
 
 
 class DiskGuard(_Section):
@@ -166,6 +172,72 @@ class DiskGuard(_Section):
 
 class Metrics(_Section):
     port: int | None = Field(None, ge=1, le=65535)
+
+
+MAX_LINK_EXPIRY_HOURS = 168  # SigV4 presigned URLs cannot outlive 7 days
+KEY_FIELDS = ("date", "job", "token", "file")
+
+
+class Lifecycle(_Section):
+    """Bucket lifecycle rules applied at start-up, merged by ID with the rules already on the bucket."""
+
+    prefix: str = ""
+    transition_ia_days: int | None = Field(None, ge=30, description="STANDARD_IA needs objects 30+ days old")
+    expire_days: int | None = Field(None, ge=1)
+    abort_incomplete_days: int | None = Field(None, ge=1)
+
+    @property
+    def wanted(self) -> bool:
+        return any(v is not None for v in (self.transition_ia_days, self.expire_days, self.abort_incomplete_days))
+
+
+class S3(_Section):
+    """Upload target. Off until `bucket` is set; credentials come from boto3's chain or systemd credentials."""
+
+    bucket: str = ""
+    endpoint_url: str | None = None
+    region: str | None = None
+    key_prefix: str = "{date}/{job}/{token}/{file}"
+    addressing_style: Literal["auto", "virtual", "path"] = "auto"
+    part_size_mb: int = Field(16, ge=5, le=5120, description="S3 refuses parts under 5 MiB (except the last)")
+    max_concurrency: int = Field(3, ge=1, le=32, description="files uploaded at a time")
+    part_concurrency: int = Field(4, ge=1, le=32, description="parts of one file in flight at a time")
+    max_bandwidth_mb_s: float = Field(0.0, ge=0.0, description="0 means unlimited")
+    link_expiry_hours: float = Field(24.0, gt=0.0)
+    retry_seconds: float = Field(15.0, gt=0.0)
+    retry_max_seconds: float = Field(600.0, gt=0.0)
+    alert_retry_seconds: float = Field(900.0, gt=0.0)
+    connect_timeout: float = Field(10.0, gt=0.0)
+    read_timeout: float = Field(120.0, gt=0.0)
+    lifecycle: Lifecycle = Lifecycle()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.bucket)
+
+    @field_validator("link_expiry_hours")
+    @classmethod
+    def _expiry(cls, v: float) -> float:
+        if v > MAX_LINK_EXPIRY_HOURS:
+            raise ValueError(f"is above {MAX_LINK_EXPIRY_HOURS} hours (7 days), the longest an S3 presigned link "
+                             "can live; use 168 or less")
+        return v
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        used = {name for _, name, _, _ in string.Formatter().parse(v) if name is not None}
+        unknown = used - set(KEY_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown placeholder(s) {sorted(unknown)}; use {{date}} {{job}} {{token}} {{file}}")
+        if not {"token", "file"} <= used:
+            raise ValueError("must contain {token} (unguessable keys) and {file}, e.g. {date}/{job}/{token}/{file}")
+        return v
+
+
+class Delivery(_Section):
+    adhoc_quiet_seconds: float = Field(60.0, ge=0.0, description="videos other tools leave in outputs/<folder>/ "
+                                       "form one batch until the folder is quiet this long")
 
 
 class Config(_Section):
@@ -184,6 +256,8 @@ class Config(_Section):
     cleanup: Cleanup = Cleanup()
     disk_guard: DiskGuard = DiskGuard()
     metrics: Metrics = Metrics()
+    s3: S3 = S3()
+    delivery: Delivery = Delivery()
 
     @model_validator(mode="after")
     def _preset_known(self) -> "Config":

@@ -23,6 +23,7 @@ PROVIDERS: list[str] = [
     "heygem_daemon.doctor:codec_checks",
     "heygem_daemon.doctor:disk_checks",
     "heygem_daemon.doctor:engine_checks",
+    "heygem_daemon.delivery.s3:s3_checks",
     "heygem_daemon.delivery.notify:notify_checks",
 ]
 

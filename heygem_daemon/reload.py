@@ -8,10 +8,12 @@ from typing import Any
 from heygem_daemon.config import Config
 
 # Keys (or whole sections) fixed for the life of the process: folders, worker processes and their
-# engines, the watcher's observer, the metrics server. Everything else is read where it is used.
+# engines, the watcher's observer, the metrics server, the S3 and chat clients. Everything else is read
+# where it is used.
 RESTART_KEYS = (
     "base_dir", "folders", "engines", "engine.name", "workers.devices", "workers.per_device", "workers.nice",
     "watcher.mode", "watcher.poll_interval", "watcher.probe_workers", "logging.console", "metrics",
+    "s3", "delivery", "notify",
 )
 
 

@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any, Callable
 
@@ -15,6 +16,8 @@ from heygem_daemon.cleanup import Cleanup
 from heygem_daemon.config import Config, ConfigError, load_config
 from heygem_daemon.daemon_state import LOCK_FILE, write_state
 from heygem_daemon.delivery.notify import Notifier, Outbox
+from heygem_daemon.delivery.report import BatchReport
+from heygem_daemon.delivery.service import DeliveryService
 from heygem_daemon.diskguard import DiskGuard
 from heygem_daemon.engines.registry import ENGINES, check_engines, needs_face
 from heygem_daemon.intake.claim import Claimer, recover_detected
@@ -24,7 +27,7 @@ from heygem_daemon.intake.watcher import start_watcher
 from heygem_daemon.jobs import finalize_job, recover, settle_cancelled
 from heygem_daemon.log import get_logger, set_level, setup_logging
 from heygem_daemon.reload import plan_reload
-from heygem_daemon.store import Store
+from heygem_daemon.store import Job, Store
 from heygem_daemon.workers import WorkerPool
 
 log = get_logger("heygem.daemon")
@@ -68,11 +71,11 @@ class Daemon:
         self.store = store_for(cfg)
         self.inspector = Inspector(cfg.watcher.probe_workers)
         self.pool = WorkerPool(cfg, store_for(cfg), self._task_ended)
-        # Delivery hands finished batches to outbox.enqueue_report and operator alerts to enqueue_alert.
         self.outbox = Outbox(cfg, store_for(cfg))
         self.chat = Notifier(self.outbox)
-        self.intake = Intake(cfg, Claimer(cfg, store_for(cfg), self.outbox.enqueue_failure), self.inspector,
+        self.intake = Intake(cfg, Claimer(cfg, store_for(cfg), self._job_failed), self.inspector,
                              set(ENGINES), lambda name: needs_face(name, cfg.engines.get(name)), self.pool.notify)
+        self.delivery = DeliveryService(cfg, store_for(cfg), self._report, self.outbox.enqueue_alert)
         self._finalize_store = store_for(cfg)
         self._finalize_lock = threading.Lock()
         self.systemd = sdnotify.Notifier()
@@ -83,17 +86,29 @@ class Daemon:
         self._stop_signals = 0
         self._reload_requested = False
 
+    def _job_failed(self, job: Job, record: dict[str, Any]) -> None:
+        # A job that made some videos is announced once, by its delivery report, which lists what failed.
+        if not record.get("videos_made"):
+            self.outbox.enqueue_failure(job, record)
+
+    def _report(self, report: BatchReport) -> None:
+        if not report.videos:
+            return  # nothing was made: the failure message (intake or generation) already said why
+        job = self.store.find_job(report.job_id) if report.job_id else None
+        self.outbox.enqueue_report(replace(report, notify_urls=job.spec.get("notify") if job else None))
+
     def _task_ended(self, job_id: str) -> None:
         with self._finalize_lock:
-            finalize_job(self.cfg, self._finalize_store, job_id, self.outbox.enqueue_failure)
+            finalize_job(self.cfg, self._finalize_store, job_id, self._job_failed)
 
     def run(self) -> int:
         recover_detected(self.cfg, self.store)
-        recover(self.cfg, self.store, self.outbox.enqueue_failure)
-        settle_cancelled(self.cfg, self.store, self.outbox.enqueue_failure)
+        recover(self.cfg, self.store, self._job_failed)
+        settle_cancelled(self.cfg, self.store, self._job_failed)
         self.chat.start()
         self.disk.check()
         self.pool.start()
+        self.delivery.start()
         observer, mode = start_watcher(self.cfg.folder("inbox"), self.cfg.watcher.mode,
                                        self.cfg.watcher.poll_interval, self.intake.touch)
         intake_thread = threading.Thread(target=self.intake.run, args=(self.stop,), name="intake", daemon=True)
@@ -118,6 +133,7 @@ class Daemon:
         self.cleanup.stop()
         if server is not None:
             metrics.stop(server, collector)
+        self.delivery.stop()
         self.inspector.close()
         observer.join(5)
         log.info("stopped")
@@ -143,7 +159,7 @@ class Daemon:
                 if now >= next_status:
                     next_status = now + STATUS_INTERVAL
                     with self._finalize_lock:
-                        settle_cancelled(self.cfg, self._finalize_store, self.outbox.enqueue_failure)
+                        settle_cancelled(self.cfg, self._finalize_store, self._job_failed)
                     self.systemd.status(self._status())
             except Exception:
                 log.exception("main loop step failed; trying again")

@@ -18,3 +18,13 @@ def portrait_jpg() -> Path:
 @pytest.fixture
 def no_face_jpg() -> Path:
     return FIXTURES / "no_face.jpg"
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory):
+    """One real moto S3 server process for the session; tests take their own bucket (server.new_bucket())."""
+    from s3_server import MotoServer
+
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log").start()
+    yield server
+    server.stop()

@@ -169,3 +169,20 @@ def decoded_frames(path: Path) -> list[np.ndarray]:
     """Every video frame of a file as BGR arrays."""
     with av.open(str(path)) as c:
         return [f.to_ndarray(format="bgr24") for f in c.decode(video=0)]
+
+
+def write_noise_video(path: Path, megabytes: float, side: int = 256, fps: int = 25, seed: int = 0) -> Path:
+    """A real, playable MP4 of at least `megabytes`: lossless H.264 of random noise (which does not compress)."""
+    rng = np.random.default_rng(seed)
+    per_frame = side * side * 1.5
+    count = int(megabytes * 1024 * 1024 / per_frame) + 2
+    with av.open(str(path), "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=fps, options={"preset": "ultrafast", "qp": "0"})
+        stream.width = stream.height = side
+        stream.pix_fmt = "yuv420p"
+        for i in range(count):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8), format="rgb24")
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return Path(path)

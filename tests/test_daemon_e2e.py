@@ -66,7 +66,7 @@ def test_one_audio_and_three_portraits_make_three_videos(daemon, media, tmp_path
     os.rename(staging, daemon.inbox / "batch")
     job = daemon.wait_job("batch")
     assert job.state == "done"
-    outs = sorted(p.name for p in (daemon.folder("outputs") / "batch").iterdir())
+    outs = sorted(p.name for p in (daemon.folder("outputs") / "batch").glob("*.mp4"))
     assert outs == ["anna.mp4", "ben.mp4", "carl.mp4"]
     for name in outs:
         assert_playable(daemon.folder("outputs") / "batch" / name, 2.0)

@@ -38,7 +38,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _owner(path: Path) -> str:
+def file_owner(path: Path) -> str:
     uid = os.lstat(path).st_uid
     try:
         return pwd.getpwuid(uid).pw_name
@@ -91,7 +91,7 @@ def inspect_inputs(inbox: str, rels: list[str], limits: Limits, need_face: bool)
             result.problems.append(Problem(rel, f"cannot be read ({exc.strerror})",
                                            "check the file's permissions and drop it again"))
     if rels:
-        result.owner = _owner(Path(inbox) / rels[0])
+        result.owner = file_owner(Path(inbox) / rels[0])
     return result
 
 

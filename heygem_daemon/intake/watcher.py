@@ -66,12 +66,12 @@ class _Forward(FileSystemEventHandler):
 
 
 def start_watcher(inbox: Path, mode: Literal["auto", "inotify", "polling"], poll_interval: float,
-                  touch: Callable[[str | None], None]) -> tuple[BaseObserver, str]:
+                  touch: Callable[[str | None], None], what: str = "inbox") -> tuple[BaseObserver, str]:
     fstype = filesystem_type(inbox)
     chosen = choose_mode(mode, fstype)
     observer: BaseObserver = PollingObserver(timeout=poll_interval) if chosen == "polling" else Observer()
     observer.schedule(_Forward(touch), str(inbox), recursive=True)
     observer.daemon = True
     observer.start()
-    log.info("watching inbox", inbox=str(inbox), mode=chosen, fstype=fstype)
+    log.info(f"watching {what}", folder=str(inbox), mode=chosen, fstype=fstype)
     return observer, chosen

@@ -1,0 +1,384 @@
+"""The one place that talks to S3: client set-up, resumable multipart upload, streamed upload, bucket hygiene.
+
+Uploads resume from the store: the UploadId is recorded before the first part and every part as it
+completes, so after a crash ListParts tells which parts the server holds and only the others are sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import mimetypes
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import boto3
+from botocore.client import BaseClient
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+
+from heygem_daemon import metrics
+from heygem_daemon.checks import Check
+from heygem_daemon.config import S3, Config, Lifecycle
+from heygem_daemon.log import get_logger
+from heygem_daemon.secrets import get_secret
+from heygem_daemon.store import Delivery, Part, Store
+
+log = get_logger("heygem.s3")
+MiB = 1024 * 1024
+READ_CHUNK = MiB
+# systemd `LoadCredential=` files; the boto3 chain (env, ~/.aws, instance role) is used when they are absent.
+CREDENTIAL_FILES = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+LIFECYCLE_RULE_ID = "heygem-daemon"
+# Errors that no retry can fix: the operator must change credentials, the bucket or a policy.
+ALERT_CODES = frozenset({
+    "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket", "ExpiredToken",
+    "InvalidToken", "AllAccessDisabled", "AccountProblem", "InvalidBucketName", "PermanentRedirect",
+    "AuthorizationHeaderMalformed",
+})
+
+
+class Stopping(Exception):
+    """The daemon is stopping: an upload leaves off between parts and resumes on the next start."""
+
+
+class S3Failure(Exception):
+    """An S3 problem in words: retryable ones wait and go again; the others also alert the operator."""
+
+    def __init__(self, reason: str, hint: str, retryable: bool, code: str = "") -> None:
+        super().__init__(reason)
+        self.reason, self.hint, self.retryable, self.code = reason, hint, retryable, code
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"stage": "deliver", "reason": self.reason, "hint": self.hint, "code": self.code}
+
+
+def describe(exc: Exception, bucket: str) -> S3Failure:
+    """Sort an exception from boto3 into retry-later or tell-the-operator."""
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return S3Failure("no S3 credentials found", "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws, an "
+                         "instance role, or systemd credentials aws_access_key_id/aws_secret_access_key", False,
+                         "NoCredentials")
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        if status >= 500 or code in ("SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable"):
+            return S3Failure(f"S3 answered {status} {code}", "the service is struggling; retrying", True, code)
+        if code == "NoSuchBucket":
+            return S3Failure(f"bucket {bucket!r} does not exist", "create it or fix s3.bucket / s3.endpoint_url",
+                             False, code)
+        if code in ALERT_CODES or status == 403:
+            return S3Failure(f"S3 refused access to bucket {bucket!r} ({code or status})",
+                             "check the credentials and the bucket policy (PutObject, GetObject, "
+                             "ListMultipartUploadParts, AbortMultipartUpload)", False, code or str(status))
+        return S3Failure(f"S3 refused the request: {code} {err.get('Message', '')}".strip(),
+                         "check the s3 section of config.yaml", False, code)
+    if isinstance(exc, BotoCoreError):
+        return S3Failure(f"cannot reach S3 ({type(exc).__name__})", "network or endpoint down; retrying", True,
+                         type(exc).__name__)
+    return S3Failure(f"unexpected {type(exc).__name__}: {exc}", "see the daemon log; retrying", True,
+                     type(exc).__name__)
+
+
+def systemd_credentials(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Keys from $CREDENTIALS_DIRECTORY (systemd LoadCredential=), read at start, never logged. Without
+    them boto3's own chain (environment, ~/.aws, instance role) applies."""
+    found = {name: get_secret(name, None, environ) for name in CREDENTIAL_FILES}
+    return {name: value for name, value in found.items() if value}
+
+
+def make_client(s3: S3, environ: dict[str, str] | None = None) -> BaseClient:
+    config = BotoConfig(
+        signature_version="s3v4",
+        s3={"addressing_style": s3.addressing_style},
+        # botocore's standard mode: exponential backoff with jitter on 5xx, throttling and dropped connections.
+        retries={"mode": "standard", "max_attempts": 4},
+        connect_timeout=s3.connect_timeout,
+        read_timeout=s3.read_timeout,
+        max_pool_connections=max(10, 2 * s3.max_concurrency),
+        # Newer botocore adds CRC32 trailers by default, which MinIO/OSS/Ceph versions reject; Content-MD5 is
+        # understood everywhere, so checksums are sent explicitly instead.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    session = boto3.session.Session(**systemd_credentials(environ))
+    return session.client("s3", endpoint_url=s3.endpoint_url or None, region_name=s3.region or None, config=config)
+
+
+class Throttle:
+    """Caps the upload rate of all threads together (s3.max_bandwidth_mb_s) so a shared uplink stays usable."""
+
+    def __init__(self, mb_per_second: float) -> None:
+        self.rate = mb_per_second * MiB
+        self._next = time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> None:
+        if not self.rate:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + nbytes / self.rate
+        if start > now:
+            time.sleep(start - now)
+
+
+@dataclass(frozen=True)
+class Uploaded:
+    etag: str
+    sha256: str
+    sent_bytes: int
+    """Bytes sent in this call: less than the size when a resumed upload skipped parts the server had."""
+
+
+def _md5(data: bytes) -> tuple[str, str]:
+    digest = hashlib.md5(data, usedforsecurity=False).digest()
+    return digest.hex(), base64.b64encode(digest).decode()
+
+
+def _content_type(path: Path) -> str:
+    return mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+
+
+class Uploader:
+    def __init__(self, client: BaseClient, settings: S3, store: Store, throttle: Throttle,
+                 stopping: threading.Event) -> None:
+        self.client, self.settings, self.store, self.throttle = client, settings, store, throttle
+        self.stopping = stopping
+        self.bucket = settings.bucket
+        self.part_size = settings.part_size_mb * MiB
+
+    def upload(self, d: Delivery) -> Uploaded:
+        path = Path(d.path)
+        size = path.stat().st_size
+        if size <= self.part_size:
+            return self._put(d, path)
+        return self._multipart(d, path)
+
+    def _put(self, d: Delivery, path: Path) -> Uploaded:
+        data = path.read_bytes()  # at most one part size
+        _, md5_b64 = _md5(data)
+        self.throttle.take(len(data))
+        resp = self.client.put_object(Bucket=self.bucket, Key=d.key, Body=data, ContentMD5=md5_b64,
+                                      ContentType=_content_type(path))
+        metrics.BYTES_UPLOADED.inc(len(data))
+        return Uploaded(resp["ETag"], hashlib.sha256(data).hexdigest(), len(data))
+
+    def _multipart(self, d: Delivery, path: Path) -> Uploaded:
+        upload_id, held = self._resume(d)
+        sha = hashlib.sha256()
+        parts: dict[int, Part] = {}
+        in_flight: dict[Future[Part], int] = {}
+        sent = 0
+        # Parts go out s3.part_concurrency at a time (memory: that many parts); each is recorded as it lands.
+        with open(path, "rb") as fh, ThreadPoolExecutor(self.settings.part_concurrency) as pool:
+            number = 0
+            while chunk := fh.read(self.part_size):
+                number += 1
+                sha.update(chunk)  # parts the server holds are read too: the file's sha256 covers all bytes
+                have = held.get(number)
+                if have is not None and have.size == len(chunk) and have.md5 == _md5(chunk)[0]:
+                    parts[number] = have
+                    continue
+                if self.stopping.is_set():
+                    raise Stopping(d.key)
+                while len(in_flight) >= self.settings.part_concurrency:
+                    parts.update(self._record_parts(d, in_flight))
+                self.throttle.take(len(chunk))
+                in_flight[pool.submit(self._send_part, d.key, upload_id, number, chunk)] = number
+                sent += len(chunk)
+            while in_flight:
+                parts.update(self._record_parts(d, in_flight))
+        resp = self.client.complete_multipart_upload(
+            Bucket=self.bucket, Key=d.key, UploadId=upload_id,
+            MultipartUpload={"Parts": [{"PartNumber": n, "ETag": parts[n].etag} for n in sorted(parts)]})
+        return Uploaded(resp["ETag"], sha.hexdigest(), sent)
+
+    def _send_part(self, key: str, upload_id: str, number: int, chunk: bytes) -> Part:
+        md5_hex, md5_b64 = _md5(chunk)  # hashed here, in parallel: hashlib lets go of the GIL
+        resp = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                                       Body=chunk, ContentMD5=md5_b64)
+        metrics.BYTES_UPLOADED.inc(len(chunk))
+        return Part(number, resp["ETag"], len(chunk), md5_hex, time.time())
+
+    def _record_parts(self, d: Delivery, in_flight: dict[Future[Part], int]) -> dict[int, Part]:
+        """Wait for at least one part in flight to land and record it; the store hears of each part once sent."""
+        done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+        landed: dict[int, Part] = {}
+        for future in done:
+            del in_flight[future]
+            part = future.result()
+            self.store.add_part(d.id, part)
+            landed[part.number] = part
+        return landed
+
+    def _resume(self, d: Delivery) -> tuple[str, dict[int, Part]]:
+        """The upload to continue and the parts the server confirms; a vanished upload starts over."""
+        if d.upload_id is None:
+            return self._create(d), {}
+        try:
+            on_server = self._server_parts(d.key, d.upload_id)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                raise
+            log.warning("multipart upload gone from the server; starting over", key=d.key)
+            return self._create(d), {}
+        stored = {p.number: p for p in self.store.parts(d.id)}
+        held: dict[int, Part] = {}
+        for number, (etag, size) in on_server.items():
+            mine = stored.get(number)
+            if mine is not None and mine.etag == etag:
+                held[number] = mine
+            elif _plain_md5(etag):
+                # Sent just before a crash, before the store heard of it: a plain ETag is the part's MD5.
+                held[number] = Part(number, etag, size, etag.strip('"'), time.time())
+                self.store.add_part(d.id, held[number])
+        self.store.forget_parts(d.id, [n for n in stored if n not in held])
+        log.info("resuming multipart upload", key=d.key, parts_on_server=len(held))
+        return d.upload_id, held
+
+    def _server_parts(self, key: str, upload_id: str) -> dict[int, tuple[str, int]]:
+        found: dict[int, tuple[str, int]] = {}
+        for page in self.client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=key, UploadId=upload_id):
+            for p in page.get("Parts", []):
+                found[int(p["PartNumber"])] = (p["ETag"], int(p["Size"]))
+        return found
+
+    def _create(self, d: Delivery) -> str:
+        resp = self.client.create_multipart_upload(Bucket=self.bucket, Key=d.key, ContentType=_content_type(Path(d.path)))
+        self.store.start_upload(d.id, resp["UploadId"])
+        return resp["UploadId"]
+
+
+def _plain_md5(etag: str) -> bool:
+    tag = etag.strip('"')
+    return len(tag) == 32 and all(c in "0123456789abcdef" for c in tag.lower())
+
+
+class StreamUpload:
+    """A write-only file object that sends what is written as a multipart upload, one part at a time.
+
+    Memory stays at one part size whatever the total; nothing touches the disk.
+    """
+
+    def __init__(self, client: BaseClient, bucket: str, key: str, part_size: int, throttle: Throttle,
+                 stopping: threading.Event, on_started: Callable[[str], None],
+                 content_type: str = "application/zip") -> None:
+        self.client, self.bucket, self.key, self.part_size, self.throttle = client, bucket, key, part_size, throttle
+        self.stopping = stopping
+        self.upload_id = client.create_multipart_upload(Bucket=bucket, Key=key, ContentType=content_type)["UploadId"]
+        on_started(self.upload_id)
+        self._buf = bytearray()
+        self._parts: list[dict[str, Any]] = []
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self._buf += data
+        self.size += len(data)
+        while len(self._buf) >= self.part_size:
+            self._send(bytes(self._buf[:self.part_size]))
+            del self._buf[:self.part_size]
+        return len(data)
+
+    def flush(self) -> None:
+        """Parts go out only when full: S3 refuses parts under 5 MiB except the last."""
+
+    def _send(self, chunk: bytes) -> None:
+        if self.stopping.is_set():
+            raise Stopping(self.key)
+        self.throttle.take(len(chunk))
+        number = len(self._parts) + 1
+        resp = self.client.upload_part(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
+                                       PartNumber=number, Body=chunk, ContentMD5=_md5(chunk)[1])
+        metrics.BYTES_UPLOADED.inc(len(chunk))
+        self._parts.append({"PartNumber": number, "ETag": resp["ETag"]})
+
+    def finish(self) -> str:
+        if self._buf or not self._parts:
+            self._send(bytes(self._buf))
+            self._buf.clear()
+        resp = self.client.complete_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
+                                                     MultipartUpload={"Parts": self._parts})
+        return str(resp["ETag"])
+
+    def abort(self) -> None:
+        abort_upload(self.client, self.bucket, self.key, self.upload_id)
+
+
+def abort_upload(client: BaseClient, bucket: str, key: str, upload_id: str) -> None:
+    try:
+        client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
+            raise
+
+
+def delete_object(client: BaseClient, bucket: str, key: str) -> None:
+    client.delete_object(Bucket=bucket, Key=key)
+
+
+def abort_stale_uploads(client: BaseClient, bucket: str, prefix: str, known: set[str], older_than_hours: float,
+                        now: datetime | None = None) -> list[tuple[str, str]]:
+    """Abort multipart uploads under `prefix` older than the limit that the store does not know.
+
+    Parts of an abandoned upload are billed until aborted; uploads the store knows are resumable and kept.
+    Returns (key, upload_id) of each upload aborted.
+    """
+    now = now or datetime.now(timezone.utc)
+    aborted: list[tuple[str, str]] = []
+    pages = client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix)
+    for page in pages:
+        for up in page.get("Uploads", []):
+            age_hours = (now - up["Initiated"]).total_seconds() / 3600
+            if up["UploadId"] in known or age_hours < older_than_hours:
+                continue
+            abort_upload(client, bucket, up["Key"], up["UploadId"])
+            aborted.append((up["Key"], up["UploadId"]))
+            log.info("aborted a stale multipart upload", key=up["Key"], age_hours=round(age_hours, 1))
+    return aborted
+
+
+def lifecycle_rule(settings: Lifecycle, prefix: str) -> dict[str, Any]:
+    rule: dict[str, Any] = {"ID": LIFECYCLE_RULE_ID, "Status": "Enabled", "Filter": {"Prefix": prefix}}
+    if settings.transition_ia_days is not None:
+        rule["Transitions"] = [{"Days": settings.transition_ia_days, "StorageClass": "STANDARD_IA"}]
+    if settings.expire_days is not None:
+        rule["Expiration"] = {"Days": settings.expire_days}
+    if settings.abort_incomplete_days is not None:
+        rule["AbortIncompleteMultipartUpload"] = {"DaysAfterInitiation": settings.abort_incomplete_days}
+    return rule
+
+
+def apply_lifecycle(client: BaseClient, bucket: str, rule: dict[str, Any]) -> list[dict[str, Any]]:
+    """Put our rule on the bucket, replacing only the rule with our ID: the owner's other rules stay."""
+    try:
+        existing = client.get_bucket_lifecycle_configuration(Bucket=bucket).get("Rules", [])
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") != "NoSuchLifecycleConfiguration":
+            raise
+        existing = []
+    rules = [r for r in existing if r.get("ID") != rule["ID"]] + [rule]
+    client.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": rules})
+    log.info("bucket lifecycle rule applied", bucket=bucket, rule=rule["ID"], other_rules=len(rules) - 1)
+    return rules
+
+
+def s3_checks(cfg: Config) -> list[Check]:
+    """`heygem-daemon doctor` lines: credentials found and the bucket answers (HeadBucket; nothing written)."""
+    s3 = cfg.s3
+    if not s3.enabled:
+        return [Check("s3", True, "off (s3.bucket is empty): local-only delivery")]
+    where = f"bucket {s3.bucket!r} at {s3.endpoint_url or 'AWS'}"
+    try:
+        make_client(s3).head_bucket(Bucket=s3.bucket)
+    except Exception as exc:  # every failure becomes a line with its fix
+        failure = describe(exc, s3.bucket)
+        return [Check("s3", False, f"{where}: {failure.reason}", failure.hint)]
+    return [Check("s3", True, f"{where} reachable with the configured credentials")]

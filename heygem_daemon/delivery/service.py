@@ -1,0 +1,394 @@
+"""Delivery: finished videos -> upload (or local-only) -> links.json -> batch zip -> one report per batch.
+
+One thread watches outputs/ and decides; a pool of s3.max_concurrency threads uploads files and builds
+zips. Every step is recorded in the store first, so a restart carries on where the last run stopped,
+and a batch is handed to `on_report` once (the store remembers it was reported).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+from heygem_daemon.config import Config
+from heygem_daemon.delivery.audit import AuditLog
+from heygem_daemon.delivery.links import LINKS_JSON, LinkEntry, iso_utc, presign_get, write_links
+from heygem_daemon.delivery.names import object_key, static_prefix, zip_name
+from heygem_daemon.delivery.outputs import OutputsWatcher
+from heygem_daemon.delivery.report import BatchReport, Problem, VideoLink
+from heygem_daemon.delivery.s3 import (
+    MiB, S3Failure, Stopping, StreamUpload, Throttle, Uploader, abort_stale_uploads, abort_upload, apply_lifecycle,
+    describe, lifecycle_rule, make_client,
+)
+from heygem_daemon.delivery.zipper import write_local_zip, write_zip
+from heygem_daemon.intake.inspect import file_owner, sha256_file
+from heygem_daemon.intake.watcher import start_watcher
+from heygem_daemon.log import get_logger
+from heygem_daemon.media.duration import container_seconds
+from heygem_daemon.store import Batch, Delivery, Job, Store, backoff_delay
+
+log = get_logger("heygem.delivery")
+ENDED = ("linked", "missing")
+IDLE_WAIT = 1.0
+
+OnReport = Callable[[BatchReport], None]
+OnAlert = Callable[[str, str], None]
+
+
+def log_report(report: BatchReport) -> None:
+    """Default hand-off until notifications are wired: one log line (names and counts, never links)."""
+    log.info("batch reported", job_id=report.job_id, job=report.job_name, videos=len(report.videos),
+             failed=len(report.failed), zip=report.zip_name, ok=report.ok)
+
+
+def log_alert(key: str, message: str) -> None:
+    log.error("operator alert", alert=key, message=message)
+
+
+class DeliveryService:
+    def __init__(self, cfg: Config, store: Store, on_report: OnReport = log_report,
+                 on_alert: OnAlert = log_alert) -> None:
+        self.cfg, self.store = cfg, store
+        self.settings = cfg.s3
+        self.outputs = cfg.folder("outputs")
+        self.on_report, self.on_alert = on_report, on_alert
+        self.stopping = threading.Event()
+        self.wake = threading.Event()
+        self.watcher = OutputsWatcher(self.outputs, cfg.watcher)
+        self.audit = AuditLog(cfg.folder("logs"))
+        self.throttle = Throttle(self.settings.max_bandwidth_mb_s)
+        self.client = make_client(self.settings) if self.settings.enabled else None
+        self.uploader = Uploader(self.client, self.settings, store, self.throttle, self.stopping) if self.client else None
+        self.pool = ThreadPoolExecutor(self.settings.max_concurrency, thread_name_prefix="deliver")
+        self._busy: set[str] = set()
+        self._busy_lock = threading.Lock()
+        self._known = store.delivery_paths()
+        self._thread: threading.Thread | None = None
+        self._observer: Any = None
+
+    # --- life cycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.store.wake_deliveries()
+        self._observer, mode = start_watcher(self.outputs, self.cfg.watcher.mode, self.cfg.watcher.poll_interval,
+                                             self._touch, what="outputs")
+        self._thread = threading.Thread(target=self._run, name="delivery", daemon=True)
+        self._thread.start()
+        log.info("delivery ready", upload="s3" if self.client else "local-only", bucket=self.settings.bucket or None,
+                 watch_mode=mode)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        self.stopping.set()
+        self.wake.set()
+        if self._observer is not None:
+            self._observer.stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _touch(self, path: str | None) -> None:
+        self.watcher.touch(path)
+        self.wake.set()
+
+    def _run(self) -> None:
+        if self.client is not None and self.settings.lifecycle.wanted:
+            self._guard("lifecycle", self._apply_lifecycle)
+        while not self.stopping.is_set():
+            try:
+                self._step()
+            except Exception:
+                log.exception("delivery step failed; will try again")
+            self.wake.wait(IDLE_WAIT)
+            self.wake.clear()
+
+    def _guard(self, what: str, fn: Callable[[], Any]) -> None:
+        try:
+            fn()
+        except Exception as exc:
+            self._failed(what, exc, lambda _f: None)
+
+    # --- the decisions (delivery thread) ----------------------------------------------------------
+
+    def _step(self) -> None:
+        for rel, size in self.watcher.step(time.monotonic(), lambda r: str(self.outputs / r) in self._known):
+            self._register(self.outputs / rel, size)
+        now = time.time()
+        for job in self.store.jobs_to_report():
+            batch = self._job_batch(job)
+            if self._job_batch_ended(batch, job, now):
+                self._submit(f"b:{batch.id}", self._finish_batch, batch, job)
+        for d in self.store.due_deliveries(now):
+            self._submit(f"d:{d.id}", self._deliver, d)
+        quiet = self.cfg.delivery.adhoc_quiet_seconds
+        for batch in self.store.open_adhoc_batches():
+            files = self.store.deliveries(batch.id)
+            if (batch.not_before <= now and files and all(d.state in ENDED for d in files)
+                    and now - max(d.created_at for d in files) >= quiet):
+                self._submit(f"b:{batch.id}", self._finish_batch, batch, None)
+
+    def _register(self, path: Path, size: int) -> Delivery | None:
+        """A settled video becomes a delivery: tied to its task when our engine made it, ad hoc otherwise."""
+        task = self.store.task_by_output(str(path))
+        rel_to_outputs = path.relative_to(self.outputs)
+        if task is not None:
+            job = self.store.job(task.job_id)
+            batch = self.store.ensure_batch(job.id, job.name, job.name, job.id)
+        else:
+            folder = rel_to_outputs.parts[0] if len(rel_to_outputs.parts) > 1 else ""
+            batch = self.store.open_adhoc_batch(folder) or self.store.ensure_batch(
+                f"adhoc-{os.urandom(6).hex()}", folder or path.stem, folder, None)
+        rel = str(path.relative_to(self.outputs / batch.folder)) if batch.folder else path.name
+        key = object_key(self.settings.key_prefix, batch.name, rel, time.time())
+        d = self.store.add_delivery(batch.id, str(path), rel, size, key, task.id if task else None)
+        self._known.add(str(path))
+        if d is not None:
+            log.info("video to deliver", job_id=batch.job_id, batch=batch.name, file=rel, size=size,
+                     adhoc=task is None)
+        return d
+
+    def _job_batch(self, job: Job) -> Batch:
+        batch = self.store.ensure_batch(job.id, job.name, job.name, job.id)
+        if batch.state == "reported" and (batch.round_at or 0) < (job.finished_at or 0):
+            # Finished again after `retry`: a new round with its own zip and report.
+            self.store.reopen_batch(batch.id)
+            batch = self.store.batch(batch.id)  # type: ignore[assignment]
+        return batch
+
+    def _job_batch_ended(self, batch: Batch, job: Job, now: float) -> bool:
+        if batch.not_before > now:
+            return False
+        for task in self.store.tasks(job.id, ("done",)):
+            if task.output not in self._known and Path(task.output).is_file():
+                # Our engine's outputs are complete when the task is done: no need to wait for the watcher.
+                self._register(Path(task.output), Path(task.output).stat().st_size)
+        return all(d.state in ENDED for d in self.store.deliveries(batch.id))
+
+    def _submit(self, tag: str, fn: Callable[..., None], *args: Any) -> None:
+        with self._busy_lock:
+            if tag in self._busy:
+                return
+            self._busy.add(tag)
+
+        def run() -> None:
+            try:
+                fn(*args)
+            except Stopping:
+                pass
+            except Exception:
+                log.exception("delivery work failed; will try again", work=tag)
+            finally:
+                with self._busy_lock:
+                    self._busy.discard(tag)
+                self.wake.set()
+
+        self.pool.submit(run)
+
+    # --- one file (pool threads) -----------------------------------------------------------------
+
+    def _deliver(self, d: Delivery) -> None:
+        d = self.store.delivery(d.id)
+        if d.state not in ("pending", "uploading"):
+            return
+        try:
+            if self.uploader is not None:
+                up = self.uploader.upload(d)
+                self.store.finish_upload(d.id, up.etag, up.sha256)
+                log.info("video uploaded", file=d.rel, key=d.key, size=d.size, sent=up.sent_bytes)
+            else:
+                self.store.finish_upload(d.id, None, sha256_file(Path(d.path)))
+        except FileNotFoundError:
+            self.store.delivery_retry(d.id, {"stage": "deliver", "reason": "the video vanished from outputs/",
+                                             "hint": "it was moved or deleted before it could be sent"},
+                                      0, state="missing")
+            log.warning("video vanished before delivery", file=d.path)
+            return
+        except Stopping:
+            raise
+        except Exception as exc:
+            self._failed(f"upload of {d.rel}", exc, lambda f: self._retry_later(d, f))
+            return
+        self.store.mark_linked([d.id])
+        batch = self.store.batch(d.batch_id)
+        assert batch is not None
+        self._write_links(batch)
+        self._audit("delivery", batch, [self.store.delivery(d.id)])
+
+    def _retry_later(self, d: Delivery, failure: S3Failure) -> None:
+        self.store.delivery_retry(d.id, failure.as_dict(), time.time() + self._delay(failure, d.attempts + 1))
+
+    def _delay(self, failure: S3Failure, attempt: int) -> float:
+        if not failure.retryable:
+            return self.settings.alert_retry_seconds
+        return backoff_delay(attempt, self.settings.retry_seconds, self.settings.retry_max_seconds)
+
+    def _failed(self, what: str, exc: Exception, later: Callable[[S3Failure], None]) -> None:
+        failure = describe(exc, self.settings.bucket)
+        later(failure)
+        if failure.retryable:
+            # A traceback only for what is not an S3 answer or a network error: that would be our bug.
+            log.warning("delivery failed; will retry", what=what, reason=failure.reason, hint=failure.hint,
+                        exc_info=failure.reason.startswith("unexpected"))
+            return
+        log.error("delivery blocked; operator must act", what=what, reason=failure.reason, hint=failure.hint)
+        self.on_alert(f"s3:{failure.code}:{self.settings.bucket}",
+                      f"{failure.reason}. {failure.hint}. Videos stay in {self.outputs} and are sent once fixed.")
+
+    # --- one batch (pool threads) ----------------------------------------------------------------
+
+    def _finish_batch(self, batch: Batch, job: Job | None) -> None:
+        batch = self.store.batch(batch.id)  # type: ignore[assignment]
+        if batch.state == "reported":
+            return
+        videos = [d for d in self.store.deliveries(batch.id) if d.state == "linked"]
+        when = (job.finished_at if job else None) or time.time()
+        if videos and batch.state == "open":
+            try:
+                self._zip(batch, videos, when)
+            except Stopping:
+                raise
+            except Exception as exc:
+                self._failed(f"zip of {batch.name}", exc, lambda f: self.store.batch_retry(
+                    batch.id, f.as_dict(), time.time() + self._delay(f, batch.attempts + 1)))
+                return
+            batch = self.store.batch(batch.id)  # type: ignore[assignment]
+        report = self._report(batch, job, videos)
+        self._write_links(batch)
+        self.on_report(report)
+        self.store.mark_reported(batch.id, job.finished_at if job else None)
+
+    def _zip(self, batch: Batch, videos: list[Delivery], when: float) -> None:
+        name = zip_name(batch.name, when)
+        files = [(Path(d.path), d.rel) for d in videos]
+        if self.client is None:
+            size = write_local_zip(files, self._links_dir(batch) / name)
+            self.store.set_batch_zip(batch.id, name, "", None)
+        else:
+            if batch.zip_upload_id:  # a zip cut short by a crash: its parts are useless, start again
+                abort_upload(self.client, self.settings.bucket, batch.zip_key or "", batch.zip_upload_id)
+            key = object_key(self.settings.key_prefix, batch.name, name, time.time())
+            stream = StreamUpload(self.client, self.settings.bucket, key, self.settings.part_size_mb * MiB,
+                                  self.throttle, self.stopping, lambda uid: self.store.set_batch_zip(batch.id, name, key, uid))
+            try:
+                write_zip(files, stream)  # type: ignore[arg-type]
+                stream.finish()
+            except BaseException:
+                self._quietly(stream.abort)
+                raise
+            size = stream.size
+        self.store.batch_zipped(batch.id, size)
+        zipped = self.store.batch(batch.id)
+        assert zipped is not None
+        log.info("batch zipped", job_id=batch.job_id, batch=batch.name, zip=name, files=len(files), size=size)
+        self._audit("zip", zipped, videos)
+
+    @staticmethod
+    def _quietly(fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception:  # the stale-upload sweep removes what this could not
+            log.warning("could not abort an unfinished zip upload", exc_info=True)
+
+    def _report(self, batch: Batch, job: Job | None, videos: list[Delivery]) -> BatchReport:
+        entries = {e.file: e for e in self._entries(videos)}
+        links = [VideoLink(name=d.rel, size=d.size, sha256=d.sha256 or "", duration=container_seconds(Path(d.path)),
+                           url=entries[d.rel].link, local_path=d.path) for d in videos]
+        zip_entry = self._zip_entry(batch)
+        return BatchReport(
+            job_id=batch.job_id or batch.id, job_name=batch.name, videos=links, failed=self._problems(batch, job),
+            zip_name=batch.zip_name, zip_url=zip_entry.link if zip_entry else None,
+            expires_at=(time.time() + self._expiry()) if self.client else None,
+        )
+
+    def _problems(self, batch: Batch, job: Job | None) -> list[Problem]:
+        problems = [Problem(d.rel, (d.last_error or {}).get("reason", "not delivered"),
+                            (d.last_error or {}).get("hint", "")) for d in self.store.deliveries(batch.id)
+                    if d.state == "missing"]
+        if job is None or job.state != "failed":
+            return problems
+        tasks = self.store.tasks(job.id, ("failed",))
+        for t in tasks:
+            err = t.last_error or {}
+            problems.append(Problem(f"{t.name} ({t.portrait} + {t.audio})", err.get("reason", ""), err.get("hint", "")))
+        if not tasks:  # refused at intake: the problems are in the job's error record
+            for p in (job.error or {}).get("problems", []):
+                problems.append(Problem(p.get("file", ""), p.get("reason", ""), p.get("hint", "")))
+        return problems
+
+    # --- links and audit ---------------------------------------------------------------------------
+
+    def _expiry(self) -> int:
+        return int(self.settings.link_expiry_hours * 3600)
+
+    def _link(self, key: str, filename: str) -> tuple[str | None, str | None]:
+        if self.client is None:
+            return None, None
+        url = presign_get(self.client, self.settings.bucket, key, filename, self._expiry())
+        return url, iso_utc(time.time() + self._expiry())
+
+    def _entries(self, deliveries: list[Delivery]) -> list[LinkEntry]:
+        out = []
+        for d in deliveries:
+            link, expires = self._link(d.key, d.rel)
+            out.append(LinkEntry(d.rel, d.size, d.path, d.sha256, d.key if self.client else None, link, expires))
+        return out
+
+    def _zip_entry(self, batch: Batch) -> LinkEntry | None:
+        if not batch.zip_name or batch.state == "open":
+            return None
+        path = self._links_dir(batch) / batch.zip_name
+        link, expires = self._link(batch.zip_key, batch.zip_name) if batch.zip_key else (None, None)
+        return LinkEntry(batch.zip_name, batch.zip_size or 0, str(path), None, batch.zip_key or None, link, expires)
+
+    def _links_dir(self, batch: Batch) -> Path:
+        return self.outputs / batch.folder if batch.folder else self.outputs
+
+    def _write_links(self, batch: Batch) -> None:
+        """links.json lists every delivered video of the folder (whichever batch brought it) and the zip."""
+        linked = [d for d in self.store.deliveries(folder=batch.folder) if d.state == "linked"]
+        if not batch.folder:
+            linked = [d for d in linked if d.batch_id == batch.id]
+        if not linked:  # a job that made no video gets no outputs/ folder (its name stays free for a retry)
+            return
+        stem = LINKS_JSON.removesuffix(".json") if batch.folder else f"{batch.name}.links"
+        write_links(self._links_dir(batch), stem, batch.name, self._entries(linked), self._zip_entry(batch))
+
+    def _audit(self, event: str, batch: Batch, deliveries: list[Delivery]) -> None:
+        job = self.store.job(batch.job_id) if batch.job_id else None
+        if event == "zip":
+            entry = self._zip_entry(batch)
+            keys, links, size = [batch.zip_key or ""], [entry.link if entry else None], batch.zip_size or 0
+        else:
+            keys = [d.key for d in deliveries] if self.client else []
+            links = [e.link for e in self._entries(deliveries)]
+            size = sum(d.size for d in deliveries)
+        self.audit.record(event, job=batch.name, job_id=batch.job_id, owner=job.owner if job else self._owner(
+            deliveries), dropped_at=job.created_at if job else None, files=len(deliveries), total_bytes=size,
+            keys=keys if self.client else [], links=links if self.client else [d.path for d in deliveries])
+
+    @staticmethod
+    def _owner(deliveries: list[Delivery]) -> str | None:
+        """Who wrote a video another tool left in outputs/: the file's owner, as intake records for drops."""
+        try:
+            return file_owner(Path(deliveries[0].path))
+        except (IndexError, OSError):
+            return None
+
+    # --- bucket hygiene ----------------------------------------------------------------------------
+
+    def _apply_lifecycle(self) -> None:
+        assert self.client is not None
+        lc = self.settings.lifecycle
+        apply_lifecycle(self.client, self.settings.bucket,
+                        lifecycle_rule(lc, lc.prefix or static_prefix(self.settings.key_prefix)))
+
+    def abort_stale_uploads(self, older_than_hours: float) -> list[tuple[str, str]]:
+        """For the cleanup schedule: abandoned multipart uploads under our prefix (unknown to the store)."""
+        if self.client is None:
+            return []
+        return abort_stale_uploads(self.client, self.settings.bucket, static_prefix(self.settings.key_prefix),
+                                   self.store.known_upload_ids(), older_than_hours)
+

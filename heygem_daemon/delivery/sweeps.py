@@ -1,0 +1,46 @@
+"""Delivery's cleanup sweeps (scheduled by cleanup.py): local copies of uploaded videos, expired zips,
+abandoned multipart uploads. A video that is not yet in the bucket is never touched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from heygem_daemon.cleanup import DAY, HOUR, Sweep
+from heygem_daemon.delivery.names import static_prefix
+from heygem_daemon.delivery.s3 import abort_stale_uploads, delete_object, make_client
+
+
+def uploaded_outputs(sweep: Sweep) -> None:
+    """Local videos already linked from the bucket, older than cleanup.outputs_days. In local-only mode
+    nothing is ever uploaded, so outputs/ stays as it is (the local files are the delivery)."""
+    if not sweep.cfg.s3.enabled:
+        return
+    for d in sweep.store.uploaded_deliveries(sweep.now - sweep.cfg.cleanup.outputs_days * DAY):
+        sweep.remove(Path(d.path))
+
+
+def expired_zips(sweep: Sweep) -> None:
+    """Batch zips whose link has expired (s3.link_expiry_hours after they were made): the bucket object
+    when uploading, the local file otherwise. The videos themselves stay."""
+    expiry = sweep.cfg.s3.link_expiry_hours * HOUR
+    client = make_client(sweep.cfg.s3) if sweep.cfg.s3.enabled else None
+    outputs = sweep.cfg.folder("outputs")
+    for batch in sweep.store.zipped_batches(sweep.now - expiry):
+        assert batch.zip_name is not None
+        if batch.zip_key and client is not None:
+            delete_object(client, sweep.cfg.s3.bucket, batch.zip_key)
+            sweep.removed.append(f"s3://{sweep.cfg.s3.bucket}/{batch.zip_key}")
+        elif not batch.zip_key:
+            sweep.remove(outputs / batch.folder / batch.zip_name)
+        sweep.store.forget_zip(batch.id)
+
+
+def stale_uploads(sweep: Sweep) -> None:
+    """Multipart uploads under our prefix that the store does not know, older than
+    cleanup.stale_upload_hours: their parts are billed until aborted and nothing will ever finish them."""
+    s3 = sweep.cfg.s3
+    if not s3.enabled:
+        return
+    aborted = abort_stale_uploads(make_client(s3), s3.bucket, static_prefix(s3.key_prefix),
+                                  sweep.store.known_upload_ids(), sweep.cfg.cleanup.stale_upload_hours)
+    sweep.removed.extend(f"upload {key} ({upload_id})" for key, upload_id in aborted)

@@ -1,0 +1,70 @@
+"""One stored (uncompressed) zip of a batch's videos, written front to back into any stream.
+
+zipfile writes to a stream it cannot seek with data descriptors after each entry, and switches to
+zip64 by itself for entries or archives over 4 GiB, so the zip can go straight into an S3 multipart
+upload: memory holds one copy buffer, never the archive. MP4 is already compressed, so deflate would
+only burn CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from heygem_daemon.delivery.names import safe_relpath
+
+COPY_BUFFER = 1024 * 1024
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip header can hold
+
+
+def entry_names(rels: list[str]) -> list[str]:
+    """Sanitised, unique entry names: no `..`, nothing absolute; clashes get ` (2)`, ` (3)`..."""
+    seen: set[str] = set()
+    names = []
+    for rel in rels:
+        name = safe_relpath(rel)
+        stem, suffix, n = PurePosixPath(name).with_suffix(""), PurePosixPath(name).suffix, 1
+        while name.casefold() in seen:
+            n += 1
+            name = f"{stem} ({n}){suffix}"
+        seen.add(name.casefold())
+        names.append(name)
+    return names
+
+
+def _info(path: Path, name: str) -> zipfile.ZipInfo:
+    st = path.stat()
+    stamp = max(time.localtime(st.st_mtime)[:6], ZIP_EPOCH)
+    info = zipfile.ZipInfo(name, date_time=stamp)
+    info.compress_type = zipfile.ZIP_STORED
+    info.file_size = st.st_size  # known up front, so zipfile picks zip64 for big entries by itself
+    info.external_attr = 0o644 << 16
+    return info
+
+
+def write_zip(files: list[tuple[Path, str]], out: BinaryIO) -> None:
+    """Write (path, name-in-batch) pairs as a stored zip into `out`, which need not be seekable."""
+    names = entry_names([rel for _, rel in files])
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for (path, _), name in zip(files, names):
+            with open(path, "rb") as src, zf.open(_info(path, name), "w") as dst:
+                shutil.copyfileobj(src, dst, COPY_BUFFER)
+
+
+def write_local_zip(files: list[tuple[Path, str]], dest: Path) -> int:
+    """The zip beside the videos (local-only mode), renamed into place only once complete. Returns its size."""
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            write_zip(files, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest.stat().st_size

@@ -1,0 +1,205 @@
+"""The S3 side of delivery against a real moto server process: uploads, links, zips, bucket hygiene."""
+
+import hashlib
+import io
+import threading
+import urllib.request
+import zipfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from botocore.exceptions import ClientError
+
+from heygem_daemon.config import S3, ConfigError, Lifecycle, load_config
+from heygem_daemon.delivery.links import content_disposition, presign_get
+from heygem_daemon.delivery.s3 import (
+    MiB, StreamUpload, Throttle, Uploader, abort_stale_uploads, apply_lifecycle, describe, lifecycle_rule, make_client,
+)
+from heygem_daemon.delivery.zipper import entry_names, write_zip
+from heygem_daemon.intake.inspect import sha256_file
+from heygem_daemon.store import Store
+from media_factory import write_noise_video, write_portrait_video
+from s3_server import credentials_env, free_port
+
+
+@pytest.fixture
+def bucket(moto_server):
+    return moto_server.new_bucket()
+
+
+@pytest.fixture
+def settings(moto_server, bucket, monkeypatch) -> S3:
+    for k, v in credentials_env().items():
+        monkeypatch.setenv(k, v)
+    return S3(**moto_server.s3_settings(bucket, part_size_mb=5))
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    return Store(tmp_path / "heygem.db")
+
+
+def _delivery(store: Store, path: Path, key: str):
+    store.ensure_batch("job1", "job1", "job1", None)
+    return store.add_delivery("job1", str(path), path.name, path.stat().st_size, key, None)
+
+
+def _uploader(settings: S3, store: Store) -> Uploader:
+    return Uploader(make_client(settings), settings, store, Throttle(0), threading.Event())
+
+
+def test_multipart_upload_records_each_part_and_the_object_matches_the_file(settings, store, tmp_path, moto_server):
+    video = write_noise_video(tmp_path / "big.mp4", 12)
+    d = _delivery(store, video, "day/job1/tok/big.mp4")
+    up = _uploader(settings, store).upload(d)
+    assert up.sha256 == sha256_file(video) and up.sent_bytes == video.stat().st_size
+    parts = store.parts(d.id)
+    expected = -(-video.stat().st_size // (5 * MiB))
+    assert expected >= 3 and [p.number for p in parts] == list(range(1, expected + 1))
+    assert sum(p.size for p in parts) == video.stat().st_size
+    body = moto_server.client().get_object(Bucket=settings.bucket, Key=d.key)["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == up.sha256
+
+
+def test_resume_sends_only_the_parts_the_server_does_not_hold(settings, store, tmp_path, moto_server):
+    video = write_noise_video(tmp_path / "big.mp4", 16)
+    d = _delivery(store, video, "day/job1/tok/big.mp4")
+    client = moto_server.client()
+    upload_id = client.create_multipart_upload(Bucket=settings.bucket, Key=d.key)["UploadId"]
+    store.start_upload(d.id, upload_id)
+    first_two = video.read_bytes()[: 10 * MiB]
+    for n in (1, 2):  # as if a run before a crash had sent two parts (the store heard of neither)
+        client.upload_part(Bucket=settings.bucket, Key=d.key, UploadId=upload_id, PartNumber=n,
+                           Body=first_two[(n - 1) * 5 * MiB: n * 5 * MiB])
+    up = _uploader(settings, store).upload(store.delivery(d.id))
+    assert up.sent_bytes == video.stat().st_size - 10 * MiB
+    sent = sorted(n for u, n in moto_server.part_puts(settings.bucket) if u == upload_id)
+    assert sent == list(range(1, len(store.parts(d.id)) + 1))  # each part once: 1 and 2 only before the "crash"
+    body = client.get_object(Bucket=settings.bucket, Key=d.key)["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == sha256_file(video)
+
+
+def test_an_upload_gone_from_the_server_starts_over(settings, store, tmp_path, moto_server):
+    video = write_noise_video(tmp_path / "big.mp4", 6)
+    d = _delivery(store, video, "day/job1/tok/big.mp4")
+    store.start_upload(d.id, "an-upload-the-server-aborted")
+    up = _uploader(settings, store).upload(store.delivery(d.id))
+    assert up.sent_bytes == video.stat().st_size
+    assert store.delivery(d.id).upload_id != "an-upload-the-server-aborted"
+    head = moto_server.client().head_object(Bucket=settings.bucket, Key=d.key)
+    assert head["ContentLength"] == video.stat().st_size and head["ContentType"] == "video/mp4"
+
+
+def test_missing_bucket_is_an_operator_problem_not_a_retry(settings, store, tmp_path):
+    video = write_portrait_video(tmp_path / "a.mp4", 0.4)
+    missing = settings.model_copy(update={"bucket": "no-such-bucket"})
+    with pytest.raises(ClientError) as err:
+        _uploader(missing, store).upload(_delivery(store, video, "k/a.mp4"))
+    failure = describe(err.value, "no-such-bucket")
+    assert not failure.retryable and "does not exist" in failure.reason and "s3.bucket" in failure.hint
+
+
+def test_endpoint_down_is_retryable(store, tmp_path, monkeypatch):
+    for k, v in credentials_env().items():
+        monkeypatch.setenv(k, v)
+    down = S3(bucket="b", endpoint_url=f"http://127.0.0.1:{free_port()}", region="us-east-1", connect_timeout=1)
+    video = write_portrait_video(tmp_path / "a.mp4", 0.4)
+    with pytest.raises(Exception) as err:
+        _uploader(down, store).upload(_delivery(store, video, "k/a.mp4"))
+    assert describe(err.value, "b").retryable
+
+
+def test_systemd_credentials_are_used_when_present(moto_server, bucket, tmp_path, monkeypatch):
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "aws_access_key_id").write_text("from-systemd\n")
+    (creds / "aws_secret_access_key").write_text("secret-from-systemd\n")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    client = make_client(S3(**moto_server.s3_settings(bucket)), environ={"CREDENTIALS_DIRECTORY": str(creds)})
+    url = client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": "k"})
+    assert "X-Amz-Credential=from-systemd%2F" in url
+
+
+def test_presigned_link_downloads_the_bytes_and_names_the_file(settings, moto_server, tmp_path):
+    video = write_portrait_video(tmp_path / "a.mp4", 0.4)
+    key = "day/job/tok/Grüße Anna.mp4"
+    moto_server.client().put_object(Bucket=settings.bucket, Key=key, Body=video.read_bytes())
+    url = presign_get(make_client(settings), settings.bucket, key, "Grüße Anna.mp4", 3600)
+    assert "X-Amz-Signature" in url and "X-Amz-Expires=3600" in url
+    with urllib.request.urlopen(url) as resp:
+        assert resp.read() == video.read_bytes()
+        assert resp.headers["Content-Disposition"] == content_disposition("Grüße Anna.mp4")
+    assert content_disposition("Grüße Anna.mp4") == (
+        "attachment; filename=\"Grue Anna.mp4\"; filename*=UTF-8''Gr%C3%BC%C3%9Fe%20Anna.mp4")
+    assert content_disposition("alice.mp4") == 'attachment; filename="alice.mp4"'
+
+
+def test_streamed_zip_upload_unzips_to_the_batch_names(settings, moto_server, tmp_path):
+    a = write_noise_video(tmp_path / "a.mp4", 6)
+    b = write_portrait_video(tmp_path / "b.mp4", 0.4)
+    started = []
+    stream = StreamUpload(make_client(settings), settings.bucket, "z/batch.zip", 5 * MiB, Throttle(0),
+                          threading.Event(), started.append)
+    write_zip([(a, "a.mp4"), (b, "sub/b.mp4")], stream)  # type: ignore[arg-type]
+    stream.finish()
+    assert started == [stream.upload_id]
+    body = moto_server.client().get_object(Bucket=settings.bucket, Key="z/batch.zip")["Body"].read()
+    assert len(body) == stream.size
+    with zipfile.ZipFile(io.BytesIO(body)) as zf:
+        assert zf.namelist() == ["a.mp4", "sub/b.mp4"]
+        assert all(i.compress_type == zipfile.ZIP_STORED for i in zf.infolist())
+        assert zf.read("a.mp4") == a.read_bytes() and zf.read("sub/b.mp4") == b.read_bytes()
+
+
+def test_zip_entry_names_never_escape_the_archive():
+    names = entry_names(["../../etc/passwd.mp4", "/abs/x.mp4", "C:\\win\\y.mp4", "a/./b/../c.mp4", "x.mp4",
+                         "X.mp4"])
+    assert names == ["etc/passwd.mp4", "abs/x.mp4", "win/y.mp4", "a/b/c.mp4", "x.mp4", "X (2).mp4"]
+    with pytest.raises(ValueError):
+        entry_names([".."])
+
+
+def test_lifecycle_rule_is_merged_with_the_rules_already_on_the_bucket(settings, moto_server):
+    client = moto_server.client()
+    theirs = {"ID": "owners-logs", "Status": "Enabled", "Filter": {"Prefix": "logs/"}, "Expiration": {"Days": 3}}
+    client.put_bucket_lifecycle_configuration(Bucket=settings.bucket, LifecycleConfiguration={"Rules": [theirs]})
+    ours = lifecycle_rule(Lifecycle(transition_ia_days=30, expire_days=60, abort_incomplete_days=7), "")
+    apply_lifecycle(make_client(settings), settings.bucket, ours)
+    apply_lifecycle(make_client(settings), settings.bucket, ours)  # again at the next start: still one of ours
+    rules = {r["ID"]: r for r in client.get_bucket_lifecycle_configuration(Bucket=settings.bucket)["Rules"]}
+    assert sorted(rules) == ["heygem-daemon", "owners-logs"]
+    assert rules["owners-logs"]["Expiration"] == {"Days": 3}
+    assert rules["heygem-daemon"]["Transitions"][0] == {"Days": 30, "StorageClass": "STANDARD_IA"}
+    assert rules["heygem-daemon"]["AbortIncompleteMultipartUpload"] == {"DaysAfterInitiation": 7}
+
+
+def test_abort_stale_uploads_aborts_only_old_uploads_the_store_does_not_know(settings, moto_server):
+    client = moto_server.client()
+    known = client.create_multipart_upload(Bucket=settings.bucket, Key="heygem/a.mp4")["UploadId"]
+    unknown = client.create_multipart_upload(Bucket=settings.bucket, Key="heygem/b.mp4")["UploadId"]
+    elsewhere = client.create_multipart_upload(Bucket=settings.bucket, Key="other/c.mp4")["UploadId"]
+    initiated = client.list_multipart_uploads(Bucket=settings.bucket)["Uploads"][0]["Initiated"]
+    young = abort_stale_uploads(make_client(settings), settings.bucket, "heygem/", {known}, 48, now=initiated)
+    assert young == []
+    aborted = abort_stale_uploads(make_client(settings), settings.bucket, "heygem/", {known}, 48,
+                                  now=datetime.now(timezone.utc))
+    assert aborted == [("heygem/b.mp4", unknown)]
+    left = {u["UploadId"] for u in client.list_multipart_uploads(Bucket=settings.bucket)["Uploads"]}
+    assert left == {known, elsewhere}
+
+
+def test_link_expiry_above_seven_days_is_refused_at_config_load(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("s3:\n  bucket: videos\n  link_expiry_hours: 200\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={}, prepare=False)
+    assert "s3.link_expiry_hours" in str(err.value) and "168" in str(err.value)
+
+
+def test_key_template_without_a_random_token_is_refused(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("s3:\n  key_prefix: '{date}/{job}/{file}'\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={}, prepare=False)
+    assert "s3.key_prefix" in str(err.value) and "{token}" in str(err.value)
