@@ -29,6 +29,7 @@ test: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/intake.py
 	$(BIN)/python bench/preview.py
+	$(BIN)/python bench/wav2lip.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -291,3 +291,15 @@ def test_doctor_names_a_missing_checkpoint_and_the_fix(tmp_path: Path) -> None:
 def test_doctor_says_when_a_configured_gpu_is_not_visible() -> None:
     check = Wav2LipEngine.doctor(Wav2LipEngine.Settings(), ["cuda:0"])[1]
     assert not check.ok and "CUDA not available" in check.detail and "workers.devices" in check.fix
+
+
+def test_the_commented_example_in_config_yaml_is_valid_when_uncommented() -> None:
+    import yaml
+
+    text = (Path(__file__).resolve().parent.parent / "config.yaml").read_text()
+    block = text[text.index("  # wav2lip:"):].splitlines()
+    lines = [line.replace("# ", "", 1) for line in block if line.startswith(("  # wav2lip:", "  #   "))]
+    example = yaml.safe_load("\n".join(line[2:] for line in lines))["wav2lip"]
+    settings = Wav2LipEngine.Settings.model_validate(example)
+    assert set(example) == set(Wav2LipEngine.Settings.model_fields)  # every setting is documented
+    assert settings.checkpoint == Path("/srv/heygem/models/wav2lip_gan.pth")
