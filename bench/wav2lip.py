@@ -25,6 +25,7 @@ from pathlib import Path
 import av
 import cv2
 import numpy as np
+import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +48,31 @@ from heygem_daemon.media.writer import Mp4Writer  # noqa: E402
 from media_factory import PORTRAIT_JPG, video_facts, write_portrait_video, write_speech_wav  # noqa: E402
 
 REFERENCE_BATCH = 128
+
+
+class PeakRss:
+    """Largest growth of this process's resident memory while running (sampled every 20 ms)."""
+
+    def __init__(self) -> None:
+        self.process = psutil.Process()
+        self.start = self.peak = self.process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __str__(self) -> str:
+        return f"peak RSS +{(self.peak - self.start) / 2**20:.0f} MiB"
 
 
 class GpuSampler:
@@ -189,20 +215,22 @@ def main() -> None:
               f"engine batch {predictor.batch_size}")
 
         serial_task = _task(tmp, "serial", audio, portrait, preset, args.device)
-        serial_s, stages = serial_reference(serial_task, model, device, predictor.half, settings)
+        with PeakRss() as serial_rss:
+            serial_s, stages = serial_reference(serial_task, model, device, predictor.half, settings)
         frames = video_facts(serial_task.output).frames
         engine_task = _task(tmp, "engine", audio, portrait, preset, args.device)
-        with GpuSampler(device) as gpu:
+        with GpuSampler(device) as gpu, PeakRss() as engine_rss:
             start = time.perf_counter()
             engine.generate(engine_task, lambda _f: None)
             engine_s = time.perf_counter() - start
         assert video_facts(engine_task.output).frames == frames
 
-        print(f"serial (reference shape): {frames} frames in {serial_s:6.2f} s = {frames / serial_s:7.1f} frames/s")
+        print(f"serial (reference shape): {frames} frames in {serial_s:6.2f} s = {frames / serial_s:7.1f} frames/s"
+              f", {serial_rss}")
         for stage, seconds in stages.items():
             print(f"    {stage:<22} {seconds:6.2f} s")
         print(f"pipelined engine:         {frames} frames in {engine_s:6.2f} s = {frames / engine_s:7.1f} frames/s"
-              f"{gpu.summary()}")
+              f", {engine_rss}{gpu.summary()}")
         print(f"ratio engine/serial: {serial_s / engine_s:.2f}x   realtime factor: {args.seconds / engine_s:.1f}x")
         if predictor.half is not None:
             full = Predictor.load(checkpoint, args.device, False, True, None)

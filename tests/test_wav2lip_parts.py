@@ -3,6 +3,7 @@ cache, the stage pipeline, out-of-memory halving, settings, encoder choice and d
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -303,3 +304,14 @@ def test_the_commented_example_in_config_yaml_is_valid_when_uncommented() -> Non
     settings = Wav2LipEngine.Settings.model_validate(example)
     assert set(example) == set(Wav2LipEngine.Settings.model_fields)  # every setting is documented
     assert settings.checkpoint == Path("/srv/heygem/models/wav2lip_gan.pth")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_a_cuda_worker_without_cuda_fails_the_task_with_the_setting_to_change(tmp_path: Path,
+                                                                              portrait_jpg: Path) -> None:
+    path = save_checkpoint(Wav2Lip(), tmp_path / "wav2lip.pth")
+    task = _task(tmp_path, portrait_jpg)
+    engine = Wav2LipEngine(Wav2LipEngine.Settings(checkpoint=path))
+    with pytest.raises(SetupError, match="cuda:0 is configured but .* no CUDA device") as err:
+        engine.generate(dataclasses.replace(task, device="cuda:0"), lambda _f: None)
+    assert "workers.devices" in err.value.hint and not err.value.retryable

@@ -13,6 +13,7 @@ import torch
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from heygem_daemon.engines.wav2lip.checkpoint import load_checkpoint
+from heygem_daemon.engines.wav2lip.engine import SetupError
 from heygem_daemon.engines.wav2lip.face_batch import prepare_faces, to_frames
 from heygem_daemon.engines.wav2lip.model import ConvTransposeUnit, ConvUnit, Wav2Lip
 from heygem_daemon.log import get_logger
@@ -43,14 +44,16 @@ class HalvingBatches:
             stop = min(total, start + self.size)
             try:
                 out.append(fn(start, stop))
+                start = stop
+                continue
             except RuntimeError as exc:
                 if not is_out_of_memory(exc) or self.size == 1:
                     raise
-                self.size //= 2
-                self.on_shrink()
-                log.warning("out of memory; batch halved", batch=self.size)
-                continue
-            start = stop
+            # Outside the except block: the traceback no longer pins the failed batch's tensors,
+            # so on_shrink can hand their memory back.
+            self.size //= 2
+            self.on_shrink()
+            log.warning("out of memory; batch halved", batch=self.size)
         return out
 
 
@@ -88,6 +91,9 @@ class Predictor:
     def load(cls, checkpoint: Path, device: str, fp16: bool | None, channels_last: bool,
              batch_size: int | None) -> Predictor:
         dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise SetupError(f"{device} is configured but torch {torch.__version__} sees no CUDA device",
+                             hint="install the CUDA build of torch and check nvidia-smi, or set workers.devices: [cpu]")
         model = fold_batch_norm(load_checkpoint(checkpoint, dev))
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
