@@ -31,6 +31,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/preview.py
 	$(BIN)/python bench/upload.py
 	$(BIN)/python bench/zip.py
+	$(BIN)/python bench/wav2lip.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -136,7 +136,8 @@ def sweep_work(sweep: Sweep) -> None:
     cutoff = sweep.now - sweep.cfg.cleanup.temp_hours * HOUR
     work = sweep.cfg.folder("work")
     for entry in os.scandir(work):
-        if not entry.is_dir(follow_symlinks=False) or not _older(entry.path, cutoff):
+        # Dot folders are engine caches (work/.cache/wav2lip-boxes), not jobs; they expire themselves.
+        if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False) or not _older(entry.path, cutoff):
             continue
         state = sweep.store.job_state(entry.name)
         if state is None or state in TERMINAL_JOB_STATES:

@@ -12,6 +12,7 @@ from heygem_daemon.engines.base import Engine
 
 ENGINES: dict[str, str] = {
     "preview": "heygem_daemon.engines.preview:PreviewEngine",
+    "wav2lip": "heygem_daemon.engines.wav2lip.engine:Wav2LipEngine",
     "heygem": "heygem_daemon.engines.heygem:HeygemEngine",
     "command": "heygem_daemon.engines.command:CommandEngine",
 }

@@ -54,12 +54,16 @@ class PortraitFrames:
         """Source frame k (read-only view: copy before drawing on it)."""
         return self.frames[k]
 
-    def for_output(self, i: int, fps: float | None = None) -> np.ndarray:
-        """The frame shown at output frame i; with `fps`, source timing is kept rather than one-to-one."""
+    def index_for_output(self, i: int, fps: float | None = None) -> int:
+        """Which source frame is shown at output frame i; with `fps`, source timing is kept rather than one-to-one."""
         k = i
         if fps is not None and self.source_fps is not None:
             k = int(i * self.source_fps / fps + 1e-6)
-        return self.frame(ping_pong_index(k, self.count))
+        return ping_pong_index(k, self.count)
+
+    def for_output(self, i: int, fps: float | None = None) -> np.ndarray:
+        """The frame shown at output frame i (see index_for_output)."""
+        return self.frame(self.index_for_output(i, fps))
 
 
 def _resize(bgr: np.ndarray, size: tuple[int, int]) -> np.ndarray:

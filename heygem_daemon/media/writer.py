@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
@@ -32,6 +33,7 @@ class Mp4Writer:
         audio: AudioClip | None,
         audio_bitrate: int,
         x264_preset: str = "veryfast",
+        codec: str = "libx264",
     ) -> None:
         self.path = Path(path)
         self.frames_written = 0
@@ -43,7 +45,9 @@ class Mp4Writer:
             str(self.path), mode="w", format="mp4", container_options={"movflags": "+faststart"}
         )
         try:
-            self._video = self._container.add_stream("libx264", rate=fps, options={"preset": x264_preset})
+            # x264 presets name speed/size trade-offs that other H.264 encoders (h264_nvenc) do not know.
+            options = {"preset": x264_preset} if codec == "libx264" else {}
+            self._video = self._container.add_stream(codec, rate=fps, options=options)
             self._video.width, self._video.height = width, height
             self._video.pix_fmt = "yuv420p"
             self._video.bit_rate = video_bitrate
@@ -120,3 +124,18 @@ class Mp4Writer:
             pass  # the file is being deleted; a failed trailer write does not matter
         finally:
             self.path.unlink(missing_ok=True)
+
+
+@functools.lru_cache(maxsize=None)
+def encoder_usable(codec: str) -> bool:
+    """Whether this FFmpeg build has `codec` and it opens here (h264_nvenc also needs an NVIDIA GPU and driver)."""
+    if codec not in av.codecs_available:
+        return False
+    ctx = av.CodecContext.create(codec, "w")
+    ctx.width, ctx.height, ctx.pix_fmt = 256, 256, "yuv420p"
+    ctx.time_base = Fraction(1, 25)
+    try:
+        ctx.open()
+    except (av.FFmpegError, OSError):
+        return False
+    return True

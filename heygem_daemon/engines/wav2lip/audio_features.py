@@ -37,6 +37,8 @@ __all__ = [
     "chunk_starts",
     "frame_count",
     "mel_chunks",
+    "chunks_at",
+    "melspectrogram_long",
 ]
 
 SAMPLE_RATE = 16000
@@ -247,8 +249,41 @@ def mel_chunks(mel: torch.Tensor, fps: float) -> torch.Tensor:
     """
     if mel.dim() != 2:
         raise ValueError(f"mel must be (n_mels, T), got shape {tuple(mel.shape)}")
-    t = int(mel.shape[1])
-    starts = torch.from_numpy(chunk_starts(t, fps)).to(mel.device)
+    return chunks_at(mel, chunk_starts(int(mel.shape[1]), fps))
+
+
+def chunks_at(mel: torch.Tensor, starts: np.ndarray) -> torch.Tensor:
+    """The (1, 80, 16) windows of ``mel`` (80, T) beginning at ``starts``: (len(starts), 1, 80, 16).
+
+    Lets a long clip be cut one batch of frames at a time instead of holding every chunk at once."""
     windows = mel.unfold(1, MEL_STEP_SIZE, 1)  # (80, T - 15, 16), a view
-    chunks = windows.index_select(1, starts)  # (80, N, 16)
+    chunks = windows.index_select(1, torch.as_tensor(starts, dtype=torch.int64, device=mel.device))
     return chunks.permute(1, 0, 2).unsqueeze(1).contiguous()
+
+
+# Frames at a segment's start whose STFT window reaches its cut (zero padding, pre-emphasis of its first
+# sample); they are computed again, with their true context, by the segment before.
+_SEGMENT_LEAD = 3
+SEGMENT_FRAMES = 6000  # 75 s of audio: about 40 MB of float64 STFT per segment
+
+
+def melspectrogram_long(
+    wav: np.ndarray, device: str | torch.device = "cpu", segment_frames: int = SEGMENT_FRAMES
+) -> torch.Tensor:
+    """``melspectrogram(wav)`` for audio of any length, computed ``segment_frames`` columns at a time.
+
+    The whole-clip STFT of an hour of speech would take gigabytes (float64, 401 bins); each segment
+    is cut with enough context that its columns are the ones the whole-clip computation gives."""
+    n = len(wav)
+    total = 1 + n // HOP_LENGTH
+    if total <= segment_frames:
+        return melspectrogram(wav, device)
+    parts = []
+    for first in range(0, total, segment_frames):
+        count = min(segment_frames, total - first)
+        lead = min(first, _SEGMENT_LEAD)
+        start = (first - lead) * HOP_LENGTH
+        # The last kept column's window ends N_FFT // 2 samples after its centre.
+        stop = min(n, start + (lead + count - 1) * HOP_LENGTH + N_FFT // 2)
+        parts.append(melspectrogram(wav[start:stop], device)[:, lead : lead + count])
+    return torch.cat(parts, dim=1)
