@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from heygem_daemon.cleanup import DAY, HOUR, Cleanup, Sweep, sweep_archive, sweep_rows, sweep_temp, sweep_work
+from heygem_daemon.cleanup import DAY, HOUR, SWEEPS, Cleanup, Sweep, sweep_archive, sweep_rows, sweep_temp, sweep_work
 from heygem_daemon.config import load_config
 from heygem_daemon.store import NewTask, Store
 
@@ -153,8 +153,9 @@ def test_runs_missed_while_down_happen_once_at_start(cfg, store):
     now = time.time()
     store.record_cleanup_run("temp", now - 10 * HOUR, 0, 0)  # every hour: ten runs missed
     store.record_cleanup_run("work", now - 10 * HOUR, 0, 0)
-    store.record_cleanup_run("archive", now - HOUR, 0, 0)  # every day: not due yet
-    store.record_cleanup_run("rows", now - HOUR, 0, 0)
+    for job in SWEEPS:
+        if job.name not in ("temp", "work"):
+            store.record_cleanup_run(job.name, now - HOUR, 0, 0)  # every few hours or daily: not due yet
     old_part = write(cfg.folder("outputs") / "x" / "x.mp4.part", age_from_later=LATER + 3 * HOUR)
     runs: list[str] = []
     cleanup = Cleanup(cfg, store, clock=lambda: now)
@@ -183,9 +184,19 @@ def test_a_first_start_runs_every_sweep_once_and_reload_drops_a_switched_off_one
     cleanup = Cleanup(cfg, store)
     cleanup.start()
     try:
-        wait_until(lambda: len(store.cleanup_runs()) == 4, "all four sweeps to run")
-        assert sorted(j.id for j in cleanup.scheduler.get_jobs()) == ["archive", "rows", "temp", "work"]
+        names = sorted(job.name for job in SWEEPS)
+        wait_until(lambda: sorted(store.cleanup_runs()) == names, "every sweep to run")
+        assert sorted(j.id for j in cleanup.scheduler.get_jobs()) == names
         cleanup.apply(cfg.model_copy(update={"cleanup": cfg.cleanup.model_copy(update={"rows_every_hours": 0})}))
-        assert sorted(j.id for j in cleanup.scheduler.get_jobs()) == ["archive", "temp", "work"]
+        assert sorted(j.id for j in cleanup.scheduler.get_jobs()) == [n for n in names if n != "rows"]
     finally:
         cleanup.stop()
+
+
+def test_work_sweep_keeps_engine_caches(cfg, store):
+    cache = write(cfg.folder("work") / ".cache" / "wav2lip-boxes" / "0123.npy", age_from_later=LATER)
+    orphan = write(cfg.folder("work") / "unknown-job" / "a.wav", age_from_later=LATER)
+    os.utime(orphan.parent, (time.time() - DAY, time.time() - DAY))
+    os.utime(cache.parent.parent, (time.time() - DAY, time.time() - DAY))
+    sweep_work(sweep(cfg, store))
+    assert cache.exists() and not orphan.exists()

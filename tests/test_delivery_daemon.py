@@ -21,6 +21,7 @@ from daemon_harness import DaemonHarness
 from heygem_daemon.delivery.links import content_disposition
 from heygem_daemon.intake.inspect import sha256_file
 from media_factory import FIXTURES, PORTRAIT_JPG, write_noise_video, write_portrait_video, write_speech_wav
+from notify_receiver import Receiver
 from s3_server import MotoServer, credentials_env
 
 FAST_DELIVERY: dict[str, Any] = {"delivery": {"adhoc_quiet_seconds": 1}}
@@ -79,12 +80,20 @@ def fetch(url: str) -> tuple[bytes, Any]:
 
 
 @pytest.fixture(scope="module")
-def uploading(moto_server, tmp_path_factory):
+def chat():
+    receiver = Receiver().start()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture(scope="module")
+def uploading(moto_server, chat, tmp_path_factory):
     env = pytest.MonkeyPatch()
     for k, v in credentials_env().items():
         env.setenv(k, v)
     bucket = moto_server.new_bucket()
-    harness = DaemonHarness(tmp_path_factory.mktemp("uploading") / "base", s3_overrides(moto_server, bucket))
+    overrides = {**s3_overrides(moto_server, bucket), "notify": {"urls": [chat.url()]}}
+    harness = DaemonHarness(tmp_path_factory.mktemp("uploading") / "base", overrides)
     harness.bucket = bucket  # type: ignore[attr-defined]
     yield harness.start()
     harness.stop()
@@ -136,6 +145,25 @@ def test_a_batch_is_uploaded_linked_zipped_and_reported_once(uploading, moto_ser
     audit_text = (uploading.folder("logs") / "audit.log").read_text()
     assert "X-Amz" not in audit_text and "Signature" not in audit_text and "testing-secret" not in audit_text
     assert "X-Amz-Signature=" not in uploading.log_text()
+
+
+def test_a_delivered_batch_sends_one_chat_message_with_every_link(uploading, chat, tmp_path):
+    src = tmp_path / "chatty"
+    src.mkdir()
+    write_speech_wav(src / "speech.wav", 1.0)
+    shutil.copy(PORTRAIT_JPG, src / "one.jpg")
+    shutil.copy(PORTRAIT_JPG, src / "two.jpg")
+    os.rename(src, uploading.inbox / "chatty")
+    job = uploading.wait_job("chatty")
+    wait_reported(uploading, job.id)
+    links = json.loads((uploading.folder("outputs") / "chatty" / "links.json").read_text())
+    [message] = chat.wait_delivered(1, containing="chatty")
+    for entry in links["files"]:
+        assert entry["link"] in message.text
+    assert links["zip"]["link"] in message.text
+    uploading.wait_for(lambda: all(n.state == "sent" for n in uploading.store().notifications(job.id)), 30,
+                       "the outbox to mark the message sent")
+    assert len(chat.delivered(containing="chatty")) == 1
 
 
 def test_a_video_another_tool_writes_into_outputs_is_delivered(uploading, moto_server, tmp_path):
