@@ -150,7 +150,7 @@ def test_a_batch_is_uploaded_linked_zipped_and_reported_once(uploading, moto_ser
 def test_a_delivered_batch_sends_one_chat_message_with_every_link(uploading, chat, tmp_path):
     src = tmp_path / "chatty"
     src.mkdir()
-    write_speech_wav(src / "speech.wav", 1.0)
+    write_speech_wav(src / "speech.wav", 1.3)  # other content than the batch above, or it is a duplicate
     shutil.copy(PORTRAIT_JPG, src / "one.jpg")
     shutil.copy(PORTRAIT_JPG, src / "two.jpg")
     os.rename(src, uploading.inbox / "chatty")
@@ -240,14 +240,18 @@ def test_s3_down_for_a_while_then_back_delivers_everything(aws_env, tmp_path):
 
 
 def test_missing_bucket_alerts_the_operator_keeps_the_video_and_delivers_after_restart(moto_server, aws_env,
-                                                                                        tmp_path):
+                                                                                        chat, tmp_path):
     bucket = f"missing-{uuid.uuid4().hex[:8]}"
-    harness = DaemonHarness(tmp_path / "base", s3_overrides(moto_server, bucket, alert_retry_seconds=600))
+    overrides = {**s3_overrides(moto_server, bucket, alert_retry_seconds=600),
+                 "notify": {"operator_urls": [chat.url("/operator")]}}
+    harness = DaemonHarness(tmp_path / "base", overrides)
     harness.start()
     try:
         dest = other_tool_writes(harness, "nob", "clip.mp4", write_portrait_video(tmp_path / "clip.mp4", 0.6))
         alert = harness.wait_for(lambda: log_events(harness, "operator alert"), 60, "an operator alert")[0]
         assert alert["alert"] == f"s3:NoSuchBucket:{bucket}" and "does not exist" in alert["message"]
+        [message] = chat.wait_delivered(1, path="/operator", containing=bucket)
+        assert "does not exist" in message.text
         d = harness.store().delivery_at(str(dest))
         assert d.state == "pending" and "s3.bucket" in d.last_error["hint"] and dest.is_file()
         assert harness.store().batch(d.batch_id).state == "open"  # not reported while a video is stuck

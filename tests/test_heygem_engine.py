@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from config_examples import commented_engine_example
 from heygem_daemon.config import DEFAULT_PRESETS, ConfigError, load_config
 from heygem_daemon.engines.base import BadInputError, EngineError, TaskSpec
+from heygem_daemon.engines.command import CommandEngine
 from heygem_daemon.engines.heygem import HeygemEngine
 from heygem_daemon.engines.heygem.client import HeygemClient
 from heygem_daemon.engines.heygem.pool import ServicePool
@@ -149,11 +151,8 @@ def test_a_service_that_is_not_an_http_url_is_a_config_error(tmp_path):
         settings_for(load_config(path, environ={}, prepare=False), "heygem")
 
 
-def test_the_commented_engine_examples_in_config_yaml_are_valid(tmp_path):
-    lines = (Path(__file__).parent.parent / "config.yaml").read_text().splitlines()
-    block = [ln.replace("# ", "", 1) for ln in lines if ln.startswith(("  #   ", "  # heygem:", "  # command:"))]
-    path = tmp_path / "config.yaml"
-    path.write_text("engines:\n" + "\n".join(block) + "\n")
-    cfg = load_config(path, environ={}, prepare=False)
-    assert settings_for(cfg, "heygem").services == ["http://127.0.0.1:8383"]
-    assert settings_for(cfg, "command").progress_regex == r"(\d+)%"
+def test_the_commented_engine_examples_in_config_yaml_are_valid():
+    heygem = HeygemEngine.Settings.model_validate(commented_engine_example("heygem"))
+    command = CommandEngine.Settings.model_validate(commented_engine_example("command"))
+    assert heygem.services == ["http://127.0.0.1:8383"]
+    assert command.progress_regex == r"(\d+)%"

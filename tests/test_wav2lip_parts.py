@@ -16,6 +16,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from config_examples import commented_engine_example  # noqa: E402
 from heygem_daemon.config import ConfigError, Preset, load_config  # noqa: E402
 from heygem_daemon.engines.base import BadInputError, TaskSpec  # noqa: E402
 from heygem_daemon.engines.registry import check_engines  # noqa: E402
@@ -295,12 +296,7 @@ def test_doctor_says_when_a_configured_gpu_is_not_visible() -> None:
 
 
 def test_the_commented_example_in_config_yaml_is_valid_when_uncommented() -> None:
-    import yaml
-
-    text = (Path(__file__).resolve().parent.parent / "config.yaml").read_text()
-    block = text[text.index("  # wav2lip:"):].splitlines()
-    lines = [line.replace("# ", "", 1) for line in block if line.startswith(("  # wav2lip:", "  #   "))]
-    example = yaml.safe_load("\n".join(line[2:] for line in lines))["wav2lip"]
+    example = commented_engine_example("wav2lip")
     settings = Wav2LipEngine.Settings.model_validate(example)
     assert set(example) == set(Wav2LipEngine.Settings.model_fields)  # every setting is documented
     assert settings.checkpoint == Path("/srv/heygem/models/wav2lip_gan.pth")

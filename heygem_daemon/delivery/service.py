@@ -40,7 +40,7 @@ OnAlert = Callable[[str, str], None]
 
 
 def log_report(report: BatchReport) -> None:
-    """Default hand-off until notifications are wired: one log line (names and counts, never links)."""
+    """The record of every hand-off: one log line (names and counts, never links)."""
     log.info("batch reported", job_id=report.job_id, job=report.job_name, videos=len(report.videos),
              failed=len(report.failed), zip=report.zip_name, ok=report.ok)
 
@@ -50,8 +50,7 @@ def log_alert(key: str, message: str) -> None:
 
 
 class DeliveryService:
-    def __init__(self, cfg: Config, store: Store, on_report: OnReport = log_report,
-                 on_alert: OnAlert = log_alert) -> None:
+    def __init__(self, cfg: Config, store: Store, on_report: OnReport, on_alert: OnAlert) -> None:
         self.cfg, self.store = cfg, store
         self.settings = cfg.s3
         self.outputs = cfg.folder("outputs")
@@ -234,8 +233,10 @@ class DeliveryService:
                         exc_info=failure.reason.startswith("unexpected"))
             return
         log.error("delivery blocked; operator must act", what=what, reason=failure.reason, hint=failure.hint)
-        self.on_alert(f"s3:{failure.code}:{self.settings.bucket}",
-                      f"{failure.reason}. {failure.hint}. Videos stay in {self.outputs} and are sent once fixed.")
+        key = f"s3:{failure.code}:{self.settings.bucket}"
+        message = f"{failure.reason}. {failure.hint}. Videos stay in {self.outputs} and are sent once fixed."
+        log_alert(key, message)
+        self.on_alert(key, message)
 
     # --- one batch (pool threads) ----------------------------------------------------------------
 
@@ -257,6 +258,7 @@ class DeliveryService:
             batch = self.store.batch(batch.id)  # type: ignore[assignment]
         report = self._report(batch, job, videos)
         self._write_links(batch)
+        log_report(report)
         self.on_report(report)
         self.store.mark_reported(batch.id, job.finished_at if job else None)
 

@@ -7,7 +7,10 @@ from pathlib import Path
 
 from heygem_daemon.cleanup import DAY, HOUR, Sweep
 from heygem_daemon.delivery.names import static_prefix
-from heygem_daemon.delivery.s3 import abort_stale_uploads, delete_object, make_client
+from heygem_daemon.delivery.s3 import abort_stale_uploads, delete_object, describe, make_client
+from heygem_daemon.log import get_logger
+
+log = get_logger("heygem.cleanup")
 
 
 def uploaded_outputs(sweep: Sweep) -> None:
@@ -41,6 +44,11 @@ def stale_uploads(sweep: Sweep) -> None:
     s3 = sweep.cfg.s3
     if not s3.enabled:
         return
-    aborted = abort_stale_uploads(make_client(s3), s3.bucket, static_prefix(s3.key_prefix),
-                                  sweep.store.known_upload_ids(), sweep.cfg.cleanup.stale_upload_hours)
+    try:
+        aborted = abort_stale_uploads(make_client(s3), s3.bucket, static_prefix(s3.key_prefix),
+                                      sweep.store.known_upload_ids(), sweep.cfg.cleanup.stale_upload_hours)
+    except Exception as exc:  # S3 down or refusing: say why in one line; the next run tries again
+        failure = describe(exc, s3.bucket)
+        log.warning("stale upload sweep skipped", reason=failure.reason, hint=failure.hint)
+        return
     sweep.removed.extend(f"upload {key} ({upload_id})" for key, upload_id in aborted)
