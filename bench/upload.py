@@ -31,8 +31,9 @@ from media_factory import write_noise_video  # noqa: E402
 from s3_server import MotoServer, credentials_env  # noqa: E402
 
 
-def settings(server: MotoServer, bucket: str, part_mb: int) -> S3:
-    return S3(**server.s3_settings(bucket, part_size_mb=part_mb))
+def settings(server: MotoServer, bucket: str, part_mb: int, concurrency: int | None = None) -> S3:
+    extra = {"part_concurrency": concurrency} if concurrency else {}
+    return S3(**server.s3_settings(bucket, part_size_mb=part_mb, **extra))
 
 
 def new_delivery(store: Store, video: Path, key: str) -> int:
@@ -42,10 +43,11 @@ def new_delivery(store: Store, video: Path, key: str) -> int:
     return d.id
 
 
-def ours(server: MotoServer, bucket: str, video: Path, part_mb: int, db: Path, key: str) -> float:
+def ours(server: MotoServer, bucket: str, video: Path, part_mb: int, db: Path, key: str,
+         concurrency: int | None) -> float:
     store = Store(db)
     did = new_delivery(store, video, key)
-    s3 = settings(server, bucket, part_mb)
+    s3 = settings(server, bucket, part_mb, concurrency)
     uploader = Uploader(make_client(s3), s3, store, Throttle(0), threading.Event())
     start = time.perf_counter()
     uploader.upload(store.delivery(did))
@@ -91,6 +93,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=float, default=128)
     ap.add_argument("--part-mb", type=int, default=8)
+    ap.add_argument("--part-concurrency", type=int, default=None, help="default: s3.part_concurrency's default")
     args = ap.parse_args()
     os.environ.update(credentials_env())
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -102,11 +105,13 @@ def main() -> None:
             bucket = server.new_bucket()
             boto3_default(server, bucket, video, "warmup.mp4")
             t_boto = min(boto3_default(server, bucket, video, f"boto{i}.mp4") for i in range(2))
-            t_ours = min(ours(server, bucket, video, args.part_mb, tmp / f"s{i}.db", f"ours{i}.mp4") for i in range(2))
+            t_ours = min(ours(server, bucket, video, args.part_mb, tmp / f"s{i}.db", f"ours{i}.mp4",
+                              args.part_concurrency) for i in range(2))
             resent, parts = resent_after_kill(server, bucket, video, args.part_mb, tmp / "kill.db")
         finally:
             server.stop()
-    print(f"file: {size_mb:.0f} MiB real MP4, parts of {args.part_mb} MiB, local moto server")
+    print(f"file: {size_mb:.0f} MiB real MP4, parts of {args.part_mb} MiB "
+          f"({args.part_concurrency or S3().part_concurrency} in flight), local moto server")
     print(f"boto3 upload_file defaults : {size_mb / t_boto:7.1f} MiB/s")
     print(f"ours (resumable, recorded) : {size_mb / t_ours:7.1f} MiB/s   ratio ours/boto3 = {t_boto / t_ours:.2f}")
     print(f"SIGKILL half way + resume  : {resent / MiB:.0f} MiB sent twice ({parts} part(s); goal: at most one)")
