@@ -43,7 +43,7 @@ def folder_checks(cfg: Config) -> Iterable[Check]:
     for key in Folders.model_fields:
         path = cfg.folder(key)
         name = f"folder {key}"
-        fix = f"chown it to the daemon's user, or add it to ReadWritePaths= in the unit"
+        fix = "chown it to the daemon's user, or add it to ReadWritePaths= in the unit"
         if path.is_dir():
             problem = _writable(path)
             yield Check(name, not problem, f"{path}" + (f" is not writable ({problem})" if problem else ""), fix)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from media_factory import FIXTURES, PORTRAIT_JPG
+from media_factory import FIXTURES, PORTRAIT_JPG, write_speech_wav
 
 
 @pytest.fixture
@@ -18,6 +18,12 @@ def portrait_jpg() -> Path:
 @pytest.fixture
 def no_face_jpg() -> Path:
     return FIXTURES / "no_face.jpg"
+
+
+@pytest.fixture(scope="module")
+def voice(tmp_path_factory) -> Path:
+    """One second of speech-like audio, shared by a module's tests."""
+    return write_speech_wav(tmp_path_factory.mktemp("media") / "voice.wav", 1.0)
 
 
 @pytest.fixture(scope="session")

@@ -99,6 +99,11 @@ class DaemonHarness:
         os.rename(tmp, dest)
         return dest
 
+    def drop_pair(self, audio: Path, portrait: Path, stem: str) -> None:
+        """A loose pair: `<stem>.wav` + `<stem>.jpg` in the inbox."""
+        self.drop(audio, f"{stem}.wav")
+        self.drop(portrait, f"{stem}.jpg")
+
     # --- looking at the results ---------------------------------------------------------------
 
     def store(self) -> Store:

@@ -4,7 +4,6 @@ daemon keeps serving everyone else (one daemon runs through this whole module)."
 import json
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -19,11 +18,6 @@ def daemon(tmp_path_factory):
     harness.start()
     yield harness
     harness.stop()
-
-
-@pytest.fixture(scope="module")
-def voice(tmp_path_factory) -> Path:
-    return write_speech_wav(tmp_path_factory.mktemp("media") / "voice.wav", 1.0)
 
 
 def rejected(daemon: DaemonHarness, name: str) -> dict:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from daemon_harness import DaemonHarness
 from heygem_daemon.intake.pairing import safe_name
-from media_factory import PORTRAIT_JPG, video_facts, write_speech_wav
+from media_factory import PORTRAIT_JPG, video_facts
 from test_command_engine import ARGS, WEIRD
 
 
@@ -26,18 +25,8 @@ def daemon(tmp_path_factory):
     harness.stop()
 
 
-@pytest.fixture(scope="module")
-def voice(tmp_path_factory) -> Path:
-    return write_speech_wav(tmp_path_factory.mktemp("media") / "voice.wav", 1.0)
-
-
-def drop_pair(daemon: DaemonHarness, voice: Path, name: str) -> None:
-    daemon.drop(voice, f"{name}.wav")
-    daemon.drop(PORTRAIT_JPG, f"{name}.jpg")
-
-
 def test_a_pair_with_shell_syntax_in_its_name_is_generated_without_running_it(daemon, voice):
-    drop_pair(daemon, voice, WEIRD)
+    daemon.drop_pair(voice, PORTRAIT_JPG, WEIRD)
     name = safe_name(WEIRD)
     assert daemon.wait_job(name).state == "done"
     assert video_facts(daemon.folder("outputs") / name / f"{name}.mp4").has_audio
@@ -47,7 +36,7 @@ def test_a_pair_with_shell_syntax_in_its_name_is_generated_without_running_it(da
 
 
 def test_a_crashing_tool_is_retried_then_the_job_fails_with_its_output_in_error_json(daemon, voice):
-    drop_pair(daemon, voice, "crash-test")
+    daemon.drop_pair(voice, PORTRAIT_JPG, "crash-test")
     job = daemon.wait_job("crash-test")
     assert job.state == "failed"
     (task,) = daemon.store().tasks(job.id)
@@ -58,7 +47,7 @@ def test_a_crashing_tool_is_retried_then_the_job_fails_with_its_output_in_error_
 
 
 def test_a_bad_input_exit_code_fails_the_job_on_the_first_attempt(daemon, voice):
-    drop_pair(daemon, voice, "badinput-test")
+    daemon.drop_pair(voice, PORTRAIT_JPG, "badinput-test")
     job = daemon.wait_job("badinput-test")
     assert job.state == "failed"
     assert [t.attempts for t in daemon.store().tasks(job.id)] == [1]

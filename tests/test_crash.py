@@ -1,7 +1,6 @@
 """SIGKILL the daemon mid-task: after a restart the job finishes exactly once."""
 
 import signal
-import time
 
 import psutil
 

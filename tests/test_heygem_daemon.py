@@ -10,7 +10,7 @@ import pytest
 
 from daemon_harness import DaemonHarness
 from heygem_standin import Group, HeygemStandin
-from media_factory import PORTRAIT_JPG, video_facts, write_portrait_video, write_speech_wav
+from media_factory import PORTRAIT_JPG, video_facts, write_portrait_video
 
 
 @pytest.fixture(scope="module")
@@ -40,22 +40,12 @@ def daemon(tmp_path_factory, services):
     harness.stop()
 
 
-@pytest.fixture(scope="module")
-def voice(tmp_path_factory) -> Path:
-    return write_speech_wav(tmp_path_factory.mktemp("media") / "voice.wav", 1.0)
-
-
-def drop_pair(daemon: DaemonHarness, voice: Path, name: str) -> None:
-    daemon.drop(voice, f"{name}.wav")
-    daemon.drop(PORTRAIT_JPG, f"{name}.jpg")
-
-
 def data_files(services: list[HeygemStandin]) -> list[Path]:
     return list((services[0].data_dir / "temp").iterdir())
 
 
 def test_a_pair_is_delivered_through_the_service_and_the_data_folder_is_left_clean(daemon, services, voice):
-    drop_pair(daemon, voice, "alice")
+    daemon.drop_pair(voice, PORTRAIT_JPG, "alice")
     job = daemon.wait_job("alice")
     assert job.state == "done"
     facts = video_facts(daemon.folder("outputs") / "alice" / "alice.mp4")
@@ -86,7 +76,7 @@ def test_busy_services_are_waited_for_without_failing_the_task(daemon, services,
     for s in services:
         s.occupy()
     try:
-        drop_pair(daemon, voice, "patient")
+        daemon.drop_pair(voice, PORTRAIT_JPG, "patient")
         daemon.wait_for(lambda: len(group.events("busy")) >= busy_before + 2, 60, "the daemon to meet busy services")
     finally:
         for s in services:
@@ -98,7 +88,7 @@ def test_busy_services_are_waited_for_without_failing_the_task(daemon, services,
 
 def test_a_stalled_service_fails_the_attempt_and_the_retry_delivers(daemon, services, group, voice):
     group.behaviours.append("stall")
-    drop_pair(daemon, voice, "stuck")
+    daemon.drop_pair(voice, PORTRAIT_JPG, "stuck")
     try:
         job = daemon.wait_job("stuck")
     finally:
@@ -114,7 +104,7 @@ def test_a_stalled_service_fails_the_attempt_and_the_retry_delivers(daemon, serv
 
 def test_a_failure_answer_ends_in_error_json_with_the_services_message(daemon, services, group, voice):
     group.behaviours.extend(["fail:no face found in the video"] * 2)
-    drop_pair(daemon, voice, "faceless")
+    daemon.drop_pair(voice, PORTRAIT_JPG, "faceless")
     job = daemon.wait_job("faceless")
     assert job.state == "failed"
     record = json.loads((daemon.folder("failed") / "faceless" / "error.json").read_text())
@@ -128,7 +118,7 @@ def test_a_daemon_killed_mid_job_finishes_it_after_restart_and_cleans_the_data_f
         daemon, services, group, voice):
     submitted = len(group.events("submit"))
     group.behaviours.append("stall")  # the first attempt stays running on its service until we kill
-    drop_pair(daemon, voice, "restarted")
+    daemon.drop_pair(voice, PORTRAIT_JPG, "restarted")
     daemon.wait_for(lambda: len(group.events("submit")) > submitted, 60, "the job to reach a service")
     daemon.kill()
     assert data_files(services)  # the killed attempt's inputs are still in the data folder

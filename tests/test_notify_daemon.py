@@ -7,16 +7,11 @@ import pytest
 
 from daemon_harness import DaemonHarness
 from heygem_daemon.delivery.targets import target_id
-from media_factory import FIXTURES, write_speech_wav
+from media_factory import FIXTURES
 from notify_receiver import Receiver, wait_until
 
 TOKEN, PASSWORD = "TOKENabc123xyz", "PASSWORD987zyx"
 FAST_RETRY = {"retry_base_seconds": 0.2, "retry_max_seconds": 0.5}
-
-
-@pytest.fixture(scope="module")
-def voice(tmp_path_factory) -> Path:
-    return write_speech_wav(tmp_path_factory.mktemp("media") / "voice.wav", 1.0)
 
 
 @pytest.fixture(scope="module")
