@@ -1,14 +1,63 @@
-"""error.json: what went wrong, at which stage, and what a person should do about it."""
+"""The one failure model: a typed problem (kind, stage, reason, hint), and error.json built from problems.
+
+Every stage (intake, engines, delivery, notifications) describes what went wrong with a `Problem`; its
+`Kind` alone decides what happens next, so the rule lives in one place:
+
+- ``bad_input``: the inputs cannot work. Fail now, no retry; the reason and hint go to the person.
+- ``setup``: the daemon's own set-up is wrong (model file, encoder). Fail now; the operator fixes it and
+  runs `retry`. Waiting on a timer would only burn attempts.
+- ``engine``: the engine failed this time. A counted attempt, retried with backoff up to max_attempts.
+- ``outage``: a dependency is out (engine service, S3, chat, disk full). Wait with backoff **without**
+  using attempts; the operator is alerted after a while and `status` shows it.
+- ``internal``: a fault outside the engine (our own code, the file system). A counted attempt with
+  backoff, never a tight loop.
+"""
 
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from heygem_daemon.fsops import atomic_write_json
 
 ERROR_FILE = "error.json"
+
+
+class Kind(str, Enum):
+    BAD_INPUT = "bad_input"
+    SETUP = "setup"
+    ENGINE = "engine"
+    OUTAGE = "outage"
+    INTERNAL = "internal"
+
+    @property
+    def retried(self) -> bool:
+        """Another attempt may succeed (counted or not)."""
+        return self in (Kind.ENGINE, Kind.OUTAGE, Kind.INTERNAL)
+
+    @property
+    def counts_attempt(self) -> bool:
+        return self is not Kind.OUTAGE
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: Kind
+    stage: str
+    reason: str
+    hint: str = ""
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "kind": self.kind.value}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Problem:
+        return cls(Kind(d.get("kind", Kind.ENGINE.value)), d.get("stage", ""), d.get("reason", ""),
+                   d.get("hint", ""), d.get("detail", ""))
 
 
 def error_record(job_name: str, stage: str, problems: list[dict[str, str]], **extra: Any) -> dict[str, Any]:

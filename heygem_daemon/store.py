@@ -508,6 +508,25 @@ class Store:
                 (state, retry_at or 0, json.dumps(error), now, None if retry_at is not None else now, task_id))
         return state
 
+    def wait_task(self, task_id: int, error: dict[str, Any], not_before: float) -> None:
+        """A dependency is out: back to the queue until not_before, the attempt not counted."""
+        now = time.time()
+        with self.tx() as db:
+            self._end_attempt(db, task_id, "outage", error, now)
+            db.execute("UPDATE tasks SET state = 'queued', attempts = MAX(attempts - 1, 0), not_before = ?,"
+                       " last_error = ?, updated_at = ? WHERE id = ?", (not_before, json.dumps(error), now, task_id))
+
+    def outage_streak(self, task_id: int) -> int:
+        """How many of the task's latest attempts in a row ended waiting for a dependency."""
+        rows = self._conn().execute("SELECT outcome FROM attempts WHERE task_id = ? AND ended_at IS NOT NULL"
+                                    " ORDER BY id DESC LIMIT 64", (task_id,))
+        streak = 0
+        for row in rows:
+            if row["outcome"] != "outage":
+                break
+            streak += 1
+        return streak
+
     def requeue_tasks(self, task_ids: list[int], reset_attempts: bool) -> None:
         now = time.time()
         with self.tx() as db:

@@ -6,6 +6,7 @@ forward progress, detect stalls, and retry with backoff.
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 import signal
@@ -19,16 +20,51 @@ from typing import Any, Callable
 from heygem_daemon import metrics
 from heygem_daemon.config import Config
 from heygem_daemon.engines.base import EngineError, TaskSpec
+from heygem_daemon.failures import Kind, Problem
 from heygem_daemon.log import get_logger
 from heygem_daemon.proc import die_with_parent
 from heygem_daemon.store import CANCELLING, Store, Task, backoff_delay
 
 log = get_logger("heygem.workers")
 PROGRESS_WRITE_INTERVAL = 0.5
+BEAT_INTERVAL = 1.0
 IDLE_POLL = 1.0
 CANCEL_CHECK_INTERVAL = 1.0
 CANCELLED_REASON = "cancelled by the operator"
 CANCELLED_HINT = "fix what needed fixing, then `heygem-daemon retry JOB` (or drop the files again)"
+
+
+class _Reporter:
+    """The worker's side of `engines.base.Reporter`: progress and heartbeats go up the pipe (beats at
+    most once a second: the supervisor only needs to know the engine is alive)."""
+
+    def __init__(self, conn: Connection, parent_pid: int) -> None:
+        self.conn, self.parent_pid = conn, parent_pid
+        self.beat_at = 0.0
+
+    def __call__(self, fraction: float) -> None:
+        self._alive()
+        self.conn.send(("progress", float(fraction)))
+
+    def heartbeat(self) -> None:
+        now = time.monotonic()
+        if now - self.beat_at >= BEAT_INTERVAL:
+            self.beat_at = now
+            self._alive()
+            self.conn.send(("beat",))
+
+    def _alive(self) -> None:
+        if os.getppid() != self.parent_pid:
+            os._exit(1)
+
+
+def _crash(exc: Exception) -> tuple[str, str, str, str]:
+    """An exception the engine did not classify: a full disk is an outage, anything else an engine fault."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return ("error", Kind.OUTAGE.value, f"disk full: {exc}",
+                "free space on the outputs/work disk; the task waits and runs again by itself")
+    tb = traceback.format_exc(limit=6)
+    return ("error", Kind.ENGINE.value, f"{type(exc).__name__}: {exc}", f"engine crashed; see the log\n{tb}")
 
 
 def worker_main(conn: Connection, device: str, engine_settings: dict[str, dict[str, Any]], parent_pid: int,
@@ -41,11 +77,7 @@ def worker_main(conn: Connection, device: str, engine_settings: dict[str, dict[s
     os.nice(niceness)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     engines: dict[str, Any] = {}
-
-    def progress(fraction: float) -> None:
-        if os.getppid() != parent_pid:
-            os._exit(1)
-        conn.send(("progress", float(fraction)))
+    progress = _Reporter(conn, parent_pid)
 
     while True:
         try:
@@ -61,10 +93,9 @@ def worker_main(conn: Connection, device: str, engine_settings: dict[str, dict[s
             out = engine.generate(spec, progress)
             conn.send(("done", str(out)))
         except EngineError as exc:
-            conn.send(("error", exc.retryable, exc.reason, exc.hint))
+            conn.send(("error", exc.kind.value, exc.reason, exc.hint))
         except Exception as exc:  # an engine bug: retry, and keep the traceback for the operator
-            tb = traceback.format_exc(limit=6)
-            conn.send(("error", True, f"{type(exc).__name__}: {exc}", f"engine crashed; see the log\n{tb}"))
+            conn.send(_crash(exc))
 
 
 class WorkerProcess:
@@ -97,10 +128,10 @@ class WorkerProcess:
 class Attempt:
     """Outcome of one attempt as the supervisor saw it."""
 
-    def __init__(self, ok: bool, reason: str = "", hint: str = "", retryable: bool = True,
+    def __init__(self, ok: bool, reason: str = "", hint: str = "", kind: Kind = Kind.ENGINE,
                  interrupted: bool = False) -> None:
         self.ok, self.reason, self.hint = ok, reason, hint
-        self.retryable, self.interrupted = retryable, interrupted
+        self.kind, self.interrupted = kind, interrupted
 
 
 class Slot(threading.Thread):
@@ -166,9 +197,12 @@ class Slot(threading.Thread):
             outcome = "done" if result.ok else "interrupted" if result.interrupted else "failed"
             metrics.TASK_SECONDS.labels(self.device, outcome).observe(seconds)
             self._record(task, spec, result, bound, seconds)
-        except Exception:
-            bound.exception("supervisor error; task requeued")
-            self.store.requeue_tasks([task.id], reset_attempts=False)
+        except Exception as exc:
+            # Our own fault (a preset gone after a reload, work/ or outputs/ unwritable): a counted
+            # attempt with backoff like any failure, so it can never spin.
+            bound.exception("supervisor error")
+            self._record_failure(task, Attempt(False, f"{type(exc).__name__}: {exc}",
+                                               "the daemon could not run the task; see the log", Kind.INTERNAL), bound)
         finally:
             self.current = None
 
@@ -192,10 +226,10 @@ class Slot(threading.Thread):
                 next_cancel_check = time.monotonic() + CANCEL_CHECK_INTERVAL
                 if self.store.job_state(spec.job_id) == CANCELLING:
                     self._drop_worker()
-                    return Attempt(False, CANCELLED_REASON, CANCELLED_HINT, retryable=False)
+                    return Attempt(False, CANCELLED_REASON, CANCELLED_HINT)
             if time.monotonic() - last_beat > self.cfg.workers.stall_seconds:
                 self._drop_worker()
-                return Attempt(False, f"no progress for {self.cfg.workers.stall_seconds:g} s (stalled)",
+                return Attempt(False, f"no heartbeat for {self.cfg.workers.stall_seconds:g} s (stalled)",
                                "the engine hung; it was restarted and the task will be retried")
             try:
                 ready = worker.conn.poll(0.5)
@@ -216,9 +250,9 @@ class Slot(threading.Thread):
                     last_write = last_beat
             elif kind == "done":
                 return Attempt(True)
-            else:
-                _, retryable, reason, hint = msg
-                return Attempt(False, reason, hint, retryable)
+            elif kind == "error":
+                _, error_kind, reason, hint = msg
+                return Attempt(False, reason, hint, Kind(error_kind))
 
     def _drop_worker(self) -> None:
         if self.worker is not None:
@@ -241,15 +275,26 @@ class Slot(threading.Thread):
                 self.on_task_end(task.job_id)
                 return
         spec.output.unlink(missing_ok=True)
-        error = {"stage": "generate", "reason": result.reason, "hint": result.hint.split("\n", 1)[0],
-                 "detail": result.hint, "attempt": task.attempts, "device": self.device}
-        retry_at = None
+        self._record_failure(task, result, bound)
+
+    def _record_failure(self, task: Task, result: Attempt, bound: Any) -> None:
+        """The one place a failed attempt's fate is decided, by the kind of problem (see failures.py)."""
+        w = self.cfg.workers
+        problem = Problem(result.kind, "generate", result.reason, result.hint.split("\n", 1)[0], result.hint)
+        error = {**problem.to_dict(), "attempt": task.attempts, "device": self.device}
         cancelled = self.store.job_state(task.job_id) == CANCELLING
-        if result.retryable and not cancelled and task.attempts < self.cfg.workers.max_attempts:
-            retry_at = time.time() + backoff_delay(task.attempts, self.cfg.workers.backoff_seconds,
-                                                   self.cfg.workers.backoff_max_seconds)
+        if result.kind is Kind.OUTAGE and not cancelled:
+            streak = self.store.outage_streak(task.id)
+            wait = backoff_delay(streak + 1, w.backoff_seconds, w.backoff_max_seconds)
+            self.store.wait_task(task.id, error, time.time() + wait)
+            bound.warning("task waits for a dependency (attempt not counted)", reason=result.reason,
+                          retry_in=round(wait, 1))
+            return
+        retry_at = None
+        if result.kind.retried and not cancelled and task.attempts < w.max_attempts:
+            retry_at = time.time() + backoff_delay(task.attempts, w.backoff_seconds, w.backoff_max_seconds)
         state = self.store.fail_attempt(task.id, error, retry_at)
-        bound.warning("task attempt failed", reason=result.reason, retry=state == "queued",
+        bound.warning("task attempt failed", reason=result.reason, kind=result.kind.value, retry=state == "queued",
                       retry_in=round(retry_at - time.time(), 1) if retry_at else None)
         if state == "failed":
             self.on_task_end(task.job_id)

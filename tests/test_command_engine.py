@@ -75,7 +75,7 @@ def test_file_names_with_quotes_and_shell_syntax_are_passed_as_plain_arguments(t
 def test_a_crash_is_a_retryable_error_carrying_the_output_tail(tmp_path):
     with pytest.raises(EngineError) as err:
         make_engine(tmp_path).generate(make_task(tmp_path, "crash.wav"), lambda _p: None)
-    assert err.value.retryable
+    assert err.value.kind.retried
     assert "exit code 1" in err.value.reason and "ZeroDivisionError" in err.value.reason
     assert "step 1 of 3 ok" in err.value.hint and "Traceback" in err.value.hint
 
@@ -83,7 +83,7 @@ def test_a_crash_is_a_retryable_error_carrying_the_output_tail(tmp_path):
 def test_a_bad_input_exit_code_is_not_retried(tmp_path):
     with pytest.raises(BadInputError) as err:
         make_engine(tmp_path).generate(make_task(tmp_path, "badinput.wav"), lambda _p: None)
-    assert not err.value.retryable
+    assert not err.value.kind.retried
     assert "exit code 3" in err.value.reason and "no face detected in portrait.jpg" in err.value.reason
 
 
@@ -91,7 +91,7 @@ def test_a_tool_past_its_timeout_is_killed_with_its_whole_process_group(tmp_path
     task = make_task(tmp_path, "hang.wav")
     with pytest.raises(EngineError) as err:
         make_engine(tmp_path, timeout=3).generate(task, lambda _p: None)
-    assert err.value.retryable and "timeout of 3 s" in err.value.reason
+    assert err.value.kind.retried and "timeout of 3 s" in err.value.reason
     helper = int((task.workdir / "helper.pid").read_text())
     # SIGKILL is delivered at once, but the helper (not our child) dies when the kernel next runs it.
     deadline = time.monotonic() + 10

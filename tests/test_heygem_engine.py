@@ -87,7 +87,7 @@ def test_a_failure_answer_is_a_retryable_error_with_the_services_message(tmp_pat
     group.behaviours.append("fail:no face found in the video")
     with pytest.raises(EngineError) as err:
         engine_for(data_dir, service.url).generate(make_task(tmp_path), lambda _p: None)
-    assert err.value.retryable
+    assert err.value.kind.retried
     assert err.value.reason == f"heygem service at {service.url} failed: no face found in the video"
     assert not list((data_dir / "temp").iterdir())
 
@@ -96,7 +96,7 @@ def test_an_unreachable_service_is_a_retryable_error_naming_it(tmp_path, data_di
     url = closed_port_url()
     with pytest.raises(EngineError) as err:
         engine_for(data_dir, url).generate(make_task(tmp_path), lambda _p: None)
-    assert err.value.retryable and err.value.reason.startswith(f"heygem service at {url} unreachable")
+    assert err.value.kind.retried and err.value.reason.startswith(f"heygem service at {url} unreachable")
     assert not list((data_dir / "temp").iterdir())
 
 
@@ -104,7 +104,7 @@ def test_a_stalled_job_fails_the_attempt_and_leaves_no_files(tmp_path, data_dir,
     group.behaviours.append("stall")
     with pytest.raises(EngineError) as err:
         engine_for(data_dir, service.url, stall_seconds=1).generate(make_task(tmp_path), lambda _p: None)
-    assert err.value.retryable and "stalled at 20% for 1 s" in err.value.reason
+    assert err.value.kind.retried and "stalled at 20% for 1 s" in err.value.reason
     assert not list((data_dir / "temp").iterdir())
     service.unstick()
 

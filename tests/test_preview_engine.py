@@ -137,7 +137,7 @@ def test_no_face_portrait_raises_bad_input(tmp_path: Path, no_face_jpg: Path) ->
     task = _task(tmp_path, write_speech_wav(tmp_path / "voice.wav", 0.5), no_face_jpg)
     with pytest.raises(BadInputError, match="no face found in no_face.jpg") as err:
         PreviewEngine(PreviewEngine.Settings()).generate(task, lambda _f: None)
-    assert err.value.hint and not err.value.retryable
+    assert err.value.hint and not err.value.kind.retried
     assert not task.output.exists()
 
 

@@ -23,7 +23,8 @@ from heygem_daemon.engines.registry import check_engines  # noqa: E402
 from heygem_daemon.engines.wav2lip.audio_features import chunk_starts, melspectrogram, melspectrogram_long  # noqa: E402
 from heygem_daemon.engines.wav2lip.boxes import MISSING, BoxCache, finish_boxes, smooth  # noqa: E402
 from heygem_daemon.engines.wav2lip.checkpoint import save_checkpoint  # noqa: E402
-from heygem_daemon.engines.wav2lip.engine import SetupError, Wav2LipEngine  # noqa: E402
+from heygem_daemon.engines.base import SetupError
+from heygem_daemon.engines.wav2lip.engine import Wav2LipEngine  # noqa: E402
 from heygem_daemon.engines.wav2lip.model import Wav2Lip  # noqa: E402
 from heygem_daemon.engines.wav2lip.render import frame_starts, pick_encoder  # noqa: E402
 from heygem_daemon.engines.wav2lip.runtime import HalvingBatches, fold_batch_norm  # noqa: E402
@@ -255,14 +256,14 @@ def test_no_checkpoint_configured_fails_the_task_at_once_naming_the_key(tmp_path
     engine = Wav2LipEngine(Wav2LipEngine.Settings())
     with pytest.raises(SetupError, match="set engines.wav2lip.checkpoint") as err:
         engine.generate(_task(tmp_path, portrait_jpg), lambda _f: None)
-    assert not err.value.retryable and "retry" in err.value.hint
+    assert not err.value.kind.retried and "retry" in err.value.hint
 
 
 def test_a_portrait_without_a_face_is_bad_input_found_before_the_model_loads(tmp_path: Path, no_face_jpg: Path) -> None:
     engine = Wav2LipEngine(Wav2LipEngine.Settings())  # no checkpoint: loading it would fail differently
     with pytest.raises(BadInputError, match="no face found in no_face.jpg") as err:
         engine.generate(_task(tmp_path, no_face_jpg), lambda _f: None)
-    assert err.value.hint and not err.value.retryable
+    assert err.value.hint and not err.value.kind.retried
 
 
 def test_auto_encoder_on_cpu_is_libx264() -> None:
@@ -310,4 +311,4 @@ def test_a_cuda_worker_without_cuda_fails_the_task_with_the_setting_to_change(tm
     engine = Wav2LipEngine(Wav2LipEngine.Settings(checkpoint=path))
     with pytest.raises(SetupError, match="cuda:0 is configured but .* no CUDA device") as err:
         engine.generate(dataclasses.replace(task, device="cuda:0"), lambda _f: None)
-    assert "workers.devices" in err.value.hint and not err.value.retryable
+    assert "workers.devices" in err.value.hint and not err.value.kind.retried

@@ -4,14 +4,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
 from heygem_daemon.config import Preset
+from heygem_daemon.failures import Kind, Problem
 
-ProgressFn = Callable[[float], None]
-"""Called with the fraction done (0..1). Calling it is also the engine's heartbeat for stall detection."""
+
+
+class Reporter(Protocol):
+    """What an engine tells the worker while it runs. Stalled means no heartbeat for
+    `workers.stall_seconds`: progress may stand still for an hour (a service rendering at 20 %) as long
+    as the engine keeps saying it is alive."""
+
+    def __call__(self, fraction: float) -> None:
+        """Fraction done (0..1), shown in `status`; also counts as a heartbeat."""
+
+    def heartbeat(self) -> None:
+        """Still working (or waiting on something that answers), without new progress."""
+
+
+ProgressFn = Reporter
 
 
 @dataclass(frozen=True)
@@ -34,9 +48,9 @@ class TaskSpec:
 
 
 class EngineError(Exception):
-    """Generation failed in a way that may succeed on another attempt (crash, service down)."""
+    """Generation failed in a way that may succeed on another attempt: a counted attempt, with backoff."""
 
-    retryable: ClassVar[bool] = True
+    kind: ClassVar[Kind] = Kind.ENGINE
 
     def __init__(self, reason: str, hint: str = "") -> None:
         super().__init__(reason)
@@ -44,10 +58,32 @@ class EngineError(Exception):
         self.hint = hint
 
 
+    def problem(self, stage: str = "generate", detail: str = "") -> Problem:
+        return Problem(self.kind, stage, self.reason, self.hint.split("\n", 1)[0], detail or self.hint)
+
+
 class BadInputError(EngineError):
     """The inputs themselves are unusable (no face, undecodable): retrying cannot help."""
 
-    retryable: ClassVar[bool] = False
+    kind: ClassVar[Kind] = Kind.BAD_INPUT
+
+
+class SetupError(EngineError):
+    """The engine's own set-up (model file, encoder) is wrong. Every task would fail the same way until
+    an operator fixes it, so retrying on a timer would only burn attempts: the task fails at once."""
+
+    kind: ClassVar[Kind] = Kind.SETUP
+
+
+class OutageError(EngineError):
+    """Something the engine depends on is out (a service unreachable or restarting, a full disk): the
+    task waits and is tried again without using an attempt."""
+
+    kind: ClassVar[Kind] = Kind.OUTAGE
+
+    def __init__(self, reason: str, hint: str = "", dependency: str = "") -> None:
+        super().__init__(reason, hint)
+        self.dependency = dependency
 
 
 class EngineSettings(BaseModel):

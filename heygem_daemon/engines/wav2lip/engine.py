@@ -12,20 +12,13 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from heygem_daemon.engines.base import EngineError, EngineSettings, ProgressFn, TaskSpec
+from heygem_daemon.engines.base import EngineSettings, ProgressFn, SetupError, TaskSpec
 
 if TYPE_CHECKING:
     from heygem_daemon.checks import Check
     from heygem_daemon.engines.wav2lip.runtime import Predictor
 
 CHECKPOINT_KEY = "engines.wav2lip.checkpoint"
-
-
-class SetupError(EngineError):
-    """The engine's own set-up (model file, encoder) is wrong. Every task would fail the same way until
-    an operator fixes it, so retrying on a timer would only burn attempts: the task fails at once."""
-
-    retryable: ClassVar[bool] = False
 
 
 class Wav2LipEngine:

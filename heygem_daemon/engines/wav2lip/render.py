@@ -25,7 +25,7 @@ from heygem_daemon.engines.wav2lip.audio_features import (
     melspectrogram_long,
 )
 from heygem_daemon.engines.wav2lip.boxes import BoxCache, detect_raw, finish_boxes
-from heygem_daemon.engines.wav2lip.engine import SetupError
+from heygem_daemon.engines.base import SetupError
 from heygem_daemon.engines.wav2lip.face_batch import FACE_SIZE
 from heygem_daemon.engines.wav2lip.stages import staged
 from heygem_daemon.intake.inspect import sha256_file

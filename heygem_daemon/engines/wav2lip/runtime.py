@@ -13,7 +13,7 @@ import torch
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from heygem_daemon.engines.wav2lip.checkpoint import load_checkpoint
-from heygem_daemon.engines.wav2lip.engine import SetupError
+from heygem_daemon.engines.base import SetupError
 from heygem_daemon.engines.wav2lip.face_batch import prepare_faces, to_frames
 from heygem_daemon.engines.wav2lip.model import ConvTransposeUnit, ConvUnit, Wav2Lip
 from heygem_daemon.log import get_logger
