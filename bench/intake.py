@@ -105,12 +105,12 @@ def storm(pairs: int, work: Path) -> dict[str, float]:
     copied = time.monotonic() - t0
 
     def drained() -> bool:
-        return not os.listdir(harness.inbox) and len(harness.store().jobs(limit=pairs * 2)) >= pairs
+        return not os.listdir(harness.inbox) and len(harness.store().jobs.select(limit=pairs * 2)) >= pairs
 
     harness.wait_for(drained, 1800, "the storm to drain")
     drain = time.monotonic() - t0
     done.set()
-    jobs = harness.store().jobs(limit=pairs * 2)
+    jobs = harness.store().jobs.select(limit=pairs * 2)
     harness.stop()
     names = [j.name for j in jobs]
     claimed = {j.spec["sources"][0].rsplit(".", 1)[0] for j in jobs if j.state != "failed"}

@@ -26,7 +26,7 @@ from boto3.s3.transfer import TransferConfig  # noqa: E402
 
 from heygem_daemon.config import S3  # noqa: E402
 from heygem_daemon.delivery.s3 import MiB, Throttle, Uploader, make_client  # noqa: E402
-from heygem_daemon.store import Store  # noqa: E402
+from heygem_daemon.state import Store  # noqa: E402
 from media_factory import write_noise_video  # noqa: E402
 from s3_server import MotoServer, credentials_env  # noqa: E402
 
@@ -37,8 +37,8 @@ def settings(server: MotoServer, bucket: str, part_mb: int, concurrency: int | N
 
 
 def new_delivery(store: Store, video: Path, key: str) -> int:
-    store.ensure_batch("bench", "bench", "bench", None)
-    d = store.add_delivery("bench", str(video), key, video.stat().st_size, key, None)
+    store.deliveries.ensure_batch("bench", "bench", "bench", None)
+    d = store.deliveries.add("bench", str(video), key, video.stat().st_size, key, None)
     assert d is not None
     return d.id
 
@@ -50,7 +50,7 @@ def ours(server: MotoServer, bucket: str, video: Path, part_mb: int, db: Path, k
     s3 = settings(server, bucket, part_mb, concurrency)
     uploader = Uploader(make_client(s3), s3, store, Throttle(0), threading.Event())
     start = time.perf_counter()
-    uploader.upload(store.delivery(did))
+    uploader.upload(store.deliveries.get(did))
     return time.perf_counter() - start
 
 
@@ -65,7 +65,7 @@ def child(endpoint: str, bucket: str, video: str, part_mb: int, db: str, key: st
     """Run by the kill test: upload until the parent kills this process."""
     store = Store(Path(db))
     s3 = S3(bucket=bucket, endpoint_url=endpoint, region="us-east-1", addressing_style="path", part_size_mb=part_mb)
-    Uploader(make_client(s3), s3, store, Throttle(0), threading.Event()).upload(store.delivery(int(key)))
+    Uploader(make_client(s3), s3, store, Throttle(0), threading.Event()).upload(store.deliveries.get(int(key)))
 
 
 def resent_after_kill(server: MotoServer, bucket: str, video: Path, part_mb: int, db: Path) -> tuple[int, int]:
@@ -74,13 +74,13 @@ def resent_after_kill(server: MotoServer, bucket: str, video: Path, part_mb: int
     total = -(-video.stat().st_size // (part_mb * MiB))
     proc = subprocess.Popen([sys.executable, __file__, "--child", server.endpoint, bucket, str(video), str(part_mb),
                              str(db), str(did)], env=os.environ)
-    while len(store.parts(did)) < total // 2:
+    while len(store.deliveries.parts(did)) < total // 2:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    upload_id = store.delivery(did).upload_id
+    upload_id = store.deliveries.get(did).upload_id
     s3 = settings(server, bucket, part_mb)
-    Uploader(make_client(s3), s3, store, Throttle(0), threading.Event()).upload(store.delivery(did))
+    Uploader(make_client(s3), s3, store, Throttle(0), threading.Event()).upload(store.deliveries.get(did))
     puts = [n for u, n in server.part_puts(bucket) if u == upload_id]
     twice = [n for n in set(puts) if puts.count(n) > 1]
     return len(twice) * part_mb * MiB, len(twice)

@@ -12,7 +12,7 @@ from typing import Any
 
 from heygem_daemon import __version__
 from heygem_daemon.config import Config, ConfigError, load_config
-from heygem_daemon.store import Job, Store
+from heygem_daemon.state import Job, Store
 
 EXIT_CONFIG = 2
 
@@ -96,7 +96,7 @@ def _config_check(path: Path) -> int:
 
 
 def _job_view(cfg: Config, store: Store, job: Job) -> dict[str, Any]:
-    tasks = store.tasks(job.id)
+    tasks = store.tasks.select(job.id)
     done = sum(t.state == "done" for t in tasks)
     progress = sum(t.progress for t in tasks) / len(tasks) if tasks else (1.0 if job.state == "done" else 0.0)
     view: dict[str, Any] = {
@@ -104,12 +104,12 @@ def _job_view(cfg: Config, store: Store, job: Job) -> dict[str, Any]:
         "progress": round(progress, 3), "owner": job.owner,
         "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at)),
         "outputs": str(cfg.folder("outputs") / job.name) if done else None,
-        "delivery": store.delivery_summary(job.id),
+        "delivery": store.deliveries.summary(job.id),
         "tasks": [{"name": t.name, "state": t.state, "progress": round(t.progress, 3), "attempts": t.attempts,
                    "device": t.device, "error": (t.last_error or {}).get("reason")} for t in tasks],
     }
     if job.duplicate_of:
-        original = store.job(job.duplicate_of)
+        original = store.jobs.get(job.duplicate_of)
         view["duplicate_of"] = original.name
         view["outputs"] = str(cfg.folder("outputs") / original.name)
     if job.error:
@@ -118,10 +118,10 @@ def _job_view(cfg: Config, store: Store, job: Job) -> dict[str, Any]:
 
 
 def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
-    jobs = [_job_view(cfg, store, j) for j in store.jobs(limit=limit)]
-    counts = store.counts()
+    jobs = [_job_view(cfg, store, j) for j in store.jobs.select(limit=limit)]
+    counts = store.tasks.counts()
     if as_json:
-        from heygem_daemon.daemon_state import read_state
+        from heygem_daemon.ops.daemon_state import read_state
 
         daemon = read_state(cfg.folder("state"))
         print(json.dumps({"daemon": daemon, "tasks": counts, "jobs": jobs}, indent=2, ensure_ascii=False))
@@ -140,7 +140,7 @@ def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
 
 
 def _jobs(store: Store, failed_only: bool, limit: int) -> int:
-    jobs = store.jobs(("failed",) if failed_only else None, limit=limit)
+    jobs = store.jobs.select(("failed",) if failed_only else None, limit=limit)
     if not jobs:
         print("no failed jobs" if failed_only else "no jobs yet")
     for job in jobs:
@@ -152,7 +152,7 @@ def _jobs(store: Store, failed_only: bool, limit: int) -> int:
 
 
 def _retry(cfg: Config, store: Store, ref: str) -> int:
-    from heygem_daemon.jobs import JobError, retry_job
+    from heygem_daemon.generation.jobs import JobError, retry_job
 
     try:
         print(retry_job(cfg, store, ref))
@@ -163,7 +163,7 @@ def _retry(cfg: Config, store: Store, ref: str) -> int:
 
 
 def _cancel(store: Store, ref: str) -> int:
-    from heygem_daemon.jobs import JobError, cancel_job
+    from heygem_daemon.generation.jobs import JobError, cancel_job
 
     try:
         print(cancel_job(store, ref))
@@ -174,7 +174,7 @@ def _cancel(store: Store, ref: str) -> int:
 
 
 def _doctor(path: Path | None) -> int:
-    from heygem_daemon.doctor import render, run_checks
+    from heygem_daemon.ops.doctor import render, run_checks
 
     checks = run_checks(path)
     print(render(checks))

@@ -15,13 +15,14 @@ Every stage (intake, engines, delivery, notifications) describes what went wrong
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from heygem_daemon.fsops import atomic_write_json
+from heygem_daemon.fs.ops import atomic_write_json
 
 ERROR_FILE = "error.json"
 
@@ -58,6 +59,11 @@ class Problem:
     def from_dict(cls, d: dict[str, Any]) -> Problem:
         return cls(Kind(d.get("kind", Kind.ENGINE.value)), d.get("stage", ""), d.get("reason", ""),
                    d.get("hint", ""), d.get("detail", ""))
+
+
+def backoff_delay(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with full jitter: a crowd of retries does not come back in step."""
+    return random.uniform(0.5, 1.0) * min(cap, base * (2 ** max(0, attempt - 1)))
 
 
 def error_record(job_name: str, stage: str, problems: list[dict[str, str]], **extra: Any) -> dict[str, Any]:

@@ -11,24 +11,24 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any, Callable
 
-from heygem_daemon import metrics, sdnotify
-from heygem_daemon.cleanup import Cleanup
+from heygem_daemon.ops import metrics, sdnotify
+from heygem_daemon.ops.cleanup import Cleanup
 from heygem_daemon.config import Config, ConfigError, load_config
-from heygem_daemon.daemon_state import LOCK_FILE, write_state
-from heygem_daemon.delivery.notify import Notifier, Outbox
+from heygem_daemon.ops.daemon_state import LOCK_FILE, write_state
+from heygem_daemon.notify.outbox import Notifier, Outbox
 from heygem_daemon.delivery.report import BatchReport
 from heygem_daemon.delivery.service import DeliveryService
-from heygem_daemon.diskguard import DiskGuard
+from heygem_daemon.ops.diskguard import DiskGuard
 from heygem_daemon.engines.registry import ENGINES, check_engines, needs_face
 from heygem_daemon.intake.claim import Claimer, recover_detected
 from heygem_daemon.intake.inspect import Inspector
 from heygem_daemon.intake.intake import Intake
-from heygem_daemon.intake.watcher import start_watcher
-from heygem_daemon.jobs import finalize_job, recover, settle_cancelled
+from heygem_daemon.fs.watcher import start_watcher
+from heygem_daemon.generation.jobs import finalize_job, recover, settle_cancelled
 from heygem_daemon.log import get_logger, set_level, setup_logging
-from heygem_daemon.reload import plan_reload
-from heygem_daemon.store import Job, Store
-from heygem_daemon.workers import WorkerPool
+from heygem_daemon.ops.reload import plan_reload
+from heygem_daemon.state import Job, Store
+from heygem_daemon.generation.workers import WorkerPool
 
 log = get_logger("heygem.daemon")
 DB_FILE = "heygem.db"
@@ -94,7 +94,7 @@ class Daemon:
     def _report(self, report: BatchReport) -> None:
         if not report.videos:
             return  # nothing was made: the failure message (intake or generation) already said why
-        job = self.store.find_job(report.job_id) if report.job_id else None
+        job = self.store.jobs.find(report.job_id) if report.job_id else None
         self.outbox.enqueue_report(replace(report, notify_urls=job.spec.get("notify") if job else None))
 
     def _task_ended(self, job_id: str) -> None:
@@ -207,7 +207,7 @@ class Daemon:
                     devices=self.cfg.workers.devices)
 
     def _status(self) -> str:
-        counts = self.store.counts()
+        counts = self.store.tasks.counts()
         parts = [f"{counts.get('queued', 0)} queued, {counts.get('running', 0)} running"]
         parts += [f"{d['device']}: {d['task'] or 'idle'}" for d in self.pool.describe()]
         if self.disk.low:

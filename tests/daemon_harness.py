@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import yaml
 
-from heygem_daemon.store import Job, Store
+from heygem_daemon.state import Job, Store
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -110,7 +110,7 @@ class DaemonHarness:
         return Store(self.base / "state" / "heygem.db")
 
     def job(self, name: str) -> Job | None:
-        return self.store().find_job(name)
+        return self.store().jobs.find(name)
 
     def wait_for(self, cond: Callable[[], Any], timeout: float, what: str) -> Any:
         deadline = time.monotonic() + timeout

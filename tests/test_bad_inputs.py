@@ -103,7 +103,7 @@ def test_invalid_job_yaml(daemon, voice):
 def test_non_utf8_file_name(daemon, voice):
     raw = os.fsencode(daemon.inbox) + b"/caf\xe9.wav"
     shutil.copyfile(voice, raw)
-    job = daemon.wait_for(lambda: next((j for j in daemon.store().jobs(("failed",)) if j.name.startswith("caf")),
+    job = daemon.wait_for(lambda: next((j for j in daemon.store().jobs.select(("failed",)) if j.name.startswith("caf")),
                                        None), 30, "non-UTF-8 name to be refused")
     assert "not valid UTF-8" in job.error["reason"]
     assert os.listdir(os.fsencode(daemon.folder("failed") / job.name)) != []

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from heygem_daemon.cleanup import DAY, HOUR, SWEEPS, Cleanup, Sweep, sweep_archive, sweep_rows, sweep_temp, sweep_work
+from heygem_daemon.ops.cleanup import DAY, HOUR, SWEEPS, Cleanup, Sweep, sweep_archive, sweep_rows, sweep_temp, sweep_work
 from heygem_daemon.config import load_config
-from heygem_daemon.store import NewTask, Store
+from heygem_daemon.state import NewTask, Store
 
 # Everything made now is this old as far as the sweeps can tell.
 LATER = 100 * DAY
@@ -44,8 +44,8 @@ def sweep(cfg, store) -> Sweep:
 
 
 def queued_job(store: Store, name: str, output: Path) -> str:
-    job = store.create_job(name, {"staging": "x"})
-    store.queue_job(job.id, [NewTask(name, "a.wav", "p.jpg", str(output))])
+    job = store.jobs.create(name, {"staging": "x"})
+    store.jobs.queue(job.id, [NewTask(name, "a.wav", "p.jpg", str(output))])
     return job.id
 
 
@@ -59,7 +59,7 @@ def test_temp_sweep_removes_old_leftovers_and_keeps_everything_else(cfg, store):
     running_out = outputs / "dave" / "dave.mp4"
     running_part = write(Path(str(running_out) + ".part"))
     queued_job(store, "dave", running_out)
-    store.take_next_task("cpu")
+    store.tasks.take_next("cpu")
 
     s = sweep(cfg, store)
     sweep_temp(s)
@@ -84,17 +84,17 @@ def test_temp_sweep_never_follows_a_symlink(cfg, store, tmp_path):
 
 def test_work_sweep_removes_folders_of_finished_and_unknown_jobs_only(cfg, store):
     work = cfg.folder("work")
-    done = store.create_job("done", {})
-    store.set_job_state(done.id, "done")
-    failed = store.create_job("failed", {})
-    store.set_job_state(failed.id, "failed")
+    done = store.jobs.create("done", {})
+    store.jobs.set_state(done.id, "done")
+    failed = store.jobs.create("failed", {})
+    store.jobs.set_state(failed.id, "failed")
     running = queued_job(store, "running", cfg.folder("outputs") / "running" / "running.mp4")
     write(work / done.id / "in" / "a.wav", 300)
     write(work / failed.id / "in" / "a.wav", 200)
     write(work / "0123456789ab" / "in" / "a.wav", 100)  # no row: left by a crash
     write(work / running / "in" / "a.wav")
-    retried = store.create_job("retried-just-now", {})
-    store.set_job_state(retried.id, "failed")
+    retried = store.jobs.create("retried-just-now", {})
+    store.jobs.set_state(retried.id, "failed")
     fresh = write(work / retried.id / "in" / "a.wav").parent.parent
     t = time.time() + LATER - 60
     os.utime(fresh, (t, t))  # `retry` is moving inputs in right now
@@ -126,18 +126,18 @@ def test_archive_sweep_removes_day_folders_older_than_the_retention(cfg, store):
 
 
 def test_row_sweep_keeps_failed_jobs_longer_and_never_touches_live_ones(cfg, store):
-    done = store.create_job("done", {})
-    store.set_job_state(done.id, "done")
-    failed = store.create_job("failed", {})
-    store.set_job_state(failed.id, "failed")
+    done = store.jobs.create("done", {})
+    store.jobs.set_state(done.id, "done")
+    failed = store.jobs.create("failed", {})
+    store.jobs.set_state(failed.id, "failed")
     queued_job(store, "live", cfg.folder("outputs") / "live" / "live.mp4")
 
     s = sweep(cfg, store)  # 100 days on: past rows_days (30), not failed_rows_days (200)
     sweep_rows(s)
 
     assert s.removed == ["job row done"]
-    assert sorted(j.name for j in store.jobs()) == ["failed", "live"]
-    assert store.tasks(done.id) == []
+    assert sorted(j.name for j in store.jobs.select()) == ["failed", "live"]
+    assert store.tasks.select(done.id) == []
 
 
 def test_a_sweep_refuses_to_delete_outside_the_daemons_folders(cfg, store):
@@ -151,11 +151,11 @@ def test_a_sweep_refuses_to_delete_outside_the_daemons_folders(cfg, store):
 
 def test_runs_missed_while_down_happen_once_at_start(cfg, store):
     now = time.time()
-    store.record_cleanup_run("temp", now - 10 * HOUR, 0, 0)  # every hour: ten runs missed
-    store.record_cleanup_run("work", now - 10 * HOUR, 0, 0)
+    store.ops.record_cleanup_run("temp", now - 10 * HOUR, 0, 0)  # every hour: ten runs missed
+    store.ops.record_cleanup_run("work", now - 10 * HOUR, 0, 0)
     for job in SWEEPS:
         if job.name not in ("temp", "work"):
-            store.record_cleanup_run(job.name, now - HOUR, 0, 0)  # every few hours or daily: not due yet
+            store.ops.record_cleanup_run(job.name, now - HOUR, 0, 0)  # every few hours or daily: not due yet
     old_part = write(cfg.folder("outputs") / "x" / "x.mp4.part", age_from_later=LATER + 3 * HOUR)
     runs: list[str] = []
     cleanup = Cleanup(cfg, store, clock=lambda: now)
@@ -163,13 +163,13 @@ def test_runs_missed_while_down_happen_once_at_start(cfg, store):
     cleanup.run = lambda job: runs.append(job.name) or original(job)  # type: ignore[method-assign]
     cleanup.start()
     try:
-        wait_until(lambda: store.cleanup_runs()["temp"] == store.cleanup_runs()["work"] == now, "the missed runs")
+        wait_until(lambda: store.ops.cleanup_runs()["temp"] == store.ops.cleanup_runs()["work"] == now, "the missed runs")
         time.sleep(0.3)  # room for a wrong second run to show up
     finally:
         cleanup.stop()
     assert sorted(runs) == ["temp", "work"]
     assert not old_part.exists()
-    last = store.cleanup_runs()
+    last = store.ops.cleanup_runs()
     assert last["temp"] == last["work"] == now and last["archive"] == last["rows"] == now - HOUR
 
 
@@ -185,7 +185,7 @@ def test_a_first_start_runs_every_sweep_once_and_reload_drops_a_switched_off_one
     cleanup.start()
     try:
         names = sorted(job.name for job in SWEEPS)
-        wait_until(lambda: sorted(store.cleanup_runs()) == names, "every sweep to run")
+        wait_until(lambda: sorted(store.ops.cleanup_runs()) == names, "every sweep to run")
         assert sorted(j.id for j in cleanup.scheduler.get_jobs()) == names
         cleanup.apply(cfg.model_copy(update={"cleanup": cfg.cleanup.model_copy(update={"rows_every_hours": 0})}))
         assert sorted(j.id for j in cleanup.scheduler.get_jobs()) == [n for n in names if n != "rows"]

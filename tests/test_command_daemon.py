@@ -39,7 +39,7 @@ def test_a_crashing_tool_is_retried_then_the_job_fails_with_its_output_in_error_
     daemon.drop_pair(voice, PORTRAIT_JPG, "crash-test")
     job = daemon.wait_job("crash-test")
     assert job.state == "failed"
-    (task,) = daemon.store().tasks(job.id)
+    (task,) = daemon.store().tasks.select(job.id)
     assert task.attempts == 2
     record = json.loads((daemon.folder("failed") / "crash-test" / "error.json").read_text())
     assert record["stage"] == "generate" and "exit code 1" in record["reason"]
@@ -50,6 +50,6 @@ def test_a_bad_input_exit_code_fails_the_job_on_the_first_attempt(daemon, voice)
     daemon.drop_pair(voice, PORTRAIT_JPG, "badinput-test")
     job = daemon.wait_job("badinput-test")
     assert job.state == "failed"
-    assert [t.attempts for t in daemon.store().tasks(job.id)] == [1]
+    assert [t.attempts for t in daemon.store().tasks.select(job.id)] == [1]
     record = json.loads((daemon.folder("failed") / "badinput-test" / "error.json").read_text())
     assert "no face detected" in record["reason"]

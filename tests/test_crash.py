@@ -17,7 +17,7 @@ def test_sigkill_while_running_then_restart_finishes_exactly_once(tmp_path):
 
     def running_with_progress():
         job = harness.job("crash")
-        tasks = harness.store().tasks(job.id) if job else []
+        tasks = harness.store().tasks.select(job.id) if job else []
         return tasks and tasks[0].state == "running" and tasks[0].progress > 0.05
 
     harness.wait_for(running_with_progress, 60, "the task to be running")
@@ -35,7 +35,7 @@ def test_sigkill_while_running_then_restart_finishes_exactly_once(tmp_path):
     facts = video_facts(harness.folder("outputs") / "crash" / "crash.mp4")
     assert abs(facts.video_duration - 20.0) <= 0.04
     store = harness.store()
-    [task] = store.tasks(job.id)
+    [task] = store.tasks.select(job.id)
     assert task.state == "done" and task.attempts == 1
-    assert [a["outcome"] for a in store.attempts(task.id)] == ["interrupted", "done"]
-    assert len(store.jobs()) == 1
+    assert [a["outcome"] for a in store.tasks.attempts(task.id)] == ["interrupted", "done"]
+    assert len(store.jobs.select()) == 1

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from daemon_harness import DaemonHarness
-from heygem_daemon.intake.inspect import sha256_file
+from heygem_daemon.fs.files import sha256_file
 from media_factory import PORTRAIT_JPG, video_facts, write_portrait_video, write_speech_wav
 
 FPS = 25
@@ -48,7 +48,7 @@ def test_loose_pair_becomes_a_playable_mp4_and_the_job_is_done(daemon, media):
     assert job.state == "done"
     out = daemon.folder("outputs") / "alice" / "alice.mp4"
     assert_playable(out, 2.0)
-    assert [t.state for t in daemon.store().tasks(job.id)] == ["done"]
+    assert [t.state for t in daemon.store().tasks.select(job.id)] == ["done"]
     assert not list(daemon.folder("outputs").rglob("*.part"))
     archived = list(daemon.folder("archive").glob("*/alice/alice.wav"))
     assert len(archived) == 1 and sha256_file(archived[0]) == sha256_file(media / "voice.wav")
@@ -100,7 +100,7 @@ def test_identical_drop_is_not_generated_twice(daemon, media):
     daemon.drop(PORTRAIT_JPG, "carol.jpg")
     second = daemon.wait_job("carol-2")
     assert second.duplicate_of == first.id and second.state == "done"
-    assert daemon.store().tasks(second.id) == []
+    assert daemon.store().tasks.select(second.id) == []
     assert not (daemon.folder("outputs") / "carol-2").exists()
     assert "duplicate drop" in daemon.log_text()
 
@@ -134,7 +134,7 @@ def test_failed_job_is_listed_with_its_hint_and_retry_after_a_fix_delivers_it(da
     shutil.copy(PORTRAIT_JPG, daemon.folder("failed") / "dave" / "dave.jpg")  # the person fixes the photo
     done = cli(daemon, "retry", "dave")
     assert done.returncode == 0, done.stderr
-    job = daemon.wait_for(lambda: next((j for j in daemon.store().jobs(("done",)) if j.name == "dave"), None),
+    job = daemon.wait_for(lambda: next((j for j in daemon.store().jobs.select(("done",)) if j.name == "dave"), None),
                           60, "the retried job to finish")
     assert (daemon.folder("outputs") / job.name / "dave.mp4").is_file()
 

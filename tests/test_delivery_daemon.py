@@ -19,7 +19,7 @@ import pytest
 
 from daemon_harness import DaemonHarness
 from heygem_daemon.delivery.links import content_disposition
-from heygem_daemon.intake.inspect import sha256_file
+from heygem_daemon.fs.files import sha256_file
 from media_factory import FIXTURES, PORTRAIT_JPG, write_noise_video, write_portrait_video, write_speech_wav
 from notify_receiver import Receiver
 from s3_server import MotoServer, credentials_env
@@ -59,14 +59,14 @@ def other_tool_writes(harness: DaemonHarness, folder: str, name: str, video: Pat
 
 def wait_delivered(harness: DaemonHarness, path: Path, timeout: float = 60):
     def linked():
-        d = harness.store().delivery_at(str(path))
+        d = harness.store().deliveries.at(str(path))
         return d if d is not None and d.state == "linked" else None
     return harness.wait_for(linked, timeout, f"{path.name} to be delivered")
 
 
 def wait_reported(harness: DaemonHarness, batch_id: str, timeout: float = 60):
     def reported():
-        b = harness.store().batch(batch_id)
+        b = harness.store().deliveries.batch(batch_id)
         return b if b is not None and b.state == "reported" else None
     return harness.wait_for(reported, timeout, f"batch {batch_id} to be reported")
 
@@ -135,7 +135,7 @@ def test_a_batch_is_uploaded_linked_zipped_and_reported_once(uploading, moto_ser
 
     reports = log_events(uploading, "batch reported", job=job.name)
     assert len(reports) == 1 and reports[0]["videos"] == 2 and reports[0]["ok"] is True
-    assert uploading.store().delivery_summary(job.id) == {"state": "reported", "files": {"linked": 2},
+    assert uploading.store().deliveries.summary(job.id) == {"state": "reported", "files": {"linked": 2},
                                                           "zip": batch.zip_name}
 
     audit = [a for a in audit_lines(uploading) if a["job"] == "batch"]
@@ -161,7 +161,7 @@ def test_a_delivered_batch_sends_one_chat_message_with_every_link(uploading, cha
     for entry in links["files"]:
         assert entry["link"] in message.text
     assert links["zip"]["link"] in message.text
-    uploading.wait_for(lambda: all(n.state == "sent" for n in uploading.store().notifications(job.id)), 30,
+    uploading.wait_for(lambda: all(n.state == "sent" for n in uploading.store().outbox.select(job.id)), 30,
                        "the outbox to mark the message sent")
     assert len(chat.delivered(containing="chatty")) == 1
 
@@ -178,7 +178,7 @@ def test_a_video_another_tool_writes_into_outputs_is_delivered(uploading, moto_s
     assert hashlib.sha256(obj).hexdigest() == sha256_file(video) == d.sha256
     links = json.loads((uploading.folder("outputs") / "othertool" / "links.json").read_text())
     assert [f["file"] for f in links["files"]] == ["clip.mp4"] and links["zip"]["file"].startswith("othertool_")
-    assert uploading.store().delivery_at(str(dest.with_name("next.mp4.part"))) is None
+    assert uploading.store().deliveries.at(str(dest.with_name("next.mp4.part"))) is None
     assert len(log_events(uploading, "batch reported", job="othertool")) == 1
 
 
@@ -193,14 +193,14 @@ def test_sigkill_mid_upload_resumes_sending_only_missing_parts(moto_server, aws_
     dest = other_tool_writes(harness, "big", "big.mp4", video)
 
     def some_parts():
-        d = harness.store().delivery_at(str(dest))
-        return d if d and d.upload_id and len(harness.store().parts(d.id)) >= 2 else None
+        d = harness.store().deliveries.at(str(dest))
+        return d if d and d.upload_id and len(harness.store().deliveries.parts(d.id)) >= 2 else None
 
     d = harness.wait_for(some_parts, 60, "two parts to be sent")
     harness.kill(signal.SIGKILL)
-    before = {p.number: p for p in harness.store().parts(d.id)}
+    before = {p.number: p for p in harness.store().deliveries.parts(d.id)}
     total = -(-video.stat().st_size // (5 * 1024 * 1024))
-    assert harness.store().delivery(d.id).state == "uploading" and len(before) < total
+    assert harness.store().deliveries.get(d.id).state == "uploading" and len(before) < total
 
     harness.start()
     done = wait_delivered(harness, dest)
@@ -211,7 +211,7 @@ def test_sigkill_mid_upload_resumes_sending_only_missing_parts(moto_server, aws_
     assert sorted(set(puts)) == list(range(1, total + 1))
     assert len(puts) <= total + 1  # at most the one part in flight at the kill was sent twice
     assert all(puts.count(n) == 1 for n in before)  # parts recorded before the kill were never sent again
-    after = {p.number: p for p in harness.store().parts(d.id)}
+    after = {p.number: p for p in harness.store().deliveries.parts(d.id)}
     assert all(after[n].sent_at == p.sent_at for n, p in before.items())
     keys = [o["Key"] for o in moto_server.client().list_objects_v2(Bucket=bucket)["Contents"]]
     assert sum(k.endswith("/big.mp4") for k in keys) == 1
@@ -227,7 +227,7 @@ def test_s3_down_for_a_while_then_back_delivers_everything(aws_env, tmp_path):
         dest = other_tool_writes(harness, "down", "clip.mp4", write_portrait_video(tmp_path / "clip.mp4", 0.6))
         harness.wait_for(lambda: len(log_events(harness, "delivery failed; will retry")) >= 2, 60,
                          "uploads to fail and retry")
-        d = harness.store().delivery_at(str(dest))
+        d = harness.store().deliveries.at(str(dest))
         assert d.state == "pending" and d.attempts >= 2 and "cannot reach S3" in d.last_error["reason"]
         server.start()
         server.client().create_bucket(Bucket=bucket)
@@ -252,9 +252,9 @@ def test_missing_bucket_alerts_the_operator_keeps_the_video_and_delivers_after_r
         assert alert["alert"] == f"s3:NoSuchBucket:{bucket}" and "does not exist" in alert["message"]
         [message] = chat.wait_delivered(1, path="/operator", containing=bucket)
         assert "does not exist" in message.text
-        d = harness.store().delivery_at(str(dest))
+        d = harness.store().deliveries.at(str(dest))
         assert d.state == "pending" and "s3.bucket" in d.last_error["hint"] and dest.is_file()
-        assert harness.store().batch(d.batch_id).state == "open"  # not reported while a video is stuck
+        assert harness.store().deliveries.batch(d.batch_id).state == "open"  # not reported while a video is stuck
         harness.stop()
         moto_server.client().create_bucket(Bucket=bucket)  # the operator fixes it and restarts
         harness.start()

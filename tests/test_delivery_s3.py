@@ -17,8 +17,8 @@ from heygem_daemon.delivery.s3 import (
     MiB, StreamUpload, Throttle, Uploader, abort_stale_uploads, apply_lifecycle, describe, lifecycle_rule, make_client,
 )
 from heygem_daemon.delivery.zipper import entry_names, write_zip
-from heygem_daemon.intake.inspect import sha256_file
-from heygem_daemon.store import Store
+from heygem_daemon.fs.files import sha256_file
+from heygem_daemon.state import Store
 from media_factory import write_noise_video, write_portrait_video
 from s3_server import credentials_env, free_port
 
@@ -41,8 +41,8 @@ def store(tmp_path) -> Store:
 
 
 def _delivery(store: Store, path: Path, key: str):
-    store.ensure_batch("job1", "job1", "job1", None)
-    return store.add_delivery("job1", str(path), path.name, path.stat().st_size, key, None)
+    store.deliveries.ensure_batch("job1", "job1", "job1", None)
+    return store.deliveries.add("job1", str(path), path.name, path.stat().st_size, key, None)
 
 
 def _uploader(settings: S3, store: Store) -> Uploader:
@@ -54,7 +54,7 @@ def test_multipart_upload_records_each_part_and_the_object_matches_the_file(sett
     d = _delivery(store, video, "day/job1/tok/big.mp4")
     up = _uploader(settings, store).upload(d)
     assert up.sha256 == sha256_file(video) and up.sent_bytes == video.stat().st_size
-    parts = store.parts(d.id)
+    parts = store.deliveries.parts(d.id)
     expected = -(-video.stat().st_size // (5 * MiB))
     assert expected >= 3 and [p.number for p in parts] == list(range(1, expected + 1))
     assert sum(p.size for p in parts) == video.stat().st_size
@@ -67,15 +67,15 @@ def test_resume_sends_only_the_parts_the_server_does_not_hold(settings, store, t
     d = _delivery(store, video, "day/job1/tok/big.mp4")
     client = moto_server.client()
     upload_id = client.create_multipart_upload(Bucket=settings.bucket, Key=d.key)["UploadId"]
-    store.start_upload(d.id, upload_id)
+    store.deliveries.start_upload(d.id, upload_id)
     first_two = video.read_bytes()[: 10 * MiB]
     for n in (1, 2):  # as if a run before a crash had sent two parts (the store heard of neither)
         client.upload_part(Bucket=settings.bucket, Key=d.key, UploadId=upload_id, PartNumber=n,
                            Body=first_two[(n - 1) * 5 * MiB: n * 5 * MiB])
-    up = _uploader(settings, store).upload(store.delivery(d.id))
+    up = _uploader(settings, store).upload(store.deliveries.get(d.id))
     assert up.sent_bytes == video.stat().st_size - 10 * MiB
     sent = sorted(n for u, n in moto_server.part_puts(settings.bucket) if u == upload_id)
-    assert sent == list(range(1, len(store.parts(d.id)) + 1))  # each part once: 1 and 2 only before the "crash"
+    assert sent == list(range(1, len(store.deliveries.parts(d.id)) + 1))  # each part once: 1 and 2 only before the "crash"
     body = client.get_object(Bucket=settings.bucket, Key=d.key)["Body"].read()
     assert hashlib.sha256(body).hexdigest() == sha256_file(video)
 
@@ -83,10 +83,10 @@ def test_resume_sends_only_the_parts_the_server_does_not_hold(settings, store, t
 def test_an_upload_gone_from_the_server_starts_over(settings, store, tmp_path, moto_server):
     video = write_noise_video(tmp_path / "big.mp4", 6)
     d = _delivery(store, video, "day/job1/tok/big.mp4")
-    store.start_upload(d.id, "an-upload-the-server-aborted")
-    up = _uploader(settings, store).upload(store.delivery(d.id))
+    store.deliveries.start_upload(d.id, "an-upload-the-server-aborted")
+    up = _uploader(settings, store).upload(store.deliveries.get(d.id))
     assert up.sent_bytes == video.stat().st_size
-    assert store.delivery(d.id).upload_id != "an-upload-the-server-aborted"
+    assert store.deliveries.get(d.id).upload_id != "an-upload-the-server-aborted"
     head = moto_server.client().head_object(Bucket=settings.bucket, Key=d.key)
     assert head["ContentLength"] == video.stat().st_size and head["ContentType"] == "video/mp4"
 

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import yaml
 
-from heygem_daemon.cleanup import DAY, Sweep
+from heygem_daemon.ops.cleanup import DAY, Sweep
 from heygem_daemon.config import load_config
 from heygem_daemon.delivery.s3 import s3_checks
 from heygem_daemon.delivery.sweeps import expired_zips, stale_uploads, uploaded_outputs
-from heygem_daemon.store import Store
+from heygem_daemon.state import Store
 from s3_server import credentials_env
 
 LATER = 30 * DAY
@@ -42,13 +42,13 @@ def video(cfg, rel: str) -> Path:
 
 
 def delivered(store: Store, batch: str, path: Path, key: str, state: str) -> None:
-    store.ensure_batch(batch, batch, path.parent.name, None)
-    d = store.add_delivery(batch, str(path), path.name, 1000, key, None)
+    store.deliveries.ensure_batch(batch, batch, path.parent.name, None)
+    d = store.deliveries.add(batch, str(path), path.name, 1000, key, None)
     assert d is not None
     if state in ("uploaded", "linked"):
-        store.finish_upload(d.id, '"etag"', "0" * 64)
+        store.deliveries.finish_upload(d.id, '"etag"', "0" * 64)
     if state == "linked":
-        store.mark_linked([d.id])
+        store.deliveries.mark_linked([d.id])
 
 
 def later_sweep(cfg, store: Store) -> Sweep:
@@ -94,13 +94,13 @@ def test_expired_local_zip_goes_and_its_videos_stay(tmp_path):
     clip = video(cfg, "job/clip.mp4")
     zipped = video(cfg, "job/job_20261121_1200.zip")
     delivered(store, "job", clip, "", "linked")
-    store.set_batch_zip("job", zipped.name, "", None)
-    store.batch_zipped("job", 1000)
+    store.deliveries.set_batch_zip("job", zipped.name, "", None)
+    store.deliveries.batch_zipped("job", 1000)
     expired_zips(Sweep(cfg, store, time.time() + 3600))
     assert zipped.exists(), "a zip younger than s3.link_expiry_hours stays"
     expired_zips(later_sweep(cfg, store))
     assert not zipped.exists() and clip.exists()
-    assert store.batch("job").zip_name is None
+    assert store.deliveries.batch("job").zip_name is None
 
 
 def test_expired_zip_object_is_deleted_from_the_bucket(tmp_path, moto_server, aws_env):
@@ -112,8 +112,8 @@ def test_expired_zip_object_is_deleted_from_the_bucket(tmp_path, moto_server, aw
     client.put_object(Bucket=bucket, Key="2026/job/clip.mp4", Body=b"mp4")
     clip = video(cfg, "job/clip.mp4")
     delivered(store, "job", clip, "2026/job/clip.mp4", "linked")
-    store.set_batch_zip("job", "zip.zip", "2026/job/zip.zip", None)
-    store.batch_zipped("job", 3)
+    store.deliveries.set_batch_zip("job", "zip.zip", "2026/job/zip.zip", None)
+    store.deliveries.batch_zipped("job", 3)
     sweep = later_sweep(cfg, store)
     expired_zips(sweep)
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
@@ -129,7 +129,7 @@ def test_stale_sweep_aborts_unknown_uploads_and_keeps_resumable_ones(tmp_path, m
     clip = video(cfg, "job/clip.mp4")
     delivered(store, "job", clip, "2026/job/clip.mp4", "pending")
     known = client.create_multipart_upload(Bucket=bucket, Key="2026/job/clip.mp4")["UploadId"]
-    store.start_upload(store.delivery_at(str(clip)).id, known)
+    store.deliveries.start_upload(store.deliveries.at(str(clip)).id, known)
     client.create_multipart_upload(Bucket=bucket, Key="2026/job/orphan.mp4")
     stale_uploads(later_sweep(cfg, store))  # moto dates every upload in 2010: all are old enough
     left = [u["UploadId"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]

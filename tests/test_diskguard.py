@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from heygem_daemon.config import load_config
-from heygem_daemon.diskguard import GB, DiskGuard, Usage
+from heygem_daemon.ops.diskguard import GB, DiskGuard, Usage
 
 
 def guard(tmp_path, free_gb: dict[str, float]) -> DiskGuard:

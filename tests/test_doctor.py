@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from heygem_daemon.doctor import PROVIDERS, run_checks
+from heygem_daemon.ops.doctor import PROVIDERS, run_checks
 
 REPO = Path(__file__).resolve().parent.parent
 

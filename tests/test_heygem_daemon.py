@@ -83,7 +83,7 @@ def test_busy_services_are_waited_for_without_failing_the_task(daemon, services,
             s.occupy(False)
     job = daemon.wait_job("patient")
     assert job.state == "done"
-    assert [t.attempts for t in daemon.store().tasks(job.id)] == [1]
+    assert [t.attempts for t in daemon.store().tasks.select(job.id)] == [1]
 
 
 def test_a_stalled_service_fails_the_attempt_and_the_retry_delivers(daemon, services, group, voice):
@@ -95,8 +95,8 @@ def test_a_stalled_service_fails_the_attempt_and_the_retry_delivers(daemon, serv
         for s in services:
             s.unstick()
     assert job.state == "done"
-    (task,) = daemon.store().tasks(job.id)
-    first, second = daemon.store().attempts(task.id)
+    (task,) = daemon.store().tasks.select(job.id)
+    first, second = daemon.store().tasks.attempts(task.id)
     assert first["outcome"] == "retry" and "stalled at 20% for 4 s" in json.loads(first["error"])["reason"]
     assert second["outcome"] == "done"
     assert data_files(services) == []

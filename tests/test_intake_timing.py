@@ -6,7 +6,7 @@ import time
 import pytest
 
 from daemon_harness import DaemonHarness
-from heygem_daemon.intake.inspect import sha256_file
+from heygem_daemon.fs.files import sha256_file
 from media_factory import PORTRAIT_JPG, write_speech_wav
 
 

@@ -63,7 +63,7 @@ def long_voice(tmp_path) -> Path:
 
 def running_task(harness: DaemonHarness, name: str):
     job = harness.job(name)
-    tasks = harness.store().tasks(job.id) if job else []
+    tasks = harness.store().tasks.select(job.id) if job else []
     return next((t for t in tasks if t.state == "running" and t.progress > 0.02), None)
 
 
@@ -96,10 +96,10 @@ def test_sigterm_lets_the_running_task_finish_takes_nothing_new_and_restart_resu
     assert harness.proc.wait(120) == 0
 
     job = harness.job("pair")
-    tasks = {t.name: t for t in harness.store().tasks(job.id)}
+    tasks = {t.name: t for t in harness.store().tasks.select(job.id)}
     assert tasks["anna"].state == "done" and (harness.folder("outputs") / "pair" / "anna.mp4").is_file()
     assert tasks["ben"].state == "queued" and tasks["ben"].attempts == 0
-    assert harness.store().attempts(tasks["ben"].id) == []
+    assert harness.store().tasks.attempts(tasks["ben"].id) == []
     assert sorted(p.name for p in harness.inbox.iterdir()) == ["late.jpg", "late.wav"]
     assert harness.job("late") is None
     assert "draining" in harness.log_text()
@@ -119,9 +119,9 @@ def test_drain_time_over_puts_the_running_task_back_in_the_queue_uncounted(tmp_p
 
     assert harness.stop() == 0
 
-    [task] = harness.store().tasks(harness.job("slow").id)
+    [task] = harness.store().tasks.select(harness.job("slow").id)
     assert task.state == "queued" and task.attempts == 0 and task.progress == 0
-    assert [a["outcome"] for a in harness.store().attempts(task.id)] == ["interrupted"]
+    assert [a["outcome"] for a in harness.store().tasks.attempts(task.id)] == ["interrupted"]
     assert not list(harness.folder("outputs").rglob("*.part"))
     assert "drain time over: running tasks go back to the queue" in harness.log_text()
 
@@ -138,7 +138,7 @@ def test_a_second_sigterm_stops_at_once_with_the_task_requeued(tmp_path, long_vo
     harness.proc.send_signal(signal.SIGTERM)
     assert harness.proc.wait(60) == 0
 
-    [task] = harness.store().tasks(harness.job("slow").id)
+    [task] = harness.store().tasks.select(harness.job("slow").id)
     assert task.state == "queued" and task.attempts == 0
     assert "second stop signal: running tasks go back to the queue" in harness.log_text()
 

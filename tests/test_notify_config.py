@@ -3,8 +3,8 @@
 import pytest
 
 from heygem_daemon.config import Config, ConfigError, load_config
-from heygem_daemon.delivery.notify import notify_checks
-from heygem_daemon.delivery.targets import configured_urls, operator_urls
+from heygem_daemon.notify.outbox import notify_checks
+from heygem_daemon.notify.targets import configured_urls, operator_urls
 from heygem_daemon.intake.pairing import FileInfo, Plan, Rejection, plan_folder
 
 SLACK = "slack://T1JJ3T3L2/A1BRTD4JD/TIiajkdnlazkcOXrIdevi7FQ/#general"

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from daemon_harness import DaemonHarness
-from heygem_daemon.delivery.targets import target_id
+from heygem_daemon.notify.targets import target_id
 from media_factory import FIXTURES
 from notify_receiver import Receiver, wait_until
 
@@ -46,7 +46,7 @@ def drop_faceless(daemon: DaemonHarness, voice: Path, name: str, manifest: str |
 def sent_rows(daemon: DaemonHarness, job_name: str):
     job = daemon.wait_job(job_name, timeout=60)
     assert job.state == "failed"
-    return wait_until(lambda: [n for n in daemon.store().notifications(job.id) if n.state == "sent"] or None,
+    return wait_until(lambda: [n for n in daemon.store().outbox.select(job.id) if n.state == "sent"] or None,
                       30, lambda: f"the notification of {job_name} to be sent")
 
 
@@ -71,7 +71,7 @@ def test_job_yaml_notify_sends_to_the_job_target_only(daemon, receiver, voice):
 def test_job_yaml_notify_false_sends_nothing(daemon, voice):
     drop_faceless(daemon, voice, "quiet", "notify: false\n")
     job = daemon.wait_job("quiet", timeout=60)
-    assert job.state == "failed" and daemon.store().notifications(job.id) == []
+    assert job.state == "failed" and daemon.store().outbox.select(job.id) == []
 
 
 def test_url_secrets_never_reach_the_logs_or_the_store(daemon, receiver, voice):
@@ -93,7 +93,7 @@ def test_sigkill_before_and_after_sending_neither_loses_nor_repeats_a_message(tm
         harness.start()
         drop_faceless(harness, voice, "alpha")
         job = harness.wait_job("alpha", timeout=60)
-        wait_until(lambda: [n for n in harness.store().notifications(job.id) if n.attempts >= 1],
+        wait_until(lambda: [n for n in harness.store().outbox.select(job.id) if n.attempts >= 1],
                    30, lambda: "a failed delivery attempt")
         harness.kill()  # recorded, not sent
         receiver.start()

@@ -3,9 +3,9 @@ the zip link kept when a batch is too long to list. Limits come from the real ap
 
 import pytest
 
-from heygem_daemon.delivery.messages import failure_message, report_message
+from heygem_daemon.notify.messages import failure_message, report_message
 from heygem_daemon.delivery.report import BatchReport, Problem, VideoLink
-from heygem_daemon.delivery.targets import parse_target
+from heygem_daemon.notify.targets import parse_target
 
 PREFIX = "[heygem] "
 ZIP_URL = "https://s3.example.com/bucket/promo.zip?X-Amz-Signature=zipsig"

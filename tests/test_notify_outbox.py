@@ -5,10 +5,10 @@ import dataclasses
 import pytest
 
 from heygem_daemon.config import Config, load_config
-from heygem_daemon.delivery.notify import Notifier, Outbox
+from heygem_daemon.notify.outbox import Notifier, Outbox
 from heygem_daemon.delivery.report import BatchReport, VideoLink
-from heygem_daemon.jobs import finalize_job, retry_job
-from heygem_daemon.store import NewTask, Store
+from heygem_daemon.generation.jobs import finalize_job, retry_job
+from heygem_daemon.state import NewTask, Store
 from notify_receiver import Receiver, wait_until
 
 ZIP_URL = "https://s3.example.com/b/promo.zip?X-Amz-Signature=zipsig"
@@ -63,7 +63,7 @@ def test_success_report_is_delivered_with_every_link(store, receiver, running):
     for i in range(3):
         assert f"https://s3.example.com/b/v{i}.mp4?s=sig" in post.payload["message"]
     assert ZIP_URL in post.payload["message"] and "0:30 in total" in post.payload["message"]
-    assert [n.state for n in store.notifications()] == ["sent"]
+    assert [n.state for n in store.outbox.select()] == ["sent"]
 
 
 def test_long_batch_arrives_as_a_summary_with_the_zip_link_within_the_plugin_limit(store, receiver, running):
@@ -83,7 +83,7 @@ def test_the_same_event_is_recorded_once_even_with_links_signed_again(store, rec
     outbox, _ = sender(store, urls=[receiver.url()])
     assert outbox.enqueue_report(report(signature="first")) == 1
     assert outbox.enqueue_report(report(signature="second")) == 0
-    assert len(store.notifications()) == 1
+    assert len(store.outbox.select()) == 1
 
 
 def test_receiver_down_then_up_delivers_exactly_once(store, receiver, running):
@@ -92,14 +92,14 @@ def test_receiver_down_then_up_delivers_exactly_once(store, receiver, running):
     start(running, notifier)
     outbox.enqueue_report(report())
     wait_until(lambda: receiver.refused() >= 2, 30, lambda: "two refused attempts")
-    (row,) = store.notifications()
+    (row,) = store.outbox.select()
     assert row.state == "retrying" and "503" in row.last_error
     receiver.status = 200
     receiver.wait_delivered(1)
     outbox.enqueue_alert("marker", "a later message, sent after the first by the same sender")
     receiver.wait_delivered(1, containing="a later message")
     assert len(receiver.delivered(containing="promo")) == 1
-    assert store.notifications()[0].state == "sent"
+    assert store.outbox.select()[0].state == "sent"
 
 
 def test_one_target_down_does_not_make_the_other_hear_twice(store, receiver, running):
@@ -120,7 +120,7 @@ def test_a_message_refused_past_max_age_is_given_up_with_the_reason(store, recei
     outbox, notifier = sender(store, urls=[receiver.url()], max_age_hours=1e-9)
     outbox.enqueue_report(report())
     notifier.send_due()
-    (row,) = store.notifications()
+    (row,) = store.outbox.select()
     assert row.state == "gave_up" and "503" in row.last_error
 
 
@@ -142,7 +142,7 @@ def test_report_goes_to_the_job_override_instead_of_the_configured_urls(store, r
     outbox.enqueue_report(dataclasses.replace(report(1), job_id="job2", notify_urls=[]))
     outbox.enqueue_alert("marker", "later")
     receiver.wait_delivered(path="/team", containing="later")
-    assert receiver.delivered("/team", "promo") == [] and len(store.notifications()) == 2
+    assert receiver.delivered("/team", "promo") == [] and len(store.outbox.select()) == 2
 
 
 def test_url_secrets_are_used_but_never_stored(store, receiver, running, tmp_path):
@@ -163,7 +163,7 @@ def test_a_pending_message_is_sent_by_the_next_sender_after_a_restart(store, rec
     outbox, notifier = sender(store, urls=[url])
     outbox.enqueue_report(report())
     notifier.send_due()
-    assert store.notifications()[0].state == "retrying"
+    assert store.outbox.select()[0].state == "retrying"
     receiver.start()
     outbox2, notifier2 = sender(Store(store.path), urls=[url])
     assert outbox2.enqueue_report(report()) == 0
@@ -179,18 +179,18 @@ def test_generation_failure_is_reported_again_only_after_a_retry(tmp_path, recei
     start(running, Notifier(outbox))
     staging = cfg.folder("work") / "x" / "in"
     staging.mkdir(parents=True)
-    job = store.create_job("promo", {"sources": ["promo"], "folder": True, "staging": str(staging)})
-    store.queue_job(job.id, [NewTask("anna", "a.wav", "anna.jpg", str(cfg.folder("outputs") / "promo/anna.mp4"))])
+    job = store.jobs.create("promo", {"sources": ["promo"], "folder": True, "staging": str(staging)})
+    store.jobs.queue(job.id, [NewTask("anna", "a.wav", "anna.jpg", str(cfg.folder("outputs") / "promo/anna.mp4"))])
 
     def fail_generation() -> None:
-        task = store.take_next_task("cpu")
-        store.fail_attempt(task.id, {"reason": "engine crashed on frame 12", "hint": "try the 480p preset"}, None)
+        task = store.tasks.take_next("cpu")
+        store.tasks.fail_attempt(task.id, {"reason": "engine crashed on frame 12", "hint": "try the 480p preset"}, None)
         finalize_job(cfg, store, job.id, outbox.enqueue_failure)
 
     fail_generation()
     (post,) = receiver.wait_delivered(containing="engine crashed")
     assert "promo: failed" in post.payload["title"] and "try the 480p preset" in post.payload["message"]
-    assert outbox.enqueue_failure(store.job(job.id), store.job(job.id).error) == 0
+    assert outbox.enqueue_failure(store.jobs.get(job.id), store.jobs.get(job.id).error) == 0
     retry_job(cfg, store, "promo")
     fail_generation()
     receiver.wait_delivered(2, containing="engine crashed")
@@ -198,8 +198,8 @@ def test_generation_failure_is_reported_again_only_after_a_retry(tmp_path, recei
 
 def test_a_claim_undone_by_recovery_takes_its_unsent_message_with_it(store, receiver):
     outbox, _ = sender(store, urls=[receiver.url()])
-    job = store.create_job("coffee", {"sources": ["coffee.jpg"], "folder": False})
+    job = store.jobs.create("coffee", {"sources": ["coffee.jpg"], "folder": False})
     record = {"stage": "intake", "problems": [{"file": "coffee.jpg", "reason": "no face", "hint": "use a photo"}]}
     assert outbox.enqueue_failure(job, record) == 1
-    store.delete_job(job.id)
-    assert store.notifications() == []
+    store.jobs.delete(job.id)
+    assert store.outbox.select() == []

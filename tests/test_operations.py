@@ -60,7 +60,7 @@ def test_cancel_stops_the_running_task_without_a_retry_and_files_the_inputs_in_f
 
     def running():
         job = daemon.job("stopme")
-        return job and any(t.state == "running" and t.progress > 0.02 for t in daemon.store().tasks(job.id))
+        return job and any(t.state == "running" and t.progress > 0.02 for t in daemon.store().tasks.select(job.id))
 
     daemon.wait_for(running, 60, "a task of stopme to run")
     result = cli(daemon, "cancel", "stopme")
@@ -68,10 +68,10 @@ def test_cancel_stops_the_running_task_without_a_retry_and_files_the_inputs_in_f
 
     job = daemon.wait_job("stopme")
     assert job.state == "failed"
-    tasks = daemon.store().tasks(job.id)
+    tasks = daemon.store().tasks.select(job.id)
     assert [t.state for t in tasks] == ["failed", "failed"]
     ran = next(t for t in tasks if t.attempts)
-    assert [a["outcome"] for a in daemon.store().attempts(ran.id)] == ["failed"]
+    assert [a["outcome"] for a in daemon.store().tasks.attempts(ran.id)] == ["failed"]
     error = json.loads((daemon.folder("failed") / "stopme" / "error.json").read_text())
     assert "cancelled by the operator" in error["reason"] and "retry" in error["hint"]
     assert sorted(p.name for p in (daemon.folder("failed") / "stopme").iterdir()) == [

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from heygem_daemon.config import load_config
-from heygem_daemon.reload import plan_reload
+from heygem_daemon.ops.reload import plan_reload
 
 
 def config(tmp_path, text: str):

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from heygem_daemon.sdnotify import Notifier
+from heygem_daemon.ops.sdnotify import Notifier
 
 
 def listener(address: str) -> socket.socket:

@@ -1,6 +1,6 @@
 import threading
 
-from heygem_daemon.store import NewTask, Store
+from heygem_daemon.state import NewTask, Store
 
 
 def make_store(tmp_path) -> Store:
@@ -8,23 +8,23 @@ def make_store(tmp_path) -> Store:
 
 
 def queued_job(store: Store, name: str = "alice", n: int = 1) -> str:
-    job = store.create_job(name, {"pairs": []})
-    store.queue_job(job.id, [NewTask(f"t{i}", "a.wav", "p.jpg", f"/out/{name}/t{i}.mp4") for i in range(n)])
+    job = store.jobs.create(name, {"pairs": []})
+    store.jobs.queue(job.id, [NewTask(f"t{i}", "a.wav", "p.jpg", f"/out/{name}/t{i}.mp4") for i in range(n)])
     return job.id
 
 
 def test_job_names_are_made_unique(tmp_path):
     store = make_store(tmp_path)
-    assert store.create_job("alice", {}).name == "alice"
-    assert store.create_job("alice", {}).name == "alice-2"
-    assert store.create_job("bob", {}, taken={"bob"}).name == "bob-2"
+    assert store.jobs.create("alice", {}).name == "alice"
+    assert store.jobs.create("alice", {}).name == "alice-2"
+    assert store.jobs.create("bob", {}, taken={"bob"}).name == "bob-2"
 
 
 def test_claimed_job_is_queued_with_its_tasks_in_one_step(tmp_path):
     store = make_store(tmp_path)
     job_id = queued_job(store, n=3)
-    assert store.job(job_id).state == "queued"
-    assert [t.state for t in store.tasks(job_id)] == ["queued"] * 3
+    assert store.jobs.get(job_id).state == "queued"
+    assert [t.state for t in store.tasks.select(job_id)] == ["queued"] * 3
 
 
 def test_take_next_task_hands_each_task_to_exactly_one_taker(tmp_path):
@@ -35,7 +35,7 @@ def test_take_next_task_hands_each_task_to_exactly_one_taker(tmp_path):
 
     def taker() -> None:
         own = Store(tmp_path / "heygem.db")
-        while (task := own.take_next_task("cpu")) is not None:
+        while (task := own.tasks.take_next("cpu")) is not None:
             with lock:
                 taken.append(task.id)
 
@@ -50,45 +50,45 @@ def test_take_next_task_hands_each_task_to_exactly_one_taker(tmp_path):
 def test_taking_a_task_marks_job_running_and_counts_the_attempt(tmp_path):
     store = make_store(tmp_path)
     job_id = queued_job(store)
-    task = store.take_next_task("cuda:0")
+    task = store.tasks.take_next("cuda:0")
     assert task is not None and task.state == "running" and task.attempts == 1 and task.device == "cuda:0"
-    assert store.job(job_id).state == "running"
-    assert store.attempts(task.id)[0]["device"] == "cuda:0"
+    assert store.jobs.get(job_id).state == "running"
+    assert store.tasks.attempts(task.id)[0]["device"] == "cuda:0"
 
 
 def test_failed_attempt_with_retry_waits_until_not_before(tmp_path):
     store = make_store(tmp_path)
     queued_job(store)
-    task = store.take_next_task("cpu")
-    assert store.fail_attempt(task.id, {"reason": "boom"}, retry_at=2e12) == "queued"
-    assert store.take_next_task("cpu") is None
-    assert store.fail_attempt(task.id, {"reason": "boom"}, retry_at=None) == "failed"
-    assert store.task(task.id).last_error == {"reason": "boom"}
+    task = store.tasks.take_next("cpu")
+    assert store.tasks.fail_attempt(task.id, {"reason": "boom"}, retry_at=2e12) == "queued"
+    assert store.tasks.take_next("cpu") is None
+    assert store.tasks.fail_attempt(task.id, {"reason": "boom"}, retry_at=None) == "failed"
+    assert store.tasks.get(task.id).last_error == {"reason": "boom"}
 
 
 def test_requeue_after_crash_does_not_count_the_interrupted_attempt(tmp_path):
     store = make_store(tmp_path)
     queued_job(store)
-    task = store.take_next_task("cpu")
-    store.requeue_tasks([task.id], reset_attempts=False)
-    again = store.take_next_task("cpu")
+    task = store.tasks.take_next("cpu")
+    store.tasks.requeue([task.id], reset_attempts=False)
+    again = store.tasks.take_next("cpu")
     assert again.id == task.id and again.attempts == 1
-    assert [a["outcome"] for a in store.attempts(task.id)][0] == "interrupted"
+    assert [a["outcome"] for a in store.tasks.attempts(task.id)][0] == "interrupted"
 
 
 def test_duplicate_lookup_ignores_failed_jobs_and_the_window(tmp_path):
     store = make_store(tmp_path)
-    first = store.create_job("a", {}, fingerprint="f1")
-    store.set_job_state(first.id, "failed")
-    assert store.find_duplicate("f1", 3600) is None
-    second = store.create_job("b", {}, fingerprint="f1")
-    store.set_job_state(second.id, "done")
-    assert store.find_duplicate("f1", 3600).id == second.id
-    assert store.find_duplicate("f1", 0) is None
+    first = store.jobs.create("a", {}, fingerprint="f1")
+    store.jobs.set_state(first.id, "failed")
+    assert store.jobs.find_duplicate("f1", 3600) is None
+    second = store.jobs.create("b", {}, fingerprint="f1")
+    store.jobs.set_state(second.id, "done")
+    assert store.jobs.find_duplicate("f1", 3600).id == second.id
+    assert store.jobs.find_duplicate("f1", 0) is None
 
 
 def test_retried_job_frees_its_name(tmp_path):
     store = make_store(tmp_path)
-    job = store.create_job("alice", {})
-    store.set_job_state(job.id, "retried")
-    assert store.create_job("alice", {}).name == "alice"
+    job = store.jobs.create("alice", {})
+    store.jobs.set_state(job.id, "retried")
+    assert store.jobs.create("alice", {}).name == "alice"

@@ -156,7 +156,7 @@ def _fails_at_once(daemon: DaemonHarness, media: Path, name: str) -> dict:
     daemon.drop(PORTRAIT_JPG, f"{name}.jpg")
     job = daemon.wait_job(name, timeout=120)
     assert job.state == "failed" and daemon.alive()
-    assert [t.attempts for t in daemon.store().tasks(job.id)] == [1]  # not retried on a timer
+    assert [t.attempts for t in daemon.store().tasks.select(job.id)] == [1]  # not retried on a timer
     record = _error(daemon, name)
     assert record["stage"] == "generate"
     assert str(_checkpoint_path(daemon)) in record["reason"]

@@ -10,7 +10,7 @@ from urllib.parse import quote
 
 from botocore.client import BaseClient
 
-from heygem_daemon.fsops import atomic_write_json, atomic_write_text
+from heygem_daemon.fs.ops import atomic_write_json, atomic_write_text
 
 LINKS_JSON = "links.json"
 LINKS_TXT = "links.txt"

@@ -14,7 +14,7 @@ from typing import Callable
 
 from heygem_daemon.config import Watcher
 from heygem_daemon.intake.pairing import FileInfo
-from heygem_daemon.intake.stability import NameFilter, Snapshot, StabilityTracker
+from heygem_daemon.fs.stability import NameFilter, Snapshot, StabilityTracker
 from heygem_daemon.media.kinds import VIDEO_EXTS
 
 

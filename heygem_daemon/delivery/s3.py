@@ -22,12 +22,12 @@ from botocore.client import BaseClient
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 
-from heygem_daemon import metrics
-from heygem_daemon.checks import Check
+from heygem_daemon.ops import metrics
+from heygem_daemon.ops.checks import Check
 from heygem_daemon.config import S3, Config, Lifecycle
 from heygem_daemon.log import get_logger
 from heygem_daemon.secrets import get_secret
-from heygem_daemon.store import Delivery, Part, Store
+from heygem_daemon.state import Delivery, Part, Store
 
 log = get_logger("heygem.s3")
 MiB = 1024 * 1024
@@ -215,7 +215,7 @@ class Uploader:
         for future in done:
             del in_flight[future]
             part = future.result()
-            self.store.add_part(d.id, part)
+            self.store.deliveries.add_part(d.id, part)
             landed[part.number] = part
         return landed
 
@@ -230,7 +230,7 @@ class Uploader:
                 raise
             log.warning("multipart upload gone from the server; starting over", key=d.key)
             return self._create(d), {}
-        stored = {p.number: p for p in self.store.parts(d.id)}
+        stored = {p.number: p for p in self.store.deliveries.parts(d.id)}
         held: dict[int, Part] = {}
         for number, (etag, size) in on_server.items():
             mine = stored.get(number)
@@ -239,8 +239,8 @@ class Uploader:
             elif _plain_md5(etag):
                 # Sent just before a crash, before the store heard of it: a plain ETag is the part's MD5.
                 held[number] = Part(number, etag, size, etag.strip('"'), time.time())
-                self.store.add_part(d.id, held[number])
-        self.store.forget_parts(d.id, [n for n in stored if n not in held])
+                self.store.deliveries.add_part(d.id, held[number])
+        self.store.deliveries.forget_parts(d.id, [n for n in stored if n not in held])
         log.info("resuming multipart upload", key=d.key, parts_on_server=len(held))
         return d.upload_id, held
 
@@ -253,7 +253,7 @@ class Uploader:
 
     def _create(self, d: Delivery) -> str:
         resp = self.client.create_multipart_upload(Bucket=self.bucket, Key=d.key, ContentType=_content_type(Path(d.path)))
-        self.store.start_upload(d.id, resp["UploadId"])
+        self.store.deliveries.start_upload(d.id, resp["UploadId"])
         return resp["UploadId"]
 
 

@@ -25,11 +25,12 @@ from heygem_daemon.delivery.s3 import (
     describe, lifecycle_rule, make_client,
 )
 from heygem_daemon.delivery.zipper import write_local_zip, write_zip
-from heygem_daemon.intake.inspect import file_owner, sha256_file
-from heygem_daemon.intake.watcher import start_watcher
+from heygem_daemon.fs.files import file_owner, sha256_file
+from heygem_daemon.fs.watcher import start_watcher
 from heygem_daemon.log import get_logger
 from heygem_daemon.media.duration import container_seconds
-from heygem_daemon.store import Batch, Delivery, Job, Store, backoff_delay
+from heygem_daemon.state import Batch, Delivery, Job, Store
+from heygem_daemon.failures import backoff_delay
 
 log = get_logger("heygem.delivery")
 ENDED = ("linked", "missing")
@@ -65,14 +66,14 @@ class DeliveryService:
         self.pool = ThreadPoolExecutor(self.settings.max_concurrency, thread_name_prefix="deliver")
         self._busy: set[str] = set()
         self._busy_lock = threading.Lock()
-        self._known = store.delivery_paths()
+        self._known = store.deliveries.paths()
         self._thread: threading.Thread | None = None
         self._observer: Any = None
 
     # --- life cycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.store.wake_deliveries()
+        self.store.deliveries.wake()
         self._observer, mode = start_watcher(self.outputs, self.cfg.watcher.mode, self.cfg.watcher.poll_interval,
                                              self._touch, what="outputs")
         self._thread = threading.Thread(target=self._run, name="delivery", daemon=True)
@@ -116,33 +117,33 @@ class DeliveryService:
         for rel, size in self.watcher.step(time.monotonic(), lambda r: str(self.outputs / r) in self._known):
             self._register(self.outputs / rel, size)
         now = time.time()
-        for job in self.store.jobs_to_report():
+        for job in self.store.deliveries.jobs_to_report():
             batch = self._job_batch(job)
             if self._job_batch_ended(batch, job, now):
                 self._submit(f"b:{batch.id}", self._finish_batch, batch, job)
-        for d in self.store.due_deliveries(now):
+        for d in self.store.deliveries.due(now):
             self._submit(f"d:{d.id}", self._deliver, d)
         quiet = self.cfg.delivery.adhoc_quiet_seconds
-        for batch in self.store.open_adhoc_batches():
-            files = self.store.deliveries(batch.id)
+        for batch in self.store.deliveries.open_adhoc_batches():
+            files = self.store.deliveries.select(batch.id)
             if (batch.not_before <= now and files and all(d.state in ENDED for d in files)
                     and now - max(d.created_at for d in files) >= quiet):
                 self._submit(f"b:{batch.id}", self._finish_batch, batch, None)
 
     def _register(self, path: Path, size: int) -> Delivery | None:
         """A settled video becomes a delivery: tied to its task when our engine made it, ad hoc otherwise."""
-        task = self.store.task_by_output(str(path))
+        task = self.store.tasks.by_output(str(path))
         rel_to_outputs = path.relative_to(self.outputs)
         if task is not None:
-            job = self.store.job(task.job_id)
-            batch = self.store.ensure_batch(job.id, job.name, job.name, job.id)
+            job = self.store.jobs.get(task.job_id)
+            batch = self.store.deliveries.ensure_batch(job.id, job.name, job.name, job.id)
         else:
             folder = rel_to_outputs.parts[0] if len(rel_to_outputs.parts) > 1 else ""
-            batch = self.store.open_adhoc_batch(folder) or self.store.ensure_batch(
+            batch = self.store.deliveries.open_adhoc_batch(folder) or self.store.deliveries.ensure_batch(
                 f"adhoc-{os.urandom(6).hex()}", folder or path.stem, folder, None)
         rel = str(path.relative_to(self.outputs / batch.folder)) if batch.folder else path.name
         key = object_key(self.settings.key_prefix, batch.name, rel, time.time())
-        d = self.store.add_delivery(batch.id, str(path), rel, size, key, task.id if task else None)
+        d = self.store.deliveries.add(batch.id, str(path), rel, size, key, task.id if task else None)
         self._known.add(str(path))
         if d is not None:
             log.info("video to deliver", job_id=batch.job_id, batch=batch.name, file=rel, size=size,
@@ -150,21 +151,21 @@ class DeliveryService:
         return d
 
     def _job_batch(self, job: Job) -> Batch:
-        batch = self.store.ensure_batch(job.id, job.name, job.name, job.id)
+        batch = self.store.deliveries.ensure_batch(job.id, job.name, job.name, job.id)
         if batch.state == "reported" and (batch.round_at or 0) < (job.finished_at or 0):
             # Finished again after `retry`: a new round with its own zip and report.
-            self.store.reopen_batch(batch.id)
-            batch = self.store.batch(batch.id)  # type: ignore[assignment]
+            self.store.deliveries.reopen_batch(batch.id)
+            batch = self.store.deliveries.batch(batch.id)  # type: ignore[assignment]
         return batch
 
     def _job_batch_ended(self, batch: Batch, job: Job, now: float) -> bool:
         if batch.not_before > now:
             return False
-        for task in self.store.tasks(job.id, ("done",)):
+        for task in self.store.tasks.select(job.id, ("done",)):
             if task.output not in self._known and Path(task.output).is_file():
                 # Our engine's outputs are complete when the task is done: no need to wait for the watcher.
                 self._register(Path(task.output), Path(task.output).stat().st_size)
-        return all(d.state in ENDED for d in self.store.deliveries(batch.id))
+        return all(d.state in ENDED for d in self.store.deliveries.select(batch.id))
 
     def _submit(self, tag: str, fn: Callable[..., None], *args: Any) -> None:
         with self._busy_lock:
@@ -189,18 +190,18 @@ class DeliveryService:
     # --- one file (pool threads) -----------------------------------------------------------------
 
     def _deliver(self, d: Delivery) -> None:
-        d = self.store.delivery(d.id)
+        d = self.store.deliveries.get(d.id)
         if d.state not in ("pending", "uploading"):
             return
         try:
             if self.uploader is not None:
                 up = self.uploader.upload(d)
-                self.store.finish_upload(d.id, up.etag, up.sha256)
+                self.store.deliveries.finish_upload(d.id, up.etag, up.sha256)
                 log.info("video uploaded", file=d.rel, key=d.key, size=d.size, sent=up.sent_bytes)
             else:
-                self.store.finish_upload(d.id, None, sha256_file(Path(d.path)))
+                self.store.deliveries.finish_upload(d.id, None, sha256_file(Path(d.path)))
         except FileNotFoundError:
-            self.store.delivery_retry(d.id, {"stage": "deliver", "reason": "the video vanished from outputs/",
+            self.store.deliveries.retry(d.id, {"stage": "deliver", "reason": "the video vanished from outputs/",
                                              "hint": "it was moved or deleted before it could be sent"},
                                       0, state="missing")
             log.warning("video vanished before delivery", file=d.path)
@@ -210,14 +211,14 @@ class DeliveryService:
         except Exception as exc:
             self._failed(f"upload of {d.rel}", exc, lambda f: self._retry_later(d, f))
             return
-        self.store.mark_linked([d.id])
-        batch = self.store.batch(d.batch_id)
+        self.store.deliveries.mark_linked([d.id])
+        batch = self.store.deliveries.batch(d.batch_id)
         assert batch is not None
         self._write_links(batch)
-        self._audit("delivery", batch, [self.store.delivery(d.id)])
+        self._audit("delivery", batch, [self.store.deliveries.get(d.id)])
 
     def _retry_later(self, d: Delivery, failure: S3Failure) -> None:
-        self.store.delivery_retry(d.id, failure.as_dict(), time.time() + self._delay(failure, d.attempts + 1))
+        self.store.deliveries.retry(d.id, failure.as_dict(), time.time() + self._delay(failure, d.attempts + 1))
 
     def _delay(self, failure: S3Failure, attempt: int) -> float:
         if not failure.retryable:
@@ -241,10 +242,10 @@ class DeliveryService:
     # --- one batch (pool threads) ----------------------------------------------------------------
 
     def _finish_batch(self, batch: Batch, job: Job | None) -> None:
-        batch = self.store.batch(batch.id)  # type: ignore[assignment]
+        batch = self.store.deliveries.batch(batch.id)  # type: ignore[assignment]
         if batch.state == "reported":
             return
-        videos = [d for d in self.store.deliveries(batch.id) if d.state == "linked"]
+        videos = [d for d in self.store.deliveries.select(batch.id) if d.state == "linked"]
         when = (job.finished_at if job else None) or time.time()
         if videos and batch.state == "open":
             try:
@@ -252,28 +253,28 @@ class DeliveryService:
             except Stopping:
                 raise
             except Exception as exc:
-                self._failed(f"zip of {batch.name}", exc, lambda f: self.store.batch_retry(
+                self._failed(f"zip of {batch.name}", exc, lambda f: self.store.deliveries.batch_retry(
                     batch.id, f.as_dict(), time.time() + self._delay(f, batch.attempts + 1)))
                 return
-            batch = self.store.batch(batch.id)  # type: ignore[assignment]
+            batch = self.store.deliveries.batch(batch.id)  # type: ignore[assignment]
         report = self._report(batch, job, videos)
         self._write_links(batch)
         log_report(report)
         self.on_report(report)
-        self.store.mark_reported(batch.id, job.finished_at if job else None)
+        self.store.deliveries.mark_reported(batch.id, job.finished_at if job else None)
 
     def _zip(self, batch: Batch, videos: list[Delivery], when: float) -> None:
         name = zip_name(batch.name, when)
         files = [(Path(d.path), d.rel) for d in videos]
         if self.client is None:
             size = write_local_zip(files, self._links_dir(batch) / name)
-            self.store.set_batch_zip(batch.id, name, "", None)
+            self.store.deliveries.set_batch_zip(batch.id, name, "", None)
         else:
             if batch.zip_upload_id:  # a zip cut short by a crash: its parts are useless, start again
                 abort_upload(self.client, self.settings.bucket, batch.zip_key or "", batch.zip_upload_id)
             key = object_key(self.settings.key_prefix, batch.name, name, time.time())
             stream = StreamUpload(self.client, self.settings.bucket, key, self.settings.part_size_mb * MiB,
-                                  self.throttle, self.stopping, lambda uid: self.store.set_batch_zip(batch.id, name, key, uid))
+                                  self.throttle, self.stopping, lambda uid: self.store.deliveries.set_batch_zip(batch.id, name, key, uid))
             try:
                 write_zip(files, stream)  # type: ignore[arg-type]
                 stream.finish()
@@ -281,8 +282,8 @@ class DeliveryService:
                 self._quietly(stream.abort)
                 raise
             size = stream.size
-        self.store.batch_zipped(batch.id, size)
-        zipped = self.store.batch(batch.id)
+        self.store.deliveries.batch_zipped(batch.id, size)
+        zipped = self.store.deliveries.batch(batch.id)
         assert zipped is not None
         log.info("batch zipped", job_id=batch.job_id, batch=batch.name, zip=name, files=len(files), size=size)
         self._audit("zip", zipped, videos)
@@ -307,11 +308,11 @@ class DeliveryService:
 
     def _problems(self, batch: Batch, job: Job | None) -> list[Problem]:
         problems = [Problem(d.rel, (d.last_error or {}).get("reason", "not delivered"),
-                            (d.last_error or {}).get("hint", "")) for d in self.store.deliveries(batch.id)
+                            (d.last_error or {}).get("hint", "")) for d in self.store.deliveries.select(batch.id)
                     if d.state == "missing"]
         if job is None or job.state != "failed":
             return problems
-        tasks = self.store.tasks(job.id, ("failed",))
+        tasks = self.store.tasks.select(job.id, ("failed",))
         for t in tasks:
             err = t.last_error or {}
             problems.append(Problem(f"{t.name} ({t.portrait} + {t.audio})", err.get("reason", ""), err.get("hint", "")))
@@ -350,7 +351,7 @@ class DeliveryService:
 
     def _write_links(self, batch: Batch) -> None:
         """links.json lists every delivered video of the folder (whichever batch brought it) and the zip."""
-        linked = [d for d in self.store.deliveries(folder=batch.folder) if d.state == "linked"]
+        linked = [d for d in self.store.deliveries.select(folder=batch.folder) if d.state == "linked"]
         if not batch.folder:
             linked = [d for d in linked if d.batch_id == batch.id]
         if not linked:  # a job that made no video gets no outputs/ folder (its name stays free for a retry)
@@ -359,7 +360,7 @@ class DeliveryService:
         write_links(self._links_dir(batch), stem, batch.name, self._entries(linked), self._zip_entry(batch))
 
     def _audit(self, event: str, batch: Batch, deliveries: list[Delivery]) -> None:
-        job = self.store.job(batch.job_id) if batch.job_id else None
+        job = self.store.jobs.get(batch.job_id) if batch.job_id else None
         if event == "zip":
             entry = self._zip_entry(batch)
             keys, links, size = [batch.zip_key or ""], [entry.link if entry else None], batch.zip_size or 0
@@ -392,5 +393,5 @@ class DeliveryService:
         if self.client is None:
             return []
         return abort_stale_uploads(self.client, self.settings.bucket, static_prefix(self.settings.key_prefix),
-                                   self.store.known_upload_ids(), older_than_hours)
+                                   self.store.deliveries.known_upload_ids(), older_than_hours)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from heygem_daemon.cleanup import DAY, HOUR, Sweep
+from heygem_daemon.ops.cleanup import DAY, HOUR, Sweep
 from heygem_daemon.delivery.names import static_prefix
 from heygem_daemon.delivery.s3 import abort_stale_uploads, delete_object, describe, make_client
 from heygem_daemon.log import get_logger
@@ -18,7 +18,7 @@ def uploaded_outputs(sweep: Sweep) -> None:
     nothing is ever uploaded, so outputs/ stays as it is (the local files are the delivery)."""
     if not sweep.cfg.s3.enabled:
         return
-    for d in sweep.store.uploaded_deliveries(sweep.now - sweep.cfg.cleanup.outputs_days * DAY):
+    for d in sweep.store.deliveries.uploaded_before(sweep.now - sweep.cfg.cleanup.outputs_days * DAY):
         sweep.remove(Path(d.path))
 
 
@@ -28,14 +28,14 @@ def expired_zips(sweep: Sweep) -> None:
     expiry = sweep.cfg.s3.link_expiry_hours * HOUR
     client = make_client(sweep.cfg.s3) if sweep.cfg.s3.enabled else None
     outputs = sweep.cfg.folder("outputs")
-    for batch in sweep.store.zipped_batches(sweep.now - expiry):
+    for batch in sweep.store.deliveries.zipped_batches(sweep.now - expiry):
         assert batch.zip_name is not None
         if batch.zip_key and client is not None:
             delete_object(client, sweep.cfg.s3.bucket, batch.zip_key)
             sweep.removed.append(f"s3://{sweep.cfg.s3.bucket}/{batch.zip_key}")
         elif not batch.zip_key:
             sweep.remove(outputs / batch.folder / batch.zip_name)
-        sweep.store.forget_zip(batch.id)
+        sweep.store.deliveries.forget_zip(batch.id)
 
 
 def stale_uploads(sweep: Sweep) -> None:
@@ -46,7 +46,7 @@ def stale_uploads(sweep: Sweep) -> None:
         return
     try:
         aborted = abort_stale_uploads(make_client(s3), s3.bucket, static_prefix(s3.key_prefix),
-                                      sweep.store.known_upload_ids(), sweep.cfg.cleanup.stale_upload_hours)
+                                      sweep.store.deliveries.known_upload_ids(), sweep.cfg.cleanup.stale_upload_hours)
     except Exception as exc:  # S3 down or refusing: say why in one line; the next run tries again
         failure = describe(exc, s3.bucket)
         log.warning("stale upload sweep skipped", reason=failure.reason, hint=failure.hint)

@@ -102,4 +102,4 @@ class Engine(Protocol):
 
     # Optional, for `heygem-daemon doctor` (runs in the CLI process, so heavy imports are fine there):
     #   @classmethod
-    #   def doctor(cls, settings: Settings, devices: list[str]) -> list[heygem_daemon.checks.Check]
+    #   def doctor(cls, settings: Settings, devices: list[str]) -> list[heygem_daemon.ops.checks.Check]

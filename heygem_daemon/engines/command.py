@@ -22,10 +22,10 @@ from typing import ClassVar
 
 from pydantic import Field, field_validator
 
-from heygem_daemon.checks import Check
+from heygem_daemon.ops.checks import Check
 from heygem_daemon.config import ENV_PREFIX
 from heygem_daemon.engines.base import BadInputError, EngineError, EngineSettings, ProgressFn, TaskSpec
-from heygem_daemon.fsops import move
+from heygem_daemon.fs.ops import move
 from heygem_daemon.media.errors import MediaError
 from heygem_daemon.media.verify import require_playable
 from heygem_daemon.proc import die_with_parent

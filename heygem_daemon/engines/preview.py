@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 from pydantic import Field
 
-from heygem_daemon.checks import Check
+from heygem_daemon.ops.checks import Check
 from heygem_daemon.engines.base import BadInputError, EngineSettings, ProgressFn, TaskSpec
 from heygem_daemon.media.audio import load_clip, load_mono
 from heygem_daemon.media.errors import MediaError

@@ -14,11 +14,11 @@ from typing import Any, Callable
 
 from heygem_daemon.config import Config
 from heygem_daemon.failures import ERROR_FILE, error_record, write_error_json
-from heygem_daemon.fsops import display_name, move, remove_tree
+from heygem_daemon.fs.ops import display_name, move, remove_tree
 from heygem_daemon.intake.inspect import Inspection
 from heygem_daemon.intake.pairing import Plan, Problem
 from heygem_daemon.log import get_logger
-from heygem_daemon.store import Job, NewTask, Store
+from heygem_daemon.state import Job, NewTask, Store
 
 log = get_logger("heygem.claim")
 
@@ -82,33 +82,33 @@ class Claimer:
         }
         if plan.notify is not None:
             spec["notify"] = plan.notify
-        job = self.store.create_job(plan.name_hint, spec, fp, insp.owner, _taken_names(self.cfg))
-        original = self.store.find_duplicate(fp, self.cfg.dedupe.window_hours * 3600)
+        job = self.store.jobs.create(plan.name_hint, spec, fp, insp.owner, _taken_names(self.cfg))
+        original = self.store.jobs.find_duplicate(fp, self.cfg.dedupe.window_hours * 3600)
         if original is not None and original.id != job.id:
             staging = archive_dir(self.cfg, job.name)
             self._record_staging(job, spec, staging)
             _stage_sources(self.inbox, plan.sources, staging, is_folder)
-            self.store.mark_duplicate(job.id, original.id)
+            self.store.jobs.mark_duplicate(job.id, original.id)
             log.info("duplicate drop, not generated again", job_id=job.id, job=job.name,
                      original=original.name, outputs=str(self.cfg.folder("outputs") / original.name))
-            return self.store.job(job.id)
+            return self.store.jobs.get(job.id)
         staging = self.cfg.folder("work") / job.id / "in"
         self._record_staging(job, spec, staging)
         _stage_sources(self.inbox, plan.sources, staging, is_folder)
         out_dir = self.cfg.folder("outputs") / job.name
-        self.store.queue_job(job.id, [
+        self.store.jobs.queue(job.id, [
             NewTask(p["name"], p["audio"], p["portrait"], str(out_dir / f"{p['name']}.mp4")) for p in spec["pairs"]
         ])
         log.info("job claimed", job_id=job.id, job=job.name, tasks=len(plan.pairs), owner=insp.owner,
                  engine=engine, preset=preset)
-        return self.store.job(job.id)
+        return self.store.jobs.get(job.id)
 
     def reject(self, name_hint: str, sources: list[str], problems: list[Problem], is_folder: bool,
                stage: str = "intake", notify: list[str] | None = None) -> Job:
         spec: dict[str, Any] = {"sources": sources, "folder": is_folder}
         if notify is not None:
             spec["notify"] = notify
-        job = self.store.create_job(name_hint, spec, taken=_taken_names(self.cfg))
+        job = self.store.jobs.create(name_hint, spec, taken=_taken_names(self.cfg))
         staging = self.cfg.folder("failed") / job.name
         self._record_staging(job, spec, staging)
         _stage_sources(self.inbox, sources, staging, is_folder)
@@ -116,22 +116,22 @@ class Claimer:
                               files=sorted(display_name(_staged(s)) for s in sources))
         write_error_json(staging, record)
         if self.on_failed is not None:
-            self.on_failed(self.store.job(job.id), record)
-        self.store.set_job_state(job.id, "failed", error=record)
+            self.on_failed(self.store.jobs.get(job.id), record)
+        self.store.jobs.set_state(job.id, "failed", error=record)
         log.warning("job rejected", job_id=job.id, job=job.name, stage=stage, reason=record["reason"],
                     hint=record["hint"], problems=len(problems))
-        return self.store.job(job.id)
+        return self.store.jobs.get(job.id)
 
     def _record_staging(self, job: Job, spec: dict[str, Any], staging: Path) -> None:
         spec["staging"] = str(staging)
-        self.store.set_job_state(job.id, "detected", spec=spec)
+        self.store.jobs.set_state(job.id, "detected", spec=spec)
 
 
 def recover_detected(cfg: Config, store: Store) -> int:
     """Undo claims cut short by a crash: whatever already moved goes back to the inbox, the row goes."""
     inbox = cfg.folder("inbox")
     undone = 0
-    for job in store.jobs(("detected",)):
+    for job in store.jobs.select(("detected",)):
         staging = Path(job.spec["staging"]) if "staging" in job.spec else None
         if staging is not None and staging.is_dir():
             (staging / ERROR_FILE).unlink(missing_ok=True)
@@ -148,7 +148,7 @@ def recover_detected(cfg: Config, store: Store) -> int:
             remove_tree(staging)
             if staging.name == "in":
                 remove_tree(staging.parent)
-        store.delete_job(job.id)
+        store.jobs.delete(job.id)
         undone += 1
         log.warning("interrupted claim undone; inputs are back in the inbox", job_id=job.id, job=job.name)
     return undone

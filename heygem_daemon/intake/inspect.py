@@ -5,10 +5,8 @@ Decoding untrusted media runs in a process pool so that a crashing decoder costs
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing
 import os
-import pwd
 from collections import OrderedDict
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -16,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from heygem_daemon.config import Limits
+from heygem_daemon.fs.files import file_owner, sha256_file
 from heygem_daemon.intake.pairing import Problem
 from heygem_daemon.media.kinds import MediaKind, kind_of
 from heygem_daemon.proc import die_with_parent
 
-HASH_CHUNK = 1 << 20
 
 
 @dataclass
@@ -28,22 +26,6 @@ class Inspection:
     problems: list[Problem] = field(default_factory=list)
     digests: dict[str, str] = field(default_factory=dict)
     owner: str | None = None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_owner(path: Path) -> str:
-    uid = os.lstat(path).st_uid
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
 
 
 class _PassedCache:

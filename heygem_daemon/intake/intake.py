@@ -20,7 +20,7 @@ from heygem_daemon.intake.inspect import Inspection, Inspector
 from heygem_daemon.intake.pairing import (
     MANIFEST_NAMES, FileInfo, Outcome, Plan, Problem, Rejection, Wait, entry_problem, plan_folder, plan_loose,
 )
-from heygem_daemon.intake.stability import NameFilter, Snapshot, StabilityTracker, snapshot
+from heygem_daemon.fs.stability import NameFilter, Snapshot, StabilityTracker, snapshot
 from heygem_daemon.log import get_logger
 
 log = get_logger("heygem.intake")

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from heygem_daemon.fsops import display_name
+from heygem_daemon.fs.ops import display_name
 from heygem_daemon.media.kinds import AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS, MediaKind, kind_of
 
 MANIFEST_NAMES = ("job.yaml", "job.yml")

@@ -16,14 +16,14 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
-from heygem_daemon.checks import Check
+from heygem_daemon.ops.checks import Check
 from heygem_daemon.engines.base import BadInputError, EngineError, EngineSettings, ProgressFn, TaskSpec
 from heygem_daemon.engines.heygem.client import (
     FAILED, SUCCEEDED, HeygemClient, ServiceBusy, ServiceUnreachable, TaskState,
 )
 from heygem_daemon.engines.heygem.exchange import Exchange, audio_seconds
 from heygem_daemon.engines.heygem.pool import ServicePool
-from heygem_daemon.fsops import move
+from heygem_daemon.fs.ops import move
 from heygem_daemon.media.audio import load_clip
 from heygem_daemon.media.errors import MediaError
 from heygem_daemon.media.verify import add_audio, inspect_mp4

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from heygem_daemon.checks import Check
+from heygem_daemon.ops.checks import Check
 from heygem_daemon.engines.wav2lip.checkpoint import CheckpointError, load_checkpoint
 from heygem_daemon.engines.wav2lip.engine import CHECKPOINT_KEY
 from heygem_daemon.engines.wav2lip.runtime import BATCH_CPU, BATCH_CUDA, half_dtype

@@ -15,7 +15,7 @@ from pydantic import Field, field_validator
 from heygem_daemon.engines.base import EngineSettings, ProgressFn, SetupError, TaskSpec
 
 if TYPE_CHECKING:
-    from heygem_daemon.checks import Check
+    from heygem_daemon.ops.checks import Check
     from heygem_daemon.engines.wav2lip.runtime import Predictor
 
 CHECKPOINT_KEY = "engines.wav2lip.checkpoint"

@@ -28,7 +28,7 @@ from heygem_daemon.engines.wav2lip.boxes import BoxCache, detect_raw, finish_box
 from heygem_daemon.engines.base import SetupError
 from heygem_daemon.engines.wav2lip.face_batch import FACE_SIZE
 from heygem_daemon.engines.wav2lip.stages import staged
-from heygem_daemon.intake.inspect import sha256_file
+from heygem_daemon.fs.files import sha256_file
 from heygem_daemon.log import get_logger
 from heygem_daemon.media.audio import load_clip, load_mono
 from heygem_daemon.media.errors import MediaError

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from heygem_daemon.fsops import atomic_write_json
+from heygem_daemon.fs.ops import atomic_write_json
 
 STATE_FILE = "daemon.json"
 LOCK_FILE = "heygem.pid"

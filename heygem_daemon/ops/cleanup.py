@@ -23,11 +23,11 @@ from typing import Callable
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from heygem_daemon import metrics
+from heygem_daemon.ops import metrics
 from heygem_daemon.config import Config
-from heygem_daemon.fsops import remove_tree
+from heygem_daemon.fs.ops import remove_tree
 from heygem_daemon.log import get_logger
-from heygem_daemon.store import TERMINAL_JOB_STATES, Store
+from heygem_daemon.state import TERMINAL_JOB_STATES, Store
 
 log = get_logger("heygem.cleanup")
 DAY = 86400.0
@@ -78,10 +78,10 @@ class SweepJob:
 
 
 SWEEPS: list[SweepJob] = [
-    SweepJob("temp", lambda c: c.cleanup.temp_every_hours, "heygem_daemon.cleanup:sweep_temp"),
-    SweepJob("work", lambda c: c.cleanup.work_every_hours, "heygem_daemon.cleanup:sweep_work"),
-    SweepJob("archive", lambda c: c.cleanup.archive_every_hours, "heygem_daemon.cleanup:sweep_archive"),
-    SweepJob("rows", lambda c: c.cleanup.rows_every_hours, "heygem_daemon.cleanup:sweep_rows"),
+    SweepJob("temp", lambda c: c.cleanup.temp_every_hours, "heygem_daemon.ops.cleanup:sweep_temp"),
+    SweepJob("work", lambda c: c.cleanup.work_every_hours, "heygem_daemon.ops.cleanup:sweep_work"),
+    SweepJob("archive", lambda c: c.cleanup.archive_every_hours, "heygem_daemon.ops.cleanup:sweep_archive"),
+    SweepJob("rows", lambda c: c.cleanup.rows_every_hours, "heygem_daemon.ops.cleanup:sweep_rows"),
     SweepJob("outputs", lambda c: c.cleanup.outputs_every_hours, "heygem_daemon.delivery.sweeps:uploaded_outputs"),
     SweepJob("zips", lambda c: c.cleanup.zips_every_hours, "heygem_daemon.delivery.sweeps:expired_zips"),
     SweepJob("stale_uploads", lambda c: c.cleanup.stale_uploads_every_hours,
@@ -117,7 +117,7 @@ def _older(path: str, cutoff: float) -> bool:
 def sweep_temp(sweep: Sweep) -> None:
     """`.part` and temp leftovers older than cleanup.temp_hours that no running task is writing."""
     cutoff = sweep.now - sweep.cfg.cleanup.temp_hours * HOUR
-    busy = {os.path.abspath(t.output + ".part") for t in sweep.store.tasks(states=("running",))}
+    busy = {os.path.abspath(t.output + ".part") for t in sweep.store.tasks.select(states=("running",))}
     for key in ("outputs", "failed", "archive"):
         for dirpath, dirs, files in os.walk(sweep.cfg.folder(key), followlinks=False):
             for name in list(dirs):
@@ -139,7 +139,7 @@ def sweep_work(sweep: Sweep) -> None:
         # Dot folders are engine caches (work/.cache/wav2lip-boxes), not jobs; they expire themselves.
         if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False) or not _older(entry.path, cutoff):
             continue
-        state = sweep.store.job_state(entry.name)
+        state = sweep.store.jobs.state(entry.name)
         if state is None or state in TERMINAL_JOB_STATES:
             sweep.remove(work / entry.name)
 
@@ -162,7 +162,7 @@ def sweep_archive(sweep: Sweep) -> None:
 def sweep_rows(sweep: Sweep) -> None:
     """Store rows of jobs finished more than cleanup.rows_days ago (failed: cleanup.failed_rows_days)."""
     c = sweep.cfg.cleanup
-    names = sweep.store.delete_finished_jobs(sweep.now - c.rows_days * DAY, sweep.now - c.failed_rows_days * DAY)
+    names = sweep.store.jobs.delete_finished(sweep.now - c.rows_days * DAY, sweep.now - c.failed_rows_days * DAY)
     sweep.removed.extend(f"job row {name}" for name in names)
 
 
@@ -196,7 +196,7 @@ class Cleanup:
         self._schedule()
 
     def _schedule(self) -> None:
-        last = self.store.cleanup_runs()
+        last = self.store.ops.cleanup_runs()
         now = self.clock()
         for job in SWEEPS:
             every = job.every_hours(self.cfg) * HOUR
@@ -216,7 +216,7 @@ class Cleanup:
             _resolve(job.target)(sweep)
         except Exception:
             log.exception("cleanup sweep failed; it runs again at its next time", sweep=job.name)
-        self.store.record_cleanup_run(job.name, sweep.now, len(sweep.removed), sweep.freed)
+        self.store.ops.record_cleanup_run(job.name, sweep.now, len(sweep.removed), sweep.freed)
         metrics.CLEANUP_BYTES.labels(job.name).inc(sweep.freed)
         log.info("cleanup done", sweep=job.name, removed=len(sweep.removed), bytes_freed=sweep.freed,
                  paths=sweep.removed[:LOGGED_PATHS])

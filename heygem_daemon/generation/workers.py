@@ -17,13 +17,14 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable
 
-from heygem_daemon import metrics
+from heygem_daemon.ops import metrics
 from heygem_daemon.config import Config
 from heygem_daemon.engines.base import EngineError, TaskSpec
 from heygem_daemon.failures import Kind, Problem
 from heygem_daemon.log import get_logger
 from heygem_daemon.proc import die_with_parent
-from heygem_daemon.store import CANCELLING, Store, Task, backoff_delay
+from heygem_daemon.state import CANCELLING, Store, Task
+from heygem_daemon.failures import backoff_delay
 
 log = get_logger("heygem.workers")
 PROGRESS_WRITE_INTERVAL = 0.5
@@ -154,7 +155,7 @@ class Slot(threading.Thread):
                 self.stop_event.wait(IDLE_POLL)
                 continue
             try:
-                task = self.store.take_next_task(self.device)
+                task = self.store.tasks.take_next(self.device)
             except Exception:
                 log.exception("cannot read the queue", device=self.device)
                 task = None
@@ -167,11 +168,11 @@ class Slot(threading.Thread):
             self.worker.close()
 
     def _idle_timeout(self) -> float:
-        nxt = self.store.next_wakeup()
+        nxt = self.store.tasks.next_wakeup()
         return IDLE_POLL if nxt is None else max(0.05, min(IDLE_POLL, nxt - time.time()))
 
     def _spec(self, task: Task) -> tuple[str, TaskSpec]:
-        job = self.store.job(task.job_id)
+        job = self.store.jobs.get(task.job_id)
         work = self.cfg.folder("work") / job.id
         spec = TaskSpec(
             task_id=task.id, job_id=job.id, name=task.name,
@@ -224,7 +225,7 @@ class Slot(threading.Thread):
                 return Attempt(False, "daemon stopping", interrupted=True)
             if time.monotonic() >= next_cancel_check:
                 next_cancel_check = time.monotonic() + CANCEL_CHECK_INTERVAL
-                if self.store.job_state(spec.job_id) == CANCELLING:
+                if self.store.jobs.state(spec.job_id) == CANCELLING:
                     self._drop_worker()
                     return Attempt(False, CANCELLED_REASON, CANCELLED_HINT)
             if time.monotonic() - last_beat > self.cfg.workers.stall_seconds:
@@ -246,7 +247,7 @@ class Slot(threading.Thread):
             kind = msg[0]
             if kind == "progress":
                 if last_beat - last_write >= PROGRESS_WRITE_INTERVAL:
-                    self.store.set_progress(spec.task_id, msg[1])
+                    self.store.tasks.set_progress(spec.task_id, msg[1])
                     last_write = last_beat
             elif kind == "done":
                 return Attempt(True)
@@ -262,7 +263,7 @@ class Slot(threading.Thread):
     def _record(self, task: Task, spec: TaskSpec, result: Attempt, bound: Any, seconds: float) -> None:
         if result.interrupted:
             spec.output.unlink(missing_ok=True)
-            self.store.requeue_tasks([task.id], reset_attempts=False)
+            self.store.tasks.requeue([task.id], reset_attempts=False)
             bound.info("task interrupted by shutdown; requeued")
             return
         if result.ok:
@@ -270,7 +271,7 @@ class Slot(threading.Thread):
                 result = Attempt(False, "engine reported success but wrote no output", "engine bug; retried")
             else:
                 os.replace(spec.output, task.output)
-                self.store.finish_task(task.id)
+                self.store.tasks.finish(task.id)
                 bound.info("task done", output=task.output, seconds=round(seconds, 2))
                 self.on_task_end(task.job_id)
                 return
@@ -282,18 +283,18 @@ class Slot(threading.Thread):
         w = self.cfg.workers
         problem = Problem(result.kind, "generate", result.reason, result.hint.split("\n", 1)[0], result.hint)
         error = {**problem.to_dict(), "attempt": task.attempts, "device": self.device}
-        cancelled = self.store.job_state(task.job_id) == CANCELLING
+        cancelled = self.store.jobs.state(task.job_id) == CANCELLING
         if result.kind is Kind.OUTAGE and not cancelled:
-            streak = self.store.outage_streak(task.id)
+            streak = self.store.tasks.outage_streak(task.id)
             wait = backoff_delay(streak + 1, w.backoff_seconds, w.backoff_max_seconds)
-            self.store.wait_task(task.id, error, time.time() + wait)
+            self.store.tasks.wait(task.id, error, time.time() + wait)
             bound.warning("task waits for a dependency (attempt not counted)", reason=result.reason,
                           retry_in=round(wait, 1))
             return
         retry_at = None
         if result.kind.retried and not cancelled and task.attempts < w.max_attempts:
             retry_at = time.time() + backoff_delay(task.attempts, w.backoff_seconds, w.backoff_max_seconds)
-        state = self.store.fail_attempt(task.id, error, retry_at)
+        state = self.store.tasks.fail_attempt(task.id, error, retry_at)
         bound.warning("task attempt failed", reason=result.reason, kind=result.kind.value, retry=state == "queued",
                       retry_in=round(retry_at - time.time(), 1) if retry_at else None)
         if state == "failed":

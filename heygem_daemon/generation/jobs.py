@@ -8,12 +8,12 @@ from typing import Any
 
 from heygem_daemon.config import Config
 from heygem_daemon.failures import ERROR_FILE, error_record, write_error_json
-from heygem_daemon.fsops import move, remove_tree
+from heygem_daemon.fs.ops import move, remove_tree
 from heygem_daemon.intake.claim import OnFailed, archive_dir
 from heygem_daemon.intake.pairing import READY_MARKER
 from heygem_daemon.log import get_logger
-from heygem_daemon.store import CANCELLING, Job, Store
-from heygem_daemon.workers import CANCELLED_HINT, CANCELLED_REASON
+from heygem_daemon.state import CANCELLING, Job, Store
+from heygem_daemon.generation.workers import CANCELLED_HINT, CANCELLED_REASON
 
 log = get_logger("heygem.jobs")
 
@@ -31,19 +31,19 @@ def _relocate_inputs(job: Job, dest: Path) -> None:
 
 def finalize_job(cfg: Config, store: Store, job_id: str, on_failed: OnFailed | None = None) -> None:
     """Once every task has ended: inputs to archive/ (all done) or failed/ with error.json; work/ removed."""
-    tasks = store.tasks(job_id)
+    tasks = store.tasks.select(job_id)
     if not tasks or any(t.state not in ("done", "failed") for t in tasks):
         return
-    job = store.job(job_id)
+    job = store.jobs.get(job_id)
     if job.state in ("done", "failed", "retried"):
         return
     failed = [t for t in tasks if t.state == "failed"]
     if not failed:
-        store.set_job_state(job_id, "generated")
+        store.jobs.set_state(job_id, "generated")
         dest = archive_dir(cfg, job.name)
         _relocate_inputs(job, dest)
         remove_tree(cfg.folder("work") / job.id)
-        store.set_job_state(job_id, "done", spec={**job.spec, "inputs_at": str(dest)})
+        store.jobs.set_state(job_id, "done", spec={**job.spec, "inputs_at": str(dest)})
         log.info("job done", job_id=job.id, job=job.name, videos=len(tasks),
                  outputs=str(cfg.folder("outputs") / job.name))
         return
@@ -59,7 +59,7 @@ def finalize_job(cfg: Config, store: Store, job_id: str, on_failed: OnFailed | N
     remove_tree(cfg.folder("work") / job.id)
     if on_failed is not None:
         on_failed(job, record)
-    store.set_job_state(job_id, "failed", error=record, spec={**job.spec, "inputs_at": str(dest)})
+    store.jobs.set_state(job_id, "failed", error=record, spec={**job.spec, "inputs_at": str(dest)})
     log.warning("job failed", job_id=job.id, job=job.name, failed=len(failed), made=len(made),
                 reason=record["reason"], hint=record["hint"])
 
@@ -68,16 +68,16 @@ def recover(cfg: Config, store: Store, on_failed: OnFailed | None = None) -> dic
     """After a crash: tasks left running are queued again (or done, if their output made it), and jobs
     whose tasks all ended are finished. Completed work is never redone."""
     counts = {"requeued": 0, "completed": 0}
-    for task in store.tasks(states=("running",)):
+    for task in store.tasks.select(states=("running",)):
         final = Path(task.output)
         Path(task.output + ".part").unlink(missing_ok=True)
         if final.is_file() and final.stat().st_size > 0:
-            store.finish_task(task.id)
+            store.tasks.finish(task.id)
             counts["completed"] += 1
         else:
-            store.requeue_tasks([task.id], reset_attempts=False)
+            store.tasks.requeue([task.id], reset_attempts=False)
             counts["requeued"] += 1
-    for job in store.jobs(("queued", "running", "generated", CANCELLING)):
+    for job in store.jobs.select(("queued", "running", "generated", CANCELLING)):
         finalize_job(cfg, store, job.id, on_failed)
     if any(counts.values()):
         log.warning("recovered tasks interrupted by a crash", **counts)
@@ -86,7 +86,7 @@ def recover(cfg: Config, store: Store, on_failed: OnFailed | None = None) -> dic
 
 def retry_job(cfg: Config, store: Store, ref: str) -> str:
     """Give a failed job another go. Returns a sentence saying what happened."""
-    job = store.find_job(ref)
+    job = store.jobs.find(ref)
     if job is None:
         raise JobError(f"no job called {ref!r}; `heygem-daemon jobs --failed` lists them")
     if job.state != "failed":
@@ -95,7 +95,7 @@ def retry_job(cfg: Config, store: Store, ref: str) -> str:
     if not inputs.exists():
         raise JobError(f"the inputs of {job.name} are no longer at {inputs}; drop the files again instead")
     (inputs / ERROR_FILE).unlink(missing_ok=True)
-    tasks = store.tasks(job.id)
+    tasks = store.tasks.select(job.id)
     if not tasks:
         return _redrop(cfg, store, job, inputs)
     staging = cfg.folder("work") / job.id / "in"
@@ -104,8 +104,8 @@ def retry_job(cfg: Config, store: Store, ref: str) -> str:
     failed = [t.id for t in tasks if t.state == "failed"]
     spec: dict[str, Any] = {**job.spec, "staging": str(staging)}
     spec.pop("inputs_at", None)
-    store.set_job_state(job.id, "queued", spec=spec)
-    store.requeue_tasks(failed, reset_attempts=True)
+    store.jobs.set_state(job.id, "queued", spec=spec)
+    store.tasks.requeue(failed, reset_attempts=True)
     log.info("job retried", job_id=job.id, job=job.name, tasks=len(failed))
     return f"{job.name}: {len(failed)} task(s) queued again"
 
@@ -118,7 +118,7 @@ def _redrop(cfg: Config, store: Store, job: Job, inputs: Path) -> str:
     if inputs.is_dir():
         move(inputs, target)
         (target / READY_MARKER).touch()
-    store.set_job_state(job.id, "retried")
+    store.jobs.set_state(job.id, "retried")
     log.info("job sent back through intake", job_id=job.id, job=job.name, folder=str(target))
     return f"{job.name}: inputs moved back to {target} for intake"
 
@@ -129,10 +129,10 @@ def cancel_error() -> dict[str, Any]:
 
 def cancel_job(store: Store, ref: str) -> str:
     """Ask the daemon (through the store) to stop a queued or running job. Returns what will happen."""
-    job = store.find_job(ref)
+    job = store.jobs.find(ref)
     if job is None:
         raise JobError(f"no job called {ref!r}; `heygem-daemon status` lists them")
-    before, running = store.cancel_job(job.id, cancel_error())
+    before, running = store.jobs.cancel(job.id, cancel_error())
     if before not in ("queued", "running", CANCELLING):
         raise JobError(f"job {job.name} is {before}; only queued or running jobs can be cancelled")
     stopping = f"its {running} running task(s) are stopped and " if running else ""
@@ -144,8 +144,8 @@ def settle_cancelled(cfg: Config, store: Store, on_failed: OnFailed | None = Non
     """Daemon side of `cancel`: queued tasks of cancelling jobs fail, and a job with nothing left
     running is finished (inputs to failed/). Running tasks are stopped by their worker slot."""
     ids = []
-    for job in store.jobs((CANCELLING,)):
-        store.cancel_job(job.id, cancel_error())
+    for job in store.jobs.select((CANCELLING,)):
+        store.jobs.cancel(job.id, cancel_error())
         finalize_job(cfg, store, job.id, on_failed)
         ids.append(job.id)
     return ids

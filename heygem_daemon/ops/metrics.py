@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from heygem_daemon.store import Store
+from heygem_daemon.state import Store
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 TASK_SECONDS = Histogram(
@@ -33,11 +33,11 @@ class StateCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         jobs = GaugeMetricFamily("heygem_jobs", "Jobs in the store by state", labels=["state"])
-        for state, n in sorted(self.store.job_counts().items()):
+        for state, n in sorted(self.store.jobs.counts().items()):
             jobs.add_metric([state], n)
         yield jobs
         yield GaugeMetricFamily("heygem_queue_length", "Tasks waiting for a device",
-                                value=self.store.counts().get("queued", 0))
+                                value=self.store.tasks.counts().get("queued", 0))
         busy = GaugeMetricFamily("heygem_device_busy", "Device slots running a task", labels=["device"])
         per_device: dict[str, int] = {}
         for slot in self.slots():

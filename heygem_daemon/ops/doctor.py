@@ -13,18 +13,18 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterable
 
-from heygem_daemon.checks import Check
+from heygem_daemon.ops.checks import Check
 from heygem_daemon.config import Config, ConfigError, Folders, load_config
 
 GB = 1024 ** 3
 
 PROVIDERS: list[str] = [
-    "heygem_daemon.doctor:folder_checks",
-    "heygem_daemon.doctor:codec_checks",
-    "heygem_daemon.doctor:disk_checks",
-    "heygem_daemon.doctor:engine_checks",
+    "heygem_daemon.ops.doctor:folder_checks",
+    "heygem_daemon.ops.doctor:codec_checks",
+    "heygem_daemon.ops.doctor:disk_checks",
+    "heygem_daemon.ops.doctor:engine_checks",
     "heygem_daemon.delivery.s3:s3_checks",
-    "heygem_daemon.delivery.notify:notify_checks",
+    "heygem_daemon.notify.outbox:notify_checks",
 ]
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import apprise
 
 from heygem_daemon.config import ConfigError, Notify
-from heygem_daemon.delivery.messages import Limits, Message
+from heygem_daemon.notify.messages import Limits, Message
 from heygem_daemon.log import redact_text
 
 MAX_ERROR_CHARS = 500

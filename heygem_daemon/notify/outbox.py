@@ -14,15 +14,16 @@ import threading
 import time
 from typing import Any, Callable
 
-from heygem_daemon.checks import Check
+from heygem_daemon.ops.checks import Check
 from heygem_daemon.config import Config, ConfigError
-from heygem_daemon.delivery.messages import Message, alert_message, failure_message, report_message
+from heygem_daemon.notify.messages import Message, alert_message, failure_message, report_message
 from heygem_daemon.delivery.report import BatchReport
-from heygem_daemon.delivery.targets import (
+from heygem_daemon.notify.targets import (
     Target, configured_urls, operator_urls, parse_target, send, target_id,
 )
 from heygem_daemon.log import get_logger
-from heygem_daemon.store import Job, NewNotification, Notification, Store, backoff_delay
+from heygem_daemon.state import Job, NewNotification, Notification, Store
+from heygem_daemon.failures import backoff_delay
 
 log = get_logger("heygem.notify")
 IDLE_WAIT_SECONDS = 60.0
@@ -57,7 +58,7 @@ class Outbox:
     def enqueue_failure(self, job: Job, record: dict[str, Any]) -> int:
         """A job refused at intake or failed in generation (the record is its error.json).
         A later failure of the same job after `retry` has more attempts, so it is a new event."""
-        key = f"failed:{job.id}:{self.store.attempt_count(job.id)}"
+        key = f"failed:{job.id}:{self.store.tasks.attempt_count(job.id)}"
         urls = job.spec.get("notify")
         urls = self.default_urls if urls is None else urls
         return self._enqueue(key, "failure", job.id, urls,
@@ -94,7 +95,7 @@ class Outbox:
             msg = render(target)
             rows.append(NewNotification(key, target.id, kind, job_id, msg.title, msg.body, msg.body_format,
                                         msg.kind))
-        added = self.store.add_notifications(rows) if rows else 0
+        added = self.store.outbox.add(rows) if rows else 0
         if added:
             log.info("notification queued", notification=key, kind=kind, job_id=job_id, targets=added)
             self.wake.set()
@@ -107,7 +108,7 @@ class Outbox:
         with self._lock:
             url = self._known.get(row.target)
         if url is None and row.job_id:
-            job = self.store.find_job(row.job_id)
+            job = self.store.jobs.find(row.job_id)
             for candidate in (job.spec.get("notify") or []) if job else []:
                 if target_id(candidate) == row.target:
                     url = candidate
@@ -144,14 +145,14 @@ class Notifier:
             self.outbox.wake.clear()
 
     def _sleep(self) -> float:
-        nxt = self.store.next_notification_at()
+        nxt = self.store.outbox.next_at()
         return IDLE_WAIT_SECONDS if nxt is None else min(max(nxt - time.time(), 0.05), IDLE_WAIT_SECONDS)
 
     def send_due(self) -> int:
         """Send every message that is due; returns how many went out."""
         sent = 0
         while not self._stop.is_set():
-            due = self.store.due_notifications(time.time(), BATCH)
+            due = self.store.outbox.due(time.time(), BATCH)
             if not due:
                 return sent
             for row in due:
@@ -162,29 +163,29 @@ class Notifier:
         url = self.outbox.url_for(row)
         bound = log.bind(notification=row.event_key, job_id=row.job_id, target=f"#{row.target[:8]}")
         if url is None:
-            self.store.notification_failed(row.id, "target no longer configured", None)
+            self.store.outbox.failed(row.id, "target no longer configured", None)
             bound.error("notification dropped: its target is no longer in notify.urls", title=row.title)
             return 0
         target = parse_target(url)
         if target is None:
-            self.store.notification_failed(row.id, "not a URL apprise understands", None)
+            self.store.outbox.failed(row.id, "not a URL apprise understands", None)
             bound.error("notification dropped: apprise does not understand the target URL", title=row.title)
             return 0
         bound = bound.bind(target=target.label)
         error = send(target, Message(row.title, row.body, row.body_format, row.notify_type))
         if error is None:
-            self.store.notification_sent(row.id)
+            self.store.outbox.sent(row.id)
             bound.info("notification sent", attempts=row.attempts + 1)
             return 1
         age = time.time() - row.created_at
         if age >= self.cfg.max_age_hours * 3600:
-            self.store.notification_failed(row.id, error, None)
+            self.store.outbox.failed(row.id, error, None)
             bound.error("notification given up: the chat service kept refusing it", error=error,
                         attempts=row.attempts + 1, title=row.title,
                         fix="check the service and the URL (heygem-daemon doctor)")
             return 0
         delay = backoff_delay(row.attempts + 1, self.cfg.retry_base_seconds, self.cfg.retry_max_seconds)
-        self.store.notification_failed(row.id, error, time.time() + delay)
+        self.store.outbox.failed(row.id, error, time.time() + delay)
         bound.warning("notification not delivered; will retry", error=error, attempts=row.attempts + 1,
                       retry_in=round(delay, 1))
         return 0

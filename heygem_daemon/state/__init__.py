@@ -1,0 +1,32 @@
+"""The state of the daemon in one SQLite file; the only package that holds SQL.
+
+`Store` is what a process opens: one Database and a repository per aggregate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from heygem_daemon.state.db import Database
+from heygem_daemon.state.deliveries import Batch, Delivery, DeliveryRepository, Part
+from heygem_daemon.state.jobs import CANCELLING, TERMINAL_JOB_STATES, Job, JobRepository
+from heygem_daemon.state.ops import OpsRepository
+from heygem_daemon.state.outbox import NewNotification, Notification, OutboxRepository
+from heygem_daemon.state.tasks import NewTask, Task, TaskQueue
+
+__all__ = ["CANCELLING", "TERMINAL_JOB_STATES", "Batch", "Delivery", "Job", "NewNotification", "NewTask",
+           "Notification", "Part", "Store", "Task"]
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.db = Database(path)
+        self.jobs = JobRepository(self.db)
+        self.tasks = TaskQueue(self.db)
+        self.outbox = OutboxRepository(self.db)
+        self.deliveries = DeliveryRepository(self.db)
+        self.ops = OpsRepository(self.db)
+
+    def close(self) -> None:
+        self.db.close()

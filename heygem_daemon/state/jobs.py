@@ -1,0 +1,170 @@
+"""Jobs: one per drop. detected -> queued -> running -> generated -> done (or failed; retried when re-dropped)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from heygem_daemon.state.db import Repository
+from heygem_daemon.state.tasks import NewTask
+
+TERMINAL_JOB_STATES = ("done", "failed", "retried")
+# An operator asked to stop the job (`heygem-daemon cancel`); the daemon ends it as failed.
+CANCELLING = "cancelling"
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    name: str
+    state: str
+    spec: dict[str, Any]
+    fingerprint: str | None
+    duplicate_of: str | None
+    owner: str | None
+    error: dict[str, Any] | None
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+
+
+def _job(row: sqlite3.Row) -> Job:
+    d = dict(row)
+    d["spec"] = json.loads(d["spec"])
+    d["error"] = json.loads(d["error"]) if d["error"] else None
+    return Job(**d)
+
+
+class JobRepository(Repository):
+    def create(self, name_hint: str, spec: dict[str, Any], fingerprint: str | None = None,
+                   owner: str | None = None, taken: set[str] = frozenset()) -> Job:  # type: ignore[assignment]
+        """Insert a job in `detected` under a unique name (name, name-2, ...) not in `taken` either."""
+        now = time.time()
+        job_id = uuid.uuid4().hex[:12]
+        with self.tx() as db:
+            name = self._free_name(db, name_hint, taken)
+            db.execute(
+                "INSERT INTO jobs (id, name, state, spec, fingerprint, owner, created_at, updated_at)"
+                " VALUES (?, ?, 'detected', ?, ?, ?, ?, ?)",
+                (job_id, name, json.dumps(spec), fingerprint, owner, now, now),
+            )
+        return self.get(job_id)
+
+    @staticmethod
+    def _free_name(db: sqlite3.Connection, hint: str, taken: set[str]) -> str:
+        n = 1
+        while True:
+            name = hint if n == 1 else f"{hint}-{n}"
+            used = db.execute("SELECT 1 FROM jobs WHERE name = ? AND state != 'retried'", (name,)).fetchone()
+            if not used and name not in taken:
+                return name
+            n += 1
+
+    def get(self, job_id: str) -> Job:
+        row = self._conn().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise KeyError(job_id)
+        return _job(row)
+
+    def find(self, ref: str) -> Job | None:
+        """A job by id, or the live job with that name."""
+        db = self._conn()
+        row = db.execute("SELECT * FROM jobs WHERE id = ?", (ref,)).fetchone() or db.execute(
+            "SELECT * FROM jobs WHERE name = ? AND state != 'retried'", (ref,)).fetchone()
+        return _job(row) if row else None
+
+    def select(self, states: tuple[str, ...] | None = None, limit: int = 1000) -> list[Job]:
+        db = self._conn()
+        if states:
+            marks = ",".join("?" * len(states))
+            rows = db.execute(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY created_at DESC LIMIT ?",
+                              (*states, limit))
+        else:
+            rows = db.execute("SELECT * FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,))
+        return [_job(r) for r in rows]
+
+    def set_state(self, job_id: str, state: str, error: dict[str, Any] | None = None,
+                      spec: dict[str, Any] | None = None) -> None:
+        now = time.time()
+        finished = now if state in TERMINAL_JOB_STATES else None
+        with self.tx() as db:
+            db.execute(
+                "UPDATE jobs SET state = ?, updated_at = ?, finished_at = ?,"
+                " error = COALESCE(?, error), spec = COALESCE(?, spec) WHERE id = ?",
+                (state, now, finished, json.dumps(error) if error else None,
+                 json.dumps(spec) if spec is not None else None, job_id),
+            )
+
+    def delete(self, job_id: str) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            # A claim undone by recovery is taken again as a new job with its own messages.
+            db.execute("DELETE FROM notifications WHERE job_id = ? AND state != 'sent'", (job_id,))
+
+    def queue(self, job_id: str, tasks: list[NewTask]) -> None:
+        """Claimed: the job's tasks exist and are queued, in the same transaction as the job's state."""
+        now = time.time()
+        with self.tx() as db:
+            db.executemany(
+                "INSERT INTO tasks (job_id, name, audio, portrait, output, state, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, 'queued', ?)",
+                [(job_id, t.name, t.audio, t.portrait, t.output, now) for t in tasks],
+            )
+            db.execute("UPDATE jobs SET state = 'queued', updated_at = ? WHERE id = ?", (now, job_id))
+
+    def mark_duplicate(self, job_id: str, original_id: str) -> None:
+        now = time.time()
+        with self.tx() as db:
+            db.execute("UPDATE jobs SET state = 'done', duplicate_of = ?, updated_at = ?, finished_at = ?"
+                       " WHERE id = ?", (original_id, now, now, job_id))
+
+    def find_duplicate(self, fingerprint: str, window_seconds: float) -> Job | None:
+        """An earlier job with the same inputs and options that is done or on its way to done."""
+        since = time.time() - window_seconds
+        row = self._conn().execute(
+            "SELECT * FROM jobs WHERE fingerprint = ? AND created_at >= ? AND duplicate_of IS NULL"
+            " AND state NOT IN ('failed', 'retried', 'detected') ORDER BY created_at LIMIT 1",
+            (fingerprint, since)).fetchone()
+        return _job(row) if row else None
+
+    def cancel(self, job_id: str, error: dict[str, Any]) -> tuple[str, int]:
+        """Mark a queued/running job `cancelling` and fail its queued tasks, in one transaction.
+
+        Returns the job's state before (unchanged unless it was queued or running) and how many tasks
+        are still running: the daemon stops those and finishes the job.
+        """
+        now = time.time()
+        with self.tx() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise KeyError(job_id)
+            if row["state"] not in ("queued", "running", CANCELLING):
+                return row["state"], 0
+            db.execute("UPDATE jobs SET state = ?, updated_at = ? WHERE id = ?", (CANCELLING, now, job_id))
+            db.execute("UPDATE tasks SET state = 'failed', last_error = ?, updated_at = ?, finished_at = ?"
+                       " WHERE job_id = ? AND state = 'queued'", (json.dumps(error), now, now, job_id))
+            running = db.execute("SELECT COUNT(*) AS n FROM tasks WHERE job_id = ? AND state = 'running'",
+                                 (job_id,)).fetchone()["n"]
+        return row["state"], running
+
+    def state(self, job_id: str) -> str | None:
+        row = self._conn().execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return row["state"] if row else None
+
+    def counts(self) -> dict[str, int]:
+        rows = self._conn().execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+        return {r["state"]: r["n"] for r in rows}
+
+    def delete_finished(self, done_before: float, failed_before: float) -> list[str]:
+        """Forget finished jobs (their tasks and attempts go with them); failed ones have their own cut-off.
+        Returns the names of the jobs forgotten."""
+        where = "(state IN ('done', 'retried') AND finished_at < ?) OR (state = 'failed' AND finished_at < ?)"
+        with self.tx() as db:
+            names = [r["name"] for r in db.execute(f"SELECT name FROM jobs WHERE {where}",
+                                                   (done_before, failed_before))]
+            db.execute(f"DELETE FROM jobs WHERE {where}", (done_before, failed_before))
+        return names

@@ -1,0 +1,91 @@
+"""The notification outbox: one row per event and chat target. pending -> sent | retrying (next_at) -> gave_up.
+
+`target` is a digest of the apprise URL: the URL holds tokens and is never stored.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from heygem_daemon.state.db import Repository
+
+
+@dataclass(frozen=True)
+class NewNotification:
+    event_key: str
+    target: str
+    kind: str
+    job_id: str | None
+    title: str
+    body: str
+    body_format: str
+    notify_type: str
+
+
+@dataclass(frozen=True)
+class Notification:
+    id: int
+    event_key: str
+    target: str
+    kind: str
+    job_id: str | None
+    title: str
+    body: str
+    body_format: str
+    notify_type: str
+    state: str
+    attempts: int
+    next_at: float
+    last_error: str | None
+    created_at: float
+    sent_at: float | None
+
+
+class OutboxRepository(Repository):
+    def add(self, rows: list[NewNotification]) -> int:
+        """Record messages to send; an (event, target) already recorded is left alone. Returns rows added."""
+        now = time.time()
+        with self.tx() as db:
+            before = db.total_changes
+            db.executemany(
+                "INSERT OR IGNORE INTO notifications (event_key, target, kind, job_id, title, body, body_format,"
+                " notify_type, state, next_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+                [(r.event_key, r.target, r.kind, r.job_id, r.title, r.body, r.body_format, r.notify_type, now, now)
+                 for r in rows])
+            return db.total_changes - before
+
+    def due(self, now: float, limit: int = 20) -> list[Notification]:
+        rows = self._conn().execute(
+            "SELECT * FROM notifications WHERE state IN ('pending', 'retrying') AND next_at <= ?"
+            " ORDER BY next_at, id LIMIT ?", (now, limit))
+        return [Notification(**dict(r)) for r in rows]
+
+    def next_at(self) -> float | None:
+        row = self._conn().execute(
+            "SELECT MIN(next_at) AS t FROM notifications WHERE state IN ('pending', 'retrying')").fetchone()
+        return row["t"]
+
+    def select(self, job_id: str | None = None, states: tuple[str, ...] | None = None) -> list[Notification]:
+        sql, args = "SELECT * FROM notifications WHERE 1=1", []
+        if job_id:
+            sql += " AND job_id = ?"
+            args.append(job_id)
+        if states:
+            sql += f" AND state IN ({','.join('?' * len(states))})"
+            args.extend(states)
+        return [Notification(**dict(r)) for r in self._conn().execute(sql + " ORDER BY id", args)]
+
+    def sent(self, notification_id: int) -> None:
+        now = time.time()
+        with self.tx() as db:
+            db.execute("UPDATE notifications SET state = 'sent', attempts = attempts + 1, sent_at = ?,"
+                       " last_error = NULL WHERE id = ?", (now, notification_id))
+
+    def failed(self, notification_id: int, error: str, retry_at: float | None) -> None:
+        """A failed send: try again at retry_at, or give up for good when None."""
+        with self.tx() as db:
+            db.execute(
+                "UPDATE notifications SET state = ?, attempts = attempts + 1, next_at = COALESCE(?, next_at),"
+                " last_error = ? WHERE id = ?",
+                ("retrying" if retry_at is not None else "gave_up", retry_at, error, notification_id))

@@ -1,0 +1,163 @@
+"""The task queue: one task per output video. queued -> running -> done | failed; one row per attempt."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from heygem_daemon.state.db import Repository
+
+
+@dataclass(frozen=True)
+class Task:
+    id: int
+    job_id: str
+    name: str
+    audio: str
+    portrait: str
+    output: str
+    state: str
+    attempts: int
+    progress: float
+    not_before: float
+    device: str | None
+    last_error: dict[str, Any] | None
+    started_at: float | None
+    updated_at: float
+    finished_at: float | None
+
+
+@dataclass(frozen=True)
+class NewTask:
+    name: str
+    audio: str
+    portrait: str
+    output: str
+
+
+def _task(row: sqlite3.Row) -> Task:
+    d = dict(row)
+    d["last_error"] = json.loads(d["last_error"]) if d["last_error"] else None
+    return Task(**d)
+
+
+class TaskQueue(Repository):
+    def select(self, job_id: str | None = None, states: tuple[str, ...] | None = None) -> list[Task]:
+        sql, args = "SELECT * FROM tasks WHERE 1=1", []
+        if job_id:
+            sql += " AND job_id = ?"
+            args.append(job_id)
+        if states:
+            sql += f" AND state IN ({','.join('?' * len(states))})"
+            args.extend(states)
+        return [_task(r) for r in self._conn().execute(sql + " ORDER BY id", args)]
+
+    def get(self, task_id: int) -> Task:
+        return _task(self._conn().execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone())
+
+    def take_next(self, device: str) -> Task | None:
+        """Atomically move the oldest runnable queued task to running on `device` and open an attempt."""
+        now = time.time()
+        with self.tx() as db:
+            row = db.execute(
+                "SELECT id FROM tasks WHERE state = 'queued' AND not_before <= ? ORDER BY id LIMIT 1", (now,)
+            ).fetchone()
+            if row is None:
+                return None
+            tid = row["id"]
+            db.execute(
+                "UPDATE tasks SET state = 'running', attempts = attempts + 1, progress = 0, device = ?,"
+                " started_at = ?, updated_at = ? WHERE id = ?", (device, now, now, tid))
+            db.execute(
+                "INSERT INTO attempts (task_id, n, device, started_at)"
+                " SELECT id, attempts, ?, ? FROM tasks WHERE id = ?", (device, now, tid))
+            db.execute("UPDATE jobs SET state = 'running', updated_at = ? WHERE id ="
+                       " (SELECT job_id FROM tasks WHERE id = ?) AND state = 'queued'", (now, tid))
+        return self.get(tid)
+
+    def next_wakeup(self) -> float | None:
+        row = self._conn().execute("SELECT MIN(not_before) AS t FROM tasks WHERE state = 'queued'").fetchone()
+        return row["t"]
+
+    def set_progress(self, task_id: int, progress: float) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE tasks SET progress = ?, updated_at = ? WHERE id = ? AND state = 'running'",
+                       (progress, time.time(), task_id))
+
+    def _end_attempt(self, db: sqlite3.Connection, task_id: int, outcome: str,
+                     error: dict[str, Any] | None, now: float) -> None:
+        db.execute(
+            "UPDATE attempts SET ended_at = ?, outcome = ?, error = ? WHERE task_id = ? AND ended_at IS NULL",
+            (now, outcome, json.dumps(error) if error else None, task_id))
+
+    def finish(self, task_id: int) -> None:
+        now = time.time()
+        with self.tx() as db:
+            self._end_attempt(db, task_id, "done", None, now)
+            db.execute("UPDATE tasks SET state = 'done', progress = 1, updated_at = ?, finished_at = ?,"
+                       " last_error = NULL WHERE id = ?", (now, now, task_id))
+
+    def fail_attempt(self, task_id: int, error: dict[str, Any], retry_at: float | None) -> str:
+        """Record a failed attempt; requeue at retry_at or fail for good when None. Returns the new state."""
+        now = time.time()
+        state = "queued" if retry_at is not None else "failed"
+        with self.tx() as db:
+            self._end_attempt(db, task_id, "retry" if retry_at is not None else "failed", error, now)
+            db.execute(
+                "UPDATE tasks SET state = ?, not_before = ?, last_error = ?, updated_at = ?, finished_at = ?"
+                " WHERE id = ?",
+                (state, retry_at or 0, json.dumps(error), now, None if retry_at is not None else now, task_id))
+        return state
+
+    def wait(self, task_id: int, error: dict[str, Any], not_before: float) -> None:
+        """A dependency is out: back to the queue until not_before, the attempt not counted."""
+        now = time.time()
+        with self.tx() as db:
+            self._end_attempt(db, task_id, "outage", error, now)
+            db.execute("UPDATE tasks SET state = 'queued', attempts = MAX(attempts - 1, 0), not_before = ?,"
+                       " last_error = ?, updated_at = ? WHERE id = ?", (not_before, json.dumps(error), now, task_id))
+
+    def outage_streak(self, task_id: int) -> int:
+        """How many of the task's latest attempts in a row ended waiting for a dependency."""
+        rows = self._conn().execute("SELECT outcome FROM attempts WHERE task_id = ? AND ended_at IS NOT NULL"
+                                    " ORDER BY id DESC LIMIT 64", (task_id,))
+        streak = 0
+        for row in rows:
+            if row["outcome"] != "outage":
+                break
+            streak += 1
+        return streak
+
+    def requeue(self, task_ids: list[int], reset_attempts: bool) -> None:
+        now = time.time()
+        with self.tx() as db:
+            for tid in task_ids:
+                db.execute(
+                    "UPDATE tasks SET state = 'queued', progress = 0, not_before = 0, finished_at = NULL,"
+                    " attempts = CASE WHEN ? THEN 0 ELSE MAX(attempts - 1, 0) END, updated_at = ? WHERE id = ?",
+                    (reset_attempts, now, tid))
+                db.execute("UPDATE attempts SET ended_at = ?, outcome = 'interrupted' WHERE task_id = ?"
+                           " AND ended_at IS NULL", (now, tid))
+
+    def counts(self) -> dict[str, int]:
+        rows = self._conn().execute("SELECT state, COUNT(*) AS n FROM tasks GROUP BY state")
+        return {r["state"]: r["n"] for r in rows}
+
+    def attempts(self, task_id: int) -> list[dict[str, Any]]:
+        rows = self._conn().execute("SELECT * FROM attempts WHERE task_id = ? ORDER BY id", (task_id,))
+        return [dict(r) for r in rows]
+
+    def attempt_count(self, job_id: str) -> int:
+        """Attempts ever made for a job's tasks: grows with every retry, unchanged by crash recovery."""
+        row = self._conn().execute(
+            "SELECT COUNT(*) AS n FROM attempts WHERE task_id IN (SELECT id FROM tasks WHERE job_id = ?)",
+            (job_id,)).fetchone()
+        return int(row["n"])
+
+    def by_output(self, path: str) -> Task | None:
+        row = self._conn().execute("SELECT * FROM tasks WHERE output = ? ORDER BY id DESC LIMIT 1",
+                                   (path,)).fetchone()
+        return _task(row) if row else None
