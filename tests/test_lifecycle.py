@@ -82,7 +82,8 @@ def test_notify_socket_sees_ready_status_watchdog_and_stopping(tmp_path, notify)
 
 
 def test_sigterm_lets_the_running_task_finish_takes_nothing_new_and_restart_resumes(tmp_path):
-    harness = DaemonHarness(tmp_path / "base", {"shutdown": {"drain_seconds": 120}})
+    # 720p: slow enough that the first task is still running when the signal arrives, even on a quiet machine.
+    harness = DaemonHarness(tmp_path / "base", {"shutdown": {"drain_seconds": 120}, "engine": {"preset": "720p"}})
     harness.start()
     voice = write_speech_wav(tmp_path / "voice.wav", 12.0)
     harness.drop(voice, "speech.wav", folder="pair")
