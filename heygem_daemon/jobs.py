@@ -57,11 +57,22 @@ def finalize_job(cfg: Config, store: Store, job_id: str, on_failed: OnFailed | N
                           outputs=str(cfg.folder("outputs") / job.name) if made else None)
     write_error_json(dest, record)
     remove_tree(cfg.folder("work") / job.id)
+    if not made:
+        _drop_empty(cfg.folder("outputs") / job.name)
     if on_failed is not None:
         on_failed(job, record)
     store.set_job_state(job_id, "failed", error=record, spec={**job.spec, "inputs_at": str(dest)})
     log.warning("job failed", job_id=job.id, job=job.name, failed=len(failed), made=len(made),
                 reason=record["reason"], hint=record["hint"])
+
+
+def _drop_empty(folder: Path) -> None:
+    """Workers make outputs/<job>/ before the first attempt; a job without a video must not leave it behind
+    (people would look there for a video, and the name stays free for a retry)."""
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # not there, or something is in it (another tool's file): leave it
 
 
 def recover(cfg: Config, store: Store, on_failed: OnFailed | None = None) -> dict[str, int]:

@@ -40,6 +40,7 @@ _FACE_SAMPLES = 3
 # detect_face looks at no more than 640 pixels a side, so decoding more is wasted.
 _FACE_SIDE = 640
 _A_PORTRAIT, _PORTRAIT_KEY = "a portrait video", "max_portrait_seconds"
+_FLOAT_FORMATS = {"flt", "fltp", "dbl", "dblp"}
 
 
 class ProbeError(Exception):
@@ -136,13 +137,27 @@ def _too_long(name: str, what: str, seconds: float, limit: float, key: str) -> P
     )
 
 
+def _check_finite(path: Path, frame: av.AudioFrame, at: float) -> None:
+    """Float samples can be NaN or infinite (a broken export); encoders refuse them mid-generation."""
+    if frame.format.name not in _FLOAT_FORMATS:
+        return  # integer and compressed formats cannot hold non-finite values
+    if not np.isfinite(frame.to_ndarray()).all():
+        raise ProbeError(
+            f"{path.name} holds invalid audio samples (NaN or infinite values) from {at:.1f} s on",
+            "the exporting program wrote broken floating-point audio; export it again "
+            "(16- or 24-bit WAV, or MP3) and drop it in again",
+        )
+
+
 def _decoded_seconds(
     path: Path, container: av.container.InputContainer, stream: av.AudioStream, stop_after: float
 ) -> float:
-    """Decode to measure real length (the header can lie); stop once past `stop_after` seconds."""
+    """Decode to measure real length (the header can lie) and check the samples are numbers; stop once past
+    `stop_after` seconds."""
     seconds = 0.0
     try:
         for frame in container.decode(stream):
+            _check_finite(path, frame, seconds)
             seconds += frame.samples / (frame.sample_rate or stream.codec_context.sample_rate)
             if seconds > stop_after:
                 break
