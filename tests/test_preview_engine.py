@@ -6,7 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from heygem_daemon.config import Preset
+import av
+
+from heygem_daemon.config import DEFAULT_PRESETS, Preset
 from heygem_daemon.engines.base import BadInputError, TaskSpec
 from heygem_daemon.engines.preview import MouthRig, PreviewEngine, mouth_openness
 from heygem_daemon.media.audio import load_mono
@@ -131,6 +133,17 @@ def test_video_portrait_gives_full_length_output(tmp_path: Path) -> None:
     facts = video_facts(task.output)
     assert facts.has_audio and facts.frames == round(1.5 * PRESET.fps)
     assert (facts.width, facts.height) == (240, 240)
+
+
+def test_the_1080p_preset_writes_hevc_tagged_hvc1_at_30_fps(tmp_path: Path) -> None:
+    task = _task(tmp_path, write_speech_wav(tmp_path / "voice.wav", 0.5), PORTRAIT_JPG, DEFAULT_PRESETS["1080p"])
+    PreviewEngine(PreviewEngine.Settings()).generate(task, lambda _f: None)
+    with av.open(str(task.output)) as container:
+        video = container.streams.video[0]
+        assert (video.codec_context.name, video.codec_tag) == ("hevc", "hvc1")
+        assert video.codec_context.height == 1080
+    facts = video_facts(task.output)
+    assert facts.has_audio and facts.fps == 30 and facts.frames == 15
 
 
 def test_no_face_portrait_raises_bad_input(tmp_path: Path, no_face_jpg: Path) -> None:

@@ -22,7 +22,7 @@ from heygem_daemon.media.audio import load_clip, load_mono
 from heygem_daemon.media.errors import MediaError
 from heygem_daemon.media.faces import Box, detect_face
 from heygem_daemon.media.frames import PortraitFrames, open_portrait
-from heygem_daemon.media.writer import Mp4Writer
+from heygem_daemon.media.writer import Mp4Writer, pick_encoder
 
 _RATE = 16000
 _LOUDNESS_WINDOW_S = 0.06
@@ -237,7 +237,7 @@ class PreviewEngine:
         width, height = portrait.size
         with Mp4Writer(
             task.output, width, height, fps, task.preset.video_bitrate, clip, task.preset.audio_bitrate,
-            task.x264_preset,
+            task.x264_preset, codec=pick_encoder(task.preset.codec, "auto", task.device),
         ) as writer:
             if portrait.count == 1:
                 frames = _still_frames(portrait, first, openness)
