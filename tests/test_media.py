@@ -22,6 +22,20 @@ def test_load_mono_resamples_to_16k_mono(tmp_path: Path) -> None:
     assert 0.3 < np.abs(samples).max() <= 1.0
 
 
+def test_loud_stereo_with_equal_channels_is_read_at_its_own_level_without_clipping(tmp_path: Path) -> None:
+    voice = speech(1.0, 44100)
+    voice = 0.9 * voice / np.abs(voice).max()
+    mono = load_mono(write_wav(tmp_path / "s.wav", np.stack([voice, voice]), 44100))
+    assert np.abs(mono).max() == pytest.approx(0.9, abs=0.01)
+    assert not (np.abs(mono) >= 1.0).any()
+
+
+def test_stereo_is_averaged_so_one_silent_channel_halves_the_level(tmp_path: Path) -> None:
+    voice = speech(1.0)
+    mono = load_mono(write_wav(tmp_path / "s.wav", np.stack([voice, np.zeros_like(voice)])))
+    assert np.abs(mono).max() == pytest.approx(0.5 * np.abs(voice).max(), abs=0.005)
+
+
 def test_load_clip_keeps_source_rate_and_stereo(tmp_path: Path) -> None:
     wav = write_wav(tmp_path / "s.wav", np.stack([speech(0.5, 22050), np.zeros(11025, np.float32)]), 22050)
     clip = load_clip(wav)
