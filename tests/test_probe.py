@@ -148,6 +148,22 @@ def test_image_without_a_face_is_refused(no_face_jpg: Path) -> None:
     refused(lambda: probe_portrait(no_face_jpg, LIMITS, need_face=True), "no face found", "no_face.jpg")
 
 
+def test_a_face_box_stands_in_for_the_detector(no_face_jpg: Path) -> None:
+    found = probe_portrait(no_face_jpg, LIMITS, need_face=True, face_box=(20, 200, 10, 300))
+    assert (found.width, found.height) == (320, 213)
+
+
+def test_a_face_box_reaching_outside_the_portrait_is_refused_with_its_size(no_face_jpg: Path) -> None:
+    refused(lambda: probe_portrait(no_face_jpg, LIMITS, need_face=True, face_box=(20, 214, 10, 300)),
+            "face_box [20, 214, 10, 300]", "no_face.jpg", "320x213")
+
+
+def test_a_face_box_is_checked_against_a_portrait_video_as_shown(tmp_path: Path) -> None:
+    video = write_portrait_video(tmp_path / "face.mp4", 0.3)
+    side = probe_portrait(video, LIMITS, need_face=False).width
+    refused(lambda: probe_portrait(video, LIMITS, need_face=False, face_box=(0, side, 0, side + 2)), "reaches outside")
+
+
 def test_face_check_is_skipped_when_not_needed(no_face_jpg: Path) -> None:
     assert probe_portrait(no_face_jpg, LIMITS, need_face=False).kind == "image"
 

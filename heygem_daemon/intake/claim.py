@@ -82,6 +82,8 @@ class Claimer:
         }
         if plan.notify is not None:
             spec["notify"] = plan.notify
+        if not plan.upload:
+            spec["upload"] = False
         job = self.store.create_job(plan.name_hint, spec, fp, insp.owner, _taken_names(self.cfg))
         original = self.store.find_duplicate(fp, self.cfg.dedupe.window_hours * 3600)
         if original is not None and original.id != job.id:

@@ -223,7 +223,8 @@ class Intake:
     def _start_probe(self, key: str, plan: Plan, snaps: list[Snapshot], tries: int = 1) -> None:
         engine = plan.engine or self.cfg.engine.name
         preset = plan.preset or self.cfg.engine.preset
-        fut, gen = self.inspector.submit(self.inbox, plan.inputs, self.cfg.limits, self.needs_face(engine))
+        fut, gen = self.inspector.submit(self.inbox, plan.inputs, self.cfg.limits, self.needs_face(engine),
+                                         plan.face_box)
         fut.add_done_callback(lambda _f: self.wake.set())
         self._probing[key] = Probing(plan, snaps[0].is_dir, engine, preset, fut, gen,
                                      {s.name: s.signature for s in snaps}, tries, self.clock())

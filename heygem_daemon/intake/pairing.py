@@ -2,7 +2,8 @@
 
 1. Folder `inbox/<name>/`: 1 audio + N portraits, or N audios + 1 portrait; anything else needs job.yaml.
 2. Loose pair: `inbox/alice.wav` + `inbox/alice.jpg` (same stem, any case) -> one video.
-3. job.yaml sets per-job options (name, engine, preset, options, notify) and may list pairs explicitly.
+3. job.yaml sets per-job options (name, engine, preset, options, notify, upload, face_box) and may list
+   pairs explicitly.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ from pathlib import PurePosixPath
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError, field_validator
 
 from heygem_daemon.fsops import display_name
+from heygem_daemon.media.faces import FaceEdges
 from heygem_daemon.media.kinds import AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS, MediaKind, kind_of
 
 MANIFEST_NAMES = ("job.yaml", "job.yml")
+FACE_BOX = "face_box"
+"""Key in a job's engine options: where engines that find faces themselves (wav2lip) find it instead."""
 READY_MARKER = ".ready"
 SUPPORTED = ", ".join(sorted(AUDIO_EXTS | IMAGE_EXTS | VIDEO_EXTS))
 
@@ -67,10 +71,17 @@ class Plan:
     options: dict[str, Any] = field(default_factory=dict)
     notify: list[str] | None = None
     """Chat targets for this job instead of notify.urls ([] = none); None = the configured ones."""
+    upload: bool = True
+    """False (job.yaml `upload: false`): the videos stay in outputs/, even when S3 is configured."""
 
     @property
     def inputs(self) -> list[str]:
         return sorted({p.audio for p in self.pairs} | {p.portrait for p in self.pairs})
+
+    @property
+    def face_box(self) -> FaceEdges | None:
+        edges = self.options.get(FACE_BOX)
+        return tuple(edges) if edges is not None else None  # type: ignore[return-value]
 
 
 @dataclass
@@ -106,6 +117,27 @@ class Manifest(BaseModel):
     options: dict[str, Any] = {}
     pairs: list[PairSpec] | None = None
     notify: list[str] | Literal[False] | None = None
+    face_box: tuple[StrictInt, StrictInt, StrictInt, StrictInt] | None = None
+    upload: StrictBool = True
+
+    @field_validator("face_box")
+    @classmethod
+    def _edges(cls, v: FaceEdges | None) -> FaceEdges | None:
+        if v is not None and (min(v) < 0 or v[0] >= v[1] or v[2] >= v[3]):
+            raise ValueError("[top, bottom, left, right] in pixels of the portrait: top above bottom, "
+                             "left of right, none negative")
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _no_box_inside(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if FACE_BOX in v:
+            raise ValueError("face_box goes at the top level of job.yaml, not under options")
+        return v
+
+    def engine_options(self) -> dict[str, Any]:
+        """options, plus the face box (checked against each portrait at intake) for the engine."""
+        return {**self.options, FACE_BOX: list(self.face_box)} if self.face_box else dict(self.options)
 
     @field_validator("notify")
     @classmethod
@@ -197,7 +229,8 @@ def plan_folder(folder: str, files: list[FileInfo], manifest: bytes | None, time
         return Rejection(name, [folder], [outcome], spec.notify_urls())
     if isinstance(outcome, Wait):
         return Rejection(name, [folder], [outcome.problem], spec.notify_urls()) if timed_out else outcome
-    return Plan(name, [folder], outcome, spec.engine, spec.preset, dict(spec.options), spec.notify_urls())
+    return Plan(name, [folder], outcome, spec.engine, spec.preset, spec.engine_options(), spec.notify_urls(),
+                spec.upload)
 
 
 def _parse_manifest(folder: str, raw: bytes, engines: set[str], presets: set[str]) -> Manifest | Problem:
@@ -220,7 +253,8 @@ def _parse_manifest(folder: str, raw: bytes, engines: set[str], presets: set[str
         key = ".".join(str(p) for p in err["loc"])
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
         return Problem(where, f"job.yaml: {key}: {msg}",
-                       "allowed keys: name, engine, preset, options, notify, pairs (audio, portrait, name)")
+                       "allowed keys: name, engine, preset, options, notify, upload, face_box, "
+                       "pairs (audio, portrait, name)")
     if spec.engine is not None and spec.engine not in engines:
         return Problem(where, f"job.yaml: engine {spec.engine!r} is not available",
                        f"use one of: {', '.join(sorted(engines))}")

@@ -29,9 +29,11 @@ from heygem_daemon.engines.wav2lip.engine import SetupError
 from heygem_daemon.engines.wav2lip.face_batch import FACE_SIZE
 from heygem_daemon.engines.wav2lip.stages import staged
 from heygem_daemon.intake.inspect import sha256_file
+from heygem_daemon.intake.pairing import FACE_BOX
 from heygem_daemon.log import get_logger
 from heygem_daemon.media.audio import load_clip, load_mono
 from heygem_daemon.media.errors import MediaError
+from heygem_daemon.media.faces import FaceEdges, scaled_edges
 from heygem_daemon.media.frames import PortraitFrames, open_portrait
 from heygem_daemon.media.writer import NVENC, EncoderMode, Mp4Writer, encoder_usable, pick_encoder
 
@@ -61,9 +63,18 @@ def box_cache_dir(task: TaskSpec) -> Path:
     return task.workdir.parent.parent / ".cache" / "wav2lip-boxes"
 
 
+def given_boxes(portrait: PortraitFrames, needed: int, edges: FaceEdges) -> np.ndarray:
+    """job.yaml's face_box on every frame, as the reference's `--box`: no detection, no pads, no smoothing.
+    It is given in the portrait's own pixels; the frames here are scaled to the preset."""
+    top, bottom, left, right = scaled_edges(edges, portrait.source_size, portrait.size)
+    return np.tile(np.array([left, top, right, bottom], dtype=np.int32), (needed, 1))
+
+
 def face_boxes(portrait: PortraitFrames, needed: int, task: TaskSpec, settings: Wav2LipEngine.Settings,
                beat: ProgressFn) -> np.ndarray:
     """(x1, y1, x2, y2) per source frame 0..needed-1; BadInputError when no frame shows a face."""
+    if task.options.get(FACE_BOX) is not None:
+        return given_boxes(portrait, needed, tuple(task.options[FACE_BOX]))  # type: ignore[arg-type]
     if portrait.count == 1:
         raw = detect_raw(portrait.frame, 0, 1)
     else:
