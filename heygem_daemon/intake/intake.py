@@ -18,13 +18,12 @@ from heygem_daemon.config import Config
 from heygem_daemon.intake.claim import Claimer
 from heygem_daemon.intake.inspect import Inspection, Inspector
 from heygem_daemon.intake.pairing import (
-    MANIFEST_NAMES, FileInfo, Outcome, Plan, Problem, Rejection, Wait, entry_problem, plan_folder, plan_loose,
+    MANIFEST_NAMES, MAX_MANIFEST_BYTES, FileInfo, Outcome, Plan, Problem, Rejection, Wait, entry_problem, plan_folder, plan_loose,
 )
 from heygem_daemon.intake.stability import NameFilter, Snapshot, StabilityTracker, snapshot
 from heygem_daemon.log import get_logger
 
 log = get_logger("heygem.intake")
-MAX_MANIFEST_BYTES = 64 * 1024
 RETRY_AFTER_ERROR = 5.0
 HOLD_RECHECK = 1.0
 

@@ -8,10 +8,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import stat
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import yaml
@@ -25,6 +26,7 @@ MANIFEST_NAMES = ("job.yaml", "job.yml")
 FACE_BOX = "face_box"
 """Key in a job's engine options: where engines that find faces themselves (wav2lip) find it instead."""
 READY_MARKER = ".ready"
+MAX_MANIFEST_BYTES = 64 * 1024
 SUPPORTED = ", ".join(sorted(AUDIO_EXTS | IMAGE_EXTS | VIDEO_EXTS))
 
 
@@ -148,6 +150,25 @@ class Manifest(BaseModel):
 
     def notify_urls(self) -> list[str] | None:
         return [] if self.notify is False else self.notify
+
+
+def manifest_notify(folder: Path) -> list[str]:
+    """The notify URLs of the job.yaml in a claimed job's folder (work/, archive/ or failed/), [] if none.
+
+    The store keeps only digests of per-job chat targets; this is where the sender finds the URLs."""
+    for name in MANIFEST_NAMES:
+        try:
+            fd = os.open(folder / name, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        with os.fdopen(fd, "rb") as fh:
+            try:
+                data = yaml.safe_load(fh.read(MAX_MANIFEST_BYTES).decode("utf-8"))
+            except (UnicodeDecodeError, yaml.YAMLError):
+                return []
+        notify = data.get("notify") if isinstance(data, dict) else None
+        return [u for u in notify if isinstance(u, str)] if isinstance(notify, list) else []
+    return []
 
 
 def safe_name(text: str, fallback: str = "job") -> str:
