@@ -76,7 +76,8 @@ def write_float_wav(path: Path, samples: np.ndarray, rate: int = 16000) -> Path:
     with av.open(str(path), "w", format="wav") as out:
         stream = out.add_stream("pcm_f32le", rate=rate)
         stream.layout = layout
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planar.T.reshape(1, -1)), format="flt", layout=layout)
+        packed = np.ascontiguousarray(planar.T.reshape(1, -1))  # interleaved, as "flt" wants
+        frame = av.AudioFrame.from_ndarray(packed, format="flt", layout=layout)
         frame.sample_rate = rate
         frame.time_base = Fraction(1, rate)
         frame.pts = 0

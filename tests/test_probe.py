@@ -161,7 +161,8 @@ def test_a_face_box_reaching_outside_the_portrait_is_refused_with_its_size(no_fa
 def test_a_face_box_is_checked_against_a_portrait_video_as_shown(tmp_path: Path) -> None:
     video = write_portrait_video(tmp_path / "face.mp4", 0.3)
     side = probe_portrait(video, LIMITS, need_face=False).width
-    refused(lambda: probe_portrait(video, LIMITS, need_face=False, face_box=(0, side, 0, side + 2)), "reaches outside")
+    outside = (0, side, 0, side + 2)
+    refused(lambda: probe_portrait(video, LIMITS, need_face=False, face_box=outside), "reaches outside")
 
 
 def test_face_check_is_skipped_when_not_needed(no_face_jpg: Path) -> None:

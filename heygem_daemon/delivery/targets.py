@@ -13,10 +13,10 @@ import hashlib
 import logging
 import os
 import re
-from urllib.parse import urlsplit
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import apprise
 

@@ -171,7 +171,7 @@ def _first_face(portrait: PortraitFrames, every: int) -> Box | None:
 
 def _given_face(portrait: PortraitFrames, edges: list[int]) -> Box:
     """job.yaml's face_box (top, bottom, left, right in the portrait's own pixels) at the output size."""
-    top, bottom, left, right = scaled_edges(tuple(edges), portrait.source_size, portrait.size)  # type: ignore[arg-type]
+    top, bottom, left, right = scaled_edges(tuple(edges), portrait.source_size, portrait.size)  # type: ignore
     return Box(left, top, right - left, bottom - top)
 
 

@@ -18,7 +18,8 @@ from heygem_daemon.config import Config
 from heygem_daemon.intake.claim import Claimer
 from heygem_daemon.intake.inspect import Inspection, Inspector
 from heygem_daemon.intake.pairing import (
-    MANIFEST_NAMES, MAX_MANIFEST_BYTES, FileInfo, Outcome, Plan, Problem, Rejection, Wait, entry_problem, plan_folder, plan_loose,
+    MANIFEST_NAMES, MAX_MANIFEST_BYTES, FileInfo, Outcome, Plan, Problem, Rejection, Wait, entry_problem, plan_folder,
+    plan_loose,
 )
 from heygem_daemon.intake.stability import NameFilter, Snapshot, StabilityTracker, snapshot
 from heygem_daemon.log import get_logger
