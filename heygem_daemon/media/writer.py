@@ -166,6 +166,7 @@ def encoder_usable(codec: str) -> bool:
     ctx = av.CodecContext.create(codec, "w")
     ctx.width, ctx.height, ctx.pix_fmt = 256, 256, "yuv420p"
     ctx.time_base = Fraction(1, 25)
+    ctx.options = _options(codec, "ultrafast")  # x265 would print its banner into the daemon's console
     try:
         ctx.open()
     except (av.FFmpegError, OSError):
