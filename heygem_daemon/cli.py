@@ -114,6 +114,8 @@ def _job_view(cfg: Config, store: Store, job: Job) -> dict[str, Any]:
         view["outputs"] = str(cfg.folder("outputs") / original.name)
     if job.error:
         view["error"] = {"reason": job.error.get("reason"), "hint": job.error.get("hint")}
+    if job.spec.get("warnings"):
+        view["warnings"] = job.spec["warnings"]
     return view
 
 
@@ -136,6 +138,8 @@ def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
         if j.get("error"):
             line += f"  ({j['error']['reason']})"
         print(line)
+        for w in j.get("warnings", []):
+            print(f"    warning: {w['reason']}")
     return 0
 
 

@@ -85,3 +85,8 @@ def write_error_json(folder: Path, record: dict[str, Any]) -> Path:
     path = folder / ERROR_FILE
     atomic_write_json(path, record)
     return path
+
+
+def warnings_of(spec: dict[str, Any]) -> dict[str, Any]:
+    """A job's warnings (e.g. a refused job.yaml chat target) as error.json's `warnings`, when it has any."""
+    return {"warnings": spec["warnings"]} if spec.get("warnings") else {}

@@ -16,7 +16,7 @@ from heygem_daemon.ops.cleanup import Cleanup
 from heygem_daemon.config import Config, ConfigError, load_config
 from heygem_daemon.ops.daemon_state import LOCK_FILE, write_state
 from heygem_daemon.notify.outbox import Notifier, Outbox
-from heygem_daemon.delivery.report import BatchReport
+from heygem_daemon.delivery.report import BatchReport, Problem
 from heygem_daemon.delivery.service import DeliveryService
 from heygem_daemon.ops.diskguard import DiskGuard
 from heygem_daemon.engines.registry import ENGINES, check_engines, needs_face
@@ -95,7 +95,10 @@ class Daemon:
         if not report.videos:
             return  # nothing was made: the failure message (intake or generation) already said why
         job = self.store.jobs.find(report.job_id) if report.job_id else None
-        self.outbox.enqueue_report(replace(report, notify_urls=job.spec.get("notify") if job else None))
+        if job is not None:
+            warnings = [Problem(w["file"], w["reason"], w["hint"]) for w in job.spec.get("warnings", [])]
+            report = replace(report, notify_urls=self.outbox.job_urls(job), warnings=warnings)
+        self.outbox.enqueue_report(report)
 
     def _task_ended(self, job_id: str) -> None:
         with self._finalize_lock:

@@ -69,6 +69,23 @@ def write_wav(path: Path, samples: np.ndarray, rate: int = 16000) -> Path:
     return Path(path)
 
 
+def write_float_wav(path: Path, samples: np.ndarray, rate: int = 16000) -> Path:
+    """32-bit float WAV (what DAWs export), written by FFmpeg as is: NaN and out-of-range values survive."""
+    planar = np.ascontiguousarray(np.atleast_2d(samples), dtype=np.float32)
+    layout = "mono" if planar.shape[0] == 1 else "stereo"
+    with av.open(str(path), "w", format="wav") as out:
+        stream = out.add_stream("pcm_f32le", rate=rate)
+        stream.layout = layout
+        packed = np.ascontiguousarray(planar.T.reshape(1, -1))  # interleaved, as "flt" wants
+        frame = av.AudioFrame.from_ndarray(packed, format="flt", layout=layout)
+        frame.sample_rate = rate
+        frame.time_base = Fraction(1, rate)
+        frame.pts = 0
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return Path(path)
+
+
 def write_speech_wav(path: Path, seconds: float, rate: int = 16000) -> Path:
     return write_wav(path, speech(seconds, rate), rate)
 

@@ -5,10 +5,13 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from daemon_harness import DaemonHarness
-from media_factory import FIXTURES, PORTRAIT_JPG, truncate, write_png_header, write_speech_wav
+from media_factory import (
+    FIXTURES, PORTRAIT_JPG, speech, truncate, write_float_wav, write_png_header, write_speech_wav,
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +45,16 @@ def test_truncated_wav(daemon, voice, tmp_path):
     daemon.drop(truncate(tmp_path / "cut.wav", 0.5), "cut.wav")
     daemon.drop(PORTRAIT_JPG, "cut.jpg")
     assert "cut short" in rejected(daemon, "cut")["reason"]
+
+
+def test_float_wav_with_nan_samples_is_refused_at_intake_leaving_no_outputs_folder(daemon, tmp_path):
+    samples = speech(1.0)
+    samples[8000:8400] = np.nan
+    daemon.drop(write_float_wav(tmp_path / "nan.wav", samples), "nan.wav")
+    daemon.drop(PORTRAIT_JPG, "nan.jpg")
+    record = rejected(daemon, "nan")
+    assert "NaN or infinite" in record["reason"] and "export it again" in record["hint"]
+    assert not (daemon.folder("outputs") / "nan").exists()
 
 
 def test_text_file_named_png(daemon, voice):

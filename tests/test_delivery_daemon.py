@@ -166,6 +166,30 @@ def test_a_delivered_batch_sends_one_chat_message_with_every_link(uploading, cha
     assert len(chat.delivered(containing="chatty")) == 1
 
 
+def test_a_job_with_upload_false_stays_local_while_s3_is_configured(uploading, moto_server, chat, tmp_path):
+    src = tmp_path / "private"
+    src.mkdir()
+    write_speech_wav(src / "speech.wav", 1.6)  # other content than the batches above, or it is a duplicate
+    shutil.copy(PORTRAIT_JPG, src / "one.jpg")
+    shutil.copy(PORTRAIT_JPG, src / "two.jpg")
+    (src / "job.yaml").write_text("upload: false\n")
+    os.rename(src, uploading.inbox / "private")
+    job = uploading.wait_job("private")
+    batch = wait_reported(uploading, job.id)
+    out = uploading.folder("outputs") / "private"
+    links = json.loads((out / "links.json").read_text())
+    for entry in links["files"]:
+        assert entry["link"] is None and entry["key"] is None and entry["path"] == str(out / entry["file"])
+        assert entry["sha256"] == sha256_file(out / entry["file"])
+    with zipfile.ZipFile(out / batch.zip_name) as zf:
+        assert sorted(zf.namelist()) == ["one.mp4", "two.mp4"]
+    assert links["zip"]["link"] is None and links["zip"]["path"] == str(out / batch.zip_name)
+    listed = moto_server.client().list_objects_v2(Bucket=uploading.bucket).get("Contents", [])
+    assert not [o["Key"] for o in listed if "/private" in o["Key"]]
+    [message] = chat.wait_delivered(1, containing="private")
+    assert "http" not in message.text
+
+
 def test_a_video_another_tool_writes_into_outputs_is_delivered(uploading, moto_server, tmp_path):
     video = write_noise_video(tmp_path / "clip.mp4", 2)
     (uploading.folder("outputs") / "othertool").mkdir()

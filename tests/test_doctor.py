@@ -22,7 +22,7 @@ def test_a_healthy_setup_passes_every_check_and_exits_0(tmp_path):
     result = doctor(config)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = {line.split("  ")[0].strip(): line for line in result.stdout.splitlines()[2:-1]}
-    for name in ("config", "folder inbox", "folder outputs", "encoder libx264", "encoder aac",
+    for name in ("config", "folder inbox", "folder outputs", "encoder libx264", "encoder libx265", "encoder aac",
                  "free disk outputs", "free disk work", "engine preview: face detector"):
         assert " OK " in rows[name], rows.get(name)
     assert "0 FAIL" in result.stdout

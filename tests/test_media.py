@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 from PIL import Image
@@ -9,6 +10,7 @@ from PIL import Image
 from heygem_daemon.media.audio import AudioClip, load_clip, load_mono
 from heygem_daemon.media.errors import MediaError
 from heygem_daemon.media.frames import open_portrait, output_size, ping_pong_index, read_image
+from heygem_daemon.media.verify import add_audio
 from heygem_daemon.media.writer import Mp4Writer
 from media_factory import speech, video_facts, write_audio, write_portrait_video, write_wav
 
@@ -18,6 +20,20 @@ def test_load_mono_resamples_to_16k_mono(tmp_path: Path) -> None:
     assert samples.dtype == np.float32 and samples.ndim == 1
     assert abs(len(samples) - 16000) <= 32
     assert 0.3 < np.abs(samples).max() <= 1.0
+
+
+def test_loud_stereo_with_equal_channels_is_read_at_its_own_level_without_clipping(tmp_path: Path) -> None:
+    voice = speech(1.0, 44100)
+    voice = 0.9 * voice / np.abs(voice).max()
+    mono = load_mono(write_wav(tmp_path / "s.wav", np.stack([voice, voice]), 44100))
+    assert np.abs(mono).max() == pytest.approx(0.9, abs=0.01)
+    assert not (np.abs(mono) >= 1.0).any()
+
+
+def test_stereo_is_averaged_so_one_silent_channel_halves_the_level(tmp_path: Path) -> None:
+    voice = speech(1.0)
+    mono = load_mono(write_wav(tmp_path / "s.wav", np.stack([voice, np.zeros_like(voice)])))
+    assert np.abs(mono).max() == pytest.approx(0.5 * np.abs(voice).max(), abs=0.005)
 
 
 def test_load_clip_keeps_source_rate_and_stereo(tmp_path: Path) -> None:
@@ -125,8 +141,8 @@ def _clip(seconds: float, rate: int = 16000) -> AudioClip:
     return AudioClip(speech(seconds, rate)[np.newaxis], rate)
 
 
-def _write_frames(path: Path, count: int, audio: AudioClip | None) -> None:
-    with Mp4Writer(path, 64, 48, 25, 200_000, audio, 64_000) as writer:
+def _write_frames(path: Path, count: int, audio: AudioClip | None, codec: str = "libx264") -> None:
+    with Mp4Writer(path, 64, 48, 25, 200_000, audio, 64_000, codec=codec) as writer:
         for i in range(count):
             writer.write(np.full((48, 64, 3), i * 4, np.uint8))
 
@@ -167,3 +183,25 @@ def test_writer_deletes_partial_file_on_error(tmp_path: Path) -> None:
             raise RuntimeError("boom")
     assert not out.exists()
 
+
+
+def _video_codec(path: Path) -> tuple[str, str]:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return stream.codec_context.name, stream.codec_tag
+
+
+def test_hevc_from_the_writer_is_tagged_hvc1_for_apple_players(tmp_path: Path) -> None:
+    out = tmp_path / "o.mp4.part"
+    _write_frames(out, 10, _clip(0.4), codec="libx265")
+    assert _video_codec(out) == ("hevc", "hvc1")
+    assert video_facts(out).frames == 10
+
+
+def test_sound_added_to_an_hevc_video_keeps_the_hvc1_tag(tmp_path: Path) -> None:
+    silent, out = tmp_path / "silent.mp4", tmp_path / "out.mp4"
+    _write_frames(silent, 10, None, codec="libx265")
+    add_audio(silent, _clip(0.4), out, 64_000)
+    assert _video_codec(out) == ("hevc", "hvc1")
+    facts = video_facts(out)
+    assert facts.has_audio and facts.frames == 10

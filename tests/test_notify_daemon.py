@@ -1,6 +1,9 @@
 """Notifications from the real daemon process to a real HTTP receiver: failures, job.yaml overrides,
 secrets kept out of the logs, and no duplicate or lost message across SIGKILL restarts."""
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ from media_factory import FIXTURES
 from notify_receiver import Receiver, wait_until
 
 TOKEN, PASSWORD = "TOKENabc123xyz", "PASSWORD987zyx"
+JOB_TOKEN = "JOBTOKENqrs456"  # a job.yaml target's secret: the store keeps its digest only
 FAST_RETRY = {"retry_base_seconds": 0.2, "retry_max_seconds": 0.5}
 
 
@@ -24,7 +28,8 @@ def receiver():
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, receiver):
     """Targets come from the environment, as they would from a systemd EnvironmentFile."""
-    harness = DaemonHarness(tmp_path_factory.mktemp("notify") / "base", {"notify": FAST_RETRY})
+    allowed = {"job_targets": [f"json://127.0.0.1:{receiver.port}"]}  # job.yaml may name this receiver only
+    harness = DaemonHarness(tmp_path_factory.mktemp("notify") / "base", {"notify": {**FAST_RETRY, **allowed}})
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HEYGEM_NOTIFY__URLS", receiver.url(f"/hook/{TOKEN}", auth=f"bot:{PASSWORD}@"))
         harness.start()
@@ -61,11 +66,29 @@ def test_faceless_portrait_gets_one_failure_message_with_input_reason_and_hint(d
 
 
 def test_job_yaml_notify_sends_to_the_job_target_only(daemon, receiver, voice):
-    drop_faceless(daemon, voice, "teamb", f"notify: [{receiver.url('/team-b')}]\n")
+    drop_faceless(daemon, voice, "teamb", f"notify: [{receiver.url(f'/team-b/{JOB_TOKEN}')}]\n")
     (row,) = sent_rows(daemon, "teamb")
-    assert row.target == target_id(receiver.url("/team-b"))
-    assert len(receiver.delivered("/team-b", "teamb")) == 1
+    assert row.target == target_id(receiver.url(f"/team-b/{JOB_TOKEN}"))
+    assert len(receiver.delivered(f"/team-b/{JOB_TOKEN}", "teamb")) == 1
     assert receiver.delivered(f"/hook/{TOKEN}", "teamb") == []
+
+
+def test_a_job_target_outside_notify_job_targets_is_refused_and_the_configured_target_says_so(
+        daemon, receiver, voice):
+    # Same receiver, other host name: were it sent, it would arrive at /internal.
+    sneaky = f"json://localhost:{receiver.port}/internal"
+    drop_faceless(daemon, voice, "sneaky", f"notify: [{sneaky}]\n")
+    sent_rows(daemon, "sneaky")
+    (post,) = receiver.delivered(f"/hook/{TOKEN}", "sneaky")
+    assert f"#{target_id(sneaky)[:8]}" in post.payload["message"] and "not allowed" in post.payload["message"]
+    assert receiver.delivered("/internal") == []
+    record = json.loads((daemon.folder("failed") / "sneaky" / "error.json").read_text())
+    [warning] = record["warnings"]
+    assert "notify entry 1" in warning["reason"] and "host localhost" in warning["reason"]
+    assert "notify.job_targets" in warning["hint"]
+    status = subprocess.run([sys.executable, "-m", "heygem_daemon.cli", "-c", str(daemon.config_path), "status"],
+                            capture_output=True, text=True)
+    assert "warning: notify entry 1 (json:// #" in status.stdout
 
 
 def test_job_yaml_notify_false_sends_nothing(daemon, voice):
@@ -76,11 +99,14 @@ def test_job_yaml_notify_false_sends_nothing(daemon, voice):
 
 def test_url_secrets_never_reach_the_logs_or_the_store(daemon, receiver, voice):
     drop_faceless(daemon, voice, "secrets")
+    drop_faceless(daemon, voice, "jobsecret", f"notify: [{receiver.url(f'/team-c/{JOB_TOKEN}')}]\n")
     sent_rows(daemon, "secrets")
+    sent_rows(daemon, "jobsecret")
     files = [daemon.folder("logs") / "heygem.log", daemon.console, *daemon.folder("state").glob("heygem.db*")]
     for path in files:
         raw = path.read_bytes()
         assert TOKEN.encode() not in raw and PASSWORD.encode() not in raw, path
+        assert JOB_TOKEN.encode() not in raw, path
     assert "notification sent" in daemon.log_text()
 
 

@@ -1,6 +1,8 @@
 """Message text per chat service: markdown where the service renders it, within its length limit, with
 the zip link kept when a batch is too long to list. Limits come from the real apprise plugins."""
 
+import dataclasses
+
 import pytest
 
 from heygem_daemon.notify.messages import failure_message, report_message
@@ -73,6 +75,15 @@ def test_partly_failed_batch_lists_what_was_not_made():
                          limits("json://127.0.0.1/hook"), PREFIX)
     assert msg.kind == "warning" and "1 failed" in msg.title
     assert "ben.mp4" in msg.body and "no face found" in msg.body and "use a front photo" in msg.body
+
+
+def test_a_refused_job_target_is_a_note_after_the_videos_and_keeps_the_report_a_success():
+    note = Problem("job.yaml", "notify entry 1 (json:// #1a2b3c4d) not used: host 10.0.0.5 is not allowed",
+                   "ask the operator to allow it in notify.job_targets")
+    msg = report_message(dataclasses.replace(batch(2), warnings=[note]), limits("json://127.0.0.1/hook"), PREFIX)
+    assert msg.kind == "success" and "failed" not in msg.title
+    assert msg.body.index(video(1).url) < msg.body.index("Note:") < msg.body.index("#1a2b3c4d")
+    assert "ask the operator to allow it" in msg.body
 
 
 def test_failure_names_the_input_the_reason_and_the_hint():

@@ -1,5 +1,7 @@
 import stat
 
+import pytest
+
 from heygem_daemon.intake.pairing import FileInfo, Plan, Rejection, Wait, plan_folder, plan_loose, safe_name
 
 REG = stat.S_IFREG | 0o644
@@ -63,6 +65,37 @@ def test_manifest_lists_pairs_and_options():
     assert isinstance(plan, Plan)
     assert plan.name_hint == "promo" and plan.preset == "720p"
     assert [p.name for p in plan.pairs] == ["first", "y-b"]
+
+
+def test_manifest_face_box_reaches_the_engine_options():
+    plan = folder(["a.wav", "x.jpg"], "options: {quality: 2}\nface_box: [40, 200, 60, 220]\n")
+    assert isinstance(plan, Plan)
+    assert plan.options == {"quality": 2, "face_box": [40, 200, 60, 220]}
+    assert plan.face_box == (40, 200, 60, 220)
+
+
+@pytest.mark.parametrize("box, words", [
+    ("[40, 200, 60]", "face_box"),
+    ("[40.5, 200, 60, 220]", "integer"),
+    ("['40', 200, 60, 220]", "integer"),
+    ("[200, 40, 60, 220]", "top above bottom"),
+    ("[40, 200, -1, 220]", "none negative"),
+])
+def test_a_malformed_face_box_is_refused_naming_the_key(box, words):
+    rejected = folder(["a.wav", "x.jpg"], f"face_box: {box}\n")
+    assert isinstance(rejected, Rejection)
+    assert "job.yaml: face_box" in rejected.problems[0].reason and words in rejected.problems[0].reason
+
+
+def test_a_face_box_under_options_is_refused_so_it_is_always_checked():
+    rejected = folder(["a.wav", "x.jpg"], "options: {face_box: [0, 10, 0, 10]}\n")
+    assert isinstance(rejected, Rejection) and "top level" in rejected.problems[0].reason
+
+
+def test_manifest_upload_false_keeps_the_job_local():
+    assert folder(["a.wav", "x.jpg"], "upload: false\n").upload is False
+    assert folder(["a.wav", "x.jpg"]).upload is True
+    assert isinstance(folder(["a.wav", "x.jpg"], "upload: 'no'\n"), Rejection)
 
 
 def test_manifest_path_escape_is_refused():

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from heygem_daemon.config import Preset
+import av
+
+from heygem_daemon.config import DEFAULT_PRESETS, Preset
 from heygem_daemon.engines.base import BadInputError, TaskSpec
 from heygem_daemon.engines.preview import MouthRig, PreviewEngine, mouth_openness
 from heygem_daemon.media.audio import load_mono
@@ -131,6 +135,31 @@ def test_video_portrait_gives_full_length_output(tmp_path: Path) -> None:
     facts = video_facts(task.output)
     assert facts.has_audio and facts.frames == round(1.5 * PRESET.fps)
     assert (facts.width, facts.height) == (240, 240)
+
+
+def test_the_1080p_preset_writes_hevc_tagged_hvc1_at_30_fps(tmp_path: Path) -> None:
+    task = _task(tmp_path, write_speech_wav(tmp_path / "voice.wav", 0.5), PORTRAIT_JPG, DEFAULT_PRESETS["1080p"])
+    PreviewEngine(PreviewEngine.Settings()).generate(task, lambda _f: None)
+    with av.open(str(task.output)) as container:
+        video = container.streams.video[0]
+        assert (video.codec_context.name, video.codec_tag) == ("hevc", "hvc1")
+        assert video.codec_context.height == 1080
+    facts = video_facts(task.output)
+    assert facts.has_audio and facts.fps == 30 and facts.frames == 15
+
+
+def test_a_face_box_from_job_yaml_places_the_mouth_where_the_detector_finds_nothing(
+        tmp_path: Path, no_face_jpg: Path) -> None:
+    task = _task(tmp_path, write_wav(tmp_path / "voice.wav", speech(1.0)), no_face_jpg)
+    task = dataclasses.replace(task, options={"face_box": [40, 200, 80, 240]})  # no_face.jpg is 320x213
+    PreviewEngine(PreviewEngine.Settings()).generate(task, lambda _f: None)
+    base = np.array(open_portrait(no_face_jpg, PRESET.height, tmp_path).frame(0))
+    diff = np.abs(np.stack(decoded_frames(task.output)).astype(np.int16) - base).mean(axis=3)
+    # 240/213 scale: the box is rows 45..225, columns 90..270 of the output; the mouth is in its lower part.
+    widest = diff[int(diff[:, 171:225, 144:216].mean(axis=(1, 2)).argmax())]
+    rows, cols = np.nonzero(widest > 60)
+    assert rows.size > 100
+    assert 45 + 0.6 * 180 <= rows.min() and rows.max() < 225 and 90 <= cols.min() and cols.max() < 270
 
 
 def test_no_face_portrait_raises_bad_input(tmp_path: Path, no_face_jpg: Path) -> None:

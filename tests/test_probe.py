@@ -5,13 +5,16 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from heygem_daemon.config import Limits
 from heygem_daemon.intake.probe import AudioProbe, PortraitProbe, ProbeError, probe_audio, probe_portrait
 from media_factory import (
     truncate,
+    speech,
     write_audio,
+    write_float_wav,
     write_png_header,
     write_portrait_video,
     write_speech_wav,
@@ -60,6 +63,25 @@ def test_truncated_mp3_is_refused_by_declared_duration(tmp_path: Path) -> None:
 def test_truncated_compressed_audio_is_refused(tmp_path: Path, ext: str) -> None:
     path = truncate(write_audio(tmp_path / f"voice{ext}", 2.0), 0.5)
     refused(lambda: probe_audio(path, LIMITS), "cut short")
+
+
+def test_float_wav_with_nan_samples_is_refused_with_where_they_start(tmp_path: Path) -> None:
+    samples = speech(2.0)
+    samples[24000:24100] = np.nan
+    wav = write_float_wav(tmp_path / "voice.wav", samples)
+    refused(lambda: probe_audio(wav, LIMITS), "voice.wav", "NaN or infinite", "from 1.")
+
+
+def test_float_wav_with_infinite_samples_is_refused(tmp_path: Path) -> None:
+    samples = np.stack([speech(1.0), speech(1.0, seed=1)])
+    samples[1, 100] = np.inf
+    wav = write_float_wav(tmp_path / "voice.wav", samples)
+    refused(lambda: probe_audio(wav, LIMITS), "NaN or infinite", "from 0.0 s")
+
+
+def test_finite_float_wav_passes(tmp_path: Path) -> None:
+    wav = write_float_wav(tmp_path / "voice.wav", speech(1.0))
+    assert probe_audio(wav, LIMITS).duration == pytest.approx(1.0, abs=0.01)
 
 
 def test_text_file_named_mp3_is_not_decodable(tmp_path: Path) -> None:
@@ -124,6 +146,23 @@ def test_truncated_jpeg_is_refused(tmp_path: Path, portrait_jpg: Path) -> None:
 
 def test_image_without_a_face_is_refused(no_face_jpg: Path) -> None:
     refused(lambda: probe_portrait(no_face_jpg, LIMITS, need_face=True), "no face found", "no_face.jpg")
+
+
+def test_a_face_box_stands_in_for_the_detector(no_face_jpg: Path) -> None:
+    found = probe_portrait(no_face_jpg, LIMITS, need_face=True, face_box=(20, 200, 10, 300))
+    assert (found.width, found.height) == (320, 213)
+
+
+def test_a_face_box_reaching_outside_the_portrait_is_refused_with_its_size(no_face_jpg: Path) -> None:
+    refused(lambda: probe_portrait(no_face_jpg, LIMITS, need_face=True, face_box=(20, 214, 10, 300)),
+            "face_box [20, 214, 10, 300]", "no_face.jpg", "320x213")
+
+
+def test_a_face_box_is_checked_against_a_portrait_video_as_shown(tmp_path: Path) -> None:
+    video = write_portrait_video(tmp_path / "face.mp4", 0.3)
+    side = probe_portrait(video, LIMITS, need_face=False).width
+    outside = (0, side, 0, side + 2)
+    refused(lambda: probe_portrait(video, LIMITS, need_face=False, face_box=outside), "reaches outside")
 
 
 def test_face_check_is_skipped_when_not_needed(no_face_jpg: Path) -> None:

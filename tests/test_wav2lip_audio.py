@@ -9,6 +9,8 @@ torch = pytest.importorskip("torch")
 librosa = pytest.importorskip("librosa")
 
 from heygem_daemon.engines.base import BadInputError  # noqa: E402
+from heygem_daemon.media.audio import load_mono  # noqa: E402
+from media_factory import speech, write_wav  # noqa: E402
 from heygem_daemon.engines.wav2lip.audio_features import (  # noqa: E402
     frame_count,
     mel_chunks,
@@ -69,6 +71,29 @@ def test_mel_matches_librosa_on_speech_like_audio():
     ref = _librosa_reference(wav)
     assert ours.shape == ref.shape == (80, 1 + wav.size // 200)
     assert np.abs(ours - ref).max() < 1e-4
+
+
+def _loud_stereo(path, rate: int):
+    """Two different voices, one per channel, each peaking at 0.9: the reference averages them."""
+    left, right = speech(2.0, rate), speech(2.0, rate, seed=3)
+    return write_wav(path, np.stack([0.9 * left / np.abs(left).max(), 0.9 * right / np.abs(right).max()]), rate)
+
+
+def test_mel_of_a_stereo_file_matches_the_reference_reading_it_with_librosa(tmp_path):
+    wav = _loud_stereo(tmp_path / "stereo.wav", SR)
+    ours = melspectrogram(load_mono(wav)).numpy()
+    ref = _librosa_reference(librosa.load(wav, sr=SR)[0])
+    assert ours.shape == ref.shape
+    assert np.abs(ours - ref).max() < 1e-4
+
+
+def test_mel_of_a_resampled_stereo_file_has_no_level_shift_against_the_reference(tmp_path):
+    # FFmpeg and soxr resample slightly differently near 8 kHz; a -3 dB down-mix error shifted every value ~0.24.
+    wav = _loud_stereo(tmp_path / "stereo.wav", 44100)
+    ours = melspectrogram(load_mono(wav)).numpy()
+    ref = _librosa_reference(librosa.load(wav, sr=SR)[0])
+    assert ours.shape == ref.shape
+    assert abs(float((ours - ref).mean())) < 0.01 and np.abs(ours - ref).mean() < 0.01
 
 
 def test_mel_matches_librosa_on_near_silence():

@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 from daemon_harness import DaemonHarness  # noqa: E402
 from heygem_daemon.engines.wav2lip.checkpoint import save_checkpoint  # noqa: E402
 from heygem_daemon.engines.wav2lip.model import Wav2Lip  # noqa: E402
-from heygem_daemon.media.faces import detect_face  # noqa: E402
+from heygem_daemon.media.faces import detect_face, scaled_edges  # noqa: E402
 from heygem_daemon.media.frames import open_portrait  # noqa: E402
 from media_factory import (  # noqa: E402
     FIXTURES,
@@ -32,6 +32,7 @@ from media_factory import (  # noqa: E402
 
 HEIGHT, FPS = 240, 25
 PADS = (0, 10, 0, 0)  # the engine's default: top, bottom, left, right
+FACE_BOX = (40, 200, 80, 240)  # top, bottom, left, right in no_face.jpg's own 320x213 pixels
 SMALL = {"presets": {"small": {"height": HEIGHT, "fps": FPS, "video_bitrate": 400_000, "audio_bitrate": 64_000}}}
 
 
@@ -70,7 +71,10 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, media: Path):
         harness.drop(media / name, folder="clips")
     harness.drop(media / "voice.wav", "nobody.wav")
     harness.drop(FIXTURES / "no_face.jpg", "nobody.jpg")
-    for job in ("anna", "clips", "nobody"):
+    harness.drop(media / "one.wav", folder="boxed")
+    harness.drop(FIXTURES / "no_face.jpg", "scene.jpg", folder="boxed")
+    (harness.inbox / "boxed" / "job.yaml").write_text(f"face_box: {list(FACE_BOX)}\n")
+    for job in ("anna", "clips", "nobody", "boxed"):
         harness.wait_job(job, timeout=180)
     yield harness
     harness.stop()
@@ -127,6 +131,22 @@ def test_a_portrait_without_a_face_fails_with_the_reason_and_a_hint(daemon: Daem
     assert daemon.job("nobody").state == "failed"
     record = _error(daemon, "nobody")
     assert "no face" in record["reason"] and record["hint"]
+
+
+def test_a_face_box_from_job_yaml_is_used_where_the_detector_finds_nothing(
+        daemon: DaemonHarness, tmp_path: Path) -> None:
+    assert daemon.job("boxed").state == "done"
+    portrait = open_portrait(FIXTURES / "no_face.jpg", HEIGHT, tmp_path)
+    base = np.array(portrait.frame(0))
+    top, bottom, left, right = scaled_edges(FACE_BOX, (320, 213), portrait.size)
+    assert (top, bottom, left, right) == (45, 225, 90, 270)
+    frames = decoded_frames(daemon.folder("outputs") / "boxed" / "scene.mp4")
+    outside = np.ones(base.shape[:2], bool)
+    outside[top - 8 : bottom + 8, left - 8 : right + 8] = False
+    mouth = (slice((top + bottom) // 2, bottom), slice(left, right))
+    for frame in frames[::5]:
+        assert _mean_diff(frame[outside], base[outside]) < 5
+        assert _mean_diff(frame[mouth], base[mouth]) > 10
 
 
 # --- broken checkpoints -------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from heygem_daemon.engines.wav2lip.checkpoint import save_checkpoint  # noqa: E4
 from heygem_daemon.engines.base import SetupError
 from heygem_daemon.engines.wav2lip.engine import Wav2LipEngine  # noqa: E402
 from heygem_daemon.engines.wav2lip.model import Wav2Lip  # noqa: E402
-from heygem_daemon.engines.wav2lip.render import frame_starts, pick_encoder  # noqa: E402
+from heygem_daemon.engines.wav2lip.render import encoder_for, frame_starts  # noqa: E402
 from heygem_daemon.engines.wav2lip.runtime import HalvingBatches, fold_batch_norm  # noqa: E402
 from heygem_daemon.engines.wav2lip.stages import staged  # noqa: E402
 from heygem_daemon.media.writer import encoder_usable  # noqa: E402
@@ -266,15 +266,21 @@ def test_a_portrait_without_a_face_is_bad_input_found_before_the_model_loads(tmp
     assert err.value.hint and not err.value.kind.retried
 
 
-def test_auto_encoder_on_cpu_is_libx264() -> None:
-    assert pick_encoder("auto", "cpu") == "libx264"
-    assert pick_encoder("libx264", "cuda:0") == "libx264"
+def test_auto_encoder_on_cpu_is_the_software_encoder_of_the_presets_codec() -> None:
+    assert encoder_for("h264", "auto", "cpu") == "libx264"
+    assert encoder_for("hevc", "auto", "cpu") == "libx265"
+    assert encoder_for("hevc", "software", "cuda:0") == "libx265"
 
 
-@pytest.mark.skipif(encoder_usable("h264_nvenc"), reason="this machine can open h264_nvenc")
+def test_encoder_names_from_older_configs_still_load() -> None:
+    assert Wav2LipEngine.Settings(encoder="libx264").encoder == "software"
+    assert Wav2LipEngine.Settings(encoder="h264_nvenc").encoder == "nvenc"
+
+
+@pytest.mark.skipif(encoder_usable("hevc_nvenc"), reason="this machine can open hevc_nvenc")
 def test_configured_nvenc_that_cannot_open_fails_with_the_setting_to_change() -> None:
-    with pytest.raises(SetupError, match="h264_nvenc") as err:
-        pick_encoder("h264_nvenc", "cuda:0")
+    with pytest.raises(SetupError, match="hevc_nvenc") as err:
+        encoder_for("hevc", "nvenc", "cuda:0")
     assert "engines.wav2lip.encoder" in err.value.hint
 
 

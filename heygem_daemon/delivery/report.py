@@ -36,6 +36,8 @@ class BatchReport:
     """Unix time when the links stop working."""
     notify_urls: list[str] | None = None
     """Per-job override of notify.urls (from job.yaml); None means the configured default."""
+    warnings: list[Problem] = field(default_factory=list)
+    """What was not done as asked though the job ran (a job.yaml chat target refused by notify.job_targets)."""
 
     @property
     def ok(self) -> bool:

@@ -134,15 +134,18 @@ class DeliveryService:
         """A settled video becomes a delivery: tied to its task when our engine made it, ad hoc otherwise."""
         task = self.store.tasks.by_output(str(path))
         rel_to_outputs = path.relative_to(self.outputs)
+        local = False
         if task is not None:
             job = self.store.jobs.get(task.job_id)
             batch = self.store.deliveries.ensure_batch(job.id, job.name, job.name, job.id)
+            local = job.spec.get("upload") is False  # job.yaml `upload: false`
         else:
             folder = rel_to_outputs.parts[0] if len(rel_to_outputs.parts) > 1 else ""
             batch = self.store.deliveries.open_adhoc_batch(folder) or self.store.deliveries.ensure_batch(
                 f"adhoc-{os.urandom(6).hex()}", folder or path.stem, folder, None)
         rel = str(path.relative_to(self.outputs / batch.folder)) if batch.folder else path.name
-        key = object_key(self.settings.key_prefix, batch.name, rel, time.time())
+        # An empty key means "not in the bucket": the video is delivered locally, even in S3 mode.
+        key = "" if local else object_key(self.settings.key_prefix, batch.name, rel, time.time())
         d = self.store.deliveries.add(batch.id, str(path), rel, size, key, task.id if task else None)
         self._known.add(str(path))
         if d is not None:
@@ -194,7 +197,7 @@ class DeliveryService:
         if d.state not in ("pending", "uploading"):
             return
         try:
-            if self.uploader is not None:
+            if self.uploader is not None and d.key:
                 up = self.uploader.upload(d)
                 self.store.deliveries.finish_upload(d.id, up.etag, up.sha256)
                 log.info("video uploaded", file=d.rel, key=d.key, size=d.size, sent=up.sent_bytes)
@@ -266,7 +269,7 @@ class DeliveryService:
     def _zip(self, batch: Batch, videos: list[Delivery], when: float) -> None:
         name = zip_name(batch.name, when)
         files = [(Path(d.path), d.rel) for d in videos]
-        if self.client is None:
+        if self.client is None or not any(d.key for d in videos):
             size = write_local_zip(files, self._links_dir(batch) / name)
             self.store.deliveries.set_batch_zip(batch.id, name, "", None)
         else:
@@ -303,7 +306,7 @@ class DeliveryService:
         return BatchReport(
             job_id=batch.job_id or batch.id, job_name=batch.name, videos=links, failed=self._problems(batch, job),
             zip_name=batch.zip_name, zip_url=zip_entry.link if zip_entry else None,
-            expires_at=(time.time() + self._expiry()) if self.client else None,
+            expires_at=(time.time() + self._expiry()) if self.client and any(d.key for d in videos) else None,
         )
 
     def _problems(self, batch: Batch, job: Job | None) -> list[Problem]:
@@ -327,7 +330,7 @@ class DeliveryService:
         return int(self.settings.link_expiry_hours * 3600)
 
     def _link(self, key: str, filename: str) -> tuple[str | None, str | None]:
-        if self.client is None:
+        if self.client is None or not key:
             return None, None
         url = presign_get(self.client, self.settings.bucket, key, filename, self._expiry())
         return url, iso_utc(time.time() + self._expiry())
@@ -336,7 +339,8 @@ class DeliveryService:
         out = []
         for d in deliveries:
             link, expires = self._link(d.key, d.rel)
-            out.append(LinkEntry(d.rel, d.size, d.path, d.sha256, d.key if self.client else None, link, expires))
+            out.append(LinkEntry(d.rel, d.size, d.path, d.sha256, (d.key or None) if self.client else None, link,
+                                 expires))
         return out
 
     def _zip_entry(self, batch: Batch) -> LinkEntry | None:

@@ -20,9 +20,10 @@ from heygem_daemon.ops.checks import Check
 from heygem_daemon.engines.base import BadInputError, EngineSettings, ProgressFn, TaskSpec
 from heygem_daemon.media.audio import load_clip, load_mono
 from heygem_daemon.media.errors import MediaError
-from heygem_daemon.media.faces import Box, detect_face
+from heygem_daemon.intake.pairing import FACE_BOX
+from heygem_daemon.media.faces import Box, detect_face, scaled_edges
 from heygem_daemon.media.frames import PortraitFrames, open_portrait
-from heygem_daemon.media.writer import Mp4Writer
+from heygem_daemon.media.writer import Mp4Writer, pick_encoder
 
 _RATE = 16000
 _LOUDNESS_WINDOW_S = 0.06
@@ -139,14 +140,15 @@ class MouthRig:
 
 class _FaceTrack:
     """The face box for each output frame of a video portrait: re-detected every few frames, smoothed,
-    and held when a detection misses (a blink or a turn should not stop the mouth)."""
+    and held when a detection misses (a blink or a turn should not stop the mouth). `every` 0 holds the
+    first box throughout (job.yaml's face_box)."""
 
     def __init__(self, first: Box, every: int) -> None:
         self.box, self.every = first, every
         self.lost = False
 
     def at(self, i: int, frame: np.ndarray) -> Box:
-        if i % self.every:
+        if not self.every or i % self.every:
             return self.box
         # Searching near the last box is cheap; after a miss, look at the whole frame again.
         found = detect_face(frame, near=None if self.lost else self.box)
@@ -165,6 +167,12 @@ def _first_face(portrait: PortraitFrames, every: int) -> Box | None:
         if (box := detect_face(portrait.frame(k))) is not None:
             return box
     return None
+
+
+def _given_face(portrait: PortraitFrames, edges: list[int]) -> Box:
+    """job.yaml's face_box (top, bottom, left, right in the portrait's own pixels) at the output size."""
+    top, bottom, left, right = scaled_edges(tuple(edges), portrait.source_size, portrait.size)  # type: ignore
+    return Box(left, top, right - left, bottom - top)
 
 
 def _still_frames(portrait: PortraitFrames, box: Box, openness: np.ndarray) -> Iterator[np.ndarray]:
@@ -227,7 +235,9 @@ class PreviewEngine:
             portrait = open_portrait(task.portrait, task.preset.height, task.workdir)
         except MediaError as exc:
             raise BadInputError(exc.reason, exc.hint) from None
-        first = _first_face(portrait, self.settings.detect_every)
+        edges = task.options.get(FACE_BOX)
+        every = 0 if edges else self.settings.detect_every
+        first = _given_face(portrait, edges) if edges else _first_face(portrait, every)
         if first is None:
             raise BadInputError(f"no face found in {task.portrait.name}", hint=_NO_FACE_HINT)
         progress(0.0)
@@ -237,12 +247,12 @@ class PreviewEngine:
         width, height = portrait.size
         with Mp4Writer(
             task.output, width, height, fps, task.preset.video_bitrate, clip, task.preset.audio_bitrate,
-            task.x264_preset,
+            task.x264_preset, codec=pick_encoder(task.preset.codec, "auto", task.device),
         ) as writer:
             if portrait.count == 1:
                 frames = _still_frames(portrait, first, openness)
             else:
-                frames = _video_frames(portrait, first, openness, fps, self.settings.detect_every)
+                frames = _video_frames(portrait, first, openness, fps, every)
             step = max(1, count // _PROGRESS_STEPS)
             for i, frame in enumerate(frames):
                 writer.write(frame)

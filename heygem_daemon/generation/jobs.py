@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from heygem_daemon.config import Config
-from heygem_daemon.failures import ERROR_FILE, error_record, write_error_json
+from heygem_daemon.failures import ERROR_FILE, error_record, warnings_of, write_error_json
 from heygem_daemon.fs.ops import move, remove_tree
 from heygem_daemon.intake.claim import OnFailed, archive_dir
 from heygem_daemon.intake.pairing import READY_MARKER
@@ -54,14 +55,27 @@ def finalize_job(cfg: Config, store: Store, job_id: str, on_failed: OnFailed | N
                  "hint": (t.last_error or {}).get("hint", ""), "detail": (t.last_error or {}).get("detail", "")}
                 for t in failed]
     record = error_record(job.name, "generate", problems, job_id=job.id, videos_made=[t.name for t in made],
-                          outputs=str(cfg.folder("outputs") / job.name) if made else None)
+                          outputs=str(cfg.folder("outputs") / job.name) if made else None, **warnings_of(job.spec))
     write_error_json(dest, record)
     remove_tree(cfg.folder("work") / job.id)
+    if not made:
+        _drop_empty(cfg.folder("outputs") / job.name)
+    # The inputs (job.yaml with its chat targets among them) are in failed/ now, before the store says so.
+    job = replace(job, spec={**job.spec, "inputs_at": str(dest)})
     if on_failed is not None:
         on_failed(job, record)
-    store.jobs.set_state(job_id, "failed", error=record, spec={**job.spec, "inputs_at": str(dest)})
+    store.jobs.set_state(job_id, "failed", error=record, spec=job.spec)
     log.warning("job failed", job_id=job.id, job=job.name, failed=len(failed), made=len(made),
                 reason=record["reason"], hint=record["hint"])
+
+
+def _drop_empty(folder: Path) -> None:
+    """Workers make outputs/<job>/ before the first attempt; a job without a video must not leave it behind
+    (people would look there for a video, and the name stays free for a retry)."""
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # not there, or something is in it (another tool's file): leave it
 
 
 def recover(cfg: Config, store: Store, on_failed: OnFailed | None = None) -> dict[str, int]:

@@ -13,7 +13,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 from heygem_daemon.config import Config
-from heygem_daemon.failures import ERROR_FILE, error_record, write_error_json
+from heygem_daemon.notify.targets import screen_job_targets
+from heygem_daemon.failures import ERROR_FILE, error_record, warnings_of, write_error_json
 from heygem_daemon.fs.ops import display_name, move, remove_tree
 from heygem_daemon.intake.inspect import Inspection
 from heygem_daemon.intake.pairing import Plan, Problem
@@ -80,8 +81,9 @@ class Claimer:
             "pairs": [{"audio": _staged(p.audio), "portrait": _staged(p.portrait), "name": p.name}
                       for p in plan.pairs],
         }
-        if plan.notify is not None:
-            spec["notify"] = plan.notify
+        self._notify_spec(spec, plan.name_hint, plan.notify)
+        if not plan.upload:
+            spec["upload"] = False
         job = self.store.jobs.create(plan.name_hint, spec, fp, insp.owner, _taken_names(self.cfg))
         original = self.store.jobs.find_duplicate(fp, self.cfg.dedupe.window_hours * 3600)
         if original is not None and original.id != job.id:
@@ -106,14 +108,14 @@ class Claimer:
     def reject(self, name_hint: str, sources: list[str], problems: list[Problem], is_folder: bool,
                stage: str = "intake", notify: list[str] | None = None) -> Job:
         spec: dict[str, Any] = {"sources": sources, "folder": is_folder}
-        if notify is not None:
-            spec["notify"] = notify
+        self._notify_spec(spec, name_hint, notify)
         job = self.store.jobs.create(name_hint, spec, taken=_taken_names(self.cfg))
         staging = self.cfg.folder("failed") / job.name
         self._record_staging(job, spec, staging)
         _stage_sources(self.inbox, sources, staging, is_folder)
         record = error_record(job.name, stage, [p.as_dict() for p in problems], job_id=job.id,
-                              files=sorted(display_name(_staged(s)) for s in sources))
+                              files=sorted(display_name(_staged(s)) for s in sources),
+                              **warnings_of(spec))
         write_error_json(staging, record)
         if self.on_failed is not None:
             self.on_failed(self.store.jobs.get(job.id), record)
@@ -121,6 +123,17 @@ class Claimer:
         log.warning("job rejected", job_id=job.id, job=job.name, stage=stage, reason=record["reason"],
                     hint=record["hint"], problems=len(problems))
         return self.store.jobs.get(job.id)
+
+    def _notify_spec(self, spec: dict[str, Any], name: str, urls: list[str] | None) -> None:
+        """job.yaml's chat targets, screened by notify.job_targets and kept as digests only: the sender
+        reads the URLs again from the job.yaml that travels with the inputs."""
+        screened = screen_job_targets(urls, self.cfg.notify.job_targets)
+        if screened.ids is not None:
+            spec["notify_ids"] = screened.ids
+        if screened.refused:
+            spec["warnings"] = screened.refused
+        for problem in screened.refused:
+            log.warning("job.yaml chat target refused", job=name, reason=problem["reason"], hint=problem["hint"])
 
     def _record_staging(self, job: Job, spec: dict[str, Any], staging: Path) -> None:
         spec["staging"] = str(staging)

@@ -16,6 +16,7 @@ from pathlib import Path
 from heygem_daemon.config import Limits
 from heygem_daemon.fs.files import file_owner, sha256_file
 from heygem_daemon.intake.pairing import Problem
+from heygem_daemon.media.faces import FaceEdges
 from heygem_daemon.media.kinds import MediaKind, kind_of
 from heygem_daemon.proc import die_with_parent
 
@@ -28,21 +29,24 @@ class Inspection:
     owner: str | None = None
 
 
+_Key = tuple[str, bool, Limits, "FaceEdges | None"]
+
+
 class _PassedCache:
     """Content that already passed a probe in this process: batches reuse one portrait for many jobs,
     and a face detection costs tens of milliseconds while hashing a photo costs well under one."""
 
     def __init__(self, size: int = 4096) -> None:
         self.size = size
-        self._seen: OrderedDict[tuple[str, bool, Limits], None] = OrderedDict()
+        self._seen: OrderedDict[_Key, None] = OrderedDict()
 
-    def __contains__(self, key: tuple[str, bool, Limits]) -> bool:
+    def __contains__(self, key: _Key) -> bool:
         if key in self._seen:
             self._seen.move_to_end(key)
             return True
         return False
 
-    def add(self, key: tuple[str, bool, Limits]) -> None:
+    def add(self, key: _Key) -> None:
         self._seen[key] = None
         if len(self._seen) > self.size:
             self._seen.popitem(last=False)
@@ -51,7 +55,8 @@ class _PassedCache:
 _passed = _PassedCache()
 
 
-def inspect_inputs(inbox: str, rels: list[str], limits: Limits, need_face: bool) -> Inspection:
+def inspect_inputs(inbox: str, rels: list[str], limits: Limits, need_face: bool,
+                   face_box: FaceEdges | None = None) -> Inspection:
     from heygem_daemon.intake.probe import ProbeError, probe_audio, probe_portrait
 
     result = Inspection()
@@ -59,12 +64,12 @@ def inspect_inputs(inbox: str, rels: list[str], limits: Limits, need_face: bool)
         path = Path(inbox) / rel
         try:
             digest = sha256_file(path) if path.is_file() and not path.is_symlink() else ""
-            key = (digest, need_face, limits)
+            key = (digest, need_face, limits, face_box)
             if not digest or key not in _passed:
                 if kind_of(rel) is MediaKind.AUDIO:
                     probe_audio(path, limits)
                 else:
-                    probe_portrait(path, limits, need_face)
+                    probe_portrait(path, limits, need_face, face_box)
                 _passed.add(key)
             result.digests[rel] = digest
         except ProbeError as exc:
@@ -95,12 +100,14 @@ class Inspector:
             self._pool = self._new_pool()
             self.generation += 1
 
-    def submit(self, inbox: Path, rels: list[str], limits: Limits, need_face: bool) -> tuple[Future[Inspection], int]:
+    def submit(self, inbox: Path, rels: list[str], limits: Limits, need_face: bool,
+               face_box: FaceEdges | None = None) -> tuple[Future[Inspection], int]:
+        args = (inspect_inputs, str(inbox), rels, limits, need_face, face_box)
         try:
-            return self._pool.submit(inspect_inputs, str(inbox), rels, limits, need_face), self.generation
+            return self._pool.submit(*args), self.generation
         except BrokenProcessPool:
             self._renew(self.generation)
-            return self._pool.submit(inspect_inputs, str(inbox), rels, limits, need_face), self.generation
+            return self._pool.submit(*args), self.generation
 
     def outcome(self, fut: Future[Inspection], generation: int) -> Inspection | None:
         """The inspection, or None when the pool broke (a child died): the caller may try once more."""

@@ -18,13 +18,13 @@ from heygem_daemon.config import Config
 from heygem_daemon.intake.claim import Claimer
 from heygem_daemon.intake.inspect import Inspection, Inspector
 from heygem_daemon.intake.pairing import (
-    MANIFEST_NAMES, FileInfo, Outcome, Plan, Problem, Rejection, Wait, entry_problem, plan_folder, plan_loose,
+    MANIFEST_NAMES, MAX_MANIFEST_BYTES, FileInfo, Outcome, Plan, Problem, Rejection, Wait, entry_problem, plan_folder,
+    plan_loose,
 )
 from heygem_daemon.fs.stability import NameFilter, Snapshot, StabilityTracker, snapshot
 from heygem_daemon.log import get_logger
 
 log = get_logger("heygem.intake")
-MAX_MANIFEST_BYTES = 64 * 1024
 RETRY_AFTER_ERROR = 5.0
 HOLD_RECHECK = 1.0
 
@@ -223,7 +223,8 @@ class Intake:
     def _start_probe(self, key: str, plan: Plan, snaps: list[Snapshot], tries: int = 1) -> None:
         engine = plan.engine or self.cfg.engine.name
         preset = plan.preset or self.cfg.engine.preset
-        fut, gen = self.inspector.submit(self.inbox, plan.inputs, self.cfg.limits, self.needs_face(engine))
+        fut, gen = self.inspector.submit(self.inbox, plan.inputs, self.cfg.limits, self.needs_face(engine),
+                                         plan.face_box)
         fut.add_done_callback(lambda _f: self.wake.set())
         self._probing[key] = Probing(plan, snaps[0].is_dir, engine, preset, fut, gen,
                                      {s.name: s.signature for s in snaps}, tries, self.clock())

@@ -2,25 +2,31 @@
 
 1. Folder `inbox/<name>/`: 1 audio + N portraits, or N audios + 1 portrait; anything else needs job.yaml.
 2. Loose pair: `inbox/alice.wav` + `inbox/alice.jpg` (same stem, any case) -> one video.
-3. job.yaml sets per-job options (name, engine, preset, options, notify) and may list pairs explicitly.
+3. job.yaml sets per-job options (name, engine, preset, options, notify, upload, face_box) and may list
+   pairs explicitly.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import stat
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError, field_validator
 
 from heygem_daemon.fs.ops import display_name
+from heygem_daemon.media.faces import FaceEdges
 from heygem_daemon.media.kinds import AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS, MediaKind, kind_of
 
 MANIFEST_NAMES = ("job.yaml", "job.yml")
+FACE_BOX = "face_box"
+"""Key in a job's engine options: where engines that find faces themselves (wav2lip) find it instead."""
 READY_MARKER = ".ready"
+MAX_MANIFEST_BYTES = 64 * 1024
 SUPPORTED = ", ".join(sorted(AUDIO_EXTS | IMAGE_EXTS | VIDEO_EXTS))
 
 
@@ -67,10 +73,17 @@ class Plan:
     options: dict[str, Any] = field(default_factory=dict)
     notify: list[str] | None = None
     """Chat targets for this job instead of notify.urls ([] = none); None = the configured ones."""
+    upload: bool = True
+    """False (job.yaml `upload: false`): the videos stay in outputs/, even when S3 is configured."""
 
     @property
     def inputs(self) -> list[str]:
         return sorted({p.audio for p in self.pairs} | {p.portrait for p in self.pairs})
+
+    @property
+    def face_box(self) -> FaceEdges | None:
+        edges = self.options.get(FACE_BOX)
+        return tuple(edges) if edges is not None else None  # type: ignore[return-value]
 
 
 @dataclass
@@ -106,6 +119,27 @@ class Manifest(BaseModel):
     options: dict[str, Any] = {}
     pairs: list[PairSpec] | None = None
     notify: list[str] | Literal[False] | None = None
+    face_box: tuple[StrictInt, StrictInt, StrictInt, StrictInt] | None = None
+    upload: StrictBool = True
+
+    @field_validator("face_box")
+    @classmethod
+    def _edges(cls, v: FaceEdges | None) -> FaceEdges | None:
+        if v is not None and (min(v) < 0 or v[0] >= v[1] or v[2] >= v[3]):
+            raise ValueError("[top, bottom, left, right] in pixels of the portrait: top above bottom, "
+                             "left of right, none negative")
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _no_box_inside(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if FACE_BOX in v:
+            raise ValueError("face_box goes at the top level of job.yaml, not under options")
+        return v
+
+    def engine_options(self) -> dict[str, Any]:
+        """options, plus the face box (checked against each portrait at intake) for the engine."""
+        return {**self.options, FACE_BOX: list(self.face_box)} if self.face_box else dict(self.options)
 
     @field_validator("notify")
     @classmethod
@@ -116,6 +150,25 @@ class Manifest(BaseModel):
 
     def notify_urls(self) -> list[str] | None:
         return [] if self.notify is False else self.notify
+
+
+def manifest_notify(folder: Path) -> list[str]:
+    """The notify URLs of the job.yaml in a claimed job's folder (work/, archive/ or failed/), [] if none.
+
+    The store keeps only digests of per-job chat targets; this is where the sender finds the URLs."""
+    for name in MANIFEST_NAMES:
+        try:
+            fd = os.open(folder / name, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        with os.fdopen(fd, "rb") as fh:
+            try:
+                data = yaml.safe_load(fh.read(MAX_MANIFEST_BYTES).decode("utf-8"))
+            except (UnicodeDecodeError, yaml.YAMLError):
+                return []
+        notify = data.get("notify") if isinstance(data, dict) else None
+        return [u for u in notify if isinstance(u, str)] if isinstance(notify, list) else []
+    return []
 
 
 def safe_name(text: str, fallback: str = "job") -> str:
@@ -197,7 +250,8 @@ def plan_folder(folder: str, files: list[FileInfo], manifest: bytes | None, time
         return Rejection(name, [folder], [outcome], spec.notify_urls())
     if isinstance(outcome, Wait):
         return Rejection(name, [folder], [outcome.problem], spec.notify_urls()) if timed_out else outcome
-    return Plan(name, [folder], outcome, spec.engine, spec.preset, dict(spec.options), spec.notify_urls())
+    return Plan(name, [folder], outcome, spec.engine, spec.preset, spec.engine_options(), spec.notify_urls(),
+                spec.upload)
 
 
 def _parse_manifest(folder: str, raw: bytes, engines: set[str], presets: set[str]) -> Manifest | Problem:
@@ -220,7 +274,8 @@ def _parse_manifest(folder: str, raw: bytes, engines: set[str], presets: set[str
         key = ".".join(str(p) for p in err["loc"])
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
         return Problem(where, f"job.yaml: {key}: {msg}",
-                       "allowed keys: name, engine, preset, options, notify, pairs (audio, portrait, name)")
+                       "allowed keys: name, engine, preset, options, notify, upload, face_box, "
+                       "pairs (audio, portrait, name)")
     if spec.engine is not None and spec.engine not in engines:
         return Problem(where, f"job.yaml: engine {spec.engine!r} is not available",
                        f"use one of: {', '.join(sorted(engines))}")

@@ -21,8 +21,8 @@ from PIL import Image, UnidentifiedImageError
 
 from heygem_daemon.config import Limits
 from heygem_daemon.media.errors import MediaError
-from heygem_daemon.media.faces import detect_face
-from heygem_daemon.media.frames import read_image, upright
+from heygem_daemon.media.faces import FaceEdges, detect_face, edges_outside
+from heygem_daemon.media.frames import read_image, shown_size, upright
 from heygem_daemon.media.kinds import MediaKind, kind_of
 
 _RECOPY = "the copy or upload was probably interrupted; copy the whole file again"
@@ -33,13 +33,11 @@ _FACE_HINT = "use a front-facing photo where the face is clearly visible"
 # Decoders and containers disagree by a few codec frames (priming, padding); more than this is missing data.
 _SHORTFALL_SECONDS = 0.25
 _SHORTFALL_SHARE = 0.02
-# Phones store some photos sideways with an EXIF orientation of 5..8.
-_EXIF_ORIENTATION = 0x0112
-_SIDEWAYS = {5, 6, 7, 8}
 _FACE_SAMPLES = 3
 # detect_face looks at no more than 640 pixels a side, so decoding more is wasted.
 _FACE_SIDE = 640
 _A_PORTRAIT, _PORTRAIT_KEY = "a portrait video", "max_portrait_seconds"
+_FLOAT_FORMATS = {"flt", "fltp", "dbl", "dblp"}
 
 
 class ProbeError(Exception):
@@ -136,13 +134,27 @@ def _too_long(name: str, what: str, seconds: float, limit: float, key: str) -> P
     )
 
 
+def _check_finite(path: Path, frame: av.AudioFrame, at: float) -> None:
+    """Float samples can be NaN or infinite (a broken export); encoders refuse them mid-generation."""
+    if frame.format.name not in _FLOAT_FORMATS:
+        return  # integer and compressed formats cannot hold non-finite values
+    if not np.isfinite(frame.to_ndarray()).all():
+        raise ProbeError(
+            f"{path.name} holds invalid audio samples (NaN or infinite values) from {at:.1f} s on",
+            "the exporting program wrote broken floating-point audio; export it again "
+            "(16- or 24-bit WAV, or MP3) and drop it in again",
+        )
+
+
 def _decoded_seconds(
     path: Path, container: av.container.InputContainer, stream: av.AudioStream, stop_after: float
 ) -> float:
-    """Decode to measure real length (the header can lie); stop once past `stop_after` seconds."""
+    """Decode to measure real length (the header can lie) and check the samples are numbers; stop once past
+    `stop_after` seconds."""
     seconds = 0.0
     try:
         for frame in container.decode(stream):
+            _check_finite(path, frame, seconds)
             seconds += frame.samples / (frame.sample_rate or stream.codec_context.sample_rate)
             if seconds > stop_after:
                 break
@@ -206,8 +218,7 @@ def _image_size(path: Path, limits: Limits) -> tuple[int, int]:
                     "scale the photo down (1920 pixels on the long side is plenty) and drop it in again",
                 )
             # Only now: for PNG, reading EXIF can decode the whole image.
-            if im.getexif().get(_EXIF_ORIENTATION) in _SIDEWAYS:
-                w, h = h, w
+            w, h = shown_size(im)
     except UnidentifiedImageError:
         raise ProbeError(f"{path.name} is not a valid image", _IMAGE_HINT) from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -293,13 +304,23 @@ def _probe_video(path: Path, limits: Limits, need_face: bool) -> PortraitProbe:
     return PortraitProbe("video", w, h, seconds, fps)
 
 
-def probe_portrait(path: Path, limits: Limits, need_face: bool) -> PortraitProbe:
-    """Check a portrait image or video: decodable, within size limits, and (if asked) showing a face."""
+def probe_portrait(path: Path, limits: Limits, need_face: bool, face_box: FaceEdges | None = None) -> PortraitProbe:
+    """Check a portrait image or video: decodable, within size limits, and showing a face: found by the
+    detector (if asked), or where job.yaml's face_box says, which must then lie inside the picture."""
     path = Path(path)
     _check_file(path, limits)
     kind = kind_of(path)
     if kind is MediaKind.IMAGE:
-        return _probe_image(path, limits, need_face)
-    if kind is MediaKind.VIDEO:
-        return _probe_video(path, limits, need_face)
-    raise ProbeError(f"{path.name} is not a portrait image or video", "use JPEG, PNG, WebP, MP4, MOV or WebM")
+        found = _probe_image(path, limits, need_face and face_box is None)
+    elif kind is MediaKind.VIDEO:
+        found = _probe_video(path, limits, need_face and face_box is None)
+    else:
+        raise ProbeError(f"{path.name} is not a portrait image or video", "use JPEG, PNG, WebP, MP4, MOV or WebM")
+    if face_box is not None and edges_outside(face_box, (found.width, found.height)):
+        raise ProbeError(
+            f"job.yaml's face_box {list(face_box)} reaches outside {path.name}, which is "
+            f"{found.width}x{found.height}",
+            "give face_box as [top, bottom, left, right] in pixels of the portrait as it is shown "
+            f"(bottom at most {found.height}, right at most {found.width})",
+        )
+    return found

@@ -55,11 +55,18 @@ def _resampled(frames: Iterator[av.AudioFrame], resampler: av.AudioResampler) ->
 
 
 def load_mono(path: Path, sample_rate: int = 16000) -> np.ndarray:
-    """float32 mono samples in [-1, 1] at `sample_rate` (what the engines analyse)."""
-    samples, _ = _decoded(
-        Path(path), lambda _s: av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-    )
-    return np.clip(samples[0], -1.0, 1.0)
+    """float32 mono samples in [-1, 1] at `sample_rate` (what the engines analyse).
+
+    Channels are averaged, as `librosa.load` does for the Wav2Lip reference. FFmpeg's own mono
+    down-mix sums them at -3 dB each (0.7071 * (L + R)): 3 dB louder, clipped on loud stereo, and
+    every mel value shifted away from what the model was trained on."""
+
+    def resampler(stream: av.AudioStream) -> av.AudioResampler:
+        # Planar and the source's own layout: only the rate changes here.
+        return av.AudioResampler(format="fltp", layout=stream.codec_context.layout, rate=sample_rate)
+
+    samples, _ = _decoded(Path(path), resampler)
+    return np.clip(samples.mean(axis=0, dtype=np.float32), -1.0, 1.0)
 
 
 def load_clip(path: Path, max_channels: int = 2) -> AudioClip:

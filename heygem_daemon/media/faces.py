@@ -26,6 +26,24 @@ class Box:
     h: int
 
 
+FaceEdges = tuple[int, int, int, int]
+"""A face box as job.yaml and the Wav2Lip reference's `--box` give it: top, bottom, left, right (pixels)."""
+
+
+def edges_outside(edges: FaceEdges, size: tuple[int, int]) -> bool:
+    """Whether [top, bottom, left, right] reaches past a (w, h) picture."""
+    top, bottom, left, right = edges
+    return bottom > size[1] or right > size[0]
+
+
+def scaled_edges(edges: FaceEdges, source: tuple[int, int], size: tuple[int, int]) -> FaceEdges:
+    """The same box in a picture scaled from `source` (w, h) to `size`, never empty."""
+    top, bottom, left, right = edges
+    sx, sy = size[0] / source[0], size[1] / source[1]
+    t, l = min(round(top * sy), size[1] - 1), min(round(left * sx), size[0] - 1)
+    return t, max(round(bottom * sy), t + 1), l, max(round(right * sx), l + 1)
+
+
 @functools.lru_cache(maxsize=1)
 def _cascade() -> cv2.CascadeClassifier:
     classifier = cv2.CascadeClassifier(cv2.data.haarcascades + _CASCADE)

@@ -17,6 +17,9 @@ from heygem_daemon.media.errors import MediaError
 from heygem_daemon.media.kinds import MediaKind, kind_of
 
 _IMAGE_HINT = "save it again as JPEG or PNG and drop it in again"
+# Phones store some photos sideways with an EXIF orientation of 5..8.
+_EXIF_ORIENTATION = 0x0112
+_SIDEWAYS = {5, 6, 7, 8}
 _VIDEO_HINT = "re-export it as MP4 (H.264) and drop it in again"
 
 
@@ -41,6 +44,8 @@ class PortraitFrames:
     frames: np.ndarray
     """(count, h, w, 3) BGR uint8, read-only: a plain array for stills, a file-backed memmap for videos."""
     source_fps: float | None
+    source_size: tuple[int, int]
+    """(w, h) of the portrait as shown, before scaling: the pixels a person measures a face box in."""
 
     @property
     def size(self) -> tuple[int, int]:
@@ -73,6 +78,12 @@ def _resize(bgr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(bgr, size, interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC)
 
 
+def shown_size(im: Image.Image) -> tuple[int, int]:
+    """(w, h) of an opened image as displayed (EXIF orientation applied), from its header alone."""
+    w, h = im.size
+    return (h, w) if im.getexif().get(_EXIF_ORIENTATION) in _SIDEWAYS else (w, h)
+
+
 def read_image(path: Path, min_side: int | None = None) -> np.ndarray:
     """BGR pixels upright per EXIF; `min_side` lets JPEG decode at a reduced scale that still covers it."""
     path = Path(path)
@@ -98,9 +109,10 @@ def upright(bgr: np.ndarray, rotation: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(bgr, quarter_turns)) if quarter_turns else bgr
 
 
-def _spool_frames(path: Path, height: int, raw: BinaryIO) -> tuple[tuple[int, int], int, float]:
-    """Write every frame, upright and scaled, to `raw`; returns (size, count, fps)."""
+def _spool_frames(path: Path, height: int, raw: BinaryIO) -> tuple[tuple[int, int], tuple[int, int], int, float]:
+    """Write every frame, upright and scaled, to `raw`; returns (size, source size, count, fps)."""
     size: tuple[int, int] | None = None
+    shown = (0, 0)
     count = 0
     try:
         with av.open(str(path)) as container:
@@ -123,20 +135,20 @@ def _spool_frames(path: Path, height: int, raw: BinaryIO) -> tuple[tuple[int, in
         raise MediaError(f"{path.name} is not a decodable video ({exc.strerror or exc})", _VIDEO_HINT) from None
     if size is None:
         raise MediaError(f"{path.name} has no decodable video frames", _VIDEO_HINT)
-    return size, count, fps
+    return size, shown, count, fps
 
 
 def _decode_video(path: Path, height: int, scratch_dir: Path) -> PortraitFrames:
     fd, raw_name = tempfile.mkstemp(prefix="portrait-", suffix=".bgr", dir=scratch_dir)
     try:
         with os.fdopen(fd, "wb") as raw:
-            size, count, fps = _spool_frames(path, height, raw)
+            size, shown, count, fps = _spool_frames(path, height, raw)
     except BaseException:
         os.unlink(raw_name)
         raise
     # Frames live on disk, so a long portrait video costs page cache, not resident memory.
     frames = np.memmap(raw_name, dtype=np.uint8, mode="r", shape=(count, size[1], size[0], 3))
-    return PortraitFrames(frames, fps)
+    return PortraitFrames(frames, fps, shown)
 
 
 def open_portrait(path: Path, height: int, scratch_dir: Path) -> PortraitFrames:
@@ -150,4 +162,6 @@ def open_portrait(path: Path, height: int, scratch_dir: Path) -> PortraitFrames:
     bgr = read_image(path, min_side=height)
     still = _resize(bgr, output_size(bgr.shape[1], bgr.shape[0], height))[np.newaxis]
     still.flags.writeable = False
-    return PortraitFrames(still, None)
+    with Image.open(path) as im:  # the header again: a reduced JPEG decode no longer knows the full size
+        source = shown_size(im)
+    return PortraitFrames(still, None, source)

@@ -11,6 +11,7 @@ import numpy as np
 
 from heygem_daemon.media.audio import AudioClip
 from heygem_daemon.media.errors import MediaError
+from heygem_daemon.media.writer import HVC1
 
 # FFmpeg names the ISO-BMFF demuxer after every brand it reads; a real MP4 reports this family.
 _MP4_FORMAT = "mp4"
@@ -61,6 +62,8 @@ def add_audio(video: Path, clip: AudioClip, out: Path, bitrate: int) -> None:
         with av.open(str(video)) as src, av.open(str(out), "w", format="mp4") as dst:
             v_in = src.streams.video[0]
             v_out = dst.add_stream_from_template(v_in)
+            if v_in.codec_context.name == "hevc":
+                v_out.codec_tag = HVC1  # the muxer's default `hev1` does not play on Apple devices
             a_out = dst.add_stream("aac", rate=_AAC_RATE)
             a_out.layout = "mono" if clip.channels == 1 else "stereo"
             a_out.bit_rate = bitrate

@@ -1,4 +1,4 @@
-"""Write H.264 + AAC MP4s with PyAV, audio interleaved as frames arrive and cut to the video's length."""
+"""Write H.264 or HEVC + AAC MP4s with PyAV, audio interleaved as frames arrive and cut to the video's length."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import functools
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
+from typing import Literal
 
 import av
 import cv2
@@ -18,6 +19,13 @@ from heygem_daemon.media.audio import AudioClip
 # the last AAC frame (1024 samples) near 21 ms; at 16 kHz it would be 64 ms, over a frame of video.
 _AAC_RATE = 48000
 _AVCOL_SPC_SMPTE170M = 6  # FFmpeg's AVColorSpace for BT.601, which PyAV has no enum for
+SOFTWARE = {"h264": "libx264", "hevc": "libx265"}
+NVENC = {"h264": "h264_nvenc", "hevc": "hevc_nvenc"}
+HEVC_ENCODERS = {"libx265", "hevc_nvenc"}
+HVC1 = "hvc1"
+# x265 prints a banner and per-file statistics on stderr; only its errors belong in the daemon's log.
+_X265_QUIET = "log-level=error"
+EncoderMode = Literal["auto", "software", "nvenc"]
 
 
 class Mp4Writer:
@@ -45,9 +53,10 @@ class Mp4Writer:
             str(self.path), mode="w", format="mp4", container_options={"movflags": "+faststart"}
         )
         try:
-            # x264 presets name speed/size trade-offs that other H.264 encoders (h264_nvenc) do not know.
-            options = {"preset": x264_preset} if codec == "libx264" else {}
-            self._video = self._container.add_stream(codec, rate=fps, options=options)
+            self._video = self._container.add_stream(codec, rate=fps, options=_options(codec, x264_preset))
+            if codec in HEVC_ENCODERS:
+                # MP4 muxers default to `hev1`, which Apple's players refuse; `hvc1` plays everywhere.
+                self._video.codec_tag = HVC1
             self._video.width, self._video.height = width, height
             self._video.pix_fmt = "yuv420p"
             self._video.bit_rate = video_bitrate
@@ -126,14 +135,38 @@ class Mp4Writer:
             self.path.unlink(missing_ok=True)
 
 
+def _options(codec: str, x264_preset: str) -> dict[str, str]:
+    # x264 and x265 share preset names; hardware encoders (NVENC) know neither.
+    if codec == "libx264":
+        return {"preset": x264_preset}
+    if codec == "libx265":
+        return {"preset": x264_preset, "x265-params": _X265_QUIET}
+    return {}
+
+
+def software_encoder(codec: str) -> str:
+    """libx264, or libx265 for HEVC; H.264 when this FFmpeg build lacks libx265 (`doctor` says so)."""
+    name = SOFTWARE[codec]
+    return name if encoder_usable(name) else SOFTWARE["h264"]
+
+
+def pick_encoder(codec: str, mode: EncoderMode, device: str) -> str:
+    """The encoder for a preset's codec: NVENC when asked for, or (auto) on a CUDA device where it opens."""
+    nvenc = NVENC[codec]
+    if mode == "nvenc" or (mode == "auto" and device.startswith("cuda") and encoder_usable(nvenc)):
+        return nvenc
+    return software_encoder(codec)
+
+
 @functools.lru_cache(maxsize=None)
 def encoder_usable(codec: str) -> bool:
-    """Whether this FFmpeg build has `codec` and it opens here (h264_nvenc also needs an NVIDIA GPU and driver)."""
+    """Whether this FFmpeg build has `codec` and it opens here (NVENC also needs an NVIDIA GPU and driver)."""
     if codec not in av.codecs_available:
         return False
     ctx = av.CodecContext.create(codec, "w")
     ctx.width, ctx.height, ctx.pix_fmt = 256, 256, "yuv420p"
     ctx.time_base = Fraction(1, 25)
+    ctx.options = _options(codec, "ultrafast")  # x265 would print its banner into the daemon's console
     try:
         ctx.open()
     except (av.FFmpegError, OSError):

@@ -140,6 +140,11 @@ def _problem_lines(problems: list[dict[str, Any]], st: _Style) -> list[str]:
     return lines
 
 
+def _notes(warnings: list[dict[str, Any]], st: _Style) -> Shrinkable:
+    """What the job asked for but did not get (a refused chat target): last, and shortened first."""
+    return (["Note:", *_problem_lines(warnings, st)] if warnings else [], _more("notes"))
+
+
 def _more(what: str) -> Callable[[int], str]:
     return lambda n: f"- … and {n} more {what}"
 
@@ -166,7 +171,8 @@ def report_message(report: BatchReport, limits: Limits, prefix: str) -> Message:
         video_block = f"{_plural(n, 'video')}: too many links for one message; the zip holds them all."
     failed = _problem_lines([{"file": p.file, "reason": p.reason, "hint": p.hint} for p in report.failed], st)
     failed_block: Shrinkable = (["Not made:", *failed] if failed else [], _more("problems"))
-    body = _fit([summary, zip_line, video_block, failed_block], room)
+    notes = _notes([{"file": p.file, "reason": p.reason, "hint": p.hint} for p in report.warnings], st)
+    body = _fit([summary, zip_line, video_block, failed_block, notes], room)
     return Message(title, body, "markdown" if limits.markdown else "text", "success" if report.ok else "warning")
 
 
@@ -186,7 +192,7 @@ def failure_message(job_name: str, record: dict[str, Any], limits: Limits, prefi
     tail = (f"The inputs are in failed/{st.esc(job_name)}/ with error.json. Fix them, then run "
             f"{st.code(f'heygem-daemon retry {job_name}')}.")
     problem_block = (_problem_lines(problems, st), _more("problems (see error.json)"))
-    body = _fit([head, problem_block, tail], _budget(limits, title))
+    body = _fit([head, problem_block, tail, _notes(record.get("warnings") or [], st)], _budget(limits, title))
     return Message(title, body, "markdown" if limits.markdown else "text", "failure")
 
 

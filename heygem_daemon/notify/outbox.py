@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from heygem_daemon.ops.checks import Check
@@ -19,7 +20,7 @@ from heygem_daemon.config import Config, ConfigError
 from heygem_daemon.notify.messages import Message, alert_message, failure_message, report_message
 from heygem_daemon.delivery.report import BatchReport
 from heygem_daemon.notify.targets import (
-    Target, configured_urls, operator_urls, parse_target, send, target_id,
+    Target, configured_urls, job_target_urls, operator_urls, parse_target, send, target_id,
 )
 from heygem_daemon.log import get_logger
 from heygem_daemon.state import Job, NewNotification, Notification, Store
@@ -59,10 +60,24 @@ class Outbox:
         """A job refused at intake or failed in generation (the record is its error.json).
         A later failure of the same job after `retry` has more attempts, so it is a new event."""
         key = f"failed:{job.id}:{self.store.tasks.attempt_count(job.id)}"
-        urls = job.spec.get("notify")
+        urls = self.job_urls(job)
         urls = self.default_urls if urls is None else urls
         return self._enqueue(key, "failure", job.id, urls,
                              lambda t: failure_message(job.name, record, t.limits(), self.cfg.title_prefix))
+
+    def job_urls(self, job: Job) -> list[str] | None:
+        """The chat targets of a job's own job.yaml that notify.job_targets allows ([] = none), read from the
+        job.yaml kept with its inputs; None = the configured targets (also when that job.yaml is gone)."""
+        ids = job.spec.get("notify_ids")
+        if not ids:
+            return ids
+        folder = job.spec.get("inputs_at") or job.spec.get("staging")
+        urls = job_target_urls(Path(folder), ids, self.cfg.job_targets) if folder else []
+        if len(urls) < len(ids):
+            log.warning("some chat targets of the job's job.yaml cannot be read any more or are no longer allowed",
+                        job_id=job.id, job=job.name, found=len(urls), wanted=len(ids),
+                        fallback="notify.urls" if not urls else None)
+        return urls or None
 
     def enqueue_alert(self, key: str, text: str) -> int:
         """Something the operator must fix. One message per key per `notify.alert_repeat_hours`, however
@@ -104,12 +119,13 @@ class Outbox:
     # --- sending ----------------------------------------------------------------------------
 
     def url_for(self, row: Notification) -> str | None:
-        """The URL behind a stored target: configured, seen since start-up, or from the job's job.yaml."""
+        """The URL behind a stored target: configured, seen since start-up, or from the job's job.yaml (kept with
+        its inputs in work/, archive/ or failed/)."""
         with self._lock:
             url = self._known.get(row.target)
         if url is None and row.job_id:
             job = self.store.jobs.find(row.job_id)
-            for candidate in (job.spec.get("notify") or []) if job else []:
+            for candidate in (self.job_urls(job) or []) if job else []:
                 if target_id(candidate) == row.target:
                     url = candidate
         return url
@@ -199,7 +215,9 @@ def notify_checks(cfg: Config) -> list[Check]:
         return [Check("notify.urls_file", False, str(exc), "fix notify.urls_file or remove it")]
     ops = operator_urls(cfg.notify) if cfg.notify.operator_urls is not None else []
     if not urls and not ops:
-        return [Check("notify", True, "off (notify.urls is empty); only jobs with notify: in job.yaml notify")]
+        allowed = cfg.notify.job_targets
+        per_job = "off" if allowed == "off" else ", ".join(allowed)
+        return [Check("notify", True, f"off (notify.urls is empty); job.yaml targets allowed: {per_job}")]
     checks = []
     for key, group in (("notify.urls", urls), ("notify.operator_urls", ops)):
         for i, url in enumerate(group, 1):

@@ -2,6 +2,9 @@
 
 An apprise URL holds the service's token, so it never leaves memory: the store and the logs name a target
 by `target_id` (a digest) and `label` (the service's name) only.
+
+Targets named in a job.yaml come from whoever can write to the inbox, so they pass `notify.job_targets`
+first: otherwise a dropped folder could make the daemon send requests to any host it reaches.
 """
 
 from __future__ import annotations
@@ -10,13 +13,16 @@ import hashlib
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
 
 import apprise
 
 from heygem_daemon.config import ConfigError, Notify
 from heygem_daemon.notify.messages import Limits, Message
+from heygem_daemon.intake.pairing import manifest_notify
 from heygem_daemon.log import redact_text
 
 MAX_ERROR_CHARS = 500
@@ -56,6 +62,76 @@ def parse_target(url: str) -> Target | None:
     """The apprise plugin for a URL, or None when apprise does not understand it."""
     plugin = apprise.Apprise.instantiate(url)
     return Target(url, plugin) if plugin is not None else None
+
+
+JobTargetPolicy = Literal["off"] | list[str]
+_REFUSED_HINT = "ask the operator to allow it in notify.job_targets, or remove it from job.yaml"
+
+
+@dataclass(frozen=True)
+class Screened:
+    """A job's own chat targets after `notify.job_targets`."""
+
+    ids: list[str] | None
+    """Digests of the targets the job may use ([] = send nothing); None = the configured targets."""
+    refused: list[dict[str, str]] = field(default_factory=list)
+    """One problem (file, reason, hint) per refused target, naming it by scheme and digest only."""
+
+
+def _host_port(url: str) -> tuple[str, int | None] | None:
+    """Where apprise would connect for this URL (its own parser, so no parsing differential), or None."""
+    target = parse_target(url)
+    if target is None:
+        return None
+    host = str(getattr(target.plugin, "host", "") or "").lower().strip("[]")
+    return host, getattr(target.plugin, "port", None)
+
+
+def refusal(url: str, policy: JobTargetPolicy) -> str | None:
+    """None when `policy` lets a job.yaml send to `url`, else why not (without the URL's secrets)."""
+    if policy == "off":
+        return "per-job chat targets are turned off (notify.job_targets: off)"
+    scheme = url.split("://", 1)[0].lower()
+    entries = [urlsplit(e) for e in policy if e.split("://", 1)[0] == scheme]
+    if not entries:
+        return f"{scheme}:// is not allowed in notify.job_targets"
+    if any(not e.netloc for e in entries):
+        return None  # the scheme alone is listed: a service whose host is fixed (slack, discord ...)
+    where = _host_port(url)
+    if where is None:
+        return f"{scheme}:// URL is not one apprise understands"
+    if any(e.hostname == where[0] and e.port in (None, where[1]) for e in entries):
+        return None
+    return f"host {where[0]} is not allowed for {scheme}:// in notify.job_targets"
+
+
+def target_label(url: str) -> str:
+    """How a per-job target is named in records and messages: its scheme and digest, never its token."""
+    return f"{url.split('://', 1)[0].lower()}:// #{target_id(url)[:8]}"
+
+
+def screen_job_targets(urls: list[str] | None, policy: JobTargetPolicy) -> Screened:
+    """Keep the job.yaml targets `policy` allows. Sending nothing (`notify: false`) is always allowed; when
+    every listed target is refused, the configured targets carry the job's messages (and the refusal)."""
+    if urls is None:
+        return Screened(None)
+    allowed, refused = [], []
+    for i, url in enumerate(urls, 1):
+        why = refusal(url, policy)
+        if why is None:
+            allowed.append(target_id(url))
+        else:
+            refused.append({"file": "job.yaml", "reason": f"notify entry {i} ({target_label(url)}) not used: {why}",
+                            "hint": _REFUSED_HINT})
+    return Screened(allowed if allowed or not urls else None, refused)
+
+
+def job_target_urls(job_folder: Path, ids: list[str], policy: JobTargetPolicy) -> list[str]:
+    """The URLs behind a job's target digests, read again from the job.yaml kept with its inputs (the store
+    holds digests only). Checked against the policy again: it may have been narrowed since."""
+    wanted = set(ids)
+    return [u for u in dict.fromkeys(manifest_notify(job_folder))
+            if target_id(u) in wanted and refusal(u, policy) is None]
 
 
 def read_urls_file(path: Path) -> list[str]:

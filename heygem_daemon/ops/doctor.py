@@ -65,12 +65,17 @@ def _existing(path: Path) -> Path:
 def codec_checks(cfg: Config) -> Iterable[Check]:
     import av
 
-    for codec, what in (("libx264", "H.264 video"), ("aac", "AAC audio")):
+    hevc = sorted(name for name, p in cfg.presets.items() if p.codec == "hevc")
+    wanted = [("libx264", "H.264 video", ""), ("aac", "AAC audio", "")]
+    if hevc:
+        fallback = f"; presets {', '.join(hevc)} fall back to H.264 (libx264) until then"
+        wanted.insert(1, ("libx265", f"HEVC video for {', '.join(hevc)}", fallback))
+    for codec, what, fallback in wanted:
         try:
             av.codec.Codec(codec, "w")
         except Exception as exc:  # PyAV raises different types across versions for an unknown codec
-            yield Check(f"encoder {codec}", False, f"PyAV {av.__version__} has no {what} encoder ({exc})",
-                        "install PyAV from PyPI (its wheels bundle FFmpeg with libx264 and aac)")
+            yield Check(f"encoder {codec}", False, f"PyAV {av.__version__} has no {what} encoder ({exc}){fallback}",
+                        "install PyAV from PyPI (its wheels bundle FFmpeg with libx264, libx265 and aac)")
         else:
             yield Check(f"encoder {codec}", True, f"{what} (PyAV {av.__version__})")
 

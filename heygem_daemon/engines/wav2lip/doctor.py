@@ -10,7 +10,7 @@ from heygem_daemon.ops.checks import Check
 from heygem_daemon.engines.wav2lip.checkpoint import CheckpointError, load_checkpoint
 from heygem_daemon.engines.wav2lip.engine import CHECKPOINT_KEY
 from heygem_daemon.engines.wav2lip.runtime import BATCH_CPU, BATCH_CUDA, half_dtype
-from heygem_daemon.media.writer import encoder_usable
+from heygem_daemon.media.writer import NVENC, encoder_usable, pick_encoder
 
 if TYPE_CHECKING:
     from heygem_daemon.engines.wav2lip.engine import Wav2LipEngine
@@ -50,15 +50,16 @@ def check_device(settings: Wav2LipEngine.Settings, device: str) -> Check:
 
 
 def check_encoder(settings: Wav2LipEngine.Settings, devices: list[str]) -> Check:
-    nvenc = encoder_usable("h264_nvenc")
-    if settings.encoder == "h264_nvenc" and not nvenc:
-        return Check("wav2lip encoder", False, "h264_nvenc configured but it cannot be opened here",
-                     "check the NVIDIA driver, or set engines.wav2lip.encoder to auto or libx264")
-    if settings.encoder == "libx264":
-        return Check("wav2lip encoder", True, "libx264 (configured)")
-    on_gpu = settings.encoder == "h264_nvenc" or any(d.startswith("cuda") for d in devices)
-    chosen = "h264_nvenc" if nvenc and on_gpu else "libx264"
-    return Check("wav2lip encoder", True, f"{chosen} ({settings.encoder}; h264_nvenc {'usable' if nvenc else 'not usable'})")
+    usable = {name: encoder_usable(name) for name in NVENC.values()}
+    shown = ", ".join(f"{name} {'usable' if ok else 'not usable'}" for name, ok in usable.items())
+    if settings.encoder == "nvenc" and not all(usable.values()):
+        return Check("wav2lip encoder", False, f"nvenc configured but not every NVENC encoder opens here ({shown})",
+                     "check the NVIDIA driver, or set engines.wav2lip.encoder to auto or software")
+    if settings.encoder == "software":
+        return Check("wav2lip encoder", True, "libx264 / libx265 by preset (configured: software)")
+    device = next((d for d in devices if d.startswith("cuda")), "cpu") if settings.encoder == "auto" else "cuda"
+    chosen = " / ".join(dict.fromkeys(pick_encoder(codec, settings.encoder, device) for codec in NVENC))
+    return Check("wav2lip encoder", True, f"{chosen} by preset ({settings.encoder}; {shown})")
 
 
 def doctor(settings: Wav2LipEngine.Settings, devices: list[str]) -> list[Check]:

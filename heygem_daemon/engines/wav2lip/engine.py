@@ -34,9 +34,16 @@ class Wav2LipEngine:
         batch_size: int | None = Field(None, ge=1, le=4096, description="faces per model call; None: 128 on CUDA, 32 on CPU")
         fp16: bool | None = Field(None, description="half precision; None: on for CUDA (float16), off for CPU")
         resize_factor: int = Field(1, ge=1, le=8, description="work and write at 1/N of the preset height")
-        encoder: Literal["auto", "libx264", "h264_nvenc"] = "auto"
+        encoder: Literal["auto", "software", "nvenc"] = Field(
+            "auto", description="auto: NVENC on a CUDA device where it opens; the codec comes from the preset")
         channels_last: bool = Field(True, description="NHWC tensors: faster convolutions on GPU and CPU")
         box_cache_days: float = Field(7.0, ge=0.0, description="face boxes of portrait videos kept this long unused")
+
+        @field_validator("encoder", mode="before")
+        @classmethod
+        def _old_names(cls, v: object) -> object:
+            # Configs written when every preset was H.264 name the encoder itself.
+            return {"libx264": "software", "h264_nvenc": "nvenc"}.get(v, v) if isinstance(v, str) else v
 
         @field_validator("checkpoint")
         @classmethod

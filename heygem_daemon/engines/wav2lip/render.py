@@ -29,11 +29,13 @@ from heygem_daemon.engines.base import SetupError
 from heygem_daemon.engines.wav2lip.face_batch import FACE_SIZE
 from heygem_daemon.engines.wav2lip.stages import staged
 from heygem_daemon.fs.files import sha256_file
+from heygem_daemon.intake.pairing import FACE_BOX
 from heygem_daemon.log import get_logger
 from heygem_daemon.media.audio import load_clip, load_mono
 from heygem_daemon.media.errors import MediaError
+from heygem_daemon.media.faces import FaceEdges, scaled_edges
 from heygem_daemon.media.frames import PortraitFrames, open_portrait
-from heygem_daemon.media.writer import Mp4Writer, encoder_usable
+from heygem_daemon.media.writer import NVENC, EncoderMode, Mp4Writer, encoder_usable, pick_encoder
 
 if TYPE_CHECKING:
     from heygem_daemon.engines.wav2lip.engine import Wav2LipEngine
@@ -61,9 +63,18 @@ def box_cache_dir(task: TaskSpec) -> Path:
     return task.workdir.parent.parent / ".cache" / "wav2lip-boxes"
 
 
+def given_boxes(portrait: PortraitFrames, needed: int, edges: FaceEdges) -> np.ndarray:
+    """job.yaml's face_box on every frame, as the reference's `--box`: no detection, no pads, no smoothing.
+    It is given in the portrait's own pixels; the frames here are scaled to the preset."""
+    top, bottom, left, right = scaled_edges(edges, portrait.source_size, portrait.size)
+    return np.tile(np.array([left, top, right, bottom], dtype=np.int32), (needed, 1))
+
+
 def face_boxes(portrait: PortraitFrames, needed: int, task: TaskSpec, settings: Wav2LipEngine.Settings,
                beat: ProgressFn) -> np.ndarray:
     """(x1, y1, x2, y2) per source frame 0..needed-1; BadInputError when no frame shows a face."""
+    if task.options.get(FACE_BOX) is not None:
+        return given_boxes(portrait, needed, tuple(task.options[FACE_BOX]))  # type: ignore[arg-type]
     if portrait.count == 1:
         raw = detect_raw(portrait.frame, 0, 1)
     else:
@@ -87,14 +98,12 @@ def face_boxes(portrait: PortraitFrames, needed: int, task: TaskSpec, settings: 
     return boxes
 
 
-def pick_encoder(setting: str, device: str) -> str:
-    if setting == "libx264":
-        return setting
-    nvenc = encoder_usable("h264_nvenc")
-    if setting == "h264_nvenc" and not nvenc:
-        raise SetupError("h264_nvenc cannot be opened here (no NVIDIA GPU/driver, or FFmpeg built without it)",
-                         hint="set engines.wav2lip.encoder to auto or libx264")
-    return "h264_nvenc" if nvenc and (setting == "h264_nvenc" or device.startswith("cuda")) else "libx264"
+def encoder_for(codec: str, setting: EncoderMode, device: str) -> str:
+    """The preset's codec with the configured encoder; NVENC asked for but unusable is a set-up error."""
+    if setting == "nvenc" and not encoder_usable(NVENC[codec]):
+        raise SetupError(f"{NVENC[codec]} cannot be opened here (no NVIDIA GPU/driver, or FFmpeg built without it)",
+                         hint="set engines.wav2lip.encoder to auto or software")
+    return pick_encoder(codec, setting, device)
 
 
 def _crop(frame: np.ndarray, box: np.ndarray) -> np.ndarray:
@@ -116,7 +125,7 @@ def render(engine: Wav2LipEngine, task: TaskSpec, progress: ProgressFn) -> Path:
     sources = np.fromiter((portrait.index_for_output(i, fps) for i in range(len(starts))), np.int64, len(starts))
     # Inputs are checked before the model loads, so a bad drop fails in seconds.
     boxes = face_boxes(portrait, int(sources.max()) + 1, task, settings, progress)
-    codec = pick_encoder(settings.encoder, task.device)
+    codec = encoder_for(task.preset.codec, settings.encoder, task.device)
     predictor = engine.predictor(task.device)
     mel = melspectrogram_long(mono, predictor.device)
     size = predictor.batch_size
