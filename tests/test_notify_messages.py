@@ -4,7 +4,8 @@ the zip link kept when a batch is too long to list. Limits come from the real ap
 import pytest
 
 from heygem_daemon.notify.messages import failure_message, report_message
-from heygem_daemon.delivery.report import BatchReport, Problem, VideoLink
+from heygem_daemon.delivery.report import BatchReport, VideoLink
+from heygem_daemon.failures import Problem
 from heygem_daemon.notify.targets import parse_target
 
 PREFIX = "[heygem] "
@@ -69,7 +70,7 @@ def test_long_batch_without_a_zip_link_lists_what_fits_and_says_how_many_more():
 
 
 def test_partly_failed_batch_lists_what_was_not_made():
-    msg = report_message(batch(1, failed=[Problem("ben.mp4", "no face found", "use a front photo")]),
+    msg = report_message(batch(1, failed=[Problem.of_input("ben.mp4", "no face found", "use a front photo")]),
                          limits("json://127.0.0.1/hook"), PREFIX)
     assert msg.kind == "warning" and "1 failed" in msg.title
     assert "ben.mp4" in msg.body and "no face found" in msg.body and "use a front photo" in msg.body
