@@ -189,10 +189,16 @@ class Slot(threading.Thread):
             task_id=task.id, job_id=job.id, name=task.name,
             audio=work / "in" / task.audio, portrait=work / "in" / task.portrait,
             output=Path(task.output + ".part"), workdir=work / f"task-{task.id}",
-            preset=self.cfg.preset(job.spec.get("preset")), device=self.device,
+            preset=self._preset(job.spec.get("preset")), device=self.device,
             x264_preset=self.cfg.engine.x264_preset, options=job.spec.get("options", {}),
         )
         return job.spec.get("engine", self.cfg.engine.name), spec
+
+    def _preset(self, name: str | None) -> Any:
+        try:
+            return self.cfg.preset(name)
+        except KeyError:
+            raise LookupError(f"preset {name!r} is no longer in the config (removed by a reload?)") from None
 
     def _run_task(self, task: Task) -> None:
         self.current = task
