@@ -71,7 +71,7 @@ def inspect_inputs(inbox: str, rels: list[str], limits: Limits, need_face: bool)
             result.problems.append(Problem.of_input(rel, exc.reason, exc.hint))
         except OSError as exc:
             result.problems.append(Problem.of_input(rel, f"cannot be read ({exc.strerror})",
-                                           "check the file's permissions and drop it again"))
+                                                    "check the file's permissions and drop it again"))
     if rels:
         result.owner = file_owner(Path(inbox) / rels[0])
     return result

@@ -257,7 +257,7 @@ class Intake:
             return
         if insp is None:
             insp = Inspection([Problem.of_input(", ".join(p.plan.inputs), "crashed the media decoder",
-                                       "the file is probably corrupt; re-export it and drop it again")])
+                                                "the file is probably corrupt; re-export it and drop it again")])
         if insp.problems:
             self.claimer.reject(p.plan.name_hint, p.plan.sources, insp.problems, p.is_folder,
                                 notify=p.plan.notify)

@@ -125,22 +125,22 @@ def entry_problem(info: FileInfo) -> Problem | None:
     shown = display_name(info.rel)
     if stat.S_ISLNK(info.mode):
         return Problem.of_input(shown, "is a symbolic link; the daemon never follows links out of the inbox",
-                       "copy the real file into the inbox instead of linking to it")
+                                "copy the real file into the inbox instead of linking to it")
     if stat.S_ISDIR(info.mode):
         return Problem.of_input(shown, "is a folder inside a job folder; nested folders are not supported",
-                       "put all files of a job directly in one folder")
+                                "put all files of a job directly in one folder")
     if not stat.S_ISREG(info.mode):
         return Problem.of_input(shown, "is not a regular file (a pipe, socket or device)",
-                       "drop ordinary audio and image/video files only")
+                                "drop ordinary audio and image/video files only")
     if shown != info.rel:
         return Problem.of_input(shown, "file name is not valid UTF-8",
-                       "rename the file using plain letters and digits and drop it again")
+                                "rename the file using plain letters and digits and drop it again")
     return None
 
 
 def _unsupported(info: FileInfo) -> Problem:
     return Problem.of_input(info.rel, f"is not an audio or portrait file (supported: {SUPPORTED})",
-                   "remove it or convert it to a supported format")
+                            "remove it or convert it to a supported format")
 
 
 def plan_loose(group: list[FileInfo], timed_out: bool) -> Outcome:
@@ -165,8 +165,8 @@ def plan_loose(group: list[FileInfo], timed_out: bool) -> Outcome:
     lonely = group[0]
     missing = "portrait (.jpg, .png, .mp4 ...)" if audios else "audio file (.wav, .mp3 ...)"
     problem = Problem.of_input(lonely.rel, f"no {missing} named {stem!r} arrived to pair with it",
-                      f"drop a {missing.split(' (')[0]} called {stem}.<ext> next to it, "
-                      "or put both files in a folder")
+                               f"drop a {missing.split(' (')[0]} called {stem}.<ext> next to it, "
+                               "or put both files in a folder")
     return Rejection(safe_name(stem), sources, [problem]) if timed_out else Wait(problem)
 
 
@@ -216,7 +216,8 @@ def _parse_manifest(folder: str, raw: bytes, engines: set[str], presets: set[str
         key = ".".join(str(p) for p in err["loc"])
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
         return Problem.of_input(where, f"job.yaml: {key}: {msg}",
-                       "allowed keys: name, engine, preset, priority (high, normal, low), options, notify, pairs (audio, portrait, name)")
+                                "allowed keys: name, engine, preset, priority (high, normal, low), options, notify,"
+                                " pairs (audio, portrait, name)")
     if spec.engine is not None and spec.engine not in engines:
         return Problem.of_input(where, f"job.yaml: engine {spec.engine!r} is not available",
                        f"use one of: {', '.join(sorted(engines))}")
