@@ -236,13 +236,14 @@ class LifeCycle:
             error["dependency"] = dependency or last.get("dependency") or problem.reason
             streak = self.store.tasks.outage_streak(task.id)
             delay = backoff_delay(streak + 1, w.backoff_seconds, w.backoff_max_seconds)
-            state = T.QUEUED if self.store.tasks.wait(task.id, error, now + delay) else None
+            state: TaskState | None = T.QUEUED if self.store.tasks.wait(task.id, error, now + delay) else None
         else:
             retry_at = None
             if problem.kind.retried and not cancelled and task.attempts < w.max_attempts:
                 retry_at = now + backoff_delay(task.attempts, w.backoff_seconds, w.backoff_max_seconds)
-            state = TaskState(self.store.tasks.fail_attempt(task.id, error, retry_at) or T.RUNNING)
-        if state in (None, T.RUNNING):
+            recorded = self.store.tasks.fail_attempt(task.id, error, retry_at)
+            state = TaskState(recorded) if recorded else None
+        if state is None:
             raise IllegalTransition(f"task {task.id} was not running; its failed attempt is not recorded")
         self.events.emit(TaskFailed(task.job_id, task.id, task.name, problem, state))
         if state is T.FAILED:
