@@ -23,7 +23,7 @@ from heygem_daemon.intake.claim import Claimer, recover_detected
 from heygem_daemon.intake.inspect import Inspector
 from heygem_daemon.intake.intake import Intake
 from heygem_daemon.fs.watcher import start_watcher
-from heygem_daemon.generation.lifecycle import Events, JobFinished, JobQueued, LifeCycle, TaskFinished
+from heygem_daemon.generation.lifecycle import Events, JobFinished, JobQueued, LifeCycle, TaskFailed, TaskFinished
 from heygem_daemon.generation.outages import OutageWatch
 from heygem_daemon.log import get_logger, set_level, setup_logging
 from heygem_daemon.ops.reload import plan_reload
@@ -95,6 +95,8 @@ class Daemon:
         self.events.subscribe(JobQueued, lambda _e: self.pool.notify())
         self.events.subscribe(TaskFinished, lambda _e: self.delivery.wake.set())
         self.events.subscribe(JobFinished, lambda _e: self.delivery.wake.set())
+        self.events.subscribe(TaskFailed, lambda e: metrics.ATTEMPTS_FAILED.labels(e.problem.kind.value,
+                                                                                 e.state.value).inc())
         self.announcer.subscribe(self.events)
 
     def run(self) -> int:
