@@ -358,3 +358,19 @@ def test_an_intake_refusal_is_told_once_and_recorded(life, outbox):
     assert life.store.jobs.get(job.id).state == "failed" and seen.of(JobRefused)
     (row,) = life.store.outbox.select()
     assert row.kind == "failure" and "no face found" in row.body
+
+
+def test_a_job_that_could_not_be_finished_is_finished_again_later_not_at_every_turn(life, clock):
+    job = claimed(life, "alice")
+    in_the_way = life.cfg.folder("failed") / "alice"
+    in_the_way.write_text("a file where the failed/ folder goes")
+    life.settle_requests()  # the periodic finishing runs once now; the job is not ready yet
+    fail_task(life, life.take("cpu"))
+    assert life.store.jobs.get(job.id).state == "running"  # error.json could not be written
+    in_the_way.unlink()
+    life.settle_requests()
+    assert life.store.jobs.get(job.id).state == "running"  # not before its time
+    clock.advance(60)
+    life.settle_requests()
+    assert life.store.jobs.get(job.id).state == "failed"
+    assert (in_the_way / ERROR_FILE).is_file()

@@ -67,6 +67,9 @@ TASK_MOVES: dict[TaskState, frozenset[TaskState]] = {
     T.FAILED: frozenset({T.QUEUED}),  # retry
 }
 UNFINISHED = (J.QUEUED, J.RUNNING, J.GENERATED, J.CANCELLING)
+# A job whose tasks all ended but that could not be finished (its files would not move) is tried again
+# this often, not at every turn of the main loop.
+FINISH_AGAIN_SECONDS = 60.0
 
 
 class IllegalTransition(RuntimeError):
@@ -170,6 +173,7 @@ class LifeCycle:
         self.events = events or Events()
         # Slots and the main loop may both see a job's last task end: one of them finishes it.
         self._finishing = threading.Lock()
+        self._finish_again_at = 0.0
 
     def _move(self, job: Job, to: JobState, **changes: Any) -> None:
         check_job(job.state, to)
@@ -213,11 +217,12 @@ class LifeCycle:
 
     def _finish_after_task(self, job_id: str) -> None:
         # The task's end is recorded: a job that cannot be finished now (its files will not move) must not
-        # turn into a failed attempt of a task that is over. Start-up recovery finishes it.
+        # turn into a failed attempt of a task that is over. `settle_requests` tries again later.
         try:
             self.finish_job(job_id)
         except Exception:
-            log.exception("cannot finish the job now; it is finished at the next start", job_id=job_id)
+            log.exception("cannot finish the job now; will try again", job_id=job_id,
+                          retry_in=FINISH_AGAIN_SECONDS)
 
     def interrupted(self, task: Task) -> None:
         """Stopped by shutdown: back to the queue, the attempt not counted."""
@@ -310,7 +315,12 @@ class LifeCycle:
 
     def settle_requests(self) -> None:
         """Cancels: queued tasks fail and a job with nothing left running is finished (running tasks are
-        stopped by their slot). Retries: the inputs go back to work/ and the failed tasks are queued."""
+        stopped by their slot). Retries: the inputs go back to work/ and the failed tasks are queued.
+        Now and then, jobs whose finishing failed are finished again."""
+        if self.clock.time() >= self._finish_again_at:
+            self._finish_again_at = self.clock.time() + FINISH_AGAIN_SECONDS
+            for job_id in self.store.jobs.all_tasks_ended(tuple(s.value for s in UNFINISHED)):
+                self._finish_after_task(job_id)
         for job in self.store.jobs.select((J.CANCELLING.value,)):
             self.store.jobs.cancel(job.id, _cancelled().to_dict())
             self.finish_job(job.id)

@@ -129,6 +129,15 @@ class JobRepository(Repository):
                 "UPDATE tasks SET state = 'queued', progress = 0, not_before = 0, finished_at = NULL, attempts = 0,"
                 " updated_at = ? WHERE job_id = ? AND state = 'failed'", (now, job_id)).rowcount
 
+    def all_tasks_ended(self, states: tuple[str, ...]) -> list[str]:
+        """Ids of jobs in `states` that have tasks and none of them queued or running: ready to be finished."""
+        rows = self._conn().execute(
+            f"SELECT id FROM jobs j WHERE state IN ({','.join('?' * len(states))})"
+            " AND EXISTS (SELECT 1 FROM tasks t WHERE t.job_id = j.id)"
+            " AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.job_id = j.id AND t.state IN ('queued', 'running'))",
+            states)
+        return [r["id"] for r in rows]
+
     def delete(self, job_id: str) -> None:
         with self.tx() as db:
             db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
