@@ -80,11 +80,6 @@ class JobError(Exception):
     """An operator request that cannot be carried out; the message says why."""
 
 
-def sources(to: JobState) -> list[str]:
-    """The states a job may move to `to` from."""
-    return [s.value for s, targets in JOB_MOVES.items() if to in targets]
-
-
 def check_job(now: str, to: JobState) -> None:
     if to not in JOB_MOVES[JobState(now)]:
         raise IllegalTransition(f"a job cannot go from {now} to {to.value}")
