@@ -68,9 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         return _status(cfg, store, args.json, args.limit)
     if args.command == "jobs":
         return _jobs(store, args.failed, args.limit)
-    if args.command == "cancel":
-        return _cancel(store, args.job)
-    return _retry(cfg, store, args.job)
+    return _request(cfg, store, args.command, args.job)
 
 
 def _run(cfg: Config, path: Path | None) -> int:
@@ -101,7 +99,7 @@ def _job_view(cfg: Config, store: Store, job: Job) -> dict[str, Any]:
     progress = sum(t.progress for t in tasks) / len(tasks) if tasks else (1.0 if job.state == "done" else 0.0)
     view: dict[str, Any] = {
         "id": job.id, "name": job.name, "state": job.state, "videos": len(tasks), "done": done,
-        "progress": round(progress, 3), "owner": job.owner,
+        "progress": round(progress, 3), "owner": job.owner, "priority": job.spec.get("priority", "normal"),
         "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at)),
         "outputs": str(cfg.folder("outputs") / job.name) if done else None,
         "delivery": store.deliveries.summary(job.id),
@@ -120,17 +118,25 @@ def _job_view(cfg: Config, store: Store, job: Job) -> dict[str, Any]:
 
 
 def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
+    from heygem_daemon.generation.outages import describe, waiting
+
     jobs = [_job_view(cfg, store, j) for j in store.jobs.select(limit=limit)]
     counts = store.tasks.counts()
+    outages = waiting(store)
     if as_json:
         from heygem_daemon.ops.daemon_state import read_state
 
         daemon = read_state(cfg.folder("state"))
-        print(json.dumps({"daemon": daemon, "tasks": counts, "jobs": jobs}, indent=2, ensure_ascii=False))
+        print(json.dumps({"daemon": daemon, "tasks": counts, "waiting_for": outages, "jobs": jobs}, indent=2,
+                         ensure_ascii=False))
         return 0
     print("tasks: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none yet"))
+    for outage in outages:
+        print(describe(outage))
     for j in jobs:
         line = f"{j['name']:<28} {j['state']:<10} {j['done']}/{j['videos']} videos {j['progress'] * 100:5.1f}%"
+        if j["priority"] != "normal":
+            line += f"  [{j['priority']} priority]"
         if j.get("duplicate_of"):
             line += f"  duplicate of {j['duplicate_of']} -> {j['outputs']}"
         elif j["outputs"]:
@@ -155,25 +161,21 @@ def _jobs(store: Store, failed_only: bool, limit: int) -> int:
     return 0
 
 
-def _retry(cfg: Config, store: Store, ref: str) -> int:
-    from heygem_daemon.generation.jobs import JobError, retry_job
+def _request(cfg: Config, store: Store, command: str, ref: str) -> int:
+    """cancel and retry are requests: the running daemon carries them out (no second process moves files)."""
+    from heygem_daemon.generation.lifecycle import JobError, request_cancel, request_retry
+    from heygem_daemon.ops.daemon_state import lock_holder
 
     try:
-        print(retry_job(cfg, store, ref))
+        said = request_cancel(store, ref) if command == "cancel" else request_retry(store, ref)
     except JobError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    return 0
-
-
-def _cancel(store: Store, ref: str) -> int:
-    from heygem_daemon.generation.jobs import JobError, cancel_job
-
-    try:
-        print(cancel_job(store, ref))
-    except JobError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    if lock_holder(cfg.folder("state")) is None:
+        said += " The daemon is not running: the request waits until it starts."
+    else:
+        said += " The daemon does this within seconds."
+    print(said)
     return 0
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,8 @@ class Problem:
     reason: str
     hint: str = ""
     detail: str = ""
+    file: str = ""
+    """What the problem is about, as the person sees it (an input file, a task's pair); may be empty."""
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "kind": self.kind.value}
@@ -58,7 +60,19 @@ class Problem:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Problem:
         return cls(Kind(d.get("kind", Kind.ENGINE.value)), d.get("stage", ""), d.get("reason", ""),
-                   d.get("hint", ""), d.get("detail", ""))
+                   d.get("hint", ""), d.get("detail", ""), d.get("file", ""))
+
+    @classmethod
+    def of_input(cls, file: str, reason: str, hint: str = "", stage: str = "intake") -> Problem:
+        """Bad input found while pairing or probing: fail now, the reason and hint go to the person."""
+        return cls(Kind.BAD_INPUT, stage, reason, hint, file=file)
+
+    def about(self, file: str) -> Problem:
+        return replace(self, file=file)
+
+    @property
+    def headline(self) -> str:
+        return f"{self.file}: {self.reason}" if self.file else self.reason
 
 
 def backoff_delay(attempt: int, base: float, cap: float) -> float:
@@ -66,15 +80,16 @@ def backoff_delay(attempt: int, base: float, cap: float) -> float:
     return random.uniform(0.5, 1.0) * min(cap, base * (2 ** max(0, attempt - 1)))
 
 
-def error_record(job_name: str, stage: str, problems: list[dict[str, str]], **extra: Any) -> dict[str, Any]:
-    first = problems[0] if problems else {"file": "", "reason": "unknown error", "hint": ""}
-    reason = f"{first['file']}: {first['reason']}" if first.get("file") else first["reason"]
+def error_record(job_name: str, stage: str, problems: list[Problem], **extra: Any) -> dict[str, Any]:
+    """error.json, the job's error and the failure message: the first problem headlines, all are listed."""
+    first = problems[0] if problems else Problem(Kind.INTERNAL, stage, "unknown error")
     return {
         "job": job_name,
         "stage": stage,
-        "reason": reason,
-        "hint": first.get("hint", ""),
-        "problems": problems,
+        "kind": first.kind.value,
+        "reason": first.headline,
+        "hint": first.hint,
+        "problems": [p.to_dict() for p in problems],
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **extra,
     }

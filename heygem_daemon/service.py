@@ -7,7 +7,6 @@ import os
 import signal
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any, Callable
 
@@ -15,8 +14,8 @@ from heygem_daemon.ops import metrics, sdnotify
 from heygem_daemon.ops.cleanup import Cleanup
 from heygem_daemon.config import Config, ConfigError, load_config
 from heygem_daemon.ops.daemon_state import LOCK_FILE, write_state
+from heygem_daemon.notify.announce import Announcer
 from heygem_daemon.notify.outbox import Notifier, Outbox
-from heygem_daemon.delivery.report import BatchReport, Problem
 from heygem_daemon.delivery.service import DeliveryService
 from heygem_daemon.ops.diskguard import DiskGuard
 from heygem_daemon.engines.registry import ENGINES, check_engines, needs_face
@@ -24,10 +23,11 @@ from heygem_daemon.intake.claim import Claimer, recover_detected
 from heygem_daemon.intake.inspect import Inspector
 from heygem_daemon.intake.intake import Intake
 from heygem_daemon.fs.watcher import start_watcher
-from heygem_daemon.generation.jobs import finalize_job, recover, settle_cancelled
+from heygem_daemon.generation.lifecycle import Events, JobFinished, JobQueued, LifeCycle, TaskFailed, TaskFinished
+from heygem_daemon.generation.outages import OutageWatch
 from heygem_daemon.log import get_logger, set_level, setup_logging
 from heygem_daemon.ops.reload import plan_reload
-from heygem_daemon.state import Job, Store
+from heygem_daemon.state import Store
 from heygem_daemon.generation.workers import WorkerPool
 
 log = get_logger("heygem.daemon")
@@ -70,14 +70,17 @@ class Daemon:
         self.stop = threading.Event()
         self.store = store_for(cfg)
         self.inspector = Inspector(cfg.watcher.probe_workers)
-        self.pool = WorkerPool(cfg, store_for(cfg), self._task_ended)
+        self.events = Events()
+        self.life = LifeCycle(cfg, store_for(cfg), self.events)
+        self.pool = WorkerPool(cfg, self.life)
         self.outbox = Outbox(cfg, store_for(cfg))
         self.chat = Notifier(self.outbox)
-        self.intake = Intake(cfg, Claimer(cfg, store_for(cfg), self._job_failed), self.inspector,
+        self.announcer = Announcer(self.outbox, store_for(cfg))
+        self.outages = OutageWatch(cfg, store_for(cfg), self.outbox.enqueue_alert)
+        self.intake = Intake(cfg, Claimer(cfg, self.life), self.inspector,
                              set(ENGINES), lambda name: needs_face(name, cfg.engines.get(name)), self.pool.notify)
-        self.delivery = DeliveryService(cfg, store_for(cfg), self._report, self.outbox.enqueue_alert)
-        self._finalize_store = store_for(cfg)
-        self._finalize_lock = threading.Lock()
+        self.delivery = DeliveryService(cfg, store_for(cfg), self.announcer.reported, self.outbox.enqueue_alert)
+        self._subscribe()
         self.systemd = sdnotify.Notifier()
         self.disk = DiskGuard(cfg)
         self.cleanup = Cleanup(cfg, store_for(cfg))
@@ -86,28 +89,19 @@ class Daemon:
         self._stop_signals = 0
         self._reload_requested = False
 
-    def _job_failed(self, job: Job, record: dict[str, Any]) -> None:
-        # A job that made some videos is announced once, by its delivery report, which lists what failed.
-        if not record.get("videos_made"):
-            self.outbox.enqueue_failure(job, record)
-
-    def _report(self, report: BatchReport) -> None:
-        if not report.videos:
-            return  # nothing was made: the failure message (intake or generation) already said why
-        job = self.store.jobs.find(report.job_id) if report.job_id else None
-        if job is not None:
-            warnings = [Problem(w["file"], w["reason"], w["hint"]) for w in job.spec.get("warnings", [])]
-            report = replace(report, notify_urls=self.outbox.job_urls(job), warnings=warnings)
-        self.outbox.enqueue_report(report)
-
-    def _task_ended(self, job_id: str) -> None:
-        with self._finalize_lock:
-            finalize_job(self.cfg, self._finalize_store, job_id, self._job_failed)
+    def _subscribe(self) -> None:
+        """Who hears of what the life cycle does: slots wake for queued work, delivery for finished videos,
+        and the announcer decides who is told when a job ends."""
+        self.events.subscribe(JobQueued, lambda _e: self.pool.notify())
+        self.events.subscribe(TaskFinished, lambda _e: self.delivery.wake.set())
+        self.events.subscribe(JobFinished, lambda _e: self.delivery.wake.set())
+        self.events.subscribe(TaskFailed, lambda e: metrics.ATTEMPTS_FAILED.labels(e.problem.kind.value,
+                                                                                 e.state.value).inc())
+        self.announcer.subscribe(self.events)
 
     def run(self) -> int:
         recover_detected(self.cfg, self.store)
-        recover(self.cfg, self.store, self._job_failed)
-        settle_cancelled(self.cfg, self.store, self._job_failed)
+        self.life.recover()
         self.chat.start()
         self.disk.check()
         self.pool.start()
@@ -161,8 +155,8 @@ class Daemon:
                         self._apply_hold()
                 if now >= next_status:
                     next_status = now + STATUS_INTERVAL
-                    with self._finalize_lock:
-                        settle_cancelled(self.cfg, self._finalize_store, self._job_failed)
+                    self.life.settle_requests()
+                    self.outages.check()
                     self.systemd.status(self._status())
             except Exception:
                 log.exception("main loop step failed; trying again")
@@ -249,6 +243,7 @@ class Daemon:
         cfg = plan.applied
         self.cfg = cfg
         self.intake.set_config(cfg)
+        self.life.cfg = self.outages.cfg = cfg
         self.pool.set_config(cfg)
         self.disk.cfg = cfg
         self.cleanup.apply(cfg)

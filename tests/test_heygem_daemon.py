@@ -68,7 +68,7 @@ def test_two_services_serve_two_tasks_at_once(daemon, services, group, voice, tm
         group.expect_peers(1)
     assert group.max_running(since) == 2
     assert sorted(e[1] for e in group.events("submit")[-2:]) == ["a", "b"]
-    assert sorted(p.name for p in (daemon.folder("outputs") / "duo").iterdir()) == ["anna.mp4", "ben.mp4"]
+    assert sorted(p.name for p in (daemon.folder("outputs") / "duo").glob("*.mp4")) == ["anna.mp4", "ben.mp4"]
 
 
 def test_busy_services_are_waited_for_without_failing_the_task(daemon, services, group, voice):

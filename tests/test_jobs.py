@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from heygem_daemon.config import Config, load_config
-from heygem_daemon.generation.jobs import finalize_job
+from heygem_daemon.failures import Kind, Problem
+from heygem_daemon.generation.lifecycle import LifeCycle
 from heygem_daemon.state import NewTask, Store
 
 
@@ -18,13 +19,13 @@ def failed_job(tmp_path: Path, leave: str | None = None) -> tuple[Config, Path]:
     staging.mkdir(parents=True)
     folder = cfg.folder("outputs") / "promo"
     job = store.jobs.create("promo", {"sources": ["promo"], "folder": True, "staging": str(staging)})
-    store.jobs.queue(job.id, [NewTask("anna", "a.wav", "anna.jpg", str(folder / "anna.mp4"))])
-    task = store.tasks.take_next("cpu")
+    life = LifeCycle(cfg, store)
+    life.queue(store.jobs.get(job.id), [NewTask("anna", "a.wav", "anna.jpg", str(folder / "anna.mp4"))])
+    task = life.take("cpu")
     folder.mkdir(parents=True)
     if leave:
         (folder / leave).write_bytes(b"not ours")
-    store.tasks.fail_attempt(task.id, {"reason": "engine crashed", "hint": "see the log"}, None)
-    finalize_job(cfg, store, job.id)
+    life.attempt_failed(task, Problem(Kind.BAD_INPUT, "generate", "no face found", "use another photo"), "cpu")
     assert store.jobs.get(job.id).state == "failed"
     return cfg, folder
 

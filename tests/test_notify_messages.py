@@ -6,7 +6,8 @@ import dataclasses
 import pytest
 
 from heygem_daemon.notify.messages import failure_message, report_message
-from heygem_daemon.delivery.report import BatchReport, Problem, VideoLink
+from heygem_daemon.delivery.report import BatchReport, VideoLink
+from heygem_daemon.failures import Problem
 from heygem_daemon.notify.targets import parse_target
 
 PREFIX = "[heygem] "
@@ -71,14 +72,14 @@ def test_long_batch_without_a_zip_link_lists_what_fits_and_says_how_many_more():
 
 
 def test_partly_failed_batch_lists_what_was_not_made():
-    msg = report_message(batch(1, failed=[Problem("ben.mp4", "no face found", "use a front photo")]),
+    msg = report_message(batch(1, failed=[Problem.of_input("ben.mp4", "no face found", "use a front photo")]),
                          limits("json://127.0.0.1/hook"), PREFIX)
     assert msg.kind == "warning" and "1 failed" in msg.title
     assert "ben.mp4" in msg.body and "no face found" in msg.body and "use a front photo" in msg.body
 
 
 def test_a_refused_job_target_is_a_note_after_the_videos_and_keeps_the_report_a_success():
-    note = Problem("job.yaml", "notify entry 1 (json:// #1a2b3c4d) not used: host 10.0.0.5 is not allowed",
+    note = Problem.of_input("job.yaml", "notify entry 1 (json:// #1a2b3c4d) not used: host 10.0.0.5 is not allowed",
                    "ask the operator to allow it in notify.job_targets")
     msg = report_message(dataclasses.replace(batch(2), warnings=[note]), limits("json://127.0.0.1/hook"), PREFIX)
     assert msg.kind == "success" and "failed" not in msg.title

@@ -7,7 +7,9 @@ import pytest
 from heygem_daemon.config import Config, load_config
 from heygem_daemon.notify.outbox import Notifier, Outbox
 from heygem_daemon.delivery.report import BatchReport, VideoLink
-from heygem_daemon.generation.jobs import finalize_job, retry_job
+from heygem_daemon.failures import Kind, Problem
+from heygem_daemon.generation.lifecycle import LifeCycle, request_retry
+from heygem_daemon.notify.announce import Announcer
 from heygem_daemon.state import NewTask, Store
 from notify_receiver import Receiver, wait_until
 
@@ -177,21 +179,23 @@ def test_generation_failure_is_reported_again_only_after_a_retry(tmp_path, recei
     store = Store(cfg.folder("state") / "heygem.db")
     outbox = Outbox(cfg, store)
     start(running, Notifier(outbox))
+    life = LifeCycle(cfg, store)
+    Announcer(outbox, store).subscribe(life.events)
     staging = cfg.folder("work") / "x" / "in"
     staging.mkdir(parents=True)
     job = store.jobs.create("promo", {"sources": ["promo"], "folder": True, "staging": str(staging)})
-    store.jobs.queue(job.id, [NewTask("anna", "a.wav", "anna.jpg", str(cfg.folder("outputs") / "promo/anna.mp4"))])
+    life.queue(job, [NewTask("anna", "a.wav", "anna.jpg", str(cfg.folder("outputs") / "promo/anna.mp4"))])
+    crash = Problem(Kind.SETUP, "generate", "engine crashed on frame 12", "try the 480p preset")
 
     def fail_generation() -> None:
-        task = store.tasks.take_next("cpu")
-        store.tasks.fail_attempt(task.id, {"reason": "engine crashed on frame 12", "hint": "try the 480p preset"}, None)
-        finalize_job(cfg, store, job.id, outbox.enqueue_failure)
+        life.attempt_failed(life.take("cpu"), crash, "cpu")
 
     fail_generation()
     (post,) = receiver.wait_delivered(containing="engine crashed")
     assert "promo: failed" in post.payload["title"] and "try the 480p preset" in post.payload["message"]
     assert outbox.enqueue_failure(store.jobs.get(job.id), store.jobs.get(job.id).error) == 0
-    retry_job(cfg, store, "promo")
+    request_retry(store, "promo")
+    life.settle_requests()
     fail_generation()
     receiver.wait_delivered(2, containing="engine crashed")
 

@@ -102,6 +102,8 @@ def test_metrics_show_jobs_queue_durations_devices_and_counters(daemon, media):
     assert m[("heygem_task_seconds_sum", (("device", "cpu"), ("outcome", "done")))] > 0
     assert m[("heygem_cleanup_freed_bytes_total", (("sweep", "temp"),))] == 0
     assert m[("heygem_uploaded_bytes_total", ())] == 0
+    # the cancel earlier in this module ended its running attempt for good
+    assert m[("heygem_failed_attempts_total", (("kind", "bad_input"), ("then", "failed")))] >= 1
     assert m[("heygem_draining", ())] == 0 and m[("heygem_disk_low", ())] == 0
 
 

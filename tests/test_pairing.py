@@ -132,3 +132,11 @@ def test_safe_name_keeps_letters_and_drops_path_tricks():
     assert safe_name("../../etc") == "etc"
     assert safe_name("Ünïcode name") == "Ünïcode name"
     assert safe_name("...") == "job"
+
+
+def test_manifest_sets_the_job_priority_and_refuses_an_unknown_one():
+    assert folder(["a.wav", "x.jpg"], "priority: high\n").priority == "high"
+    assert folder(["a.wav", "x.jpg"]).priority == "normal"
+    refused = folder(["a.wav", "x.jpg"], "priority: urgent\n")
+    assert isinstance(refused, Rejection) and "priority" in refused.problems[0].reason
+    assert refused.problems[0].kind.value == "bad_input"

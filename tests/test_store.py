@@ -62,6 +62,7 @@ def test_failed_attempt_with_retry_waits_until_not_before(tmp_path):
     task = store.tasks.take_next("cpu")
     assert store.tasks.fail_attempt(task.id, {"reason": "boom"}, retry_at=2e12) == "queued"
     assert store.tasks.take_next("cpu") is None
+    assert store.tasks.take_next("cpu", now=2e12).id == task.id
     assert store.tasks.fail_attempt(task.id, {"reason": "boom"}, retry_at=None) == "failed"
     assert store.tasks.get(task.id).last_error == {"reason": "boom"}
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from heygem_daemon.failures import Problem
+
 
 @dataclass(frozen=True)
 class VideoLink:
@@ -15,13 +17,6 @@ class VideoLink:
     url: str | None = None
     """Presigned GET link; None in local-only mode."""
     local_path: str | None = None
-
-
-@dataclass(frozen=True)
-class Problem:
-    file: str
-    reason: str
-    hint: str = ""
 
 
 @dataclass(frozen=True)

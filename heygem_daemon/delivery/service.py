@@ -19,7 +19,7 @@ from heygem_daemon.delivery.audit import AuditLog
 from heygem_daemon.delivery.links import LINKS_JSON, LinkEntry, iso_utc, presign_get, write_links
 from heygem_daemon.delivery.names import object_key, static_prefix, zip_name
 from heygem_daemon.delivery.outputs import OutputsWatcher
-from heygem_daemon.delivery.report import BatchReport, Problem, VideoLink
+from heygem_daemon.delivery.report import BatchReport, VideoLink
 from heygem_daemon.delivery.s3 import (
     MiB, S3Failure, Stopping, StreamUpload, Throttle, Uploader, abort_stale_uploads, abort_upload, apply_lifecycle,
     describe, lifecycle_rule, make_client,
@@ -30,7 +30,7 @@ from heygem_daemon.fs.watcher import start_watcher
 from heygem_daemon.log import get_logger
 from heygem_daemon.media.duration import container_seconds
 from heygem_daemon.state import Batch, Delivery, Job, Store
-from heygem_daemon.failures import backoff_delay
+from heygem_daemon.failures import Kind, Problem, backoff_delay
 
 log = get_logger("heygem.delivery")
 ENDED = ("linked", "missing")
@@ -310,19 +310,13 @@ class DeliveryService:
         )
 
     def _problems(self, batch: Batch, job: Job | None) -> list[Problem]:
-        problems = [Problem(d.rel, (d.last_error or {}).get("reason", "not delivered"),
-                            (d.last_error or {}).get("hint", "")) for d in self.store.deliveries.select(batch.id)
-                    if d.state == "missing"]
+        problems = [Problem(Kind.INTERNAL, "deliver", (d.last_error or {}).get("reason", "not delivered"),
+                            (d.last_error or {}).get("hint", ""), file=d.rel)
+                    for d in self.store.deliveries.select(batch.id) if d.state == "missing"]
         if job is None or job.state != "failed":
             return problems
-        tasks = self.store.tasks.select(job.id, ("failed",))
-        for t in tasks:
-            err = t.last_error or {}
-            problems.append(Problem(f"{t.name} ({t.portrait} + {t.audio})", err.get("reason", ""), err.get("hint", "")))
-        if not tasks:  # refused at intake: the problems are in the job's error record
-            for p in (job.error or {}).get("problems", []):
-                problems.append(Problem(p.get("file", ""), p.get("reason", ""), p.get("hint", "")))
-        return problems
+        # What could not be made, as the life cycle recorded it when the job failed (error.json's problems).
+        return problems + [Problem.from_dict(p) for p in (job.error or {}).get("problems", [])]
 
     # --- links and audit ---------------------------------------------------------------------------
 

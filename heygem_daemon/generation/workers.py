@@ -15,24 +15,23 @@ import time
 import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from heygem_daemon.clock import SYSTEM_CLOCK, Clock
 from heygem_daemon.ops import metrics
 from heygem_daemon.config import Config
-from heygem_daemon.engines.base import EngineError, TaskSpec
+from heygem_daemon.engines.base import EngineError, OutageError, TaskSpec
 from heygem_daemon.failures import Kind, Problem
+from heygem_daemon.generation.lifecycle import CANCELLED_HINT, CANCELLED_REASON, LifeCycle, TaskState
 from heygem_daemon.log import get_logger
 from heygem_daemon.proc import die_with_parent
-from heygem_daemon.state import CANCELLING, Store, Task
-from heygem_daemon.failures import backoff_delay
+from heygem_daemon.state import CANCELLING, Task
 
 log = get_logger("heygem.workers")
 PROGRESS_WRITE_INTERVAL = 0.5
 BEAT_INTERVAL = 1.0
 IDLE_POLL = 1.0
 CANCEL_CHECK_INTERVAL = 1.0
-CANCELLED_REASON = "cancelled by the operator"
-CANCELLED_HINT = "fix what needed fixing, then `heygem-daemon retry JOB` (or drop the files again)"
 
 
 class _Reporter:
@@ -59,13 +58,13 @@ class _Reporter:
             os._exit(1)
 
 
-def _crash(exc: Exception) -> tuple[str, str, str, str]:
+def _crash(exc: Exception) -> tuple[str, str, str, str, str]:
     """An exception the engine did not classify: a full disk is an outage, anything else an engine fault."""
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return ("error", Kind.OUTAGE.value, f"disk full: {exc}",
-                "free space on the outputs/work disk; the task waits and runs again by itself")
+                "free space on the outputs/work disk; the task waits and runs again by itself", "disk space")
     tb = traceback.format_exc(limit=6)
-    return ("error", Kind.ENGINE.value, f"{type(exc).__name__}: {exc}", f"engine crashed; see the log\n{tb}")
+    return ("error", Kind.ENGINE.value, f"{type(exc).__name__}: {exc}", f"engine crashed; see the log\n{tb}", "")
 
 
 def worker_main(conn: Connection, device: str, engine_settings: dict[str, dict[str, Any]], parent_pid: int,
@@ -94,7 +93,8 @@ def worker_main(conn: Connection, device: str, engine_settings: dict[str, dict[s
             out = engine.generate(spec, progress)
             conn.send(("done", str(out)))
         except EngineError as exc:
-            conn.send(("error", exc.kind.value, exc.reason, exc.hint))
+            dependency = exc.dependency if isinstance(exc, OutageError) else ""
+            conn.send(("error", exc.kind.value, exc.reason, exc.hint, dependency))
         except Exception as exc:  # an engine bug: retry, and keep the traceback for the operator
             conn.send(_crash(exc))
 
@@ -130,20 +130,23 @@ class Attempt:
     """Outcome of one attempt as the supervisor saw it."""
 
     def __init__(self, ok: bool, reason: str = "", hint: str = "", kind: Kind = Kind.ENGINE,
-                 interrupted: bool = False) -> None:
+                 interrupted: bool = False, dependency: str = "") -> None:
         self.ok, self.reason, self.hint = ok, reason, hint
-        self.kind, self.interrupted = kind, interrupted
+        self.kind, self.interrupted, self.dependency = kind, interrupted, dependency
+
+    def problem(self) -> Problem:
+        return Problem(self.kind, "generate", self.reason, self.hint.split("\n", 1)[0], self.hint)
 
 
 class Slot(threading.Thread):
-    """Supervises one worker process bound to one device."""
+    """Supervises one worker process bound to one device; tasks move through the life cycle."""
 
-    def __init__(self, cfg: Config, store: Store, device: str, index: int, wake: threading.Event,
-                 stop: threading.Event, on_task_end: Callable[[str], None],
-                 engine_settings: dict[str, dict[str, Any]], hold: threading.Event) -> None:
+    def __init__(self, cfg: Config, life: LifeCycle, device: str, index: int, wake: threading.Event,
+                 stop: threading.Event, engine_settings: dict[str, dict[str, Any]], hold: threading.Event,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         super().__init__(name=f"slot-{device}-{index}", daemon=True)
-        self.cfg, self.store, self.device = cfg, store, device
-        self.wake, self.stop_event, self.on_task_end = wake, stop, on_task_end
+        self.cfg, self.life, self.store, self.device = cfg, life, life.store, device
+        self.wake, self.stop_event, self.clock = wake, stop, clock
         self.hold = hold
         self.engine_settings = engine_settings
         self.worker: WorkerProcess | None = None
@@ -154,22 +157,30 @@ class Slot(threading.Thread):
             if self.hold.is_set():  # draining for shutdown: finish what runs, take nothing new
                 self.stop_event.wait(IDLE_POLL)
                 continue
-            try:
-                task = self.store.tasks.take_next(self.device)
-            except Exception:
-                log.exception("cannot read the queue", device=self.device)
-                task = None
-            if task is None:
+            if not self.step():
                 self.wake.wait(self._idle_timeout())
                 self.wake.clear()
-                continue
-            self._run_task(task)
         if self.worker:
             self.worker.close()
 
+    def step(self) -> bool:
+        """Take the next runnable task and run one attempt of it; False when none is due."""
+        try:
+            task = self.life.take(self.device)
+        except Exception:
+            log.exception("cannot read the queue", device=self.device)
+            return False
+        if task is None:
+            return False
+        try:
+            self._run_task(task)
+        except Exception:  # the outcome could not be recorded: the slot lives on; recovery settles the task
+            log.exception("cannot record a task's outcome", task_id=task.id, job_id=task.job_id)
+        return True
+
     def _idle_timeout(self) -> float:
         nxt = self.store.tasks.next_wakeup()
-        return IDLE_POLL if nxt is None else max(0.05, min(IDLE_POLL, nxt - time.time()))
+        return IDLE_POLL if nxt is None else max(0.05, min(IDLE_POLL, nxt - self.clock.time()))
 
     def _spec(self, task: Task) -> tuple[str, TaskSpec]:
         job = self.store.jobs.get(task.job_id)
@@ -178,23 +189,29 @@ class Slot(threading.Thread):
             task_id=task.id, job_id=job.id, name=task.name,
             audio=work / "in" / task.audio, portrait=work / "in" / task.portrait,
             output=Path(task.output + ".part"), workdir=work / f"task-{task.id}",
-            preset=self.cfg.preset(job.spec.get("preset")), device=self.device,
+            preset=self._preset(job.spec.get("preset")), device=self.device,
             x264_preset=self.cfg.engine.x264_preset, options=job.spec.get("options", {}),
         )
         return job.spec.get("engine", self.cfg.engine.name), spec
+
+    def _preset(self, name: str | None) -> Any:
+        try:
+            return self.cfg.preset(name)
+        except KeyError:
+            raise LookupError(f"preset {name!r} is no longer in the config (removed by a reload?)") from None
 
     def _run_task(self, task: Task) -> None:
         self.current = task
         bound = log.bind(job_id=task.job_id, task_id=task.id, task=task.name, device=self.device,
                          attempt=task.attempts)
-        started = time.monotonic()
+        started = self.clock.monotonic()
         try:
             engine, spec = self._spec(task)
             spec.workdir.mkdir(parents=True, exist_ok=True)
             spec.output.parent.mkdir(parents=True, exist_ok=True)
             bound.info("task started", engine=engine)
             result = self._attempt(engine, spec)
-            seconds = time.monotonic() - started
+            seconds = self.clock.monotonic() - started
             outcome = "done" if result.ok else "interrupted" if result.interrupted else "failed"
             metrics.TASK_SECONDS.labels(self.device, outcome).observe(seconds)
             self._record(task, spec, result, bound, seconds)
@@ -216,19 +233,19 @@ class Slot(threading.Thread):
         except OSError:
             self._drop_worker()
             return Attempt(False, "worker process is not accepting work", "it will be restarted")
-        last_beat = time.monotonic()
+        last_beat = self.clock.monotonic()
         last_write = 0.0
         next_cancel_check = last_beat + CANCEL_CHECK_INTERVAL
         while True:
             if self.stop_event.is_set():
                 self._drop_worker()
                 return Attempt(False, "daemon stopping", interrupted=True)
-            if time.monotonic() >= next_cancel_check:
-                next_cancel_check = time.monotonic() + CANCEL_CHECK_INTERVAL
+            if self.clock.monotonic() >= next_cancel_check:
+                next_cancel_check = self.clock.monotonic() + CANCEL_CHECK_INTERVAL
                 if self.store.jobs.state(spec.job_id) == CANCELLING:
                     self._drop_worker()
-                    return Attempt(False, CANCELLED_REASON, CANCELLED_HINT)
-            if time.monotonic() - last_beat > self.cfg.workers.stall_seconds:
+                    return Attempt(False, CANCELLED_REASON, CANCELLED_HINT, Kind.BAD_INPUT)  # ends it, no retry
+            if self.clock.monotonic() - last_beat > self.cfg.workers.stall_seconds:
                 self._drop_worker()
                 return Attempt(False, f"no heartbeat for {self.cfg.workers.stall_seconds:g} s (stalled)",
                                "the engine hung; it was restarted and the task will be retried")
@@ -243,7 +260,7 @@ class Slot(threading.Thread):
                                "the engine crashed; the task will be retried")
             if msg is None:
                 continue
-            last_beat = time.monotonic()
+            last_beat = self.clock.monotonic()
             kind = msg[0]
             if kind == "progress":
                 if last_beat - last_write >= PROGRESS_WRITE_INTERVAL:
@@ -252,8 +269,8 @@ class Slot(threading.Thread):
             elif kind == "done":
                 return Attempt(True)
             elif kind == "error":
-                _, error_kind, reason, hint = msg
-                return Attempt(False, reason, hint, Kind(error_kind))
+                _, error_kind, reason, hint, dependency = msg
+                return Attempt(False, reason, hint, Kind(error_kind), dependency=dependency)
 
     def _drop_worker(self) -> None:
         if self.worker is not None:
@@ -263,7 +280,7 @@ class Slot(threading.Thread):
     def _record(self, task: Task, spec: TaskSpec, result: Attempt, bound: Any, seconds: float) -> None:
         if result.interrupted:
             spec.output.unlink(missing_ok=True)
-            self.store.tasks.requeue([task.id], reset_attempts=False)
+            self.life.interrupted(task)
             bound.info("task interrupted by shutdown; requeued")
             return
         if result.ok:
@@ -271,44 +288,29 @@ class Slot(threading.Thread):
                 result = Attempt(False, "engine reported success but wrote no output", "engine bug; retried")
             else:
                 os.replace(spec.output, task.output)
-                self.store.tasks.finish(task.id)
                 bound.info("task done", output=task.output, seconds=round(seconds, 2))
-                self.on_task_end(task.job_id)
+                self.life.task_done(task)
                 return
         spec.output.unlink(missing_ok=True)
         self._record_failure(task, result, bound)
 
     def _record_failure(self, task: Task, result: Attempt, bound: Any) -> None:
-        """The one place a failed attempt's fate is decided, by the kind of problem (see failures.py)."""
-        w = self.cfg.workers
-        problem = Problem(result.kind, "generate", result.reason, result.hint.split("\n", 1)[0], result.hint)
-        error = {**problem.to_dict(), "attempt": task.attempts, "device": self.device}
-        cancelled = self.store.jobs.state(task.job_id) == CANCELLING
-        if result.kind is Kind.OUTAGE and not cancelled:
-            streak = self.store.tasks.outage_streak(task.id)
-            wait = backoff_delay(streak + 1, w.backoff_seconds, w.backoff_max_seconds)
-            self.store.tasks.wait(task.id, error, time.time() + wait)
-            bound.warning("task waits for a dependency (attempt not counted)", reason=result.reason,
-                          retry_in=round(wait, 1))
-            return
-        retry_at = None
-        if result.kind.retried and not cancelled and task.attempts < w.max_attempts:
-            retry_at = time.time() + backoff_delay(task.attempts, w.backoff_seconds, w.backoff_max_seconds)
-        state = self.store.tasks.fail_attempt(task.id, error, retry_at)
-        bound.warning("task attempt failed", reason=result.reason, kind=result.kind.value, retry=state == "queued",
-                      retry_in=round(retry_at - time.time(), 1) if retry_at else None)
-        if state == "failed":
-            self.on_task_end(task.job_id)
+        state = self.life.attempt_failed(task, result.problem(), self.device, result.dependency)
+        if result.kind is Kind.OUTAGE and state is TaskState.QUEUED:
+            bound.warning("task waits for a dependency (attempt not counted)", reason=result.reason)
+        else:
+            bound.warning("task attempt failed", reason=result.reason, kind=result.kind.value,
+                          retry=state is TaskState.QUEUED)
 
 
 class WorkerPool:
-    def __init__(self, cfg: Config, store: Store, on_task_end: Callable[[str], None]) -> None:
+    def __init__(self, cfg: Config, life: LifeCycle) -> None:
         self.wake = threading.Event()
         self.stop_event = threading.Event()
         self.hold = threading.Event()
         settings = {name: dict(raw) for name, raw in cfg.engines.items()}
         self.slots = [
-            Slot(cfg, store, device, i, self.wake, self.stop_event, on_task_end, settings, self.hold)
+            Slot(cfg, life, device, i, self.wake, self.stop_event, settings, self.hold)
             for device in cfg.workers.devices for i in range(cfg.workers.per_device)
         ]
 

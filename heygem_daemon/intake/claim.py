@@ -10,16 +10,19 @@ import hashlib
 import json
 import time
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from heygem_daemon.config import Config
 from heygem_daemon.notify.targets import screen_job_targets
-from heygem_daemon.failures import ERROR_FILE, error_record, warnings_of, write_error_json
+from heygem_daemon.failures import ERROR_FILE, Problem, error_record, warnings_of, write_error_json
 from heygem_daemon.fs.ops import display_name, move, remove_tree
 from heygem_daemon.intake.inspect import Inspection
-from heygem_daemon.intake.pairing import Plan, Problem
+from heygem_daemon.intake.pairing import Plan
 from heygem_daemon.log import get_logger
 from heygem_daemon.state import Job, NewTask, Store
+
+if TYPE_CHECKING:  # generation imports intake's archive_dir; the claim only needs the type here
+    from heygem_daemon.generation.lifecycle import LifeCycle
 
 log = get_logger("heygem.claim")
 
@@ -62,22 +65,20 @@ def _staged(rel: str) -> str:
     return PurePosixPath(rel).name
 
 
-OnFailed = Callable[[Job, dict[str, Any]], None]
-"""Told about a job that ends in failed/ (with its error record) before the store says so."""
-
-
 class Claimer:
-    def __init__(self, cfg: Config, store: Store, on_failed: OnFailed | None = None) -> None:
+    """Moves the inputs; the job's states move through the life cycle."""
+
+    def __init__(self, cfg: Config, life: LifeCycle) -> None:
         self.cfg = cfg
-        self.store = store
+        self.life = life
+        self.store = life.store
         self.inbox = cfg.folder("inbox")
-        self.on_failed = on_failed
 
     def claim(self, plan: Plan, insp: Inspection, engine: str, preset: str, is_folder: bool) -> Job:
         fp = fingerprint(plan, insp.digests, engine, preset)
         spec: dict[str, Any] = {
             "sources": plan.sources, "folder": is_folder, "engine": engine, "preset": preset,
-            "options": plan.options, "digests": insp.digests,
+            "options": plan.options, "digests": insp.digests, "priority": plan.priority,
             "pairs": [{"audio": _staged(p.audio), "portrait": _staged(p.portrait), "name": p.name}
                       for p in plan.pairs],
         }
@@ -90,20 +91,20 @@ class Claimer:
             staging = archive_dir(self.cfg, job.name)
             self._record_staging(job, spec, staging)
             _stage_sources(self.inbox, plan.sources, staging, is_folder)
-            self.store.jobs.mark_duplicate(job.id, original.id)
+            job = self.life.duplicate(self.store.jobs.get(job.id), original)
             log.info("duplicate drop, not generated again", job_id=job.id, job=job.name,
                      original=original.name, outputs=str(self.cfg.folder("outputs") / original.name))
-            return self.store.jobs.get(job.id)
+            return job
         staging = self.cfg.folder("work") / job.id / "in"
         self._record_staging(job, spec, staging)
         _stage_sources(self.inbox, plan.sources, staging, is_folder)
         out_dir = self.cfg.folder("outputs") / job.name
-        self.store.jobs.queue(job.id, [
+        job = self.life.queue(self.store.jobs.get(job.id), [
             NewTask(p["name"], p["audio"], p["portrait"], str(out_dir / f"{p['name']}.mp4")) for p in spec["pairs"]
         ])
         log.info("job claimed", job_id=job.id, job=job.name, tasks=len(plan.pairs), owner=insp.owner,
-                 engine=engine, preset=preset)
-        return self.store.jobs.get(job.id)
+                 engine=engine, preset=preset, priority=plan.priority)
+        return job
 
     def reject(self, name_hint: str, sources: list[str], problems: list[Problem], is_folder: bool,
                stage: str = "intake", notify: list[str] | None = None) -> Job:
@@ -113,16 +114,14 @@ class Claimer:
         staging = self.cfg.folder("failed") / job.name
         self._record_staging(job, spec, staging)
         _stage_sources(self.inbox, sources, staging, is_folder)
-        record = error_record(job.name, stage, [p.as_dict() for p in problems], job_id=job.id,
+        record = error_record(job.name, stage, problems, job_id=job.id,
                               files=sorted(display_name(_staged(s)) for s in sources),
                               **warnings_of(spec))
         write_error_json(staging, record)
-        if self.on_failed is not None:
-            self.on_failed(self.store.jobs.get(job.id), record)
-        self.store.jobs.set_state(job.id, "failed", error=record)
+        job = self.life.refuse(self.store.jobs.get(job.id), problems, record)
         log.warning("job rejected", job_id=job.id, job=job.name, stage=stage, reason=record["reason"],
                     hint=record["hint"], problems=len(problems))
-        return self.store.jobs.get(job.id)
+        return job
 
     def _notify_spec(self, spec: dict[str, Any], name: str, urls: list[str] | None) -> None:
         """job.yaml's chat targets, screened by notify.job_targets and kept as digests only: the sender

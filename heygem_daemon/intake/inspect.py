@@ -15,7 +15,7 @@ from pathlib import Path
 
 from heygem_daemon.config import Limits
 from heygem_daemon.fs.files import file_owner, sha256_file
-from heygem_daemon.intake.pairing import Problem
+from heygem_daemon.failures import Problem
 from heygem_daemon.media.faces import FaceEdges
 from heygem_daemon.media.kinds import MediaKind, kind_of
 from heygem_daemon.proc import die_with_parent
@@ -73,10 +73,10 @@ def inspect_inputs(inbox: str, rels: list[str], limits: Limits, need_face: bool,
                 _passed.add(key)
             result.digests[rel] = digest
         except ProbeError as exc:
-            result.problems.append(Problem(rel, exc.reason, exc.hint))
+            result.problems.append(Problem.of_input(rel, exc.reason, exc.hint))
         except OSError as exc:
-            result.problems.append(Problem(rel, f"cannot be read ({exc.strerror})",
-                                           "check the file's permissions and drop it again"))
+            result.problems.append(Problem.of_input(rel, f"cannot be read ({exc.strerror})",
+                                                    "check the file's permissions and drop it again"))
     if rels:
         result.owner = file_owner(Path(inbox) / rels[0])
     return result

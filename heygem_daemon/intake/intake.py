@@ -208,7 +208,7 @@ class Intake:
                 return Rejection(folder.name, [folder.name], [problem])
             manifest_bytes = self._read_manifest(manifests[0])
             if manifest_bytes is None:
-                return Rejection(folder.name, [folder.name], [Problem(
+                return Rejection(folder.name, [folder.name], [Problem.of_input(
                     manifests[0].rel, f"job.yaml is larger than {MAX_MANIFEST_BYTES // 1024} KiB",
                     "job.yaml holds a few options and pairs; check you saved the right file")])
         return plan_folder(folder.name, files, manifest_bytes, timed_out,
@@ -257,8 +257,8 @@ class Intake:
             self._start_probe(key, p.plan, [s for s in current.values() if s], p.tries + 1)
             return
         if insp is None:
-            insp = Inspection([Problem(", ".join(p.plan.inputs), "crashed the media decoder",
-                                       "the file is probably corrupt; re-export it and drop it again")])
+            insp = Inspection([Problem.of_input(", ".join(p.plan.inputs), "crashed the media decoder",
+                                                "the file is probably corrupt; re-export it and drop it again")])
         if insp.problems:
             self.claimer.reject(p.plan.name_hint, p.plan.sources, insp.problems, p.is_folder,
                                 notify=p.plan.notify)

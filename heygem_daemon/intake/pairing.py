@@ -2,8 +2,8 @@
 
 1. Folder `inbox/<name>/`: 1 audio + N portraits, or N audios + 1 portrait; anything else needs job.yaml.
 2. Loose pair: `inbox/alice.wav` + `inbox/alice.jpg` (same stem, any case) -> one video.
-3. job.yaml sets per-job options (name, engine, preset, options, notify, upload, face_box) and may list
-   pairs explicitly.
+3. job.yaml sets per-job options (name, engine, preset, priority, options, notify, upload, face_box) and may
+   list pairs explicitly.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError, field_validator
 
+from heygem_daemon.failures import Problem
 from heygem_daemon.fs.ops import display_name
 from heygem_daemon.media.faces import FaceEdges
 from heygem_daemon.media.kinds import AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS, MediaKind, kind_of
@@ -27,6 +28,7 @@ FACE_BOX = "face_box"
 """Key in a job's engine options: where engines that find faces themselves (wav2lip) find it instead."""
 READY_MARKER = ".ready"
 MAX_MANIFEST_BYTES = 64 * 1024
+Priority = Literal["high", "normal", "low"]
 SUPPORTED = ", ".join(sorted(AUDIO_EXTS | IMAGE_EXTS | VIDEO_EXTS))
 
 
@@ -41,16 +43,6 @@ class FileInfo:
     @property
     def name(self) -> str:
         return PurePosixPath(self.rel).name
-
-
-@dataclass(frozen=True)
-class Problem:
-    file: str
-    reason: str
-    hint: str
-
-    def as_dict(self) -> dict[str, str]:
-        return {"file": self.file, "reason": self.reason, "hint": self.hint}
 
 
 @dataclass(frozen=True)
@@ -75,6 +67,8 @@ class Plan:
     """Chat targets for this job instead of notify.urls ([] = none); None = the configured ones."""
     upload: bool = True
     """False (job.yaml `upload: false`): the videos stay in outputs/, even when S3 is configured."""
+    priority: Priority = "normal"
+    """Which jobs' tasks the slots take first; within a priority, jobs take turns."""
 
     @property
     def inputs(self) -> list[str]:
@@ -121,6 +115,7 @@ class Manifest(BaseModel):
     notify: list[str] | Literal[False] | None = None
     face_box: tuple[StrictInt, StrictInt, StrictInt, StrictInt] | None = None
     upload: StrictBool = True
+    priority: Priority = "normal"
 
     @field_validator("face_box")
     @classmethod
@@ -140,7 +135,6 @@ class Manifest(BaseModel):
     def engine_options(self) -> dict[str, Any]:
         """options, plus the face box (checked against each portrait at intake) for the engine."""
         return {**self.options, FACE_BOX: list(self.face_box)} if self.face_box else dict(self.options)
-
     @field_validator("notify")
     @classmethod
     def _urls(cls, v: list[str] | Literal[False] | None) -> list[str] | Literal[False] | None:
@@ -182,23 +176,23 @@ def entry_problem(info: FileInfo) -> Problem | None:
     """Things no job may contain, whatever the pairing: links, special files, undecodable names."""
     shown = display_name(info.rel)
     if stat.S_ISLNK(info.mode):
-        return Problem(shown, "is a symbolic link; the daemon never follows links out of the inbox",
-                       "copy the real file into the inbox instead of linking to it")
+        return Problem.of_input(shown, "is a symbolic link; the daemon never follows links out of the inbox",
+                                "copy the real file into the inbox instead of linking to it")
     if stat.S_ISDIR(info.mode):
-        return Problem(shown, "is a folder inside a job folder; nested folders are not supported",
-                       "put all files of a job directly in one folder")
+        return Problem.of_input(shown, "is a folder inside a job folder; nested folders are not supported",
+                                "put all files of a job directly in one folder")
     if not stat.S_ISREG(info.mode):
-        return Problem(shown, "is not a regular file (a pipe, socket or device)",
-                       "drop ordinary audio and image/video files only")
+        return Problem.of_input(shown, "is not a regular file (a pipe, socket or device)",
+                                "drop ordinary audio and image/video files only")
     if shown != info.rel:
-        return Problem(shown, "file name is not valid UTF-8",
-                       "rename the file using plain letters and digits and drop it again")
+        return Problem.of_input(shown, "file name is not valid UTF-8",
+                                "rename the file using plain letters and digits and drop it again")
     return None
 
 
 def _unsupported(info: FileInfo) -> Problem:
-    return Problem(info.rel, f"is not an audio or portrait file (supported: {SUPPORTED})",
-                   "remove it or convert it to a supported format")
+    return Problem.of_input(info.rel, f"is not an audio or portrait file (supported: {SUPPORTED})",
+                            "remove it or convert it to a supported format")
 
 
 def plan_loose(group: list[FileInfo], timed_out: bool) -> Outcome:
@@ -215,16 +209,16 @@ def plan_loose(group: list[FileInfo], timed_out: bool) -> Outcome:
     portraits = [f for f in group if f not in audios]
     if len(audios) > 1 or len(portraits) > 1:
         names = ", ".join(sources)
-        return Rejection(safe_name(stem), sources, [Problem(
+        return Rejection(safe_name(stem), sources, [Problem.of_input(
             names, f"several files share the name {stem!r} ({names}); a loose pair is one audio + one portrait",
             "keep one audio and one portrait with that name, or put them in a folder with a job.yaml")])
     if audios and portraits:
         return Plan(safe_name(stem), sources, [Pair(audios[0].rel, portraits[0].rel, safe_name(stem))])
     lonely = group[0]
     missing = "portrait (.jpg, .png, .mp4 ...)" if audios else "audio file (.wav, .mp3 ...)"
-    problem = Problem(lonely.rel, f"no {missing} named {stem!r} arrived to pair with it",
-                      f"drop a {missing.split(' (')[0]} called {stem}.<ext> next to it, "
-                      "or put both files in a folder")
+    problem = Problem.of_input(lonely.rel, f"no {missing} named {stem!r} arrived to pair with it",
+                               f"drop a {missing.split(' (')[0]} called {stem}.<ext> next to it, "
+                               "or put both files in a folder")
     return Rejection(safe_name(stem), sources, [problem]) if timed_out else Wait(problem)
 
 
@@ -251,7 +245,7 @@ def plan_folder(folder: str, files: list[FileInfo], manifest: bytes | None, time
     if isinstance(outcome, Wait):
         return Rejection(name, [folder], [outcome.problem], spec.notify_urls()) if timed_out else outcome
     return Plan(name, [folder], outcome, spec.engine, spec.preset, spec.engine_options(), spec.notify_urls(),
-                spec.upload)
+                spec.upload, spec.priority)
 
 
 def _parse_manifest(folder: str, raw: bytes, engines: set[str], presets: set[str]) -> Manifest | Problem:
@@ -260,12 +254,12 @@ def _parse_manifest(folder: str, raw: bytes, engines: set[str], presets: set[str
         data = yaml.safe_load(raw.decode("utf-8"))
     except (UnicodeDecodeError, yaml.YAMLError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return Problem(where, f"job.yaml is not valid YAML ({first})",
+        return Problem.of_input(where, f"job.yaml is not valid YAML ({first})",
                        "fix the syntax (a YAML checker helps) or delete job.yaml to use the default pairing")
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        return Problem(where, "job.yaml must be a mapping (name:, engine:, preset:, pairs: ...)",
+        return Problem.of_input(where, "job.yaml must be a mapping (name:, engine:, preset:, pairs: ...)",
                        "see the README section on job.yaml")
     try:
         spec = Manifest.model_validate(data)
@@ -273,14 +267,14 @@ def _parse_manifest(folder: str, raw: bytes, engines: set[str], presets: set[str
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-        return Problem(where, f"job.yaml: {key}: {msg}",
-                       "allowed keys: name, engine, preset, options, notify, upload, face_box, "
-                       "pairs (audio, portrait, name)")
+        return Problem.of_input(where, f"job.yaml: {key}: {msg}",
+                                "allowed keys: name, engine, preset, priority (high, normal, low), options, notify,"
+                                " upload, face_box, pairs (audio, portrait, name)")
     if spec.engine is not None and spec.engine not in engines:
-        return Problem(where, f"job.yaml: engine {spec.engine!r} is not available",
+        return Problem.of_input(where, f"job.yaml: engine {spec.engine!r} is not available",
                        f"use one of: {', '.join(sorted(engines))}")
     if spec.preset is not None and spec.preset not in presets:
-        return Problem(where, f"job.yaml: preset {spec.preset!r} is not defined",
+        return Problem.of_input(where, f"job.yaml: preset {spec.preset!r} is not defined",
                        f"use one of: {', '.join(sorted(presets))}")
     return spec
 
@@ -289,18 +283,18 @@ def _member(folder: str, ref: str, by_name: dict[str, FileInfo]) -> FileInfo | P
     """A file named by job.yaml: a plain name inside the folder, never a path out of it."""
     p = PurePosixPath(ref)
     if p.is_absolute() or ".." in p.parts or len(p.parts) != 1 or "\\" in ref:
-        return Problem(f"{folder}/job.yaml", f"job.yaml names {ref!r}, which is not a file in this folder",
+        return Problem.of_input(f"{folder}/job.yaml", f"job.yaml names {ref!r}, which is not a file in this folder",
                        "list plain file names from the job folder, without paths")
     info = by_name.get(ref)
     if info is None:
-        return Problem(f"{folder}/job.yaml", f"job.yaml names {ref!r}, but the folder has no such file",
+        return Problem.of_input(f"{folder}/job.yaml", f"job.yaml names {ref!r}, but the folder has no such file",
                        "check the spelling or add the file")
     return info
 
 
 def _explicit_pairs(folder: str, files: list[FileInfo], specs: list[PairSpec]) -> list[Pair] | Problem:
     if not specs:
-        return Problem(f"{folder}/job.yaml", "job.yaml has an empty pairs list", "list at least one pair")
+        return Problem.of_input(f"{folder}/job.yaml", "job.yaml has an empty pairs list", "list at least one pair")
     by_name = {f.name: f for f in files}
     pairs: list[Pair] = []
     for spec in specs:
@@ -311,9 +305,9 @@ def _explicit_pairs(folder: str, files: list[FileInfo], specs: list[PairSpec]) -
                 return got
         assert isinstance(audio, FileInfo) and isinstance(portrait, FileInfo)
         if kind_of(audio.name) is not MediaKind.AUDIO:
-            return Problem(audio.rel, "listed as audio but is not an audio file", f"supported: {SUPPORTED}")
+            return Problem.of_input(audio.rel, "listed as audio but is not an audio file", f"supported: {SUPPORTED}")
         if kind_of(portrait.name) not in (MediaKind.IMAGE, MediaKind.VIDEO):
-            return Problem(portrait.rel, "listed as portrait but is not an image or video",
+            return Problem.of_input(portrait.rel, "listed as portrait but is not an image or video",
                            f"supported: {SUPPORTED}")
         name = safe_name(spec.name or f"{PurePosixPath(portrait.name).stem}-{PurePosixPath(audio.name).stem}")
         pairs.append(Pair(audio.rel, portrait.rel, name))
@@ -332,10 +326,10 @@ def _implicit_pairs(folder: str, files: list[FileInfo], timed_out: bool) -> list
         pairs = [Pair(a.rel, portraits[0].rel, safe_name(PurePosixPath(a.name).stem)) for a in audios]
     elif not audios or not portraits:
         missing = "an audio file" if not audios else "a portrait (photo or video)"
-        return Wait(Problem(folder, f"folder has no {missing}",
+        return Wait(Problem.of_input(folder, f"folder has no {missing}",
                             f"add {missing} to the folder; a job needs both"))
     else:
-        return Problem(folder, f"folder has {len(audios)} audio files and {len(portraits)} portraits, "
+        return Problem.of_input(folder, f"folder has {len(audios)} audio files and {len(portraits)} portraits, "
                                "so it is not clear which goes with which",
                        "use one audio with many portraits, many audios with one portrait, "
                        "or add a job.yaml listing the pairs")
@@ -346,7 +340,7 @@ def _unique_names(folder: str, pairs: list[Pair]) -> list[Pair] | Problem:
     seen: set[str] = set()
     for p in pairs:
         if p.name.casefold() in seen:
-            return Problem(folder, f"two videos would both be called {p.name!r}",
+            return Problem.of_input(folder, f"two videos would both be called {p.name!r}",
                            "give the files different names, or set distinct names in job.yaml")
         seen.add(p.name.casefold())
     return pairs

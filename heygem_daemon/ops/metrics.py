@@ -22,6 +22,8 @@ TASK_SECONDS = Histogram(
 CLEANUP_BYTES = Counter("heygem_cleanup_freed_bytes", "Bytes freed by cleanup sweeps", ["sweep"],
                         registry=REGISTRY)
 BYTES_UPLOADED = Counter("heygem_uploaded_bytes", "Bytes uploaded by delivery", registry=REGISTRY)
+ATTEMPTS_FAILED = Counter("heygem_failed_attempts", "Failed generation attempts by the problem's kind and what "
+                          "followed (queued: tried again later; failed: for good)", ["kind", "then"], registry=REGISTRY)
 
 
 class StateCollector(Collector):

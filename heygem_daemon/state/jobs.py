@@ -7,7 +7,7 @@ import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 from heygem_daemon.state.db import Repository
 from heygem_daemon.state.tasks import NewTask
@@ -98,6 +98,45 @@ class JobRepository(Repository):
                 (state, now, finished, json.dumps(error) if error else None,
                  json.dumps(spec) if spec is not None else None, job_id),
             )
+
+    def transition(self, job_id: str, to: str, allowed_from: Iterable[str], error: dict[str, Any] | None = None,
+                   spec: dict[str, Any] | None = None) -> str:
+        """Compare-and-set: move the job to `to` only if it is in one of `allowed_from`, in one transaction.
+        Returns the state it was in: the move happened if and only if that is one of `allowed_from`."""
+        now = time.time()
+        with self.tx() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise KeyError(job_id)
+            if row["state"] in set(allowed_from):
+                db.execute(
+                    "UPDATE jobs SET state = ?, updated_at = ?, finished_at = ?,"
+                    " error = COALESCE(?, error), spec = COALESCE(?, spec) WHERE id = ?",
+                    (to, now, now if to in TERMINAL_JOB_STATES else None, json.dumps(error) if error else None,
+                     json.dumps(spec) if spec is not None else None, job_id))
+        return row["state"]
+
+    def requeue_failed(self, job_id: str, from_state: str, spec: dict[str, Any]) -> int:
+        """Retry carried out: the job's failed tasks queued again with fresh attempts and the job queued,
+        in one transaction (a crash leaves either the request or the queued job). Returns the tasks queued."""
+        now = time.time()
+        with self.tx() as db:
+            moved = db.execute("UPDATE jobs SET state = 'queued', spec = ?, updated_at = ?, finished_at = NULL"
+                               " WHERE id = ? AND state = ?", (json.dumps(spec), now, job_id, from_state))
+            if moved.rowcount != 1:
+                return 0
+            return db.execute(
+                "UPDATE tasks SET state = 'queued', progress = 0, not_before = 0, finished_at = NULL, attempts = 0,"
+                " updated_at = ? WHERE job_id = ? AND state = 'failed'", (now, job_id)).rowcount
+
+    def all_tasks_ended(self, states: tuple[str, ...]) -> list[str]:
+        """Ids of jobs in `states` that have tasks and none of them queued or running: ready to be finished."""
+        rows = self._conn().execute(
+            f"SELECT id FROM jobs j WHERE state IN ({','.join('?' * len(states))})"
+            " AND EXISTS (SELECT 1 FROM tasks t WHERE t.job_id = j.id)"
+            " AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.job_id = j.id AND t.state IN ('queued', 'running'))",
+            states)
+        return [r["id"] for r in rows]
 
     def delete(self, job_id: str) -> None:
         with self.tx() as db:

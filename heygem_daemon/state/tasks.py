@@ -58,12 +58,21 @@ class TaskQueue(Repository):
     def get(self, task_id: int) -> Task:
         return _task(self._conn().execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone())
 
-    def take_next(self, device: str) -> Task | None:
-        """Atomically move the oldest runnable queued task to running on `device` and open an attempt."""
-        now = time.time()
+    def take_next(self, device: str, now: float | None = None) -> Task | None:
+        """Atomically move the next runnable task to running on `device` and open an attempt.
+
+        Fair across jobs: higher priority first, then the job whose last attempt began longest ago (a job
+        never started goes first), so a one-video job is never stuck behind a big batch.
+        """
+        now = time.time() if now is None else now
         with self.tx() as db:
             row = db.execute(
-                "SELECT id FROM tasks WHERE state = 'queued' AND not_before <= ? ORDER BY id LIMIT 1", (now,)
+                "WITH ready AS (SELECT job_id, MIN(id) AS id FROM tasks WHERE state = 'queued' AND not_before <= ?"
+                "  GROUP BY job_id)"
+                " SELECT r.id FROM ready r JOIN jobs j ON j.id = r.job_id ORDER BY"
+                "  CASE json_extract(j.spec, '$.priority') WHEN 'high' THEN 0 WHEN 'low' THEN 2 ELSE 1 END,"
+                "  COALESCE((SELECT MAX(a.id) FROM attempts a JOIN tasks s ON s.id = a.task_id"
+                "   WHERE s.job_id = r.job_id), 0), r.id LIMIT 1", (now,)
             ).fetchone()
             if row is None:
                 return None
@@ -93,32 +102,42 @@ class TaskQueue(Repository):
             "UPDATE attempts SET ended_at = ?, outcome = ?, error = ? WHERE task_id = ? AND ended_at IS NULL",
             (now, outcome, json.dumps(error) if error else None, task_id))
 
-    def finish(self, task_id: int) -> None:
+    def finish(self, task_id: int) -> bool:
+        """A running task made its video; False when it was not running (nothing changed)."""
         now = time.time()
         with self.tx() as db:
             self._end_attempt(db, task_id, "done", None, now)
-            db.execute("UPDATE tasks SET state = 'done', progress = 1, updated_at = ?, finished_at = ?,"
-                       " last_error = NULL WHERE id = ?", (now, now, task_id))
+            moved = db.execute("UPDATE tasks SET state = 'done', progress = 1, updated_at = ?, finished_at = ?,"
+                               " last_error = NULL WHERE id = ? AND state = 'running'", (now, now, task_id))
+        return moved.rowcount == 1
 
     def fail_attempt(self, task_id: int, error: dict[str, Any], retry_at: float | None) -> str:
-        """Record a failed attempt; requeue at retry_at or fail for good when None. Returns the new state."""
+        """Record a failed attempt of a running task; requeue at retry_at or fail for good when None.
+        Returns the new state, or "" when the task was not running (nothing changed)."""
         now = time.time()
         state = "queued" if retry_at is not None else "failed"
         with self.tx() as db:
-            self._end_attempt(db, task_id, "retry" if retry_at is not None else "failed", error, now)
-            db.execute(
+            moved = db.execute(
                 "UPDATE tasks SET state = ?, not_before = ?, last_error = ?, updated_at = ?, finished_at = ?"
-                " WHERE id = ?",
+                " WHERE id = ? AND state = 'running'",
                 (state, retry_at or 0, json.dumps(error), now, None if retry_at is not None else now, task_id))
+            if moved.rowcount != 1:
+                return ""
+            self._end_attempt(db, task_id, "retry" if retry_at is not None else "failed", error, now)
         return state
 
-    def wait(self, task_id: int, error: dict[str, Any], not_before: float) -> None:
-        """A dependency is out: back to the queue until not_before, the attempt not counted."""
+    def wait(self, task_id: int, error: dict[str, Any], not_before: float) -> bool:
+        """A dependency is out: back to the queue until not_before, the attempt not counted.
+        False when the task was not running (nothing changed)."""
         now = time.time()
         with self.tx() as db:
+            moved = db.execute("UPDATE tasks SET state = 'queued', attempts = MAX(attempts - 1, 0), not_before = ?,"
+                               " last_error = ?, updated_at = ? WHERE id = ? AND state = 'running'",
+                               (not_before, json.dumps(error), now, task_id))
+            if moved.rowcount != 1:
+                return False
             self._end_attempt(db, task_id, "outage", error, now)
-            db.execute("UPDATE tasks SET state = 'queued', attempts = MAX(attempts - 1, 0), not_before = ?,"
-                       " last_error = ?, updated_at = ? WHERE id = ?", (not_before, json.dumps(error), now, task_id))
+        return True
 
     def outage_streak(self, task_id: int) -> int:
         """How many of the task's latest attempts in a row ended waiting for a dependency."""
@@ -130,6 +149,15 @@ class TaskQueue(Repository):
                 break
             streak += 1
         return streak
+
+    def outages(self) -> list[dict[str, Any]]:
+        """Dependencies queued tasks are waiting for: dependency, reason, since (the earliest), tasks."""
+        rows = self._conn().execute(
+            "SELECT json_extract(last_error, '$.dependency') AS dependency,"
+            " MIN(json_extract(last_error, '$.reason')) AS reason, MIN(json_extract(last_error, '$.since')) AS since,"
+            " COUNT(*) AS tasks FROM tasks WHERE state = 'queued' AND json_extract(last_error, '$.kind') = 'outage'"
+            " GROUP BY 1 ORDER BY 3")
+        return [dict(r) for r in rows]
 
     def requeue(self, task_ids: list[int], reset_attempts: bool) -> None:
         now = time.time()
