@@ -118,15 +118,22 @@ def _job_view(cfg: Config, store: Store, job: Job) -> dict[str, Any]:
 
 
 def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
+    from heygem_daemon.dependencies import OUT_STATES, engine_dependencies
+
     jobs = [_job_view(cfg, store, j) for j in store.jobs(limit=limit)]
     counts = store.counts()
+    dependencies = engine_dependencies(cfg)
     if as_json:
         from heygem_daemon.daemon_state import read_state
 
         daemon = read_state(cfg.folder("state"))
-        print(json.dumps({"daemon": daemon, "tasks": counts, "jobs": jobs}, indent=2, ensure_ascii=False))
+        print(json.dumps({"daemon": daemon, "tasks": counts, "jobs": jobs,
+                          "dependencies": [d.to_dict() for d in dependencies]}, indent=2, ensure_ascii=False))
         return 0
     print("tasks: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none yet"))
+    for dep in dependencies:
+        if dep.state in OUT_STATES:
+            print(f"{dep.name} is {dep.state.upper()}: {dep.detail}" + (f" ({dep.hint})" if dep.hint else ""))
     for j in jobs:
         line = f"{j['name']:<28} {j['state']:<10} {j['done']}/{j['videos']} videos {j['progress'] * 100:5.1f}%"
         if j.get("duplicate_of"):

@@ -94,6 +94,8 @@ class Workers(_Section):
     backoff_seconds: float = Field(10.0, ge=0.0)
     backoff_max_seconds: float = Field(600.0, ge=0.0)
     stall_seconds: float = Field(300.0, gt=0.0)
+    outage_alert_seconds: float = Field(900.0, gt=0.0, description="a task waiting this long on a dependency"
+                                        " that is out (a service down) alerts the operator")
     nice: int = Field(10, ge=0, le=19, description="CPU niceness of worker processes; keeps intake responsive")
 
     @field_validator("devices")

@@ -18,6 +18,7 @@ from heygem_daemon.daemon_state import LOCK_FILE, write_state
 from heygem_daemon.delivery.notify import Notifier, Outbox
 from heygem_daemon.delivery.report import BatchReport
 from heygem_daemon.delivery.service import DeliveryService
+from heygem_daemon.dependencies import outage_alerts
 from heygem_daemon.diskguard import DiskGuard
 from heygem_daemon.engines.registry import ENGINES, check_engines, needs_face
 from heygem_daemon.intake.claim import Claimer, recover_detected
@@ -34,6 +35,7 @@ log = get_logger("heygem.daemon")
 DB_FILE = "heygem.db"
 SIGNAL_POLL_SECONDS = 0.2
 STATUS_INTERVAL = 1.0
+OUTAGE_CHECK_INTERVAL = 5.0
 # Asked of systemd on top of the drain time, for checkpointing and shutting down after it.
 STOP_MARGIN_SECONDS = 30.0
 
@@ -143,7 +145,7 @@ class Daemon:
     # --- the main loop: signals, watchdog, status, disk guard, cancels -----------------------------
 
     def _loop(self, done: Callable[[], bool]) -> None:
-        next_beat = next_disk = next_status = 0.0
+        next_beat = next_disk = next_status = next_outage_check = 0.0
         unhealthy_logged = False
         while not done():
             now = time.monotonic()
@@ -161,6 +163,9 @@ class Daemon:
                     with self._finalize_lock:
                         settle_cancelled(self.cfg, self._finalize_store, self._job_failed)
                     self.systemd.status(self._status())
+                if now >= next_outage_check:
+                    next_outage_check = now + OUTAGE_CHECK_INTERVAL
+                    self._alert_outages()
             except Exception:
                 log.exception("main loop step failed; trying again")
             interval = self.systemd.watchdog_interval
@@ -176,6 +181,12 @@ class Daemon:
                     log.error("a daemon thread died; withholding the watchdog ping so systemd restarts us",
                               threads=dead)
             time.sleep(SIGNAL_POLL_SECONDS)
+
+    def _alert_outages(self) -> None:
+        """Dependencies out for longer than workers.outage_alert_seconds reach the operator (the outbox
+        sends each key once per notify.alert_repeat_hours)."""
+        for key, text in outage_alerts(self.cfg, self.store):
+            self.outbox.enqueue_alert(key, text)
 
     def _drain(self) -> None:
         """Stop taking work; let running tasks finish within shutdown.drain_seconds (a second signal

@@ -150,6 +150,19 @@ CREATE TABLE IF NOT EXISTS cleanup_runs (
 );
 """
 
+# Engine heygem (issue 11): each code submitted (or staged) per data folder, until the service has
+# forgotten it and `<temp>/<code>*` is gone. `service` is NULL while only staged, never submitted.
+HEYGEM_SCHEMA = """
+CREATE TABLE IF NOT EXISTS heygem_codes (
+    code       TEXT NOT NULL,
+    temp       TEXT NOT NULL,
+    task_id    INTEGER NOT NULL,
+    service    TEXT,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (code, temp)
+);
+"""
+
 TERMINAL_JOB_STATES = ("done", "failed", "retried")
 # An operator asked to stop the job (`heygem-daemon cancel`); the daemon ends it as failed.
 CANCELLING = "cancelling"
@@ -187,6 +200,16 @@ class Task:
     started_at: float | None
     updated_at: float
     finished_at: float | None
+
+
+@dataclass(frozen=True)
+class HeygemCode:
+    code: str
+    temp: str
+    task_id: int
+    service: str | None
+    live: bool
+    """The newest code of a running task: its attempt may be following it, so nobody else may ask."""
 
 
 @dataclass(frozen=True)
@@ -316,6 +339,7 @@ class Store:
         self._local = threading.local()
         self._conn().executescript(SCHEMA)
         self._conn().executescript(OPS_SCHEMA)
+        self._conn().executescript(HEYGEM_SCHEMA)
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -538,6 +562,22 @@ class Store:
                 db.execute("UPDATE attempts SET ended_at = ?, outcome = 'interrupted' WHERE task_id = ?"
                            " AND ended_at IS NULL", (now, tid))
 
+    def outage_waits(self) -> list[tuple[Task, float]]:
+        """Queued tasks waiting for a dependency, each with when its current wait began (the start of
+        its first attempt in the unbroken run of outage attempts)."""
+        waits = []
+        for task in self.tasks(states=("queued",)):
+            if not task.last_error or task.last_error.get("kind") != "outage":
+                continue
+            since = None
+            for attempt in reversed(self.attempts(task.id)):
+                if attempt["outcome"] != "outage":
+                    break
+                since = attempt["started_at"]
+            if since is not None:
+                waits.append((task, since))
+        return waits
+
     def counts(self) -> dict[str, int]:
         rows = self._conn().execute("SELECT state, COUNT(*) AS n FROM tasks GROUP BY state")
         return {r["state"]: r["n"] for r in rows}
@@ -650,6 +690,32 @@ class Store:
             db.execute("INSERT INTO cleanup_runs (name, last_run, removed, bytes) VALUES (?, ?, ?, ?)"
                        " ON CONFLICT(name) DO UPDATE SET last_run = excluded.last_run,"
                        " removed = excluded.removed, bytes = excluded.bytes", (name, at, removed, freed))
+
+    # --- heygem codes ------------------------------------------------------------------------
+
+    def remember_heygem_code(self, code: str, temp: str, task_id: int) -> None:
+        """Before a task's inputs go into a service's temp folder under `code`."""
+        with self.tx() as db:
+            db.execute("INSERT OR IGNORE INTO heygem_codes (code, temp, task_id, created_at) VALUES (?, ?, ?, ?)",
+                       (code, temp, task_id, time.time()))
+
+    def heygem_code_submitted(self, code: str, temp: str, service: str | None) -> None:
+        """The job goes to `service`, which knows the code until it has told the job's end; None when
+        the service refused it (busy, unreachable)."""
+        with self.tx() as db:
+            db.execute("UPDATE heygem_codes SET service = ? WHERE code = ? AND temp = ?", (service, code, temp))
+
+    def heygem_codes(self) -> list[HeygemCode]:
+        rows = self._conn().execute(
+            "SELECT c.*, (t.state = 'running' AND c.code = (SELECT n.code FROM heygem_codes n"
+            " WHERE n.task_id = c.task_id ORDER BY n.created_at DESC, n.rowid DESC LIMIT 1)) AS live"
+            " FROM heygem_codes c LEFT JOIN tasks t ON t.id = c.task_id ORDER BY c.created_at")
+        return [HeygemCode(r["code"], r["temp"], r["task_id"], r["service"], bool(r["live"])) for r in rows]
+
+    def forget_heygem_code(self, code: str, temp: str) -> None:
+        """`<temp>/<code>*` is gone and the service no longer knows the code."""
+        with self.tx() as db:
+            db.execute("DELETE FROM heygem_codes WHERE code = ? AND temp = ?", (code, temp))
 
     # --- delivery: batches ------------------------------------------------------------------
 

@@ -58,13 +58,13 @@ class _Reporter:
             os._exit(1)
 
 
-def _crash(exc: Exception) -> tuple[str, str, str, str]:
+def _crash(exc: Exception) -> tuple[str, str, str, str, str]:
     """An exception the engine did not classify: a full disk is an outage, anything else an engine fault."""
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return ("error", Kind.OUTAGE.value, f"disk full: {exc}",
-                "free space on the outputs/work disk; the task waits and runs again by itself")
+                "free space on the outputs/work disk; the task waits and runs again by itself", "disk")
     tb = traceback.format_exc(limit=6)
-    return ("error", Kind.ENGINE.value, f"{type(exc).__name__}: {exc}", f"engine crashed; see the log\n{tb}")
+    return ("error", Kind.ENGINE.value, f"{type(exc).__name__}: {exc}", f"engine crashed; see the log\n{tb}", "")
 
 
 def worker_main(conn: Connection, device: str, engine_settings: dict[str, dict[str, Any]], parent_pid: int,
@@ -93,7 +93,7 @@ def worker_main(conn: Connection, device: str, engine_settings: dict[str, dict[s
             out = engine.generate(spec, progress)
             conn.send(("done", str(out)))
         except EngineError as exc:
-            conn.send(("error", exc.kind.value, exc.reason, exc.hint))
+            conn.send(("error", exc.kind.value, exc.reason, exc.hint, getattr(exc, "dependency", "")))
         except Exception as exc:  # an engine bug: retry, and keep the traceback for the operator
             conn.send(_crash(exc))
 
@@ -129,9 +129,11 @@ class Attempt:
     """Outcome of one attempt as the supervisor saw it."""
 
     def __init__(self, ok: bool, reason: str = "", hint: str = "", kind: Kind = Kind.ENGINE,
-                 interrupted: bool = False) -> None:
+                 interrupted: bool = False, dependency: str = "") -> None:
         self.ok, self.reason, self.hint = ok, reason, hint
         self.kind, self.interrupted = kind, interrupted
+        self.dependency = dependency
+        """What an outage waits for (a service URL, "disk"): groups the operator's alerts."""
 
 
 class Slot(threading.Thread):
@@ -178,7 +180,7 @@ class Slot(threading.Thread):
             audio=work / "in" / task.audio, portrait=work / "in" / task.portrait,
             output=Path(task.output + ".part"), workdir=work / f"task-{task.id}",
             preset=self.cfg.preset(job.spec.get("preset")), device=self.device,
-            x264_preset=self.cfg.engine.x264_preset, options=job.spec.get("options", {}),
+            x264_preset=self.cfg.engine.x264_preset, options=job.spec.get("options", {}), store=self.store.path,
         )
         return job.spec.get("engine", self.cfg.engine.name), spec
 
@@ -251,8 +253,8 @@ class Slot(threading.Thread):
             elif kind == "done":
                 return Attempt(True)
             elif kind == "error":
-                _, error_kind, reason, hint = msg
-                return Attempt(False, reason, hint, Kind(error_kind))
+                _, error_kind, reason, hint, dependency = msg
+                return Attempt(False, reason, hint, Kind(error_kind), dependency=dependency)
 
     def _drop_worker(self) -> None:
         if self.worker is not None:
@@ -284,6 +286,7 @@ class Slot(threading.Thread):
         error = {**problem.to_dict(), "attempt": task.attempts, "device": self.device}
         cancelled = self.store.job_state(task.job_id) == CANCELLING
         if result.kind is Kind.OUTAGE and not cancelled:
+            error["dependency"] = result.dependency
             streak = self.store.outage_streak(task.id)
             wait = backoff_delay(streak + 1, w.backoff_seconds, w.backoff_max_seconds)
             self.store.wait_task(task.id, error, time.time() + wait)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from heygem_daemon.config import Limits
 from heygem_daemon.intake.pairing import Problem
+from heygem_daemon.media.faces import FaceRule
 from heygem_daemon.media.kinds import MediaKind, kind_of
 from heygem_daemon.proc import die_with_parent
 
@@ -52,15 +53,15 @@ class _PassedCache:
 
     def __init__(self, size: int = 4096) -> None:
         self.size = size
-        self._seen: OrderedDict[tuple[str, bool, Limits], None] = OrderedDict()
+        self._seen: OrderedDict[tuple[str, FaceRule, Limits], None] = OrderedDict()
 
-    def __contains__(self, key: tuple[str, bool, Limits]) -> bool:
+    def __contains__(self, key: tuple[str, FaceRule, Limits]) -> bool:
         if key in self._seen:
             self._seen.move_to_end(key)
             return True
         return False
 
-    def add(self, key: tuple[str, bool, Limits]) -> None:
+    def add(self, key: tuple[str, FaceRule, Limits]) -> None:
         self._seen[key] = None
         if len(self._seen) > self.size:
             self._seen.popitem(last=False)
@@ -69,7 +70,7 @@ class _PassedCache:
 _passed = _PassedCache()
 
 
-def inspect_inputs(inbox: str, rels: list[str], limits: Limits, need_face: bool) -> Inspection:
+def inspect_inputs(inbox: str, rels: list[str], limits: Limits, need_face: FaceRule) -> Inspection:
     from heygem_daemon.intake.probe import ProbeError, probe_audio, probe_portrait
 
     result = Inspection()
@@ -113,7 +114,7 @@ class Inspector:
             self._pool = self._new_pool()
             self.generation += 1
 
-    def submit(self, inbox: Path, rels: list[str], limits: Limits, need_face: bool) -> tuple[Future[Inspection], int]:
+    def submit(self, inbox: Path, rels: list[str], limits: Limits, need_face: FaceRule) -> tuple[Future[Inspection], int]:
         try:
             return self._pool.submit(inspect_inputs, str(inbox), rels, limits, need_face), self.generation
         except BrokenProcessPool:

@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from heygem_daemon.config import Limits
 from heygem_daemon.media.errors import MediaError
-from heygem_daemon.media.faces import detect_face
+from heygem_daemon.media.faces import FaceRule, count_faces, detect_face
 from heygem_daemon.media.frames import read_image, upright
 from heygem_daemon.media.kinds import MediaKind, kind_of
 
@@ -30,6 +30,7 @@ _AUDIO_HINT = "export the audio again as WAV or MP3 and drop it in again"
 _IMAGE_HINT = "save the portrait again as JPEG or PNG and drop it in again"
 _VIDEO_HINT = "export the portrait video again as MP4 (H.264) and drop it in again"
 _FACE_HINT = "use a front-facing photo where the face is clearly visible"
+_ONE_FACE_HINT = "this engine animates exactly one person: crop the portrait to a single face and drop it in again"
 # Decoders and containers disagree by a few codec frames (priming, padding); more than this is missing data.
 _SHORTFALL_SECONDS = 0.25
 _SHORTFALL_SHARE = 0.02
@@ -215,7 +216,7 @@ def _image_size(path: Path, limits: Limits) -> tuple[int, int]:
     return w, h
 
 
-def _probe_image(path: Path, limits: Limits, need_face: bool) -> PortraitProbe:
+def _probe_image(path: Path, limits: Limits, need_face: FaceRule) -> PortraitProbe:
     try:
         with warnings.catch_warnings():
             # Pillow only warns between its two bomb thresholds; a warning here is still a bomb.
@@ -232,6 +233,8 @@ def _probe_image(path: Path, limits: Limits, need_face: bool) -> PortraitProbe:
         raise ProbeError(exc.reason, exc.hint) from None
     if need_face and detect_face(bgr) is None:
         raise ProbeError(f"no face found in {path.name}", _FACE_HINT)
+    if need_face == FaceRule.ONE and count_faces(bgr) > 1:
+        raise ProbeError(f"more than one face in {path.name}", _ONE_FACE_HINT)
     return PortraitProbe("image", w, h, None, None)
 
 
@@ -264,7 +267,7 @@ def _check_video_pixels(name: str, width: int, height: int, limits: Limits) -> N
         )
 
 
-def _probe_video(path: Path, limits: Limits, need_face: bool) -> PortraitProbe:
+def _probe_video(path: Path, limits: Limits, need_face: FaceRule) -> PortraitProbe:
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -289,12 +292,16 @@ def _probe_video(path: Path, limits: Limits, need_face: bool) -> PortraitProbe:
         raise _too_long(path.name, _A_PORTRAIT, seconds, limits.max_portrait_seconds, _PORTRAIT_KEY)
     if need_face and not any(detect_face(f) is not None for f in frames):
         raise ProbeError(f"no face found in the first frames of {path.name}", _FACE_HINT)
+    # Most sampled frames, not any: one frame with a face-like patch beside the face is not a second person.
+    if need_face == FaceRule.ONE and 2 * sum(count_faces(f) > 1 for f in frames) > len(frames):
+        raise ProbeError(f"more than one face in the first frames of {path.name}", _ONE_FACE_HINT)
     h, w = frames[0].shape[:2]
     return PortraitProbe("video", w, h, seconds, fps)
 
 
-def probe_portrait(path: Path, limits: Limits, need_face: bool) -> PortraitProbe:
-    """Check a portrait image or video: decodable, within size limits, and (if asked) showing a face."""
+def probe_portrait(path: Path, limits: Limits, need_face: FaceRule) -> PortraitProbe:
+    """Check a portrait image or video: decodable, within size limits, and (if asked) showing a face,
+    or exactly one face (`FaceRule.ONE`). A plain bool works as NONE/ANY."""
     path = Path(path)
     _check_file(path, limits)
     kind = kind_of(path)
