@@ -63,10 +63,10 @@ def outage_alerts(cfg: Config, store: Store, now: float | None = None) -> list[t
         since = min(s for _, s in items)
         if now - since >= limit:
             error = items[0][0]
-            alerts.append((f"outage:{dependency}",
-                           f"{len(items)} task(s) waiting since {time.strftime('%H:%M', time.localtime(since))} "
-                           f"({(now - since) / 60:.0f} min) for {dependency}: {error.get('reason', '')}. "
-                           f"{error.get('hint', '')}"))
+            text = (f"{len(items)} task(s) waiting since {time.strftime('%H:%M', time.localtime(since))} "
+                    f"({(now - since) / 60:.0f} min) for {dependency}: {error.get('reason', '')}. "
+                    f"{error.get('hint', '')}")
+            alerts.append((f"outage:{dependency}", text))
     for dep in engine_dependencies(cfg):
         out_for = now - (dep.since or now)
         fresh = now - dep.seen <= FRESH_SECONDS

@@ -286,7 +286,7 @@ def test_each_service_may_have_its_own_data_folder(tmp_path, group):
     finally:
         a.stop()
         b.stop()
-    ((_, service, names),) = group.events("submit")
+    ((_, service, _),) = group.events("submit")
     assert service == "b" and temp_files(first) == [] and temp_files(second) == []
 
 

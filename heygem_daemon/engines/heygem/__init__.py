@@ -22,11 +22,10 @@ from typing import ClassVar, Literal
 
 from heygem_daemon.checks import Check
 from heygem_daemon.dependencies import Dependency
-from heygem_daemon.engines.base import (
-    BadInputError, EngineError, OutageError, ProgressFn, TaskSpec,
-)
+from heygem_daemon.engines.base import BadInputError, EngineError, OutageError, ProgressFn, TaskSpec
 from heygem_daemon.engines.heygem.client import (
-    CONTAINERS, FAILED, LOG_HINT, SUCCEEDED, HeygemClient, ServiceBusy, ServiceUnreachable, TaskState, bad_media,
+    CONTAINERS, FAILED, LOG_HINT, SUCCEEDED, HeygemClient, ServiceBusy, ServiceUnreachable,
+    TaskState, bad_media,
 )
 from heygem_daemon.engines.heygem.exchange import Exchange, audio_seconds
 from heygem_daemon.engines.heygem.health import HealthBook, read_health
