@@ -11,9 +11,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import yaml
 
 from config_examples import commented_engine_example
 from heygem_daemon.cleanup import Sweep
+from heygem_daemon.cli import main as cli_main
 from heygem_daemon.config import DEFAULT_PRESETS, Config, ConfigError, Limits, load_config
 from heygem_daemon.dependencies import outage_alerts
 from heygem_daemon.engines.base import BadInputError, EngineError, OutageError, TaskSpec
@@ -26,7 +28,7 @@ from heygem_daemon.engines.heygem.settings import Endpoint
 from heygem_daemon.engines.registry import needs_face, settings_for
 from heygem_daemon.intake.probe import ProbeError, probe_portrait
 from heygem_daemon.media.faces import FaceRule
-from heygem_daemon.store import Store
+from heygem_daemon.store import NewTask, Store
 from heygem_standin import SEVERAL_FACES, Group, HeygemStandin
 from media_factory import PORTRAIT_JPG, video_facts, write_speech_wav
 
@@ -271,6 +273,36 @@ def test_a_service_wedged_by_another_client_is_shown_and_alerted_while_the_other
     assert "is wedged: busy with a job that is not ours" in text and "duix-avatar-gen-video" in text
     doctor = HeygemEngine.doctor(engine.settings, ["cpu"])
     assert [c.ok for c in doctor if "jobs" in c.name] == [False]
+
+
+def test_status_names_the_wedged_service(tmp_path, data_dir, service, other, capsys):
+    service.occupy()
+    engine = engine_for(data_dir, service.url, other.url, busy_alert_seconds=0.1)
+    engine.generate(make_task(tmp_path, task_id=2), Reports())
+    time.sleep(0.15)
+    engine.generate(make_task(tmp_path, task_id=4), Reports())
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"base_dir": str(tmp_path), "engine": {"name": "heygem"}, "engines": {
+        "heygem": {"services": [service.url, other.url], "data_dir": str(data_dir), "busy_alert_seconds": 0.1}}}))
+    assert cli_main(["-c", str(config), "status"]) == 0
+    out = capsys.readouterr().out
+    assert f"heygem service {service.url} is WEDGED: busy with a job that is not ours" in out
+    assert other.url not in out
+
+
+def test_tasks_waiting_on_an_outage_for_too_long_alert_the_operator_once_per_dependency(tmp_path, store):
+    job = store.create_job("j", {})
+    store.queue_job(job.id, [NewTask(f"t{i}", "a.wav", "p.jpg", f"/out/t{i}.mp4") for i in range(2)])
+    url = "http://gpu2:8383"
+    for _ in range(2):
+        task = store.take_next_task("cpu")
+        store.wait_task(task.id, {"kind": "outage", "reason": "no heygem service can take the job",
+                                  "hint": "start the container", "dependency": url}, time.time() + 3600)
+    cfg = Config.model_validate({"base_dir": str(tmp_path), "workers": {"outage_alert_seconds": 60}})
+    assert outage_alerts(cfg, store) == []
+    ((key, text),) = outage_alerts(cfg, store, now=time.time() + 61)
+    assert key == f"outage:{url}"
+    assert text.startswith("2 task(s) waiting since") and f"for {url}: no heygem service can take the job" in text
 
 
 # --- files: several hosts, leftovers -------------------------------------------------------------------
