@@ -126,7 +126,7 @@ class HeygemEngine:
         first = next(iter(down))
         where = "; ".join(f"{redact_text(url)}: {why}" for url, why in down.items())
         return OutageError(f"no heygem service can take the job ({where})",
-                           f"start the service's container ({CONTAINERS.replace('docker logs ', '')}) or mount "
+                           f"start the service's container ({CONTAINERS}) or mount "
                            f"its data_dir; {_WAITS}", dependency=first)
 
     def _submit(self, endpoint: Endpoint, exchange: Exchange) -> tuple[Submitted, str]:
@@ -181,7 +181,7 @@ class HeygemEngine:
                     f"heygem service at {client.shown} still renders after {limit:.0f} s "
                     f"({self.settings.render_timeout_factor:g} x {seconds:.1f} s of audio + "
                     f"{self.settings.render_timeout_base:g} s), at {state.progress:g}%",
-                    f"the service may be hung: restart its container ({CONTAINERS.replace('docker logs ', '')}); "
+                    f"the service may be hung: restart its container ({CONTAINERS}); "
                     f"on a slow GPU raise engines.heygem.render_timeout_factor; {_RETRY}")
             if state.progress != shown:
                 shown = state.progress
@@ -271,14 +271,14 @@ def _dependency(endpoint: Endpoint, busy_alert: float) -> Dependency:
     if health.down_since is not None:
         return Dependency(name, "down", health.down_since, health.last_seen,
                           f"no answer since {_when(health.down_since)} ({seen}): {health.reason}",
-                          f"start its container ({CONTAINERS.replace('docker logs ', '')}) or fix the URL")
+                          f"start its container ({CONTAINERS}) or fix the URL")
     if health.busy_since is not None:
         busy_for = health.last_seen - health.busy_since
         if busy_for >= busy_alert:
             return Dependency(name, "wedged", health.busy_since, health.last_seen,
                               f"busy with a job that is not ours since {_when(health.busy_since)} ({seen})",
                               f"another client's job may hang there; restart the container "
-                              f"({CONTAINERS.replace('docker logs ', '')}) when nobody else is using it")
+                              f"({CONTAINERS}) when nobody else is using it")
         return Dependency(name, "busy", health.busy_since, health.last_seen,
                           f"busy with another client's job since {_when(health.busy_since)} ({seen})")
     return Dependency(name, "ok", None, health.last_seen, f"answered {_when(health.last_seen)}")

@@ -13,8 +13,8 @@ from heygem_daemon.log import redact_text
 OK, SYSTEM_ERROR, BUSY, BAD_PARAMETER, NOT_FOUND = 10000, 9999, 10001, 10002, 10004
 RUNNING, SUCCEEDED, FAILED = 1, 2, 3
 _RETRY_HINT = "the task will be retried"
-CONTAINERS = "docker logs heygem-gen-video (HeyGem) or docker logs duix-avatar-gen-video (Duix-Avatar)"
-LOG_HINT = f"see the container's log: {CONTAINERS}"
+CONTAINERS = "heygem-gen-video (HeyGem) or duix-avatar-gen-video (Duix-Avatar)"
+LOG_HINT = "see the container's log: docker logs heygem-gen-video (HeyGem) or duix-avatar-gen-video (Duix-Avatar)"
 
 # Status-3 messages that mean the inputs cannot work (from the service's logged answers and the official
 # client): a substring of the service's message -> what it means and what the person should do.
