@@ -14,6 +14,7 @@ from daemon_harness import DaemonHarness
 from heygem_daemon.jobs import cancel_job
 from heygem_standin import Group, HeygemStandin
 from media_factory import PORTRAIT_JPG, video_facts, write_portrait_video
+from notify_receiver import Receiver
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +32,23 @@ def services(tmp_path_factory, group):
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory, services):
+def operator():
+    """The operator's chat: where alerts go."""
+    receiver = Receiver().start()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory, services, operator):
     harness = DaemonHarness(tmp_path_factory.mktemp("heygem-daemon"), {
         "engine": {"name": "heygem"},
         "engines": {"heygem": {"services": [s.url for s in services], "data_dir": str(services[0].data_dir),
                                "poll_interval": 0.1, "busy_retry_interval": 0.2}},
         # One slot per service; a hang is 2 s without a heartbeat; outages come back within a second.
-        "workers": {"per_device": 2, "stall_seconds": 2, "backoff_seconds": 0.3, "backoff_max_seconds": 1},
+        "workers": {"per_device": 2, "stall_seconds": 2, "backoff_seconds": 0.3, "backoff_max_seconds": 1,
+                    "outage_alert_seconds": 1},
+        "notify": {"operator_urls": [operator.url("/ops")], "retry_base_seconds": 0.2, "retry_max_seconds": 0.5},
         "cleanup": {"temp_every_hours": 0.0005},  # the leftovers sweep every 1.8 s
         "dedupe": {"window_hours": 0},  # every test drops the same voice
     })
@@ -102,7 +113,8 @@ def test_a_render_at_constant_progress_longer_than_the_stall_window_finishes_in_
     assert [a["outcome"] for a in daemon.store().attempts(task.id)] == ["done"]
 
 
-def test_an_outage_of_every_service_makes_two_jobs_wait_without_using_attempts(daemon, services, voice, tmp_path):
+def test_an_outage_of_every_service_makes_two_jobs_wait_without_using_attempts_and_alerts_the_operator(
+        daemon, services, voice, tmp_path, operator):
     for s in services:
         s.down()
     try:
@@ -118,6 +130,8 @@ def test_an_outage_of_every_service_makes_two_jobs_wait_without_using_attempts(d
         waiting = daemon.store().tasks(daemon.job("during-outage").id)
         assert all(t.last_error["kind"] == "outage" and t.last_error["dependency"] in {s.url for s in services}
                    for t in waiting)
+        (alert,) = operator.wait_delivered(1, "/ops", "task(s) waiting since", timeout=30)[:1]
+        assert "no heygem service can take the job" in alert.text
     finally:
         for s in services:
             s.up()
