@@ -216,11 +216,14 @@ def test_success_without_a_result_file_is_the_final_mux_retried_once(tmp_path, d
 
 def test_an_unreachable_service_is_an_outage_that_uses_no_attempt(tmp_path, data_dir, store):
     url = closed_port_url()
+    engine = engine_for(data_dir, url)
     with pytest.raises(OutageError) as err:
-        engine_for(data_dir, url).generate(make_task(tmp_path, store=store), Reports())
+        engine.generate(make_task(tmp_path, store=store), Reports())
     assert not err.value.kind.counts_attempt and err.value.dependency == url
     assert err.value.reason.startswith(f"no heygem service can take the job ({url}: heygem service at {url} unreachable")
     assert temp_files(data_dir) == [] and store.heygem_codes() == []
+    (shown,) = HeygemEngine.dependencies(engine.settings)  # what `status` shows
+    assert shown.state == "down" and "unreachable" in shown.detail
 
 
 def test_a_restart_mid_render_is_an_outage_and_the_next_attempt_delivers(tmp_path, data_dir, service, group, store):
