@@ -118,21 +118,27 @@ def _job_view(cfg: Config, store: Store, job: Job) -> dict[str, Any]:
 
 
 def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
+    from heygem_daemon.generation.dependencies import OUT_STATES, engine_dependencies
     from heygem_daemon.generation.outages import describe, waiting
 
     jobs = [_job_view(cfg, store, j) for j in store.jobs.select(limit=limit)]
     counts = store.tasks.counts()
     outages = waiting(store)
+    dependencies = engine_dependencies(cfg)
     if as_json:
         from heygem_daemon.ops.daemon_state import read_state
 
         daemon = read_state(cfg.folder("state"))
-        print(json.dumps({"daemon": daemon, "tasks": counts, "waiting_for": outages, "jobs": jobs}, indent=2,
+        print(json.dumps({"daemon": daemon, "tasks": counts, "waiting_for": outages,
+                          "dependencies": [d.to_dict() for d in dependencies], "jobs": jobs}, indent=2,
                          ensure_ascii=False))
         return 0
     print("tasks: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none yet"))
     for outage in outages:
         print(describe(outage))
+    for dep in dependencies:
+        if dep.state in OUT_STATES:
+            print(f"{dep.name} is {dep.state.upper()}: {dep.detail}" + (f" ({dep.hint})" if dep.hint else ""))
     for j in jobs:
         line = f"{j['name']:<28} {j['state']:<10} {j['done']}/{j['videos']} videos {j['progress'] * 100:5.1f}%"
         if j["priority"] != "normal":

@@ -1,4 +1,6 @@
-"""The real daemon with engine `heygem`, delivering through two stand-in services on 127.0.0.1."""
+"""The real daemon with engine `heygem`, delivering through two stand-in services on 127.0.0.1 that behave
+like HeyGem's: the behaviours that need the real process (supervisor heartbeats, outage waits without
+attempts, cancel and crash leftovers)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from daemon_harness import DaemonHarness
+from heygem_daemon.generation.lifecycle import request_cancel
 from heygem_standin import Group, HeygemStandin
 from media_factory import PORTRAIT_JPG, video_facts, write_portrait_video
+from notify_receiver import Receiver
 
 
 @pytest.fixture(scope="module")
@@ -28,20 +32,50 @@ def services(tmp_path_factory, group):
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory, services):
+def operator():
+    """The operator's chat: where alerts go."""
+    receiver = Receiver().start()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory, services, operator):
     harness = DaemonHarness(tmp_path_factory.mktemp("heygem-daemon"), {
         "engine": {"name": "heygem"},
         "engines": {"heygem": {"services": [s.url for s in services], "data_dir": str(services[0].data_dir),
-                               "poll_interval": 0.1, "stall_seconds": 4, "busy_retry_interval": 0.2}},
-        "workers": {"per_device": 2},  # one slot per service
+                               "poll_interval": 0.1, "busy_retry_interval": 0.2}},
+        # One slot per service; a hang is 2 s without a heartbeat; outages come back within a second.
+        "workers": {"per_device": 2, "stall_seconds": 2, "backoff_seconds": 0.3, "backoff_max_seconds": 1,
+                    "outage_alert_seconds": 1},
+        "notify": {"operator_urls": [operator.url("/ops")], "retry_base_seconds": 0.2, "retry_max_seconds": 0.5},
+        "cleanup": {"temp_every_hours": 0.0005},  # the leftovers sweep every 1.8 s
         "dedupe": {"window_hours": 0},  # every test drops the same voice
     })
     yield harness.start()
     harness.stop()
 
 
+@pytest.fixture
+def released(services):
+    """Hanging jobs end with the test, whatever happens in it."""
+    yield
+    for s in services:
+        s.release()
+
+
 def data_files(services: list[HeygemStandin]) -> list[Path]:
-    return list((services[0].data_dir / "temp").iterdir())
+    temp = services[0].data_dir / "temp"
+    return list(temp.iterdir()) if temp.is_dir() else []
+
+
+def drop_duo(daemon: DaemonHarness, voice: Path, staging: Path, name: str) -> None:
+    """One voice, two portraits: a job of two tasks."""
+    staging.mkdir()
+    shutil.copy(voice, staging / "speech.wav")
+    shutil.copy(PORTRAIT_JPG, staging / "anna.jpg")
+    write_portrait_video(staging / "ben.mp4", 1.0)
+    shutil.move(staging, daemon.inbox / name)
 
 
 def test_a_pair_is_delivered_through_the_service_and_the_data_folder_is_left_clean(daemon, services, voice):
@@ -56,13 +90,8 @@ def test_a_pair_is_delivered_through_the_service_and_the_data_folder_is_left_cle
 def test_two_services_serve_two_tasks_at_once(daemon, services, group, voice, tmp_path):
     since = len(group.journal)
     group.expect_peers(2)
-    staging = tmp_path / "duo"
-    staging.mkdir()
-    shutil.copy(voice, staging / "speech.wav")
-    shutil.copy(PORTRAIT_JPG, staging / "anna.jpg")
-    write_portrait_video(staging / "ben.mp4", 1.0)
     try:
-        shutil.move(staging, daemon.inbox / "duo")
+        drop_duo(daemon, voice, tmp_path / "duo", "duo")
         assert daemon.wait_job("duo").state == "done"
     finally:
         group.expect_peers(1)
@@ -71,63 +100,85 @@ def test_two_services_serve_two_tasks_at_once(daemon, services, group, voice, tm
     assert sorted(p.name for p in (daemon.folder("outputs") / "duo").glob("*.mp4")) == ["anna.mp4", "ben.mp4"]
 
 
-def test_busy_services_are_waited_for_without_failing_the_task(daemon, services, group, voice):
-    busy_before = len(group.events("busy"))
-    for s in services:
-        s.occupy()
+def test_a_render_at_constant_progress_longer_than_the_stall_window_finishes_in_one_attempt(
+        daemon, services, group, voice):
+    group.render_seconds = 4  # twice workers.stall_seconds, at 20 % all along
     try:
-        daemon.drop_pair(voice, PORTRAIT_JPG, "patient")
-        daemon.wait_for(lambda: len(group.events("busy")) >= busy_before + 2, 60, "the daemon to meet busy services")
+        daemon.drop_pair(voice, PORTRAIT_JPG, "slow")
+        job = daemon.wait_job("slow")
     finally:
-        for s in services:
-            s.occupy(False)
-    job = daemon.wait_job("patient")
-    assert job.state == "done"
-    assert [t.attempts for t in daemon.store().tasks.select(job.id)] == [1]
-
-
-def test_a_stalled_service_fails_the_attempt_and_the_retry_delivers(daemon, services, group, voice):
-    group.behaviours.append("stall")
-    daemon.drop_pair(voice, PORTRAIT_JPG, "stuck")
-    try:
-        job = daemon.wait_job("stuck")
-    finally:
-        for s in services:
-            s.unstick()
+        group.render_seconds = 0
     assert job.state == "done"
     (task,) = daemon.store().tasks.select(job.id)
-    first, second = daemon.store().tasks.attempts(task.id)
-    assert first["outcome"] == "retry" and "stalled at 20% for 4 s" in json.loads(first["error"])["reason"]
-    assert second["outcome"] == "done"
-    assert data_files(services) == []
+    assert [a["outcome"] for a in daemon.store().tasks.attempts(task.id)] == ["done"]
 
 
-def test_a_failure_answer_ends_in_error_json_with_the_services_message(daemon, services, group, voice):
-    group.behaviours.extend(["fail:no face found in the video"] * 2)
-    daemon.drop_pair(voice, PORTRAIT_JPG, "faceless")
-    job = daemon.wait_job("faceless")
-    assert job.state == "failed"
-    record = json.loads((daemon.folder("failed") / "faceless" / "error.json").read_text())
-    assert record["stage"] == "generate"
-    assert "heygem service at http://127.0.0.1" in record["reason"]
-    assert record["reason"].endswith("failed: no face found in the video")
-    assert data_files(services) == []
+def test_an_outage_of_every_service_makes_two_jobs_wait_without_using_attempts_and_alerts_the_operator(
+        daemon, services, voice, tmp_path, operator):
+    for s in services:
+        s.down()
+    try:
+        drop_duo(daemon, voice, tmp_path / "duo", "during-outage")
+
+        def both_waiting() -> bool:
+            job = daemon.job("during-outage")
+            tasks = daemon.store().tasks.select(job.id) if job else []
+            return len(tasks) == 2 and all(
+                sum(a["outcome"] == "outage" for a in daemon.store().tasks.attempts(t.id)) >= 2 for t in tasks)
+
+        daemon.wait_for(both_waiting, 60, "both tasks to wait on the outage")
+        waiting = daemon.store().tasks.select(daemon.job("during-outage").id)
+        assert all(t.last_error["kind"] == "outage" and t.last_error["dependency"] in {s.url for s in services}
+                   for t in waiting)
+        (alert,) = operator.wait_delivered(1, "/ops", "Generation is waiting for", timeout=30)[:1]
+        assert "no heygem service can take the job" in alert.text
+    finally:
+        for s in services:
+            s.up()
+    job = daemon.wait_job("during-outage")
+    assert job.state == "done"
+    assert [t.attempts for t in daemon.store().tasks.select(job.id)] == [1, 1]
+
+
+def test_a_cancelled_job_leaves_nothing_in_the_data_folder_once_the_service_let_go(
+        daemon, services, group, voice, released):
+    submitted = len(group.events("submit"))
+    group.behaviours.append("hang")
+    daemon.drop_pair(voice, PORTRAIT_JPG, "cancelled")
+    daemon.wait_for(lambda: len(group.events("submit")) > submitted, 60, "the job to reach a service")
+    request_cancel(daemon.store(), "cancelled")
+    assert daemon.wait_job("cancelled").state == "failed"
+    assert data_files(services)  # the service still renders: its inputs must stay
+    for s in services:
+        s.release()
+    daemon.wait_for(lambda: data_files(services) == [], 30, "the sweep to remove the cancelled job's files")
 
 
 def test_a_daemon_killed_mid_job_finishes_it_after_restart_and_cleans_the_data_folder(
-        daemon, services, group, voice):
+        daemon, services, group, voice, released):
     submitted = len(group.events("submit"))
-    group.behaviours.append("stall")  # the first attempt stays running on its service until we kill
+    group.behaviours.append("hang")  # the first attempt stays running on its service until we kill
     daemon.drop_pair(voice, PORTRAIT_JPG, "restarted")
     daemon.wait_for(lambda: len(group.events("submit")) > submitted, 60, "the job to reach a service")
     daemon.kill()
     assert data_files(services)  # the killed attempt's inputs are still in the data folder
-    try:
-        daemon.start()
-        job = daemon.wait_job("restarted")
-    finally:
-        for s in services:
-            s.unstick()
+    daemon.start()
+    job = daemon.wait_job("restarted")  # on the other service: the first one still runs the old job
     assert job.state == "done"
     assert video_facts(daemon.folder("outputs") / "restarted" / "restarted.mp4").has_audio
+    for s in services:
+        s.release()
+    daemon.wait_for(lambda: data_files(services) == [], 30, "the sweep to remove the killed attempt's files")
+
+
+def test_several_faces_seen_by_the_service_end_the_job_at_once_as_bad_input(daemon, services, group, voice):
+    group.behaviours.append("fail:存在多人脸")  # the service's face detector saw a second person
+    daemon.drop_pair(voice, PORTRAIT_JPG, "crowd")
+    job = daemon.wait_job("crowd")
+    assert job.state == "failed"
+    (task,) = daemon.store().tasks.select(job.id)
+    assert len(daemon.store().tasks.attempts(task.id)) == 1
+    record = json.loads((daemon.folder("failed") / "crowd" / "error.json").read_text())
+    assert record["reason"].endswith("the portrait shows more than one face (存在多人脸)")
+    assert "exactly one person" in record["hint"] and "retried" not in record["hint"]
     assert data_files(services) == []

@@ -45,6 +45,9 @@ class TaskSpec:
     device: str = "cpu"
     x264_preset: str = "veryfast"
     options: dict[str, Any] = field(default_factory=dict)
+    store: Path | None = None
+    """The daemon's store (SQLite file), for what must outlive an attempt that is cut short (heygem: the
+    codes a service may still hold, so a sweep can clean up after a cancel or a crash)."""
 
 
 class EngineError(Exception):
@@ -100,6 +103,13 @@ class Engine(Protocol):
         """Write an MP4 (H.264 + AAC) to task.output and return that path."""
         ...
 
+    # Optional: `single_face: ClassVar[bool] = True` when the engine refuses a portrait showing several
+    # people (intake then refuses it up front; see registry.needs_face).
+    #
+    # Optional, for `heygem-daemon status` and the daemon's alerts (heygem_daemon/dependencies.py):
+    #   @classmethod
+    #   def dependencies(cls, settings: Settings) -> list[heygem_daemon.generation.dependencies.Dependency]
+    #
     # Optional, for `heygem-daemon doctor` (runs in the CLI process, so heavy imports are fine there):
     #   @classmethod
     #   def doctor(cls, settings: Settings, devices: list[str]) -> list[heygem_daemon.ops.checks.Check]

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from heygem_daemon.config import Config, ConfigError
 from heygem_daemon.engines.base import Engine
+from heygem_daemon.media.faces import FaceRule
 
 ENGINES: dict[str, str] = {
     "preview": "heygem_daemon.engines.preview:PreviewEngine",
@@ -53,12 +54,16 @@ def build_engine(name: str, raw_settings: dict[str, Any]) -> Engine:
     return cls(cls.Settings.model_validate(raw_settings))  # type: ignore[no-any-return]
 
 
-def needs_face(name: str, raw_settings: dict[str, Any] | None = None) -> bool:
-    """Whether intake must find a face; an engine may leave that to its settings (`needs_face:`)."""
+def needs_face(name: str, raw_settings: dict[str, Any] | None = None) -> FaceRule:
+    """What intake must find in a portrait: a face at all (an engine may leave that to its settings,
+    `needs_face:`), and exactly one when the engine declares `single_face`."""
     cls = engine_class(name)
+    wanted = bool(cls.needs_face)
     if "needs_face" in cls.Settings.model_fields:
         try:
-            return bool(cls.Settings.model_validate(raw_settings or {}).needs_face)
+            wanted = bool(cls.Settings.model_validate(raw_settings or {}).needs_face)
         except ValidationError:
             pass  # an unconfigured engine: its job fails at generation with the config error
-    return bool(cls.needs_face)
+    if not wanted:
+        return FaceRule.NONE
+    return FaceRule.ONE if getattr(cls, "single_face", False) else FaceRule.ANY

@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from heygem_daemon.clock import SYSTEM_CLOCK, Clock
 from heygem_daemon.config import Config
+from heygem_daemon.generation.dependencies import dependency_alerts
 from heygem_daemon.log import get_logger
 from heygem_daemon.state import Store
 
@@ -49,6 +50,10 @@ class OutageWatch:
             self._alerted.add(mark)
             key = f"outage:{outage['dependency']}"
             message = f"Generation is {describe(outage)}. Tasks run again by themselves once it is back."
+            log.error("operator alert", alert=key, message=message)
+            self.on_alert(key, message)
+            raised.append(key)
+        for key, message in dependency_alerts(self.cfg, now):
             log.error("operator alert", alert=key, message=message)
             self.on_alert(key, message)
             raised.append(key)

@@ -190,7 +190,7 @@ class Slot(threading.Thread):
             audio=work / "in" / task.audio, portrait=work / "in" / task.portrait,
             output=Path(task.output + ".part"), workdir=work / f"task-{task.id}",
             preset=self._preset(job.spec.get("preset")), device=self.device,
-            x264_preset=self.cfg.engine.x264_preset, options=job.spec.get("options", {}),
+            x264_preset=self.cfg.engine.x264_preset, options=job.spec.get("options", {}), store=self.life.store.path,
         )
         return job.spec.get("engine", self.cfg.engine.name), spec
 

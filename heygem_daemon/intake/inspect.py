@@ -16,7 +16,7 @@ from pathlib import Path
 from heygem_daemon.config import Limits
 from heygem_daemon.fs.files import file_owner, sha256_file
 from heygem_daemon.failures import Problem
-from heygem_daemon.media.faces import FaceEdges
+from heygem_daemon.media.faces import FaceEdges, FaceRule
 from heygem_daemon.media.kinds import MediaKind, kind_of
 from heygem_daemon.proc import die_with_parent
 
@@ -29,7 +29,7 @@ class Inspection:
     owner: str | None = None
 
 
-_Key = tuple[str, bool, Limits, "FaceEdges | None"]
+_Key = tuple[str, FaceRule, Limits, "FaceEdges | None"]
 
 
 class _PassedCache:
@@ -55,7 +55,7 @@ class _PassedCache:
 _passed = _PassedCache()
 
 
-def inspect_inputs(inbox: str, rels: list[str], limits: Limits, need_face: bool,
+def inspect_inputs(inbox: str, rels: list[str], limits: Limits, need_face: FaceRule,
                    face_box: FaceEdges | None = None) -> Inspection:
     from heygem_daemon.intake.probe import ProbeError, probe_audio, probe_portrait
 
@@ -100,7 +100,7 @@ class Inspector:
             self._pool = self._new_pool()
             self.generation += 1
 
-    def submit(self, inbox: Path, rels: list[str], limits: Limits, need_face: bool,
+    def submit(self, inbox: Path, rels: list[str], limits: Limits, need_face: FaceRule,
                face_box: FaceEdges | None = None) -> tuple[Future[Inspection], int]:
         args = (inspect_inputs, str(inbox), rels, limits, need_face, face_box)
         try:

@@ -23,6 +23,7 @@ from heygem_daemon.intake.pairing import (
 )
 from heygem_daemon.fs.stability import NameFilter, Snapshot, StabilityTracker, snapshot
 from heygem_daemon.log import get_logger
+from heygem_daemon.media.faces import FaceRule
 
 log = get_logger("heygem.intake")
 RETRY_AFTER_ERROR = 5.0
@@ -48,7 +49,7 @@ def group_key(snap: Snapshot) -> str:
 
 class Intake:
     def __init__(self, cfg: Config, store_claimer: Claimer, inspector: Inspector, engines: set[str],
-                 needs_face: Callable[[str], bool], on_queued: Callable[[], None],
+                 needs_face: Callable[[str], FaceRule], on_queued: Callable[[], None],
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
         self.inbox = cfg.folder("inbox")

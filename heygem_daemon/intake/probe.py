@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from heygem_daemon.config import Limits
 from heygem_daemon.media.errors import MediaError
-from heygem_daemon.media.faces import FaceEdges, detect_face, edges_outside
+from heygem_daemon.media.faces import FaceEdges, FaceRule, count_faces, detect_face, edges_outside
 from heygem_daemon.media.frames import read_image, shown_size, upright
 from heygem_daemon.media.kinds import MediaKind, kind_of
 
@@ -30,6 +30,7 @@ _AUDIO_HINT = "export the audio again as WAV or MP3 and drop it in again"
 _IMAGE_HINT = "save the portrait again as JPEG or PNG and drop it in again"
 _VIDEO_HINT = "export the portrait video again as MP4 (H.264) and drop it in again"
 _FACE_HINT = "use a front-facing photo where the face is clearly visible"
+_ONE_FACE_HINT = "this engine animates exactly one person: crop the portrait to a single face and drop it in again"
 # Decoders and containers disagree by a few codec frames (priming, padding); more than this is missing data.
 _SHORTFALL_SECONDS = 0.25
 _SHORTFALL_SHARE = 0.02
@@ -226,7 +227,7 @@ def _image_size(path: Path, limits: Limits) -> tuple[int, int]:
     return w, h
 
 
-def _probe_image(path: Path, limits: Limits, need_face: bool) -> PortraitProbe:
+def _probe_image(path: Path, limits: Limits, need_face: FaceRule) -> PortraitProbe:
     try:
         with warnings.catch_warnings():
             # Pillow only warns between its two bomb thresholds; a warning here is still a bomb.
@@ -243,6 +244,8 @@ def _probe_image(path: Path, limits: Limits, need_face: bool) -> PortraitProbe:
         raise ProbeError(exc.reason, exc.hint) from None
     if need_face and detect_face(bgr) is None:
         raise ProbeError(f"no face found in {path.name}", _FACE_HINT)
+    if need_face == FaceRule.ONE and count_faces(bgr) > 1:
+        raise ProbeError(f"more than one face in {path.name}", _ONE_FACE_HINT)
     return PortraitProbe("image", w, h, None, None)
 
 
@@ -275,7 +278,7 @@ def _check_video_pixels(name: str, width: int, height: int, limits: Limits) -> N
         )
 
 
-def _probe_video(path: Path, limits: Limits, need_face: bool) -> PortraitProbe:
+def _probe_video(path: Path, limits: Limits, need_face: FaceRule) -> PortraitProbe:
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -300,20 +303,27 @@ def _probe_video(path: Path, limits: Limits, need_face: bool) -> PortraitProbe:
         raise _too_long(path.name, _A_PORTRAIT, seconds, limits.max_portrait_seconds, _PORTRAIT_KEY)
     if need_face and not any(detect_face(f) is not None for f in frames):
         raise ProbeError(f"no face found in the first frames of {path.name}", _FACE_HINT)
+    # Most sampled frames, not any: one frame with a face-like patch beside the face is not a second person.
+    if need_face == FaceRule.ONE and 2 * sum(count_faces(f) > 1 for f in frames) > len(frames):
+        raise ProbeError(f"more than one face in the first frames of {path.name}", _ONE_FACE_HINT)
     h, w = frames[0].shape[:2]
     return PortraitProbe("video", w, h, seconds, fps)
 
 
-def probe_portrait(path: Path, limits: Limits, need_face: bool, face_box: FaceEdges | None = None) -> PortraitProbe:
+def probe_portrait(path: Path, limits: Limits, need_face: FaceRule,
+                   face_box: FaceEdges | None = None) -> PortraitProbe:
     """Check a portrait image or video: decodable, within size limits, and showing a face: found by the
-    detector (if asked), or where job.yaml's face_box says, which must then lie inside the picture."""
+    detector (if asked; exactly one with `FaceRule.ONE`), or where job.yaml's face_box says, which must then
+    lie inside the picture. A plain bool works as NONE/ANY."""
     path = Path(path)
     _check_file(path, limits)
     kind = kind_of(path)
+    # A face box from job.yaml says where the face is: the detector is not asked.
+    rule = FaceRule(need_face) if face_box is None else FaceRule.NONE
     if kind is MediaKind.IMAGE:
-        found = _probe_image(path, limits, need_face and face_box is None)
+        found = _probe_image(path, limits, rule)
     elif kind is MediaKind.VIDEO:
-        found = _probe_video(path, limits, need_face and face_box is None)
+        found = _probe_video(path, limits, rule)
     else:
         raise ProbeError(f"{path.name} is not a portrait image or video", "use JPEG, PNG, WebP, MP4, MOV or WebM")
     if face_box is not None and edges_outside(face_box, (found.width, found.height)):

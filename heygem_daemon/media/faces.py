@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import threading
 from dataclasses import dataclass
+from enum import IntEnum
 
 import cv2
 import numpy as np
@@ -16,6 +17,20 @@ _MAX_SIDE = 640
 _NEAR_SIZE = (0.7, 1.4)
 # cv2 releases the GIL during detection, and one classifier object is not meant for concurrent calls.
 _LOCK = threading.Lock()
+# A second face counts when it is nearly as convincing and as big as the best one: the cascade also
+# fires weakly on ears, hands and patterned shirts next to a single face.
+_SECOND_FACE_WEIGHT = 0.5
+_SECOND_FACE_SIZE = 0.5
+
+
+class FaceRule(IntEnum):
+    """What intake demands of a portrait for an engine. Compares like the bool it replaced (NONE is false)."""
+
+    NONE = 0
+    ANY = 1
+    """At least one face."""
+    ONE = 2
+    """Exactly one face: the engine refuses a picture with several people (HeyGem's "存在多人脸")."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +58,13 @@ def scaled_edges(edges: FaceEdges, source: tuple[int, int], size: tuple[int, int
     t, l = min(round(top * sy), size[1] - 1), min(round(left * sx), size[0] - 1)
     return t, max(round(bottom * sy), t + 1), l, max(round(right * sx), l + 1)
 
+def _gray(bgr: np.ndarray) -> tuple[np.ndarray, float]:
+    gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    scale = min(1.0, _MAX_SIDE / max(gray.shape))
+    if scale < 1.0:
+        gray = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    return gray, scale
+
 
 @functools.lru_cache(maxsize=1)
 def _cascade() -> cv2.CascadeClassifier:
@@ -63,10 +85,7 @@ def detect_face(bgr: np.ndarray, near: Box | None = None) -> Box | None:
         x0, y0 = max(0, near.x - near.w // 2), max(0, near.y - near.h // 2)
         bgr = bgr[y0 : near.y + near.h + near.h // 2, x0 : near.x + near.w + near.w // 2]
         sizes = (_NEAR_SIZE[0] * near.w, _NEAR_SIZE[1] * near.w)
-    gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
-    scale = min(1.0, _MAX_SIDE / max(gray.shape))
-    if scale < 1.0:
-        gray = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    gray, scale = _gray(bgr)
     limits: dict[str, tuple[int, int]] = {}
     if sizes is not None:
         low, high = (max(1, int(side * scale)) for side in sizes)
@@ -80,3 +99,19 @@ def detect_face(bgr: np.ndarray, near: Box | None = None) -> Box | None:
     # The first or largest hit can be a face-like patch; the level weight ranks real faces highest.
     x, y, w, h = (int(round(v / scale)) for v in boxes[int(np.argmax(weights))])
     return Box(x0 + x, y0 + y, w, h)
+
+
+def count_faces(bgr: np.ndarray) -> int:
+    """How many distinct people face the camera: the best face, plus others nearly as convincing and big."""
+    gray, _scale = _gray(bgr)
+    with _LOCK:
+        boxes, _levels, weights = _cascade().detectMultiScale3(
+            cv2.equalizeHist(gray), scaleFactor=1.1, minNeighbors=5, outputRejectLevels=True
+        )
+    if len(boxes) == 0:
+        return 0
+    weights = np.ravel(weights)
+    best = int(np.argmax(weights))
+    widths = boxes[:, 2]
+    strong = (weights >= _SECOND_FACE_WEIGHT * weights[best]) & (widths >= _SECOND_FACE_SIZE * widths[best])
+    return int(np.count_nonzero(strong))

@@ -9,13 +9,14 @@ from pathlib import Path
 
 from heygem_daemon.state.db import Database
 from heygem_daemon.state.deliveries import Batch, Delivery, DeliveryRepository, Part
+from heygem_daemon.state.heygem import HeygemCode, HeygemCodes
 from heygem_daemon.state.jobs import CANCELLING, TERMINAL_JOB_STATES, Job, JobRepository
 from heygem_daemon.state.ops import OpsRepository
 from heygem_daemon.state.outbox import NewNotification, Notification, OutboxRepository
 from heygem_daemon.state.tasks import NewTask, Task, TaskQueue
 
-__all__ = ["CANCELLING", "TERMINAL_JOB_STATES", "Batch", "Delivery", "Job", "NewNotification", "NewTask",
-           "Notification", "Part", "Store", "Task"]
+__all__ = ["CANCELLING", "TERMINAL_JOB_STATES", "Batch", "Delivery", "HeygemCode", "Job", "NewNotification",
+           "NewTask", "Notification", "Part", "Store", "Task"]
 
 
 class Store:
@@ -27,6 +28,7 @@ class Store:
         self.outbox = OutboxRepository(self.db)
         self.deliveries = DeliveryRepository(self.db)
         self.ops = OpsRepository(self.db)
+        self.heygem = HeygemCodes(self.db)
 
     def close(self) -> None:
         self.db.close()

@@ -140,7 +140,19 @@ CREATE TABLE IF NOT EXISTS cleanup_runs (
 );
 """
 
-MIGRATIONS: list[str] = [V1_CORE, V2_CLEANUP_RUNS]
+# Engine heygem: each code submitted (or staged) per data folder, until the service has forgotten it and
+# `<temp>/<code>*` is gone. `service` is NULL while only staged, never submitted.
+V3_HEYGEM_CODES = """
+CREATE TABLE IF NOT EXISTS heygem_codes (
+    code       TEXT NOT NULL,
+    temp       TEXT NOT NULL,
+    task_id    INTEGER NOT NULL,
+    service    TEXT,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (code, temp)
+);
+"""
+MIGRATIONS: list[str] = [V1_CORE, V2_CLEANUP_RUNS, V3_HEYGEM_CODES]
 
 
 class Database:

@@ -1,9 +1,16 @@
-"""The `heygem` engine: drives HeyGem's GPU video service (one or more, one per GPU) over HTTP.
+"""The `heygem` engine: drives HeyGem's (or Duix-Avatar's) GPU video service, one or more, one per GPU.
 
 Inputs go into the folder the service's container sees as /code/data, a job is submitted under a fresh
-code, polled until it ends, and the result is checked and moved into outputs. Protocol quirks are
-handled here: busy services are waited for (never a failure), a stalled job fails the attempt, and
-the terminal answer is taken the first time it is seen because the service forgets the task then."""
+code, polled until it ends, and the result is checked and moved into outputs. How the real service
+behaves decides the rules here:
+- Its progress stands at 20 % for the whole render, so liveness is the service answering "running" for
+  our code (a heartbeat to the worker), and a render is bounded by a limit that scales with the audio.
+- Busy (10001) is normal, another job runs there: wait, or take another service. No answer at all (a
+  container restarting) is an outage: other services are tried, down ones asked again, and when none
+  can take the job it waits in the queue without using an attempt.
+- It forgets a job once it has told its end, so that answer is taken the first time; its files are
+  removed only then (exchange.py, codes.py).
+- Bad media comes back as a failed job with a message: the known ones end the task as bad input."""
 
 from __future__ import annotations
 
@@ -11,173 +18,216 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import ClassVar
-from urllib.parse import urlsplit
-
-from pydantic import Field, field_validator
+from typing import ClassVar, Literal
 
 from heygem_daemon.ops.checks import Check
-from heygem_daemon.engines.base import BadInputError, EngineError, EngineSettings, ProgressFn, TaskSpec
+from heygem_daemon.generation.dependencies import Dependency
+from heygem_daemon.engines.base import BadInputError, EngineError, OutageError, ProgressFn, TaskSpec
 from heygem_daemon.engines.heygem.client import (
-    FAILED, SUCCEEDED, HeygemClient, ServiceBusy, ServiceUnreachable, TaskState,
+    CONTAINERS, FAILED, LOG_HINT, SUCCEEDED, HeygemClient, ServiceBusy, ServiceUnreachable,
+    TaskState, bad_media,
 )
 from heygem_daemon.engines.heygem.exchange import Exchange, audio_seconds
-from heygem_daemon.engines.heygem.pool import ServicePool
+from heygem_daemon.engines.heygem.health import HealthBook, read_health
+from heygem_daemon.engines.heygem.pool import ServicePool, health_file
+from heygem_daemon.engines.heygem.settings import Endpoint, HeygemSettings
 from heygem_daemon.fs.ops import move
+from heygem_daemon.log import redact_text
 from heygem_daemon.media.audio import load_clip
 from heygem_daemon.media.errors import MediaError
 from heygem_daemon.media.verify import add_audio, inspect_mp4
+from heygem_daemon.state import Store
 
-LOCK_DIR = ".heygem-daemon-locks"
 # Share of the progress bar: staging the inputs, then the service's own 0..100, then delivery.
 _STAGED, _SERVICE_SHARE = 0.05, 0.9
-# A poll that gets no answer is tolerated this many times in a row (a restart of a proxy, a blip).
+# A poll without an answer is tolerated this many times in a row (a proxy restarting, a blip).
 _UNANSWERED_POLLS = 3
+# Noted in the task's scratch folder when the service said "done" without a result file: once is
+# retried, twice for the same inputs is the end.
+_MUX_FAILED = "heygem-mux-failed"
+_RETRY = "the task will be retried"
+_WAITS = "the task waits without using an attempt and runs again by itself"
 
-
-def _check_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{url!r} is not an http(s) URL; use e.g. http://127.0.0.1:8383")
-    return url.rstrip("/")
+Submitted = Literal["ok", "busy", "down"]
 
 
 class HeygemEngine:
     name: ClassVar[str] = "heygem"
     # The service needs a visible face too: refusing faceless portraits at intake saves GPU time.
     needs_face: ClassVar[bool] = True
+    # It fails a job whose portrait shows several people ("存在多人脸"): intake refuses those up front.
+    single_face: ClassVar[bool] = True
+    Settings = HeygemSettings
 
-    class Settings(EngineSettings):
-        services: list[str] = Field(["http://127.0.0.1:8383"], min_length=1,
-                                    description="base URLs, one per GPU; each runs one job at a time")
-        data_dir: Path = Field(description="host folder mounted as the container's /code/data")
-        poll_interval: float = Field(2.0, gt=0.0)
-        stall_seconds: float = Field(600.0, gt=0.0, description="progress unchanged this long fails the attempt")
-        request_timeout: float = Field(10.0, gt=0.0)
-        busy_retry_interval: float = Field(5.0, gt=0.0, description="wait before asking a busy service again")
-        chaofen: bool = Field(False, description="the service's super-resolution pass")
-        watermark: bool = False
-
-        @field_validator("services")
-        @classmethod
-        def _urls(cls, urls: list[str]) -> list[str]:
-            checked = [_check_url(u) for u in urls]
-            if len(set(checked)) != len(checked):
-                raise ValueError("a service is listed twice; list each one once")
-            return checked
-
-        @field_validator("data_dir")
-        @classmethod
-        def _absolute(cls, path: Path) -> Path:
-            path = path.expanduser()
-            if not path.is_absolute():
-                raise ValueError(f"{path} is relative; give the absolute host folder mounted as /code/data")
-            return path
-
-    def __init__(self, settings: HeygemEngine.Settings) -> None:
+    def __init__(self, settings: HeygemSettings) -> None:
         self.settings = settings
-        self.temp = settings.data_dir / "temp"
-        self.pool = ServicePool(settings.services, settings.data_dir / LOCK_DIR)
-        self.clients = {url: HeygemClient(url, settings.request_timeout) for url in settings.services}
+        self.endpoints = settings.endpoints()
+        self.pool = ServicePool(self.endpoints)
+        self.clients = {e.url: HeygemClient(e.url, settings.request_timeout) for e in self.endpoints}
+        self.health = {e.url: HealthBook(health_file(e), e.url) for e in self.endpoints}
+        self._stores: dict[Path, Store] = {}
 
     def generate(self, task: TaskSpec, progress: ProgressFn) -> Path:
-        if not self.settings.data_dir.is_dir():
-            raise EngineError(f"heygem data_dir {self.settings.data_dir} does not exist",
-                              "mount it or fix engines.heygem.data_dir; the task will be retried")
-        self.temp.mkdir(exist_ok=True)
-        code = str(uuid.uuid4())
-        exchange = Exchange(self.temp, code, task.workdir)
-        exchange.open()
         try:
-            audio, video = self._stage(task, exchange)
+            seconds = audio_seconds(task.audio)
+        except MediaError as exc:
+            raise BadInputError(exc.reason, exc.hint) from None
+        exchange = Exchange(str(uuid.uuid4()), task, self._store(task))
+        try:
+            try:
+                exchange.prepare(seconds)
+            except MediaError as exc:
+                raise BadInputError(exc.reason, exc.hint) from None
             progress(_STAGED)
-            result = self._run(task, exchange, audio, video, progress)
+            result = self._run(task, exchange, seconds, progress)
             self._deliver(result, task)
         finally:
             exchange.close()
         progress(1.0)
         return task.output
 
-    def _stage(self, task: TaskSpec, exchange: Exchange) -> tuple[str, str]:
-        try:
-            seconds = audio_seconds(task.audio)
-            video = exchange.avatar(task.portrait, seconds, task.preset, task.x264_preset)
-        except MediaError as exc:
-            raise BadInputError(exc.reason, exc.hint) from None
-        return exchange.place(task.audio, "audio"), video
+    def _store(self, task: TaskSpec) -> Store | None:
+        if task.store is None:
+            return None
+        return self._stores.get(task.store) or self._stores.setdefault(task.store, Store(task.store))
 
-    def _run(self, task: TaskSpec, exchange: Exchange, audio: str, video: str, progress: ProgressFn) -> Path:
-        """Submit to a free service, waiting while all are busy, and follow the job to its end there."""
-        resting: dict[str, float] = {}
-        down: dict[str, ServiceUnreachable] = {}
+    # --- finding a service ------------------------------------------------------------------------
+
+    def _run(self, task: TaskSpec, exchange: Exchange, seconds: float, progress: ProgressFn) -> Path:
+        """Submit to a free service and follow the job to its end there. Busy and down services are
+        asked again every busy_retry_interval; when every service is down, the task waits (outage)."""
+        next_try: dict[str, float] = {}
+        down: dict[str, str] = {}
         while True:
+            unmounted = {e.url: f"its data_dir {e.data_dir} is not there (not mounted?)"
+                         for e in self.endpoints if not e.data_dir.is_dir()}
+            down.update(unmounted)
+            if len(down) == len(self.endpoints):
+                raise self._outage(down)
             now = time.monotonic()
-            skip = {url for url, until in resting.items() if until > now} | set(down)
+            skip = {url for url, at in next_try.items() if at > now} | set(unmounted)
             lease = self.pool.try_acquire(task.task_id, skip)
             if lease is None:
-                progress(_STAGED)  # heartbeat: waiting for a service is not a stall
-                time.sleep(self.settings.busy_retry_interval)
+                progress.heartbeat()  # waiting on services that answer (or on our own other jobs)
+                time.sleep(self.settings.poll_interval)
                 continue
             with lease:
-                client = self.clients[lease.url]
-                try:
-                    client.submit(exchange.code, audio, video, self.settings.chaofen, self.settings.watermark)
-                except ServiceBusy:
-                    resting[lease.url] = now + self.settings.busy_retry_interval
-                    continue
-                except ServiceUnreachable as exc:
-                    down[lease.url] = exc
-                    if len(down) == len(self.clients):
-                        raise
-                    continue
-                return self._follow(client, exchange, progress)
+                outcome, why = self._submit(lease.endpoint, exchange)
+                if outcome == "ok":
+                    return self._follow(task, lease.endpoint, exchange, seconds, progress)
+            next_try[lease.url] = time.monotonic() + self.settings.busy_retry_interval
+            down.pop(lease.url, None)
+            if outcome == "down":
+                down[lease.url] = why
+                if exchange.held_by is not None:  # it may have taken the job: no second service for this code
+                    raise self._outage(down)
 
-    def _follow(self, client: HeygemClient, exchange: Exchange, progress: ProgressFn) -> Path:
-        last, changed = -1.0, time.monotonic()
-        unanswered = 0
+    def _outage(self, down: dict[str, str]) -> OutageError:
+        first = next(iter(down))
+        where = "; ".join(f"{redact_text(url)}: {why}" for url, why in down.items())
+        return OutageError(f"no heygem service can take the job ({where})",
+                           f"start the service's container ({CONTAINERS}) or mount "
+                           f"its data_dir; {_WAITS}", dependency=first)
+
+    def _submit(self, endpoint: Endpoint, exchange: Exchange) -> tuple[Submitted, str]:
+        client, health = self.clients[endpoint.url], self.health[endpoint.url]
+        audio, video = exchange.into(endpoint)
+        exchange.submitting(endpoint)
+        try:
+            client.submit(exchange.code, audio, video, self.settings.chaofen, self.settings.watermark)
+        except ServiceBusy:
+            exchange.refused(endpoint)
+            health.saw("busy")
+            return "busy", ""
+        except ServiceUnreachable as exc:
+            if not exc.delivered:
+                exchange.refused(endpoint)
+            health.saw("down", exc.reason)
+            return "down", exc.reason
+        except EngineError:
+            exchange.refused(endpoint)
+            raise
+        health.saw("ok")
+        return "ok", ""
+
+    # --- following the job ------------------------------------------------------------------------
+
+    def _follow(self, task: TaskSpec, endpoint: Endpoint, exchange: Exchange, seconds: float,
+                progress: ProgressFn) -> Path:
+        client, health = self.clients[endpoint.url], self.health[endpoint.url]
+        limit = self.settings.render_limit(seconds)
+        deadline = time.monotonic() + limit
+        unanswered, restarted, shown = 0, False, -1.0
         while True:
             time.sleep(self.settings.poll_interval)
             try:
                 state = client.query(exchange.code)
-            except ServiceUnreachable:
-                unanswered += 1
+            except ServiceUnreachable as exc:
+                health.saw("down", exc.reason)
+                unanswered, restarted = unanswered + 1, True
                 if unanswered >= _UNANSWERED_POLLS:
-                    raise
+                    raise OutageError(f"heygem service at {client.shown} stopped answering during the render",
+                                      f"it is probably restarting (docker ps: {CONTAINERS}); {_WAITS}",
+                                      dependency=endpoint.url) from None
                 continue
+            health.saw("ok")
             unanswered = 0
-            if state is None or state.status == SUCCEEDED:
-                return self._finished(client, exchange, state)
-            if state.status == FAILED:
-                raise EngineError(f"heygem service at {client.shown} failed: {state.msg or 'no reason given'}",
-                                  "see the container's log (docker logs heygem-gen-video); the task will be retried")
-            now = time.monotonic()
-            if state.progress != last:
-                last, changed = state.progress, now
-            elif now - changed > self.settings.stall_seconds:
+            if state is None or state.status in (SUCCEEDED, FAILED):
+                exchange.forgotten()
+                return self._ended(task, client, endpoint, exchange, state, restarted)
+            # Running: the service answering for our job is the heartbeat; its progress may stand still.
+            if time.monotonic() > deadline:
                 raise EngineError(
-                    f"heygem service at {client.shown} stalled at {state.progress:g}% for "
-                    f"{self.settings.stall_seconds:g} s",
-                    "the task will be retried; restart the HeyGem container if this keeps happening")
-            progress(_STAGED + _SERVICE_SHARE * min(1.0, max(0.0, state.progress / 100)))
+                    f"heygem service at {client.shown} still renders after {limit:.0f} s "
+                    f"({self.settings.render_timeout_factor:g} x {seconds:.1f} s of audio + "
+                    f"{self.settings.render_timeout_base:g} s), at {state.progress:g}%",
+                    f"the service may be hung: restart its container ({CONTAINERS}); "
+                    f"on a slow GPU raise engines.heygem.render_timeout_factor; {_RETRY}")
+            if state.progress != shown:
+                shown = state.progress
+                progress(_STAGED + _SERVICE_SHARE * min(1.0, max(0.0, state.progress / 100)))
+            else:
+                progress.heartbeat()
 
-    def _finished(self, client: HeygemClient, exchange: Exchange, state: TaskState | None) -> Path:
-        result = exchange.result(state.result if state else "")
-        # 10004 before we saw the end: if the answer was lost on the way, the result file is still there.
-        if state is None and not result.is_file():
+    def _ended(self, task: TaskSpec, client: HeygemClient, endpoint: Endpoint, exchange: Exchange,
+               state: TaskState | None, restarted: bool) -> Path:
+        """The job's end as the service told it (or 10004: it no longer knows the code)."""
+        if state is not None and state.status == FAILED:
+            meaning = bad_media(state.msg)
+            if meaning is not None:
+                raise BadInputError(f"heygem service at {client.shown}: {meaning[0]} ({state.msg})", meaning[1])
+            raise EngineError(f"heygem service at {client.shown} failed: {state.msg or 'no reason given'}",
+                              f"{LOG_HINT}; {_RETRY}")
+        result = exchange.result(endpoint, state.result if state else "")
+        if result.is_file():
+            return result
+        if state is None:
+            if restarted:  # it went away during the render and came back without our job
+                raise OutageError(f"heygem service at {client.shown} restarted and lost the job",
+                                  f"the job is submitted again; {_WAITS}", dependency=endpoint.url)
             raise EngineError(f"heygem service at {client.shown} no longer knows task {exchange.code}",
-                              "the service was probably restarted; the task will be retried")
-        if not result.is_file():
-            raise EngineError(f"heygem service at {client.shown} reported success but {result} does not exist",
-                              "engines.heygem.data_dir must be the host folder mounted as /code/data")
-        return result
+                              f"{LOG_HINT}; {_RETRY}")
+        return self._no_result(task, client, result)
+
+    def _no_result(self, task: TaskSpec, client: HeygemClient, result: Path) -> Path:
+        """"Done" without a result file: the service's last step, muxing the audio in, failed. It happens
+        now and then, so once is retried; twice for the same inputs ends the task."""
+        reason = (f"heygem service at {client.shown} reported success but its final mux failed: "
+                  f"no {result.name} in {result.parent}")
+        marker = task.workdir / _MUX_FAILED
+        if marker.exists():
+            raise BadInputError(f"{reason} (the second time for these inputs)",
+                                f"export the audio again as WAV (16-bit PCM) and drop it in again; {LOG_HINT}")
+        marker.touch()
+        raise EngineError(reason, f"{LOG_HINT}; {_RETRY} once")
 
     def _deliver(self, result: Path, task: TaskSpec) -> None:
         try:
             facts = inspect_mp4(result)
         except MediaError as exc:
-            raise EngineError(f"heygem result unusable: {exc.reason}", "the task will be retried") from None
+            raise EngineError(f"heygem result unusable: {exc.reason}", _RETRY) from None
         if not facts.has_video:
-            raise EngineError(f"heygem result {result.name} has no decodable video", "the task will be retried")
+            raise EngineError(f"heygem result {result.name} has no decodable video", _RETRY)
         task.output.unlink(missing_ok=True)
         if facts.has_audio:
             move(result, task.output)
@@ -187,17 +237,59 @@ class HeygemEngine:
         except MediaError as exc:
             raise EngineError(exc.reason, exc.hint) from None
 
+    # --- for the operator -------------------------------------------------------------------------
+
     @classmethod
-    def doctor(cls, settings: HeygemEngine.Settings, devices: list[str]) -> list[Check]:
-        return [_data_dir_check(settings.data_dir)] + [
-            _service_check(url, settings.request_timeout) for url in settings.services]
+    def dependencies(cls, settings: HeygemSettings) -> list[Dependency]:
+        """Each service as the workers last saw it: down, wedged (busy with a job not ours for longer
+        than busy_alert_seconds), busy, or ok."""
+        return [_dependency(e, settings.busy_alert_seconds) for e in settings.endpoints()]
+
+    @classmethod
+    def doctor(cls, settings: HeygemSettings, devices: list[str]) -> list[Check]:
+        endpoints = settings.endpoints()
+        folders = list(dict.fromkeys(e.data_dir for e in endpoints))
+        checks = [_data_dir_check(d) for d in folders]
+        for endpoint in endpoints:
+            checks.append(_service_check(endpoint.url, settings.request_timeout))
+            dep = _dependency(endpoint, settings.busy_alert_seconds)
+            if dep.state == "wedged":
+                checks.append(Check(f"{dep.name} jobs", False, dep.detail, dep.hint))
+        return checks
+
+
+def _when(at: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+
+
+def _dependency(endpoint: Endpoint, busy_alert: float) -> Dependency:
+    name = f"heygem service {redact_text(endpoint.url)}"
+    health = read_health(health_file(endpoint), endpoint.url)
+    if health is None:
+        return Dependency(name, "unknown", None, 0.0, "not asked yet")
+    seen = f"last asked {_when(health.last_seen)}"
+    if health.down_since is not None:
+        return Dependency(name, "down", health.down_since, health.last_seen,
+                          f"no answer since {_when(health.down_since)} ({seen}): {health.reason}",
+                          f"start its container ({CONTAINERS}) or fix the URL")
+    if health.busy_since is not None:
+        busy_for = health.last_seen - health.busy_since
+        if busy_for >= busy_alert:
+            return Dependency(name, "wedged", health.busy_since, health.last_seen,
+                              f"busy with a job that is not ours since {_when(health.busy_since)} ({seen})",
+                              f"another client's job may hang there; restart the container "
+                              f"({CONTAINERS}) when nobody else is using it")
+        return Dependency(name, "busy", health.busy_since, health.last_seen,
+                          f"busy with another client's job since {_when(health.busy_since)} ({seen})")
+    return Dependency(name, "ok", None, health.last_seen, f"answered {_when(health.last_seen)}")
 
 
 def _data_dir_check(data_dir: Path) -> Check:
-    name = "heygem data_dir"
+    name = f"heygem data_dir {data_dir}"
     if not data_dir.is_dir():
         return Check(name, False, f"{data_dir} does not exist",
-                     "point engines.heygem.data_dir at the folder mounted as /code/data (~/heygem_data/face2face)")
+                     "point engines.heygem.data_dir (or the service's data_dir) at the folder mounted as /code/data "
+                     "(~/heygem_data/face2face or ~/duix_avatar_data/face2face)")
     temp = data_dir / "temp"
     target = temp if temp.is_dir() else data_dir
     if not os.access(target, os.W_OK | os.X_OK):

@@ -13,6 +13,30 @@ from heygem_daemon.log import redact_text
 OK, SYSTEM_ERROR, BUSY, BAD_PARAMETER, NOT_FOUND = 10000, 9999, 10001, 10002, 10004
 RUNNING, SUCCEEDED, FAILED = 1, 2, 3
 _RETRY_HINT = "the task will be retried"
+CONTAINERS = "heygem-gen-video (HeyGem) or duix-avatar-gen-video (Duix-Avatar)"
+LOG_HINT = "see the container's log: docker logs heygem-gen-video (HeyGem) or duix-avatar-gen-video (Duix-Avatar)"
+
+# Status-3 messages that mean the inputs cannot work (from the service's logged answers and the official
+# client): a substring of the service's message -> what it means and what the person should do.
+_BAD_MEDIA: list[tuple[tuple[str, ...], str, str]] = [
+    (("存在多人脸", "multiple faces", "more than one face"), "the portrait shows more than one face",
+     "use a portrait with exactly one person in view"),
+    (("未检测到人脸", "no face detected"), "the service found no face in the portrait",
+     "use a front-facing portrait where the face is clearly visible"),
+    (("获取音频时长失败", "failed to get audio duration"), "the service could not read the audio's length",
+     "export the audio again as WAV or MP3 and drop it in again"),
+    (("format video error",), "the service could not convert the portrait video",
+     "export the portrait again as MP4 (H.264) and drop it in again"),
+]
+
+
+def bad_media(msg: str) -> tuple[str, str] | None:
+    """(what it means, hint) when a failed job's message says the inputs are unusable; None otherwise."""
+    low = msg.lower()
+    for needles, meaning, hint in _BAD_MEDIA:
+        if any(n in low for n in needles):
+            return meaning, hint
+    return None
 
 
 class ServiceBusy(Exception):
@@ -20,7 +44,14 @@ class ServiceBusy(Exception):
 
 
 class ServiceUnreachable(EngineError):
-    """No HTTP answer at all: the container is down, the URL is wrong, or the network is."""
+    """No HTTP answer at all: the container is down or restarting, the URL is wrong, or the network is.
+    The engine turns it into an outage once no other service can take the job."""
+
+    def __init__(self, reason: str, hint: str, delivered: bool) -> None:
+        super().__init__(reason, hint)
+        self.delivered = delivered
+        """The request went out and only the answer is missing (a read timeout): a submit may have
+        been taken, so its code must be treated as known to the service."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +97,9 @@ class HeygemClient:
         except requests.RequestException as exc:
             raise ServiceUnreachable(
                 f"heygem service at {self.shown} unreachable ({type(exc).__name__})",
-                f"check that the HeyGem container runs and engines.heygem.services is right; {_RETRY_HINT}",
+                "check that its container runs (docker ps: heygem-gen-video or duix-avatar-gen-video) and "
+                "engines.heygem.services is right; the task waits without using an attempt",
+                isinstance(exc, requests.ReadTimeout),
             ) from None
         try:
             answer = resp.json()
@@ -87,5 +120,4 @@ class HeygemClient:
             raise BadInputError(f"heygem service at {self.shown} refused the inputs: {msg}",
                                 "check that the audio and the portrait play; a retry cannot help")
         what = "had a system error" if code == SYSTEM_ERROR else f"answered code {code}"
-        raise EngineError(f"heygem service at {self.shown} {what}: {msg}",
-                          f"see the container's log (docker logs heygem-gen-video); {_RETRY_HINT}")
+        raise EngineError(f"heygem service at {self.shown} {what}: {msg}", f"{LOG_HINT}; {_RETRY_HINT}")
