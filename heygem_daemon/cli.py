@@ -12,7 +12,7 @@ from typing import Any
 
 from heygem_daemon import __version__
 from heygem_daemon.config import Config, ConfigError, load_config
-from heygem_daemon.store import Job, Store
+from heygem_daemon.store import Batch, Job, Store
 
 EXIT_CONFIG = 2
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         return _status(cfg, store, args.json, args.limit)
     if args.command == "jobs":
-        return _jobs(store, args.failed, args.limit)
+        return _jobs(cfg, store, args.failed, args.limit)
     if args.command == "cancel":
         return _cancel(store, args.job)
     return _retry(cfg, store, args.job)
@@ -117,14 +117,37 @@ def _job_view(cfg: Config, store: Store, job: Job) -> dict[str, Any]:
     return view
 
 
+def _adhoc_view(cfg: Config, store: Store, batch: Batch) -> dict[str, Any]:
+    """Videos another tool put into outputs/: no job of ours, but a delivery all the same."""
+    stuck = [d.last_error for d in store.deliveries(batch.id) if d.state in ("pending", "uploading") and d.last_error]
+    return {"name": batch.name, "outputs": str(cfg.folder("outputs") / batch.folder),
+            "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(batch.created_at)),
+            "delivery": store.delivery_summary(batch.id),
+            "error": {"reason": stuck[-1].get("reason"), "hint": stuck[-1].get("hint")} if stuck else None}
+
+
+def _delivery_text(summary: dict[str, Any] | None) -> str:
+    if not summary:
+        return ""
+    files = ", ".join(f"{n} {state}" for state, n in sorted(summary["files"].items()))
+    return f"delivery {summary['state']}" + (f" ({files})" if files else "")
+
+
+def _adhoc_line(view: dict[str, Any]) -> str:
+    line = f"{view['name']:<28} {'ad hoc':<10} {_delivery_text(view['delivery'])}  -> {view['outputs']}"
+    return line + (f"  ({view['error']['reason']})" if view["error"] else "")
+
+
 def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
     jobs = [_job_view(cfg, store, j) for j in store.jobs(limit=limit)]
+    adhoc = [_adhoc_view(cfg, store, b) for b in store.adhoc_batches(limit)]
     counts = store.counts()
     if as_json:
         from heygem_daemon.daemon_state import read_state
 
         daemon = read_state(cfg.folder("state"))
-        print(json.dumps({"daemon": daemon, "tasks": counts, "jobs": jobs}, indent=2, ensure_ascii=False))
+        print(json.dumps({"daemon": daemon, "tasks": counts, "jobs": jobs, "adhoc": adhoc}, indent=2,
+                         ensure_ascii=False))
         return 0
     print("tasks: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none yet"))
     for j in jobs:
@@ -136,18 +159,25 @@ def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
         if j.get("error"):
             line += f"  ({j['error']['reason']})"
         print(line)
+    for view in adhoc:
+        print(_adhoc_line(view))
     return 0
 
 
-def _jobs(store: Store, failed_only: bool, limit: int) -> int:
+def _jobs(cfg: Config, store: Store, failed_only: bool, limit: int) -> int:
     jobs = store.jobs(("failed",) if failed_only else None, limit=limit)
-    if not jobs:
+    adhoc = [] if failed_only else [_adhoc_view(cfg, store, b) for b in store.adhoc_batches(limit)]
+    if not jobs and not adhoc:
         print("no failed jobs" if failed_only else "no jobs yet")
     for job in jobs:
         print(f"{job.name:<28} {job.state:<10} {job.id}")
         if job.error:
             print(f"    reason: {job.error.get('reason')}")
             print(f"    hint:   {job.error.get('hint')}")
+    for view in adhoc:
+        print(_adhoc_line(view))
+        if view["error"]:
+            print(f"    hint:   {view['error']['hint']}")
     return 0
 
 

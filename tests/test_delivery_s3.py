@@ -135,17 +135,18 @@ def test_presigned_link_downloads_the_bytes_and_names_the_file(settings, moto_se
     assert content_disposition("alice.mp4") == 'attachment; filename="alice.mp4"'
 
 
-def test_streamed_zip_upload_unzips_to_the_batch_names(settings, moto_server, tmp_path):
+def test_streamed_zip_upload_unzips_to_the_batch_names_and_its_sha256_is_the_objects(settings, moto_server,
+                                                                                      tmp_path):
     a = write_noise_video(tmp_path / "a.mp4", 6)
     b = write_portrait_video(tmp_path / "b.mp4", 0.4)
     started = []
     stream = StreamUpload(make_client(settings), settings.bucket, "z/batch.zip", 5 * MiB, Throttle(0),
-                          threading.Event(), started.append)
-    write_zip([(a, "a.mp4"), (b, "sub/b.mp4")], stream)  # type: ignore[arg-type]
+                          threading.Event(), started.append, "batch.zip")
+    sha256 = write_zip([(a, "a.mp4"), (b, "sub/b.mp4")], stream)  # type: ignore[arg-type]
     stream.finish()
     assert started == [stream.upload_id]
     body = moto_server.client().get_object(Bucket=settings.bucket, Key="z/batch.zip")["Body"].read()
-    assert len(body) == stream.size
+    assert len(body) == stream.size and hashlib.sha256(body).hexdigest() == sha256
     with zipfile.ZipFile(io.BytesIO(body)) as zf:
         assert zf.namelist() == ["a.mp4", "sub/b.mp4"]
         assert all(i.compress_type == zipfile.ZIP_STORED for i in zf.infolist())
