@@ -690,7 +690,7 @@ class Store:
             db.execute("UPDATE batches SET zip_name = ?, zip_key = ?, zip_upload_id = ?, updated_at = ? WHERE id = ?",
                        (zip_name, zip_key, upload_id, time.time(), batch_id))
 
-    def batch_zipped(self, batch_id: str, zip_size: int | None, zip_sha256: str | None) -> None:
+    def batch_zipped(self, batch_id: str, zip_size: int | None, zip_sha256: str | None = None) -> None:
         with self.tx() as db:
             db.execute("UPDATE batches SET state = 'zipped', zip_size = ?, zip_sha256 = ?, zip_upload_id = NULL,"
                        " last_error = NULL, updated_at = ? WHERE id = ?", (zip_size, zip_sha256, time.time(), batch_id))

@@ -56,6 +56,11 @@ def content_disposition(filename: str) -> str:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(base, safe='')}"
 
 
+def link_seconds(hours: float) -> int:
+    """s3.link_expiry_hours as the whole seconds a presigned link takes (at least one: fractions are for tests)."""
+    return max(1, round(hours * 3600))
+
+
 def presign_get(client: BaseClient, bucket: str, key: str, filename: str, expires_in: int) -> str:
     return client.generate_presigned_url(
         "get_object", ExpiresIn=expires_in,

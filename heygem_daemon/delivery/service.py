@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from heygem_daemon.config import Config
 from heygem_daemon.delivery.audit import AuditLog
-from heygem_daemon.delivery.links import LINKS_JSON, LinkEntry, iso_utc, presign_get, write_links
+from heygem_daemon.delivery.links import LINKS_JSON, LinkEntry, iso_utc, link_seconds, presign_get, write_links
 from heygem_daemon.delivery.names import object_key, static_prefix, zip_name
 from heygem_daemon.delivery.outputs import OutputsWatcher
 from heygem_daemon.delivery.report import BatchReport, Problem, VideoLink
@@ -313,7 +313,7 @@ class DeliveryService:
     # --- links and audit ---------------------------------------------------------------------------
 
     def _expiry(self) -> int:
-        return max(1, round(self.settings.link_expiry_hours * 3600))
+        return link_seconds(self.settings.link_expiry_hours)
 
     def _link(self, key: str, filename: str) -> tuple[str | None, str | None]:
         if self.client is None:
