@@ -132,7 +132,8 @@ def test_a_batch_is_uploaded_linked_zipped_and_reported_once(uploading, moto_ser
     assert zip_entry["path"] is None  # streamed into the bucket: no local copy to point at
     body, headers = fetch(zip_entry["link"])
     assert hashlib.sha256(body).hexdigest() == zip_entry["sha256"] and len(body) == zip_entry["size"]
-    assert f"{batch.zip_name}  ({size_text(len(body))}, sha256 {zip_entry['sha256']})" in (out / "links.txt").read_text()
+    txt = (out / "links.txt").read_text()
+    assert f"{batch.zip_name}  ({size_text(len(body))}, sha256 {zip_entry['sha256']})" in txt
     with zipfile.ZipFile(io.BytesIO(body)) as zf:
         assert sorted(zf.namelist()) == ["Grüße.mp4", "anna.mp4"]
         assert zf.read("anna.mp4") == (out / "anna.mp4").read_bytes()
