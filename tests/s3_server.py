@@ -70,7 +70,7 @@ class S3Process:
         return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id=KEY_ID,
                             aws_secret_access_key=SECRET,
                             config=Config(signature_version="s3v4", s3={"addressing_style": "path"},
-                                          retries={"max_attempts": 1}, request_checksum_calculation="when_required"))
+                                          retries={"max_attempts": 1}))
 
     def new_bucket(self) -> str:
         name = f"b-{uuid.uuid4().hex[:12]}"
