@@ -125,10 +125,7 @@ def make_client(s3: S3, environ: dict[str, str] | None = None) -> BaseClient:
     """The S3 client; `client.meta.endpoint_url` / `region_name` tell what boto3 really used (env included)."""
     config = BotoConfig(
         signature_version="s3v4",
-        # Every part and object carries Content-MD5, a signed header: the body is already bound to the
-        # signature, so sha256-signing the payload too (botocore's default over plain http) would hash every
-        # byte once more on both ends for no added protection. botocore does the same over https.
-        s3={"addressing_style": s3.addressing_style, "payload_signing_enabled": False},
+        s3={"addressing_style": s3.addressing_style},
         # botocore's standard mode: exponential backoff with jitter on 5xx, throttling and dropped connections.
         retries={"mode": "standard", "max_attempts": 4},
         connect_timeout=s3.connect_timeout,
