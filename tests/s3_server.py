@@ -137,8 +137,10 @@ class LimitedProxy:
     daemon meets a server that has the basic API and not the rest, as in the field.
     """
 
-    def __init__(self, upstream: S3Process, lacking: tuple[str, ...] = tuple(LACKING)) -> None:
-        self.upstream, self.lacking = upstream, lacking
+    def __init__(self, upstream: S3Process, lacking: tuple[str, ...] = tuple(LACKING),
+                 corrupt_uploads: bool = False) -> None:
+        """`corrupt_uploads`: flip the first byte of every PUT body on the way, as a bad link would."""
+        self.upstream, self.lacking, self.corrupt_uploads = upstream, lacking, corrupt_uploads
         self.refused: list[str] = []
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
@@ -169,7 +171,10 @@ class LimitedProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 url = urlsplit(self.path)
-                op = operation(self.command, url.path, parse_qs(url.query, keep_blank_values=True))
+                query = parse_qs(url.query, keep_blank_values=True)
+                op = operation(self.command, url.path, query)
+                if proxy.corrupt_uploads and self.command == "PUT" and body:
+                    body = bytes([body[0] ^ 0xFF]) + body[1:]
                 if op in proxy.lacking:
                     proxy.refused.append(op)
                     status, code, message = LACKING[op]

@@ -84,6 +84,20 @@ def test_a_wrong_secret_key_is_an_operator_problem_naming_the_signature(nanio_se
     assert "credentials" in failure.hint
 
 
+def test_a_video_damaged_on_the_way_is_refused_and_not_counted_as_sent(nanio_server, store, tmp_path):
+    proxy = LimitedProxy(nanio_server, lacking=(), corrupt_uploads=True).start()
+    try:
+        settings = S3(**proxy.s3_settings(nanio_server.new_bucket()))
+        video = write_portrait_video(tmp_path / "a.mp4", 0.4)
+        with pytest.raises(ClientError) as caught:
+            _upload(settings, store, _delivery(store, video, "day/job1/tok/a.mp4"))
+    finally:
+        proxy.stop()
+    assert caught.value.response["Error"]["Code"] == "BadDigest"
+    with pytest.raises(ClientError):
+        nanio_server.client().head_object(Bucket=settings.bucket, Key="day/job1/tok/a.mp4")
+
+
 def test_a_presigned_link_is_refused_after_its_expiry(nanio_server, tmp_path):
     settings = S3(**nanio_server.s3_settings(nanio_server.new_bucket(), link_expiry_hours=1 / 3600))
     client = nanio_server.client()
