@@ -77,8 +77,10 @@ class DeliveryService:
                                              self._touch, what="outputs")
         self._thread = threading.Thread(target=self._run, name="delivery", daemon=True)
         self._thread.start()
+        where = {"endpoint": self.client.meta.endpoint_url, "region": self.client.meta.region_name,
+                 "region_assumed": not self.settings.region} if self.client else {}
         log.info("delivery ready", upload="s3" if self.client else "local-only", bucket=self.settings.bucket or None,
-                 watch_mode=mode)
+                 watch_mode=mode, **where)
 
     def stop(self, timeout: float = 20.0) -> None:
         self.stopping.set()
