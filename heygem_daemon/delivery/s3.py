@@ -215,8 +215,8 @@ class Uploader:
         in_flight: dict[Future[Part], int] = {}
         sent = 0
         # The file is read once, front to back. Parts go out s3.part_concurrency at a time (memory: that many
-        # parts) and hash their own MD5; the whole file's sha256 runs beside them in one more thread, in
-        # order. Parts that landed together are recorded in one transaction.
+        # parts), each hashed for its signature in its own thread; the whole file's sha256 runs beside them in
+        # one more thread, in order. Parts that landed together are recorded in one transaction.
         with (open(path, "rb") as fh, ThreadPoolExecutor(self.settings.part_concurrency) as pool,
               ThreadPoolExecutor(1) as hasher):
             hashing: list[Future[None]] = []
@@ -308,6 +308,7 @@ class Uploader:
         self.store.start_upload(d.id, resp["UploadId"])
         return resp["UploadId"]
 
+
 def _plain_md5(etag: str) -> bool:
     tag = etag.strip('"')
     return len(tag) == 32 and all(c in "0123456789abcdef" for c in tag.lower())
@@ -371,17 +372,15 @@ def abort_upload(client: BaseClient, bucket: str, key: str, upload_id: str) -> N
             raise
 
 
-def abort_quietly(client: BaseClient, bucket: str, key: str, upload_id: str) -> bool:
+def abort_quietly(client: BaseClient, bucket: str, key: str, upload_id: str) -> None:
     """Abort an upload nobody will finish; a failure (a server without AbortMultipartUpload, S3 down) is
     logged and never blocks a video or a batch: the lifecycle rule or the stale-upload sweep clears it later."""
     try:
         abort_upload(client, bucket, key, upload_id)
-        return True
     except Exception as exc:
         failure = describe(exc, bucket)
         log.warning("could not abort an unfinished multipart upload; carrying on", key=key, reason=failure.reason,
                     hint=failure.hint)
-        return False
 
 
 def delete_object(client: BaseClient, bucket: str, key: str) -> None:
