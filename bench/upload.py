@@ -1,10 +1,13 @@
-"""Benchmark the resumable uploader against boto3's upload_file, on one local moto server and one file.
+"""Benchmark the resumable uploader against boto3's upload_file, on local S3 servers (moto, nanio) and one file.
 
 Prints MB/s of boto3 `upload_file` with its defaults (8 MiB parts, 10 threads) and of our Uploader (parts
-sent one after another, every part recorded in SQLite), the ratio ours/boto3, and the bytes sent twice
-when an uploading process is SIGKILLed half way and the upload is resumed (goal: at most one part).
+in flight as many at a time as boto3's threads unless --part-concurrency says otherwise — the same parts
+in flight and the same memory on both sides —, MD5 per part and the file's sha256 hashed beside the
+sends, parts recorded in SQLite), the ratio ours/boto3 of each round (boto3 and ours alternate, so a noisy neighbour
+hits both), and the bytes sent twice when an uploading process is SIGKILLed half way and resumed (goal:
+at most one part).
 
-    .venv/bin/python bench/upload.py [--mb 128] [--part-mb 8]
+    .venv/bin/python bench/upload.py [--mb 128] [--part-mb 8] [--rounds 3] [--server moto nanio]
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,10 +32,12 @@ from heygem_daemon.config import S3  # noqa: E402
 from heygem_daemon.delivery.s3 import MiB, Throttle, Uploader, make_client  # noqa: E402
 from heygem_daemon.state import Store  # noqa: E402
 from media_factory import write_noise_video  # noqa: E402
-from s3_server import MotoServer, credentials_env  # noqa: E402
+from s3_server import MotoServer, NanioServer, S3Process, credentials_env  # noqa: E402
+
+SERVERS: dict[str, type[S3Process]] = {"moto": MotoServer, "nanio": NanioServer}
 
 
-def settings(server: MotoServer, bucket: str, part_mb: int, concurrency: int | None = None) -> S3:
+def settings(server: S3Process, bucket: str, part_mb: int, concurrency: int | None = None) -> S3:
     extra = {"part_concurrency": concurrency} if concurrency else {}
     return S3(**server.s3_settings(bucket, part_size_mb=part_mb, **extra))
 
@@ -43,22 +49,23 @@ def new_delivery(store: Store, video: Path, key: str) -> int:
     return d.id
 
 
-def ours(server: MotoServer, bucket: str, video: Path, part_mb: int, db: Path, key: str,
-         concurrency: int | None) -> float:
+def ours(server: S3Process, bucket: str, video: Path, part_mb: int, db: Path, key: str,
+         concurrency: int | None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one upload."""
     store = Store(db)
     did = new_delivery(store, video, key)
     s3 = settings(server, bucket, part_mb, concurrency)
     uploader = Uploader(make_client(s3), s3, store, Throttle(0), threading.Event())
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     uploader.upload(store.deliveries.get(did))
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
-def boto3_default(server: MotoServer, bucket: str, video: Path, key: str) -> float:
+def boto3_default(server: S3Process, bucket: str, video: Path, key: str) -> tuple[float, float]:
     client = server.client()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     client.upload_file(str(video), bucket, key, Config=TransferConfig())
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def child(endpoint: str, bucket: str, video: str, part_mb: int, db: str, key: str) -> None:
@@ -68,7 +75,7 @@ def child(endpoint: str, bucket: str, video: str, part_mb: int, db: str, key: st
     Uploader(make_client(s3), s3, store, Throttle(0), threading.Event()).upload(store.deliveries.get(int(key)))
 
 
-def resent_after_kill(server: MotoServer, bucket: str, video: Path, part_mb: int, db: Path) -> tuple[int, int]:
+def resent_after_kill(server: S3Process, bucket: str, video: Path, part_mb: int, db: Path) -> tuple[int, int]:
     store = Store(db)
     did = new_delivery(store, video, "bench/killed.mp4")
     total = -(-video.stat().st_size // (part_mb * MiB))
@@ -86,6 +93,31 @@ def resent_after_kill(server: MotoServer, bucket: str, video: Path, part_mb: int
     return len(twice) * part_mb * MiB, len(twice)
 
 
+def one_server(name: str, video: Path, tmp: Path, args: argparse.Namespace) -> None:
+    server = SERVERS[name](tmp / f"{name}.log").start()
+    try:
+        size_mb = video.stat().st_size / MiB
+        bucket = server.new_bucket()
+        boto3_default(server, bucket, video, "warmup.mp4")
+        rounds = []
+        for i in range(args.rounds):
+            t_boto = boto3_default(server, bucket, video, f"boto{i}.mp4")
+            t_ours = ours(server, bucket, video, args.part_mb, tmp / f"{name}{i}.db", f"ours{i}.mp4",
+                          args.part_concurrency)
+            rounds.append((t_boto, t_ours))
+        resent, parts = resent_after_kill(server, bucket, video, args.part_mb, tmp / f"{name}-kill.db")
+    finally:
+        server.stop()
+    ratios = sorted(b[0] / o[0] for b, o in rounds)
+    print(f"{name}: boto3 upload_file {size_mb / min(b[0] for b, _ in rounds):6.1f} MiB/s, "
+          f"ours {size_mb / min(o[0] for _, o in rounds):6.1f} MiB/s (best of {args.rounds}); client CPU per GiB: "
+          f"boto3 {statistics.median(b[1] for b, _ in rounds) * 1024 / size_mb:.2f} s, "
+          f"ours {statistics.median(o[1] for _, o in rounds) * 1024 / size_mb:.2f} s")
+    print(f"{name}: ratio ours/boto3 per round {' '.join(f'{r:.2f}' for r in ratios)} "
+          f"(median {statistics.median(ratios):.2f}, spread {ratios[0]:.2f}-{ratios[-1]:.2f})")
+    print(f"{name}: SIGKILL half way + resume: {resent / MiB:.0f} MiB sent twice ({parts} part(s); goal: at most one)")
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--child"]:
         child(*sys.argv[2:4], sys.argv[4], int(sys.argv[5]), sys.argv[6], sys.argv[7])
@@ -93,28 +125,22 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=float, default=128)
     ap.add_argument("--part-mb", type=int, default=8)
-    ap.add_argument("--part-concurrency", type=int, default=None, help="default: s3.part_concurrency's default")
+    ap.add_argument("--part-concurrency", type=int, default=TransferConfig().max_request_concurrency,
+                    help="parts of the file in flight (default: boto3's upload_file threads, for a like-for-like "
+                         f"comparison; the daemon's s3.part_concurrency default is {S3().part_concurrency} per file, "
+                         f"{S3().max_concurrency} files at a time)")
+    ap.add_argument("--rounds", type=int, default=3, help="boto3/ours pairs per server")
+    ap.add_argument("--server", nargs="+", choices=sorted(SERVERS), default=sorted(SERVERS))
     args = ap.parse_args()
     os.environ.update(credentials_env())
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        server = MotoServer(tmp / "moto.log").start()
-        try:
-            video = write_noise_video(tmp / "big.mp4", args.mb)
-            size_mb = video.stat().st_size / MiB
-            bucket = server.new_bucket()
-            boto3_default(server, bucket, video, "warmup.mp4")
-            t_boto = min(boto3_default(server, bucket, video, f"boto{i}.mp4") for i in range(2))
-            t_ours = min(ours(server, bucket, video, args.part_mb, tmp / f"s{i}.db", f"ours{i}.mp4",
-                              args.part_concurrency) for i in range(2))
-            resent, parts = resent_after_kill(server, bucket, video, args.part_mb, tmp / "kill.db")
-        finally:
-            server.stop()
-    print(f"file: {size_mb:.0f} MiB real MP4, parts of {args.part_mb} MiB "
-          f"({args.part_concurrency or S3().part_concurrency} in flight), local moto server")
-    print(f"boto3 upload_file defaults : {size_mb / t_boto:7.1f} MiB/s")
-    print(f"ours (resumable, recorded) : {size_mb / t_ours:7.1f} MiB/s   ratio ours/boto3 = {t_boto / t_ours:.2f}")
-    print(f"SIGKILL half way + resume  : {resent / MiB:.0f} MiB sent twice ({parts} part(s); goal: at most one)")
+        video = write_noise_video(tmp / "big.mp4", args.mb)
+        print(f"file: {video.stat().st_size / MiB:.0f} MiB real MP4, parts of {args.part_mb} MiB "
+              f"({args.part_concurrency} in flight on both sides), {os.cpu_count()} CPUs, "
+              f"load {os.getloadavg()[0]:.1f}")
+        for name in args.server:
+            one_server(name, video, tmp, args)
 
 
 if __name__ == "__main__":

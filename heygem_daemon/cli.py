@@ -12,7 +12,7 @@ from typing import Any
 
 from heygem_daemon import __version__
 from heygem_daemon.config import Config, ConfigError, load_config
-from heygem_daemon.state import Job, Store
+from heygem_daemon.state import Batch, Job, Store
 
 EXIT_CONFIG = 2
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         return _status(cfg, store, args.json, args.limit)
     if args.command == "jobs":
-        return _jobs(store, args.failed, args.limit)
+        return _jobs(cfg, store, args.failed, args.limit)
     return _request(cfg, store, args.command, args.job)
 
 
@@ -117,11 +117,33 @@ def _job_view(cfg: Config, store: Store, job: Job) -> dict[str, Any]:
     return view
 
 
+def _adhoc_view(cfg: Config, store: Store, batch: Batch) -> dict[str, Any]:
+    """Videos another tool put into outputs/: no job of ours, but a delivery all the same."""
+    stuck = [d.last_error for d in store.deliveries.select(batch.id) if d.state in ("pending", "uploading") and d.last_error]
+    return {"name": batch.name, "outputs": str(cfg.folder("outputs") / batch.folder),
+            "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(batch.created_at)),
+            "delivery": store.deliveries.summary(batch.id),
+            "error": {"reason": stuck[-1].get("reason"), "hint": stuck[-1].get("hint")} if stuck else None}
+
+
+def _delivery_text(summary: dict[str, Any] | None) -> str:
+    if not summary:
+        return ""
+    files = ", ".join(f"{n} {state}" for state, n in sorted(summary["files"].items()))
+    return f"delivery {summary['state']}" + (f" ({files})" if files else "")
+
+
+def _adhoc_line(view: dict[str, Any]) -> str:
+    line = f"{view['name']:<28} {'ad hoc':<10} {_delivery_text(view['delivery'])}  -> {view['outputs']}"
+    return line + (f"  ({view['error']['reason']})" if view["error"] else "")
+
+
 def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
     from heygem_daemon.generation.dependencies import OUT_STATES, engine_dependencies
     from heygem_daemon.generation.outages import describe, waiting
 
     jobs = [_job_view(cfg, store, j) for j in store.jobs.select(limit=limit)]
+    adhoc = [_adhoc_view(cfg, store, b) for b in store.deliveries.adhoc_batches(limit)]
     counts = store.tasks.counts()
     outages = waiting(store)
     dependencies = engine_dependencies(cfg)
@@ -130,7 +152,8 @@ def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
 
         daemon = read_state(cfg.folder("state"))
         print(json.dumps({"daemon": daemon, "tasks": counts, "waiting_for": outages,
-                          "dependencies": [d.to_dict() for d in dependencies], "jobs": jobs}, indent=2,
+                          "dependencies": [d.to_dict() for d in dependencies], "jobs": jobs, "adhoc": adhoc},
+                         indent=2,
                          ensure_ascii=False))
         return 0
     print("tasks: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none yet"))
@@ -152,18 +175,25 @@ def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
         print(line)
         for w in j.get("warnings", []):
             print(f"    warning: {w['reason']}")
+    for view in adhoc:
+        print(_adhoc_line(view))
     return 0
 
 
-def _jobs(store: Store, failed_only: bool, limit: int) -> int:
+def _jobs(cfg: Config, store: Store, failed_only: bool, limit: int) -> int:
     jobs = store.jobs.select(("failed",) if failed_only else None, limit=limit)
-    if not jobs:
+    adhoc = [] if failed_only else [_adhoc_view(cfg, store, b) for b in store.deliveries.adhoc_batches(limit)]
+    if not jobs and not adhoc:
         print("no failed jobs" if failed_only else "no jobs yet")
     for job in jobs:
         print(f"{job.name:<28} {job.state:<10} {job.id}")
         if job.error:
             print(f"    reason: {job.error.get('reason')}")
             print(f"    hint:   {job.error.get('hint')}")
+    for view in adhoc:
+        print(_adhoc_line(view))
+        if view["error"]:
+            print(f"    hint:   {view['error']['hint']}")
     return 0
 
 

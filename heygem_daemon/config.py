@@ -251,6 +251,14 @@ class S3(_Section):
                              "can live; use 168 or less")
         return v
 
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        # Without a scheme botocore dies at start with a traceback; say it here, where it is fixed.
+        if v and not v.lower().startswith(("http://", "https://")):
+            raise ValueError(f"{v!r} has no scheme; write it as http://{v} or https://{v}")
+        return v or None
+
     @field_validator("key_prefix")
     @classmethod
     def _template(cls, v: str) -> str:
@@ -266,6 +274,7 @@ class S3(_Section):
 class Delivery(_Section):
     adhoc_quiet_seconds: float = Field(60.0, ge=0.0, description="videos other tools leave in outputs/<folder>/ "
                                        "form one batch until the folder is quiet this long")
+    zip_min_videos: int = Field(2, ge=1, description="a batch with fewer videos gets no zip (its link is enough)")
 
 
 class Config(_Section):

@@ -34,3 +34,14 @@ def moto_server(tmp_path_factory):
     server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log").start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def nanio_server(tmp_path_factory):
+    """One real nanio S3 server for the session: it checks signatures, keys, link expiry and clock skew."""
+    from s3_server import NanioServer
+
+    pytest.importorskip("nanio", reason="nanio needs Python 3.11+")
+    server = NanioServer(tmp_path_factory.mktemp("nanio") / "nanio.log").start()
+    yield server
+    server.stop()

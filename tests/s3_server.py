@@ -1,15 +1,25 @@
-"""A real moto S3 server in its own process on 127.0.0.1; stop it to play "S3 is down", start it again."""
+"""Real S3-compatible servers in their own processes on 127.0.0.1; stop one to play "S3 is down", start it again.
+
+- moto: the full API, accepts any signature, never expires a link.
+- nanio: checks SigV4 signatures and access keys, refuses expired presigned links and skewed clocks.
+- LimitedProxy: a real HTTP proxy in front of either that answers like servers lacking parts of the API.
+"""
 
 from __future__ import annotations
 
+import http.client
+import os
 import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import boto3
 from botocore.config import Config
@@ -24,17 +34,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class MotoServer:
+class S3Process:
+    """One server process; subclasses say how to start it."""
+
+    name = "s3"
+
     def __init__(self, log_path: Path) -> None:
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "MotoServer":
+    def command(self) -> tuple[list[str], dict[str, str] | None]:
+        raise NotImplementedError
+
+    def start(self) -> "S3Process":
+        argv, env = self.command()
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                         stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
@@ -42,7 +59,7 @@ class MotoServer:
                 return self
             except Exception:
                 time.sleep(0.1)
-        raise RuntimeError(f"moto server did not start:\n{self.log_path.read_text()[-2000:]}")
+        raise RuntimeError(f"{self.name} server did not start:\n{self.log_path.read_text()[-2000:]}")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -52,7 +69,8 @@ class MotoServer:
     def client(self) -> Any:
         return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id=KEY_ID,
                             aws_secret_access_key=SECRET,
-                            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}))
+                            config=Config(signature_version="s3v4", s3={"addressing_style": "path"},
+                                          retries={"max_attempts": 1}))
 
     def new_bucket(self) -> str:
         name = f"b-{uuid.uuid4().hex[:12]}"
@@ -67,6 +85,129 @@ class MotoServer:
     def s3_settings(self, bucket: str, **extra: Any) -> dict[str, Any]:
         return {"bucket": bucket, "endpoint_url": self.endpoint, "region": "us-east-1", "addressing_style": "path",
                 **extra}
+
+
+class MotoServer(S3Process):
+    name = "moto"
+
+    def command(self) -> tuple[list[str], dict[str, str] | None]:
+        return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)], None
+
+
+class NanioServer(S3Process):
+    """nanio (PyPI): buckets are folders under `data_dir`; one access key, KEY_ID/SECRET."""
+
+    name = "nanio"
+
+    def command(self) -> tuple[list[str], dict[str, str] | None]:
+        data = self.log_path.with_name(f"{self.log_path.stem}-data")
+        env = {**os.environ, "NANIO_ACCESS_KEY": KEY_ID, "NANIO_SECRET_KEY": SECRET}
+        return [sys.executable, "-m", "nanio", "serve", "--data-dir", str(data), "--host", "127.0.0.1",
+                "--port", str(self.port)], env
+
+
+# What s3rver 3.7.1 answered when measured (issue 15): these calls are missing from its API.
+LACKING = {
+    "ListParts": (405, "MethodNotAllowed", "The specified method is not allowed against this resource."),
+    "AbortMultipartUpload": (405, "MethodNotAllowed", "The specified method is not allowed against this resource."),
+    "ListMultipartUploads": (501, "NotImplemented", "A header you provided implies functionality that is not "
+                             "implemented."),
+    "Lifecycle": (501, "NotImplemented", "A header you provided implies functionality that is not implemented."),
+}
+
+
+def operation(method: str, path: str, query: dict[str, list[str]]) -> str | None:
+    """The name of the S3 call a request makes, for the calls LACKING lists."""
+    bucket_only = path.strip("/").count("/") == 0
+    if "lifecycle" in query:
+        return "Lifecycle"
+    if method == "GET" and bucket_only and "uploads" in query:
+        return "ListMultipartUploads"
+    if method == "GET" and "uploadId" in query:
+        return "ListParts"
+    if method == "DELETE" and "uploadId" in query:
+        return "AbortMultipartUpload"
+    return None
+
+
+class LimitedProxy:
+    """A real HTTP proxy to `upstream` that answers LACKING calls with s3rver 3.7.1's measured errors.
+
+    Everything else is forwarded byte for byte (signatures stay valid: the Host header is kept), so the
+    daemon meets a server that has the basic API and not the rest, as in the field.
+    """
+
+    def __init__(self, upstream: S3Process, lacking: tuple[str, ...] = tuple(LACKING),
+                 corrupt_uploads: bool = False) -> None:
+        """`corrupt_uploads`: flip the first byte of every PUT body on the way, as a bad link would."""
+        self.upstream, self.lacking, self.corrupt_uploads = upstream, lacking, corrupt_uploads
+        self.refused: list[str] = []
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def start(self) -> "LimitedProxy":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def s3_settings(self, bucket: str, **extra: Any) -> dict[str, Any]:
+        return {**self.upstream.s3_settings(bucket, **extra), "endpoint_url": self.endpoint}
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _any(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                url = urlsplit(self.path)
+                query = parse_qs(url.query, keep_blank_values=True)
+                op = operation(self.command, url.path, query)
+                if proxy.corrupt_uploads and self.command == "PUT" and body:
+                    body = bytes([body[0] ^ 0xFF]) + body[1:]
+                if op in proxy.lacking:
+                    proxy.refused.append(op)
+                    status, code, message = LACKING[op]
+                    self._answer(status, [("Content-Type", "application/xml")],
+                                 f"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code>"
+                                 f"<Message>{message}</Message></Error>".encode())
+                    return
+                conn = http.client.HTTPConnection("127.0.0.1", proxy.upstream.port, timeout=60)
+                try:
+                    conn.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
+                    resp = conn.getresponse()
+                    data = resp.read()
+                    dropped = ("transfer-encoding", "connection")
+                    if self.command != "HEAD":  # a HEAD answer keeps the object's length
+                        dropped += ("content-length",)
+                    headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in dropped]
+                    self._answer(resp.status, headers, data)
+                finally:
+                    conn.close()
+
+            def _answer(self, status: int, headers: list[tuple[str, str]], data: bytes) -> None:
+                self.send_response(status)
+                for k, v in headers:
+                    self.send_header(k, v)
+                if self.command != "HEAD":
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
+
+        return Handler
 
 
 def credentials_env() -> dict[str, str]:

@@ -19,6 +19,7 @@ import pytest
 
 from daemon_harness import DaemonHarness
 from heygem_daemon.delivery.links import content_disposition
+from heygem_daemon.delivery.report import size_text
 from heygem_daemon.fs.files import sha256_file
 from media_factory import FIXTURES, PORTRAIT_JPG, write_noise_video, write_portrait_video, write_speech_wav
 from notify_receiver import Receiver
@@ -128,7 +129,11 @@ def test_a_batch_is_uploaded_linked_zipped_and_reported_once(uploading, moto_ser
 
     zip_entry = links["zip"]
     assert zip_entry["file"] == batch.zip_name and zip_entry["file"].startswith("batch_") and not (out / batch.zip_name).exists()
+    assert zip_entry["path"] is None  # streamed into the bucket: no local copy to point at
     body, headers = fetch(zip_entry["link"])
+    assert hashlib.sha256(body).hexdigest() == zip_entry["sha256"] and len(body) == zip_entry["size"]
+    txt = (out / "links.txt").read_text()
+    assert f"{batch.zip_name}  ({size_text(len(body))}, sha256 {zip_entry['sha256']})" in txt
     with zipfile.ZipFile(io.BytesIO(body)) as zf:
         assert sorted(zf.namelist()) == ["Grüße.mp4", "anna.mp4"]
         assert zf.read("anna.mp4") == (out / "anna.mp4").read_bytes()
@@ -201,7 +206,8 @@ def test_a_video_another_tool_writes_into_outputs_is_delivered(uploading, moto_s
     obj = moto_server.client().get_object(Bucket=uploading.bucket, Key=d.key)["Body"].read()
     assert hashlib.sha256(obj).hexdigest() == sha256_file(video) == d.sha256
     links = json.loads((uploading.folder("outputs") / "othertool" / "links.json").read_text())
-    assert [f["file"] for f in links["files"]] == ["clip.mp4"] and links["zip"]["file"].startswith("othertool_")
+    assert [f["file"] for f in links["files"]] == ["clip.mp4"]
+    assert links["zip"] is None and batch.zip_name is None  # one video: its own link is the download
     assert uploading.store().deliveries.at(str(dest.with_name("next.mp4.part"))) is None
     assert len(log_events(uploading, "batch reported", job="othertool")) == 1
 
@@ -290,7 +296,7 @@ def test_missing_bucket_alerts_the_operator_keeps_the_video_and_delivers_after_r
 
 
 def test_local_only_mode_writes_local_links_and_zip_and_reports_failures_too(tmp_path):
-    harness = DaemonHarness(tmp_path / "base", FAST_DELIVERY)
+    harness = DaemonHarness(tmp_path / "base", {"delivery": {"adhoc_quiet_seconds": 1, "zip_min_videos": 1}})
     harness.start()
     try:
         write_speech_wav(tmp_path / "v.wav", 0.8)
@@ -311,6 +317,7 @@ def test_local_only_mode_writes_local_links_and_zip_and_reports_failures_too(tmp
     with zipfile.ZipFile(out / batch.zip_name) as zf:
         assert zf.namelist() == ["alice.mp4"] and zf.read("alice.mp4") == (out / "alice.mp4").read_bytes()
     assert links["zip"]["path"] == str(out / batch.zip_name)
+    assert links["zip"]["sha256"] == sha256_file(out / batch.zip_name)
     [ok] = log_events(harness, "batch reported", job="alice")
     [bad] = log_events(harness, "batch reported", job="dave")
     assert ok["ok"] is True and bad["ok"] is False and bad["failed"] == 1 and bad["videos"] == 0

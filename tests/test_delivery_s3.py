@@ -135,17 +135,18 @@ def test_presigned_link_downloads_the_bytes_and_names_the_file(settings, moto_se
     assert content_disposition("alice.mp4") == 'attachment; filename="alice.mp4"'
 
 
-def test_streamed_zip_upload_unzips_to_the_batch_names(settings, moto_server, tmp_path):
+def test_streamed_zip_upload_unzips_to_the_batch_names_and_its_sha256_is_the_objects(settings, moto_server,
+                                                                                      tmp_path):
     a = write_noise_video(tmp_path / "a.mp4", 6)
     b = write_portrait_video(tmp_path / "b.mp4", 0.4)
     started = []
     stream = StreamUpload(make_client(settings), settings.bucket, "z/batch.zip", 5 * MiB, Throttle(0),
-                          threading.Event(), started.append)
-    write_zip([(a, "a.mp4"), (b, "sub/b.mp4")], stream)  # type: ignore[arg-type]
+                          threading.Event(), started.append, "batch.zip")
+    sha256 = write_zip([(a, "a.mp4"), (b, "sub/b.mp4")], stream)  # type: ignore[arg-type]
     stream.finish()
     assert started == [stream.upload_id]
     body = moto_server.client().get_object(Bucket=settings.bucket, Key="z/batch.zip")["Body"].read()
-    assert len(body) == stream.size
+    assert len(body) == stream.size and hashlib.sha256(body).hexdigest() == sha256
     with zipfile.ZipFile(io.BytesIO(body)) as zf:
         assert zf.namelist() == ["a.mp4", "sub/b.mp4"]
         assert all(i.compress_type == zipfile.ZIP_STORED for i in zf.infolist())
@@ -203,3 +204,29 @@ def test_key_template_without_a_random_token_is_refused(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(path, environ={}, prepare=False)
     assert "s3.key_prefix" in str(err.value) and "{token}" in str(err.value)
+
+
+def test_an_endpoint_without_a_scheme_is_refused_by_config_check_in_one_line(tmp_path, capsys):
+    from heygem_daemon.cli import main
+
+    path = tmp_path / "config.yaml"
+    path.write_text("s3:\n  bucket: videos\n  endpoint_url: 127.0.0.1:9000\n")
+    assert main(["config", "check", str(path)]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "s3.endpoint_url" in line and "http://127.0.0.1:9000" in line
+
+
+def test_a_name_without_ascii_letters_gets_a_safe_ascii_fallback_never_a_bare_extension():
+    for name in ("视频.mp4", "видео.mp4", "動画.mp4"):
+        disposition = content_disposition(name)
+        fallback = disposition.split('filename="', 1)[1].split('"', 1)[0]
+        assert fallback.startswith("video-") and fallback.endswith(".mp4") and len(fallback) == len("video-") + 12
+    assert content_disposition("视频.mp4") != content_disposition("видео.mp4")  # two downloads, two names
+
+
+def test_links_txt_writes_sizes_in_the_same_unit_as_the_chat_message(tmp_path):
+    from heygem_daemon.delivery.links import LinkEntry, write_links
+    from heygem_daemon.notify.messages import size_text as chat_size
+
+    write_links(tmp_path, "links", "job", [LinkEntry("a.mp4", 220_400, str(tmp_path / "a.mp4"))], None)
+    assert "a.mp4  (220.4 kB)" in (tmp_path / "links.txt").read_text() and chat_size(220_400) == "220.4 kB"

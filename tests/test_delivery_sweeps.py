@@ -145,7 +145,16 @@ def test_doctor_says_the_bucket_answers(tmp_path, moto_server, aws_env):
 def test_doctor_names_a_missing_bucket_and_the_fix(tmp_path, moto_server, aws_env):
     cfg = make_cfg(tmp_path, moto_server.s3_settings("no-such-bucket-here"))
     [check] = s3_checks(cfg)
-    assert not check.ok and "no-such-bucket-here" in check.detail and check.fix
+    assert not check.ok and "bucket 'no-such-bucket-here' does not exist" in check.detail
+    assert "404" not in check.detail and "create it" in check.fix
+
+
+def test_doctor_names_the_endpoint_it_used_from_aws_endpoint_url_s3(tmp_path, moto_server, aws_env, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_server.endpoint)
+    bucket = moto_server.new_bucket()
+    cfg = make_cfg(tmp_path, {"bucket": bucket, "region": "us-east-1", "addressing_style": "path"})
+    [check] = s3_checks(cfg)
+    assert check.ok and f"bucket {bucket!r} at {moto_server.endpoint} (region us-east-1)" in check.detail
 
 
 def test_doctor_reports_upload_off_in_local_only_mode(tmp_path):

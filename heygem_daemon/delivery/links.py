@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 import unicodedata
 from dataclasses import asdict, dataclass
@@ -10,6 +11,7 @@ from urllib.parse import quote
 
 from botocore.client import BaseClient
 
+from heygem_daemon.delivery.report import size_text
 from heygem_daemon.fs.ops import atomic_write_json, atomic_write_text
 
 LINKS_JSON = "links.json"
@@ -21,8 +23,8 @@ class LinkEntry:
     file: str
     """Name relative to the batch folder."""
     size: int
-    path: str
-    """Where the file lies on this machine."""
+    path: str | None
+    """Where the file lies on this machine; None for a zip streamed straight into the bucket."""
     sha256: str | None = None
     key: str | None = None
     link: str | None = None
@@ -30,14 +32,33 @@ class LinkEntry:
     expires_at: str | None = None
 
 
+def _ascii_fallback(base: str) -> str:
+    """The name for clients that ignore filename*: accents dropped, never a bare `.mp4` (a hidden file for
+    curl -OJ). A name with no ASCII letters left becomes `video-<8 hex of the name>.mp4`, unique per name."""
+    stem, dot, suffix = base.rpartition(".") if "." in base.lstrip(".") else (base, "", "")
+    ascii_stem = _ascii(stem)
+    if not any(c.isalnum() for c in ascii_stem):
+        ascii_stem = f"video-{hashlib.sha256(base.encode()).hexdigest()[:8]}"
+    return ascii_stem + (dot + (_ascii(suffix) or "bin") if dot else "")
+
+
+def _ascii(text: str) -> str:
+    kept = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return "".join(c if c.isalnum() or c in "._- " else "_" for c in kept).strip()
+
+
 def content_disposition(filename: str) -> str:
     """`attachment` with the base name; RFC 6266 filename*=UTF-8'' for names that are not plain ASCII."""
     base = filename.rsplit("/", 1)[-1]
-    fallback = unicodedata.normalize("NFKD", base).encode("ascii", "ignore").decode()
-    fallback = "".join(c if c.isalnum() or c in "._- " else "_" for c in fallback).strip() or "video"
+    fallback = _ascii_fallback(base)
     if fallback == base:
         return f'attachment; filename="{base}"'
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(base, safe='')}"
+
+
+def link_seconds(hours: float) -> int:
+    """s3.link_expiry_hours as the whole seconds a presigned link takes (at least one: fractions are for tests)."""
+    return max(1, round(hours * 3600))
 
 
 def presign_get(client: BaseClient, bucket: str, key: str, filename: str, expires_in: int) -> str:
@@ -50,15 +71,6 @@ def iso_utc(when: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
-def _human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
-        size /= 1024
-    return f"{n} B"
-
-
 def write_links(folder: Path, stem: str, batch: str, files: list[LinkEntry], zip_entry: LinkEntry | None) -> Path:
     """`<stem>.json` and `<stem>.txt` in `folder`, both replaced atomically (a reader never sees half)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -68,7 +80,7 @@ def write_links(folder: Path, stem: str, batch: str, files: list[LinkEntry], zip
     atomic_write_json(target, doc)
     lines = [f"{batch}: {len(files)} video(s)", ""]
     for f in [*files, *([zip_entry] if zip_entry else [])]:
-        lines.append(f"{f.file}  ({_human_size(f.size)}" + (f", sha256 {f.sha256}" if f.sha256 else "") + ")")
+        lines.append(f"{f.file}  ({size_text(f.size)}" + (f", sha256 {f.sha256}" if f.sha256 else "") + ")")
         lines.append(f"  {f.link or f.path}")
         if f.expires_at:
             lines.append(f"  link valid until {f.expires_at}")

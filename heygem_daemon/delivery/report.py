@@ -7,6 +7,14 @@ from dataclasses import dataclass, field
 from heygem_daemon.failures import Problem
 
 
+def size_text(size: int) -> str:
+    """The one way sizes are written for people (links.txt, chat messages): decimal units, as file managers."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
+
+
 @dataclass(frozen=True)
 class VideoLink:
     name: str

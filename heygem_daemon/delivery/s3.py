@@ -25,6 +25,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, 
 from heygem_daemon.ops import metrics
 from heygem_daemon.ops.checks import Check
 from heygem_daemon.config import S3, Config, Lifecycle
+from heygem_daemon.delivery.links import content_disposition
 from heygem_daemon.log import get_logger
 from heygem_daemon.secrets import get_secret
 from heygem_daemon.state import Delivery, Part, Store
@@ -41,6 +42,9 @@ ALERT_CODES = frozenset({
     "InvalidToken", "AllAccessDisabled", "AccountProblem", "InvalidBucketName", "PermanentRedirect",
     "AuthorizationHeaderMalformed",
 })
+# How servers that lack a call answer it (s3rver 3.7.1: 405 for ListParts/Abort, 501 for the rest).
+UNSUPPORTED_STATUS = (405, 501)
+UNSUPPORTED_CODES = frozenset({"MethodNotAllowed", "NotImplemented"})
 
 
 class Stopping(Exception):
@@ -58,21 +62,45 @@ class S3Failure(Exception):
         return {"stage": "deliver", "reason": self.reason, "hint": self.hint, "code": self.code}
 
 
+def _code_status(exc: ClientError) -> tuple[str, int]:
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    return code, int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+
+
+def unsupported(exc: Exception) -> bool:
+    """True when the server lacks the call (405/501): asking again can never work."""
+    if not isinstance(exc, ClientError):
+        return False
+    code, status = _code_status(exc)
+    return code in UNSUPPORTED_CODES or status in UNSUPPORTED_STATUS
+
+
 def describe(exc: Exception, bucket: str) -> S3Failure:
-    """Sort an exception from boto3 into retry-later or tell-the-operator."""
+    """Sort an exception from boto3 into retry-later or tell-the-operator, with what to fix in words."""
     if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
         return S3Failure("no S3 credentials found", "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws, an "
                          "instance role, or systemd credentials aws_access_key_id/aws_secret_access_key", False,
                          "NoCredentials")
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
-        code = str(err.get("Code", ""))
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        code, status = _code_status(exc)
+        call = getattr(exc, "operation_name", "") or "that call"
+        if unsupported(exc):
+            return S3Failure(f"the S3 server does not support {call} ({status} {code})",
+                             "this S3-compatible server lacks that part of the API; use a server that has it "
+                             "or leave the feature that needs it off", False, code or str(status))
+        if code == "RequestTimeTooSkewed":
+            return S3Failure("S3 refused the request: this machine's clock is off by more than 15 minutes",
+                             "set the clock right (timedatectl set-ntp true, or chrony/ntpd)", False, code)
         if status >= 500 or code in ("SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable"):
             return S3Failure(f"S3 answered {status} {code}", "the service is struggling; retrying", True, code)
-        if code == "NoSuchBucket":
+        if code == "NoSuchBucket" or (status == 404 and call == "HeadBucket"):
             return S3Failure(f"bucket {bucket!r} does not exist", "create it or fix s3.bucket / s3.endpoint_url",
-                             False, code)
+                             False, "NoSuchBucket")
+        if code in ("AuthorizationHeaderMalformed", "PermanentRedirect", "IllegalLocationConstraintException"):
+            region = err.get("Region") or "another region"
+            return S3Failure(f"S3 says bucket {bucket!r} lives in {region} ({code})",
+                             "set s3.region to the bucket's region", False, code)
         if code in ALERT_CODES or status == 403:
             return S3Failure(f"S3 refused access to bucket {bucket!r} ({code or status})",
                              "check the credentials and the bucket policy (PutObject, GetObject, "
@@ -94,16 +122,19 @@ def systemd_credentials(environ: dict[str, str] | None = None) -> dict[str, str]
 
 
 def make_client(s3: S3, environ: dict[str, str] | None = None) -> BaseClient:
+    """The S3 client; `client.meta.endpoint_url` / `region_name` tell what boto3 really used (env included)."""
     config = BotoConfig(
         signature_version="s3v4",
-        s3={"addressing_style": s3.addressing_style},
+        # Every request body is signed with its sha256 (SigV4 payload signing; AWS, MinIO and Ceph check it),
+        # over https too: that is each part's integrity check. Parts carry no Content-MD5 besides: MD5 cost
+        # more CPU than the rest of the upload (bench/upload.py). No CRC32 trailer either (see below).
+        s3={"addressing_style": s3.addressing_style, "payload_signing_enabled": True},
         # botocore's standard mode: exponential backoff with jitter on 5xx, throttling and dropped connections.
         retries={"mode": "standard", "max_attempts": 4},
         connect_timeout=s3.connect_timeout,
         read_timeout=s3.read_timeout,
         max_pool_connections=max(10, 2 * s3.max_concurrency),
-        # Newer botocore adds CRC32 trailers by default, which MinIO/OSS/Ceph versions reject; Content-MD5 is
-        # understood everywhere, so checksums are sent explicitly instead.
+        # Newer botocore adds CRC32 trailers (aws-chunked) by default, which MinIO/OSS/Ceph versions reject.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
@@ -138,13 +169,19 @@ class Uploaded:
     """Bytes sent in this call: less than the size when a resumed upload skipped parts the server had."""
 
 
-def _md5(data: bytes) -> tuple[str, str]:
-    digest = hashlib.md5(data, usedforsecurity=False).digest()
-    return digest.hex(), base64.b64encode(digest).decode()
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
-def _content_type(path: Path) -> str:
-    return mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+def _md5_b64(data: bytes) -> str:
+    return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+
+
+def object_headers(path: Path, name: str) -> dict[str, str]:
+    """Stored with the object: servers that ignore a link's response-content-disposition (nanio, s3rver)
+    still name the download."""
+    return {"ContentType": mimetypes.guess_type(path.name)[0] or "application/octet-stream",
+            "ContentDisposition": content_disposition(name)}
 
 
 class Uploader:
@@ -164,10 +201,10 @@ class Uploader:
 
     def _put(self, d: Delivery, path: Path) -> Uploaded:
         data = path.read_bytes()  # at most one part size
-        _, md5_b64 = _md5(data)
         self.throttle.take(len(data))
-        resp = self.client.put_object(Bucket=self.bucket, Key=d.key, Body=data, ContentMD5=md5_b64,
-                                      ContentType=_content_type(path))
+        # Content-MD5 as well as the signed sha256: some servers check only the MD5 (nanio, s3rver).
+        resp = self.client.put_object(Bucket=self.bucket, Key=d.key, Body=data, ContentMD5=_md5_b64(data),
+                                      **object_headers(path, d.rel))
         metrics.BYTES_UPLOADED.inc(len(data))
         return Uploaded(resp["ETag"], hashlib.sha256(data).hexdigest(), len(data))
 
@@ -177,14 +214,21 @@ class Uploader:
         parts: dict[int, Part] = {}
         in_flight: dict[Future[Part], int] = {}
         sent = 0
-        # Parts go out s3.part_concurrency at a time (memory: that many parts); each is recorded as it lands.
-        with open(path, "rb") as fh, ThreadPoolExecutor(self.settings.part_concurrency) as pool:
+        # The file is read once, front to back. Parts go out s3.part_concurrency at a time (memory: that many
+        # parts), each hashed for its signature in its own thread; the whole file's sha256 runs beside them in
+        # one more thread, in order. Parts that landed together are recorded in one transaction.
+        with (open(path, "rb") as fh, ThreadPoolExecutor(self.settings.part_concurrency) as pool,
+              ThreadPoolExecutor(1) as hasher):
+            hashing: list[Future[None]] = []
             number = 0
             while chunk := fh.read(self.part_size):
                 number += 1
-                sha.update(chunk)  # parts the server holds are read too: the file's sha256 covers all bytes
+                hashing = [f for f in hashing if not f.done()]
+                while len(hashing) > self.settings.part_concurrency:
+                    hashing.pop(0).result()
+                hashing.append(hasher.submit(sha.update, chunk))  # parts the server holds count too
                 have = held.get(number)
-                if have is not None and have.size == len(chunk) and have.md5 == _md5(chunk)[0]:
+                if have is not None and have.size == len(chunk) and have.md5 == _md5(chunk):
                     parts[number] = have
                     continue
                 if self.stopping.is_set():
@@ -196,36 +240,44 @@ class Uploader:
                 sent += len(chunk)
             while in_flight:
                 parts.update(self._record_parts(d, in_flight))
+            for f in hashing:
+                f.result()
         resp = self.client.complete_multipart_upload(
             Bucket=self.bucket, Key=d.key, UploadId=upload_id,
             MultipartUpload={"Parts": [{"PartNumber": n, "ETag": parts[n].etag} for n in sorted(parts)]})
         return Uploaded(resp["ETag"], sha.hexdigest(), sent)
 
     def _send_part(self, key: str, upload_id: str, number: int, chunk: bytes) -> Part:
-        md5_hex, md5_b64 = _md5(chunk)  # hashed here, in parallel: hashlib lets go of the GIL
+        # botocore hashes the part for its signature here, in parallel (hashlib lets go of the GIL).
         resp = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
-                                       Body=chunk, ContentMD5=md5_b64)
+                                       Body=chunk)
         metrics.BYTES_UPLOADED.inc(len(chunk))
-        return Part(number, resp["ETag"], len(chunk), md5_hex, time.time())
+        # A plain ETag is the part's MD5, what a resume compares; another kind (SSE-KMS) makes a resume re-send.
+        etag = resp["ETag"]
+        return Part(number, etag, len(chunk), etag.strip('"') if _plain_md5(etag) else "", time.time())
 
     def _record_parts(self, d: Delivery, in_flight: dict[Future[Part], int]) -> dict[int, Part]:
-        """Wait for at least one part in flight to land and record it; the store hears of each part once sent."""
+        """Wait for at least one part in flight to land; record all that landed in one write."""
         done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-        landed: dict[int, Part] = {}
         for future in done:
             del in_flight[future]
-            part = future.result()
-            self.store.deliveries.add_part(d.id, part)
-            landed[part.number] = part
-        return landed
+        landed = [future.result() for future in done]
+        self.store.deliveries.add_parts(d.id, landed)
+        return {part.number: part for part in landed}
 
     def _resume(self, d: Delivery) -> tuple[str, dict[int, Part]]:
-        """The upload to continue and the parts the server confirms; a vanished upload starts over."""
+        """The upload to continue and the parts the server confirms. A vanished upload, or a server that
+        cannot list parts (405/501), starts a fresh upload under the same key."""
         if d.upload_id is None:
             return self._create(d), {}
         try:
             on_server = self._server_parts(d.key, d.upload_id)
         except ClientError as exc:
+            if unsupported(exc):
+                log.warning("the S3 server cannot list the parts of an upload; starting a fresh upload",
+                            key=d.key, reason=describe(exc, self.bucket).reason)
+                abort_quietly(self.client, self.bucket, d.key, d.upload_id)
+                return self._create(d), {}
             if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
                 raise
             log.warning("multipart upload gone from the server; starting over", key=d.key)
@@ -239,7 +291,7 @@ class Uploader:
             elif _plain_md5(etag):
                 # Sent just before a crash, before the store heard of it: a plain ETag is the part's MD5.
                 held[number] = Part(number, etag, size, etag.strip('"'), time.time())
-                self.store.deliveries.add_part(d.id, held[number])
+                self.store.deliveries.add_parts(d.id, [held[number]])
         self.store.deliveries.forget_parts(d.id, [n for n in stored if n not in held])
         log.info("resuming multipart upload", key=d.key, parts_on_server=len(held))
         return d.upload_id, held
@@ -252,7 +304,7 @@ class Uploader:
         return found
 
     def _create(self, d: Delivery) -> str:
-        resp = self.client.create_multipart_upload(Bucket=self.bucket, Key=d.key, ContentType=_content_type(Path(d.path)))
+        resp = self.client.create_multipart_upload(Bucket=self.bucket, Key=d.key, **object_headers(Path(d.path), d.rel))
         self.store.deliveries.start_upload(d.id, resp["UploadId"])
         return resp["UploadId"]
 
@@ -269,11 +321,11 @@ class StreamUpload:
     """
 
     def __init__(self, client: BaseClient, bucket: str, key: str, part_size: int, throttle: Throttle,
-                 stopping: threading.Event, on_started: Callable[[str], None],
-                 content_type: str = "application/zip") -> None:
+                 stopping: threading.Event, on_started: Callable[[str], None], filename: str) -> None:
         self.client, self.bucket, self.key, self.part_size, self.throttle = client, bucket, key, part_size, throttle
         self.stopping = stopping
-        self.upload_id = client.create_multipart_upload(Bucket=bucket, Key=key, ContentType=content_type)["UploadId"]
+        self.upload_id = client.create_multipart_upload(Bucket=bucket, Key=key,
+                                                        **object_headers(Path(filename), filename))["UploadId"]
         on_started(self.upload_id)
         self._buf = bytearray()
         self._parts: list[dict[str, Any]] = []
@@ -296,7 +348,7 @@ class StreamUpload:
         self.throttle.take(len(chunk))
         number = len(self._parts) + 1
         resp = self.client.upload_part(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
-                                       PartNumber=number, Body=chunk, ContentMD5=_md5(chunk)[1])
+                                       PartNumber=number, Body=chunk)
         metrics.BYTES_UPLOADED.inc(len(chunk))
         self._parts.append({"PartNumber": number, "ETag": resp["ETag"]})
 
@@ -309,7 +361,7 @@ class StreamUpload:
         return str(resp["ETag"])
 
     def abort(self) -> None:
-        abort_upload(self.client, self.bucket, self.key, self.upload_id)
+        abort_quietly(self.client, self.bucket, self.key, self.upload_id)
 
 
 def abort_upload(client: BaseClient, bucket: str, key: str, upload_id: str) -> None:
@@ -318,6 +370,17 @@ def abort_upload(client: BaseClient, bucket: str, key: str, upload_id: str) -> N
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
             raise
+
+
+def abort_quietly(client: BaseClient, bucket: str, key: str, upload_id: str) -> None:
+    """Abort an upload nobody will finish; a failure (a server without AbortMultipartUpload, S3 down) is
+    logged and never blocks a video or a batch: the lifecycle rule or the stale-upload sweep clears it later."""
+    try:
+        abort_upload(client, bucket, key, upload_id)
+    except Exception as exc:
+        failure = describe(exc, bucket)
+        log.warning("could not abort an unfinished multipart upload; carrying on", key=key, reason=failure.reason,
+                    hint=failure.hint)
 
 
 def delete_object(client: BaseClient, bucket: str, key: str) -> None:
@@ -371,13 +434,23 @@ def apply_lifecycle(client: BaseClient, bucket: str, rule: dict[str, Any]) -> li
 
 
 def s3_checks(cfg: Config) -> list[Check]:
-    """`heygem-daemon doctor` lines: credentials found and the bucket answers (HeadBucket; nothing written)."""
+    """`heygem-daemon doctor` lines: credentials found and the bucket answers (HeadBucket; nothing written).
+
+    The endpoint and region named are the ones boto3 really used: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL and
+    AWS_DEFAULT_REGION / ~/.aws apply when config.yaml leaves them out."""
     s3 = cfg.s3
     if not s3.enabled:
         return [Check("s3", True, "off (s3.bucket is empty): local-only delivery")]
-    where = f"bucket {s3.bucket!r} at {s3.endpoint_url or 'AWS'}"
     try:
-        make_client(s3).head_bucket(Bucket=s3.bucket)
+        client = make_client(s3)
+    except Exception as exc:  # e.g. an endpoint botocore cannot parse from the environment
+        return [Check("s3", False, f"bucket {s3.bucket!r}: cannot set up the S3 client ({exc})",
+                      "fix s3.endpoint_url / AWS_ENDPOINT_URL_S3")]
+    region = client.meta.region_name
+    where = (f"bucket {s3.bucket!r} at {client.meta.endpoint_url} "
+             f"(region {region}{'' if s3.region else ', assumed: s3.region is not set'})")
+    try:
+        client.head_bucket(Bucket=s3.bucket)
     except Exception as exc:  # every failure becomes a line with its fix
         failure = describe(exc, s3.bucket)
         return [Check("s3", False, f"{where}: {failure.reason}", failure.hint)]

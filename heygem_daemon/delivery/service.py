@@ -16,12 +16,12 @@ from typing import Any, Callable
 
 from heygem_daemon.config import Config
 from heygem_daemon.delivery.audit import AuditLog
-from heygem_daemon.delivery.links import LINKS_JSON, LinkEntry, iso_utc, presign_get, write_links
+from heygem_daemon.delivery.links import LINKS_JSON, LinkEntry, iso_utc, link_seconds, presign_get, write_links
 from heygem_daemon.delivery.names import object_key, static_prefix, zip_name
 from heygem_daemon.delivery.outputs import OutputsWatcher
 from heygem_daemon.delivery.report import BatchReport, VideoLink
 from heygem_daemon.delivery.s3 import (
-    MiB, S3Failure, Stopping, StreamUpload, Throttle, Uploader, abort_stale_uploads, abort_upload, apply_lifecycle,
+    MiB, S3Failure, Stopping, StreamUpload, Throttle, Uploader, abort_quietly, abort_stale_uploads, apply_lifecycle,
     describe, lifecycle_rule, make_client,
 )
 from heygem_daemon.delivery.zipper import write_local_zip, write_zip
@@ -78,8 +78,10 @@ class DeliveryService:
                                              self._touch, what="outputs")
         self._thread = threading.Thread(target=self._run, name="delivery", daemon=True)
         self._thread.start()
+        where = {"endpoint": self.client.meta.endpoint_url, "region": self.client.meta.region_name,
+                 "region_assumed": not self.settings.region} if self.client else {}
         log.info("delivery ready", upload="s3" if self.client else "local-only", bucket=self.settings.bucket or None,
-                 watch_mode=mode)
+                 watch_mode=mode, **where)
 
     def stop(self, timeout: float = 20.0) -> None:
         self.stopping.set()
@@ -96,7 +98,7 @@ class DeliveryService:
 
     def _run(self) -> None:
         if self.client is not None and self.settings.lifecycle.wanted:
-            self._guard("lifecycle", self._apply_lifecycle)
+            self._apply_lifecycle()
         while not self.stopping.is_set():
             try:
                 self._step()
@@ -104,12 +106,6 @@ class DeliveryService:
                 log.exception("delivery step failed; will try again")
             self.wake.wait(IDLE_WAIT)
             self.wake.clear()
-
-    def _guard(self, what: str, fn: Callable[[], Any]) -> None:
-        try:
-            fn()
-        except Exception as exc:
-            self._failed(what, exc, lambda _f: None)
 
     # --- the decisions (delivery thread) ----------------------------------------------------------
 
@@ -194,10 +190,12 @@ class DeliveryService:
 
     def _deliver(self, d: Delivery) -> None:
         d = self.store.deliveries.get(d.id)
-        if d.state not in ("pending", "uploading"):
+        if d.state not in ("pending", "uploading", "uploaded"):
             return
         try:
-            if self.uploader is not None and d.key:
+            if d.state == "uploaded":
+                log.info("video uploaded before a crash; linking it now", file=d.rel, key=d.key)
+            elif self.uploader is not None and d.key:
                 up = self.uploader.upload(d)
                 self.store.deliveries.finish_upload(d.id, up.etag, up.sha256)
                 log.info("video uploaded", file=d.rel, key=d.key, size=d.size, sent=up.sent_bytes)
@@ -250,7 +248,7 @@ class DeliveryService:
             return
         videos = [d for d in self.store.deliveries.select(batch.id) if d.state == "linked"]
         when = (job.finished_at if job else None) or time.time()
-        if videos and batch.state == "open":
+        if len(videos) >= self.cfg.delivery.zip_min_videos and batch.state == "open":
             try:
                 self._zip(batch, videos, when)
             except Stopping:
@@ -270,33 +268,27 @@ class DeliveryService:
         name = zip_name(batch.name, when)
         files = [(Path(d.path), d.rel) for d in videos]
         if self.client is None or not any(d.key for d in videos):
-            size = write_local_zip(files, self._links_dir(batch) / name)
+            size, sha256 = write_local_zip(files, self._links_dir(batch) / name)
             self.store.deliveries.set_batch_zip(batch.id, name, "", None)
         else:
             if batch.zip_upload_id:  # a zip cut short by a crash: its parts are useless, start again
-                abort_upload(self.client, self.settings.bucket, batch.zip_key or "", batch.zip_upload_id)
+                abort_quietly(self.client, self.settings.bucket, batch.zip_key or "", batch.zip_upload_id)
             key = object_key(self.settings.key_prefix, batch.name, name, time.time())
             stream = StreamUpload(self.client, self.settings.bucket, key, self.settings.part_size_mb * MiB,
-                                  self.throttle, self.stopping, lambda uid: self.store.deliveries.set_batch_zip(batch.id, name, key, uid))
+                                  self.throttle, self.stopping,
+                                  lambda uid: self.store.deliveries.set_batch_zip(batch.id, name, key, uid), name)
             try:
-                write_zip(files, stream)  # type: ignore[arg-type]
+                sha256 = write_zip(files, stream)  # type: ignore[arg-type]
                 stream.finish()
             except BaseException:
-                self._quietly(stream.abort)
+                stream.abort()
                 raise
             size = stream.size
-        self.store.deliveries.batch_zipped(batch.id, size)
+        self.store.deliveries.batch_zipped(batch.id, size, sha256)
         zipped = self.store.deliveries.batch(batch.id)
         assert zipped is not None
         log.info("batch zipped", job_id=batch.job_id, batch=batch.name, zip=name, files=len(files), size=size)
         self._audit("zip", zipped, videos)
-
-    @staticmethod
-    def _quietly(fn: Callable[[], None]) -> None:
-        try:
-            fn()
-        except Exception:  # the stale-upload sweep removes what this could not
-            log.warning("could not abort an unfinished zip upload", exc_info=True)
 
     def _report(self, batch: Batch, job: Job | None, videos: list[Delivery]) -> BatchReport:
         entries = {e.file: e for e in self._entries(videos)}
@@ -321,7 +313,7 @@ class DeliveryService:
     # --- links and audit ---------------------------------------------------------------------------
 
     def _expiry(self) -> int:
-        return int(self.settings.link_expiry_hours * 3600)
+        return link_seconds(self.settings.link_expiry_hours)
 
     def _link(self, key: str, filename: str) -> tuple[str | None, str | None]:
         if self.client is None or not key:
@@ -340,9 +332,11 @@ class DeliveryService:
     def _zip_entry(self, batch: Batch) -> LinkEntry | None:
         if not batch.zip_name or batch.state == "open":
             return None
+        if batch.zip_key:  # streamed into the bucket: there is no local copy to name
+            link, expires = self._link(batch.zip_key, batch.zip_name)
+            return LinkEntry(batch.zip_name, batch.zip_size or 0, None, batch.zip_sha256, batch.zip_key, link, expires)
         path = self._links_dir(batch) / batch.zip_name
-        link, expires = self._link(batch.zip_key, batch.zip_name) if batch.zip_key else (None, None)
-        return LinkEntry(batch.zip_name, batch.zip_size or 0, str(path), None, batch.zip_key or None, link, expires)
+        return LinkEntry(batch.zip_name, batch.zip_size or 0, str(path), batch.zip_sha256)
 
     def _links_dir(self, batch: Batch) -> Path:
         return self.outputs / batch.folder if batch.folder else self.outputs
@@ -381,10 +375,18 @@ class DeliveryService:
     # --- bucket hygiene ----------------------------------------------------------------------------
 
     def _apply_lifecycle(self) -> None:
+        """Once at start. The rule is housekeeping, not delivery: a server that cannot take it (501, or an
+        S3-compatible store without lifecycle) gets one warning; videos are not held and nothing retries."""
         assert self.client is not None
         lc = self.settings.lifecycle
-        apply_lifecycle(self.client, self.settings.bucket,
-                        lifecycle_rule(lc, lc.prefix or static_prefix(self.settings.key_prefix)))
+        try:
+            apply_lifecycle(self.client, self.settings.bucket,
+                            lifecycle_rule(lc, lc.prefix or static_prefix(self.settings.key_prefix)))
+        except Exception as exc:
+            failure = describe(exc, self.settings.bucket)
+            log.warning("bucket lifecycle rule not applied; delivery goes on without it", reason=failure.reason,
+                        hint="old objects and unfinished uploads are not expired by the bucket: expire them another "
+                             "way or clear s3.lifecycle")
 
     def abort_stale_uploads(self, older_than_hours: float) -> list[tuple[str, str]]:
         """For the cleanup schedule: abandoned multipart uploads under our prefix (unknown to the store)."""

@@ -8,6 +8,7 @@ only burn CPU.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -47,24 +48,41 @@ def _info(path: Path, name: str) -> zipfile.ZipInfo:
     return info
 
 
-def write_zip(files: list[tuple[Path, str]], out: BinaryIO) -> None:
-    """Write (path, name-in-batch) pairs as a stored zip into `out`, which need not be seekable."""
+class _Hashing:
+    """Passes writes on and hashes them. It has no seek/tell, so zipfile writes front to back (data
+    descriptors) and never rewrites a header: the hash is the archive's, computed without a second read."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out, self.sha = out, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        return self.out.write(data)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def write_zip(files: list[tuple[Path, str]], out: BinaryIO) -> str:
+    """Write (path, name-in-batch) pairs as a stored zip into `out`; returns the archive's sha256."""
     names = entry_names([rel for _, rel in files])
-    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    hashing = _Hashing(out)
+    with zipfile.ZipFile(hashing, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:  # type: ignore[arg-type]
         for (path, _), name in zip(files, names):
             with open(path, "rb") as src, zf.open(_info(path, name), "w") as dst:
                 shutil.copyfileobj(src, dst, COPY_BUFFER)
+    return hashing.sha.hexdigest()
 
 
-def write_local_zip(files: list[tuple[Path, str]], dest: Path) -> int:
-    """The zip beside the videos (local-only mode), renamed into place only once complete. Returns its size."""
+def write_local_zip(files: list[tuple[Path, str]], dest: Path) -> tuple[int, str]:
+    """The zip beside the videos (local-only mode), renamed into place only once complete: (size, sha256)."""
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "wb") as fh:
-            write_zip(files, fh)
+            sha256 = write_zip(files, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
-    return dest.stat().st_size
+    return dest.stat().st_size, sha256

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from heygem_daemon.delivery.report import BatchReport, VideoLink
+from heygem_daemon.delivery.report import BatchReport, VideoLink, size_text
 
 ELLIPSIS = "…"
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]<>#|])")
@@ -58,13 +58,6 @@ def duration_text(seconds: float) -> str:
     s = int(round(seconds))
     h, rest = divmod(s, 3600)
     return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
-
-
-def size_text(size: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if size >= scale:
-            return f"{size / scale:.1f} {unit}"
-    return f"{size} B"
 
 
 def time_text(unix: float) -> str:

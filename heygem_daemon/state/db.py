@@ -152,7 +152,9 @@ CREATE TABLE IF NOT EXISTS heygem_codes (
     PRIMARY KEY (code, temp)
 );
 """
-MIGRATIONS: list[str] = [V1_CORE, V2_CLEANUP_RUNS, V3_HEYGEM_CODES]
+# Delivery: the batch zip's sha256, computed while it is written (links.json lists it).
+V4_ZIP_SHA256 = "ALTER TABLE batches ADD COLUMN zip_sha256 TEXT;"
+MIGRATIONS: list[str] = [V1_CORE, V2_CLEANUP_RUNS, V3_HEYGEM_CODES, V4_ZIP_SHA256]
 
 
 class Database:

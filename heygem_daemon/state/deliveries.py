@@ -37,6 +37,7 @@ class Batch:
     created_at: float
     updated_at: float
     reported_at: float | None
+    zip_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,12 @@ def _delivery(row: sqlite3.Row) -> Delivery:
 
 
 class DeliveryRepository(Repository):
+    def adhoc_batches(self, limit: int) -> list[Batch]:
+        """Batches of videos other tools put into outputs/ (no job of ours), newest first."""
+        rows = self._conn().execute("SELECT * FROM batches WHERE job_id IS NULL ORDER BY created_at DESC LIMIT ?",
+                                    (limit,))
+        return [_batch(r) for r in rows]
+
     def batch(self, batch_id: str) -> Batch | None:
         row = self._conn().execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone()
         return _batch(row) if row else None
@@ -116,7 +123,7 @@ class DeliveryRepository(Repository):
     def reopen_batch(self, batch_id: str) -> None:
         with self.tx() as db:
             db.execute("UPDATE batches SET state = 'open', zip_name = NULL, zip_key = NULL, zip_upload_id = NULL,"
-                       " zip_size = NULL, attempts = 0, not_before = 0, updated_at = ? WHERE id = ?",
+                       " zip_size = NULL, zip_sha256 = NULL, attempts = 0, not_before = 0, updated_at = ? WHERE id = ?",
                        (time.time(), batch_id))
 
     def set_batch_zip(self, batch_id: str, zip_name: str, zip_key: str, upload_id: str | None) -> None:
@@ -124,10 +131,10 @@ class DeliveryRepository(Repository):
             db.execute("UPDATE batches SET zip_name = ?, zip_key = ?, zip_upload_id = ?, updated_at = ? WHERE id = ?",
                        (zip_name, zip_key, upload_id, time.time(), batch_id))
 
-    def batch_zipped(self, batch_id: str, zip_size: int | None) -> None:
+    def batch_zipped(self, batch_id: str, zip_size: int | None, zip_sha256: str | None = None) -> None:
         with self.tx() as db:
-            db.execute("UPDATE batches SET state = 'zipped', zip_size = ?, zip_upload_id = NULL, last_error = NULL,"
-                       " updated_at = ? WHERE id = ?", (zip_size, time.time(), batch_id))
+            db.execute("UPDATE batches SET state = 'zipped', zip_size = ?, zip_sha256 = ?, zip_upload_id = NULL,"
+                       " last_error = NULL, updated_at = ? WHERE id = ?", (zip_size, zip_sha256, time.time(), batch_id))
 
     def batch_retry(self, batch_id: str, error: dict[str, Any], not_before: float) -> None:
         with self.tx() as db:
@@ -175,7 +182,8 @@ class DeliveryRepository(Repository):
         return [_delivery(r) for r in self._conn().execute(sql + " ORDER BY d.rel, d.id", args)]
 
     def due(self, now: float) -> list[Delivery]:
-        rows = self._conn().execute("SELECT * FROM deliveries WHERE state IN ('pending', 'uploading')"
+        # 'uploaded': the object is in the bucket but a crash came before it was linked; linking is what is left.
+        rows = self._conn().execute("SELECT * FROM deliveries WHERE state IN ('pending', 'uploading', 'uploaded')"
                                     " AND not_before <= ? ORDER BY id", (now,))
         return [_delivery(r) for r in rows]
 
@@ -192,11 +200,12 @@ class DeliveryRepository(Repository):
             db.execute("UPDATE deliveries SET state = 'uploading', upload_id = ?, updated_at = ? WHERE id = ?",
                        (upload_id, time.time(), delivery_id))
 
-    def add_part(self, delivery_id: int, part: Part) -> None:
+    def add_parts(self, delivery_id: int, parts: list[Part]) -> None:
+        """Parts the server confirmed, in one transaction (parts that land together cost one commit)."""
         with self.tx() as db:
-            db.execute("INSERT OR REPLACE INTO upload_parts (delivery_id, part_number, etag, size, md5, sent_at)"
-                       " VALUES (?, ?, ?, ?, ?, ?)",
-                       (delivery_id, part.number, part.etag, part.size, part.md5, part.sent_at))
+            db.executemany("INSERT OR REPLACE INTO upload_parts (delivery_id, part_number, etag, size, md5, sent_at)"
+                           " VALUES (?, ?, ?, ?, ?, ?)",
+                           [(delivery_id, p.number, p.etag, p.size, p.md5, p.sent_at) for p in parts])
 
     def parts(self, delivery_id: int) -> list[Part]:
         rows = self._conn().execute("SELECT part_number, etag, size, md5, sent_at FROM upload_parts"
@@ -239,7 +248,8 @@ class DeliveryRepository(Repository):
 
     def forget_zip(self, batch_id: str) -> None:
         with self.tx() as db:
-            db.execute("UPDATE batches SET zip_name = NULL, zip_key = NULL, zip_size = NULL WHERE id = ?",
+            db.execute("UPDATE batches SET zip_name = NULL, zip_key = NULL, zip_size = NULL, zip_sha256 = NULL"
+                       " WHERE id = ?",
                        (batch_id,))
 
     def known_upload_ids(self) -> set[str]:
