@@ -66,7 +66,6 @@ class DeliveryService:
         self.pool = ThreadPoolExecutor(self.settings.max_concurrency, thread_name_prefix="deliver")
         self._busy: set[str] = set()
         self._busy_lock = threading.Lock()
-        self._known = store.deliveries.paths()
         self._thread: threading.Thread | None = None
         self._observer: Any = None
 
@@ -114,7 +113,7 @@ class DeliveryService:
     # --- the decisions (delivery thread) ----------------------------------------------------------
 
     def _step(self) -> None:
-        for rel, size in self.watcher.step(time.monotonic(), lambda r: str(self.outputs / r) in self._known):
+        for rel, size in self.watcher.step(time.monotonic(), lambda r: self.store.deliveries.known(str(self.outputs / r))):
             self._register(self.outputs / rel, size)
         now = time.time()
         for job in self.store.deliveries.jobs_to_report():
@@ -144,7 +143,6 @@ class DeliveryService:
         rel = str(path.relative_to(self.outputs / batch.folder)) if batch.folder else path.name
         key = object_key(self.settings.key_prefix, batch.name, rel, time.time())
         d = self.store.deliveries.add(batch.id, str(path), rel, size, key, task.id if task else None)
-        self._known.add(str(path))
         if d is not None:
             log.info("video to deliver", job_id=batch.job_id, batch=batch.name, file=rel, size=size,
                      adhoc=task is None)
@@ -162,7 +160,7 @@ class DeliveryService:
         if batch.not_before > now:
             return False
         for task in self.store.tasks.select(job.id, ("done",)):
-            if task.output not in self._known and Path(task.output).is_file():
+            if not self.store.deliveries.known(task.output) and Path(task.output).is_file():
                 # Our engine's outputs are complete when the task is done: no need to wait for the watcher.
                 self._register(Path(task.output), Path(task.output).stat().st_size)
         return all(d.state in ENDED for d in self.store.deliveries.select(batch.id))
