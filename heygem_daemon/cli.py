@@ -13,7 +13,10 @@ from typing import Any
 from heygem_daemon import __version__
 from heygem_daemon.config import Config, ConfigError, load_config
 from heygem_daemon.state import Job, Store
+from heygem_daemon.state.db import DatabaseDamaged
 
+# Something only the operator can fix (the config, a damaged database): the unit's
+# RestartPreventExitStatus=2 keeps systemd from restarting into the same error every few seconds.
 EXIT_CONFIG = 2
 
 
@@ -63,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.command == "run":
         return _run(cfg, args.config or default_config_path())
-    store = Store(cfg.folder("state") / "heygem.db")
+    try:
+        store = Store(cfg.folder("state") / "heygem.db")
+    except DatabaseDamaged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     if args.command == "status":
         return _status(cfg, store, args.json, args.limit)
     if args.command == "jobs":
@@ -84,6 +91,10 @@ def _run(cfg: Config, path: Path | None) -> int:
     except AlreadyRunning as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except DatabaseDamaged as exc:
+        if not cfg.logging.console:  # else the log line already said it on the console
+            print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 def _config_check(path: Path) -> int:

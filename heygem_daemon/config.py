@@ -163,6 +163,7 @@ class Cleanup(_Section):
     zips_every_hours: float = Field(6.0, ge=0.0)
     stale_upload_hours: float = Field(24.0, gt=0.0)
     stale_uploads_every_hours: float = Field(6.0, ge=0.0)
+    backup_every_hours: float = Field(24.0, ge=0.0, description="online copy of the database to state/heygem.db.bak")
 
 
 class DiskGuard(_Section):

@@ -28,6 +28,7 @@ from heygem_daemon.generation.jobs import finalize_job, recover, settle_cancelle
 from heygem_daemon.log import get_logger, set_level, setup_logging
 from heygem_daemon.ops.reload import plan_reload
 from heygem_daemon.state import Job, Store
+from heygem_daemon.state.db import DatabaseDamaged
 from heygem_daemon.generation.workers import WorkerPool
 
 log = get_logger("heygem.daemon")
@@ -269,7 +270,11 @@ def run_daemon(cfg: Config, config_path: Path | None = None) -> int:
     check_engines(cfg)
     lock = acquire_lock(cfg.folder("state"))
     try:
-        daemon = Daemon(cfg, config_path)
+        try:
+            daemon = Daemon(cfg, config_path)
+        except DatabaseDamaged as exc:
+            log.error("cannot start: the state database is damaged", error=str(exc))
+            raise
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, daemon.request_stop)
         signal.signal(signal.SIGHUP, daemon.request_reload)

@@ -86,6 +86,7 @@ SWEEPS: list[SweepJob] = [
     SweepJob("zips", lambda c: c.cleanup.zips_every_hours, "heygem_daemon.delivery.sweeps:expired_zips"),
     SweepJob("stale_uploads", lambda c: c.cleanup.stale_uploads_every_hours,
              "heygem_daemon.delivery.sweeps:stale_uploads"),
+    SweepJob("backup", lambda c: c.cleanup.backup_every_hours, "heygem_daemon.ops.backup:backup_database"),
 ]
 
 

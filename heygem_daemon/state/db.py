@@ -11,8 +11,10 @@ re-runs it whole, a second process waits and then finds it done, and a violation
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -215,13 +217,85 @@ CREATE TABLE delivered (
 MIGRATIONS: list[str] = [V1_CORE, V2_CLEANUP_RUNS, V3_FOREIGN_KEYS]
 
 
+BACKUP_SUFFIX = ".bak"
+# SQLite's primary result codes for a damaged file (extended codes keep them in the low byte).
+_DAMAGED = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+class DatabaseDamaged(Exception):
+    """The state database cannot be read: one line that says what, where the backup is and how to recover."""
+
+    def __init__(self, path: Path, cause: BaseException) -> None:
+        backup = backup_path(path)
+        if backup.is_file():
+            made = time.strftime("%Y-%m-%d %H:%M", time.localtime(backup.stat().st_mtime))
+            recover = (f"to recover, stop the daemon, move {path.name} (and {path.name}-wal, {path.name}-shm) aside"
+                       f" and copy the backup {backup} (made {made}) to {path}; jobs claimed after the backup are"
+                       f" not in it")
+        else:
+            recover = (f"there is no backup yet ({backup}); move {path.name} (and {path.name}-wal, {path.name}-shm)"
+                       f" aside and start again with an empty database (the history of past jobs is lost)")
+        super().__init__(f"the state database {path} is damaged ({cause}); {recover}")
+
+
+def damaged(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.DatabaseError) and code is not None and (code & 0xFF) in _DAMAGED
+
+
+def backup_path(path: Path) -> Path:
+    return path.with_name(path.name + BACKUP_SUFFIX)
+
+
+def quick_check(path: Path) -> list[str]:
+    """SQLite's `PRAGMA quick_check` on the file, read-only: [] when sound, else what it found."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
+        try:
+            rows = [r[0] for r in conn.execute("PRAGMA quick_check")]
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        return [str(exc)]
+    return [] if rows == ["ok"] else rows
+
+
 class Database:
     """Connections for the calling thread, and IMMEDIATE transactions: readers never see half a change."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._local = threading.local()
-        migrate(self.conn())
+        try:
+            migrate(self.conn())
+        except sqlite3.DatabaseError as exc:
+            if damaged(exc):
+                self.close()
+                raise DatabaseDamaged(path, exc) from exc
+            raise
+
+    def backup(self) -> Path:
+        """An online copy (SQLite's backup API, consistent while others write) beside the database, swapped
+        in only once complete and checked, so a crash or a damaged source never costs the last good one."""
+        target = backup_path(self.path)
+        tmp = target.with_name(f".{target.name}.tmp")  # one daemon per state folder: a fixed name is ours
+        tmp.unlink(missing_ok=True)
+        dest = sqlite3.connect(tmp)
+        try:
+            self.conn().backup(dest)
+            problems = [r[0] for r in dest.execute("PRAGMA quick_check")]
+        finally:
+            dest.close()
+        if problems != ["ok"]:
+            tmp.unlink(missing_ok=True)
+            raise sqlite3.DatabaseError(f"the copy failed its quick_check: {problems[:3]}")
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+        return target
 
     def conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
