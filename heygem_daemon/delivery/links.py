@@ -13,7 +13,6 @@ from botocore.client import BaseClient
 from heygem_daemon.fs.ops import atomic_write_json, atomic_write_text
 
 LINKS_JSON = "links.json"
-LINKS_TXT = "links.txt"
 
 
 @dataclass(frozen=True)

@@ -302,6 +302,8 @@ class Slot(threading.Thread):
 
 
 class WorkerPool:
+    name = "workers"
+
     def __init__(self, cfg: Config, store: Store, on_task_end: Callable[[str], None]) -> None:
         self.wake = threading.Event()
         self.stop_event = threading.Event()
@@ -336,7 +338,7 @@ class WorkerPool:
     def alive(self) -> bool:
         return all(s.is_alive() for s in self.slots)
 
-    def set_config(self, cfg: Config) -> None:
+    def apply(self, cfg: Config) -> None:
         """Live config (SIGHUP): attempts, backoff, stall time, presets are read from it per task."""
         for s in self.slots:
             s.cfg = cfg

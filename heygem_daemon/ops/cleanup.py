@@ -194,6 +194,8 @@ def _resolve(target: str) -> Callable[[Sweep], None]:
 
 
 class Cleanup:
+    name = "cleanup"
+
     def __init__(self, cfg: Config, store: Store, clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.store = store
@@ -207,6 +209,11 @@ class Cleanup:
     def stop(self) -> None:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
+
+    def alive(self) -> bool:
+        # APScheduler 3 runs its loop in BackgroundScheduler._thread and has no public liveness check.
+        thread = getattr(self.scheduler, "_thread", None)
+        return self.scheduler.running and thread is not None and thread.is_alive()
 
     def apply(self, cfg: Config) -> None:
         """New config (SIGHUP): sweeps read retentions when they run; intervals are rescheduled here."""
