@@ -118,11 +118,7 @@ class Daemon:
         settle_cancelled(self.cfg, self.store, self._job_failed)
         self.disk.check()
         self._apply_hold()
-        for component in self.components:
-            if self._stopping():
-                break  # stopped while starting: what started is stopped again below
-            component.start()
-            self._started.append(component)
+        self.start_components()
         if not self._stopping():
             self.systemd.ready(self._status())
             log.info("daemon ready", inbox=str(self.cfg.folder("inbox")), outputs=str(self.cfg.folder("outputs")),
@@ -131,8 +127,7 @@ class Daemon:
         self._loop(self._stopping)
         self._drain()
         log.info("stopping")
-        for component in reversed(self._started):
-            component.stop()
+        self.stop_components()
         self.inspector.close()
         log.info("stopped")
         self.systemd.close()
@@ -140,6 +135,17 @@ class Daemon:
 
     def _stopping(self) -> bool:
         return self.requests.stops > 0
+
+    def start_components(self) -> None:
+        for component in self.components:
+            if self._stopping():
+                break  # stopped while starting: only what started is stopped again
+            component.start()
+            self._started.append(component)
+
+    def stop_components(self) -> None:
+        while self._started:
+            self._started.pop().stop()
 
     def dead_components(self) -> list[str]:
         return [c.name for c in self._started if not c.alive()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
 
 import pytest
@@ -60,7 +61,17 @@ def test_without_a_backup_the_message_says_how_to_start_afresh(config):
         Store(db_path(config))
 
 
-def test_run_on_a_damaged_database_exits_2_with_one_line_in_the_log_and_on_stderr(config, capsys):
+@pytest.fixture
+def keep_signal_handlers():
+    """`run` installs the daemon's handlers in this process: put pytest's back afterwards."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def test_run_on_a_damaged_database_exits_2_with_one_line_in_the_log_and_on_stderr(config, capsys,
+                                                                                  keep_signal_handlers):
     db_path(config).parent.mkdir(parents=True, exist_ok=True)
     damage(db_path(config))
     assert main(["-c", str(config), "run"]) == EXIT_CONFIG
