@@ -23,7 +23,7 @@ from heygem_daemon.notify.outbox import Notifier, Outbox
 from heygem_daemon.delivery.report import BatchReport
 from heygem_daemon.delivery.service import DeliveryService
 from heygem_daemon.ops.diskguard import DiskGuard
-from heygem_daemon.engines.registry import ENGINES, check_engines, needs_face
+from heygem_daemon.engines.registry import available, check_engines, needs_face
 from heygem_daemon.intake.claim import Claimer, recover_detected
 from heygem_daemon.intake.inspect import Inspector
 from heygem_daemon.intake.intake import Intake
@@ -80,7 +80,7 @@ class Daemon:
         self.outbox = Outbox(cfg, store_for(cfg))
         self.chat = Notifier(self.outbox)
         self.intake = Intake(cfg, Claimer(cfg, store_for(cfg), self._job_failed), self.inspector,
-                             set(ENGINES), lambda name: needs_face(name, cfg.engines.get(name)), self.pool.notify)
+                             set(available()), lambda name: needs_face(name, cfg.engines.get(name)), self.pool.notify)
         self.inbox = IntakeService(cfg, self.intake)
         self.delivery = DeliveryService(cfg, store_for(cfg), self._report, self.outbox.enqueue_alert)
         self._finalize_store = store_for(cfg)
