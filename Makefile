@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU wheel keeps tests light; on a GPU box install the torch build for your CUDA instead.
 TORCH  ?= torch==2.13.0
 
-.PHONY: run test bench install clean
+.PHONY: run test test-fast bench install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
+
+# The in-process part: everything but the tests that start the real daemon (pytest marker `daemon`).
+test-fast: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -m "not daemon"
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/intake.py

@@ -10,6 +10,8 @@ import pytest
 from daemon_harness import DaemonHarness
 from media_factory import FIXTURES, PORTRAIT_JPG, truncate, write_png_header, write_speech_wav
 
+pytestmark = pytest.mark.daemon  # starts the real daemon: left out of `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):

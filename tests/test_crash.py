@@ -3,9 +3,12 @@
 import signal
 
 import psutil
+import pytest
 
 from daemon_harness import DaemonHarness
 from media_factory import PORTRAIT_JPG, video_facts, write_speech_wav
+
+pytestmark = pytest.mark.daemon  # starts the real daemon: left out of `make test-fast`
 
 
 def test_sigkill_while_running_then_restart_finishes_exactly_once(tmp_path):

@@ -12,6 +12,8 @@ from daemon_harness import DaemonHarness
 from heygem_standin import Group, HeygemStandin
 from media_factory import PORTRAIT_JPG, video_facts, write_portrait_video
 
+pytestmark = pytest.mark.daemon  # starts the real daemon: left out of `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def group() -> Group:

@@ -18,6 +18,8 @@ import yaml
 from daemon_harness import DaemonHarness
 from media_factory import PORTRAIT_JPG, write_speech_wav
 
+pytestmark = pytest.mark.daemon  # starts the real daemon: left out of `make test-fast`
+
 
 class NotifyListener:
     """Plays systemd: an abstract unix datagram socket collecting every message the daemon sends."""

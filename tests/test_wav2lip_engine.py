@@ -30,6 +30,8 @@ from media_factory import (  # noqa: E402
     write_speech_wav,
 )
 
+pytestmark = pytest.mark.daemon  # starts the real daemon: left out of `make test-fast`
+
 HEIGHT, FPS = 240, 25
 PADS = (0, 10, 0, 0)  # the engine's default: top, bottom, left, right
 SMALL = {"presets": {"small": {"height": HEIGHT, "fps": FPS, "video_bitrate": 400_000, "audio_bitrate": 64_000}}}
