@@ -1,21 +1,30 @@
 """The schema is versioned: a database made by an earlier release is upgraded in place and keeps its rows."""
 
+import hashlib
 import sqlite3
 from pathlib import Path
 
 import pytest
 
 from heygem_daemon.state import Store
-from heygem_daemon.state.db import MIGRATIONS, MigrationError, migrate
+from heygem_daemon.state.db import MIGRATIONS, V1_CORE, V2_CLEANUP_RUNS, MigrationError, migrate
 
-V0_SQL = Path(__file__).parent / "fixtures" / "store_v0.sql"
+V0_ROWS = Path(__file__).parent / "fixtures" / "store_v0_rows.sql"
+# The release before versioning (c7f2554, store.py SCHEMA + OPS_SCHEMA) is, character for character,
+# migrations 1 and 2: shipped migrations are never edited, and this digest says so.
+SHIPPED_V1_V2_SHA256 = "f1bb3171d5be8bc671d506604a11873db9a98300a33260f6459ad582f73f8853"
 
 
 def v0_database(path: Path) -> Path:
+    """A database as that release made it: its schema, no user_version, and rows it held."""
     conn = sqlite3.connect(path)
-    conn.executescript(V0_SQL.read_text())
+    conn.executescript(V1_CORE + V2_CLEANUP_RUNS + V0_ROWS.read_text())
     conn.close()
     return path
+
+
+def test_shipped_migrations_are_never_edited():
+    assert hashlib.sha256((V1_CORE + V2_CLEANUP_RUNS).encode()).hexdigest() == SHIPPED_V1_V2_SHA256
 
 
 def test_database_of_the_release_before_versioning_is_upgraded_and_keeps_its_jobs(tmp_path):
