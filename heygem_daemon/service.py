@@ -251,6 +251,7 @@ class Daemon:
                         keys=plan.restart)
         self.systemd.reloaded()
 
+
 def run_daemon(cfg: Config, config_path: Path | None = None, requests: Requests | None = None) -> int:
     """Run until stopped. `requests` carries the signals recorded since the handlers were installed."""
     setup_logging(cfg.folder("logs"), cfg.logging.level, cfg.logging.console)
