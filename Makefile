@@ -4,8 +4,11 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # The CPU wheel keeps tests light; on a GPU box install the torch build for your CUDA instead.
 TORCH  ?= torch==2.13.0
+# Two pytest workers (pytest-xdist), a test module per worker so its daemon fixture is started once:
+# most real-daemon tests wait on settle windows and drains, which then overlap. PYTEST_ARGS= runs serially.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: run test bench install clean
+.PHONY: run test test-fast bench install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +27,11 @@ run: $(VENV)/.installed
 	$(BIN)/heygem-daemon -c config.yaml run
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The in-process part: everything but the tests that start the real daemon (pytest marker `daemon`).
+test-fast: $(VENV)/.installed-test
+	$(BIN)/python -m pytest $(PYTEST_ARGS) -m "not daemon"
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/intake.py

@@ -8,12 +8,17 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from heygem_daemon import __version__
-from heygem_daemon.config import Config, ConfigError, load_config
-from heygem_daemon.state import Batch, Job, Store
+from heygem_daemon.ops import signals
 
+if TYPE_CHECKING:  # imported in main(), after `run` has its signal handlers
+    from heygem_daemon.config import Config
+    from heygem_daemon.state import Batch, Job, Store
+
+# Something only the operator can fix (the config, a damaged database): the unit's
+# RestartPreventExitStatus=2 keeps systemd from restarting into the same error every few seconds.
 EXIT_CONFIG = 2
 
 
@@ -52,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "run":
+        # First thing: a SIGTERM from here on is a clean early stop (exit 0), not death by signal (143).
+        signals.install()
+    from heygem_daemon.config import ConfigError, load_config
+    from heygem_daemon.state import Store
+    from heygem_daemon.state.db import DatabaseDamaged
+
     try:
         if args.command == "config":
             return _config_check(args.file)
@@ -63,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.command == "run":
         return _run(cfg, args.config or default_config_path())
-    store = Store(cfg.folder("state") / "heygem.db")
+    try:
+        store = Store(cfg.folder("state") / "heygem.db")
+    except DatabaseDamaged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     if args.command == "status":
         return _status(cfg, store, args.json, args.limit)
     if args.command == "jobs":
@@ -72,19 +88,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cfg: Config, path: Path | None) -> int:
+    from heygem_daemon.config import ConfigError
     from heygem_daemon.service import AlreadyRunning, run_daemon
+    from heygem_daemon.state.db import DatabaseDamaged
 
     try:
-        return run_daemon(cfg, path)
+        return run_daemon(cfg, path, signals.REQUESTS)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except AlreadyRunning as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except DatabaseDamaged as exc:
+        if not cfg.logging.console:  # else the log line already said it on the console
+            print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 def _config_check(path: Path) -> int:
+    from heygem_daemon.config import load_config
     from heygem_daemon.engines.registry import check_engines
 
     cfg = load_config(path, prepare=False)

@@ -11,6 +11,10 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import EnvSettingsSource, SecretsSettingsSource
+from pydantic_settings.exceptions import SettingsError
+from pydantic_settings.sources.utils import parse_env_vars
 
 ENV_PREFIX = "HEYGEM_"
 
@@ -191,6 +195,7 @@ class Cleanup(_Section):
     zips_every_hours: float = Field(6.0, ge=0.0)
     stale_upload_hours: float = Field(24.0, gt=0.0)
     stale_uploads_every_hours: float = Field(6.0, ge=0.0)
+    backup_every_hours: float = Field(24.0, ge=0.0, description="online copy of the database to state/heygem.db.bak")
 
 
 class DiskGuard(_Section):
@@ -313,20 +318,52 @@ class Config(_Section):
         return self.presets[name or self.engine.preset]
 
 
-def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
-    """HEYGEM_SECTION__KEY=value -> {"section": {"key": value}}; values parsed as YAML scalars."""
+def _yaml_value(value: Any) -> Any:
+    """Override values are read as YAML, like the file ("7.5", "true", "null", "[a, b]"); else kept as text."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
+class _EnvOverrides(EnvSettingsSource):
+    """HEYGEM_SECTION__KEY=value (pydantic-settings, env_nested_delimiter "__") from the given environment."""
+
+    def __init__(self, environ: dict[str, str]) -> None:
+        self._environ = environ
+        super().__init__(Config, case_sensitive=False, env_prefix=ENV_PREFIX, env_nested_delimiter="__",  # type: ignore[arg-type]
+                         env_parse_none_str="null")
+
+    def _load_env_vars(self) -> Any:
+        return parse_env_vars(self._environ, False, False, "null")
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
+        return _yaml_value(value)
+
+
+class _CredentialOverrides(SecretsSettingsSource):
+    """systemd credentials (`LoadCredential=heygem_s3:/etc/heygem/credentials/s3.yaml`): a file named
+    heygem_<section> under $CREDENTIALS_DIRECTORY holds YAML keys of that section, readable by this service only."""
+
+    def __init__(self, folder: str) -> None:
+        super().__init__(Config, secrets_dir=folder, case_sensitive=False, env_prefix=ENV_PREFIX.lower())  # type: ignore[arg-type]
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
+        return _yaml_value(value)
+
+
+def _overrides(environ: dict[str, str]) -> dict[str, Any]:
+    """Credentials over the file, environment over both."""
+    folder = environ.get("CREDENTIALS_DIRECTORY")
     out: dict[str, Any] = {}
-    for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or "__" not in name:
-            continue
-        parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
-        node = out
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        try:
-            node[parts[-1]] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            node[parts[-1]] = raw
+    try:
+        if folder and Path(folder).is_dir():
+            out = _merge(out, _CredentialOverrides(folder)())
+        out = _merge(out, _EnvOverrides(environ)())
+    except SettingsError as exc:
+        raise ConfigError(f"{ENV_PREFIX}* override: {exc}") from None
     return out
 
 
@@ -399,7 +436,7 @@ def load_config(path: Path | None, environ: dict[str, str] | None = None, prepar
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{source}: top level must be a mapping of sections (folders:, watcher:, ...)")
         data = loaded or {}
-    data = _merge(data, _env_overrides(environ))
+    data = _merge(data, _overrides(environ))
     cfg = _parse(data, source)
     anchor = Path(path).resolve().parent if path else Path.cwd()
     base = cfg.base_dir if cfg.base_dir.is_absolute() else (anchor / cfg.base_dir)

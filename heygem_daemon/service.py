@@ -1,16 +1,19 @@
-"""Wiring: store, recovery, workers, intake and the watcher, run until a signal says stop."""
+"""Wiring: store, recovery, then the components (ordered list, component.Component) run until a signal
+says stop. The main loop handles signals, the watchdog (every component counts), reload (every component
+gets the new config), the disk guard, status and cancels; shutdown drains, then stops components in reverse."""
 
 from __future__ import annotations
 
 import fcntl
 import os
-import signal
-import threading
 import time
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Callable
 
+from heygem_daemon.component import Component
 from heygem_daemon.ops import metrics, sdnotify
+from heygem_daemon.ops.metrics import MetricsServer, StateCollector
+from heygem_daemon.ops.signals import Requests
 from heygem_daemon.ops.cleanup import Cleanup
 from heygem_daemon.config import Config, ConfigError, load_config
 from heygem_daemon.ops.daemon_state import LOCK_FILE, write_state
@@ -18,16 +21,17 @@ from heygem_daemon.notify.announce import Announcer
 from heygem_daemon.notify.outbox import Notifier, Outbox
 from heygem_daemon.delivery.service import DeliveryService
 from heygem_daemon.ops.diskguard import DiskGuard
-from heygem_daemon.engines.registry import ENGINES, check_engines, needs_face
+from heygem_daemon.engines.registry import available, check_engines, needs_face
 from heygem_daemon.intake.claim import Claimer, recover_detected
 from heygem_daemon.intake.inspect import Inspector
 from heygem_daemon.intake.intake import Intake
-from heygem_daemon.fs.watcher import start_watcher
+from heygem_daemon.intake.service import IntakeService
 from heygem_daemon.generation.lifecycle import Events, JobFinished, JobQueued, LifeCycle, TaskFailed, TaskFinished
 from heygem_daemon.generation.outages import OutageWatch
 from heygem_daemon.log import get_logger, set_level, setup_logging
 from heygem_daemon.ops.reload import plan_reload
 from heygem_daemon.state import Store
+from heygem_daemon.state.db import DatabaseDamaged
 from heygem_daemon.generation.workers import WorkerPool
 
 log = get_logger("heygem.daemon")
@@ -64,10 +68,11 @@ def acquire_lock(state_dir: Path) -> IO[str]:
 
 
 class Daemon:
-    def __init__(self, cfg: Config, config_path: Path | None = None) -> None:
+    def __init__(self, cfg: Config, config_path: Path | None = None, requests: Requests | None = None) -> None:
         self.cfg = cfg
         self.config_path = config_path
-        self.stop = threading.Event()
+        # Stop and reload requests, set by the signal handlers (installed by cli before anything heavy).
+        self.requests = requests or Requests()
         self.store = store_for(cfg)
         self.inspector = Inspector(cfg.watcher.probe_workers)
         self.events = Events()
@@ -78,16 +83,21 @@ class Daemon:
         self.announcer = Announcer(self.outbox, store_for(cfg))
         self.outages = OutageWatch(cfg, store_for(cfg), self.outbox.enqueue_alert)
         self.intake = Intake(cfg, Claimer(cfg, self.life), self.inspector,
-                             set(ENGINES), lambda name: needs_face(name, cfg.engines.get(name)), self.pool.notify)
+                             set(available()), lambda name: needs_face(name, cfg.engines.get(name)), self.pool.notify)
+        self.inbox = IntakeService(cfg, self.intake)
         self.delivery = DeliveryService(cfg, store_for(cfg), self.announcer.reported, self.outbox.enqueue_alert)
         self._subscribe()
         self.systemd = sdnotify.Notifier()
         self.disk = DiskGuard(cfg)
         self.cleanup = Cleanup(cfg, store_for(cfg))
+        self.metrics = MetricsServer(cfg.metrics.port, StateCollector(
+            store_for(cfg), self.pool.describe, lambda: {"draining": self.draining, "disk_low": bool(self.disk.low)}))
+        # Started in this order, stopped in reverse: intake last in, so nothing is claimed before the
+        # workers, delivery and chat that carry a job on are running.
+        self.components: list[Component] = [self.chat, self.pool, self.delivery, self.cleanup, self.metrics,
+                                            self.inbox]
+        self._started: list[Component] = []
         self.draining = False
-        # Set only by signal handlers (plain assignments: a handler must never take a lock).
-        self._stop_signals = 0
-        self._reload_requested = False
 
     def _subscribe(self) -> None:
         """Who hears of what the life cycle does: slots wake for queued work, delivery for finished videos,
@@ -102,40 +112,39 @@ class Daemon:
     def run(self) -> int:
         recover_detected(self.cfg, self.store)
         self.life.recover()
-        self.chat.start()
         self.disk.check()
-        self.pool.start()
-        self.delivery.start()
-        observer, mode = start_watcher(self.cfg.folder("inbox"), self.cfg.watcher.mode,
-                                       self.cfg.watcher.poll_interval, self.intake.touch)
-        intake_thread = threading.Thread(target=self.intake.run, args=(self.stop,), name="intake", daemon=True)
-        self._threads: list[threading.Thread] = [intake_thread, observer]
         self._apply_hold()
-        intake_thread.start()
-        self.cleanup.start()
-        server, collector = self._start_metrics()
-        self.systemd.ready(self._status())
-        log.info("daemon ready", inbox=str(self.cfg.folder("inbox")), outputs=str(self.cfg.folder("outputs")),
-                 engine=self.cfg.engine.name, devices=self.cfg.workers.devices, watch_mode=mode,
-                 watchdog_seconds=self.systemd.watchdog_interval, metrics_port=self.cfg.metrics.port)
-        self._loop(lambda: self._stop_signals > 0)
+        self.start_components()
+        if not self._stopping():
+            self.systemd.ready(self._status())
+            log.info("daemon ready", inbox=str(self.cfg.folder("inbox")), outputs=str(self.cfg.folder("outputs")),
+                     engine=self.cfg.engine.name, devices=self.cfg.workers.devices, watch_mode=self.inbox.mode,
+                     watchdog_seconds=self.systemd.watchdog_interval, metrics_port=self.cfg.metrics.port)
+        self._loop(self._stopping)
         self._drain()
-        self.stop.set()
         log.info("stopping")
-        observer.stop()
-        self.intake.wake.set()
-        intake_thread.join(10)
-        self.pool.stop()
-        self.chat.stop()
-        self.cleanup.stop()
-        if server is not None:
-            metrics.stop(server, collector)
-        self.delivery.stop()
+        self.stop_components()
         self.inspector.close()
-        observer.join(5)
         log.info("stopped")
         self.systemd.close()
         return 0
+
+    def _stopping(self) -> bool:
+        return self.requests.stops > 0
+
+    def start_components(self) -> None:
+        for component in self.components:
+            if self._stopping():
+                break  # stopped while starting: only what started is stopped again
+            component.start()
+            self._started.append(component)
+
+    def stop_components(self) -> None:
+        while self._started:
+            self._started.pop().stop()
+
+    def dead_components(self) -> list[str]:
+        return [c.name for c in self._started if not c.alive()]
 
     # --- the main loop: signals, watchdog, status, disk guard, cancels -----------------------------
 
@@ -145,8 +154,8 @@ class Daemon:
         while not done():
             now = time.monotonic()
             try:
-                if self._reload_requested and not self.draining:
-                    self._reload_requested = False
+                if self.requests.reload and not self.draining:
+                    self.requests.reload = False
                     self._reload()
                 if now >= next_disk:
                     next_disk = now + self.cfg.disk_guard.check_seconds
@@ -163,15 +172,14 @@ class Daemon:
             interval = self.systemd.watchdog_interval
             if interval is not None and now >= next_beat:
                 # A thread that died means the daemon no longer does its job: stay silent, get restarted.
-                dead = [t.name for t in self._threads if not t.is_alive()]
-                dead += [] if self.pool.alive() else ["workers"]
+                dead = self.dead_components()
                 if not dead:
                     self.systemd.watchdog()
                     next_beat = now + interval
                 elif not unhealthy_logged:
                     unhealthy_logged = True
                     log.error("a daemon thread died; withholding the watchdog ping so systemd restarts us",
-                              threads=dead)
+                              components=dead)
             time.sleep(SIGNAL_POLL_SECONDS)
 
     def _drain(self) -> None:
@@ -188,9 +196,9 @@ class Daemon:
             return
         log.info("draining: taking no new work, letting running tasks finish", drain_seconds=budget,
                  running=[d for d in self.pool.describe() if d["task"]])
-        self._loop(lambda: not self.pool.busy() or time.monotonic() >= deadline or self._stop_signals > 1)
+        self._loop(lambda: not self.pool.busy() or time.monotonic() >= deadline or self.requests.stops > 1)
         if self.pool.busy():
-            why = "second stop signal" if self._stop_signals > 1 else "drain time over"
+            why = "second stop signal" if self.requests.stops > 1 else "drain time over"
             log.warning(f"{why}: running tasks go back to the queue", running=[d for d in self.pool.describe()
                                                                               if d["task"]])
 
@@ -213,20 +221,6 @@ class Daemon:
             parts.append("draining for shutdown")
         return " | ".join(parts)
 
-    def _start_metrics(self) -> tuple[Any, Any]:
-        if self.cfg.metrics.port is None:
-            return None, None
-        collector = metrics.StateCollector(
-            store_for(self.cfg), self.pool.describe,
-            lambda: {"draining": self.draining, "disk_low": bool(self.disk.low)})
-        try:
-            return metrics.serve(self.cfg.metrics.port, collector), collector
-        except OSError as exc:
-            # Metrics are a side show: a taken port must not stop video production.
-            log.error("cannot serve metrics; running without them", port=self.cfg.metrics.port,
-                      error=exc.strerror, hint="pick a free metrics.port and restart")
-            return None, None
-
     # --- SIGHUP --------------------------------------------------------------------------------
 
     def _reload(self) -> None:
@@ -242,11 +236,10 @@ class Daemon:
         plan = plan_reload(self.cfg, new)
         cfg = plan.applied
         self.cfg = cfg
-        self.intake.set_config(cfg)
         self.life.cfg = self.outages.cfg = cfg
-        self.pool.set_config(cfg)
+        for component in self.components:
+            component.apply(cfg)
         self.disk.cfg = cfg
-        self.cleanup.apply(cfg)
         set_level(cfg.logging.level)
         self._apply_hold()
         log.info("config reloaded", applied=plan.live, need_restart=plan.restart)
@@ -255,22 +248,18 @@ class Daemon:
                         keys=plan.restart)
         self.systemd.reloaded()
 
-    def request_stop(self, *_: Any) -> None:
-        self._stop_signals += 1
 
-    def request_reload(self, *_: Any) -> None:
-        self._reload_requested = True
-
-
-def run_daemon(cfg: Config, config_path: Path | None = None) -> int:
+def run_daemon(cfg: Config, config_path: Path | None = None, requests: Requests | None = None) -> int:
+    """Run until stopped. `requests` carries the signals recorded since the handlers were installed."""
     setup_logging(cfg.folder("logs"), cfg.logging.level, cfg.logging.console)
     check_engines(cfg)
     lock = acquire_lock(cfg.folder("state"))
     try:
-        daemon = Daemon(cfg, config_path)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, daemon.request_stop)
-        signal.signal(signal.SIGHUP, daemon.request_reload)
+        try:
+            daemon = Daemon(cfg, config_path, requests)
+        except DatabaseDamaged as exc:
+            log.error("cannot start: the state database is damaged", error=str(exc))
+            raise
         return daemon.run()
     finally:
         lock.close()

@@ -13,6 +13,8 @@ from media_factory import (
     FIXTURES, PORTRAIT_JPG, speech, truncate, write_float_wav, write_png_header, write_speech_wav,
 )
 
+pytestmark = pytest.mark.daemon  # starts the real daemon: left out of `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):

@@ -10,7 +10,7 @@ import pytest
 
 from heygem_daemon.ops.cleanup import DAY, HOUR, SWEEPS, Cleanup, Sweep, sweep_archive, sweep_rows, sweep_temp, sweep_work
 from heygem_daemon.config import load_config
-from heygem_daemon.state import NewTask, Store
+from heygem_daemon.state import NewNotification, NewTask, Part, Store
 
 # Everything made now is this old as far as the sweeps can tell.
 LATER = 100 * DAY
@@ -200,3 +200,86 @@ def test_work_sweep_keeps_engine_caches(cfg, store):
     os.utime(cache.parent.parent, (time.time() - DAY, time.time() - DAY))
     sweep_work(sweep(cfg, store))
     assert cache.exists() and not orphan.exists()
+
+
+def delivered_job(store: Store, name: str, video: Path) -> str:
+    """A finished job whose video was delivered (batch reported, the file linked, its parts recorded)."""
+    job_id = queued_job(store, name, video)
+    task = store.tasks.take_next("cpu")
+    store.tasks.finish(task.id)
+    store.jobs.set_state(job_id, "done")
+    store.deliveries.ensure_batch(job_id, name, name, job_id)
+    d = store.deliveries.add(job_id, str(video), video.name, 100, f"k/{video.name}", task.id)
+    store.deliveries.start_upload(d.id, "u1")
+    store.deliveries.add_parts(d.id, [Part(1, '"e"', 100, "m", 0.0)])
+    store.deliveries.finish_upload(d.id, '"e"', "sha")
+    store.deliveries.mark_linked([d.id])
+    store.deliveries.mark_reported(job_id, None)
+    return job_id
+
+
+def count(store: Store, table: str) -> int:
+    return store.db.conn().execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+
+
+def test_row_sweep_forgets_a_finished_job_with_everything_that_hangs_off_it(cfg, store):
+    video = write(cfg.folder("outputs") / "alice" / "alice.mp4")
+    delivered_job(store, "alice", video)
+    s = sweep(cfg, store)
+    sweep_rows(s)
+    assert s.removed == ["job row alice"]
+    assert {t: count(store, t) for t in ("jobs", "tasks", "attempts", "batches", "deliveries", "upload_parts")} == \
+        dict.fromkeys(("jobs", "tasks", "attempts", "batches", "deliveries", "upload_parts"), 0)
+
+
+def test_a_forgotten_delivery_whose_video_is_still_in_outputs_is_never_delivered_again(cfg, store):
+    video = write(cfg.folder("outputs") / "alice" / "alice.mp4")
+    delivered_job(store, "alice", video)
+    sweep_rows(sweep(cfg, store))
+    assert store.deliveries.at(str(video)) is None and store.deliveries.known(str(video))
+
+
+def test_a_delivered_marker_goes_once_its_file_is_gone(cfg, store):
+    video = write(cfg.folder("outputs") / "alice" / "alice.mp4")
+    delivered_job(store, "alice", video)
+    sweep_rows(sweep(cfg, store))
+    video.unlink()
+    s = sweep(cfg, store)
+    sweep_rows(s)
+    assert s.removed == ["1 delivered markers of removed files"] and not store.deliveries.known(str(video))
+
+
+def test_row_sweep_forgets_reported_adhoc_batches_and_keeps_open_ones(cfg, store):
+    outputs = cfg.folder("outputs")
+    for name, reported in (("old", True), ("open", False)):
+        video = write(outputs / name / "v.mp4")
+        store.deliveries.ensure_batch(f"adhoc-{name}", name, name, None)
+        d = store.deliveries.add(f"adhoc-{name}", str(video), "v.mp4", 100, "k", None)
+        store.deliveries.mark_linked([d.id])
+        if reported:
+            store.deliveries.mark_reported(f"adhoc-{name}", None)
+    s = sweep(cfg, store)
+    sweep_rows(s)
+    assert s.removed == ["ad-hoc batch row old"]
+    assert store.deliveries.batch("adhoc-old") is None and store.deliveries.batch("adhoc-open") is not None
+    assert store.deliveries.known(str(outputs / "old" / "v.mp4"))
+
+
+def test_row_sweep_forgets_old_sent_notifications_and_keeps_pending_ones(cfg, store):
+    rows = [NewNotification(f"alert:{n}", "t", "alert", None, "title", "body", "text", "info")
+            for n in ("sent", "pending")]
+    store.outbox.add(rows)
+    store.outbox.sent(store.outbox.select()[0].id)
+    s = sweep(cfg, store)
+    sweep_rows(s)
+    assert s.removed == ["1 notification rows"]
+    assert [n.event_key for n in store.outbox.select()] == ["alert:pending"]
+
+
+def test_upload_parts_of_a_delivered_file_go_after_a_day_while_the_job_stays(cfg, store):
+    video = write(cfg.folder("outputs") / "alice" / "alice.mp4")
+    job_id = delivered_job(store, "alice", video)
+    store.jobs.set_state(job_id, "running")  # a live job: its rows stay, its used-up parts do not
+    s = sweep(cfg, store)
+    sweep_rows(s)
+    assert s.removed == ["1 upload part rows"] and count(store, "deliveries") == 1

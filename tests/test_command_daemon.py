@@ -11,6 +11,8 @@ from heygem_daemon.intake.pairing import safe_name
 from media_factory import PORTRAIT_JPG, video_facts
 from test_command_engine import ARGS, WEIRD
 
+pytestmark = pytest.mark.daemon  # starts the real daemon: left out of `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):

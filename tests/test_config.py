@@ -54,6 +54,30 @@ def test_env_overrides_nested_keys(tmp_path):
     assert cfg.watcher.settle_seconds == 7.5
 
 
+def test_env_override_values_read_as_yaml_like_the_file(tmp_path):
+    cfg = load_config(write(tmp_path, "metrics: {port: 9464}\n"), prepare=False, environ={
+        "HEYGEM_WATCHER__IGNORE": "[Thumbs.db, '*.tmp']", "HEYGEM_METRICS__PORT": "null",
+        "HEYGEM_LOGGING__CONSOLE": "false", "HEYGEM_ENGINES__HEYGEM__URL": "http://127.0.0.1:8383"})
+    assert cfg.watcher.ignore == ["Thumbs.db", "*.tmp"] and cfg.metrics.port is None and not cfg.logging.console
+    assert cfg.engines == {"heygem": {"url": "http://127.0.0.1:8383"}}
+
+
+def test_env_override_with_a_typo_names_the_key_and_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match="watcher.setle_seconds: unknown key; did you mean 'settle_seconds'"):
+        load_config(write(tmp_path, ""), environ={"HEYGEM_WATCHER__SETLE_SECONDS": "7.5"}, prepare=False)
+
+
+def test_systemd_credential_overrides_the_file_and_env_overrides_both(tmp_path):
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "heygem_s3").write_text("bucket: from-credential\nregion: eu-west-1\n")
+    (creds / "aws_secret_access_key").write_text("not a config key\n")
+    path = write(tmp_path, "s3: {bucket: from-file, region: us-east-1, key_prefix: '{token}/{file}'}\n")
+    cfg = load_config(path, prepare=False, environ={"CREDENTIALS_DIRECTORY": str(creds),
+                                                    "HEYGEM_S3__REGION": "from-env"})
+    assert (cfg.s3.bucket, cfg.s3.region, cfg.s3.key_prefix) == ("from-credential", "from-env", "{token}/{file}")
+
+
 def test_invalid_yaml_is_one_clear_line(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "watcher: [unclosed\n"), environ={})

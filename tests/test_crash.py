@@ -3,15 +3,18 @@
 import signal
 
 import psutil
+import pytest
 
 from daemon_harness import DaemonHarness
 from media_factory import PORTRAIT_JPG, video_facts, write_speech_wav
+
+pytestmark = pytest.mark.daemon  # starts the real daemon: left out of `make test-fast`
 
 
 def test_sigkill_while_running_then_restart_finishes_exactly_once(tmp_path):
     harness = DaemonHarness(tmp_path / "base", {"engine": {"preset": "720p"}})
     harness.start()
-    voice = write_speech_wav(tmp_path / "talk.wav", 20.0)
+    voice = write_speech_wav(tmp_path / "talk.wav", 10.0)  # long enough to be killed mid-render at 720p
     harness.drop(voice, "crash.wav")
     harness.drop(PORTRAIT_JPG, "crash.jpg")
 
@@ -33,7 +36,7 @@ def test_sigkill_while_running_then_restart_finishes_exactly_once(tmp_path):
     outputs = sorted(p.name for p in harness.folder("outputs").rglob("*.mp4*"))  # videos and any leftover .part
     assert outputs == ["crash.mp4"]
     facts = video_facts(harness.folder("outputs") / "crash" / "crash.mp4")
-    assert abs(facts.video_duration - 20.0) <= 0.04
+    assert abs(facts.video_duration - 10.0) <= 0.04
     store = harness.store()
     [task] = store.tasks.select(job.id)
     assert task.state == "done" and task.attempts == 1

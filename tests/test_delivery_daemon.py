@@ -25,6 +25,8 @@ from media_factory import FIXTURES, PORTRAIT_JPG, write_noise_video, write_portr
 from notify_receiver import Receiver
 from s3_server import MotoServer, credentials_env
 
+pytestmark = pytest.mark.daemon  # starts the real daemon: left out of `make test-fast`
+
 FAST_DELIVERY: dict[str, Any] = {"delivery": {"adhoc_quiet_seconds": 1}}
 
 

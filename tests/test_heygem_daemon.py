@@ -16,6 +16,8 @@ from heygem_standin import Group, HeygemStandin
 from media_factory import PORTRAIT_JPG, video_facts, write_portrait_video
 from notify_receiver import Receiver
 
+pytestmark = pytest.mark.daemon  # starts the real daemon: left out of `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def group() -> Group:

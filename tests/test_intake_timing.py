@@ -9,6 +9,8 @@ from daemon_harness import DaemonHarness
 from heygem_daemon.fs.files import sha256_file
 from media_factory import PORTRAIT_JPG, write_speech_wav
 
+pytestmark = pytest.mark.daemon  # starts the real daemon: left out of `make test-fast`
+
 
 @pytest.fixture
 def daemon(tmp_path):

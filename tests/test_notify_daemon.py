@@ -13,6 +13,8 @@ from heygem_daemon.notify.targets import target_id
 from media_factory import FIXTURES
 from notify_receiver import Receiver, wait_until
 
+pytestmark = pytest.mark.daemon  # starts the real daemon: left out of `make test-fast`
+
 TOKEN, PASSWORD = "TOKENabc123xyz", "PASSWORD987zyx"
 JOB_TOKEN = "JOBTOKENqrs456"  # a job.yaml target's secret: the store keeps its digest only
 FAST_RETRY = {"retry_base_seconds": 0.2, "retry_max_seconds": 0.5}

@@ -16,6 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from daemon_harness import DaemonHarness
 from media_factory import PORTRAIT_JPG, write_speech_wav
 
+pytestmark = pytest.mark.daemon  # starts the real daemon: left out of `make test-fast`
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -30,6 +30,8 @@ from media_factory import (  # noqa: E402
     write_speech_wav,
 )
 
+pytestmark = pytest.mark.daemon  # starts the real daemon: left out of `make test-fast`
+
 HEIGHT, FPS = 240, 25
 PADS = (0, 10, 0, 0)  # the engine's default: top, bottom, left, right
 FACE_BOX = (40, 200, 80, 240)  # top, bottom, left, right in no_face.jpg's own 320x213 pixels

@@ -15,7 +15,6 @@ from heygem_daemon.delivery.report import size_text
 from heygem_daemon.fs.ops import atomic_write_json, atomic_write_text
 
 LINKS_JSON = "links.json"
-LINKS_TXT = "links.txt"
 
 
 @dataclass(frozen=True)

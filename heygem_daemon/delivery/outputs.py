@@ -24,7 +24,6 @@ class OutputsWatcher:
         self.names = NameFilter(settings)
         self.tracker = StabilityTracker(settings.settle_seconds)
         self.rescan_seconds = settings.rescan_seconds
-        self.wake = threading.Event()
         self._lock = threading.Lock()
         self._dirty: set[str] = set()
         self._rescan = True
@@ -39,7 +38,14 @@ class OutputsWatcher:
                 rel = os.path.relpath(path, self.root)
                 if not rel.startswith(".."):
                     self._dirty.add(rel)
-        self.wake.set()
+
+    def apply(self, settings: Watcher) -> None:
+        """Reloaded watcher settings (name patterns, settle and rescan times); the next step uses them."""
+        with self._lock:
+            self.names = NameFilter(settings)
+            self.tracker.settle = settings.settle_seconds
+            self.rescan_seconds = settings.rescan_seconds
+            self._rescan = True
 
     def candidate(self, rel: str) -> bool:
         parts = rel.split(os.sep)
@@ -83,6 +89,3 @@ class OutputsWatcher:
         for rel, _ in settled:
             self.tracker.forget(rel)
         return settled
-
-    def next_due(self) -> float | None:
-        return min((self.tracker.stable_at(r) for r in self.tracker.entries), default=None)

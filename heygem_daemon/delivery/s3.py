@@ -32,7 +32,6 @@ from heygem_daemon.state import Delivery, Part, Store
 
 log = get_logger("heygem.s3")
 MiB = 1024 * 1024
-READ_CHUNK = MiB
 # systemd `LoadCredential=` files; the boto3 chain (env, ~/.aws, instance role) is used when they are absent.
 CREDENTIAL_FILES = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
 LIFECYCLE_RULE_ID = "heygem-daemon"

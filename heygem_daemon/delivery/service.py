@@ -21,7 +21,7 @@ from heygem_daemon.delivery.names import object_key, static_prefix, zip_name
 from heygem_daemon.delivery.outputs import OutputsWatcher
 from heygem_daemon.delivery.report import BatchReport, VideoLink
 from heygem_daemon.delivery.s3 import (
-    MiB, S3Failure, Stopping, StreamUpload, Throttle, Uploader, abort_quietly, abort_stale_uploads, apply_lifecycle,
+    MiB, S3Failure, Stopping, StreamUpload, Throttle, Uploader, abort_quietly, apply_lifecycle,
     describe, lifecycle_rule, make_client,
 )
 from heygem_daemon.delivery.zipper import write_local_zip, write_zip
@@ -51,6 +51,8 @@ def log_alert(key: str, message: str) -> None:
 
 
 class DeliveryService:
+    name = "delivery"
+
     def __init__(self, cfg: Config, store: Store, on_report: OnReport, on_alert: OnAlert) -> None:
         self.cfg, self.store = cfg, store
         self.settings = cfg.s3
@@ -66,7 +68,9 @@ class DeliveryService:
         self.pool = ThreadPoolExecutor(self.settings.max_concurrency, thread_name_prefix="deliver")
         self._busy: set[str] = set()
         self._busy_lock = threading.Lock()
-        self._known = store.deliveries.paths()
+        # links.json/links.txt have one writer at a time, and each write re-reads the store under it,
+        # so the last write always holds the latest state (pool threads finish files in any order).
+        self._links_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._observer: Any = None
 
@@ -92,6 +96,15 @@ class DeliveryService:
             self._thread.join(timeout)
         self.pool.shutdown(wait=True, cancel_futures=True)
 
+    def alive(self) -> bool:
+        return all(t is not None and t.is_alive() for t in (self._thread, self._observer))
+
+    def apply(self, cfg: Config) -> None:
+        """SIGHUP: the outputs watcher takes the new name patterns, settle and rescan times at its next
+        step; s3.* and delivery.* wait for a restart (ops.reload keeps them at their running values)."""
+        self.cfg = cfg
+        self.watcher.apply(cfg.watcher)
+
     def _touch(self, path: str | None) -> None:
         self.watcher.touch(path)
         self.wake.set()
@@ -110,7 +123,7 @@ class DeliveryService:
     # --- the decisions (delivery thread) ----------------------------------------------------------
 
     def _step(self) -> None:
-        for rel, size in self.watcher.step(time.monotonic(), lambda r: str(self.outputs / r) in self._known):
+        for rel, size in self.watcher.step(time.monotonic(), lambda r: self.store.deliveries.known(str(self.outputs / r))):
             self._register(self.outputs / rel, size)
         now = time.time()
         for job in self.store.deliveries.jobs_to_report():
@@ -143,7 +156,6 @@ class DeliveryService:
         # An empty key means "not in the bucket": the video is delivered locally, even in S3 mode.
         key = "" if local else object_key(self.settings.key_prefix, batch.name, rel, time.time())
         d = self.store.deliveries.add(batch.id, str(path), rel, size, key, task.id if task else None)
-        self._known.add(str(path))
         if d is not None:
             log.info("video to deliver", job_id=batch.job_id, batch=batch.name, file=rel, size=size,
                      adhoc=task is None)
@@ -161,7 +173,7 @@ class DeliveryService:
         if batch.not_before > now:
             return False
         for task in self.store.tasks.select(job.id, ("done",)):
-            if task.output not in self._known and Path(task.output).is_file():
+            if not self.store.deliveries.known(task.output) and Path(task.output).is_file():
                 # Our engine's outputs are complete when the task is done: no need to wait for the watcher.
                 self._register(Path(task.output), Path(task.output).stat().st_size)
         return all(d.state in ENDED for d in self.store.deliveries.select(batch.id))
@@ -343,13 +355,15 @@ class DeliveryService:
 
     def _write_links(self, batch: Batch) -> None:
         """links.json lists every delivered video of the folder (whichever batch brought it) and the zip."""
-        linked = [d for d in self.store.deliveries.select(folder=batch.folder) if d.state == "linked"]
-        if not batch.folder:
-            linked = [d for d in linked if d.batch_id == batch.id]
-        if not linked:  # a job that made no video gets no outputs/ folder (its name stays free for a retry)
-            return
-        stem = LINKS_JSON.removesuffix(".json") if batch.folder else f"{batch.name}.links"
-        write_links(self._links_dir(batch), stem, batch.name, self._entries(linked), self._zip_entry(batch))
+        with self._links_lock:
+            batch = self.store.deliveries.batch(batch.id) or batch
+            linked = [d for d in self.store.deliveries.select(folder=batch.folder) if d.state == "linked"]
+            if not batch.folder:
+                linked = [d for d in linked if d.batch_id == batch.id]
+            if not linked:  # a job that made no video gets no outputs/ folder (its name stays free for a retry)
+                return
+            stem = LINKS_JSON.removesuffix(".json") if batch.folder else f"{batch.name}.links"
+            write_links(self._links_dir(batch), stem, batch.name, self._entries(linked), self._zip_entry(batch))
 
     def _audit(self, event: str, batch: Batch, deliveries: list[Delivery]) -> None:
         job = self.store.jobs.get(batch.job_id) if batch.job_id else None
@@ -387,11 +401,3 @@ class DeliveryService:
             log.warning("bucket lifecycle rule not applied; delivery goes on without it", reason=failure.reason,
                         hint="old objects and unfinished uploads are not expired by the bucket: expire them another "
                              "way or clear s3.lifecycle")
-
-    def abort_stale_uploads(self, older_than_hours: float) -> list[tuple[str, str]]:
-        """For the cleanup schedule: abandoned multipart uploads under our prefix (unknown to the store)."""
-        if self.client is None:
-            return []
-        return abort_stale_uploads(self.client, self.settings.bucket, static_prefix(self.settings.key_prefix),
-                                   self.store.deliveries.known_upload_ids(), older_than_hours)
-

@@ -1,8 +1,15 @@
-"""Engine names -> classes, imported only when used so that torch never loads in the daemon process."""
+"""Engine names -> classes, imported only when used so that torch never loads in the daemon process.
+
+Engines are `importlib.metadata` entry points in the group `heygem_daemon.engines` (name = engine name,
+value = `module:Class`): the four built-in ones are declared in pyproject.toml, and a third-party engine
+is a package that declares its own, installed into the daemon's environment (README: "Adding an engine").
+"""
 
 from __future__ import annotations
 
 import importlib
+from functools import cache
+from importlib.metadata import entry_points
 from typing import Any
 
 from pydantic import ValidationError
@@ -11,19 +18,21 @@ from heygem_daemon.config import Config, ConfigError
 from heygem_daemon.engines.base import Engine
 from heygem_daemon.media.faces import FaceRule
 
-ENGINES: dict[str, str] = {
-    "preview": "heygem_daemon.engines.preview:PreviewEngine",
-    "wav2lip": "heygem_daemon.engines.wav2lip.engine:Wav2LipEngine",
-    "heygem": "heygem_daemon.engines.heygem:HeygemEngine",
-    "command": "heygem_daemon.engines.command:CommandEngine",
-}
+GROUP = "heygem_daemon.engines"
+
+
+@cache
+def available() -> dict[str, str]:
+    """Installed engines: name -> `module:Class` (read once per process; packages are installed before start)."""
+    return {ep.name: ep.value for ep in entry_points(group=GROUP)}
 
 
 def engine_class(name: str) -> Any:
+    engines = available()
     try:
-        target = ENGINES[name]
+        target = engines[name]
     except KeyError:
-        raise ConfigError(f"engine.name: unknown engine {name!r}; available: {', '.join(sorted(ENGINES))}") from None
+        raise ConfigError(f"engine.name: unknown engine {name!r}; available: {', '.join(sorted(engines))}") from None
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)
 
@@ -41,9 +50,9 @@ def settings_for(cfg: Config, name: str) -> Any:
 
 def check_engines(cfg: Config) -> None:
     """Fail at start-up, not at the first job, when an engine section is wrong."""
-    unknown = set(cfg.engines) - set(ENGINES)
+    unknown = set(cfg.engines) - set(available())
     if unknown:
-        raise ConfigError(f"engines.{sorted(unknown)[0]}: unknown engine; available: {', '.join(sorted(ENGINES))}")
+        raise ConfigError(f"engines.{sorted(unknown)[0]}: unknown engine; available: {', '.join(sorted(available()))}")
     settings_for(cfg, cfg.engine.name)
     for name in cfg.engines:
         settings_for(cfg, name)

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Callable, Literal
 
+import psutil
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
@@ -27,22 +28,15 @@ log = get_logger("heygem.watcher")
 NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "afs", "sshfs", "davfs")
 
 
-def filesystem_type(path: Path, mounts: str = "/proc/mounts") -> str:
-    """The type of the filesystem holding `path` (longest matching mount point wins)."""
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem holding `path` (the longest mount point that holds it, as psutil lists them)."""
     target = os.path.realpath(path)
     best, fstype = "", "unknown"
-    try:
-        with open(mounts, encoding="utf-8") as fh:
-            for line in fh:
-                parts = line.split()
-                if len(parts) < 3:
-                    continue
-                mnt = parts[1].replace("\\040", " ")
-                inside = target == mnt or target.startswith(mnt.rstrip("/") + "/")
-                if inside and len(mnt) >= len(best):
-                    best, fstype = mnt, parts[2]
-    except OSError:
-        pass
+    for part in psutil.disk_partitions(all=True):
+        mnt = part.mountpoint
+        inside = target == mnt or target.startswith(mnt.rstrip("/") + "/")
+        if inside and len(mnt) >= len(best):
+            best, fstype = mnt, part.fstype
     return fstype
 
 

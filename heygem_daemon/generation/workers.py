@@ -304,6 +304,8 @@ class Slot(threading.Thread):
 
 
 class WorkerPool:
+    name = "workers"
+
     def __init__(self, cfg: Config, life: LifeCycle) -> None:
         self.wake = threading.Event()
         self.stop_event = threading.Event()
@@ -338,7 +340,7 @@ class WorkerPool:
     def alive(self) -> bool:
         return all(s.is_alive() for s in self.slots)
 
-    def set_config(self, cfg: Config) -> None:
+    def apply(self, cfg: Config) -> None:
         """Live config (SIGHUP): attempts, backoff, stall time, presets are read from it per task."""
         for s in self.slots:
             s.cfg = cfg

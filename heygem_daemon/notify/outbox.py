@@ -134,6 +134,8 @@ class Outbox:
 class Notifier:
     """The sender thread: pending messages out, retries with backoff, give-up after max age."""
 
+    name = "notify"
+
     def __init__(self, outbox: Outbox) -> None:
         self.outbox = outbox
         self.store = outbox.store
@@ -150,6 +152,12 @@ class Notifier:
         self.outbox.wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def apply(self, cfg: Config) -> None:
+        """notify.* takes effect at the next restart (ops.reload): the targets are the running ones."""
 
     def _run(self) -> None:
         while not self._stop.is_set():

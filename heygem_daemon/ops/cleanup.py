@@ -87,6 +87,7 @@ SWEEPS: list[SweepJob] = [
     SweepJob("stale_uploads", lambda c: c.cleanup.stale_uploads_every_hours,
              "heygem_daemon.delivery.sweeps:stale_uploads"),
     SweepJob("heygem_codes", lambda c: c.cleanup.temp_every_hours, "heygem_daemon.engines.heygem.codes:sweep_codes"),
+    SweepJob("backup", lambda c: c.cleanup.backup_every_hours, "heygem_daemon.ops.backup:backup_database"),
 ]
 
 
@@ -161,10 +162,28 @@ def sweep_archive(sweep: Sweep) -> None:
 
 
 def sweep_rows(sweep: Sweep) -> None:
-    """Store rows of jobs finished more than cleanup.rows_days ago (failed: cleanup.failed_rows_days)."""
+    """Every table stays bounded. Jobs finished more than cleanup.rows_days ago (failed:
+    cleanup.failed_rows_days) go with their tasks, attempts, batch, deliveries and upload parts; ad-hoc
+    batches reported more than rows_days ago with their deliveries; sent or given-up notifications older
+    than rows_days; upload parts of files delivered a day ago (they only serve a resume).
+
+    A forgotten delivery whose video is still in outputs/ would be taken again by the outputs rescan, so
+    its path stays in a small `delivered` marker, and a marker goes only once its file is gone (the
+    `outputs` sweep or an operator removed it): rows of what is still on disk are bounded by outputs/."""
     c = sweep.cfg.cleanup
-    names = sweep.store.jobs.delete_finished(sweep.now - c.rows_days * DAY, sweep.now - c.failed_rows_days * DAY)
+    rows_before = sweep.now - c.rows_days * DAY
+    names = sweep.store.jobs.delete_finished(rows_before, sweep.now - c.failed_rows_days * DAY)
     sweep.removed.extend(f"job row {name}" for name in names)
+    adhoc = sweep.store.deliveries.forget_reported_adhoc(rows_before)
+    sweep.removed.extend(f"ad-hoc batch row {name}" for name in adhoc)
+    if sent := sweep.store.outbox.forget_ended(rows_before):
+        sweep.removed.append(f"{sent} notification rows")
+    if parts := sweep.store.deliveries.forget_parts_of_ended(sweep.now):
+        sweep.removed.append(f"{parts} upload part rows")
+    gone = [p for p in sweep.store.deliveries.delivered_marks() if not os.path.lexists(p)]
+    sweep.store.deliveries.forget_marks(gone)
+    if gone:
+        sweep.removed.append(f"{len(gone)} delivered markers of removed files")
 
 
 # --- scheduling ------------------------------------------------------------------------------------
@@ -176,6 +195,8 @@ def _resolve(target: str) -> Callable[[Sweep], None]:
 
 
 class Cleanup:
+    name = "cleanup"
+
     def __init__(self, cfg: Config, store: Store, clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.store = store
@@ -189,6 +210,11 @@ class Cleanup:
     def stop(self) -> None:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
+
+    def alive(self) -> bool:
+        # APScheduler 3 runs its loop in BackgroundScheduler._thread and has no public liveness check.
+        thread = getattr(self.scheduler, "_thread", None)
+        return self.scheduler.running and thread is not None and thread.is_alive()
 
     def apply(self, cfg: Config) -> None:
         """New config (SIGHUP): sweeps read retentions when they run; intervals are rescheduled here."""

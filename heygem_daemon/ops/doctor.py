@@ -23,6 +23,7 @@ PROVIDERS: list[str] = [
     "heygem_daemon.ops.doctor:codec_checks",
     "heygem_daemon.ops.doctor:disk_checks",
     "heygem_daemon.ops.doctor:engine_checks",
+    "heygem_daemon.ops.doctor:database_checks",
     "heygem_daemon.delivery.s3:s3_checks",
     "heygem_daemon.notify.outbox:notify_checks",
 ]
@@ -104,6 +105,21 @@ def engine_checks(cfg: Config) -> Iterable[Check]:
             yield Check(f"engine {name}", True, "has no self-check; skipped")
             continue
         yield from doctor(settings, list(cfg.workers.devices))
+
+
+def database_checks(cfg: Config) -> Iterable[Check]:
+    from heygem_daemon.state.db import backup_path, quick_check
+
+    path = cfg.folder("state") / "heygem.db"
+    backup = backup_path(path)
+    if not path.exists():
+        yield Check("database", True, f"{path} (created at start)")
+        return
+    problems = quick_check(path)
+    restore = (f"stop the daemon, move {path.name} (with -wal, -shm) aside and copy {backup} to {path}"
+               if backup.is_file() else f"move {path.name} (with -wal, -shm) aside; the daemon starts a new one")
+    yield Check("database", not problems, f"{path}: quick_check " + ("ok" if not problems else "; ".join(problems[:3])),
+                restore)
 
 
 def _provider(target: str) -> Callable[[Config], Iterable[Check]]:

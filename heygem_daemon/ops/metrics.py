@@ -12,7 +12,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from heygem_daemon.config import Config
+from heygem_daemon.log import get_logger
 from heygem_daemon.state import Store
+
+log = get_logger("heygem.daemon")
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 TASK_SECONDS = Histogram(
@@ -52,14 +56,38 @@ class StateCollector(Collector):
                                     value=int(value))
 
 
-def serve(port: int, collector: StateCollector) -> Any:
-    """Bind 127.0.0.1 only: the endpoint has no authentication; put a reverse proxy in front to expose it."""
-    server, _thread = start_http_server(port, addr="127.0.0.1", registry=REGISTRY)
-    REGISTRY.register(collector)
-    return server
+class MetricsServer:
+    """The component serving /metrics when metrics.port is set. Bound to 127.0.0.1 only: the endpoint has no
+    authentication; put a reverse proxy in front to expose it. A taken port is logged, never fatal."""
 
+    name = "metrics"
 
-def stop(server: Any, collector: StateCollector) -> None:
-    server.shutdown()
-    server.server_close()
-    REGISTRY.unregister(collector)
+    def __init__(self, port: int | None, collector: StateCollector) -> None:
+        self.port, self.collector = port, collector
+        self._server: Any = None
+        self._thread: Any = None
+
+    def start(self) -> None:
+        if self.port is None:
+            return
+        try:
+            self._server, self._thread = start_http_server(self.port, addr="127.0.0.1", registry=REGISTRY)
+        except OSError as exc:
+            # Metrics are a side show: a taken port must not stop video production.
+            log.error("cannot serve metrics; running without them", port=self.port, error=exc.strerror,
+                      hint="pick a free metrics.port and restart")
+            return
+        REGISTRY.register(self.collector)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            REGISTRY.unregister(self.collector)
+            self._server = None
+
+    def alive(self) -> bool:
+        return self._thread is None or self._thread.is_alive()
+
+    def apply(self, cfg: Config) -> None:
+        """metrics.port takes effect at the next restart (ops.reload)."""

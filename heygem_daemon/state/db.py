@@ -3,12 +3,18 @@
 `PRAGMA user_version` says which migrations a database has had. A database made before versioning
 (user_version 0) already holds the tables of migrations 1 and 2; their `IF NOT EXISTS` makes them no-ops
 there, so upgrading keeps every job. Add a migration by appending to MIGRATIONS: never edit one that shipped.
+
+Each migration runs in one IMMEDIATE transaction with foreign keys off (SQLite's documented way to rebuild
+a table, which is how a foreign key is added) and `PRAGMA foreign_key_check` before it commits: a crash
+re-runs it whole, a second process waits and then finds it done, and a violation leaves the database as it was.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -140,9 +146,77 @@ CREATE TABLE IF NOT EXISTS cleanup_runs (
 );
 """
 
+# Foreign keys with cascade where a row has a parent: a job's batch (ad-hoc batches have no job) and a
+# delivery's task (kept as NULL when the task goes: the file was delivered all the same). Notifications
+# have none: their subject is a job or an ad-hoc batch, so they go by age and with their job (cleanup).
+# `delivered` remembers, by path, videos whose delivery rows were forgotten while the file is still in
+# outputs/, so the outputs rescan never delivers them again; a marker goes once its file is gone.
+# Rows that point at a parent an older row sweep deleted are kept and detached (job_id/task_id NULL).
+V3_FOREIGN_KEYS = """
+CREATE TABLE batches_v3 (
+    id            TEXT PRIMARY KEY,
+    name          TEXT NOT NULL,
+    folder        TEXT NOT NULL,
+    job_id        TEXT REFERENCES jobs(id) ON DELETE CASCADE,
+    state         TEXT NOT NULL,
+    round_at      REAL,
+    zip_name      TEXT,
+    zip_key       TEXT,
+    zip_upload_id TEXT,
+    zip_size      INTEGER,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    not_before    REAL NOT NULL DEFAULT 0,
+    last_error    TEXT,
+    created_at    REAL NOT NULL,
+    updated_at    REAL NOT NULL,
+    reported_at   REAL
+);
+INSERT INTO batches_v3 SELECT id, name, folder, (SELECT j.id FROM jobs j WHERE j.id = b.job_id), state, round_at,
+    zip_name, zip_key, zip_upload_id, zip_size, attempts, not_before, last_error, created_at, updated_at, reported_at
+    FROM batches b;
+DROP TABLE batches;
+ALTER TABLE batches_v3 RENAME TO batches;
+CREATE INDEX batches_state ON batches(state, job_id);
+CREATE INDEX batches_job ON batches(job_id);
+CREATE TABLE deliveries_v3 (
+    id          INTEGER PRIMARY KEY,
+    batch_id    TEXT NOT NULL REFERENCES batches(id) ON DELETE CASCADE,
+    task_id     INTEGER REFERENCES tasks(id) ON DELETE SET NULL,
+    path        TEXT NOT NULL UNIQUE,
+    rel         TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    key         TEXT NOT NULL,
+    upload_id   TEXT,
+    etag        TEXT,
+    sha256      TEXT,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    not_before  REAL NOT NULL DEFAULT 0,
+    last_error  TEXT,
+    created_at  REAL NOT NULL,
+    updated_at  REAL NOT NULL
+);
+INSERT INTO deliveries_v3 SELECT d.id, d.batch_id, (SELECT t.id FROM tasks t WHERE t.id = d.task_id), d.path, d.rel,
+    d.state, d.size, d.key, d.upload_id, d.etag, d.sha256, d.attempts, d.not_before, d.last_error, d.created_at,
+    d.updated_at FROM deliveries d WHERE d.batch_id IN (SELECT id FROM batches);
+DROP TABLE deliveries;
+ALTER TABLE deliveries_v3 RENAME TO deliveries;
+CREATE INDEX deliveries_batch ON deliveries(batch_id);
+CREATE INDEX deliveries_due ON deliveries(state, not_before);
+CREATE INDEX deliveries_task ON deliveries(task_id);
+DELETE FROM upload_parts WHERE delivery_id NOT IN (SELECT id FROM deliveries);
+CREATE INDEX notifications_job ON notifications(job_id);
+CREATE INDEX notifications_ended ON notifications(state, created_at);
+CREATE TABLE delivered (
+    path      TEXT PRIMARY KEY,
+    size      INTEGER NOT NULL,
+    marked_at REAL NOT NULL
+);
+"""
+
 # Engine heygem: each code submitted (or staged) per data folder, until the service has forgotten it and
 # `<temp>/<code>*` is gone. `service` is NULL while only staged, never submitted.
-V3_HEYGEM_CODES = """
+V4_HEYGEM_CODES = """
 CREATE TABLE IF NOT EXISTS heygem_codes (
     code       TEXT NOT NULL,
     temp       TEXT NOT NULL,
@@ -153,8 +227,51 @@ CREATE TABLE IF NOT EXISTS heygem_codes (
 );
 """
 # Delivery: the batch zip's sha256, computed while it is written (links.json lists it).
-V4_ZIP_SHA256 = "ALTER TABLE batches ADD COLUMN zip_sha256 TEXT;"
-MIGRATIONS: list[str] = [V1_CORE, V2_CLEANUP_RUNS, V3_HEYGEM_CODES, V4_ZIP_SHA256]
+V5_ZIP_SHA256 = "ALTER TABLE batches ADD COLUMN zip_sha256 TEXT;"
+MIGRATIONS: list[str] = [V1_CORE, V2_CLEANUP_RUNS, V3_FOREIGN_KEYS, V4_HEYGEM_CODES, V5_ZIP_SHA256]
+
+
+BACKUP_SUFFIX = ".bak"
+# SQLite's primary result codes for a damaged file (extended codes keep them in the low byte).
+_DAMAGED = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+class DatabaseDamaged(Exception):
+    """The state database cannot be read: one line that says what, where the backup is and how to recover."""
+
+    def __init__(self, path: Path, cause: BaseException) -> None:
+        backup = backup_path(path)
+        if backup.is_file():
+            made = time.strftime("%Y-%m-%d %H:%M", time.localtime(backup.stat().st_mtime))
+            recover = (f"to recover, stop the daemon, move {path.name} (and {path.name}-wal, {path.name}-shm) aside"
+                       f" and copy the backup {backup} (made {made}) to {path}; jobs claimed after the backup are"
+                       f" not in it")
+        else:
+            recover = (f"there is no backup yet ({backup}); move {path.name} (and {path.name}-wal, {path.name}-shm)"
+                       f" aside and start again with an empty database (the history of past jobs is lost)")
+        super().__init__(f"the state database {path} is damaged ({cause}); {recover}")
+
+
+def damaged(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.DatabaseError) and code is not None and (code & 0xFF) in _DAMAGED
+
+
+def backup_path(path: Path) -> Path:
+    return path.with_name(path.name + BACKUP_SUFFIX)
+
+
+def quick_check(path: Path) -> list[str]:
+    """SQLite's `PRAGMA quick_check` on the file, read-only: [] when sound, else what it found."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
+        try:
+            rows = [r[0] for r in conn.execute("PRAGMA quick_check")]
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        return [str(exc)]
+    return [] if rows == ["ok"] else rows
 
 
 class Database:
@@ -163,7 +280,36 @@ class Database:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._local = threading.local()
-        migrate(self.conn())
+        try:
+            migrate(self.conn())
+        except sqlite3.DatabaseError as exc:
+            if damaged(exc):
+                self.close()
+                raise DatabaseDamaged(path, exc) from exc
+            raise
+
+    def backup(self) -> Path:
+        """An online copy (SQLite's backup API, consistent while others write) beside the database, swapped
+        in only once complete and checked, so a crash or a damaged source never costs the last good one."""
+        target = backup_path(self.path)
+        tmp = target.with_name(f".{target.name}.tmp")  # one daemon per state folder: a fixed name is ours
+        tmp.unlink(missing_ok=True)
+        dest = sqlite3.connect(tmp)
+        try:
+            self.conn().backup(dest)
+            problems = [r[0] for r in dest.execute("PRAGMA quick_check")]
+        finally:
+            dest.close()
+        if problems != ["ok"]:
+            tmp.unlink(missing_ok=True)
+            raise sqlite3.DatabaseError(f"the copy failed its quick_check: {problems[:3]}")
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+        return target
 
     def conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -194,13 +340,47 @@ class Database:
             self._local.conn = None
 
 
+class MigrationError(sqlite3.DatabaseError):
+    pass
+
+
+def _statements(script: str) -> Iterator[str]:
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            yield buf
+            buf = ""
+
+
+def _version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
 def migrate(conn: sqlite3.Connection) -> int:
     """Bring the schema up to date; returns the version it is at."""
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-        # executescript commits first; the version is bumped in the same script so a crash re-runs it whole.
-        conn.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
-    return len(MIGRATIONS)
+    if _version(conn) >= len(MIGRATIONS):
+        return _version(conn)
+    conn.execute("PRAGMA foreign_keys=OFF")  # a no-op inside a transaction: set before BEGIN
+    try:
+        for number, script in enumerate(MIGRATIONS, start=1):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if _version(conn) < number:  # another process may have run it while this one waited
+                    for statement in _statements(script):
+                        conn.execute(statement)
+                    broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise MigrationError(f"migration {number} would break {len(broken)} references "
+                                             f"(first: {tuple(broken[0])})")
+                    conn.execute(f"PRAGMA user_version = {number}")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+    finally:
+        conn.execute("PRAGMA foreign_keys=ON")
+    return _version(conn)
 
 
 class Repository:

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from heygem_daemon.state.db import Repository
-from heygem_daemon.state.jobs import Job, _job
+from heygem_daemon.state.jobs import Job, _job, mark_delivered
+
+# Parts only serve resuming an upload: once a file is linked or missing they are kept this long for a look.
+PARTS_KEEP_SECONDS = 86400.0
 
 
 @dataclass(frozen=True)
@@ -147,8 +150,34 @@ class DeliveryRepository(Repository):
             db.execute("UPDATE batches SET state = 'reported', round_at = ?, reported_at = ?, updated_at = ?"
                        " WHERE id = ?", (round_at, now, now, batch_id))
 
-    def paths(self) -> set[str]:
-        return {r["path"] for r in self._conn().execute("SELECT path FROM deliveries")}
+    def known(self, path: str) -> bool:
+        """Whether a video at `path` was taken for delivery already (one indexed look-up, no set in memory)."""
+        db = self._conn()
+        return bool(db.execute("SELECT 1 FROM deliveries WHERE path = ?", (path,)).fetchone()
+                    or db.execute("SELECT 1 FROM delivered WHERE path = ?", (path,)).fetchone())
+
+    def forget_reported_adhoc(self, reported_before: float) -> list[str]:
+        """Forget ad-hoc batches reported before the cut-off, with their deliveries and parts; their paths
+        stay marked (`delivered`). Returns the batch names."""
+        where = "job_id IS NULL AND state = 'reported' AND reported_at < ?"
+        with self.tx() as db:
+            names = [r["name"] for r in db.execute(f"SELECT name FROM batches WHERE {where}", (reported_before,))]
+            mark_delivered(db, f"d.batch_id IN (SELECT id FROM batches WHERE {where})", (reported_before,))
+            db.execute(f"DELETE FROM batches WHERE {where}", (reported_before,))
+        return names
+
+    def forget_parts_of_ended(self, now: float) -> int:
+        with self.tx() as db:
+            return db.execute("DELETE FROM upload_parts WHERE delivery_id IN (SELECT id FROM deliveries WHERE"
+                              " state IN ('linked', 'missing') AND updated_at < ?)",
+                              (now - PARTS_KEEP_SECONDS,)).rowcount
+
+    def delivered_marks(self) -> list[str]:
+        return [r["path"] for r in self._conn().execute("SELECT path FROM delivered ORDER BY path")]
+
+    def forget_marks(self, paths: list[str]) -> None:
+        with self.tx() as db:
+            db.executemany("DELETE FROM delivered WHERE path = ?", [(p,) for p in paths])
 
     def add(self, batch_id: str, path: str, rel: str, size: int, key: str,
                      task_id: int | None) -> Delivery | None:

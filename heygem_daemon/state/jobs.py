@@ -199,11 +199,22 @@ class JobRepository(Repository):
         return {r["state"]: r["n"] for r in rows}
 
     def delete_finished(self, done_before: float, failed_before: float) -> list[str]:
-        """Forget finished jobs (their tasks and attempts go with them); failed ones have their own cut-off.
+        """Forget finished jobs; failed ones have their own cut-off. Their tasks, attempts, batch, deliveries
+        and upload parts go with them (foreign keys), their ended notifications too; the paths they
+        delivered stay marked, so the outputs rescan does not deliver those files again.
         Returns the names of the jobs forgotten."""
         where = "(state IN ('done', 'retried') AND finished_at < ?) OR (state = 'failed' AND finished_at < ?)"
         with self.tx() as db:
-            names = [r["name"] for r in db.execute(f"SELECT name FROM jobs WHERE {where}",
-                                                   (done_before, failed_before))]
-            db.execute(f"DELETE FROM jobs WHERE {where}", (done_before, failed_before))
-        return names
+            ids = [(r["id"], r["name"]) for r in db.execute(f"SELECT id, name FROM jobs WHERE {where}",
+                                                            (done_before, failed_before))]
+            for job_id, _name in ids:
+                mark_delivered(db, "d.batch_id IN (SELECT id FROM batches WHERE job_id = ?)", (job_id,))
+                db.execute("DELETE FROM notifications WHERE job_id = ? AND state IN ('sent', 'gave_up')", (job_id,))
+                db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        return [name for _id, name in ids]
+
+
+def mark_delivered(db: sqlite3.Connection, where: str, args: tuple[object, ...]) -> None:
+    """Before delivery rows are forgotten: remember their paths (`delivered`), as the outputs rescan asks."""
+    db.execute(f"INSERT OR IGNORE INTO delivered (path, size, marked_at) SELECT d.path, d.size, ?"
+               f" FROM deliveries d WHERE {where}", (time.time(), *args))

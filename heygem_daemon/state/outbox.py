@@ -89,3 +89,9 @@ class OutboxRepository(Repository):
                 "UPDATE notifications SET state = ?, attempts = attempts + 1, next_at = COALESCE(?, next_at),"
                 " last_error = ? WHERE id = ?",
                 ("retrying" if retry_at is not None else "gave_up", retry_at, error, notification_id))
+
+    def forget_ended(self, created_before: float) -> int:
+        """Sent and given-up messages older than the cut-off; pending ones stay until they end."""
+        with self.tx() as db:
+            return db.execute("DELETE FROM notifications WHERE state IN ('sent', 'gave_up') AND created_at < ?",
+                              (created_before,)).rowcount
