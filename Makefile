@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU wheel keeps tests light; on a GPU box install the torch build for your CUDA instead.
 TORCH  ?= torch==2.13.0
 
-.PHONY: run test bench install clean
+.PHONY: run test bench install clean systemd-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/upload.py
 	$(BIN)/python bench/zip.py
 	$(BIN)/python bench/wav2lip.py
+
+# As root on a Debian/Ubuntu host: boots a container with systemd and replays README "Install as a service".
+systemd-check:
+	tests/system/systemd_check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache
