@@ -208,7 +208,7 @@ class Daemon:
 
         self._loop(lambda: delivered() or time.monotonic() >= deadline or self._stop_signals > 1)
         if not delivered():
-            log.warning("stopping before every finished video was delivered; the rest goes out at the next start")
+            log.warning("stopping before delivery caught up; videos still to deliver go out at the next start")
 
     def _apply_hold(self) -> None:
         if self.draining or self.disk.low:

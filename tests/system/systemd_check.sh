@@ -281,6 +281,12 @@ if wait_until 180 "hello.mp4" inside test -s /srv/heygem/outputs/hello/hello.mp4
 else
     fail "group-member-drop-and-job" "$(journal | tail -20)"
 fi
+# The service needs no torch (preview engine): `make install` must not pull it in.
+if inside "$PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("torch") is not None)'; then
+    pass "no-torch"
+else
+    fail "no-torch" "torch is installed in /opt/heygem-daemon/.venv"
+fi
 if journal | grep -q "Couldn't stat device"; then fail "no-device-warnings" "$(journal | grep "Couldn't stat")"
 else pass "no-device-warnings"; fi
 
