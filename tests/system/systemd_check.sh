@@ -57,7 +57,7 @@ host_mirror() {
         awk -v suite="$SUITE" '$1 == "deb" { for (i = 3; i <= NF; i++) if ($i == suite) { print $(i-1); break } }' "$f"
     done
 }
-MIRROR="$(host_mirror | head -n1)"
+MIRROR="$(host_mirror | sed -n 1p)"
 [ -n "$MIRROR" ] || die "no apt mirror for $SUITE in /etc/apt/sources.list*"
 
 # procps: /bin/kill, which the unit's ExecReload= uses (every non-minimal install has it).
@@ -236,7 +236,9 @@ inside systemd-analyze log-level info
 
 unit() { inside systemctl show heygem-daemon -p "$1" --value; }
 journal() { inside journalctl -u heygem-daemon --no-pager -o cat "$@"; }
-journal_has() { journal | grep -q "$1"; }
+# grep -q on a pipe would end the writer early with SIGPIPE, which pipefail counts as a failure: read first.
+contains() { grep -q -- "$2" <<<"$1"; }
+journal_has() { contains "$(journal)" "$1"; }
 pid1_journal() { inside journalctl --no-pager -o short-monotonic _PID=1; }
 wait_until() {  # seconds, description, command...
     local seconds=$1 what=$2; shift 2
@@ -248,8 +250,9 @@ wait_until() {  # seconds, description, command...
 }
 
 # --- READY=1 before active, STATUS= ---------------------------------------------------------------------
-ready_line="$(pid1_journal | grep -n 'heygem-daemon.service: Got notification message' | grep -m1 'READY=1' | cut -d: -f1 || true)"
-started_line="$(pid1_journal | grep -n 'Started heygem-daemon.service' | head -1 | cut -d: -f1 || true)"
+pid1_text="$(pid1_journal)"
+ready_line="$(grep -n 'heygem-daemon.service: Got notification message.*READY=1' <<<"$pid1_text" | sed -n 's/:.*//; 1p')"
+started_line="$(grep -n 'Started heygem-daemon.service' <<<"$pid1_text" | sed -n 's/:.*//; 1p')"
 if [ "$(unit ActiveState)" = active ] && [ -n "$ready_line" ] && [ -n "$started_line" ] &&
         [ "$ready_line" -lt "$started_line" ]; then
     pass "ready-before-active"
@@ -325,8 +328,7 @@ inside cp /root/config.yaml.good /etc/heygem/config.yaml
 inside systemctl reload heygem-daemon
 
 # --- journal priorities: the refusal is an error, "daemon ready" is not a warning -------------------------
-if inside journalctl -u heygem-daemon --no-pager -o cat -p err | grep -q 'new config refused' &&
-        ! inside journalctl -u heygem-daemon --no-pager -o cat -p warning | grep -q 'daemon ready'; then
+if contains "$(journal -p err)" 'new config refused' && ! contains "$(journal -p warning)" 'daemon ready'; then
     pass "journal-priorities"
 else
     fail "journal-priorities" "$(inside journalctl -u heygem-daemon --no-pager -o cat -p warning | tail -5)"
@@ -347,7 +349,8 @@ restarted() {
     local pid; pid="$(unit MainPID)"
     [ "$pid" != 0 ] && [ "$pid" != "$old_pid" ] && [ "$(unit ActiveState)" = active ]
 }
-if wait_until 90 "a restart after the watchdog" restarted && pid1_journal | grep -q 'heygem-daemon.service: Watchdog timeout'; then
+if wait_until 90 "a restart after the watchdog" restarted &&
+        contains "$(pid1_journal)" 'heygem-daemon.service: Watchdog timeout'; then
     pass "watchdog-restart (NRestarts=$(unit NRestarts))"
 else
     fail "watchdog-restart" "MainPID $(unit MainPID), $(unit ActiveState): $(pid1_journal | grep heygem | tail -5)"
