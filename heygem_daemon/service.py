@@ -178,8 +178,9 @@ class Daemon:
             time.sleep(SIGNAL_POLL_SECONDS)
 
     def _drain(self) -> None:
-        """Stop taking work; let running tasks finish within shutdown.drain_seconds (a second signal
-        cuts it short). Whatever still runs afterwards is checkpointed back to the queue by pool.stop()."""
+        """Stop taking work; let running tasks finish and finished videos be delivered within
+        shutdown.drain_seconds (a second signal cuts it short). Whatever still runs afterwards is
+        checkpointed back to the queue by pool.stop()."""
         self.draining = True
         self.pool.drain()
         self._apply_hold()
