@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 # most real-daemon tests wait on settle windows and drains, which then overlap. PYTEST_ARGS= runs serially.
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: run test test-fast bench install clean
+.PHONY: run test test-fast bench install clean systemd-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/upload.py
 	$(BIN)/python bench/zip.py
 	$(BIN)/python bench/wav2lip.py
+
+# As root on a Debian/Ubuntu host: boots a container with systemd and replays README "Install as a service".
+systemd-check:
+	tests/system/systemd_check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import re
 import sys
 from pathlib import Path
@@ -17,6 +18,8 @@ _SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|a
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s:]+:[^/@\s]+@", re.I)
 _QUERY_SECRET = re.compile(r"(?P<k>[?&](?:access_?token|token|secret|key|sign|signature|X-Amz-Signature)=)[^&\s]+", re.I)
 REDACTED = "***"
+# syslog priorities by stdlib level, for the "<N>" prefix journald reads off each line of a stream.
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
 
 
 def redact_text(text: str) -> str:
@@ -63,7 +66,8 @@ def setup_logging(logs_dir: Path | None, level: str = "info", console: bool = Tr
         root.addHandler(fh)
     if console:
         ch = logging.StreamHandler(sys.stderr)
-        ch.setFormatter(_formatter(shared, structlog.dev.ConsoleRenderer(colors=False)))
+        journal = stderr_is_journal()
+        ch.setFormatter(_formatter(shared, structlog.dev.ConsoleRenderer(colors=False), journal))
         root.addHandler(ch)
     set_level(level)
 
@@ -76,8 +80,32 @@ def set_level(level: str) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 
-def _formatter(shared: list[Any], renderer: Any) -> logging.Formatter:
-    return structlog.stdlib.ProcessorFormatter(
+def stderr_is_journal() -> bool:
+    """systemd sets JOURNAL_STREAM=<dev>:<inode> of the stream it connected; it counts only while stderr
+    is still that stream (not when our output was redirected elsewhere by a child or a shell)."""
+    try:
+        dev, ino = (int(x) for x in os.environ.get("JOURNAL_STREAM", "").split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+def syslog_priority(levelno: int) -> int:
+    return next((prio for level, prio in _PRIORITIES if levelno >= level), 7)
+
+
+class _JournalFormatter(structlog.stdlib.ProcessorFormatter):
+    """Every line carries its priority, so `journalctl -p warning` shows warnings (a traceback included)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{syslog_priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in super().format(record).splitlines())
+
+
+def _formatter(shared: list[Any], renderer: Any, journal: bool = False) -> logging.Formatter:
+    cls = _JournalFormatter if journal else structlog.stdlib.ProcessorFormatter
+    return cls(
         foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,

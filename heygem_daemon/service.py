@@ -183,8 +183,9 @@ class Daemon:
             time.sleep(SIGNAL_POLL_SECONDS)
 
     def _drain(self) -> None:
-        """Stop taking work; let running tasks finish within shutdown.drain_seconds (a second signal
-        cuts it short). Whatever still runs afterwards is checkpointed back to the queue by pool.stop()."""
+        """Stop taking work; let running tasks finish and finished videos be delivered within
+        shutdown.drain_seconds (a second signal cuts it short). Whatever still runs afterwards is
+        checkpointed back to the queue by pool.stop()."""
         self.draining = True
         self.pool.drain()
         self._apply_hold()
@@ -192,15 +193,28 @@ class Daemon:
         deadline = time.monotonic() + budget
         # Stretches systemd's stop timeout when drain_seconds outgrew TimeoutStopSec in the unit.
         self.systemd.stopping(budget + STOP_MARGIN_SECONDS)
-        if not self.pool.busy():
-            return
-        log.info("draining: taking no new work, letting running tasks finish", drain_seconds=budget,
-                 running=[d for d in self.pool.describe() if d["task"]])
-        self._loop(lambda: not self.pool.busy() or time.monotonic() >= deadline or self.requests.stops > 1)
+        if self.pool.busy():
+            log.info("draining: taking no new work, letting running tasks finish", drain_seconds=budget,
+                     running=[d for d in self.pool.describe() if d["task"]])
+            self._loop(lambda: not self.pool.busy() or time.monotonic() >= deadline or self.requests.stops > 1)
         if self.pool.busy():
             why = "second stop signal" if self.requests.stops > 1 else "drain time over"
             log.warning(f"{why}: running tasks go back to the queue", running=[d for d in self.pool.describe()
                                                                               if d["task"]])
+        self._drain_delivery(deadline)
+
+    def _drain_delivery(self, deadline: float) -> None:
+        """Finished videos reach people before we exit, not at the next start: upload, links, zip, report and
+        chat message of every batch that can be sent now, within what is left of the drain time."""
+        since = time.monotonic()
+
+        def delivered() -> bool:
+            handed_on = self.delivery.quiet_after(since)
+            return handed_on is not None and self.chat.quiet_after(handed_on)
+
+        self._loop(lambda: delivered() or time.monotonic() >= deadline or self.requests.stops > 1)
+        if not delivered():
+            log.warning("stopping before delivery caught up; videos still to deliver go out at the next start")
 
     def _apply_hold(self) -> None:
         if self.draining or self.disk.low:

@@ -17,6 +17,7 @@ import yaml
 
 from daemon_harness import DaemonHarness
 from media_factory import PORTRAIT_JPG, write_speech_wav
+from notify_receiver import Receiver
 
 pytestmark = pytest.mark.daemon  # starts the real daemon: left out of `make test-fast`
 
@@ -111,6 +112,31 @@ def test_sigterm_lets_the_running_task_finish_takes_nothing_new_and_restart_resu
     assert harness.wait_job("pair", timeout=120).state == "done"
     assert harness.wait_job("late", timeout=120).state == "done"
     harness.stop()
+
+
+def test_a_job_finished_during_the_drain_is_linked_reported_and_announced_before_exit(tmp_path, long_voice):
+    receiver = Receiver().start()
+    harness = DaemonHarness(tmp_path / "base", {"shutdown": {"drain_seconds": 120}, "engine": {"preset": "720p"}})
+    try:
+        harness.start(env={"HEYGEM_NOTIFY__URLS": receiver.url("/hook")})
+        harness.drop_pair(long_voice, PORTRAIT_JPG, "carol")
+        harness.wait_for(lambda: running_task(harness, "carol"), 60, "the task to run")
+        harness.proc.send_signal(signal.SIGTERM)
+        assert harness.proc.wait(120) == 0
+    finally:
+        harness.stop()
+        receiver.stop()
+
+    job = harness.job("carol")
+    assert job.state == "done"
+    batch = harness.store().deliveries.batch(job.id)
+    assert batch is not None and batch.state == "reported"
+    out = harness.folder("outputs") / "carol"
+    # One video: no zip below delivery.zip_min_videos (2); its own link is the download.
+    assert batch.zip_name is None and (out / "carol.mp4").is_file() and (out / "links.json").is_file()
+    [message] = receiver.delivered("/hook", containing="carol")
+    assert message.payload["type"] == "success" and "carol.mp4" in message.text
+    assert [n.state for n in harness.store().outbox.select(job.id)] == ["sent"]
 
 
 def test_drain_time_over_puts_the_running_task_back_in_the_queue_uncounted(tmp_path, long_voice):

@@ -1,4 +1,5 @@
-"""The shipped unit is valid for systemd and hardened (exposure 2.5 or lower), checked offline."""
+"""The shipped unit is valid for systemd and hardened (exposure 2.0 or lower), with and without the GPU
+drop-in, checked offline. tests/system/systemd_check.sh boots it under a real systemd."""
 
 from __future__ import annotations
 
@@ -11,16 +12,21 @@ from pathlib import Path
 import pytest
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "heygem-daemon.service"
+GPU_DROP_IN = UNIT.parent / "heygem-daemon.service.d" / "gpu.conf"
 pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                                 reason="systemd-analyze missing (.ci/run installs it)")
 
 
-def unit_copy(tmp_path: Path) -> Path:
-    """ExecStart must name an executable that exists here; everything else is the shipped file."""
+def unit_copy(tmp_path: Path, gpu: bool = False) -> Path:
+    """ExecStart must name an executable that exists here; everything else is the shipped file (and the
+    GPU drop-in beside it, where systemd finds drop-ins of a unit loaded from a path)."""
     text = UNIT.read_text()
     text = re.sub(r"^ExecStart=\S+", f"ExecStart={shutil.which('true')}", text, flags=re.M)
     copy = tmp_path / UNIT.name
     copy.write_text(text)
+    if gpu:
+        (tmp_path / GPU_DROP_IN.parent.name).mkdir()
+        shutil.copy(GPU_DROP_IN, tmp_path / GPU_DROP_IN.parent.name / GPU_DROP_IN.name)
     return copy
 
 
@@ -29,23 +35,33 @@ def analyze(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["systemd-analyze", *args], capture_output=True, text=True, env=env, timeout=120)
 
 
-def test_systemd_analyze_verify_passes_without_warnings_about_the_unit(tmp_path):
-    result = analyze("verify", "--man=no", str(unit_copy(tmp_path)))
-    ours = [line for line in result.stderr.splitlines() if UNIT.name in line]
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu-drop-in"])
+def test_systemd_analyze_verify_passes_without_warnings_about_the_unit(tmp_path, gpu):
+    result = analyze("verify", "--man=no", str(unit_copy(tmp_path, gpu)))
+    ours = [line for line in result.stderr.splitlines() if UNIT.name in line or GPU_DROP_IN.name in line]
     assert result.returncode == 0 and ours == [], result.stderr
 
 
-def test_security_exposure_is_at_most_2_5(tmp_path):
-    result = analyze("security", "--offline=yes", "--no-pager", str(unit_copy(tmp_path)))
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu-drop-in"])
+def test_security_exposure_is_at_most_2_0(tmp_path, gpu):
+    result = analyze("security", "--offline=yes", "--no-pager", str(unit_copy(tmp_path, gpu)))
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
     assert match, result.stdout + result.stderr
-    print(f"systemd-analyze security exposure: {match.group(1)}")
-    assert float(match.group(1)) <= 2.5
+    print(f"systemd-analyze security exposure ({'with' if gpu else 'without'} gpu.conf): {match.group(1)}")
+    assert float(match.group(1)) <= 2.0
 
 
 def test_the_unit_speaks_notify_with_a_watchdog_and_reloads_with_sighup():
     text = UNIT.read_text()
     for line in ("Type=notify", "NotifyAccess=main", "ExecReload=/bin/kill -HUP $MAINPID", "KillMode=mixed",
-                 "Restart=on-failure", "DevicePolicy=closed", "DeviceAllow=/dev/nvidiactl rw"):
+                 "Restart=on-failure", "DevicePolicy=closed"):
         assert re.search(rf"^{re.escape(line)}$", text, re.M), line
     assert int(re.search(r"^WatchdogSec=(\d+)$", text, re.M).group(1)) > 0
+
+
+def test_only_the_gpu_drop_in_names_device_nodes():
+    assert "DeviceAllow=" not in UNIT.read_text()
+    drop_in = GPU_DROP_IN.read_text()
+    assert drop_in.splitlines()[drop_in.splitlines().index("[Service]") + 1:] == [
+        line for line in drop_in.splitlines() if line.startswith("DeviceAllow=")]
+    assert "DeviceAllow=/dev/nvidiactl rw" in drop_in and "DeviceAllow=char-nvidia-uvm rw" in drop_in

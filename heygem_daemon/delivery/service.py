@@ -71,6 +71,9 @@ class DeliveryService:
         # links.json/links.txt have one writer at a time, and each write re-reads the store under it,
         # so the last write always holds the latest state (pool threads finish files in any order).
         self._links_lock = threading.Lock()
+        self._submitted = 0
+        # (began, ended) on the monotonic clock of the last step that found nothing it could do now.
+        self._quiet = (0.0, 0.0)
         self._thread: threading.Thread | None = None
         self._observer: Any = None
 
@@ -113,12 +116,27 @@ class DeliveryService:
         if self.client is not None and self.settings.lifecycle.wanted:
             self._apply_lifecycle()
         while not self.stopping.is_set():
+            began, submitted = time.monotonic(), self._submitted
             try:
                 self._step()
             except Exception:
                 log.exception("delivery step failed; will try again")
+            else:
+                with self._busy_lock:
+                    if self._submitted == submitted and not self._busy:
+                        self._quiet = (began, time.monotonic())
             self.wake.wait(IDLE_WAIT)
             self.wake.clear()
+
+    def quiet_after(self, since: float) -> float | None:
+        """For a drain: when a step begun after `since` (monotonic) last found nothing to do now — nothing
+        running, nothing due (what waits for a retry stays waiting) — and so every report it made was handed
+        on before that time. None until then; it nudges the thread to look."""
+        began, ended = self._quiet
+        if began >= since:
+            return ended
+        self.wake.set()
+        return None
 
     # --- the decisions (delivery thread) ----------------------------------------------------------
 
@@ -183,6 +201,7 @@ class DeliveryService:
             if tag in self._busy:
                 return
             self._busy.add(tag)
+            self._submitted += 1
 
         def run() -> None:
             try:

@@ -142,6 +142,7 @@ class Notifier:
         self.cfg = outbox.cfg
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._quiet_from = 0.0  # monotonic time of the last look that found nothing due
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="notify", daemon=True)
@@ -158,6 +159,14 @@ class Notifier:
 
     def apply(self, cfg: Config) -> None:
         """notify.* takes effect at the next restart (ops.reload): the targets are the running ones."""
+
+    def quiet_after(self, since: float) -> bool:
+        """For a drain: whether a look at the outbox begun after `since` (monotonic) found nothing due, so
+        every message recorded before `since` has gone out or waits for a retry; nudges the sender if not."""
+        if self._quiet_from >= since:
+            return True
+        self.outbox.wake.set()
+        return False
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -176,8 +185,10 @@ class Notifier:
         """Send every message that is due; returns how many went out."""
         sent = 0
         while not self._stop.is_set():
+            looked = time.monotonic()
             due = self.store.outbox.due(time.time(), BATCH)
             if not due:
+                self._quiet_from = looked
                 return sent
             for row in due:
                 sent += self._deliver(row)
