@@ -19,6 +19,7 @@ from heygem_daemon.notify.outbox import Notifier, Outbox
 from heygem_daemon.delivery.report import BatchReport
 from heygem_daemon.delivery.service import DeliveryService
 from heygem_daemon.ops.diskguard import DiskGuard
+from heygem_daemon.ops.orphans import rescue_unknown_inputs
 from heygem_daemon.engines.registry import ENGINES, check_engines, needs_face
 from heygem_daemon.intake.claim import Claimer, recover_detected
 from heygem_daemon.intake.inspect import Inspector
@@ -104,6 +105,7 @@ class Daemon:
     def run(self) -> int:
         recover_detected(self.cfg, self.store)
         recover(self.cfg, self.store, self._job_failed)
+        rescue_unknown_inputs(self.cfg, self.store)
         settle_cancelled(self.cfg, self.store, self._job_failed)
         self.chat.start()
         self.disk.check()

@@ -82,7 +82,7 @@ def test_temp_sweep_never_follows_a_symlink(cfg, store, tmp_path):
     assert s.removed == [] and outside.exists() and link.is_symlink()
 
 
-def test_work_sweep_removes_folders_of_finished_and_unknown_jobs_only(cfg, store):
+def test_work_sweep_removes_folders_of_finished_and_unknown_jobs_only_and_never_unknown_inputs(cfg, store):
     work = cfg.folder("work")
     done = store.jobs.create("done", {})
     store.jobs.set_state(done.id, "done")
@@ -91,7 +91,7 @@ def test_work_sweep_removes_folders_of_finished_and_unknown_jobs_only(cfg, store
     running = queued_job(store, "running", cfg.folder("outputs") / "running" / "running.mp4")
     write(work / done.id / "in" / "a.wav", 300)
     write(work / failed.id / "in" / "a.wav", 200)
-    write(work / "0123456789ab" / "in" / "a.wav", 100)  # no row: left by a crash
+    write(work / "0123456789ab" / "in" / "a.wav", 100)  # no row: the database lost it
     write(work / running / "in" / "a.wav")
     retried = store.jobs.create("retried-just-now", {})
     store.jobs.set_state(retried.id, "failed")
@@ -103,8 +103,9 @@ def test_work_sweep_removes_folders_of_finished_and_unknown_jobs_only(cfg, store
     sweep_work(s)
 
     assert sorted(Path(p).name for p in s.removed) == sorted([done.id, failed.id, "0123456789ab"])
-    assert s.freed == 600
+    assert s.freed == 500
     assert (work / running).is_dir() and fresh.is_dir()
+    assert (cfg.folder("inbox") / "recovered-0123456789ab" / "a.wav").stat().st_size == 100
 
 
 def test_archive_sweep_removes_day_folders_older_than_the_retention(cfg, store):

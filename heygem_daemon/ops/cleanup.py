@@ -27,6 +27,7 @@ from heygem_daemon.ops import metrics
 from heygem_daemon.config import Config
 from heygem_daemon.fs.ops import remove_tree
 from heygem_daemon.log import get_logger
+from heygem_daemon.ops.orphans import holds_inputs, send_back
 from heygem_daemon.state import TERMINAL_JOB_STATES, Store
 
 log = get_logger("heygem.cleanup")
@@ -132,7 +133,8 @@ def sweep_temp(sweep: Sweep) -> None:
 
 def sweep_work(sweep: Sweep) -> None:
     """work/<job-id>/ of jobs that finished (or that the store no longer knows), once untouched for
-    cleanup.temp_hours: the grace keeps a folder `retry` is just moving inputs into."""
+    cleanup.temp_hours: the grace keeps a folder `retry` is just moving inputs into. Inputs of a job the
+    store does not know are never deleted: they go back to the inbox (ops/orphans.py)."""
     cutoff = sweep.now - sweep.cfg.cleanup.temp_hours * HOUR
     work = sweep.cfg.folder("work")
     for entry in os.scandir(work):
@@ -140,6 +142,8 @@ def sweep_work(sweep: Sweep) -> None:
         if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False) or not _older(entry.path, cutoff):
             continue
         state = sweep.store.jobs.state(entry.name)
+        if state is None and holds_inputs(work / entry.name):
+            send_back(sweep.cfg, work / entry.name / "in")
         if state is None or state in TERMINAL_JOB_STATES:
             sweep.remove(work / entry.name)
 
