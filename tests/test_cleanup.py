@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -201,3 +203,23 @@ def test_work_sweep_keeps_engine_caches(cfg, store):
     os.utime(cache.parent.parent, (time.time() - DAY, time.time() - DAY))
     sweep_work(sweep(cfg, store))
     assert cache.exists() and not orphan.exists()
+
+
+def test_temp_sweep_removes_our_own_cut_short_temps_after_minutes_unless_a_process_holds_them_open(cfg, store):
+    outputs = cfg.folder("outputs")
+    zip_tmp = write(outputs / "alice" / ".alice.zip.0123abcd.tmp", 300, age_from_later=20 * 60)
+    moving = write(cfg.folder("work") / "0123456789ab" / "in" / ".alice.wav.89abcdef.moving", 50,
+                   age_from_later=20 * 60)
+    fresh = write(outputs / "carol" / ".links.json.0123abcd.tmp", age_from_later=60)
+    held = write(outputs / "bob" / ".links.json.0123abcd.tmp", age_from_later=20 * 60)
+    writer = subprocess.Popen([sys.executable, "-c", "import sys; f = open(sys.argv[1], 'ab'); print(1, flush=True); "
+                               "sys.stdin.read()", str(held)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        writer.stdout.readline()  # the other process holds it open now
+        s = sweep(cfg, store)
+        sweep_temp(s)
+    finally:
+        writer.kill()
+        writer.wait()
+    assert sorted(s.removed) == sorted([str(zip_tmp), str(moving)])
+    assert fresh.exists() and held.exists()
