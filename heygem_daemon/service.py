@@ -75,7 +75,8 @@ class Daemon:
         self.outbox = Outbox(cfg, store_for(cfg))
         self.chat = Notifier(self.outbox)
         self.intake = Intake(cfg, Claimer(cfg, store_for(cfg), self._job_failed), self.inspector,
-                             set(ENGINES), lambda name: needs_face(name, cfg.engines.get(name)), self.pool.notify)
+                             set(ENGINES), lambda name: needs_face(name, cfg.engines.get(name)), self.pool.notify,
+                             on_alert=self.outbox.enqueue_alert)
         self.delivery = DeliveryService(cfg, store_for(cfg), self._report, self.outbox.enqueue_alert)
         self._finalize_store = store_for(cfg)
         self._finalize_lock = threading.Lock()

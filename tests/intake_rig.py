@@ -86,8 +86,10 @@ class IntakeRig:
         # Start the probe child now: tests may later act as a user who cannot read this Python install.
         self.inspector.submit(self.inbox, [], self.cfg.limits, False)[0].result(60)
         self.queued = 0
+        self.alerts: list[tuple[str, str]] = []
         self.intake = Intake(self.cfg, Claimer(self.cfg, self.store), self.inspector, set(ENGINES),
-                             lambda _engine: False, self._queued, clock=self.clock)
+                             lambda _engine: False, self._queued, clock=self.clock,
+                             on_alert=lambda key, text: self.alerts.append((key, text)))
         setup_logging(self.logs, "info", console=False)
 
     def _queued(self) -> None:

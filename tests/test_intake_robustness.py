@@ -131,7 +131,7 @@ def test_a_folder_the_daemon_cannot_move_waits_with_one_warning_and_leaves_no_ro
     assert rig.log_lines("error") == []
 
 
-def test_a_job_bigger_than_the_free_space_on_work_waits_whole_in_the_inbox(scratch, tmpfs, tmp_path):
+def test_a_job_bigger_than_the_free_space_on_work_waits_whole_in_the_inbox_and_the_operator_is_told(scratch, tmpfs):
     work = tmpfs("work", "size=2m")
     rig = IntakeRig(scratch, f"folders: {{work: {work}}}\n")
     write_speech_wav(rig.inbox / "big.wav", 100.0)  # 3.2 MB: more than work/ holds
@@ -146,6 +146,8 @@ def test_a_job_bigger_than_the_free_space_on_work_waits_whole_in_the_inbox(scrat
     assert list(work.iterdir()) == []
     warnings = [r for r in rig.log_lines("warning") if r.get("group") == "f:big"]
     assert len(warnings) == 1 and warnings[0]["kind"] == "outage" and "GB free" in warnings[0]["reason"]
+    [(key, text)] = rig.alerts  # an outage: the operator hears of it once, nothing is failed
+    assert key == "intake-disk-full" and "work/ has" in text
 
 
 def test_a_claim_that_runs_out_of_room_halfway_puts_the_pair_back_together(scratch, tmpfs, voice):

@@ -55,7 +55,8 @@ def group_key(snap: Snapshot) -> str:
 class Intake:
     def __init__(self, cfg: Config, store_claimer: Claimer, inspector: Inspector, engines: set[str],
                  needs_face: Callable[[str], bool], on_queued: Callable[[], None],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_alert: Callable[[str, str], None] | None = None) -> None:
         self.cfg = cfg
         self.inbox = cfg.folder("inbox")
         self.claimer = store_claimer
@@ -63,6 +64,8 @@ class Intake:
         self.engines = engines
         self.needs_face = needs_face
         self.on_queued = on_queued
+        self.on_alert = on_alert
+        """Tells the operator (dedupe key, text): a full disk holding claims is an outage, not a failure."""
         self.clock = clock
         self.names = NameFilter(cfg.watcher)
         self.tracker = StabilityTracker(cfg.watcher.settle_seconds)
@@ -125,12 +128,13 @@ class Intake:
             self.wake.wait(timeout)
             self.wake.clear()
 
-    def _warn_once(self, what: str, now: float, message: str, **fields: object) -> None:
-        """Log a warning about `what`, then stay quiet about it for WARN_EVERY seconds."""
+    def _warn_once(self, what: str, now: float, message: str, **fields: object) -> bool:
+        """Log a warning about `what`, then stay quiet about it for WARN_EVERY seconds; True if logged."""
         if now < self._warned.get(what, -WARN_EVERY) + WARN_EVERY:
-            return
+            return False
         self._warned[what] = now
         log.warning(message, **fields)
+        return True
 
     def step(self) -> float:
         """Process everything pending; return how long the loop may sleep."""
@@ -244,9 +248,10 @@ class Intake:
         tries = self._blocked.get(key, 0) + 1
         self._blocked[key] = tries
         delay = min(BLOCKED_MAX_WAIT, RETRY_AFTER_ERROR * 2 ** (tries - 1))
-        self._warn_once(f"move:{key}:{failure.reason}", now, "inbox entry waits: it cannot be moved now",
-                        group=key, kind=failure.kind.value, reason=failure.reason, hint=failure.hint,
-                        retry_seconds=delay)
+        if self._warn_once(f"move:{key}:{failure.reason}", now, "inbox entry waits: it cannot be moved now",
+                           group=key, kind=failure.kind.value, reason=failure.reason, hint=failure.hint,
+                           retry_seconds=delay) and failure.kind is Kind.OUTAGE and self.on_alert is not None:
+            self.on_alert("intake-disk-full", f"New jobs wait in the inbox: {failure.reason}. {failure.hint}")
         self._schedule(now + delay, key)
 
     def _pair(self, snaps: list[Snapshot], timed_out: bool) -> Outcome:
