@@ -200,3 +200,18 @@ def test_undoing_a_cut_short_refusal_removes_our_temp_from_the_folder_going_back
     finally:
         rig.close()
     assert sorted(p.name for p in (rig.inbox / "refused").iterdir()) == ["refused.jpg", "refused.wav"]
+
+
+def test_any_thread_that_dies_says_so_in_heygem_log(scratch):
+    rig = IntakeRig(scratch)  # sets up logging like the daemon
+
+    def doomed() -> None:
+        raise RuntimeError("nobody catches this")
+
+    thread = threading.Thread(target=doomed, name="doomed")
+    thread.start()
+    thread.join()
+    rig.close()
+    [line] = rig.log_lines("error")
+    assert line["event"] == "a thread died" and line["thread"] == "doomed"
+    assert "nobody catches this" in line["exception"]
