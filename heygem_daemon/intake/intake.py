@@ -132,6 +132,7 @@ class Intake:
         """Log a warning about `what`, then stay quiet about it for WARN_EVERY seconds; True if logged."""
         if now < self._warned.get(what, -WARN_EVERY) + WARN_EVERY:
             return False
+        self._warned = {w: t for w, t in self._warned.items() if now < t + WARN_EVERY}
         self._warned[what] = now
         log.warning(message, **fields)
         return True
@@ -188,6 +189,7 @@ class Intake:
                     self._schedule(now, key)
                 else:
                     self._members.pop(key, None)
+                    self._blocked.pop(key, None)
             return
         key = group_key(snap)
         self._key_of[name] = key
