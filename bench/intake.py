@@ -82,7 +82,7 @@ def latency_run(mode: str, pairs: int, work: Path, interval: float) -> list[floa
 
 
 def storm(pairs: int, work: Path, name: str = "storm", rescan_seconds: float = 30,
-          paused: bool = False) -> dict[str, float]:
+          paused: bool = False, drain_timeout: float = 3600) -> dict[str, float]:
     harness = DaemonHarness(work / name, {"watcher": {"settle_seconds": 1.0, "rescan_seconds": rescan_seconds},
                                           "logging": {"level": "info"}})
     src = work / f"src-{name}"
@@ -117,12 +117,14 @@ def storm(pairs: int, work: Path, name: str = "storm", rescan_seconds: float = 3
     def drained() -> bool:
         return not os.listdir(harness.inbox) and len(harness.store().jobs.select(limit=pairs * 2)) >= pairs
 
-    harness.wait_for(drained, 3600, f"the {name} to drain")
-    drain = time.monotonic() - t0
-    done.set()
-    jobs = harness.store().jobs.select(limit=pairs * 2)
-    overflows = harness.log_text().count("inotify queue overflow")
-    harness.stop()
+    try:
+        harness.wait_for(drained, drain_timeout, f"the {name} to drain")
+        drain = time.monotonic() - t0
+        jobs = harness.store().jobs.select(limit=pairs * 2)
+        overflows = harness.log_text().count("inotify queue overflow")
+    finally:
+        done.set()
+        harness.stop()
     names = [j.name for j in jobs]
     claimed = {j.spec["sources"][0].rsplit(".", 1)[0] for j in jobs if j.state != "failed"}
     return {"pairs": pairs, "jobs": len(jobs), "distinct_names": len(set(names)),
@@ -141,6 +143,7 @@ def main() -> None:
     ap.add_argument("--storm-pairs", type=int, default=2500)
     ap.add_argument("--burst-pairs", type=int, default=25000, help="0 skips the burst")
     ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument("--drain-timeout", type=float, default=3600)
     ap.add_argument("--interval", type=float, default=0.5,
                     help="seconds between pairs in the latency runs (below the engine's pace, so this measures "
                          "intake, not a saturated CPU)")
@@ -158,7 +161,8 @@ def main() -> None:
         if args.storm_pairs:
             report("storm", storm(args.storm_pairs, work))
         if args.burst_pairs:
-            report("burst", storm(args.burst_pairs, work, "burst", rescan_seconds=3600, paused=True))
+            report("burst", storm(args.burst_pairs, work, "burst", rescan_seconds=3600, paused=True,
+                                  drain_timeout=args.drain_timeout))
 
 
 def report(name: str, s: dict[str, float]) -> None:
