@@ -52,6 +52,22 @@ def tmpfs(scratch):
         subprocess.run(["umount", "-l", str(point)], check=False)
 
 
+def waits_whole(rig: IntakeRig, work: Path, stem: str) -> dict:
+    """Run intake for a minute; the loose pair `stem` must still be whole in the inbox, nothing claimed or
+    left on work/, and one outage warning said why. Returns that warning."""
+    try:
+        rig.settle()
+        rig.settle(60)
+    finally:
+        rig.close()
+    assert rig.jobs() == []
+    assert sorted(p.name for p in rig.inbox.iterdir()) == [f"{stem}.jpg", f"{stem}.wav"]
+    assert list(work.iterdir()) == []
+    [warning] = [r for r in rig.log_lines("warning") if r.get("group") == f"f:{stem}"]
+    assert warning["kind"] == "outage"
+    return warning
+
+
 def test_an_unreadable_inbox_folder_is_skipped_with_one_warning_and_the_others_are_served(scratch, voice):
     daemon = system_user(DAEMON_USER)
     rig = IntakeRig(scratch)
@@ -136,16 +152,8 @@ def test_a_job_bigger_than_the_free_space_on_work_waits_whole_in_the_inbox_and_t
     rig = IntakeRig(scratch, f"folders: {{work: {work}}}\n")
     write_speech_wav(rig.inbox / "big.wav", 100.0)  # 3.2 MB: more than work/ holds
     shutil.copy(PORTRAIT_JPG, rig.inbox / "big.jpg")
-    try:
-        rig.settle()
-        rig.settle(60)
-    finally:
-        rig.close()
-    assert rig.jobs() == []
-    assert sorted(p.name for p in rig.inbox.iterdir()) == ["big.jpg", "big.wav"]
-    assert list(work.iterdir()) == []
-    warnings = [r for r in rig.log_lines("warning") if r.get("group") == "f:big"]
-    assert len(warnings) == 1 and warnings[0]["kind"] == "outage" and "GB free" in warnings[0]["reason"]
+    warning = waits_whole(rig, work, "big")
+    assert "GB free" in warning["reason"]
     [(key, text)] = rig.alerts  # an outage: the operator hears of it once, nothing is failed
     assert key == "intake-disk-full" and "work/ has" in text
 
@@ -154,16 +162,8 @@ def test_a_claim_that_runs_out_of_room_halfway_puts_the_pair_back_together(scrat
     work = tmpfs("work", "size=10m,nr_inodes=4")  # room for bytes, not for the second file of the pair
     rig = IntakeRig(scratch, f"folders: {{work: {work}}}\n")
     drop_pair(rig.inbox, "half", voice)
-    try:
-        rig.settle()
-        rig.settle(60)
-    finally:
-        rig.close()
-    assert rig.jobs() == []
-    assert sorted(p.name for p in rig.inbox.iterdir()) == ["half.jpg", "half.wav"]
-    assert list(work.iterdir()) == []
-    warnings = [r for r in rig.log_lines("warning") if r.get("group") == "f:half"]
-    assert len(warnings) == 1 and warnings[0]["kind"] == "outage"
+    warning = waits_whole(rig, work, "half")
+    assert "No space left" in warning["reason"]
 
 
 def test_a_move_that_fills_the_disk_leaves_no_temp_and_the_source_intact(scratch, tmpfs):
