@@ -10,7 +10,6 @@ Usage: .venv/bin/python bench/outputs.py [--earlier 20000] [--videos 100]
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import threading
 import time

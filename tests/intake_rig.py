@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import shutil
 import subprocess
 import tempfile
 import time
@@ -126,10 +125,3 @@ def world_dir() -> Path:
     path = Path(tempfile.mkdtemp(prefix="heygem-fsx-", dir="/tmp"))
     path.chmod(0o777)
     return path
-
-
-@pytest.fixture
-def scratch() -> Iterator[Path]:
-    path = world_dir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)

@@ -14,7 +14,7 @@ import pytest
 
 from heygem_daemon.fs.ops import move
 from heygem_daemon.intake.claim import recover_detected
-from intake_rig import DAEMON_USER, OTHER_USER, IntakeRig, acting_as, chown_tree, scratch, system_user  # noqa: F401
+from intake_rig import DAEMON_USER, OTHER_USER, IntakeRig, acting_as, chown_tree, system_user
 from media_factory import PORTRAIT_JPG, write_speech_wav
 
 
