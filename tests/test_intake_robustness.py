@@ -215,3 +215,22 @@ def test_any_thread_that_dies_says_so_in_heygem_log(scratch):
     [line] = rig.log_lines("error")
     assert line["event"] == "a thread died" and line["thread"] == "doomed"
     assert "nobody catches this" in line["exception"]
+
+
+def test_another_users_loose_pair_in_a_sticky_inbox_waits_and_names_the_owner(scratch, voice):
+    daemon, other = system_user(DAEMON_USER), system_user(OTHER_USER)
+    rig = IntakeRig(scratch)
+    chown_tree(scratch, daemon)
+    os.chown(rig.inbox, 0, 0)
+    rig.inbox.chmod(0o1777)  # like /tmp, owned by root: anyone may drop, only a file's owner may rename it
+    with acting_as(other):
+        drop_pair(rig.inbox, "st", voice)
+    try:
+        with acting_as(daemon):
+            for _ in range(3):
+                rig.settle(5)
+    finally:
+        rig.close()
+    assert rig.jobs() == [] and list(rig.cfg.folder("work").iterdir()) == []
+    [warning] = [r for r in rig.log_lines("warning") if r.get("group") == "f:st"]
+    assert "sticky" in warning["reason"] and OTHER_USER in warning["reason"] and DAEMON_USER in warning["reason"]

@@ -19,7 +19,10 @@ def sha256_file(path: Path) -> str:
 
 
 def file_owner(path: Path) -> str:
-    uid = os.lstat(path).st_uid
+    return user_name(os.lstat(path).st_uid)
+
+
+def user_name(uid: int) -> str:
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:

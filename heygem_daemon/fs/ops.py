@@ -12,6 +12,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from heygem_daemon.fs.files import user_name
+
 OWN_TEMP = re.compile(r"^\..+\.[0-9a-f]{8}\.(tmp|moving)$")
 """The hidden names this module writes through (`.<name>.<8 hex>.tmp|.moving`): never an input, and
 safe to delete once no process holds them open."""
@@ -89,14 +91,14 @@ def move_blocker(path: Path) -> str | None:
     changing parents (or copied across filesystems, then deleted) needs write access to itself."""
     parent = path.parent
     st, pst = os.lstat(path), os.stat(parent)
-    euid = os.geteuid()
+    me, owner = user_name(os.geteuid()), user_name(st.st_uid)
     if not os.access(parent, os.W_OK | os.X_OK, effective_ids=True):
-        return f"the daemon (uid {euid}) cannot write to {parent.name}/, so it cannot move {path.name} out"
-    if pst.st_mode & stat.S_ISVTX and euid not in (0, st.st_uid, pst.st_uid):
-        return f"{parent.name}/ is sticky (mode +t) and {path.name} belongs to uid {st.st_uid}, not the daemon"
+        return f"the daemon's user {me} cannot write to {parent.name}/, so it cannot move {path.name} out"
+    if pst.st_mode & stat.S_ISVTX and os.geteuid() not in (0, st.st_uid, pst.st_uid):
+        return f"{parent.name}/ is sticky (mode +t) and {path.name} belongs to {owner}, not to the daemon's user {me}"
     if stat.S_ISDIR(st.st_mode) and not os.access(path, os.W_OK | os.X_OK, effective_ids=True):
-        return f"the folder {path.name} (owner uid {st.st_uid}, mode {stat.filemode(st.st_mode)}) is not writable " \
-               f"by the daemon (uid {euid}), so it cannot be moved"
+        return (f"the folder {path.name} (owner {owner}, mode {stat.filemode(st.st_mode)}) is not writable by "
+                f"the daemon's user {me}, so it cannot be moved")
     return None
 
 
