@@ -7,6 +7,7 @@ import logging.handlers
 import os
 import re
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,13 @@ def setup_logging(logs_dir: Path | None, level: str = "info", console: bool = Tr
         ch.setFormatter(_formatter(shared, structlog.dev.ConsoleRenderer(colors=False), journal))
         root.addHandler(ch)
     set_level(level)
+    threading.excepthook = _log_thread_death
+
+
+def _log_thread_death(args: threading.ExceptHookArgs) -> None:
+    """A thread that dies must say so in heygem.log, not only on stderr (which systemd may not keep)."""
+    get_logger("heygem").error("a thread died", thread=args.thread.name if args.thread else None,
+                               exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
 def set_level(level: str) -> None:

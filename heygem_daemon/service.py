@@ -21,6 +21,7 @@ from heygem_daemon.notify.announce import Announcer
 from heygem_daemon.notify.outbox import Notifier, Outbox
 from heygem_daemon.delivery.service import DeliveryService
 from heygem_daemon.ops.diskguard import DiskGuard
+from heygem_daemon.ops.orphans import rescue_unknown_inputs
 from heygem_daemon.engines.registry import available, check_engines, needs_face
 from heygem_daemon.intake.claim import Claimer, recover_detected
 from heygem_daemon.intake.inspect import Inspector
@@ -83,7 +84,8 @@ class Daemon:
         self.announcer = Announcer(self.outbox, store_for(cfg))
         self.outages = OutageWatch(cfg, store_for(cfg), self.outbox.enqueue_alert)
         self.intake = Intake(cfg, Claimer(cfg, self.life), self.inspector,
-                             set(available()), lambda name: needs_face(name, cfg.engines.get(name)), self.pool.notify)
+                             set(available()), lambda name: needs_face(name, cfg.engines.get(name)), self.pool.notify,
+                             on_alert=self.outbox.enqueue_alert)
         self.inbox = IntakeService(cfg, self.intake)
         self.delivery = DeliveryService(cfg, store_for(cfg), self.announcer.reported, self.outbox.enqueue_alert)
         self._subscribe()
@@ -112,6 +114,7 @@ class Daemon:
     def run(self) -> int:
         recover_detected(self.cfg, self.store)
         self.life.recover()
+        rescue_unknown_inputs(self.cfg, self.store)
         self.disk.check()
         self._apply_hold()
         self.start_components()

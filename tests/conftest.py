@@ -45,3 +45,14 @@ def nanio_server(tmp_path_factory):
     server = NanioServer(tmp_path_factory.mktemp("nanio") / "nanio.log").start()
     yield server
     server.stop()
+@pytest.fixture
+def scratch():
+    """A scratch folder every user can reach (pytest's own tmp folders are private to root), for tests
+    that act as an unprivileged user."""
+    import shutil
+
+    from intake_rig import world_dir
+
+    path = world_dir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

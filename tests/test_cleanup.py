@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -82,7 +84,7 @@ def test_temp_sweep_never_follows_a_symlink(cfg, store, tmp_path):
     assert s.removed == [] and outside.exists() and link.is_symlink()
 
 
-def test_work_sweep_removes_folders_of_finished_and_unknown_jobs_only(cfg, store):
+def test_work_sweep_removes_folders_of_finished_and_unknown_jobs_only_and_never_unknown_inputs(cfg, store):
     work = cfg.folder("work")
     done = store.jobs.create("done", {})
     store.jobs.set_state(done.id, "done")
@@ -91,7 +93,7 @@ def test_work_sweep_removes_folders_of_finished_and_unknown_jobs_only(cfg, store
     running = queued_job(store, "running", cfg.folder("outputs") / "running" / "running.mp4")
     write(work / done.id / "in" / "a.wav", 300)
     write(work / failed.id / "in" / "a.wav", 200)
-    write(work / "0123456789ab" / "in" / "a.wav", 100)  # no row: left by a crash
+    write(work / "0123456789ab" / "in" / "a.wav", 100)  # no row: the database lost it
     write(work / running / "in" / "a.wav")
     retried = store.jobs.create("retried-just-now", {})
     store.jobs.set_state(retried.id, "failed")
@@ -103,8 +105,9 @@ def test_work_sweep_removes_folders_of_finished_and_unknown_jobs_only(cfg, store
     sweep_work(s)
 
     assert sorted(Path(p).name for p in s.removed) == sorted([done.id, failed.id, "0123456789ab"])
-    assert s.freed == 600
+    assert s.freed == 500
     assert (work / running).is_dir() and fresh.is_dir()
+    assert (cfg.folder("inbox") / "recovered-0123456789ab" / "a.wav").stat().st_size == 100
 
 
 def test_archive_sweep_removes_day_folders_older_than_the_retention(cfg, store):
@@ -283,3 +286,21 @@ def test_upload_parts_of_a_delivered_file_go_after_a_day_while_the_job_stays(cfg
     s = sweep(cfg, store)
     sweep_rows(s)
     assert s.removed == ["1 upload part rows"] and count(store, "deliveries") == 1
+def test_temp_sweep_removes_our_own_cut_short_temps_after_minutes_unless_a_process_holds_them_open(cfg, store):
+    outputs = cfg.folder("outputs")
+    zip_tmp = write(outputs / "alice" / ".alice.zip.0123abcd.tmp", 300, age_from_later=20 * 60)
+    moving = write(cfg.folder("work") / "0123456789ab" / "in" / ".alice.wav.89abcdef.moving", 50,
+                   age_from_later=20 * 60)
+    fresh = write(outputs / "carol" / ".links.json.0123abcd.tmp", age_from_later=60)
+    held = write(outputs / "bob" / ".links.json.0123abcd.tmp", age_from_later=20 * 60)
+    writer = subprocess.Popen([sys.executable, "-c", "import sys; f = open(sys.argv[1], 'ab'); print(1, flush=True); "
+                               "sys.stdin.read()", str(held)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        writer.stdout.readline()  # the other process holds it open now
+        s = sweep(cfg, store)
+        sweep_temp(s)
+    finally:
+        writer.kill()
+        writer.wait()
+    assert sorted(s.removed) == sorted([str(zip_tmp), str(moving)])
+    assert fresh.exists() and held.exists()

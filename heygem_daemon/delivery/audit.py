@@ -1,13 +1,15 @@
 """logs/audit.log: one JSON line per delivered file and per zip — who dropped it, when, what went where.
 
 Links are written without their query string: the signature and credential scope never reach the log.
+Each line is appended with O_APPEND and fsynced before record() returns, so a line once acknowledged
+survives a kill (or a power cut); opening by path each time follows logrotate moving the file away.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import logging.handlers
+import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,15 +23,19 @@ def strip_query(url: str | None) -> str | None:
 
 class AuditLog:
     def __init__(self, logs_dir: Path) -> None:
-        self._logger = logging.getLogger("heygem.audit")
-        self._logger.propagate = False
-        self._logger.setLevel(logging.INFO)
-        target = str(logs_dir / AUDIT_FILE)
-        if not any(getattr(h, "baseFilename", None) == target for h in self._logger.handlers):
-            # WatchedFileHandler reopens the file after logrotate moves it away.
-            handler = logging.handlers.WatchedFileHandler(target, encoding="utf-8")
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            self._logger.addHandler(handler)
+        self.path = logs_dir / AUDIT_FILE
+        self._lock = threading.Lock()
+
+    def _append(self, line: str) -> None:
+        data = (line + "\n").encode("utf-8")
+        with self._lock:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            try:
+                while data:
+                    data = data[os.write(fd, data):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def record(self, event: str, *, job: str, job_id: str | None, owner: str | None, dropped_at: float | None,
                files: int, total_bytes: int, keys: list[str], links: list[str | None]) -> None:
@@ -39,4 +45,4 @@ class AuditLog:
             "dropped_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(dropped_at)) if dropped_at else None,
             "files": files, "bytes": total_bytes, "keys": keys, "links": [strip_query(u) for u in links],
         }
-        self._logger.info(json.dumps(line, ensure_ascii=False))
+        self._append(json.dumps(line, ensure_ascii=False))

@@ -2,6 +2,11 @@
 
 Whatever wrote the file (our engine, or another tool pointed at the folder), a video is taken only once
 its size and mtime stopped changing for watcher.settle_seconds; partial and hidden names never count.
+
+outputs/ keeps growing (thousands of earlier videos), so work follows changes, not the tree: a file event
+marks that file, a new or moved-in folder has only its own subtree walked, and the periodic rescan (the
+net for missed events) looks only at entries whose ctime moved since the previous walk. A full walk
+happens at start and when asked (touch(None): the kernel dropped events, the folder came back).
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +25,10 @@ from heygem_daemon.media.kinds import VIDEO_EXTS
 
 
 class OutputsWatcher:
+    rescan_slack_ns = 1_000_000_000
+    """The periodic rescan also looks at entries changed this long before the previous walk began: coarse
+    timestamps (1 s on some network filesystems) and a write landing while that walk ran."""
+
     def __init__(self, root: Path, settings: Watcher) -> None:
         self.root = root
         self.names = NameFilter(settings)
@@ -26,14 +36,19 @@ class OutputsWatcher:
         self.rescan_seconds = settings.rescan_seconds
         self._lock = threading.Lock()
         self._dirty: set[str] = set()
-        self._rescan = True
+        self._dirty_dirs: set[str] = set()
+        self._full = True
         self._next_rescan = 0.0
+        self._walked_since_ns = 0
+        """ctime (wall clock) from which the next periodic rescan must look: the previous walk's start."""
 
     def touch(self, path: str | None) -> None:
-        """Called from watchdog's thread: a path changed (None or a folder: look at everything again)."""
+        """Called from watchdog's thread: a path changed (a folder: walk it; None: walk everything)."""
         with self._lock:
-            if path is None or os.path.isdir(path):
-                self._rescan = True
+            if path is None:
+                self._full = True
+            elif os.path.isdir(path):
+                self._dirty_dirs.add(path)
             else:
                 rel = os.path.relpath(path, self.root)
                 if not rel.startswith(".."):
@@ -45,7 +60,7 @@ class OutputsWatcher:
             self.names = NameFilter(settings)
             self.tracker.settle = settings.settle_seconds
             self.rescan_seconds = settings.rescan_seconds
-            self._rescan = True
+            self._full = True  # new name patterns may let files through that were ignored
 
     def candidate(self, rel: str) -> bool:
         parts = rel.split(os.sep)
@@ -53,11 +68,26 @@ class OutputsWatcher:
             return False
         return os.path.splitext(parts[-1])[1].lower() in VIDEO_EXTS
 
-    def _walk(self) -> set[str]:
+    def _walk(self, top: str, since_ns: int = 0) -> set[str]:
+        """Files under `top` (relative to the root) whose ctime is at least since_ns; ctime moves on
+        every write, rename and chmod, so a file untouched since the last walk is skipped unread."""
         found: set[str] = set()
-        for folder, dirs, files in os.walk(self.root):
-            dirs[:] = [d for d in dirs if not self.names.ignored(d)]
-            found.update(os.path.relpath(os.path.join(folder, f), self.root) for f in files)
+        stack = [top]
+        while stack:
+            try:
+                it = os.scandir(stack.pop())
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
+            with it:
+                for entry in it:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            if not self.names.ignored(entry.name):
+                                stack.append(entry.path)
+                        elif not since_ns or entry.stat(follow_symlinks=False).st_ctime_ns >= since_ns:
+                            found.add(os.path.relpath(entry.path, self.root))
+                    except OSError:
+                        continue
         return found
 
     def _snapshot(self, rel: str) -> Snapshot | None:
@@ -73,10 +103,14 @@ class OutputsWatcher:
         """Observe what changed; return (relative path, size) of videos settled and not `known` yet."""
         with self._lock:
             dirty, self._dirty = self._dirty, set()
-            rescan = self._rescan or now >= self._next_rescan
-            self._rescan = False
-        if rescan:
-            dirty |= self._walk()
+            dirs, self._dirty_dirs = self._dirty_dirs, set()
+            full, self._full = self._full, False
+        for folder in dirs:
+            dirty |= self._walk(folder)
+        if full or now >= self._next_rescan:
+            started = time.time_ns()
+            dirty |= self._walk(str(self.root), 0 if full else self._walked_since_ns - self.rescan_slack_ns)
+            self._walked_since_ns = started
             self._next_rescan = now + self.rescan_seconds
         for rel in dirty | set(self.tracker.entries):
             snap = self._snapshot(rel) if self.candidate(rel) and not known(rel) else None

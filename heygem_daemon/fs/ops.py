@@ -5,20 +5,40 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import stat
 import uuid
 from pathlib import Path
 from typing import Any
 
+from heygem_daemon.fs.files import user_name
+
+OWN_TEMP = re.compile(r"^\..+\.[0-9a-f]{8}\.(tmp|moving)$")
+"""The hidden names this module writes through (`.<name>.<8 hex>.tmp|.moving`): never an input, and
+safe to delete once no process holds them open."""
+
+
+def temp_name(path: Path, suffix: str = "tmp") -> Path:
+    """A hidden sibling of `path` that OWN_TEMP recognises (zips, links, error.json and moves use it)."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.{suffix}")
+
+
+def is_own_temp(name: str) -> bool:
+    return OWN_TEMP.match(name) is not None
+
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
@@ -43,16 +63,43 @@ def move(src: Path, dst: Path) -> None:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.moving")
-    st = os.lstat(src)
-    if stat.S_ISDIR(st.st_mode):
-        shutil.copytree(src, tmp, symlinks=True, copy_function=_copy_entry)
+    tmp = temp_name(dst, "moving")
+    is_dir = stat.S_ISDIR(os.lstat(src).st_mode)
+    try:
+        if is_dir:
+            shutil.copytree(src, tmp, symlinks=True, copy_function=_copy_entry)
+        else:
+            _copy_entry(str(src), str(tmp))
         os.rename(tmp, dst)
+    except BaseException:
+        # A full disk (ENOSPC) or a kill mid-copy: the source is intact, so the half copy is only waste.
+        remove_tree(tmp)
+        raise
+    if is_dir:
         shutil.rmtree(src)
-        return
-    _copy_entry(str(src), str(tmp))
-    os.rename(tmp, dst)
-    os.unlink(src)
+    else:
+        os.unlink(src)
+
+
+def same_filesystem(a: Path, b: Path) -> bool:
+    return os.stat(a).st_dev == os.stat(b).st_dev
+
+
+def move_blocker(path: Path) -> str | None:
+    """Why this process cannot move `path` out of its folder (None when it can): renaming needs write
+    access to the folder it leaves, a sticky folder (mode +t) only lets owners rename, and a folder
+    changing parents (or copied across filesystems, then deleted) needs write access to itself."""
+    parent = path.parent
+    st, pst = os.lstat(path), os.stat(parent)
+    me, owner = user_name(os.geteuid()), user_name(st.st_uid)
+    if not os.access(parent, os.W_OK | os.X_OK, effective_ids=True):
+        return f"the daemon's user {me} cannot write to {parent.name}/, so it cannot move {path.name} out"
+    if pst.st_mode & stat.S_ISVTX and os.geteuid() not in (0, st.st_uid, pst.st_uid):
+        return f"{parent.name}/ is sticky (mode +t) and {path.name} belongs to {owner}, not to the daemon's user {me}"
+    if stat.S_ISDIR(st.st_mode) and not os.access(path, os.W_OK | os.X_OK, effective_ids=True):
+        return (f"the folder {path.name} (owner {owner}, mode {stat.filemode(st.st_mode)}) is not writable by "
+                f"the daemon's user {me}, so it cannot be moved")
+    return None
 
 
 def _copy_entry(src: str, dst: str) -> str:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from heygem_daemon.config import Watcher
+from heygem_daemon.fs.ops import is_own_temp
 from heygem_daemon.intake.pairing import READY_MARKER, FileInfo
 
 Signature = tuple[tuple[str, int, int, int], ...]
@@ -54,7 +55,8 @@ class Snapshot:
 
 
 def snapshot(inbox: Path, name: str, names: NameFilter) -> Snapshot | None:
-    """Stat one top-level entry; None when it is gone or ignored."""
+    """Stat one top-level entry; None when it is gone or ignored. Raises OSError (PermissionError) when
+    the entry cannot be read: the caller decides how to say so."""
     if names.ignored(name) or name == READY_MARKER:
         return None
     try:
@@ -71,6 +73,8 @@ def snapshot(inbox: Path, name: str, names: NameFilter) -> Snapshot | None:
                 if entry.name == READY_MARKER:
                     ready = True
                     continue
+                if is_own_temp(entry.name):
+                    continue  # our own write cut short by a kill (e.g. error.json's temp): nobody is writing
                 if names.partial_write(entry.name):
                     partial = True
                 if names.ignored(entry.name):

@@ -1,15 +1,24 @@
-"""Inbox watching with watchdog: inotify on local disks, polling on network mounts (no events cross NFS/SMB)."""
+"""Folder watching with watchdog: inotify on local disks, polling on network mounts (no events cross NFS/SMB).
+
+Events only say where to look; two cases need more than that and are handled here:
+- the kernel's event queue overflowed (events were dropped): the consumer is asked for a full rescan;
+- the watched folder itself was deleted (its watch dies with it): once it exists again it is watched again.
+"""
 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Callable, Literal
 
 import psutil
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
+from watchdog.events import (
+    DirDeletedEvent, DirModifiedEvent, FileClosedNoWriteEvent, FileOpenedEvent, FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers.api import BaseObserver
+from watchdog.observers.inotify import InotifyEmitter, InotifyObserver
 from watchdog.observers.polling import PollingObserver
 
 from heygem_daemon.log import get_logger
@@ -25,6 +34,8 @@ except ImportError:  # not Linux, or a watchdog without the grouper: nothing to 
     pass
 
 log = get_logger("heygem.watcher")
+REARM_POLL = 0.5
+"""How often a deleted watched folder is looked for (seconds)."""
 NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "afs", "sshfs", "davfs")
 
 
@@ -48,23 +59,73 @@ def choose_mode(mode: Literal["auto", "inotify", "polling"], fstype: str) -> Lit
     return "inotify"
 
 
+class QueueOverflowEvent(DirModifiedEvent):
+    """The kernel's inotify queue overflowed (fs.inotify.max_queued_events): events were lost."""
+
+
+class _OverflowReportingEmitter(InotifyEmitter):
+    def on_thread_start(self) -> None:
+        super().on_thread_start()
+        group = self._inotify
+        assert group is not None
+        rebuild = group.on_queue_overflow
+
+        def overflowed() -> None:
+            rebuild()  # watchdog re-adds the recursive watches; what the lost events said is ours to recover
+            self.queue_event(QueueOverflowEvent(self.watch.path))
+
+        group.on_queue_overflow = overflowed  # type: ignore[method-assign]
+
+
+class _InotifyObserver(InotifyObserver):
+    def __init__(self) -> None:
+        super().__init__()
+        self._emitter_class = _OverflowReportingEmitter
+
+
 class _Forward(FileSystemEventHandler):
-    def __init__(self, touch: Callable[[str | None], None]) -> None:
+    def __init__(self, root: Path, touch: Callable[[str | None], None], observer: BaseObserver, what: str) -> None:
+        self.root = os.path.abspath(root)
         self.touch = touch
+        self.observer = observer
+        self.what = what
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if isinstance(event, QueueOverflowEvent):
+            log.warning(f"{self.what}: the kernel dropped file events (inotify queue overflow); rescanning",
+                        folder=self.root, hint="raise fs.inotify.max_queued_events if this happens often")
+            self.touch(None)
+            return
+        if isinstance(event, DirDeletedEvent) and os.path.abspath(os.fsdecode(event.src_path)) == self.root:
+            threading.Thread(target=self._rearm, name=f"rearm {self.what}", daemon=True).start()
+            return
+        # A folder's "modified" only repeats what its member's own event says; opening or reading changes
+        # nothing. Skipping them keeps the work per change small (outputs/ may hold many thousand files).
+        if type(event) in (DirModifiedEvent, FileOpenedEvent, FileClosedNoWriteEvent):
+            return
         # Moved-in files give no close event: the destination path is what matters.
         for path in (event.src_path, getattr(event, "dest_path", "")):
             if path:
                 self.touch(os.fsdecode(path))
+
+    def _rearm(self) -> None:
+        """The watched folder was deleted and its watch with it: watch it again once it is back."""
+        log.warning(f"{self.what} folder deleted; it is watched again as soon as it is re-created", folder=self.root)
+        while not self.observer.stopped_event.wait(REARM_POLL):
+            if os.path.isdir(self.root):
+                self.observer.unschedule_all()
+                self.observer.schedule(self, self.root, recursive=True)
+                log.info(f"{self.what} folder is back; watching it again", folder=self.root)
+                self.touch(None)
+                return
 
 
 def start_watcher(inbox: Path, mode: Literal["auto", "inotify", "polling"], poll_interval: float,
                   touch: Callable[[str | None], None], what: str = "inbox") -> tuple[BaseObserver, str]:
     fstype = filesystem_type(inbox)
     chosen = choose_mode(mode, fstype)
-    observer: BaseObserver = PollingObserver(timeout=poll_interval) if chosen == "polling" else Observer()
-    observer.schedule(_Forward(touch), str(inbox), recursive=True)
+    observer: BaseObserver = PollingObserver(timeout=poll_interval) if chosen == "polling" else _InotifyObserver()
+    observer.schedule(_Forward(inbox, touch, observer, what), str(inbox), recursive=True)
     observer.daemon = True
     observer.start()
     log.info(f"watching {what}", folder=str(inbox), mode=chosen, fstype=fstype)

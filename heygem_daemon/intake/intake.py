@@ -15,10 +15,12 @@ from pathlib import PurePosixPath
 from typing import Callable
 
 from heygem_daemon.config import Config
-from heygem_daemon.intake.claim import Claimer
+from heygem_daemon.failures import Kind, Problem
+from heygem_daemon.fs.ops import move_blocker
+from heygem_daemon.intake.claim import ClaimBlocked, Claimer
 from heygem_daemon.intake.inspect import Inspection, Inspector
 from heygem_daemon.intake.pairing import (
-    MANIFEST_NAMES, MAX_MANIFEST_BYTES, FileInfo, Outcome, Plan, Problem, Rejection, Wait, entry_problem, plan_folder,
+    MANIFEST_NAMES, MAX_MANIFEST_BYTES, FileInfo, Outcome, Plan, Rejection, Wait, entry_problem, plan_folder,
     plan_loose,
 )
 from heygem_daemon.fs.stability import NameFilter, Snapshot, StabilityTracker, snapshot
@@ -28,6 +30,9 @@ from heygem_daemon.media.faces import FaceRule
 log = get_logger("heygem.intake")
 RETRY_AFTER_ERROR = 5.0
 HOLD_RECHECK = 1.0
+BLOCKED_MAX_WAIT = 300.0
+WARN_EVERY = 600.0
+"""The same warning about the same entry (unreadable, cannot be moved) is repeated at most this often."""
 
 
 @dataclass
@@ -50,7 +55,8 @@ def group_key(snap: Snapshot) -> str:
 class Intake:
     def __init__(self, cfg: Config, store_claimer: Claimer, inspector: Inspector, engines: set[str],
                  needs_face: Callable[[str], FaceRule], on_queued: Callable[[], None],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_alert: Callable[[str, str], None] | None = None) -> None:
         self.cfg = cfg
         self.inbox = cfg.folder("inbox")
         self.claimer = store_claimer
@@ -58,6 +64,8 @@ class Intake:
         self.engines = engines
         self.needs_face = needs_face
         self.on_queued = on_queued
+        self.on_alert = on_alert
+        """Tells the operator (dedupe key, text): a full disk holding claims is an outage, not a failure."""
         self.clock = clock
         self.names = NameFilter(cfg.watcher)
         self.tracker = StabilityTracker(cfg.watcher.settle_seconds)
@@ -73,6 +81,9 @@ class Intake:
         self._key_of: dict[str, str] = {}
         self._probing: dict[str, Probing] = {}
         self._new_cfg: Config | None = None
+        self._blocked: dict[str, int] = {}
+        """Groups whose files cannot be moved now, with how many tries failed (for the backoff)."""
+        self._warned: dict[str, float] = {}
 
     def set_config(self, cfg: Config) -> None:
         """Live config (SIGHUP): settle time, timeouts, limits, name patterns; called from the main thread,
@@ -108,9 +119,23 @@ class Intake:
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
-            timeout = self.step()
+            try:
+                timeout = self.step()
+            except Exception:
+                # The thread must outlive any one bad step: a silent dead intake claims nothing, ever.
+                log.exception("intake step failed; carrying on", retry_seconds=RETRY_AFTER_ERROR)
+                timeout = RETRY_AFTER_ERROR
             self.wake.wait(timeout)
             self.wake.clear()
+
+    def _warn_once(self, what: str, now: float, message: str, **fields: object) -> bool:
+        """Log a warning about `what`, then stay quiet about it for WARN_EVERY seconds; True if logged."""
+        if now < self._warned.get(what, -WARN_EVERY) + WARN_EVERY:
+            return False
+        self._warned = {w: t for w, t in self._warned.items() if now < t + WARN_EVERY}
+        self._warned[what] = now
+        log.warning(message, **fields)
+        return True
 
     def step(self) -> float:
         """Process everything pending; return how long the loop may sleep."""
@@ -147,7 +172,14 @@ class Intake:
         heapq.heappush(self._due, (when, key))
 
     def _observe(self, name: str, now: float) -> None:
-        snap = snapshot(self.inbox, name, self.names)
+        try:
+            snap = snapshot(self.inbox, name, self.names)
+        except OSError as exc:
+            # One entry the daemon may not read (chmod 000) must not stop everyone else's jobs.
+            self._warn_once(f"read:{name}", now, "cannot read an inbox entry; skipping it until it can be read",
+                            entry=name, error=exc.strerror,
+                            hint=f"let the daemon's user read it (chmod -R a+rX '{name}') or remove it")
+            snap = None
         if snap is None:
             key = self._key_of.pop(name, None)
             self.tracker.forget(name)
@@ -157,6 +189,7 @@ class Intake:
                     self._schedule(now, key)
                 else:
                     self._members.pop(key, None)
+                    self._blocked.pop(key, None)
             return
         key = group_key(snap)
         self._key_of[name] = key
@@ -167,6 +200,8 @@ class Intake:
     def _evaluate_safely(self, key: str, now: float) -> None:
         try:
             self._evaluate(key, now)
+        except ClaimBlocked as blocked:
+            self._wait_blocked(key, blocked.failure, now)
         except Exception:
             log.exception("intake step failed; will try again", group=key)
             self._schedule(now + RETRY_AFTER_ERROR, key)
@@ -185,6 +220,10 @@ class Intake:
         if any(s.partial for s in snaps) or now < ready_at:
             self._schedule(max(ready_at, now + self.tracker.settle), key)
             return
+        blocker = self._move_blocker(snaps)
+        if blocker is not None:
+            self._wait_blocked(key, blocker, now)
+            return
         timed_out = now >= ready_at + self.cfg.watcher.pair_timeout
         outcome = self._pair(snaps, timed_out)
         if isinstance(outcome, Wait):
@@ -195,6 +234,27 @@ class Intake:
             self._drop(members, now)
         else:
             self._start_probe(key, outcome, snaps)
+
+    def _move_blocker(self, snaps: list[Snapshot]) -> Problem | None:
+        """Checked before any row or folder exists: files the daemon cannot move wait where they are."""
+        for snap in snaps:
+            why = move_blocker(self.inbox / snap.name)
+            if why is not None:
+                return Problem(Kind.SETUP, "intake", why,
+                               f"chmod g+w (or o+w) '{snap.name}' and the inbox, or drop it as a user in the "
+                               "daemon's group; it is taken as soon as it can be moved")
+        return None
+
+    def _wait_blocked(self, key: str, failure: Problem, now: float) -> None:
+        """Try again with backoff (5 s doubling to 5 min); one warning, not one per try."""
+        tries = self._blocked.get(key, 0) + 1
+        self._blocked[key] = tries
+        delay = min(BLOCKED_MAX_WAIT, RETRY_AFTER_ERROR * 2 ** (tries - 1))
+        if self._warn_once(f"move:{key}:{failure.reason}", now, "inbox entry waits: it cannot be moved now",
+                           group=key, kind=failure.kind.value, reason=failure.reason, hint=failure.hint,
+                           retry_seconds=delay) and failure.kind is Kind.OUTAGE and self.on_alert is not None:
+            self.on_alert("intake-disk-full", f"New jobs wait in the inbox: {failure.reason}. {failure.hint}")
+        self._schedule(now + delay, key)
 
     def _pair(self, snaps: list[Snapshot], timed_out: bool) -> Outcome:
         if not snaps[0].is_dir:
@@ -240,6 +300,8 @@ class Intake:
             del self._probing[key]
             try:
                 self._finish_probe(key, p, now)
+            except ClaimBlocked as blocked:
+                self._wait_blocked(key, blocked.failure, now)
             except Exception:
                 log.exception("claim failed; will try again", group=key)
                 self._schedule(now + RETRY_AFTER_ERROR, key)
@@ -271,6 +333,7 @@ class Intake:
     def _drop(self, members: list[str], now: float) -> None:
         """Forget entries that left the inbox; a group member that arrived meanwhile is looked at again."""
         for name in members:
+            self._blocked.pop(self._key_of.get(name, ""), None)
             key = self._key_of.pop(name, None)
             self.tracker.forget(name)
             if key is None:

@@ -25,8 +25,10 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from heygem_daemon.ops import metrics
 from heygem_daemon.config import Config
-from heygem_daemon.fs.ops import remove_tree
+from heygem_daemon.fs.files import open_paths
+from heygem_daemon.fs.ops import is_own_temp, remove_tree
 from heygem_daemon.log import get_logger
+from heygem_daemon.ops.orphans import holds_inputs, send_back
 from heygem_daemon.state import TERMINAL_JOB_STATES, Store
 
 log = get_logger("heygem.cleanup")
@@ -34,8 +36,9 @@ DAY = 86400.0
 HOUR = 3600.0
 # The daemon owns these folders outright; the inbox belongs to the people dropping files.
 OWNED_FOLDERS = ("work", "outputs", "failed", "archive")
-# Leftovers of interrupted writes: engine output (.part) and fsops' hidden temp names.
-_TEMP_NAME = re.compile(r"(\.part|^\..+\.[0-9a-f]{8}\.(tmp|moving))$")
+OWN_TEMP_GRACE = 15 * 60.0
+"""Our own hidden temps (zips, links.json, error.json, cross-disk moves) are written in seconds to minutes:
+once this old and held open by no process, a kill cut their write short."""
 _DATE_DIR = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 LOGGED_PATHS = 50
 
@@ -117,24 +120,36 @@ def _older(path: str, cutoff: float) -> bool:
 
 
 def sweep_temp(sweep: Sweep) -> None:
-    """`.part` and temp leftovers older than cleanup.temp_hours that no running task is writing."""
-    cutoff = sweep.now - sweep.cfg.cleanup.temp_hours * HOUR
+    """Leftovers of interrupted writes: engine `.part` files older than cleanup.temp_hours that no running
+    task is writing, and our own hidden temps (fs/ops.py OWN_TEMP) older than OWN_TEMP_GRACE that no
+    process holds open."""
+    part_cutoff = sweep.now - sweep.cfg.cleanup.temp_hours * HOUR
+    own_cutoff = sweep.now - OWN_TEMP_GRACE
     busy = {os.path.abspath(t.output + ".part") for t in sweep.store.tasks.select(states=("running",))}
-    for key in ("outputs", "failed", "archive"):
+    held = open_paths()
+
+    def leftover(path: str, name: str, parts: bool) -> bool:
+        if is_own_temp(name):
+            in_use = path in held or any(h.startswith(path + os.sep) for h in held)  # a folder still copying
+            return not in_use and _older(path, own_cutoff)
+        return parts and name.endswith(".part") and path not in busy and _older(path, part_cutoff)
+
+    for key in ("outputs", "failed", "archive", "work"):
+        parts = key != "work"  # engines keep their own scratch files under work/
         for dirpath, dirs, files in os.walk(sweep.cfg.folder(key), followlinks=False):
             for name in list(dirs):
-                if _TEMP_NAME.search(name) and _older(os.path.join(dirpath, name), cutoff):
+                if leftover(os.path.join(dirpath, name), name, parts):
                     dirs.remove(name)  # a half-copied folder: take it whole, do not descend
                     sweep.remove(Path(dirpath, name))
             for name in files:
-                path = os.path.join(dirpath, name)
-                if _TEMP_NAME.search(name) and path not in busy and _older(path, cutoff):
-                    sweep.remove(Path(path))
+                if leftover(os.path.join(dirpath, name), name, parts):
+                    sweep.remove(Path(dirpath, name))
 
 
 def sweep_work(sweep: Sweep) -> None:
     """work/<job-id>/ of jobs that finished (or that the store no longer knows), once untouched for
-    cleanup.temp_hours: the grace keeps a folder `retry` is just moving inputs into."""
+    cleanup.temp_hours: the grace keeps a folder `retry` is just moving inputs into. Inputs of a job the
+    store does not know are never deleted: they go back to the inbox (ops/orphans.py)."""
     cutoff = sweep.now - sweep.cfg.cleanup.temp_hours * HOUR
     work = sweep.cfg.folder("work")
     for entry in os.scandir(work):
@@ -142,6 +157,8 @@ def sweep_work(sweep: Sweep) -> None:
         if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False) or not _older(entry.path, cutoff):
             continue
         state = sweep.store.jobs.state(entry.name)
+        if state is None and holds_inputs(work / entry.name):
+            send_back(sweep.cfg, work / entry.name / "in")
         if state is None or state in TERMINAL_JOB_STATES:
             sweep.remove(work / entry.name)
 
