@@ -312,6 +312,14 @@ class Web(_Section):
                                  "(never write the password itself here)")
         return v
 
+    @model_validator(mode="after")
+    def _proxy_behind_loopback(self) -> "Web":
+        # Anyone who reaches the port could name any user in the header: only the proxy on this host may.
+        if self.auth == "proxy" and self.host not in ("127.0.0.1", "::1", "localhost"):
+            raise ValueError(f"auth: proxy trusts the {self.proxy_header} header, so host must be 127.0.0.1 "
+                             f"(got {self.host}); let the reverse proxy on this machine face the network")
+        return self
+
 
 class Config(_Section):
     base_dir: Path = Path(".")
