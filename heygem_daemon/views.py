@@ -4,6 +4,7 @@ and the web console alike (one place decides what a job looks like from outside)
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from heygem_daemon.config import Config
@@ -26,7 +27,8 @@ def job_view(cfg: Config, store: Store, job: Job) -> dict[str, Any]:
         "outputs": str(cfg.folder("outputs") / job.name) if done else None,
         "delivery": store.deliveries.summary(job.id),
         "tasks": [{"name": t.name, "state": t.state, "progress": round(t.progress, 3), "attempts": t.attempts,
-                   "device": t.device, "error": (t.last_error or {}).get("reason")} for t in tasks],
+                   "device": t.device, "error": (t.last_error or {}).get("reason"),
+                   "file": Path(t.output).name} for t in tasks],
     }
     if job.duplicate_of:
         original = store.jobs.get(job.duplicate_of)

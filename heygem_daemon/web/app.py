@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 from urllib.parse import urlencode, urlsplit
@@ -56,6 +57,7 @@ class Console:
         self.logins = LoginLimit(cfg.web.login_attempts, cfg.web.login_window_seconds)
         self.templates = Environment(loader=PackageLoader("heygem_daemon.web", "templates"),
                                      autoescape=select_autoescape(default=True))
+        self.templates.filters["when"] = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
     def render(self, request: Request | None, template: str, status: int = 200, **context: Any) -> HTMLResponse:
         return HTMLResponse(self.fragment(request, template, **context), status)
@@ -239,7 +241,7 @@ class Console:
 def _with_job_outputs(cfg: Config, view: dict[str, Any]) -> dict[str, Any]:
     """The job's videos as file names in outputs/<job>/ (the player's local source)."""
     folder = cfg.folder("outputs") / view["name"]
-    view["files"] = sorted(p.name for p in folder.glob("*.mp4")) if folder.is_dir() else []
+    view["files"] = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
     return view
 
 

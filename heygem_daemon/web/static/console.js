@@ -20,8 +20,10 @@ function startLive() {
 
 async function copyText(text) {
   if (navigator.clipboard && window.isSecureContext) {
-    await navigator.clipboard.writeText(text);
-    return;
+    try {
+      await navigator.clipboard.writeText(text);
+      return;
+    } catch (_) { /* no clipboard permission (an unfocused page): the selection way below */ }
   }
   const area = document.createElement("textarea");
   area.value = text;
