@@ -121,11 +121,16 @@ def _web(cfg: Config, path: Path | None) -> int:
         print("config error: web.users is empty; add `name: <hash>` lines made with "
               "`heygem-daemon web hash-password`, or use web.auth: proxy", file=sys.stderr)
         return EXIT_CONFIG
-    import uvicorn
+    try:
+        import uvicorn
 
+        from heygem_daemon.web.app import create_app
+        from heygem_daemon.web.auth import session_key
+    except ImportError as exc:
+        print(f"error: the web console needs the `web` extra ({exc.name} is missing): "
+              "pip install -e '.[web]' in the daemon's virtual environment", file=sys.stderr)
+        return EXIT_CONFIG
     from heygem_daemon.log import setup_logging
-    from heygem_daemon.web.app import create_app
-    from heygem_daemon.web.auth import session_key
 
     setup_logging(None, cfg.logging.level)  # the journal; logs/heygem.log is the daemon's
     app = create_app(cfg, path, session_key())

@@ -40,7 +40,7 @@ def test_an_upload_from_the_web_becomes_a_job_and_its_video_is_served(rig, voice
     assert job.state == "done"
     page = alice.get("/jobs/from web").text
     task = daemon.store().tasks.select(job.id)[0]
-    assert f'src="/jobs/from web/files/{Path(task.output).name}"' in page
+    assert f'src="/jobs/from%20web/files/{Path(task.output).name}"' in page
     video = alice.get(f"/jobs/from web/files/{Path(task.output).name}", headers={"Range": "bytes=0-1023"})
     assert video.status_code == 206 and video.content == Path(task.output).read_bytes()[:1024]
 
@@ -96,7 +96,9 @@ def test_in_a_browser_a_pair_uploaded_through_the_page_reaches_done_live_and_pla
         # No reload from here on: the page follows the job through server-sent events.
         wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#live h1 .state").text == "done")
         assert daemon.job("browser job").state == "done"
-        copy = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "button[data-copy]"))[0]
+        # Delivery reported is the last change the page shows; after it, the fragment stays put.
+        wait.until(lambda d: "delivery reported" in d.find_element(By.ID, "live").text)
+        copy = driver.find_element(By.CSS_SELECTOR, "button[data-copy]")
         copy.click()
         wait.until(lambda d: copy.get_attribute("data-copied") == "1")
         video = driver.find_element(By.TAG_NAME, "video")
