@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -13,6 +14,7 @@ import yaml
 
 from heygem_daemon.ops.cleanup import SWEEPS, Cleanup
 from heygem_daemon.state import Store
+from heygem_daemon.state.tasks import NewTask
 from heygem_daemon.web.uploads import UPLOADS_DIR
 from media_factory import truncate, write_speech_wav
 from web_rig import PASSWORDS, WebServer, web_settings
@@ -181,3 +183,36 @@ def test_the_jobs_page_lists_newest_first_filters_by_state_and_pages(web, alice)
     assert ">30 job(s)</p>" in first and "paged-059" in first and "paged-058" not in first
     second = alice.get("/jobs?q=paged-&page=2").text
     assert "60 job(s), page 2 of 2" in second and "paged-009" in second and "paged-059" not in second
+
+
+def test_a_delivered_job_plays_from_its_links_with_copy_buttons_and_links_json(web, alice):
+    store = Store(web.cfg.folder("state") / "heygem.db")
+    job = store.jobs.create("delivered", {})
+    store.jobs.queue(job.id, [NewTask("anna", "/in/a.wav", "/in/a.jpg",
+                                      str(web.cfg.folder("outputs") / "delivered" / "anna.mp4"))])
+    folder = web.cfg.folder("outputs") / "delivered"
+    folder.mkdir(parents=True)
+    link = "https://bucket.example.com/k/anna.mp4?X-Amz-Signature=abc"
+    zip_link = "https://bucket.example.com/k/delivered.zip?X-Amz-Signature=def"
+    (folder / "links.json").write_text(json.dumps({"job": "delivered", "files": [
+        {"file": "anna.mp4", "size": 10, "path": None, "link": link, "expires_at": "2026-12-01T00:00:00Z"}],
+        "zip": {"file": "delivered.zip", "size": 20, "path": None, "link": zip_link,
+                "expires_at": "2026-12-01T00:00:00Z"}}))
+    page = alice.get("/jobs/delivered").text.replace("&amp;", "&")
+    assert f'<video controls preload="metadata" src="{link}">' in page
+    assert f'data-copy="{link}"' in page and f'data-copy="{zip_link}"' in page and "valid until" in page
+    download = alice.get("/jobs/delivered/files/links.json")
+    assert download.json()["zip"]["link"] == zip_link and "attachment" in download.headers["Content-Disposition"]
+
+
+def test_web_refuses_to_start_while_off_and_hash_password_reads_stdin(tmp_path, monkeypatch, capsys):
+    from heygem_daemon.cli import EXIT_CONFIG, main
+    from heygem_daemon.web.auth import check_password
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"base_dir": str(tmp_path)}))
+    assert main(["-c", str(tmp_path / "config.yaml"), "web"]) == EXIT_CONFIG
+    assert "web.enabled: true" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO("s3cret words\n"))
+    assert main(["web", "hash-password"]) == 0
+    hashed = capsys.readouterr().out.strip()
+    assert hashed.startswith("$argon2") and check_password({"x": hashed}, "x", "s3cret words")
