@@ -216,3 +216,16 @@ def test_web_refuses_to_start_while_off_and_hash_password_reads_stdin(tmp_path, 
     assert main(["web", "hash-password"]) == 0
     hashed = capsys.readouterr().out.strip()
     assert hashed.startswith("$argon2") and check_password({"x": hashed}, "x", "s3cret words")
+
+
+def test_cancel_from_the_job_page_is_the_clis_request_with_an_audit_line(web, alice):
+    store = Store(web.cfg.folder("state") / "heygem.db")
+    job = store.jobs.create("to cancel", {})
+    store.jobs.queue(job.id, [NewTask("a", "/in/a.wav", "/in/a.jpg", "/out/to cancel/a.mp4")])
+    page = alice.get("/jobs/to cancel").text
+    assert 'action="/jobs/to%20cancel/cancel"' in page
+    answer = alice.http.post(web.url + "/jobs/to%20cancel/cancel", data={"csrf": alice.csrf})
+    assert answer.status_code == 200 and "cancelling" in answer.text  # the request's own sentence
+    assert store.jobs.get(job.id).state == "cancelling"
+    audit = [json.loads(line) for line in (web.cfg.folder("logs") / "audit.log").read_text().splitlines()]
+    assert {"event": "web cancel", "user": "alice", "job": "to cancel"}.items() <= audit[-1].items()

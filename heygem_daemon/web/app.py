@@ -23,6 +23,7 @@ from starlette.staticfiles import StaticFiles
 from heygem_daemon.config import Config
 from heygem_daemon.delivery.audit import AuditLog
 from heygem_daemon.delivery.links import LINKS_JSON
+from heygem_daemon.generation.lifecycle import JobError, JobState, request_cancel, request_retry
 from heygem_daemon.state import Store
 from heygem_daemon.views import condition, job_view, jobs_page
 from heygem_daemon.web.auth import LoginLimit, check_password, csrf_token
@@ -34,7 +35,7 @@ from heygem_daemon.web.uploads import UploadRefused, Uploads
 STATIC = Path(__file__).parent / "static"
 LIVE_SECONDS = 1.0
 KEEPALIVE_SECONDS = 15.0
-STATES = ("detected", "queued", "running", "cancelling", "generated", "done", "failed", "retrying", "retried")
+STATES = tuple(s.value for s in JobState)
 
 
 def _media_origin(cfg: Config) -> str | None:
@@ -43,7 +44,8 @@ def _media_origin(cfg: Config) -> str | None:
         return None
     if cfg.s3.endpoint_url:
         parts = urlsplit(cfg.s3.endpoint_url)
-        return f"{parts.scheme}://{parts.netloc}" + (" " + f"{parts.scheme}://*.{parts.netloc}")
+        # Path-style links stay on the endpoint's host; virtual-hosted ones put the bucket in front of it.
+        return f"{parts.scheme}://{parts.netloc} {parts.scheme}://*.{parts.netloc}"
     return "https://*.amazonaws.com"
 
 
@@ -157,8 +159,6 @@ class Console:
 
     async def job_request(self, request: Request) -> Response:
         """Cancel or retry: a request written to the store, as the CLI writes it; the daemon carries it out."""
-        from heygem_daemon.generation.lifecycle import JobError, request_cancel, request_retry
-
         ref, action = request.path_params["ref"], request.path_params["action"]
         ask = {"cancel": request_cancel, "retry": request_retry}.get(action)
         if ask is None:
