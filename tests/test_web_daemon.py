@@ -3,12 +3,15 @@ refuses shows its reason on the page; and the whole round in a real headless Chr
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
 from daemon_harness import DaemonHarness
+from heygem_daemon.web.uploads import UPLOADS_DIR
 from media_factory import write_speech_wav
 from web_rig import PASSWORDS, WebServer, web_settings
 
@@ -57,15 +60,13 @@ def test_a_job_the_daemon_refuses_shows_its_reason_and_hint_on_the_page(rig, voi
     assert "Why it failed" in page and job.error["reason"] in page.replace("&#39;", "'")
 
 
-@pytest.mark.skipif(shutil.which("chromedriver") is None, reason="chromium-driver missing (.ci/run installs it)")
-def test_in_a_browser_a_pair_uploaded_through_the_page_reaches_done_live_and_plays(rig, tmp_path, portrait_jpg):
+def logged_in_browser(url: str):
+    """Debian's chromium, headless, logged in as alice (the login page's screenshot taken on the way)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    daemon, web = rig
-    voice = write_speech_wav(tmp_path / "browser.wav", 1.5)  # not the other tests' pair: no duplicate
     ARTEFACTS.mkdir(parents=True, exist_ok=True)
     options = webdriver.ChromeOptions()
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900",
@@ -74,14 +75,29 @@ def test_in_a_browser_a_pair_uploaded_through_the_page_reaches_done_live_and_pla
     if shutil.which("chromium"):
         options.binary_location = shutil.which("chromium")
     driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    driver.get(url + "/login")
+    driver.save_screenshot(str(ARTEFACTS / "login.png"))
+    driver.find_element(By.NAME, "user").send_keys("alice")
+    driver.find_element(By.NAME, "password").send_keys(PASSWORDS["alice"])
+    driver.find_element(By.CSS_SELECTOR, "form.login button").click()
+    WebDriverWait(driver, 30).until(lambda d: d.current_url.endswith("/jobs"))
+    return driver
+
+
+needs_chromium = pytest.mark.skipif(shutil.which("chromedriver") is None,
+                                    reason="chromium-driver missing (.ci/run installs it)")
+
+
+@needs_chromium
+def test_in_a_browser_a_pair_uploaded_through_the_page_reaches_done_live_and_plays(rig, tmp_path, portrait_jpg):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    daemon, web = rig
+    voice = write_speech_wav(tmp_path / "browser.wav", 1.5)  # not the other tests' pair: no duplicate
+    driver = logged_in_browser(web.url)
     wait = WebDriverWait(driver, 90)
     try:
-        driver.get(web.url + "/login")
-        driver.save_screenshot(str(ARTEFACTS / "login.png"))
-        driver.find_element(By.NAME, "user").send_keys("alice")
-        driver.find_element(By.NAME, "password").send_keys(PASSWORDS["alice"])
-        driver.find_element(By.CSS_SELECTOR, "form.login button").click()
-        wait.until(lambda d: d.current_url.endswith("/jobs"))
 
         driver.get(web.url + "/upload")
         driver.execute_script("document.getElementById('pick').hidden = false")
@@ -112,5 +128,42 @@ def test_in_a_browser_a_pair_uploaded_through_the_page_reaches_done_live_and_pla
         driver.get(web.url + "/health")
         assert "Doctor" in driver.page_source
         driver.save_screenshot(str(ARTEFACTS / "health.png"))
+    finally:
+        driver.quit()
+
+
+@needs_chromium
+def test_in_a_browser_an_upload_cut_by_a_reload_resumes_on_the_same_upload(rig, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _daemon, web = rig
+    big = tmp_path / "long take.wav"
+    big.write_bytes(os.urandom(8 * 2**20))
+    driver = logged_in_browser(web.url)
+    wait = WebDriverWait(driver, 60)
+    uploads = web.cfg.folder("work") / UPLOADS_DIR
+    try:
+        # A slow link, so the reload lands half way through the file.
+        driver.set_network_conditions(offline=False, latency=5, upload_throughput=2 * 2**20,
+                                      download_throughput=50 * 2**20)
+        driver.get(web.url + "/upload")
+
+        def pick() -> None:
+            driver.execute_script("document.getElementById('pick').hidden = false")
+            driver.find_element(By.ID, "pick").send_keys(str(big))
+        pick()
+        progress = driver.find_element(By.CSS_SELECTOR, "#files progress")
+        wait.until(lambda d: 0.1 < float(progress.get_attribute("value")) < 0.9)
+        stored = driver.execute_script(
+            "return Object.keys(localStorage).filter(k => k.startsWith('tus::')).map(k => localStorage[k])")
+        first = json.loads(stored[0])["uploadUrl"].rsplit("/", 1)[1]
+        driver.refresh()
+        pick()
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#files .note").text == "uploaded")
+        assert (uploads / first / "data").read_bytes() == big.read_bytes()  # the first upload, finished
+        mine = [p for p in uploads.iterdir() if (p / "info.json").exists()
+                and json.loads((p / "info.json").read_text())["name"] == "long take.wav"]
+        assert [p.name for p in mine] == [first]
     finally:
         driver.quit()
