@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -229,3 +230,14 @@ def test_cancel_from_the_job_page_is_the_clis_request_with_an_audit_line(web, al
     assert store.jobs.get(job.id).state == "cancelling"
     audit = [json.loads(line) for line in (web.cfg.folder("logs") / "audit.log").read_text().splitlines()]
     assert {"event": "web cancel", "user": "alice", "job": "to cancel"}.items() <= audit[-1].items()
+
+
+def test_an_upload_that_would_leave_work_below_the_disk_guard_is_refused(web):
+    from heygem_daemon.web.uploads import UploadRefused, Uploads
+
+    free_gb = shutil.disk_usage(web.cfg.folder("work")).free / 2**30
+    full = web.cfg.model_copy(update={"disk_guard": web.cfg.disk_guard.model_copy(
+        update={"min_free_gb": free_gb - 0.0005})})  # room for 0.5 MB more
+    with pytest.raises(UploadRefused) as refused:
+        Uploads(full).create("alice", 2**20, "voice.wav")
+    assert refused.value.status == 507 and "free space" in refused.value.reason

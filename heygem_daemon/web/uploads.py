@@ -105,6 +105,11 @@ class Uploads:
             raise UploadRefused(413, f"{name} is {length / 2**20:.0f} MB, over the {self.cfg.web.max_upload_mb:g} "
                                 "MB upload limit", "shorten or compress it, or ask the operator to raise "
                                 "web.max_upload_mb")
+        free = shutil.disk_usage(self.root).free
+        if free - length < self.cfg.disk_guard.min_free_gb * 2**30:
+            raise UploadRefused(507, f"not enough free space for {name} ({free / 2**30:.1f} GB free, "
+                                f"disk_guard.min_free_gb = {self.cfg.disk_guard.min_free_gb:g})",
+                                "try again later; the operator is told by the daemon's disk guard")
         upload_id = secrets.token_hex(16)
         folder = self.root / upload_id
         folder.mkdir(mode=0o770)
