@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from heygem_daemon.state.db import Repository
+from heygem_daemon.state.db import Repository, decoded, job_and_states
 from heygem_daemon.state.tasks import NewTask
 
 TERMINAL_JOB_STATES = ("done", "failed", "retried")
@@ -33,10 +33,7 @@ class Job:
 
 
 def _job(row: sqlite3.Row) -> Job:
-    d = dict(row)
-    d["spec"] = json.loads(d["spec"])
-    d["error"] = json.loads(d["error"]) if d["error"] else None
-    return Job(**d)
+    return Job(**decoded(row, "spec", "error"))
 
 
 class JobRepository(Repository):
@@ -90,18 +87,13 @@ class JobRepository(Repository):
     def page(self, states: tuple[str, ...] | None, name_part: str, offset: int, limit: int) -> tuple[list[Job], int]:
         """Newest first: one page of the jobs in `states` (all when None) whose name contains `name_part`,
         and how many there are in all. Walks the created_at indexes, so a page costs the same at any size."""
-        where, args = ["1"], []
-        if states:
-            where.append(f"state IN ({','.join('?' * len(states))})")
-            args.extend(states)
+        sql, args = job_and_states("FROM jobs WHERE 1", None, states)
         if name_part:
-            where.append("instr(lower(name), ?) > 0")
+            sql += " AND instr(lower(name), ?) > 0"
             args.append(name_part.lower())
-        cond = " AND ".join(where)
         db = self._conn()
-        total = db.execute(f"SELECT COUNT(*) AS n FROM jobs WHERE {cond}", args).fetchone()["n"]
-        rows = db.execute(f"SELECT * FROM jobs WHERE {cond} ORDER BY created_at DESC LIMIT ? OFFSET ?",
-                          (*args, limit, offset))
+        total = db.execute(f"SELECT COUNT(*) AS n {sql}", args).fetchone()["n"]
+        rows = db.execute(f"SELECT * {sql} ORDER BY created_at DESC LIMIT ? OFFSET ?", (*args, limit, offset))
         return [_job(r) for r in rows], total
 
     def set_state(self, job_id: str, state: str, error: dict[str, Any] | None = None,
