@@ -88,59 +88,65 @@ needs_chromium = pytest.mark.skipif(shutil.which("chromedriver") is None,
                                     reason="chromium-driver missing (.ci/run installs it)")
 
 
+@pytest.fixture(scope="module")
+def browser(rig):
+    """One Chromium for the module's browser tests (starting one is most of their cost)."""
+    driver = logged_in_browser(rig[1].url)
+    yield driver
+    driver.quit()
+
+
 @needs_chromium
-def test_in_a_browser_a_pair_uploaded_through_the_page_reaches_done_live_and_plays(rig, tmp_path, portrait_jpg):
+def test_in_a_browser_a_pair_uploaded_through_the_page_reaches_done_live_and_plays(rig, browser, tmp_path,
+                                                                                  portrait_jpg):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     daemon, web = rig
     voice = write_speech_wav(tmp_path / "browser.wav", 1.5)  # not the other tests' pair: no duplicate
-    driver = logged_in_browser(web.url)
+    driver = browser
     wait = WebDriverWait(driver, 90)
-    try:
 
-        driver.get(web.url + "/upload")
-        driver.execute_script("document.getElementById('pick').hidden = false")
-        driver.find_element(By.ID, "pick").send_keys(f"{voice}\n{portrait_jpg}")
-        driver.find_element(By.NAME, "name").send_keys("browser job")
-        send = driver.find_element(By.ID, "send")
-        wait.until(lambda d: send.is_enabled())
-        driver.save_screenshot(str(ARTEFACTS / "upload.png"))
-        send.click()
+    driver.get(web.url + "/upload")
+    driver.execute_script("document.getElementById('pick').hidden = false")
+    driver.find_element(By.ID, "pick").send_keys(f"{voice}\n{portrait_jpg}")
+    driver.find_element(By.NAME, "name").send_keys("browser job")
+    send = driver.find_element(By.ID, "send")
+    wait.until(lambda d: send.is_enabled())
+    driver.save_screenshot(str(ARTEFACTS / "upload.png"))
+    send.click()
 
-        wait.until(lambda d: "/jobs/browser" in d.current_url)
-        # No reload from here on: the page follows the job through server-sent events.
-        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#live h1 .state").text == "done")
-        assert daemon.job("browser job").state == "done"
-        # Delivery reported is the last change the page shows; after it, the fragment stays put.
-        wait.until(lambda d: "delivery reported" in d.find_element(By.ID, "live").text)
-        copy = driver.find_element(By.CSS_SELECTOR, "button[data-copy]")
-        copy.click()
-        wait.until(lambda d: copy.get_attribute("data-copied") == "1")
-        video = driver.find_element(By.TAG_NAME, "video")
-        driver.execute_script("arguments[0].muted = true; arguments[0].play()", video)
-        wait.until(lambda d: d.execute_script("return arguments[0].currentTime > 0.2", video))
-        driver.save_screenshot(str(ARTEFACTS / "job.png"))
+    wait.until(lambda d: "/jobs/browser" in d.current_url)
+    # No reload from here on: the page follows the job through server-sent events.
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#live h1 .state").text == "done")
+    assert daemon.job("browser job").state == "done"
+    # Delivery reported is the last change the page shows; after it, the fragment stays put.
+    wait.until(lambda d: "delivery reported" in d.find_element(By.ID, "live").text)
+    copy = driver.find_element(By.CSS_SELECTOR, "button[data-copy]")
+    copy.click()
+    wait.until(lambda d: copy.get_attribute("data-copied") == "1")
+    video = driver.find_element(By.TAG_NAME, "video")
+    driver.execute_script("arguments[0].muted = true; arguments[0].play()", video)
+    wait.until(lambda d: d.execute_script("return arguments[0].currentTime > 0.2", video))
+    driver.save_screenshot(str(ARTEFACTS / "job.png"))
 
-        driver.get(web.url + "/jobs")
-        assert "browser job" in driver.find_element(By.CSS_SELECTOR, "table.jobs").text
-        driver.save_screenshot(str(ARTEFACTS / "jobs.png"))
-        driver.get(web.url + "/health")
-        assert "Doctor" in driver.page_source
-        driver.save_screenshot(str(ARTEFACTS / "health.png"))
-    finally:
-        driver.quit()
+    driver.get(web.url + "/jobs")
+    assert "browser job" in driver.find_element(By.CSS_SELECTOR, "table.jobs").text
+    driver.save_screenshot(str(ARTEFACTS / "jobs.png"))
+    driver.get(web.url + "/health")
+    assert "Doctor" in driver.page_source
+    driver.save_screenshot(str(ARTEFACTS / "health.png"))
 
 
 @needs_chromium
-def test_in_a_browser_an_upload_cut_by_a_reload_resumes_on_the_same_upload(rig, tmp_path):
+def test_in_a_browser_an_upload_cut_by_a_reload_resumes_on_the_same_upload(rig, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     _daemon, web = rig
     big = tmp_path / "long take.wav"
     big.write_bytes(os.urandom(8 * 2**20))
-    driver = logged_in_browser(web.url)
+    driver = browser
     wait = WebDriverWait(driver, 60)
     uploads = web.cfg.folder("work") / UPLOADS_DIR
     try:
@@ -166,4 +172,4 @@ def test_in_a_browser_an_upload_cut_by_a_reload_resumes_on_the_same_upload(rig, 
                 and json.loads((p / "info.json").read_text())["name"] == "long take.wav"]
         assert [p.name for p in mine] == [first]
     finally:
-        driver.quit()
+        driver.delete_network_conditions()
