@@ -241,3 +241,18 @@ def test_an_upload_that_would_leave_work_below_the_disk_guard_is_refused(web):
     with pytest.raises(UploadRefused) as refused:
         Uploads(full).create("alice", 2**20, "voice.wav")
     assert refused.value.status == 507 and "free space" in refused.value.reason
+
+
+def test_the_live_job_fragment_keeps_the_pages_csrf_token_for_its_forms(web, alice):
+    store = Store(web.cfg.folder("state") / "heygem.db")
+    job = store.jobs.create("live one", {})
+    store.jobs.queue(job.id, [NewTask("a", "/in/a.wav", "/in/a.jpg", "/out/live one/a.mp4")])
+    alice.get("/jobs/live one")
+    with alice.http.get(web.url + "/jobs/live%20one/live", stream=True, timeout=30) as events:
+        assert events.headers["Content-Type"].startswith("text/event-stream")
+        first = b""
+        for chunk in events.iter_content(None):
+            first += chunk
+            if b"\n\n" in first:
+                break
+    assert b'action="/jobs/live%20one/cancel"' in first and f'value="{alice.csrf}"'.encode() in first

@@ -137,10 +137,12 @@ class Console:
 
     async def job_live(self, request: Request) -> Response:
         ref = request.path_params["ref"]
+        # The page's token, for the Retry and Cancel forms in each fragment (the page made it).
+        csrf = str(request.session.get("csrf", ""))
 
         def render() -> str:
             context = self._job_context(ref)
-            return self.fragment(None, "job_body.html", **context) if context else ""
+            return self.fragment(None, "job_body.html", **context, csrf=csrf) if context else ""
         return self._live(request, render)
 
     async def job_file(self, request: Request) -> Response:
