@@ -256,3 +256,23 @@ def test_the_live_job_fragment_keeps_the_pages_csrf_token_for_its_forms(web, ali
             if b"\n\n" in first:
                 break
     assert b'action="/jobs/live%20one/cancel"' in first and f'value="{alice.csrf}"'.encode() in first
+
+
+def test_behind_a_proxy_its_user_header_logs_in_and_is_only_trusted_on_the_loopback(tmp_path):
+    from heygem_daemon.config import ConfigError, load_config
+
+    settings = {"base_dir": str(tmp_path), "web": {"enabled": True, "auth": "proxy"}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(settings))
+    server = WebServer(tmp_path / "config.yaml").start()
+    try:
+        client = server.client(None)
+        nobody = client.get("/jobs", headers={"Accept": "text/html"})
+        assert nobody.status_code == 401 and "named no user (header X-Remote-User)" in nobody.text
+        page = client.get("/jobs", headers={"X-Remote-User": "dora"})
+        assert page.status_code == 200 and '<span class="who">dora' in page.text and "Log out" not in page.text
+    finally:
+        server.stop()
+    settings["web"]["host"] = "0.0.0.0"
+    (tmp_path / "open.yaml").write_text(yaml.safe_dump(settings))
+    with pytest.raises(ConfigError, match="host must be 127.0.0.1"):
+        load_config(tmp_path / "open.yaml")

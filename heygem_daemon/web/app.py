@@ -74,7 +74,10 @@ class Console:
 
     async def login_page(self, request: Request) -> Response:
         if self.cfg.web.auth == "proxy":
-            return RedirectResponse("/jobs", 303)
+            if request.state.user:
+                return RedirectResponse("/jobs", 303)
+            return self.render(request, "login.html", 401, header=self.cfg.web.proxy_header,
+                               error=f"The reverse proxy named no user (header {self.cfg.web.proxy_header}).")
         return self.render(request, "login.html", error=None)
 
     async def login(self, request: Request) -> Response:
