@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e '.[test,wav2lip]'
+	$(BIN)/python -m pip install -q -e '.[test,wav2lip,web]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -39,6 +39,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/upload.py
 	$(BIN)/python bench/zip.py
 	$(BIN)/python bench/wav2lip.py
+	$(BIN)/python bench/web.py
 
 # As root on a Debian/Ubuntu host: boots a container with systemd and replays README "Install as a service".
 systemd-check:

@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +14,7 @@ from heygem_daemon.ops import signals
 
 if TYPE_CHECKING:  # imported in main(), after `run` has its signal handlers
     from heygem_daemon.config import Config
-    from heygem_daemon.state import Batch, Job, Store
+    from heygem_daemon.state import Store
 
 # Something only the operator can fix (the config, a damaged database): the unit's
 # RestartPreventExitStatus=2 keeps systemd from restarting into the same error every few seconds.
@@ -47,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     rt.add_argument("job", help="job name or id")
     cn = sub.add_parser("cancel", help="stop a queued or running job (its inputs go to failed/)")
     cn.add_argument("job", help="job name or id")
+    wb = sub.add_parser("web", help="run the web console (config section web:)")
+    wbs = wb.add_subparsers(dest="web_command")
+    wbs.add_parser("hash-password", help="read a password (twice) and print its argon2 hash for web.users")
     sub.add_parser("doctor", help="check config, folders, codecs, disk and engines; exit 1 on any FAIL")
     cf = sub.add_parser("config", help="config helpers")
     cfs = cf.add_subparsers(dest="config_command", required=True)
@@ -67,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "config":
             return _config_check(args.file)
+        if args.command == "web" and args.web_command == "hash-password":
+            return _hash_password()
         if args.command == "doctor":
             return _doctor(args.config or default_config_path())
         cfg = load_config(args.config or default_config_path())
@@ -75,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.command == "run":
         return _run(cfg, args.config or default_config_path())
+    if args.command == "web":
+        return _web(cfg, args.config or default_config_path())
     try:
         store = Store(cfg.folder("state") / "heygem.db")
     except DatabaseDamaged as exc:
@@ -106,6 +112,52 @@ def _run(cfg: Config, path: Path | None) -> int:
         return EXIT_CONFIG
 
 
+def _web(cfg: Config, path: Path | None) -> int:
+    web = cfg.web
+    if not web.enabled:
+        print("config error: the web console is off; set web.enabled: true (README \"Web console\")", file=sys.stderr)
+        return EXIT_CONFIG
+    if web.auth == "password" and not web.users:
+        print("config error: web.users is empty; add `name: <hash>` lines made with "
+              "`heygem-daemon web hash-password`, or use web.auth: proxy", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        import uvicorn
+
+        from heygem_daemon.web.app import create_app
+        from heygem_daemon.web.auth import session_key
+    except ImportError as exc:
+        print(f"error: the web console needs the `web` extra ({exc.name} is missing): "
+              "pip install -e '.[web]' in the daemon's virtual environment", file=sys.stderr)
+        return EXIT_CONFIG
+    from heygem_daemon.log import setup_logging
+
+    setup_logging(None, cfg.logging.level)  # the journal; logs/heygem.log is the daemon's
+    app = create_app(cfg, path, session_key())
+    uvicorn.run(app, host=web.host, port=web.port, server_header=False, log_level=cfg.logging.level,
+                access_log=False, timeout_graceful_shutdown=5)
+    return 0
+
+
+def _hash_password() -> int:
+    from getpass import getpass
+
+    from heygem_daemon.web.auth import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass("password: ")
+        if getpass("again: ") != password:
+            print("error: the two passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if not password:
+        print("error: empty password", file=sys.stderr)
+        return 1
+    print(hash_password(password))
+    return 0
+
+
 def _config_check(path: Path) -> int:
     from heygem_daemon.config import load_config
     from heygem_daemon.engines.registry import check_engines
@@ -114,39 +166,6 @@ def _config_check(path: Path) -> int:
     check_engines(cfg)
     print(f"{path}: OK (engine {cfg.engine.name}, preset {cfg.engine.preset}, inbox {cfg.folder('inbox')})")
     return 0
-
-
-def _job_view(cfg: Config, store: Store, job: Job) -> dict[str, Any]:
-    tasks = store.tasks.select(job.id)
-    done = sum(t.state == "done" for t in tasks)
-    progress = sum(t.progress for t in tasks) / len(tasks) if tasks else (1.0 if job.state == "done" else 0.0)
-    view: dict[str, Any] = {
-        "id": job.id, "name": job.name, "state": job.state, "videos": len(tasks), "done": done,
-        "progress": round(progress, 3), "owner": job.owner, "priority": job.spec.get("priority", "normal"),
-        "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at)),
-        "outputs": str(cfg.folder("outputs") / job.name) if done else None,
-        "delivery": store.deliveries.summary(job.id),
-        "tasks": [{"name": t.name, "state": t.state, "progress": round(t.progress, 3), "attempts": t.attempts,
-                   "device": t.device, "error": (t.last_error or {}).get("reason")} for t in tasks],
-    }
-    if job.duplicate_of:
-        original = store.jobs.get(job.duplicate_of)
-        view["duplicate_of"] = original.name
-        view["outputs"] = str(cfg.folder("outputs") / original.name)
-    if job.error:
-        view["error"] = {"reason": job.error.get("reason"), "hint": job.error.get("hint")}
-    if job.spec.get("warnings"):
-        view["warnings"] = job.spec["warnings"]
-    return view
-
-
-def _adhoc_view(cfg: Config, store: Store, batch: Batch) -> dict[str, Any]:
-    """Videos another tool put into outputs/: no job of ours, but a delivery all the same."""
-    stuck = [d.last_error for d in store.deliveries.select(batch.id) if d.state in ("pending", "uploading") and d.last_error]
-    return {"name": batch.name, "outputs": str(cfg.folder("outputs") / batch.folder),
-            "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(batch.created_at)),
-            "delivery": store.deliveries.summary(batch.id),
-            "error": {"reason": stuck[-1].get("reason"), "hint": stuck[-1].get("hint")} if stuck else None}
 
 
 def _delivery_text(summary: dict[str, Any] | None) -> str:
@@ -162,30 +181,21 @@ def _adhoc_line(view: dict[str, Any]) -> str:
 
 
 def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
-    from heygem_daemon.generation.dependencies import OUT_STATES, engine_dependencies
-    from heygem_daemon.generation.outages import describe, waiting
+    from heygem_daemon.generation.dependencies import OUT_STATES
+    from heygem_daemon.generation.outages import describe
+    from heygem_daemon.views import status_doc
 
-    jobs = [_job_view(cfg, store, j) for j in store.jobs.select(limit=limit)]
-    adhoc = [_adhoc_view(cfg, store, b) for b in store.deliveries.adhoc_batches(limit)]
-    counts = store.tasks.counts()
-    outages = waiting(store)
-    dependencies = engine_dependencies(cfg)
+    doc = status_doc(cfg, store, limit)
     if as_json:
-        from heygem_daemon.ops.daemon_state import read_state
-
-        daemon = read_state(cfg.folder("state"))
-        print(json.dumps({"daemon": daemon, "tasks": counts, "waiting_for": outages,
-                          "dependencies": [d.to_dict() for d in dependencies], "jobs": jobs, "adhoc": adhoc},
-                         indent=2,
-                         ensure_ascii=False))
+        print(json.dumps(doc, indent=2, ensure_ascii=False))
         return 0
-    print("tasks: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none yet"))
-    for outage in outages:
+    print("tasks: " + (", ".join(f"{k} {v}" for k, v in sorted(doc["tasks"].items())) or "none yet"))
+    for outage in doc["waiting_for"]:
         print(describe(outage))
-    for dep in dependencies:
-        if dep.state in OUT_STATES:
-            print(f"{dep.name} is {dep.state.upper()}: {dep.detail}" + (f" ({dep.hint})" if dep.hint else ""))
-    for j in jobs:
+    for dep in doc["dependencies"]:
+        if dep["state"] in OUT_STATES:
+            print(f"{dep['name']} is {dep['state'].upper()}: {dep['detail']}" + (f" ({dep['hint']})" if dep["hint"] else ""))
+    for j in doc["jobs"]:
         line = f"{j['name']:<28} {j['state']:<10} {j['done']}/{j['videos']} videos {j['progress'] * 100:5.1f}%"
         if j["priority"] != "normal":
             line += f"  [{j['priority']} priority]"
@@ -198,14 +208,16 @@ def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
         print(line)
         for w in j.get("warnings", []):
             print(f"    warning: {w['reason']}")
-    for view in adhoc:
+    for view in doc["adhoc"]:
         print(_adhoc_line(view))
     return 0
 
 
 def _jobs(cfg: Config, store: Store, failed_only: bool, limit: int) -> int:
+    from heygem_daemon.views import adhoc_view
+
     jobs = store.jobs.select(("failed",) if failed_only else None, limit=limit)
-    adhoc = [] if failed_only else [_adhoc_view(cfg, store, b) for b in store.deliveries.adhoc_batches(limit)]
+    adhoc = [] if failed_only else [adhoc_view(cfg, store, b) for b in store.deliveries.adhoc_batches(limit)]
     if not jobs and not adhoc:
         print("no failed jobs" if failed_only else "no jobs yet")
     for job in jobs:

@@ -282,6 +282,45 @@ class Delivery(_Section):
     zip_min_videos: int = Field(2, ge=1, description="a batch with fewer videos gets no zip (its link is enough)")
 
 
+class Web(_Section):
+    """The web console (`heygem-daemon web`): off by default; binds the loopback unless told otherwise.
+    The session key is a secret: systemd credential `web-session-key` or $HEYGEM_WEB_SESSION_KEY."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(8470, ge=1, le=65535)
+    auth: Literal["password", "proxy"] = "password"
+    users: dict[str, str] = Field(default_factory=dict, description="user: argon2 hash from "
+                                  "`heygem-daemon web hash-password`")
+    proxy_header: str = Field("X-Remote-User", description="with auth: proxy, the header naming the user")
+    max_upload_mb: float = Field(2048.0, gt=0.0, description="largest file one upload may be")
+    max_files: int = Field(50, ge=2, le=1000, description="files in one job uploaded from the web")
+    upload_expiry_hours: float = Field(24.0, gt=0.0, description="incomplete uploads are swept this long "
+                                       "after their last byte")
+    uploads_every_hours: float = Field(1.0, ge=0.0, description="how often the cleanup sweeps expired uploads")
+    login_attempts: int = Field(5, ge=1, description="failed logins per user and address within "
+                                "login_window_seconds before further tries are refused")
+    login_window_seconds: float = Field(300.0, gt=0.0)
+    page_size: int = Field(50, ge=5, le=500)
+
+    @field_validator("users")
+    @classmethod
+    def _hashes(cls, v: dict[str, str]) -> dict[str, str]:
+        for user, hashed in v.items():
+            if not hashed.startswith("$argon2"):
+                raise ValueError(f"{user}: not an argon2 hash; make one with `heygem-daemon web hash-password` "
+                                 "(never write the password itself here)")
+        return v
+
+    @model_validator(mode="after")
+    def _proxy_behind_loopback(self) -> "Web":
+        # Anyone who reaches the port could name any user in the header: only the proxy on this host may.
+        if self.auth == "proxy" and self.host not in ("127.0.0.1", "::1", "localhost"):
+            raise ValueError(f"auth: proxy trusts the {self.proxy_header} header, so host must be 127.0.0.1 "
+                             f"(got {self.host}); let the reverse proxy on this machine face the network")
+        return self
+
+
 class Config(_Section):
     base_dir: Path = Path(".")
     folders: Folders = Folders()
@@ -300,6 +339,7 @@ class Config(_Section):
     metrics: Metrics = Metrics()
     s3: S3 = S3()
     delivery: Delivery = Delivery()
+    web: Web = Web()
 
     @model_validator(mode="after")
     def _preset_known(self) -> "Config":

@@ -58,7 +58,8 @@ def test_cancel_stops_the_running_task_without_a_retry_and_files_the_inputs_in_f
     daemon.drop(media / "long.wav", "speech.wav", folder="stopme")
     daemon.drop(PORTRAIT_JPG, "anna.jpg", folder="stopme")
     daemon.drop(PORTRAIT_JPG, "ben.jpg", folder="stopme")
-    (daemon.inbox / "stopme" / "job.yaml").write_text("preset: 720p\n")
+    # 1080p is HEVC (x265), slow enough that the task still runs once `cancel` has started up on a busy machine.
+    (daemon.inbox / "stopme" / "job.yaml").write_text("preset: 1080p\n")
 
     def running():
         job = daemon.job("stopme")

@@ -1,4 +1,4 @@
-"""The shipped unit is valid for systemd and hardened (exposure 2.0 or lower), with and without the GPU
+"""The shipped units (the daemon's and the web console's) are valid for systemd and hardened (exposure 2.0 or lower), with and without the GPU
 drop-in, checked offline. tests/system/systemd_check.sh boots it under a real systemd."""
 
 from __future__ import annotations
@@ -12,17 +12,18 @@ from pathlib import Path
 import pytest
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "heygem-daemon.service"
+WEB_UNIT = UNIT.parent / "heygem-web.service"
 GPU_DROP_IN = UNIT.parent / "heygem-daemon.service.d" / "gpu.conf"
 pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                                 reason="systemd-analyze missing (.ci/run installs it)")
 
 
-def unit_copy(tmp_path: Path, gpu: bool = False) -> Path:
+def unit_copy(tmp_path: Path, gpu: bool = False, unit: Path = UNIT) -> Path:
     """ExecStart must name an executable that exists here; everything else is the shipped file (and the
     GPU drop-in beside it, where systemd finds drop-ins of a unit loaded from a path)."""
-    text = UNIT.read_text()
+    text = unit.read_text()
     text = re.sub(r"^ExecStart=\S+", f"ExecStart={shutil.which('true')}", text, flags=re.M)
-    copy = tmp_path / UNIT.name
+    copy = tmp_path / unit.name
     copy.write_text(text)
     if gpu:
         (tmp_path / GPU_DROP_IN.parent.name).mkdir()
@@ -65,3 +66,13 @@ def test_only_the_gpu_drop_in_names_device_nodes():
     assert drop_in.splitlines()[drop_in.splitlines().index("[Service]") + 1:] == [
         line for line in drop_in.splitlines() if line.startswith("DeviceAllow=")]
     assert "DeviceAllow=/dev/nvidiactl rw" in drop_in and "DeviceAllow=char-nvidia-uvm rw" in drop_in
+
+
+def test_the_web_unit_passes_verify_and_is_hardened_to_2_0_or_lower(tmp_path):
+    copy = unit_copy(tmp_path, unit=WEB_UNIT)
+    verify = analyze("verify", "--man=no", str(copy))
+    assert verify.returncode == 0 and [line for line in verify.stderr.splitlines() if WEB_UNIT.name in line] == [], \
+        verify.stderr
+    security = analyze("security", "--offline=yes", "--no-pager", str(copy))
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", security.stdout)
+    assert match and float(match.group(1)) <= 2.0, security.stdout + security.stderr

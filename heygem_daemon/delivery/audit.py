@@ -1,4 +1,5 @@
-"""logs/audit.log: one JSON line per delivered file and per zip — who dropped it, when, what went where.
+"""logs/audit.log: one JSON line per delivered file and per zip — who dropped it, when, what went where —
+and one per action a person took in the web console (upload, retry, cancel) with who took it.
 
 Links are written without their query string: the signature and credential scope never reach the log.
 Each line is appended with O_APPEND and fsynced before record() returns, so a line once acknowledged
@@ -45,4 +46,10 @@ class AuditLog:
             "dropped_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(dropped_at)) if dropped_at else None,
             "files": files, "bytes": total_bytes, "keys": keys, "links": [strip_query(u) for u in links],
         }
+        self._append(json.dumps(line, ensure_ascii=False))
+
+    def action(self, event: str, *, user: str, job: str, **details: Any) -> None:
+        """A person's request from the web console: what, by whom, for which job."""
+        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "event": event, "user": user,
+                "job": job, **details}
         self._append(json.dumps(line, ensure_ascii=False))

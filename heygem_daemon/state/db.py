@@ -229,7 +229,12 @@ CREATE TABLE IF NOT EXISTS heygem_codes (
 """
 # Delivery: the batch zip's sha256, computed while it is written (links.json lists it).
 V5_ZIP_SHA256 = "ALTER TABLE batches ADD COLUMN zip_sha256 TEXT;"
-MIGRATIONS: list[str] = [V1_CORE, V2_CLEANUP_RUNS, V3_FOREIGN_KEYS, V4_HEYGEM_CODES, V5_ZIP_SHA256]
+# Web console: the jobs list pages newest first, all or by state, without sorting the whole table.
+V6_JOBS_PAGING = """
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
+CREATE INDEX IF NOT EXISTS jobs_state_created ON jobs(state, created_at);
+"""
+MIGRATIONS: list[str] = [V1_CORE, V2_CLEANUP_RUNS, V3_FOREIGN_KEYS, V4_HEYGEM_CODES, V5_ZIP_SHA256, V6_JOBS_PAGING]
 
 
 BACKUP_SUFFIX = ".bak"

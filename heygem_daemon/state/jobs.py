@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from heygem_daemon.state.db import Repository, decoded
+from heygem_daemon.state.db import Repository, decoded, job_and_states
 from heygem_daemon.state.tasks import NewTask
 
 TERMINAL_JOB_STATES = ("done", "failed", "retried")
@@ -83,6 +83,18 @@ class JobRepository(Repository):
         else:
             rows = db.execute("SELECT * FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,))
         return [_job(r) for r in rows]
+
+    def page(self, states: tuple[str, ...] | None, name_part: str, offset: int, limit: int) -> tuple[list[Job], int]:
+        """Newest first: one page of the jobs in `states` (all when None) whose name contains `name_part`,
+        and how many there are in all. Walks the created_at indexes, so a page costs the same at any size."""
+        sql, args = job_and_states("FROM jobs WHERE 1", None, states)
+        if name_part:
+            sql += " AND instr(lower(name), ?) > 0"
+            args.append(name_part.lower())
+        db = self._conn()
+        total = db.execute(f"SELECT COUNT(*) AS n {sql}", args).fetchone()["n"]
+        rows = db.execute(f"SELECT * {sql} ORDER BY created_at DESC LIMIT ? OFFSET ?", (*args, limit, offset))
+        return [_job(r) for r in rows], total
 
     def set_state(self, job_id: str, state: str, error: dict[str, Any] | None = None,
                       spec: dict[str, Any] | None = None) -> None:

@@ -1,0 +1,101 @@
+"""ASGI middlewares: security headers on every answer, and the gate every request passes: a known user
+(else the login page, or 401 for scripts), and a CSRF token on every state-changing request."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs
+
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from heygem_daemon.config import Web
+from heygem_daemon.web.auth import csrf_ok, current_user
+
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+PUBLIC = ("/login", "/static/")
+MAX_FORM_BYTES = 64 * 1024
+FORM = "application/x-www-form-urlencoded"
+
+
+def content_security_policy(media_origin: str | None) -> str:
+    media = "'self'" + (f" {media_origin}" if media_origin else "")
+    return ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+            f"media-src {media}; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+            "form-action 'self'; frame-ancestors 'none'")
+
+
+class SecurityHeaders:
+    def __init__(self, app: ASGIApp, csp: str) -> None:
+        self.app = app
+        self.headers = [(b"content-security-policy", csp.encode()), (b"x-content-type-options", b"nosniff"),
+                        (b"x-frame-options", b"DENY"), (b"referrer-policy", b"no-referrer"),
+                        (b"cross-origin-opener-policy", b"same-origin")]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *self.headers]
+            await send(message)
+
+        await self.app(scope, receive, with_headers if scope["type"] == "http" else send)
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if len(body) > limit:
+            return None
+        if not message.get("more_body"):
+            return body
+
+
+class Gate:
+    """Runs inside the session middleware: sets scope["state"]["user"] or turns the request away."""
+
+    def __init__(self, app: ASGIApp, web: Web) -> None:
+        self.app = app
+        self.web = web
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        session = scope["session"]
+        user = current_user(self.web, headers, session)
+        scope.setdefault("state", {})["user"] = user
+        path = scope["path"]
+        public = path == "/login" or path.startswith("/static/")
+        if user is None and not public:
+            wants_page = scope["method"] == "GET" and "text/html" in headers.get("accept", "")
+            answer: Response = (RedirectResponse("/login", 303) if wants_page else
+                                JSONResponse({"reason": "not logged in", "hint": "log in first"}, 401))
+            await answer(scope, receive, send)
+            return
+        if scope["method"] not in SAFE_METHODS:
+            token = headers.get("x-csrf-token")
+            if token is None and headers.get("content-type", "").startswith(FORM):
+                body = await _read_body(receive, MAX_FORM_BYTES)
+                token = (parse_qs((body or b"").decode("latin-1")).get("csrf") or [None])[0]
+                receive = _replay(body or b"")
+            if not csrf_ok(session, token):
+                await JSONResponse({"reason": "missing or wrong CSRF token",
+                                    "hint": "reload the page and try again"}, 403)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _replay(body: bytes) -> Receive:
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive

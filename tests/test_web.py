@@ -1,0 +1,278 @@
+"""The web console over HTTP: the real app on 127.0.0.1 (uvicorn), real uploads, the real store."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from heygem_daemon.ops.cleanup import SWEEPS, Cleanup
+from heygem_daemon.state import Store
+from heygem_daemon.state.tasks import NewTask
+from heygem_daemon.web.uploads import UPLOADS_DIR
+from media_factory import truncate, write_speech_wav
+from web_rig import PASSWORDS, WebServer, web_settings
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("web")
+    settings = {"base_dir": str(base), "logging": {"console": False}, "limits": {"max_audio_seconds": 30},
+                **web_settings(max_upload_mb=1, login_attempts=3)}
+    (base / "config.yaml").write_text(yaml.safe_dump(settings))
+    return base
+
+
+@pytest.fixture(scope="module")
+def web(base):
+    server = WebServer(base / "config.yaml").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def alice(web):
+    return web.client("alice")
+
+
+def uploads_root(web) -> Path:
+    return web.cfg.folder("work") / UPLOADS_DIR
+
+
+def test_a_cut_patch_is_resumed_from_the_servers_offset_and_the_bytes_arrive_identical(web, alice):
+    data = os.urandom(600_000)
+    location = alice.create("voice.wav", len(data)).headers["Location"]
+    # A connection that dies half-way through its PATCH: the server keeps what arrived.
+    with socket.create_connection(("127.0.0.1", web.port)) as sock:
+        head = (f"PATCH {location} HTTP/1.1\r\nHost: 127.0.0.1\r\nTus-Resumable: 1.0.0\r\n"
+                f"X-CSRF-Token: {alice.csrf}\r\nCookie: heygem_session={alice.http.cookies['heygem_session']}\r\n"
+                f"Upload-Offset: 0\r\nContent-Type: application/offset+octet-stream\r\n"
+                f"Content-Length: {len(data)}\r\n\r\n")
+        sock.sendall(head.encode() + data[:250_000])
+        time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while int(alice.head(location).headers["Upload-Offset"]) < 250_000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    offset = int(alice.head(location).headers["Upload-Offset"])
+    assert offset == 250_000
+    done = alice.patch(location, offset, data[offset:])
+    assert done.status_code == 204 and done.headers["Upload-Offset"] == str(len(data))
+    assert (uploads_root(web) / location.rsplit("/", 1)[1] / "data").read_bytes() == data
+
+
+def test_a_patch_at_another_offset_than_the_servers_is_refused_with_409(alice):
+    location = alice.create("voice.wav", 1000).headers["Location"]
+    assert alice.patch(location, 0, b"x" * 400).status_code == 204
+    wrong = alice.patch(location, 0, b"y" * 600)
+    assert wrong.status_code == 409 and wrong.headers["Upload-Offset"] == "400"
+
+
+def test_options_announce_tus_1_0_with_creation_termination_expiration(web, alice):
+    answer = alice.http.options(web.url + "/tus/")
+    assert answer.status_code == 204 and answer.headers["Tus-Version"] == "1.0.0"
+    assert set(answer.headers["Tus-Extension"].split(",")) == {"creation", "termination", "expiration"}
+
+
+def test_a_wrong_password_is_refused_and_repeated_failures_are_rate_limited(web):
+    client = web.client(None)
+    assert client.login("carol", "wrong").status_code == 401
+    assert client.login("nobody", PASSWORDS["carol"]).status_code == 401
+    for _ in range(2):
+        client.login("carol", "wrong")
+    assert client.login("carol", PASSWORDS["carol"]).status_code == 429  # even the right password, for a while
+    assert client.get("/jobs", headers={"Accept": "text/html"}).url.endswith("/login")
+
+
+def test_a_state_changing_request_without_the_csrf_token_is_refused(web, alice):
+    bare = alice.http.post(web.url + "/tus/", headers={"Tus-Resumable": "1.0.0", "Upload-Length": "10"})
+    assert bare.status_code == 403 and "CSRF" in bare.json()["reason"]
+    form = alice.http.post(web.url + "/jobs/anything/cancel", data={"csrf": "not-the-token"})
+    assert form.status_code == 403
+
+
+def test_another_users_upload_id_is_not_found(web, alice):
+    location = alice.create("voice.wav", 100).headers["Location"]
+    bob = web.client("bob")
+    bob.get("/upload")
+    assert bob.head(location).status_code == 404
+    assert bob.patch(location, 0, b"z" * 100).status_code == 404
+    assert bob.http.delete(web.url + location, headers=bob.headers()).status_code == 404
+    assert alice.head(location).headers["Upload-Offset"] == "0"
+
+
+@pytest.mark.parametrize("name", ["../evil.wav", "/etc/evil.wav", "sub/evil.wav", "bad\x07name.wav", ".."])
+def test_a_name_that_is_a_path_or_holds_control_characters_is_refused(web, alice, name):
+    answer = alice.create(name, 100)
+    assert answer.status_code == 400 and answer.json()["hint"]
+    assert not (web.cfg.folder("work") / "evil.wav").exists()
+
+
+def test_a_file_over_the_size_limit_or_of_another_type_is_refused_at_creation(alice):
+    too_big = alice.create("long.wav", 2 * 2**20)
+    assert too_big.status_code == 413 and "web.max_upload_mb" in too_big.json()["hint"]
+    assert alice.create("notes.txt", 100).status_code == 415
+
+
+def test_an_incomplete_upload_left_past_its_expiry_is_swept_by_the_cleanup(web, alice):
+    location = alice.create("voice.wav", 1000).headers["Location"]
+    alice.patch(location, 0, b"a" * 10)
+    folder = uploads_root(web) / location.rsplit("/", 1)[1]
+    old = time.time() - web.cfg.web.upload_expiry_hours * 3600 - 60
+    os.utime(folder / "data", (old, old))
+    assert alice.head(location).status_code == 404  # expired is gone for the client at once
+    sweep = Cleanup(web.cfg, Store(web.cfg.folder("state") / "heygem.db")).run(
+        next(s for s in SWEEPS if s.name == "web_uploads"))
+    assert str(folder) in sweep.removed and not folder.exists()
+
+
+def test_every_page_sends_a_csp_without_inline_scripts_that_forbids_framing(alice):
+    for path in ("/jobs", "/upload", "/health", "/login"):
+        csp = alice.get(path).headers["Content-Security-Policy"]
+        assert "frame-ancestors 'none'" in csp and "script-src 'self'" in csp and "unsafe-inline" not in csp
+
+
+def test_a_finished_pair_becomes_a_ready_job_folder_and_an_audit_line(web, alice, tmp_path, portrait_jpg):
+    voice = write_speech_wav(tmp_path / "hello.wav", 1.0)
+    ids = [alice.upload(voice), alice.upload(portrait_jpg)]
+    answer = alice.submit(ids, name="web job", engine="preview", preset="480p", priority="high", upload=False)
+    assert answer.status_code == 200, answer.text
+    folder = web.cfg.folder("inbox") / answer.json()["job"]
+    assert sorted(p.name for p in folder.iterdir()) == [".ready", "hello.wav", "job.yaml", "portrait.jpg"]
+    assert yaml.safe_load((folder / "job.yaml").read_text()) == {
+        "name": "web job", "engine": "preview", "preset": "480p", "priority": "high", "upload": False}
+    assert (folder / "hello.wav").read_bytes() == voice.read_bytes()
+    audit = [json.loads(line) for line in (web.cfg.folder("logs") / "audit.log").read_text().splitlines()]
+    assert {"event": "web upload", "user": "alice", "job": "web job", "files": 2}.items() <= audit[-1].items()
+
+
+def test_a_set_intake_would_refuse_is_refused_with_reason_and_hint_and_nothing_moves(web, alice, tmp_path,
+                                                                                     portrait_jpg):
+    cut = truncate(write_speech_wav(tmp_path / "cut.wav", 2.0), 0.5)
+    ids = [alice.upload(cut), alice.upload(portrait_jpg)]
+    answer = alice.submit(ids, name="cut job", engine="preview", preset="480p")
+    assert answer.status_code == 422 and "cut short" in answer.json()["reason"] and answer.json()["hint"]
+    assert not (web.cfg.folder("inbox") / "cut job").exists()
+    two_portraits = alice.submit([alice.upload(portrait_jpg), alice.upload(portrait_jpg)], name="x")
+    assert two_portraits.status_code == 422 and "portrait" in two_portraits.json()["hint"]
+
+
+def test_a_local_video_is_served_with_http_range(web, alice):
+    store = Store(web.cfg.folder("state") / "heygem.db")
+    job = store.jobs.create("ranged", {})
+    folder = web.cfg.folder("outputs") / job.name
+    folder.mkdir(parents=True)
+    (folder / "clip.mp4").write_bytes(bytes(range(256)) * 40)
+    part = alice.get(f"/jobs/{job.name}/files/clip.mp4", headers={"Range": "bytes=100-199"})
+    assert part.status_code == 206 and part.content == (bytes(range(256)) * 40)[100:200]
+    assert alice.get(f"/jobs/{job.name}/files/..%2Fclip.mp4").status_code == 404
+
+
+def test_the_jobs_page_lists_newest_first_filters_by_state_and_pages(web, alice):
+    store = Store(web.cfg.folder("state") / "heygem.db")
+    for i in range(60):
+        job = store.jobs.create(f"paged-{i:03d}", {})
+        if i % 2:
+            store.jobs.set_state(job.id, "failed", error={"reason": "r", "hint": "h"})
+    first = alice.get("/jobs?q=paged-&state=failed").text
+    assert ">30 job(s)</p>" in first and "paged-059" in first and "paged-058" not in first
+    second = alice.get("/jobs?q=paged-&page=2").text
+    assert "60 job(s), page 2 of 2" in second and "paged-009" in second and "paged-059" not in second
+
+
+def test_a_delivered_job_plays_from_its_links_with_copy_buttons_and_links_json(web, alice):
+    store = Store(web.cfg.folder("state") / "heygem.db")
+    job = store.jobs.create("delivered", {})
+    store.jobs.queue(job.id, [NewTask("anna", "/in/a.wav", "/in/a.jpg",
+                                      str(web.cfg.folder("outputs") / "delivered" / "anna.mp4"))])
+    folder = web.cfg.folder("outputs") / "delivered"
+    folder.mkdir(parents=True)
+    link = "https://bucket.example.com/k/anna.mp4?X-Amz-Signature=abc"
+    zip_link = "https://bucket.example.com/k/delivered.zip?X-Amz-Signature=def"
+    (folder / "links.json").write_text(json.dumps({"job": "delivered", "files": [
+        {"file": "anna.mp4", "size": 10, "path": None, "link": link, "expires_at": "2026-12-01T00:00:00Z"}],
+        "zip": {"file": "delivered.zip", "size": 20, "path": None, "link": zip_link,
+                "expires_at": "2026-12-01T00:00:00Z"}}))
+    page = alice.get("/jobs/delivered").text.replace("&amp;", "&")
+    assert f'<video controls preload="metadata" src="{link}">' in page
+    assert f'data-copy="{link}"' in page and f'data-copy="{zip_link}"' in page and "valid until" in page
+    download = alice.get("/jobs/delivered/files/links.json")
+    assert download.json()["zip"]["link"] == zip_link and "attachment" in download.headers["Content-Disposition"]
+
+
+def test_web_refuses_to_start_while_off_and_hash_password_reads_stdin(tmp_path, monkeypatch, capsys):
+    from heygem_daemon.cli import EXIT_CONFIG, main
+    from heygem_daemon.web.auth import check_password
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"base_dir": str(tmp_path)}))
+    assert main(["-c", str(tmp_path / "config.yaml"), "web"]) == EXIT_CONFIG
+    assert "web.enabled: true" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO("s3cret words\n"))
+    assert main(["web", "hash-password"]) == 0
+    hashed = capsys.readouterr().out.strip()
+    assert hashed.startswith("$argon2") and check_password({"x": hashed}, "x", "s3cret words")
+
+
+def test_cancel_from_the_job_page_is_the_clis_request_with_an_audit_line(web, alice):
+    store = Store(web.cfg.folder("state") / "heygem.db")
+    job = store.jobs.create("to cancel", {})
+    store.jobs.queue(job.id, [NewTask("a", "/in/a.wav", "/in/a.jpg", "/out/to cancel/a.mp4")])
+    page = alice.get("/jobs/to cancel").text
+    assert 'action="/jobs/to%20cancel/cancel"' in page
+    answer = alice.http.post(web.url + "/jobs/to%20cancel/cancel", data={"csrf": alice.csrf})
+    assert answer.status_code == 200 and "cancelling" in answer.text  # the request's own sentence
+    assert store.jobs.get(job.id).state == "cancelling"
+    audit = [json.loads(line) for line in (web.cfg.folder("logs") / "audit.log").read_text().splitlines()]
+    assert {"event": "web cancel", "user": "alice", "job": "to cancel"}.items() <= audit[-1].items()
+
+
+def test_an_upload_that_would_leave_work_below_the_disk_guard_is_refused(web):
+    from heygem_daemon.web.uploads import UploadRefused, Uploads
+
+    free_gb = shutil.disk_usage(web.cfg.folder("work")).free / 2**30
+    full = web.cfg.model_copy(update={"disk_guard": web.cfg.disk_guard.model_copy(
+        update={"min_free_gb": free_gb - 0.0005})})  # room for 0.5 MB more
+    with pytest.raises(UploadRefused) as refused:
+        Uploads(full).create("alice", 2**20, "voice.wav")
+    assert refused.value.status == 507 and "free space" in refused.value.reason
+
+
+def test_the_live_job_fragment_keeps_the_pages_csrf_token_for_its_forms(web, alice):
+    store = Store(web.cfg.folder("state") / "heygem.db")
+    job = store.jobs.create("live one", {})
+    store.jobs.queue(job.id, [NewTask("a", "/in/a.wav", "/in/a.jpg", "/out/live one/a.mp4")])
+    alice.get("/jobs/live one")
+    with alice.http.get(web.url + "/jobs/live%20one/live", stream=True, timeout=30) as events:
+        assert events.headers["Content-Type"].startswith("text/event-stream")
+        first = b""
+        for chunk in events.iter_content(None):
+            first += chunk
+            if b"\n\n" in first:
+                break
+    assert b'action="/jobs/live%20one/cancel"' in first and f'value="{alice.csrf}"'.encode() in first
+
+
+def test_behind_a_proxy_its_user_header_logs_in_and_is_only_trusted_on_the_loopback(tmp_path):
+    from heygem_daemon.config import ConfigError, load_config
+
+    settings = {"base_dir": str(tmp_path), "web": {"enabled": True, "auth": "proxy"}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(settings))
+    server = WebServer(tmp_path / "config.yaml").start()
+    try:
+        client = server.client(None)
+        nobody = client.get("/jobs", headers={"Accept": "text/html"})
+        assert nobody.status_code == 401 and "named no user (header X-Remote-User)" in nobody.text
+        page = client.get("/jobs", headers={"X-Remote-User": "dora"})
+        assert page.status_code == 200 and '<span class="who">dora' in page.text and "Log out" not in page.text
+    finally:
+        server.stop()
+    settings["web"]["host"] = "0.0.0.0"
+    (tmp_path / "open.yaml").write_text(yaml.safe_dump(settings))
+    with pytest.raises(ConfigError, match="host must be 127.0.0.1"):
+        load_config(tmp_path / "open.yaml")
