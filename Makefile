@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e '.[test,wav2lip]'
+	$(BIN)/python -m pip install -q -e '.[test,wav2lip,remote]'
 	touch $@
 
 install: $(VENV)/.installed

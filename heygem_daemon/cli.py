@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     rt.add_argument("job", help="job name or id")
     cn = sub.add_parser("cancel", help="stop a queued or running job (its inputs go to failed/)")
     cn.add_argument("job", help="job name or id")
+    wk = sub.add_parser("worker", help="run a remote generation worker (Celery) on this GPU host")
+    wk.add_argument("--queue", help="the queue it serves (default: the first in workers.remote.queues)")
+    wk.add_argument("--hostname", help="its name in `status` (default: heygem@<host name>)")
     sub.add_parser("doctor", help="check config, folders, codecs, disk and engines; exit 1 on any FAIL")
     cf = sub.add_parser("config", help="config helpers")
     cfs = cf.add_subparsers(dest="config_command", required=True)
@@ -69,12 +72,18 @@ def main(argv: list[str] | None = None) -> int:
             return _config_check(args.file)
         if args.command == "doctor":
             return _doctor(args.config or default_config_path())
-        cfg = load_config(args.config or default_config_path())
+        # A worker host need not have the daemon's folders: it sees the shared ones through the path map.
+        cfg = load_config(args.config or default_config_path(), prepare=args.command != "worker")
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "run":
         return _run(cfg, args.config or default_config_path())
+    if args.command == "worker":
+        from heygem_daemon.generation.remote_worker import run_worker
+
+        remote = cfg.workers.remote
+        return run_worker(cfg, args.queue or (next(iter(remote.queues)) if remote else ""), args.hostname)
     try:
         store = Store(cfg.folder("state") / "heygem.db")
     except DatabaseDamaged as exc:
@@ -173,7 +182,7 @@ def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
     if as_json:
         from heygem_daemon.ops.daemon_state import read_state
 
-        daemon = read_state(cfg.folder("state"))
+        daemon = read_state(cfg.folder("state"))  # with `remote` (broker, workers) when remote queues are set
         print(json.dumps({"daemon": daemon, "tasks": counts, "waiting_for": outages,
                           "dependencies": [d.to_dict() for d in dependencies], "jobs": jobs, "adhoc": adhoc},
                          indent=2,
@@ -182,6 +191,8 @@ def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
     print("tasks: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none yet"))
     for outage in outages:
         print(describe(outage))
+    for line in _remote_lines(cfg):
+        print(line)
     for dep in dependencies:
         if dep.state in OUT_STATES:
             print(f"{dep.name} is {dep.state.upper()}: {dep.detail}" + (f" ({dep.hint})" if dep.hint else ""))
@@ -201,6 +212,24 @@ def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
     for view in adhoc:
         print(_adhoc_line(view))
     return 0
+
+
+def _remote_lines(cfg: Config) -> list[str]:
+    """The broker and each remote worker heard from, as the running daemon last wrote them."""
+    from heygem_daemon.ops.daemon_state import read_state
+
+    remote = read_state(cfg.folder("state")).get("remote")
+    if not remote:
+        return []
+    lines = []
+    if remote["down_since"]:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(remote["down_since"]))
+        lines.append(f"{remote['broker']} UNREACHABLE since {since}: remote tasks wait, nothing is lost")
+    for w in remote["workers"]:
+        beat = f"{time.time() - w['last_beat']:.0f} s ago" if w["last_beat"] else "never"
+        doing = ", ".join(f"{d}: {t}" for d, t in sorted(w["tasks"].items())) or "idle"
+        lines.append(f"remote worker {w['host']} [{', '.join(w['devices'])}] {doing}; last heartbeat {beat}")
+    return lines
 
 
 def _jobs(cfg: Config, store: Store, failed_only: bool, limit: int) -> int:
