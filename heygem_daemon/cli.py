@@ -80,10 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         return _run(cfg, args.config or default_config_path())
     if args.command == "worker":
-        from heygem_daemon.generation.remote_worker import run_worker
-
-        remote = cfg.workers.remote
-        return run_worker(cfg, args.queue or (next(iter(remote.queues)) if remote else ""), args.hostname)
+        return _worker(cfg, args.queue, args.hostname)
     try:
         store = Store(cfg.folder("state") / "heygem.db")
     except DatabaseDamaged as exc:
@@ -112,6 +109,17 @@ def _run(cfg: Config, path: Path | None) -> int:
     except DatabaseDamaged as exc:
         if not cfg.logging.console:  # else the log line already said it on the console
             print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _worker(cfg: Config, queue: str | None, hostname: str | None) -> int:
+    from heygem_daemon.config import ConfigError
+    from heygem_daemon.generation.remote_worker import run_worker
+
+    try:
+        return run_worker(cfg, queue, hostname)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 
 

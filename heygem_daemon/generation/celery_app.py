@@ -20,16 +20,21 @@ TASK_NAME = "heygem.generate"
 PATH_FIELDS = ("audio", "portrait", "output", "workdir")
 
 
-def make_app(remote: Remote) -> Celery:
+def make_app(remote: Remote, sender: bool = False) -> Celery:
     """Late acks and prefetch 1: a task leaves Redis only once it is done, and a worker holds no more
-    than it runs; a worker that dies hands its task back (reject on worker lost)."""
+    than it runs; a worker that dies hands its task back (reject on worker lost). The daemon (`sender`)
+    gives up connecting at once: a broker away is an outage it waits out, not a stall of its loop."""
     app = Celery("heygem", broker=remote.broker_url, backend=remote.broker_url, set_as_current=False)
-    transport = {"visibility_timeout": remote.visibility_timeout_seconds}
+    transport: dict[str, Any] = {"visibility_timeout": remote.visibility_timeout_seconds}
+    backend = dict(transport)
+    if sender:
+        transport.update(max_retries=1, interval_start=0, interval_step=0.2, interval_max=0.2)
+        backend["retry_policy"] = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
     app.conf.update(
         task_serializer="json", result_serializer="json", accept_content=["json"],
         task_acks_late=True, task_reject_on_worker_lost=True, worker_prefetch_multiplier=1,
         task_track_started=True, result_expires=24 * 3600,
-        broker_transport_options=transport, result_backend_transport_options=transport,
+        broker_transport_options=transport, result_backend_transport_options=backend,
         broker_connection_retry_on_startup=True, broker_connection_max_retries=None,
         # A send that cannot reach Redis fails fast: the daemon turns it into an outage and waits.
         task_publish_retry_policy={"max_retries": 1, "interval_start": 0.2, "interval_step": 0.2},

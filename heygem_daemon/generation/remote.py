@@ -37,7 +37,8 @@ class Flight:
 
     task: Task
     queue: str
-    result: AsyncResult
+    result: AsyncResult | None
+    """None when it never left: sending failed."""
     part: Path
     sent: float
     heard: float
@@ -53,7 +54,7 @@ class RemoteDispatcher:
         assert cfg.workers.remote is not None
         self.cfg, self.life, self.store, self.clock = cfg, life, life.store, clock
         self.remote: Remote = cfg.workers.remote
-        self.app = make_app(self.remote)
+        self.app = make_app(self.remote, sender=True)
         self.flights: dict[str, list[Flight]] = {q: [] for q in self.remote.queues}
         self.workers: dict[str, dict[str, Any]] = {}
         self.broker_down_since: float | None = None
@@ -142,7 +143,7 @@ class RemoteDispatcher:
                        "spec": encode(spec, self.remote.path_map)}
         except Exception as exc:
             bound.exception("cannot prepare a remote task")
-            self._finish(Flight(task, queue, AsyncResult("", app=self.app), part, 0.0, 0.0),
+            self._finish(Flight(task, queue, None, part, 0.0, 0.0),
                          Attempt(False, f"{type(exc).__name__}: {exc}", "the daemon could not send the task; "
                                  "see the log", Kind.INTERNAL))
             return None
@@ -152,7 +153,7 @@ class RemoteDispatcher:
         except Exception as exc:  # kombu/redis: the broker cannot be reached
             self._broker_trouble(exc)
             self._pause_until = self.clock.monotonic() + self.cfg.workers.backoff_seconds
-            self._finish(Flight(task, queue, AsyncResult("", app=self.app), part, 0.0, 0.0),
+            self._finish(Flight(task, queue, None, part, 0.0, 0.0),
                          Attempt(False, f"cannot reach the {broker_name(self.remote)}: {exc}",
                                  "start Redis (systemctl start redis-server) or fix workers.remote.broker_url; "
                                  "the task waits and is sent again by itself", Kind.OUTAGE,
@@ -170,6 +171,7 @@ class RemoteDispatcher:
             # with a broker that went away meanwhile.
             self._finish(flight, Attempt(True))
             return True
+        assert flight.result is not None
         try:
             state, info = flight.result.state, flight.result.info
         except Exception as exc:  # the backend (Redis) is away: the render goes on; no stall is counted
@@ -237,6 +239,8 @@ class RemoteDispatcher:
                 stale.unlink(missing_ok=True)  # parts of attempts abandoned before (a crash, a silent worker)
 
     def _revoke(self, flight: Flight) -> None:
+        if flight.result is None:
+            return
         try:
             self.app.control.revoke(flight.result.id, terminate=True, signal="SIGKILL")
         except Exception as exc:

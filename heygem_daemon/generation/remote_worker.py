@@ -19,7 +19,7 @@ from billiard.process import current_process
 from celery import Celery
 from celery.signals import worker_process_init
 
-from heygem_daemon.config import Config
+from heygem_daemon.config import Config, ConfigError
 from heygem_daemon.engines.base import EngineError, OutageError
 from heygem_daemon.generation.celery_app import TASK_NAME, decode, make_app
 from heygem_daemon.generation.workers import _crash
@@ -116,14 +116,17 @@ def worker_app(cfg: Config) -> Celery:
     return app
 
 
-def run_worker(cfg: Config, queue: str, hostname: str | None) -> int:
+def run_worker(cfg: Config, queue: str | None, hostname: str | None) -> int:
+    """Serve `queue` (default: the first in workers.remote.queues) until stopped; ConfigError when the config
+    says nothing usable for a worker."""
     remote = cfg.workers.remote
     if remote is None:
-        raise SystemExit("config error: workers.remote is not set (broker_url, queues)")
+        raise ConfigError("workers.remote is not set: give it broker_url and queues (README \"Many GPU hosts\")")
     if not cfg.workers.devices:
-        raise SystemExit("config error: workers.devices: list this host's devices, e.g. [cuda:0, cuda:1]")
+        raise ConfigError("workers.devices: list this host's devices, e.g. [cuda:0, cuda:1]")
+    queue = queue or next(iter(remote.queues))
     if queue not in remote.queues:
-        raise SystemExit(f"config error: queue {queue!r} is not in workers.remote.queues ({sorted(remote.queues)})")
+        raise ConfigError(f"queue {queue!r} is not in workers.remote.queues ({', '.join(remote.queues)})")
     app = worker_app(cfg)
     name = hostname or f"heygem@{socket.gethostname()}"
     app.worker_main(["worker", "--pool", "prefork", "--concurrency", str(len(cfg.workers.devices)),
