@@ -138,6 +138,10 @@ class Workers(_Section):
     def _somewhere_to_run(self) -> "Workers":
         if not self.devices and self.remote is None:
             raise ValueError("devices: list at least one device, e.g. [cpu] or [cuda:0] (or set workers.remote)")
+        if self.remote and self.remote.visibility_timeout_seconds <= self.stall_seconds:
+            # Redis would hand a running task to a second worker before the daemon even missed its beats.
+            raise ValueError("remote.visibility_timeout_seconds must be above stall_seconds, and above the "
+                             "longest render (README \"Many GPU hosts\")")
         return self
 
     @field_validator("devices")

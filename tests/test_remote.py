@@ -79,6 +79,9 @@ def test_twenty_tasks_spread_over_both_workers_each_output_once(rig, voice):
     assert outputs(daemon, "twenty") == [f"a{i:02}.mp4" for i in range(20)]
     ran = [w.succeeded() - b for w, b in zip(workers, before)]
     assert sum(ran) == 20 and min(ran) > 0, ran
+    shown = status_text(daemon)
+    for w in workers:
+        assert f"remote worker {w.name} [cpu]" in shown and "last heartbeat" in shown
 
 
 def test_a_worker_killed_mid_task_finishes_on_the_other_with_one_output(rig, voice):

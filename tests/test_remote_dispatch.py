@@ -11,7 +11,10 @@ import pytest
 
 from heygem_daemon.config import ConfigError, load_config
 from heygem_daemon.generation.celery_app import decode, encode, map_path
-from heygem_daemon.generation.remote import RemoteDispatcher
+from heygem_daemon.failures import Kind, Problem
+from heygem_daemon.generation.celery_app import attempt_part
+from heygem_daemon.generation.remote import Flight, RemoteDispatcher
+from heygem_daemon.generation.workers import Attempt
 from heygem_daemon.generation.remote_worker import child_device
 from heygem_daemon.generation.workers import task_spec
 from remote_rig import free_port
@@ -62,10 +65,29 @@ def test_an_unreachable_broker_makes_the_task_wait_without_using_an_attempt(tmp_
     assert [o["dependency"] for o in dispatcher.outages()] == [task.last_error["dependency"]]
 
 
+def test_a_late_result_of_an_attempt_given_up_on_is_discarded(tmp_path):
+    cfg = load(tmp_path, remote_config(tmp_path))
+    life = LifeCycle(cfg, Store(cfg.folder("state") / "heygem.db"), clock=FakeClock())
+    job = claimed(life, "alice")
+    first = life.take("remote:gpu")
+    life.attempt_failed(first, Problem(Kind.ENGINE, "generate", "remote worker silent"), "remote:gpu")
+    life.clock.advance(3600)
+    second = life.take("remote:gpu")
+    late = attempt_part(first.output, first.attempts)
+    late.parent.mkdir(parents=True)
+    late.write_bytes(b"a video from attempt 1")
+    RemoteDispatcher(cfg, life)._finish(Flight(first, "gpu", None, late, 1.0, 1.0), Attempt(True))
+    (task,) = life.store.tasks.select(job.id)
+    assert (task.state, task.attempts) == ("running", second.attempts) and second.attempts == 2
+    assert not late.exists() and not Path(first.output).exists()
+
+
 def test_remote_only_needs_no_local_device_but_a_redis_broker(tmp_path):
     assert load(tmp_path, remote_config(tmp_path)).workers.devices == []
     with pytest.raises(ConfigError, match="broker_url: Value error|use a Redis URL"):
         load(tmp_path, remote_config(tmp_path, broker_url="amqp://localhost"))
+    with pytest.raises(ConfigError, match="visibility_timeout_seconds must be above stall_seconds"):
+        load(tmp_path, remote_config(tmp_path, visibility_timeout_seconds=60))
     with pytest.raises(ConfigError, match="list at least one device"):
         load(tmp_path, {"base_dir": str(tmp_path), "workers": {"devices": []}})
 

@@ -22,7 +22,7 @@ from celery.signals import worker_process_init
 from heygem_daemon.config import Config, ConfigError
 from heygem_daemon.engines.base import EngineError, OutageError
 from heygem_daemon.generation.celery_app import TASK_NAME, decode, make_app
-from heygem_daemon.generation.workers import _crash
+from heygem_daemon.generation.workers import crash_error
 from heygem_daemon.log import get_logger
 
 log = get_logger("heygem.remote_worker")
@@ -93,7 +93,7 @@ def generate(task: Any, payload: dict[str, Any], engine_settings: dict[str, dict
         return {**meta, "ok": False, "kind": exc.kind.value, "reason": exc.reason, "hint": exc.hint,
                 "dependency": dependency}
     except Exception as exc:  # an engine bug: the daemon retries it, with the traceback for the operator
-        _, kind, reason, hint, dependency = _crash(exc)
+        _, kind, reason, hint, dependency = crash_error(exc)
         return {**meta, "ok": False, "kind": kind, "reason": reason, "hint": hint, "dependency": dependency}
     finally:
         writing.unlink(missing_ok=True)

@@ -58,7 +58,7 @@ class _Reporter:
             os._exit(1)
 
 
-def _crash(exc: Exception) -> tuple[str, str, str, str, str]:
+def crash_error(exc: Exception) -> tuple[str, str, str, str, str]:
     """An exception the engine did not classify: a full disk is an outage, anything else an engine fault."""
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return ("error", Kind.OUTAGE.value, f"disk full: {exc}",
@@ -96,7 +96,7 @@ def worker_main(conn: Connection, device: str, engine_settings: dict[str, dict[s
             dependency = exc.dependency if isinstance(exc, OutageError) else ""
             conn.send(("error", exc.kind.value, exc.reason, exc.hint, dependency))
         except Exception as exc:  # an engine bug: retry, and keep the traceback for the operator
-            conn.send(_crash(exc))
+            conn.send(crash_error(exc))
 
 
 class WorkerProcess:
