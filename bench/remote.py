@@ -27,14 +27,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the rig and media_factory live with the tests
 
+from media_factory import PORTRAIT_JPG, write_speech_wav  # noqa: E402
+from remote_rig import RedisServer, RemoteWorker  # noqa: E402
+from test_job_lifecycle import claimed  # noqa: E402
+
 from heygem_daemon.config import load_config  # noqa: E402
 from heygem_daemon.generation.lifecycle import LifeCycle  # noqa: E402
 from heygem_daemon.generation.remote import RemoteDispatcher  # noqa: E402
 from heygem_daemon.log import setup_logging  # noqa: E402
 from heygem_daemon.state import Store  # noqa: E402
-from media_factory import PORTRAIT_JPG, write_speech_wav  # noqa: E402
-from remote_rig import RedisServer, RemoteWorker  # noqa: E402
-from test_job_lifecycle import claimed  # noqa: E402
 
 # The tool: note when it starts, sleep, hand back a ready MP4, note when it ends.
 # (work/ is cleared when a job ends, so the notes go to $FAKE_LOG/task-<id>.t0 and .t1.)

@@ -90,7 +90,8 @@ class Daemon:
         self.outages = OutageWatch(cfg, store_for(cfg), self.outbox.enqueue_alert,
                                    others=lambda: self.remote.outages() if self.remote else [])
         self.intake = Intake(cfg, Claimer(cfg, self.life), self.inspector,
-                             set(available()), lambda name: needs_face(name, cfg.engines.get(name)), self._wake_generation,
+                             set(available()), lambda name: needs_face(name, cfg.engines.get(name)),
+                             self._wake_generation,
                              on_alert=self.outbox.enqueue_alert)
         self.inbox = IntakeService(cfg, self.intake)
         self.delivery = DeliveryService(cfg, store_for(cfg), self.announcer.reported, self.outbox.enqueue_alert)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from daemon_harness import REPO
 
 CLI = "import sys; from heygem_daemon.cli import main; sys.exit(main(sys.argv[1:]))"

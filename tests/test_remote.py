@@ -7,15 +7,14 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-
 from daemon_harness import REPO, DaemonHarness
-from heygem_daemon.ops.daemon_state import read_state
 from media_factory import PORTRAIT_JPG
 from remote_rig import CLI, RedisServer, RemoteWorker
 from test_command_engine import ARGS
+
+from heygem_daemon.ops.daemon_state import read_state
 
 pytestmark = pytest.mark.daemon  # real daemon, Redis and workers: left out of `make test-fast`
 SLOW_SECONDS = 2.5  # how long a task whose audio is named `slow…` takes, so it can be caught running

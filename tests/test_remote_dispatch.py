@@ -8,19 +8,16 @@ import os
 from pathlib import Path
 
 import pytest
-
-from heygem_daemon.config import ConfigError, load_config
-from heygem_daemon.generation.celery_app import decode, encode, map_path
-from heygem_daemon.failures import Kind, Problem
-from heygem_daemon.generation.celery_app import attempt_part
-from heygem_daemon.generation.remote import Flight, RemoteDispatcher
-from heygem_daemon.generation.workers import Attempt
-from heygem_daemon.generation.remote_worker import child_device
-from heygem_daemon.generation.workers import task_spec
 from remote_rig import free_port
 from test_job_lifecycle import FakeClock, claimed
 
+from heygem_daemon.config import ConfigError, load_config
+from heygem_daemon.failures import Kind, Problem
+from heygem_daemon.generation.celery_app import attempt_part, decode, encode, map_path
 from heygem_daemon.generation.lifecycle import LifeCycle
+from heygem_daemon.generation.remote import Flight, RemoteDispatcher
+from heygem_daemon.generation.remote_worker import child_device
+from heygem_daemon.generation.workers import Attempt, task_spec
 from heygem_daemon.state import Store
 
 

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from test_systemd_unit import analyze
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "heygem-worker.service"

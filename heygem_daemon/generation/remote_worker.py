@@ -23,7 +23,7 @@ from heygem_daemon.config import Config, ConfigError
 from heygem_daemon.engines.base import EngineError, OutageError
 from heygem_daemon.generation.celery_app import TASK_NAME, decode, make_app
 from heygem_daemon.generation.workers import crash_error
-from heygem_daemon.log import get_logger
+from heygem_daemon.log import get_logger, setup_logging
 
 log = get_logger("heygem.remote_worker")
 _child: dict[str, Any] = {"device": "cpu", "engines": {}}
@@ -127,6 +127,7 @@ def run_worker(cfg: Config, queue: str | None, hostname: str | None) -> int:
     queue = queue or next(iter(remote.queues))
     if queue not in remote.queues:
         raise ConfigError(f"queue {queue!r} is not in workers.remote.queues ({', '.join(remote.queues)})")
+    setup_logging(None, cfg.logging.level, console=True)  # the journal keeps it, as for the daemon
     app = worker_app(cfg)
     name = hostname or f"heygem@{socket.gethostname()}"
     app.worker_main(["worker", "--pool", "prefork", "--concurrency", str(len(cfg.workers.devices)),
