@@ -71,10 +71,15 @@ def write_wav(path: Path, samples: np.ndarray, rate: int = 16000) -> Path:
 
 def write_float_wav(path: Path, samples: np.ndarray, rate: int = 16000) -> Path:
     """32-bit float WAV (what DAWs export), written by FFmpeg as is: NaN and out-of-range values survive."""
+    return _encode_audio(path, "wav", "pcm_f32le", rate, samples)
+
+
+def _encode_audio(path: Path, fmt: str, codec: str, rate: int, samples: np.ndarray) -> Path:
+    """Float samples, shape (n,) or (channels, n), encoded by PyAV into one audio stream."""
     planar = np.ascontiguousarray(np.atleast_2d(samples), dtype=np.float32)
     layout = "mono" if planar.shape[0] == 1 else "stereo"
-    with av.open(str(path), "w", format="wav") as out:
-        stream = out.add_stream("pcm_f32le", rate=rate)
+    with av.open(str(path), "w", format=fmt) as out:
+        stream = out.add_stream(codec, rate=rate)
         stream.layout = layout
         packed = np.ascontiguousarray(planar.T.reshape(1, -1))  # interleaved, as "flt" wants
         frame = av.AudioFrame.from_ndarray(packed, format="flt", layout=layout)
@@ -93,17 +98,7 @@ def write_speech_wav(path: Path, seconds: float, rate: int = 16000) -> Path:
 def write_audio(path: Path, seconds: float) -> Path:
     """The same speech signal encoded with PyAV in the format the extension names."""
     fmt, codec, rate = _AUDIO_FORMATS[Path(path).suffix.lower()]
-    samples = speech(seconds, rate)
-    with av.open(str(path), "w", format=fmt) as out:
-        stream = out.add_stream(codec, rate=rate)
-        stream.layout = "mono"
-        frame = av.AudioFrame.from_ndarray(samples[np.newaxis], format="flt", layout="mono")
-        frame.sample_rate = rate
-        frame.time_base = Fraction(1, rate)
-        frame.pts = 0
-        out.mux(stream.encode(frame))
-        out.mux(stream.encode(None))
-    return Path(path)
+    return _encode_audio(path, fmt, codec, rate, speech(seconds, rate))
 
 
 def write_portrait_video(

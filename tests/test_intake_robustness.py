@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import subprocess
 import threading
 from pathlib import Path
 
@@ -29,27 +28,6 @@ def drop_pair(inbox: Path, stem: str, voice: Path, folder: str | None = None) ->
 def voice(scratch, voice):
     """The shared voice, copied where an unprivileged user can read it."""
     return Path(shutil.copy(voice, scratch / "voice.wav"))
-
-
-@pytest.fixture
-def tmpfs(scratch):
-    """A small real filesystem for work/, so that claims cross filesystems and can run out of room."""
-    mounted: list[Path] = []
-
-    def mount(name: str, options: str) -> Path:
-        if os.geteuid() != 0:
-            pytest.skip("mounting a tmpfs needs root")
-        point = scratch / name
-        point.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True)
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in mounted:
-        subprocess.run(["umount", "-l", str(point)], check=False)
 
 
 def waits_whole(rig: IntakeRig, work: Path, stem: str) -> dict:

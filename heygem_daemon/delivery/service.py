@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -243,11 +244,12 @@ class DeliveryService:
         except Exception as exc:
             self._failed(f"upload of {d.rel}", exc, lambda f: self._retry_later(d, f))
             return
-        self.store.deliveries.mark_linked([d.id])
         batch = self.store.deliveries.batch(d.batch_id)
         assert batch is not None
-        self._write_links(batch)
+        # The audit line first: a kill between the two repeats the line at the next pass instead of losing it.
         self._audit("delivery", batch, [self.store.deliveries.get(d.id)])
+        self.store.deliveries.mark_linked([d.id])
+        self._write_links(batch)
 
     def _retry_later(self, d: Delivery, failure: S3Failure) -> None:
         self.store.deliveries.retry(d.id, failure.as_dict(), time.time() + self._delay(failure, d.attempts + 1))
@@ -315,11 +317,12 @@ class DeliveryService:
                 stream.abort()
                 raise
             size = stream.size
+        current = self.store.deliveries.batch(batch.id)
+        assert current is not None
+        # The audit line before the state that ends this step: a kill in between repeats it, never loses it.
+        self._audit("zip", replace(current, zip_size=size, zip_sha256=sha256), videos)
         self.store.deliveries.batch_zipped(batch.id, size, sha256)
-        zipped = self.store.deliveries.batch(batch.id)
-        assert zipped is not None
         log.info("batch zipped", job_id=batch.job_id, batch=batch.name, zip=name, files=len(files), size=size)
-        self._audit("zip", zipped, videos)
 
     def _report(self, batch: Batch, job: Job | None, videos: list[Delivery]) -> BatchReport:
         entries = {e.file: e for e in self._entries(videos)}

@@ -230,7 +230,7 @@ class LifeCycle:
         w, now = self.cfg.workers, self.clock.time()
         error: dict[str, Any] = {**problem.to_dict(), "attempt": task.attempts, "device": device}
         cancelled = self.store.jobs.state(task.job_id) == J.CANCELLING
-        if problem.kind is Kind.OUTAGE and not cancelled:
+        if not problem.kind.counts_attempt and not cancelled:
             last = task.last_error or {}
             error["since"] = last.get("since", now) if last.get("kind") == Kind.OUTAGE.value else now
             error["dependency"] = dependency or last.get("dependency") or problem.reason

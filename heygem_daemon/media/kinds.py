@@ -27,7 +27,3 @@ def kind_of(path: PurePath | str) -> MediaKind:
     if ext in VIDEO_EXTS:
         return MediaKind.VIDEO
     return MediaKind.OTHER
-
-
-def is_portrait(path: PurePath | str) -> bool:
-    return kind_of(path) in (MediaKind.IMAGE, MediaKind.VIDEO)

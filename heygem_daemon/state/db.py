@@ -11,13 +11,14 @@ re-runs it whole, a second process waits and then finds it done, and a violation
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 V1_CORE = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -381,6 +382,26 @@ def migrate(conn: sqlite3.Connection) -> int:
     finally:
         conn.execute("PRAGMA foreign_keys=ON")
     return _version(conn)
+
+
+def decoded(row: sqlite3.Row, *json_columns: str) -> dict[str, Any]:
+    """A row as a dict, its JSON columns parsed (NULL stays None)."""
+    d = dict(row)
+    for column in json_columns:
+        d[column] = json.loads(d[column]) if d[column] else None
+    return d
+
+
+def job_and_states(sql: str, job_id: str | None, states: tuple[str, ...] | None) -> tuple[str, list[Any]]:
+    """`sql` (ending in a WHERE clause) narrowed to one job and to some states, with its arguments."""
+    args: list[Any] = []
+    if job_id:
+        sql += " AND job_id = ?"
+        args.append(job_id)
+    if states:
+        sql += f" AND state IN ({','.join('?' * len(states))})"
+        args.extend(states)
+    return sql, args
 
 
 class Repository:

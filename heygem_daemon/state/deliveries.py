@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from heygem_daemon.state.db import Repository
+from heygem_daemon.state.db import Repository, decoded
 from heygem_daemon.state.jobs import Job, _job, mark_delivered
 
 # Parts only serve resuming an upload: once a file is linked or missing they are kept this long for a look.
@@ -74,15 +74,11 @@ class Part:
 
 
 def _batch(row: sqlite3.Row) -> Batch:
-    d = dict(row)
-    d["last_error"] = json.loads(d["last_error"]) if d["last_error"] else None
-    return Batch(**d)
+    return Batch(**decoded(row, "last_error"))
 
 
 def _delivery(row: sqlite3.Row) -> Delivery:
-    d = dict(row)
-    d["last_error"] = json.loads(d["last_error"]) if d["last_error"] else None
-    return Delivery(**d)
+    return Delivery(**decoded(row, "last_error"))
 
 
 class DeliveryRepository(Repository):

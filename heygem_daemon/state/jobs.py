@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from heygem_daemon.state.db import Repository
+from heygem_daemon.state.db import Repository, decoded
 from heygem_daemon.state.tasks import NewTask
 
 TERMINAL_JOB_STATES = ("done", "failed", "retried")
@@ -33,10 +33,7 @@ class Job:
 
 
 def _job(row: sqlite3.Row) -> Job:
-    d = dict(row)
-    d["spec"] = json.loads(d["spec"])
-    d["error"] = json.loads(d["error"]) if d["error"] else None
-    return Job(**d)
+    return Job(**decoded(row, "spec", "error"))
 
 
 class JobRepository(Repository):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from heygem_daemon.state.db import Repository
+from heygem_daemon.state.db import Repository, job_and_states
 
 
 @dataclass(frozen=True)
@@ -24,16 +24,8 @@ class NewNotification:
 
 
 @dataclass(frozen=True)
-class Notification:
+class Notification(NewNotification):
     id: int
-    event_key: str
-    target: str
-    kind: str
-    job_id: str | None
-    title: str
-    body: str
-    body_format: str
-    notify_type: str
     state: str
     attempts: int
     next_at: float
@@ -67,13 +59,7 @@ class OutboxRepository(Repository):
         return row["t"]
 
     def select(self, job_id: str | None = None, states: tuple[str, ...] | None = None) -> list[Notification]:
-        sql, args = "SELECT * FROM notifications WHERE 1=1", []
-        if job_id:
-            sql += " AND job_id = ?"
-            args.append(job_id)
-        if states:
-            sql += f" AND state IN ({','.join('?' * len(states))})"
-            args.extend(states)
+        sql, args = job_and_states("SELECT * FROM notifications WHERE 1=1", job_id, states)
         return [Notification(**dict(r)) for r in self._conn().execute(sql + " ORDER BY id", args)]
 
     def sent(self, notification_id: int) -> None:

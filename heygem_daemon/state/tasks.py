@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from heygem_daemon.state.db import Repository
+from heygem_daemon.state.db import Repository, decoded, job_and_states
 
 
 @dataclass(frozen=True)
@@ -39,20 +39,12 @@ class NewTask:
 
 
 def _task(row: sqlite3.Row) -> Task:
-    d = dict(row)
-    d["last_error"] = json.loads(d["last_error"]) if d["last_error"] else None
-    return Task(**d)
+    return Task(**decoded(row, "last_error"))
 
 
 class TaskQueue(Repository):
     def select(self, job_id: str | None = None, states: tuple[str, ...] | None = None) -> list[Task]:
-        sql, args = "SELECT * FROM tasks WHERE 1=1", []
-        if job_id:
-            sql += " AND job_id = ?"
-            args.append(job_id)
-        if states:
-            sql += f" AND state IN ({','.join('?' * len(states))})"
-            args.extend(states)
+        sql, args = job_and_states("SELECT * FROM tasks WHERE 1=1", job_id, states)
         return [_task(r) for r in self._conn().execute(sql + " ORDER BY id", args)]
 
     def get(self, task_id: int) -> Task:
