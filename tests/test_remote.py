@@ -83,6 +83,16 @@ def test_twenty_tasks_spread_over_both_workers_each_output_once(rig, voice):
         assert f"remote worker {w.name} [cpu]" in shown and "last heartbeat" in shown
 
 
+def test_doctor_finds_the_broker_and_both_workers(rig):
+    daemon, _, workers = rig
+    shown = subprocess.run([sys.executable, "-c", CLI, "-c", str(daemon.config_path), "doctor"], cwd=REPO,
+                           capture_output=True, text=True, timeout=60).stdout
+    (broker,) = [line for line in shown.splitlines() if "task broker" in line]
+    (answered,) = [line for line in shown.splitlines() if "remote workers" in line]
+    assert "FAIL" not in broker and "FAIL" not in answered
+    assert all(w.name in answered for w in workers)
+
+
 def test_a_worker_killed_mid_task_finishes_on_the_other_with_one_output(rig, voice):
     daemon, _, workers = rig
     daemon.drop_pair(voice, PORTRAIT_JPG, "slow-kill")
