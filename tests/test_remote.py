@@ -141,6 +141,22 @@ def test_the_daemon_killed_while_remote_tasks_run_restarts_without_a_second_outp
     assert outputs(daemon, "slow-restart") == ["slow-restart.mp4"]
 
 
+def test_a_cancel_stops_the_remote_render_and_files_the_inputs_in_failed(rig, voice):
+    daemon, _, workers = rig
+    daemon.drop_pair(voice, PORTRAIT_JPG, "slow-cancel")
+    running_on(daemon, "slow-cancel")
+    said = subprocess.run([sys.executable, "-c", CLI, "-c", str(daemon.config_path), "cancel", "slow-cancel"],
+                          cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert said.returncode == 0, said.stderr
+    job = daemon.wait_job("slow-cancel", timeout=30)
+    assert job.state == "failed" and "cancelled" in job.error["reason"]
+    time.sleep(SLOW_SECONDS + 0.5)  # had the render gone on, its video would be there by now
+    assert not (daemon.folder("outputs") / "slow-cancel").exists()
+    (task,) = daemon.store().tasks.select(job.id)
+    assert task.attempts == 1
+    assert any(f"Terminating heygem-{task.id}-1-" in w.text() for w in workers)  # revoked, the child killed
+
+
 def test_a_remote_bad_input_fails_once_with_its_reason_and_hint(rig, voice):
     daemon, _, _ = rig
     daemon.drop_pair(voice, PORTRAIT_JPG, "badinput-remote")

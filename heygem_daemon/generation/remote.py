@@ -57,6 +57,7 @@ class RemoteDispatcher:
         self.app = make_app(self.remote, sender=True)
         self.flights: dict[str, list[Flight]] = {q: [] for q in self.remote.queues}
         self.workers: dict[str, dict[str, Any]] = {}
+        self._workers_lock = threading.Lock()  # `status` and metrics read them from other threads
         self.broker_down_since: float | None = None
         self._pause_until = 0.0
         self.wake, self.stop_event, self.hold = threading.Event(), threading.Event(), threading.Event()
@@ -91,7 +92,8 @@ class RemoteDispatcher:
 
     def describe(self) -> list[dict[str, Any]]:
         """Each remote worker heard from: host, its devices, what it runs now, its last heartbeat."""
-        return [dict(w, tasks=dict(w["tasks"])) for _, w in sorted(self.workers.items())]
+        with self._workers_lock:
+            return [dict(w, tasks=dict(w["tasks"])) for _, w in sorted(self.workers.items())]
 
     def broker(self) -> dict[str, Any]:
         return {"broker": broker_name(self.remote), "down_since": self.broker_down_since,
@@ -117,9 +119,10 @@ class RemoteDispatcher:
         self._give_back()
 
     def step(self) -> None:
+        cancelling = {job.id for job in self.store.jobs.select((CANCELLING,))} if self.busy() else set()
         for queue, flights in self.flights.items():
             for flight in list(flights):
-                if self._follow(flight):
+                if self._follow(flight, flight.task.job_id in cancelling):
                     flights.remove(flight)
             while (not self.hold.is_set() and self.clock.monotonic() >= self._pause_until
                    and len(flights) < self.remote.queues[queue]):
@@ -164,7 +167,7 @@ class RemoteDispatcher:
         bound.info("task sent to a remote queue", celery_id=result.id)
         return Flight(task, queue, result, part, now, now)
 
-    def _follow(self, flight: Flight) -> bool:
+    def _follow(self, flight: Flight, cancelled: bool) -> bool:
         """Read the flight's state; True once its attempt is settled."""
         if flight.part.is_file():
             # The worker renames its part only once the engine succeeded: done, even if its report was lost
@@ -188,7 +191,7 @@ class RemoteDispatcher:
         if state == "FAILURE":
             self._finish(flight, Attempt(False, f"remote worker error: {info!r}", "see the worker's log"))
             return True
-        if self.store.jobs.state(flight.task.job_id) == CANCELLING:
+        if cancelled:
             self._revoke(flight)
             self._finish(flight, Attempt(False, CANCELLED_REASON, CANCELLED_HINT, Kind.BAD_INPUT))
             return True
@@ -210,19 +213,21 @@ class RemoteDispatcher:
             self.store.tasks.set_progress(flight.task.id, float(meta["progress"]))
         host = meta.get("host") or meta.get("hostname")
         if host:
-            worker = self.workers.setdefault(host, {"host": host, "devices": [], "tasks": {}, "last_beat": None})
-            worker["devices"] = meta.get("devices", worker["devices"])
-            worker["tasks"][meta.get("device", "?")] = flight.task.name
-            worker["last_beat"] = beat or time.time()
             flight.meta["host"] = host
+            with self._workers_lock:
+                worker = self.workers.setdefault(host, {"host": host, "devices": [], "tasks": {}, "last_beat": None})
+                worker["devices"] = meta.get("devices", worker["devices"])
+                worker["tasks"][meta.get("device", "?")] = flight.task.name
+                worker["last_beat"] = beat or time.time()
 
     def _finish(self, flight: Flight, result: Attempt) -> None:
         task = flight.task
         device = f"remote:{flight.queue}@{flight.meta.get('host', '?')}"
         bound = log.bind(job_id=task.job_id, task_id=task.id, task=task.name, device=device, attempt=task.attempts)
-        host = self.workers.get(flight.meta.get("host", ""))
-        if host:
-            host["tasks"] = {d: t for d, t in host["tasks"].items() if t != task.name}
+        with self._workers_lock:
+            host = self.workers.get(flight.meta.get("host", ""))
+            if host:
+                host["tasks"] = {d: t for d, t in host["tasks"].items() if t != task.name}
         now = self.store.tasks.get(task.id)
         if now is None or now.state != "running" or now.attempts != task.attempts:
             # An attempt the daemon already gave up on (or one a restart requeued): its result is not ours.
