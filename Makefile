@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e '.[test,wav2lip,web]'
+	$(BIN)/python -m pip install -q -e '.[test,wav2lip,web,remote]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     wb = sub.add_parser("web", help="run the web console (config section web:)")
     wbs = wb.add_subparsers(dest="web_command")
     wbs.add_parser("hash-password", help="read a password (twice) and print its argon2 hash for web.users")
+    wk = sub.add_parser("worker", help="run a remote generation worker (Celery) on this GPU host")
+    wk.add_argument("--queue", help="the queue it serves (default: the first in workers.remote.queues)")
+    wk.add_argument("--hostname", help="its name in `status` (default: heygem@<host name>)")
     sub.add_parser("doctor", help="check config, folders, codecs, disk and engines; exit 1 on any FAIL")
     cf = sub.add_parser("config", help="config helpers")
     cfs = cf.add_subparsers(dest="config_command", required=True)
@@ -73,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             return _hash_password()
         if args.command == "doctor":
             return _doctor(args.config or default_config_path())
-        cfg = load_config(args.config or default_config_path())
+        # A worker host need not have the daemon's folders: it sees the shared ones through the path map.
+        cfg = load_config(args.config or default_config_path(), prepare=args.command != "worker")
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -81,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(cfg, args.config or default_config_path())
     if args.command == "web":
         return _web(cfg, args.config or default_config_path())
+    if args.command == "worker":
+        return _worker(cfg, args.queue, args.hostname)
     try:
         store = Store(cfg.folder("state") / "heygem.db")
     except DatabaseDamaged as exc:
@@ -156,6 +163,15 @@ def _hash_password() -> int:
         return 1
     print(hash_password(password))
     return 0
+def _worker(cfg: Config, queue: str | None, hostname: str | None) -> int:
+    from heygem_daemon.config import ConfigError
+    from heygem_daemon.generation.remote_worker import run_worker
+
+    try:
+        return run_worker(cfg, queue, hostname)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 def _config_check(path: Path) -> int:
@@ -192,6 +208,8 @@ def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
     print("tasks: " + (", ".join(f"{k} {v}" for k, v in sorted(doc["tasks"].items())) or "none yet"))
     for outage in doc["waiting_for"]:
         print(describe(outage))
+    for line in _remote_lines(cfg):
+        print(line)
     for dep in doc["dependencies"]:
         if dep["state"] in OUT_STATES:
             print(f"{dep['name']} is {dep['state'].upper()}: {dep['detail']}" + (f" ({dep['hint']})" if dep["hint"] else ""))
@@ -211,6 +229,24 @@ def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
     for view in doc["adhoc"]:
         print(_adhoc_line(view))
     return 0
+
+
+def _remote_lines(cfg: Config) -> list[str]:
+    """The broker and each remote worker heard from, as the running daemon last wrote them."""
+    from heygem_daemon.ops.daemon_state import read_state
+
+    remote = read_state(cfg.folder("state")).get("remote")
+    if not remote:
+        return []
+    lines = []
+    if remote["down_since"]:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(remote["down_since"]))
+        lines.append(f"{remote['broker']} UNREACHABLE since {since}: remote tasks wait, nothing is lost")
+    for w in remote["workers"]:
+        beat = f"{time.time() - w['last_beat']:.0f} s ago" if w["last_beat"] else "never"
+        doing = ", ".join(f"{d}: {t}" for d, t in sorted(w["tasks"].items())) or "idle"
+        lines.append(f"remote worker {w['host']} [{', '.join(w['devices'])}] {doing}; last heartbeat {beat}")
+    return lines
 
 
 def _jobs(cfg: Config, store: Store, failed_only: bool, limit: int) -> int:

@@ -94,6 +94,34 @@ class EngineChoice(_Section):
     x264_preset: str = Field("veryfast", description="speed/size trade-off of libx264 and libx265 (same names)")
 
 
+class Remote(_Section):
+    """Generation on other hosts (`heygem-daemon worker`), through Celery with a Redis broker."""
+
+    broker_url: str = Field(..., description="redis://host:6379/0; the result backend is the same Redis")
+    queues: dict[str, int] = Field(..., description="queue name: tasks kept in flight on it (its devices in all)")
+    path_map: dict[str, str] = Field(default_factory=dict, description="daemon path prefix: the same folder "
+                                     "as the workers mount it (the shared work/ and outputs/)")
+    visibility_timeout_seconds: float = Field(
+        43200.0, gt=0.0, description="Redis hands an unacknowledged task to another worker after this long: keep "
+        "it above the longest render (a dead worker is noticed sooner, by workers.stall_seconds)")
+    beat_seconds: float = Field(1.0, gt=0.0, description="how often a worker reports a running task's heartbeat")
+    poll_seconds: float = Field(0.25, gt=0.0, description="how often the daemon reads the state of remote tasks")
+
+    @field_validator("broker_url")
+    @classmethod
+    def _redis(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "redis+socket://")):
+            raise ValueError("use a Redis URL: redis://host:6379/0 (rediss:// for TLS)")
+        return v
+
+    @field_validator("queues")
+    @classmethod
+    def _queues(cls, v: dict[str, int]) -> dict[str, int]:
+        if not v or any(n < 1 for n in v.values()):
+            raise ValueError("name at least one queue with one or more tasks in flight, e.g. {gpu: 8}")
+        return v
+
+
 class Workers(_Section):
     devices: list[str] = Field(default_factory=lambda: ["cpu"])
     per_device: int = Field(1, ge=1, le=16)
@@ -104,12 +132,21 @@ class Workers(_Section):
     outage_alert_seconds: float = Field(600.0, gt=0.0, description="alert the operator when tasks have "
                                         "waited this long for a dependency (engine service, disk space)")
     nice: int = Field(10, ge=0, le=19, description="CPU niceness of worker processes; keeps intake responsive")
+    remote: Remote | None = None
+
+    @model_validator(mode="after")
+    def _somewhere_to_run(self) -> "Workers":
+        if not self.devices and self.remote is None:
+            raise ValueError("devices: list at least one device, e.g. [cpu] or [cuda:0] (or set workers.remote)")
+        if self.remote and self.remote.visibility_timeout_seconds <= self.stall_seconds:
+            # Redis would hand a running task to a second worker before the daemon even missed its beats.
+            raise ValueError("remote.visibility_timeout_seconds must be above stall_seconds, and above the "
+                             "longest render (README \"Many GPU hosts\")")
+        return self
 
     @field_validator("devices")
     @classmethod
     def _devices(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("list at least one device, e.g. [cpu] or [cuda:0]")
         for d in v:
             if d != "cpu" and not (d == "cuda" or (d.startswith("cuda:") and d[5:].isdigit())):
                 raise ValueError(f"unknown device {d!r}; use cpu, cuda or cuda:N")

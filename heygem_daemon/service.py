@@ -8,7 +8,7 @@ import fcntl
 import os
 import time
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, TYPE_CHECKING, Callable
 
 from heygem_daemon.component import Component
 from heygem_daemon.ops import metrics, sdnotify
@@ -34,6 +34,9 @@ from heygem_daemon.ops.reload import plan_reload
 from heygem_daemon.state import Store
 from heygem_daemon.state.db import DatabaseDamaged
 from heygem_daemon.generation.workers import WorkerPool
+
+if TYPE_CHECKING:
+    from heygem_daemon.generation.remote import RemoteDispatcher
 
 log = get_logger("heygem.daemon")
 DB_FILE = "heygem.db"
@@ -79,12 +82,16 @@ class Daemon:
         self.events = Events()
         self.life = LifeCycle(cfg, store_for(cfg), self.events)
         self.pool = WorkerPool(cfg, self.life)
+        # Remote hosts (Celery queues) take tasks from the same queue, beside or instead of local devices.
+        self.remote = _remote(cfg, self.life)
         self.outbox = Outbox(cfg, store_for(cfg))
         self.chat = Notifier(self.outbox)
         self.announcer = Announcer(self.outbox, store_for(cfg))
-        self.outages = OutageWatch(cfg, store_for(cfg), self.outbox.enqueue_alert)
+        self.outages = OutageWatch(cfg, store_for(cfg), self.outbox.enqueue_alert,
+                                   others=lambda: self.remote.outages() if self.remote else [])
         self.intake = Intake(cfg, Claimer(cfg, self.life), self.inspector,
-                             set(available()), lambda name: needs_face(name, cfg.engines.get(name)), self.pool.notify,
+                             set(available()), lambda name: needs_face(name, cfg.engines.get(name)),
+                             self._wake_generation,
                              on_alert=self.outbox.enqueue_alert)
         self.inbox = IntakeService(cfg, self.intake)
         self.delivery = DeliveryService(cfg, store_for(cfg), self.announcer.reported, self.outbox.enqueue_alert)
@@ -93,23 +100,39 @@ class Daemon:
         self.disk = DiskGuard(cfg)
         self.cleanup = Cleanup(cfg, store_for(cfg))
         self.metrics = MetricsServer(cfg.metrics.port, StateCollector(
-            store_for(cfg), self.pool.describe, lambda: {"draining": self.draining, "disk_low": bool(self.disk.low)}))
+            store_for(cfg), self.pool.describe, lambda: {"draining": self.draining, "disk_low": bool(self.disk.low)},
+            self._remote_workers))
         # Started in this order, stopped in reverse: intake last in, so nothing is claimed before the
         # workers, delivery and chat that carry a job on are running.
-        self.components: list[Component] = [self.chat, self.pool, self.delivery, self.cleanup, self.metrics,
-                                            self.inbox]
+        self.components: list[Component] = [self.chat, self.pool, *([self.remote] if self.remote else []),
+                                            self.delivery, self.cleanup, self.metrics, self.inbox]
         self._started: list[Component] = []
         self.draining = False
 
     def _subscribe(self) -> None:
         """Who hears of what the life cycle does: slots wake for queued work, delivery for finished videos,
         and the announcer decides who is told when a job ends."""
-        self.events.subscribe(JobQueued, lambda _e: self.pool.notify())
+        self.events.subscribe(JobQueued, lambda _e: self._wake_generation())
         self.events.subscribe(TaskFinished, lambda _e: self.delivery.wake.set())
         self.events.subscribe(JobFinished, lambda _e: self.delivery.wake.set())
         self.events.subscribe(TaskFailed, lambda e: metrics.ATTEMPTS_FAILED.labels(e.problem.kind.value,
                                                                                  e.state.value).inc())
         self.announcer.subscribe(self.events)
+
+    def _wake_generation(self) -> None:
+        self.pool.notify()
+        if self.remote:
+            self.remote.notify()
+
+    def _generating(self) -> bool:
+        return self.pool.busy() or bool(self.remote and self.remote.busy())
+
+    def _running(self) -> list[dict[str, object]]:
+        local = [d for d in self.pool.describe() if d["task"]]
+        return local + [{"remote": w["host"], "tasks": w["tasks"]} for w in self._remote_workers() if w["tasks"]]
+
+    def _remote_workers(self) -> list[dict[str, object]]:
+        return self.remote.describe() if self.remote else []
 
     def run(self) -> int:
         recover_detected(self.cfg, self.store)
@@ -170,6 +193,8 @@ class Daemon:
                     self.life.settle_requests()
                     self.outages.check()
                     self.systemd.status(self._status())
+                    if self.remote:
+                        self._write_state()
             except Exception:
                 log.exception("main loop step failed; trying again")
             interval = self.systemd.watchdog_interval
@@ -191,19 +216,20 @@ class Daemon:
         checkpointed back to the queue by pool.stop()."""
         self.draining = True
         self.pool.drain()
+        if self.remote:
+            self.remote.drain()
         self._apply_hold()
         budget = self.cfg.shutdown.drain_seconds
         deadline = time.monotonic() + budget
         # Stretches systemd's stop timeout when drain_seconds outgrew TimeoutStopSec in the unit.
         self.systemd.stopping(budget + STOP_MARGIN_SECONDS)
-        if self.pool.busy():
+        if self._generating():
             log.info("draining: taking no new work, letting running tasks finish", drain_seconds=budget,
-                     running=[d for d in self.pool.describe() if d["task"]])
-            self._loop(lambda: not self.pool.busy() or time.monotonic() >= deadline or self.requests.stops > 1)
-        if self.pool.busy():
+                     running=self._running())
+            self._loop(lambda: not self._generating() or time.monotonic() >= deadline or self.requests.stops > 1)
+        if self._generating():
             why = "second stop signal" if self.requests.stops > 1 else "drain time over"
-            log.warning(f"{why}: running tasks go back to the queue", running=[d for d in self.pool.describe()
-                                                                              if d["task"]])
+            log.warning(f"{why}: running tasks go back to the queue", running=self._running())
         self._drain_delivery(deadline)
 
     def _drain_delivery(self, deadline: float) -> None:
@@ -225,13 +251,21 @@ class Daemon:
         else:
             self.intake.hold.clear()
             self.intake.wake.set()
+        self._write_state()
+
+    def _write_state(self) -> None:
+        remote = {"remote": {**self.remote.broker(), "workers": self.remote.describe()}} if self.remote else {}
         write_state(self.cfg.folder("state"), draining=self.draining, disk_low=self.disk.low,
-                    devices=self.cfg.workers.devices)
+                    devices=self.cfg.workers.devices, **remote)
 
     def _status(self) -> str:
         counts = self.store.tasks.counts()
         parts = [f"{counts.get('queued', 0)} queued, {counts.get('running', 0)} running"]
         parts += [f"{d['device']}: {d['task'] or 'idle'}" for d in self.pool.describe()]
+        if self.remote:
+            parts += [f"{q} (remote): {n} in flight" for q, n in self.remote.broker()["in_flight"].items()]
+            if self.remote.broker_down_since is not None:
+                parts.append(f"{self.remote.broker()['broker']} unreachable")
         if self.disk.low:
             parts.append(self.disk.low)
         if self.draining:
@@ -264,6 +298,15 @@ class Daemon:
             log.warning("changed keys that take effect only after a restart (systemctl restart heygem-daemon)",
                         keys=plan.restart)
         self.systemd.reloaded()
+
+
+def _remote(cfg: Config, life: LifeCycle) -> "RemoteDispatcher | None":
+    if cfg.workers.remote is None:
+        return None
+    # Celery comes with the `remote` extra: a daemon with local devices only does not need it.
+    from heygem_daemon.generation.remote import RemoteDispatcher
+
+    return RemoteDispatcher(cfg, life)
 
 
 def run_daemon(cfg: Config, config_path: Path | None = None, requests: Requests | None = None) -> int:

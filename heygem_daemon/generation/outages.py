@@ -31,8 +31,10 @@ class OutageWatch:
     notify.alert_repeat_hours)."""
 
     def __init__(self, cfg: Config, store: Store, on_alert: Callable[[str, str], Any],
-                 clock: Clock = SYSTEM_CLOCK) -> None:
+                 clock: Clock = SYSTEM_CLOCK, others: Callable[[], list[dict[str, Any]]] = lambda: []) -> None:
         self.cfg, self.store, self.on_alert, self.clock = cfg, store, on_alert, clock
+        # Outages no queued task records (the task broker away while every remote task is in flight).
+        self.others = others
         self._next = 0.0
         self._alerted: set[tuple[str, float]] = set()
 
@@ -43,7 +45,7 @@ class OutageWatch:
             return []
         self._next = now + CHECK_SECONDS
         raised = []
-        for outage in waiting(self.store):
+        for outage in waiting(self.store) + self.others():
             mark = (outage["dependency"], outage["since"])
             if now - outage["since"] < self.cfg.workers.outage_alert_seconds or mark in self._alerted:
                 continue

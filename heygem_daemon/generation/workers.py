@@ -58,7 +58,7 @@ class _Reporter:
             os._exit(1)
 
 
-def _crash(exc: Exception) -> tuple[str, str, str, str, str]:
+def crash_error(exc: Exception) -> tuple[str, str, str, str, str]:
     """An exception the engine did not classify: a full disk is an outage, anything else an engine fault."""
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return ("error", Kind.OUTAGE.value, f"disk full: {exc}",
@@ -96,7 +96,7 @@ def worker_main(conn: Connection, device: str, engine_settings: dict[str, dict[s
             dependency = exc.dependency if isinstance(exc, OutageError) else ""
             conn.send(("error", exc.kind.value, exc.reason, exc.hint, dependency))
         except Exception as exc:  # an engine bug: retry, and keep the traceback for the operator
-            conn.send(_crash(exc))
+            conn.send(crash_error(exc))
 
 
 class WorkerProcess:
@@ -136,6 +136,25 @@ class Attempt:
 
     def problem(self) -> Problem:
         return Problem(self.kind, "generate", self.reason, self.hint.split("\n", 1)[0], self.hint)
+
+
+def task_spec(cfg: Config, life: LifeCycle, task: Task, device: str) -> tuple[str, TaskSpec]:
+    """The engine and the pure description of one task, as a local slot or a remote worker runs it."""
+    job = life.store.jobs.get(task.job_id)
+    work = cfg.folder("work") / job.id
+    preset_name = job.spec.get("preset")
+    try:
+        preset = cfg.preset(preset_name)
+    except KeyError:
+        raise LookupError(f"preset {preset_name!r} is no longer in the config (removed by a reload?)") from None
+    spec = TaskSpec(
+        task_id=task.id, job_id=job.id, name=task.name,
+        audio=work / "in" / task.audio, portrait=work / "in" / task.portrait,
+        output=Path(task.output + ".part"), workdir=work / f"task-{task.id}",
+        preset=preset, device=device,
+        x264_preset=cfg.engine.x264_preset, options=job.spec.get("options", {}), store=life.store.path,
+    )
+    return job.spec.get("engine", cfg.engine.name), spec
 
 
 class Slot(threading.Thread):
@@ -182,31 +201,13 @@ class Slot(threading.Thread):
         nxt = self.store.tasks.next_wakeup()
         return IDLE_POLL if nxt is None else max(0.05, min(IDLE_POLL, nxt - self.clock.time()))
 
-    def _spec(self, task: Task) -> tuple[str, TaskSpec]:
-        job = self.store.jobs.get(task.job_id)
-        work = self.cfg.folder("work") / job.id
-        spec = TaskSpec(
-            task_id=task.id, job_id=job.id, name=task.name,
-            audio=work / "in" / task.audio, portrait=work / "in" / task.portrait,
-            output=Path(task.output + ".part"), workdir=work / f"task-{task.id}",
-            preset=self._preset(job.spec.get("preset")), device=self.device,
-            x264_preset=self.cfg.engine.x264_preset, options=job.spec.get("options", {}), store=self.life.store.path,
-        )
-        return job.spec.get("engine", self.cfg.engine.name), spec
-
-    def _preset(self, name: str | None) -> Any:
-        try:
-            return self.cfg.preset(name)
-        except KeyError:
-            raise LookupError(f"preset {name!r} is no longer in the config (removed by a reload?)") from None
-
     def _run_task(self, task: Task) -> None:
         self.current = task
         bound = log.bind(job_id=task.job_id, task_id=task.id, task=task.name, device=self.device,
                          attempt=task.attempts)
         started = self.clock.monotonic()
         try:
-            engine, spec = self._spec(task)
+            engine, spec = task_spec(self.cfg, self.life, task, self.device)
             spec.workdir.mkdir(parents=True, exist_ok=True)
             spec.output.parent.mkdir(parents=True, exist_ok=True)
             bound.info("task started", engine=engine)
@@ -278,29 +279,40 @@ class Slot(threading.Thread):
             self.worker = None
 
     def _record(self, task: Task, spec: TaskSpec, result: Attempt, bound: Any, seconds: float) -> None:
-        if result.interrupted:
-            spec.output.unlink(missing_ok=True)
-            self.life.interrupted(task)
-            bound.info("task interrupted by shutdown; requeued")
-            return
-        if result.ok:
-            if not spec.output.is_file() or spec.output.stat().st_size == 0:
-                result = Attempt(False, "engine reported success but wrote no output", "engine bug; retried")
-            else:
-                os.replace(spec.output, task.output)
-                bound.info("task done", output=task.output, seconds=round(seconds, 2))
-                self.life.task_done(task)
-                return
-        spec.output.unlink(missing_ok=True)
-        self._record_failure(task, result, bound)
+        record(self.life, self.device, task, spec.output, result, bound, seconds)
 
     def _record_failure(self, task: Task, result: Attempt, bound: Any) -> None:
-        state = self.life.attempt_failed(task, result.problem(), self.device, result.dependency)
-        if result.kind is Kind.OUTAGE and state is TaskState.QUEUED:
-            bound.warning("task waits for a dependency (attempt not counted)", reason=result.reason)
+        record_failure(self.life, self.device, task, result, bound)
+
+
+def record(life: LifeCycle, device: str, task: Task, part: Path, result: Attempt, bound: Any,
+           seconds: float) -> None:
+    """Finish an attempt, local or remote alike: a checked `.part` is renamed into place and the task is done;
+    anything else goes through the life cycle's failure rules."""
+    if result.interrupted:
+        part.unlink(missing_ok=True)
+        life.interrupted(task)
+        bound.info("task interrupted by shutdown; requeued")
+        return
+    if result.ok:
+        if not part.is_file() or part.stat().st_size == 0:
+            result = Attempt(False, "engine reported success but wrote no output", "engine bug; retried")
         else:
-            bound.warning("task attempt failed", reason=result.reason, kind=result.kind.value,
-                          retry=state is TaskState.QUEUED)
+            os.replace(part, task.output)
+            bound.info("task done", output=task.output, seconds=round(seconds, 2))
+            life.task_done(task)
+            return
+    part.unlink(missing_ok=True)
+    record_failure(life, device, task, result, bound)
+
+
+def record_failure(life: LifeCycle, device: str, task: Task, result: Attempt, bound: Any) -> None:
+    state = life.attempt_failed(task, result.problem(), device, result.dependency)
+    if result.kind is Kind.OUTAGE and state is TaskState.QUEUED:
+        bound.warning("task waits for a dependency (attempt not counted)", reason=result.reason)
+    else:
+        bound.warning("task attempt failed", reason=result.reason, kind=result.kind.value,
+                      retry=state is TaskState.QUEUED)
 
 
 class WorkerPool:

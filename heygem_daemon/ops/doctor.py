@@ -24,6 +24,7 @@ PROVIDERS: list[str] = [
     "heygem_daemon.ops.doctor:disk_checks",
     "heygem_daemon.ops.doctor:engine_checks",
     "heygem_daemon.ops.doctor:database_checks",
+    "heygem_daemon.ops.doctor:remote_checks",
     "heygem_daemon.delivery.s3:s3_checks",
     "heygem_daemon.notify.outbox:notify_checks",
 ]
@@ -120,6 +121,27 @@ def database_checks(cfg: Config) -> Iterable[Check]:
                if backup.is_file() else f"move {path.name} (with -wal, -shm) aside; the daemon starts a new one")
     yield Check("database", not problems, f"{path}: quick_check " + ("ok" if not problems else "; ".join(problems[:3])),
                 restore)
+
+
+def remote_checks(cfg: Config) -> Iterable[Check]:
+    """With workers.remote: Redis answers, and which `heygem-daemon worker`s answer through it."""
+    remote = cfg.workers.remote
+    if remote is None:
+        return
+    from heygem_daemon.generation.celery_app import broker_name, make_app  # the `remote` extra
+
+    app = make_app(remote, sender=True)
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception as exc:
+        yield Check("task broker", False, f"{broker_name(remote)}: {exc}",
+                    "start Redis (systemctl start redis-server) or fix workers.remote.broker_url")
+        return
+    yield Check("task broker", True, broker_name(remote))
+    names = sorted(name for reply in app.control.ping(timeout=1.0) for name in reply)
+    yield Check("remote workers", bool(names), ", ".join(names) or "no `heygem-daemon worker` answered",
+                "start heygem-worker on the GPU hosts (README \"Many GPU hosts\")")
 
 
 def _provider(target: str) -> Callable[[Config], Iterable[Check]]:

@@ -34,8 +34,9 @@ class StateCollector(Collector):
     """Jobs by state, queue length, busy device slots and the daemon's own state, at scrape time."""
 
     def __init__(self, store: Store, slots: Callable[[], list[dict[str, Any]]],
-                 flags: Callable[[], dict[str, bool]]) -> None:
-        self.store, self.slots, self.flags = store, slots, flags
+                 flags: Callable[[], dict[str, bool]],
+                 remote: Callable[[], list[dict[str, Any]]] = lambda: []) -> None:
+        self.store, self.slots, self.flags, self.remote = store, slots, flags, remote
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         jobs = GaugeMetricFamily("heygem_jobs", "Jobs in the store by state", labels=["state"])
@@ -51,6 +52,18 @@ class StateCollector(Collector):
         for device, n in sorted(per_device.items()):
             busy.add_metric([device], n)
         yield busy
+        workers = self.remote()
+        if workers:
+            running = GaugeMetricFamily("heygem_remote_worker_busy", "Tasks a remote worker runs",
+                                        labels=["host", "devices"])
+            beat = GaugeMetricFamily("heygem_remote_worker_last_beat", "Unix time of a remote worker's last "
+                                     "heartbeat", labels=["host", "devices"])
+            for w in workers:
+                labels = [w["host"], ",".join(w["devices"])]
+                running.add_metric(labels, len(w["tasks"]))
+                beat.add_metric(labels, w["last_beat"] or 0)
+            yield running
+            yield beat
         for name, value in sorted(self.flags().items()):
             yield GaugeMetricFamily(f"heygem_{name}", f"1 while the daemon is {name.replace('_', ' ')}",
                                     value=int(value))

@@ -7,7 +7,7 @@ It builds a real MP4 (H.264 + AAC) from the portrait and the audio with PyAV, pr
 separated by carriage returns, as such tools do. What it does wrong is chosen by a word in the audio's
 file name, so one configured daemon can exercise every outcome: `crash` (traceback, exit 1),
 `badinput` (message, exit 3), `hang` (starts a helper process, writes its pid beside the output, then
-sleeps), `notmp4` (writes text), `noaudio` (an MP4 without sound), `env` (writes the names of its
+sleeps), `notmp4` (writes text), `slow` (first sleeps $FAKE_SLOW_SECONDS), `noaudio` (an MP4 without sound), `env` (writes the names of its
 HEYGEM_* and FAKE_* environment variables beside the output).
 """
 
@@ -91,6 +91,8 @@ def main() -> int:
         (args.output.parent / "helper.pid").write_text(str(helper.pid))
         print("working", flush=True)
         time.sleep(600)
+    if "slow" in mode:
+        time.sleep(float(os.environ.get("FAKE_SLOW_SECONDS", "3")))
     if "notmp4" in mode:
         args.output.write_text("this is not a video\n")
         return 0

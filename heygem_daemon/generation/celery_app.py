@@ -1,0 +1,80 @@
+"""What the daemon and `heygem-daemon worker` agree on: the Celery app's settings and a task's payload.
+
+A task travels as JSON: the engine's name, the attempt number (a late result of an attempt the daemon
+gave up on is recognised by it) and the `TaskSpec` with its paths as the worker's host sees them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from celery import Celery
+
+from heygem_daemon.config import Preset, Remote
+from heygem_daemon.engines.base import TaskSpec
+
+TASK_NAME = "heygem.generate"
+PATH_FIELDS = ("audio", "portrait", "output", "workdir")
+
+
+def make_app(remote: Remote, sender: bool = False) -> Celery:
+    """Late acks and prefetch 1: a task leaves Redis only once it is done, and a worker holds no more
+    than it runs; a worker that dies hands its task back (reject on worker lost). The daemon (`sender`)
+    gives up connecting at once: a broker away is an outage it waits out, not a stall of its loop."""
+    app = Celery("heygem", broker=remote.broker_url, backend=remote.broker_url, set_as_current=False)
+    transport: dict[str, Any] = {"visibility_timeout": remote.visibility_timeout_seconds}
+    backend = dict(transport)
+    if sender:
+        transport.update(max_retries=1, interval_start=0, interval_step=0.2, interval_max=0.2)
+        backend["retry_policy"] = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
+    app.conf.update(
+        task_serializer="json", result_serializer="json", accept_content=["json"],
+        task_acks_late=True, task_reject_on_worker_lost=True, worker_prefetch_multiplier=1,
+        task_track_started=True, result_expires=24 * 3600,
+        broker_transport_options=transport, result_backend_transport_options=backend,
+        broker_connection_retry_on_startup=True, broker_connection_max_retries=None,
+        # A send that cannot reach Redis fails fast: the daemon turns it into an outage and waits.
+        task_publish_retry_policy={"max_retries": 1, "interval_start": 0.2, "interval_step": 0.2},
+        worker_hijack_root_logger=False, worker_send_task_events=False,
+    )
+    return app
+
+
+def broker_name(remote: Remote) -> str:
+    """The broker as an outage names it: host and port, never a password from the URL."""
+    url = urlsplit(remote.broker_url)
+    return f"task broker {url.hostname or url.path}" + (f":{url.port}" if url.port else "")
+
+
+def map_path(path: Path, path_map: dict[str, str]) -> Path:
+    """The daemon's path as the worker mounts it (the longest matching prefix wins)."""
+    text = str(path)
+    for prefix in sorted(path_map, key=len, reverse=True):
+        root = prefix.rstrip("/")
+        if text == root or text.startswith(root + "/"):
+            return Path(path_map[prefix].rstrip("/") + text[len(root):])
+    return path
+
+
+def encode(spec: TaskSpec, path_map: dict[str, str]) -> dict[str, Any]:
+    out = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+    for name in PATH_FIELDS:
+        out[name] = str(map_path(out[name], path_map))
+    out["preset"] = spec.preset.model_dump()
+    out["store"] = None  # the daemon's SQLite file is not shared with other hosts
+    return out
+
+
+def decode(data: dict[str, Any], device: str) -> TaskSpec:
+    fields = {**data, "preset": Preset.model_validate(data["preset"]), "device": device}
+    for name in PATH_FIELDS:
+        fields[name] = Path(fields[name])
+    return TaskSpec(**fields)
+
+
+def attempt_part(output: str, attempt: int) -> Path:
+    """Each attempt writes its own `.part`: one that outlives its attempt can never be taken for another's."""
+    return Path(f"{output}.{attempt}.part")

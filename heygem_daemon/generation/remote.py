@@ -1,0 +1,283 @@
+"""The daemon's side of remote generation: keep up to N tasks in flight per Celery queue, through the
+same life cycle as a local slot (`take`, then `record`: check the MP4, rename `.part`, done or failed).
+
+Progress and heartbeats come from the result backend (PROGRESS state). A worker silent for
+`workers.stall_seconds` is given up on: its Celery task is revoked and the attempt fails like a crashed
+local worker, so the task runs again elsewhere. A broker that cannot be reached is an outage: tasks wait
+without using attempts and the operator is alerted (OutageWatch); renders already running carry on.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from celery.result import AsyncResult
+
+from heygem_daemon.clock import SYSTEM_CLOCK, Clock
+from heygem_daemon.config import Config, Remote
+from heygem_daemon.failures import Kind
+from heygem_daemon.generation.celery_app import TASK_NAME, attempt_part, broker_name, encode, make_app, map_path
+from heygem_daemon.generation.lifecycle import CANCELLED_HINT, CANCELLED_REASON, LifeCycle
+from heygem_daemon.generation.workers import Attempt, record, task_spec
+from heygem_daemon.log import get_logger
+from heygem_daemon.state import CANCELLING, Task
+
+log = get_logger("heygem.remote")
+RUNNING_STATES = ("STARTED", "PROGRESS")
+
+
+@dataclass
+class Flight:
+    """One attempt sent to a queue, as the daemon follows it."""
+
+    task: Task
+    queue: str
+    result: AsyncResult | None
+    """None when it never left: sending failed."""
+    part: Path
+    sent: float
+    heard: float
+    """monotonic time of the last sign of life (sent, started, a new beat)."""
+    beat: float | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class RemoteDispatcher:
+    name = "remote"
+
+    def __init__(self, cfg: Config, life: LifeCycle, clock: Clock = SYSTEM_CLOCK) -> None:
+        assert cfg.workers.remote is not None
+        self.cfg, self.life, self.store, self.clock = cfg, life, life.store, clock
+        self.remote: Remote = cfg.workers.remote
+        self.app = make_app(self.remote, sender=True)
+        self.flights: dict[str, list[Flight]] = {q: [] for q in self.remote.queues}
+        self.workers: dict[str, dict[str, Any]] = {}
+        self._workers_lock = threading.Lock()  # `status` and metrics read them from other threads
+        self.broker_down_since: float | None = None
+        self._pause_until = 0.0
+        self.wake, self.stop_event, self.hold = threading.Event(), threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, name="remote-dispatch", daemon=True)
+
+    # --- Component ---
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.stop_event.set()
+        self.wake.set()
+        self._thread.join(timeout)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def apply(self, cfg: Config) -> None:
+        """Attempts, backoff and stall time are read per task; the broker and queues need a restart."""
+        self.cfg = cfg
+
+    def notify(self) -> None:
+        self.wake.set()
+
+    def drain(self) -> None:
+        self.hold.set()
+        self.wake.set()
+
+    def busy(self) -> bool:
+        return any(self.flights.values())
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Each remote worker heard from: host, its devices, what it runs now, its last heartbeat."""
+        with self._workers_lock:
+            return [dict(w, tasks=dict(w["tasks"])) for _, w in sorted(self.workers.items())]
+
+    def broker(self) -> dict[str, Any]:
+        return {"broker": broker_name(self.remote), "down_since": self.broker_down_since,
+                "in_flight": {q: len(f) for q, f in self.flights.items()}}
+
+    def outages(self) -> list[dict[str, Any]]:
+        """The broker away, for OutageWatch: tasks in flight wait for it too (none is recorded as waiting)."""
+        if self.broker_down_since is None:
+            return []
+        return [{"dependency": broker_name(self.remote), "since": self.broker_down_since,
+                 "tasks": sum(len(f) for f in self.flights.values()), "reason": "cannot reach Redis"}]
+
+    # --- the loop ---
+
+    def _run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self.step()
+            except Exception:
+                log.exception("remote dispatch step failed; trying again")
+            self.wake.wait(self.remote.poll_seconds)
+            self.wake.clear()
+        self._give_back()
+
+    def step(self) -> None:
+        cancelling = {job.id for job in self.store.jobs.select((CANCELLING,))} if self.busy() else set()
+        for queue, flights in self.flights.items():
+            for flight in list(flights):
+                if self._follow(flight, flight.task.job_id in cancelling):
+                    flights.remove(flight)
+            while (not self.hold.is_set() and self.clock.monotonic() >= self._pause_until
+                   and len(flights) < self.remote.queues[queue]):
+                task = self.life.take(f"remote:{queue}")
+                if task is None:
+                    break
+                flight = self._send(task, queue)
+                if flight is None:
+                    break
+                flights.append(flight)
+
+    def _send(self, task: Task, queue: str) -> Flight | None:
+        bound = log.bind(job_id=task.job_id, task_id=task.id, task=task.name, queue=queue, attempt=task.attempts)
+        part = attempt_part(task.output, task.attempts)
+        try:
+            engine, spec = task_spec(self.cfg, self.life, task, f"remote:{queue}")
+            spec = replace(spec, output=part)
+            part.parent.mkdir(parents=True, exist_ok=True)
+            payload = {"engine": engine, "attempt": task.attempts, "beat_seconds": self.remote.beat_seconds,
+                       "final": str(map_path(Path(task.output), self.remote.path_map)),
+                       "spec": encode(spec, self.remote.path_map)}
+        except Exception as exc:
+            bound.exception("cannot prepare a remote task")
+            self._finish(Flight(task, queue, None, part, 0.0, 0.0),
+                         Attempt(False, f"{type(exc).__name__}: {exc}", "the daemon could not send the task; "
+                                 "see the log", Kind.INTERNAL))
+            return None
+        try:
+            result = self.app.send_task(TASK_NAME, args=[payload], queue=queue,
+                                        task_id=f"heygem-{task.id}-{task.attempts}-{uuid.uuid4().hex[:8]}")
+        except Exception as exc:  # kombu/redis: the broker cannot be reached
+            self._broker_trouble(exc)
+            self._pause_until = self.clock.monotonic() + self.cfg.workers.backoff_seconds
+            self._finish(Flight(task, queue, None, part, 0.0, 0.0),
+                         Attempt(False, f"cannot reach the {broker_name(self.remote)}: {exc}",
+                                 "start Redis (systemctl start redis-server) or fix workers.remote.broker_url; "
+                                 "the task waits and is sent again by itself", Kind.OUTAGE,
+                                 dependency=broker_name(self.remote)))
+            return None
+        self._broker_ok()
+        now = self.clock.monotonic()
+        bound.info("task sent to a remote queue", celery_id=result.id)
+        return Flight(task, queue, result, part, now, now)
+
+    def _follow(self, flight: Flight, cancelled: bool) -> bool:
+        """Read the flight's state; True once its attempt is settled."""
+        if flight.part.is_file():
+            # The worker renames its part only once the engine succeeded: done, even if its report was lost
+            # with a broker that went away meanwhile.
+            self._finish(flight, Attempt(True))
+            return True
+        assert flight.result is not None
+        try:
+            state, info = flight.result.state, flight.result.info
+        except Exception as exc:  # the backend (Redis) is away: the render goes on; no stall is counted
+            self._broker_trouble(exc)
+            flight.heard = self.clock.monotonic()
+            return False
+        self._broker_ok()
+        now = self.clock.monotonic()
+        if state in RUNNING_STATES:
+            self._heard(flight, info if isinstance(info, dict) else {}, now)
+        if state == "SUCCESS":
+            self._finish(flight, _attempt_of(info))
+            return True
+        if state == "FAILURE":
+            self._finish(flight, Attempt(False, f"remote worker error: {info!r}", "see the worker's log"))
+            return True
+        if cancelled:
+            self._revoke(flight)
+            self._finish(flight, Attempt(False, CANCELLED_REASON, CANCELLED_HINT, Kind.BAD_INPUT))
+            return True
+        stall = self.cfg.workers.stall_seconds
+        if state in RUNNING_STATES and now - flight.heard > stall:
+            self._revoke(flight)
+            host = flight.meta.get("host", "?")
+            self._finish(flight, Attempt(False, f"remote worker {host} silent for {stall:g} s (gone or hung)",
+                                         "the task runs again on another worker"))
+            return True
+        return False
+
+    def _heard(self, flight: Flight, meta: dict[str, Any], now: float) -> None:
+        beat = meta.get("beat")
+        if flight.meta and beat == flight.beat:
+            return
+        flight.heard, flight.beat, flight.meta = now, beat, {**flight.meta, **meta}
+        if "progress" in meta:
+            self.store.tasks.set_progress(flight.task.id, float(meta["progress"]))
+        host = meta.get("host") or meta.get("hostname")
+        if host:
+            flight.meta["host"] = host
+            with self._workers_lock:
+                worker = self.workers.setdefault(host, {"host": host, "devices": [], "tasks": {}, "last_beat": None})
+                worker["devices"] = meta.get("devices", worker["devices"])
+                worker["tasks"][meta.get("device", "?")] = flight.task.name
+                worker["last_beat"] = beat or time.time()
+
+    def _finish(self, flight: Flight, result: Attempt) -> None:
+        task = flight.task
+        device = f"remote:{flight.queue}@{flight.meta.get('host', '?')}"
+        bound = log.bind(job_id=task.job_id, task_id=task.id, task=task.name, device=device, attempt=task.attempts)
+        with self._workers_lock:
+            host = self.workers.get(flight.meta.get("host", ""))
+            if host:
+                host["tasks"] = {d: t for d, t in host["tasks"].items() if t != task.name}
+        now = self.store.tasks.get(task.id)
+        if now is None or now.state != "running" or now.attempts != task.attempts:
+            # An attempt the daemon already gave up on (or one a restart requeued): its result is not ours.
+            flight.part.unlink(missing_ok=True)
+            bound.warning("late result of an abandoned attempt discarded")
+            return
+        seconds = self.clock.monotonic() - flight.sent if flight.sent else 0.0
+        if result.ok and not flight.part.exists() and Path(task.output).is_file():
+            self.life.task_done(task)  # a redelivery of an attempt whose output was already renamed
+        else:
+            record(self.life, device, task, flight.part, result, bound, seconds)
+        if result.ok:
+            for stale in Path(task.output).parent.glob(Path(task.output).name + ".*.part"):
+                stale.unlink(missing_ok=True)  # parts of attempts abandoned before (a crash, a silent worker)
+
+    def _revoke(self, flight: Flight) -> None:
+        if flight.result is None:
+            return
+        try:
+            self.app.control.revoke(flight.result.id, terminate=True, signal="SIGKILL")
+        except Exception as exc:
+            log.warning("cannot revoke a remote task", celery_id=flight.result.id, error=str(exc))
+
+    def _give_back(self) -> None:
+        """Stopping: what still runs remotely is revoked and goes back to the queue for the next start."""
+        for flights in self.flights.values():
+            for flight in flights:
+                self._revoke(flight)
+                record(self.life, f"remote:{flight.queue}", flight.task, flight.part,
+                       Attempt(False, "daemon stopping", interrupted=True),
+                       log.bind(task_id=flight.task.id, job_id=flight.task.job_id), 0.0)
+            flights.clear()
+
+    def _broker_trouble(self, exc: Exception) -> None:
+        if self.broker_down_since is None:
+            self.broker_down_since = time.time()
+            log.error("task broker unreachable; remote tasks wait", broker=broker_name(self.remote), error=str(exc))
+
+    def _broker_ok(self) -> None:
+        if self.broker_down_since is not None:
+            log.info("task broker reachable again", broker=broker_name(self.remote),
+                     down_seconds=round(time.time() - self.broker_down_since, 1))
+            self.broker_down_since = None
+
+
+def _attempt_of(info: Any) -> Attempt:
+    if not isinstance(info, dict):
+        return Attempt(False, f"remote worker returned {info!r}", "worker and daemon versions differ?",
+                       Kind.INTERNAL)
+    if info.get("ok"):
+        return Attempt(True)
+    return Attempt(False, info.get("reason", "?"), info.get("hint", ""), Kind(info.get("kind", Kind.ENGINE.value)),
+                   dependency=info.get("dependency", ""))

@@ -1,0 +1,136 @@
+"""`heygem-daemon worker`: a Celery worker on a GPU host running the daemon's engines.
+
+One pool child per device (CUDA_VISIBLE_DEVICES is set in the child before any engine loads), each
+engine built once per child and kept. A task writes `<output>.<attempt>.<pid>.writing.part`, renames it to
+`<output>.<attempt>.part` when the engine is done, and reports; the daemon checks and renames it into
+place. A redelivered task whose part (or final output) already exists returns at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from billiard.process import current_process
+from celery import Celery
+from celery.signals import worker_process_init
+
+from heygem_daemon.config import Config, ConfigError
+from heygem_daemon.engines.base import EngineError, OutageError
+from heygem_daemon.generation.celery_app import TASK_NAME, decode, make_app
+from heygem_daemon.generation.workers import crash_error
+from heygem_daemon.log import get_logger, setup_logging
+
+log = get_logger("heygem.remote_worker")
+_child: dict[str, Any] = {"device": "cpu", "engines": {}}
+
+
+def child_device(devices: list[str], index: int) -> str:
+    """The device of pool child `index`, as the engine sees it once CUDA_VISIBLE_DEVICES names one card."""
+    device = devices[index % len(devices)]
+    if device == "cpu":
+        return "cpu"
+    os.environ["CUDA_VISIBLE_DEVICES"] = device.partition(":")[2] or "0"
+    return "cuda:0"
+
+
+class _Beats:
+    """The engine's Reporter: progress and heartbeats become Celery task state (PROGRESS), at most once per
+    beat_seconds. A broker that is briefly away must not fail the render: a missed beat is only a beat."""
+
+    def __init__(self, task: Any, meta: dict[str, Any], every: float) -> None:
+        self.task, self.meta, self.every = task, meta, every
+        self.at = 0.0
+        self.progress = 0.0
+
+    def __call__(self, fraction: float) -> None:
+        self.progress = float(fraction)
+        self.heartbeat()
+
+    def heartbeat(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.at < self.every:
+            return
+        self.at = now
+        try:
+            self.task.update_state(state="PROGRESS", meta={**self.meta, "progress": self.progress,
+                                                           "beat": time.time()})
+        except Exception as exc:  # Redis away: the render goes on, the daemon waits for it
+            log.warning("cannot report progress", error=str(exc))
+
+
+def generate(task: Any, payload: dict[str, Any], engine_settings: dict[str, dict[str, Any]],
+             devices: list[str]) -> dict[str, Any]:
+    from heygem_daemon.engines.registry import build_engine
+
+    spec = decode(payload["spec"], _child["device"])
+    done, attempt = spec.output, payload["attempt"]
+    host = f"{socket.gethostname()}:{os.getpid()}"
+    meta = {"host": task.request.hostname or host, "devices": devices, "device": _child["device"],
+            "task": spec.name, "attempt": attempt}
+    if (done.is_file() and done.stat().st_size) or Path(payload["final"]).is_file():
+        return {**meta, "ok": True, "redelivered": True}
+    # Two runs of one attempt may overlap (a redelivery while the first still renders): each writes its own.
+    writing = done.with_name(done.name.removesuffix(".part") + f".{os.getpid()}.writing.part")
+    beats = _Beats(task, meta, payload["beat_seconds"])
+    beats.heartbeat(force=True)
+    try:
+        spec.workdir.mkdir(parents=True, exist_ok=True)
+        name = payload["engine"]
+        engines = _child["engines"]
+        engine = engines.get(name) or engines.setdefault(name, build_engine(name, engine_settings.get(name, {})))
+        engine.generate(dataclasses.replace(spec, output=writing), beats)
+        if Path(payload["final"]).is_file():  # another run of this task made it first: one output only
+            return {**meta, "ok": True, "redelivered": True}
+        os.replace(writing, done)
+        return {**meta, "ok": True}
+    except EngineError as exc:
+        dependency = exc.dependency if isinstance(exc, OutageError) else ""
+        return {**meta, "ok": False, "kind": exc.kind.value, "reason": exc.reason, "hint": exc.hint,
+                "dependency": dependency}
+    except Exception as exc:  # an engine bug: the daemon retries it, with the traceback for the operator
+        _, kind, reason, hint, dependency = crash_error(exc)
+        return {**meta, "ok": False, "kind": kind, "reason": reason, "hint": hint, "dependency": dependency}
+    finally:
+        writing.unlink(missing_ok=True)
+
+
+def worker_app(cfg: Config) -> Celery:
+    assert cfg.workers.remote is not None
+    app = make_app(cfg.workers.remote)
+    devices = list(cfg.workers.devices)
+    settings = {name: dict(raw) for name, raw in cfg.engines.items()}
+
+    @worker_process_init.connect(weak=False)
+    def _bind_device(**_: Any) -> None:
+        _child["device"] = child_device(devices, getattr(current_process(), "index", 0) or 0)
+
+    @app.task(bind=True, name=TASK_NAME)
+    def _generate(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
+        return generate(self, payload, settings, devices)
+
+    return app
+
+
+def run_worker(cfg: Config, queue: str | None, hostname: str | None) -> int:
+    """Serve `queue` (default: the first in workers.remote.queues) until stopped; ConfigError when the config
+    says nothing usable for a worker."""
+    remote = cfg.workers.remote
+    if remote is None:
+        raise ConfigError("workers.remote is not set: give it broker_url and queues (README \"Many GPU hosts\")")
+    if not cfg.workers.devices:
+        raise ConfigError("workers.devices: list this host's devices, e.g. [cuda:0, cuda:1]")
+    queue = queue or next(iter(remote.queues))
+    if queue not in remote.queues:
+        raise ConfigError(f"queue {queue!r} is not in workers.remote.queues ({', '.join(remote.queues)})")
+    setup_logging(None, cfg.logging.level, console=True)  # the journal keeps it, as for the daemon
+    app = worker_app(cfg)
+    name = hostname or f"heygem@{socket.gethostname()}"
+    app.worker_main(["worker", "--pool", "prefork", "--concurrency", str(len(cfg.workers.devices)),
+                     "--queues", queue, "--hostname", name, "--loglevel", cfg.logging.level.upper(),
+                     "--without-gossip", "--without-mingle", "-O", "fair"])
+    return 0

@@ -1,0 +1,113 @@
+"""Many GPU hosts on one machine: a real redis-server on 127.0.0.1 and `heygem-daemon worker` processes,
+each with its own scratch folder, seeing the daemon's folders through a path map as a mounted share."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from daemon_harness import REPO
+
+CLI = "import sys; from heygem_daemon.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """Debian's redis-server with an append-only file in its own folder, so a restart keeps the queue (as
+    the README asks of a production broker)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.port = folder, free_port()
+        folder.mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is missing: apt-get install redis-server (.ci/run does)"
+        with open(self.folder / "redis.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
+                 "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "yes"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("redis-server did not start; see " + str(self.folder / "redis.log"))
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+class RemoteWorker:
+    """One `heygem-daemon worker` process playing a GPU host: its own config and scratch folder."""
+
+    def __init__(self, folder: Path, name: str, settings: dict[str, Any], env: dict[str, str]) -> None:
+        self.folder, self.name, self.env = folder, name, env
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config = folder / "worker.yaml"
+        self.config.write_text(yaml.safe_dump({"base_dir": str(folder), **settings}))
+        self.log = folder / "worker.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RemoteWorker:
+        ready = self.text().count("ready.")
+        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **self.env}
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", CLI, "-c", str(self.config), "worker", "--hostname", self.name],
+                cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.wait_log("ready.", 60, ready + 1)
+        return self
+
+    def kill(self) -> None:
+        """The host dies: the worker and every process under it, with SIGKILL."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def succeeded(self) -> int:
+        return self.text().count("succeeded in")
+
+    def wait_log(self, needle: str, timeout: float, times: int = 1) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.text().count(needle) >= times:
+                return
+            assert self.proc is None or self.proc.poll() is None, f"worker {self.name} exited:\n{self.text()[-3000:]}"
+            time.sleep(0.1)
+        raise AssertionError(f"worker {self.name}: no {needle!r} after {timeout}s:\n{self.text()[-3000:]}")

@@ -1,0 +1,95 @@
+"""Remote generation in-process: what travels to a worker, the path map, the config, and a broker that
+cannot be reached (the real-process behaviour is in test_remote.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from remote_rig import free_port
+from test_job_lifecycle import FakeClock, claimed
+
+from heygem_daemon.config import ConfigError, load_config
+from heygem_daemon.failures import Kind, Problem
+from heygem_daemon.generation.celery_app import attempt_part, decode, encode, map_path
+from heygem_daemon.generation.lifecycle import LifeCycle
+from heygem_daemon.generation.remote import Flight, RemoteDispatcher
+from heygem_daemon.generation.remote_worker import child_device
+from heygem_daemon.generation.workers import Attempt, task_spec
+from heygem_daemon.state import Store
+
+
+def remote_config(tmp_path: Path, **remote) -> dict:
+    return {"base_dir": str(tmp_path), "workers": {"devices": [], "backoff_seconds": 5, "remote": {
+        "broker_url": f"redis://127.0.0.1:{free_port()}/0", "queues": {"gpu": 2}, **remote}}}
+
+
+def load(tmp_path: Path, data: dict):
+    (tmp_path / "config.yaml").write_text(json.dumps(data))
+    return load_config(tmp_path / "config.yaml", environ={})
+
+
+def test_a_path_is_mapped_by_its_longest_matching_prefix():
+    path_map = {"/srv/heygem": "/mnt/share", "/srv/heygem/outputs": "/mnt/out"}
+    assert map_path(Path("/srv/heygem/work/j1/in/a.wav"), path_map) == Path("/mnt/share/work/j1/in/a.wav")
+    assert map_path(Path("/srv/heygem/outputs/j/a.mp4"), path_map) == Path("/mnt/out/j/a.mp4")
+    assert map_path(Path("/srv/heygem-other/a.wav"), path_map) == Path("/srv/heygem-other/a.wav")
+
+
+def test_a_task_travels_as_json_with_the_workers_paths_and_no_store(tmp_path):
+    cfg = load(tmp_path, remote_config(tmp_path, path_map={str(tmp_path): "/mnt/share"}))
+    life = LifeCycle(cfg, Store(cfg.folder("state") / "heygem.db"), clock=FakeClock())
+    claimed(life, "alice")
+    _, spec = task_spec(cfg, life, life.take("remote:gpu"), "remote:gpu")
+    travelled = decode(json.loads(json.dumps(encode(spec, cfg.workers.remote.path_map))), "cuda:0")
+    assert travelled.audio == Path("/mnt/share") / spec.audio.relative_to(tmp_path)
+    assert travelled.output == Path("/mnt/share") / spec.output.relative_to(tmp_path)
+    assert travelled.preset == spec.preset and travelled.device == "cuda:0" and travelled.store is None
+
+
+def test_an_unreachable_broker_makes_the_task_wait_without_using_an_attempt(tmp_path):
+    cfg = load(tmp_path, remote_config(tmp_path))
+    life = LifeCycle(cfg, Store(cfg.folder("state") / "heygem.db"))
+    job = claimed(life, "alice")
+    dispatcher = RemoteDispatcher(cfg, life)
+    dispatcher.step()
+    (task,) = life.store.tasks.select(job.id)
+    assert task.state == "queued" and task.attempts == 0
+    assert task.last_error["kind"] == "outage" and task.last_error["dependency"].startswith("task broker 127.0.0.1:")
+    assert "redis-server" in task.last_error["hint"]
+    assert [o["dependency"] for o in dispatcher.outages()] == [task.last_error["dependency"]]
+
+
+def test_a_late_result_of_an_attempt_given_up_on_is_discarded(tmp_path):
+    cfg = load(tmp_path, remote_config(tmp_path))
+    life = LifeCycle(cfg, Store(cfg.folder("state") / "heygem.db"), clock=FakeClock())
+    job = claimed(life, "alice")
+    first = life.take("remote:gpu")
+    life.attempt_failed(first, Problem(Kind.ENGINE, "generate", "remote worker silent"), "remote:gpu")
+    life.clock.advance(3600)
+    second = life.take("remote:gpu")
+    late = attempt_part(first.output, first.attempts)
+    late.parent.mkdir(parents=True)
+    late.write_bytes(b"a video from attempt 1")
+    RemoteDispatcher(cfg, life)._finish(Flight(first, "gpu", None, late, 1.0, 1.0), Attempt(True))
+    (task,) = life.store.tasks.select(job.id)
+    assert (task.state, task.attempts) == ("running", second.attempts) and second.attempts == 2
+    assert not late.exists() and not Path(first.output).exists()
+
+
+def test_remote_only_needs_no_local_device_but_a_redis_broker(tmp_path):
+    assert load(tmp_path, remote_config(tmp_path)).workers.devices == []
+    with pytest.raises(ConfigError, match="broker_url: Value error|use a Redis URL"):
+        load(tmp_path, remote_config(tmp_path, broker_url="amqp://localhost"))
+    with pytest.raises(ConfigError, match="visibility_timeout_seconds must be above stall_seconds"):
+        load(tmp_path, remote_config(tmp_path, visibility_timeout_seconds=60))
+    with pytest.raises(ConfigError, match="list at least one device"):
+        load(tmp_path, {"base_dir": str(tmp_path), "workers": {"devices": []}})
+
+
+def test_each_pool_child_sees_only_its_own_card(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert child_device(["cuda:0", "cuda:3"], 1) == "cuda:0" and os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    assert child_device(["cpu"], 0) == "cpu"
