@@ -99,13 +99,14 @@ def browser(rig):
 @needs_chromium
 def test_in_a_browser_a_pair_uploaded_through_the_page_reaches_done_live_and_plays(rig, browser, tmp_path,
                                                                                   portrait_jpg):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     daemon, web = rig
     voice = write_speech_wav(tmp_path / "browser.wav", 1.5)  # not the other tests' pair: no duplicate
     driver = browser
-    wait = WebDriverWait(driver, 90)
+    wait = WebDriverWait(driver, 90, ignored_exceptions=(StaleElementReferenceException,))
 
     driver.get(web.url + "/upload")
     driver.execute_script("document.getElementById('pick').hidden = false")
@@ -131,7 +132,8 @@ def test_in_a_browser_a_pair_uploaded_through_the_page_reaches_done_live_and_pla
     driver.save_screenshot(str(ARTEFACTS / "job.png"))
 
     driver.get(web.url + "/jobs")
-    assert "browser job" in driver.find_element(By.CSS_SELECTOR, "table.jobs").text
+    # The list is live: an update may replace the table between finding it and reading it.
+    wait.until(lambda d: "browser job" in d.find_element(By.CSS_SELECTOR, "table.jobs").text)
     driver.save_screenshot(str(ARTEFACTS / "jobs.png"))
     driver.get(web.url + "/health")
     assert "Doctor" in driver.page_source
