@@ -1,5 +1,6 @@
-"""The shipped units (the daemon's and the web console's) are valid for systemd and hardened (exposure 2.0 or lower), with and without the GPU
-drop-in, checked offline. tests/system/systemd_check.sh boots it under a real systemd."""
+"""The shipped units (the daemon's, the web console's and the remote worker's) are valid for systemd and
+hardened (exposure 2.0 or lower), the daemon's with and without the GPU drop-in, checked offline.
+tests/system/systemd_check.sh boots the daemon's under a real systemd."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "heygem-daemon.service"
 WEB_UNIT = UNIT.parent / "heygem-web.service"
+WORKER_UNIT = UNIT.parent / "heygem-worker.service"
 GPU_DROP_IN = UNIT.parent / "heygem-daemon.service.d" / "gpu.conf"
 pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                                 reason="systemd-analyze missing (.ci/run installs it)")
@@ -68,11 +70,20 @@ def test_only_the_gpu_drop_in_names_device_nodes():
     assert "DeviceAllow=/dev/nvidiactl rw" in drop_in and "DeviceAllow=char-nvidia-uvm rw" in drop_in
 
 
-def test_the_web_unit_passes_verify_and_is_hardened_to_2_0_or_lower(tmp_path):
-    copy = unit_copy(tmp_path, unit=WEB_UNIT)
+@pytest.mark.parametrize("unit", [WEB_UNIT, WORKER_UNIT], ids=["web", "worker"])
+def test_the_other_units_pass_verify_and_are_hardened_to_2_0_or_lower(tmp_path, unit):
+    copy = unit_copy(tmp_path, unit=unit)
     verify = analyze("verify", "--man=no", str(copy))
-    assert verify.returncode == 0 and [line for line in verify.stderr.splitlines() if WEB_UNIT.name in line] == [], \
+    assert verify.returncode == 0 and [line for line in verify.stderr.splitlines() if unit.name in line] == [], \
         verify.stderr
     security = analyze("security", "--offline=yes", "--no-pager", str(copy))
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", security.stdout)
     assert match and float(match.group(1)) <= 2.0, security.stdout + security.stderr
+    print(f"systemd-analyze security exposure ({unit.name}): {match.group(1)}")
+
+
+def test_the_worker_unit_runs_the_worker_command_and_stops_it_warm():
+    text = WORKER_UNIT.read_text()
+    assert re.search(r"^ExecStart=\S+/heygem-daemon worker$", text, re.M)
+    for line in ("KillMode=mixed", "Restart=on-failure", "DevicePolicy=closed", "RestartPreventExitStatus=2"):
+        assert re.search(rf"^{re.escape(line)}$", text, re.M), line
