@@ -27,7 +27,7 @@ from heygem_daemon.engines.heygem.pool import ServicePool
 from heygem_daemon.engines.heygem.settings import Endpoint
 from heygem_daemon.engines.registry import needs_face, settings_for
 from heygem_daemon.intake.probe import ProbeError, probe_portrait
-from heygem_daemon.media.faces import FaceRule
+from heygem_daemon.media.face_spec import FaceRule
 from heygem_daemon.state import Store
 from heygem_standin import SEVERAL_FACES, Group, HeygemStandin
 from media_factory import PORTRAIT_JPG, video_facts, write_speech_wav

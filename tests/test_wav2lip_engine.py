@@ -19,7 +19,8 @@ torch = pytest.importorskip("torch")
 from daemon_harness import DaemonHarness  # noqa: E402
 from heygem_daemon.engines.wav2lip.checkpoint import save_checkpoint  # noqa: E402
 from heygem_daemon.engines.wav2lip.model import Wav2Lip  # noqa: E402
-from heygem_daemon.media.faces import detect_face, scaled_edges  # noqa: E402
+from heygem_daemon.media.faces import detect_face  # noqa: E402
+from heygem_daemon.media.face_spec import scaled_edges  # noqa: E402
 from heygem_daemon.media.frames import open_portrait  # noqa: E402
 from media_factory import (  # noqa: E402
     FIXTURES,

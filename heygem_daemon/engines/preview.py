@@ -21,7 +21,8 @@ from heygem_daemon.engines.base import BadInputError, EngineSettings, ProgressFn
 from heygem_daemon.media.audio import load_clip, load_mono
 from heygem_daemon.media.errors import MediaError
 from heygem_daemon.intake.pairing import FACE_BOX
-from heygem_daemon.media.faces import Box, detect_face, scaled_edges
+from heygem_daemon.media.faces import Box, detect_face
+from heygem_daemon.media.face_spec import scaled_edges
 from heygem_daemon.media.frames import PortraitFrames, open_portrait
 from heygem_daemon.media.writer import Mp4Writer, pick_encoder
 

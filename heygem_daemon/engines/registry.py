@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from heygem_daemon.config import Config, ConfigError
 from heygem_daemon.engines.base import Engine
-from heygem_daemon.media.faces import FaceRule
+from heygem_daemon.media.face_spec import FaceRule
 
 GROUP = "heygem_daemon.engines"
 

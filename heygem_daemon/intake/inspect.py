@@ -16,7 +16,7 @@ from pathlib import Path
 from heygem_daemon.config import Limits
 from heygem_daemon.fs.files import file_owner, sha256_file
 from heygem_daemon.failures import Problem
-from heygem_daemon.media.faces import FaceEdges, FaceRule
+from heygem_daemon.media.face_spec import FaceEdges, FaceRule
 from heygem_daemon.media.kinds import MediaKind, kind_of
 from heygem_daemon.proc import die_with_parent
 

@@ -25,7 +25,7 @@ from heygem_daemon.intake.pairing import (
 )
 from heygem_daemon.fs.stability import NameFilter, Snapshot, StabilityTracker, snapshot
 from heygem_daemon.log import get_logger
-from heygem_daemon.media.faces import FaceRule
+from heygem_daemon.media.face_spec import FaceRule
 
 log = get_logger("heygem.intake")
 RETRY_AFTER_ERROR = 5.0

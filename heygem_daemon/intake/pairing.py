@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationErr
 
 from heygem_daemon.failures import Problem
 from heygem_daemon.fs.ops import display_name
-from heygem_daemon.media.faces import FaceEdges
+from heygem_daemon.media.face_spec import FaceEdges
 from heygem_daemon.media.kinds import AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS, MediaKind, kind_of
 
 MANIFEST_NAMES = ("job.yaml", "job.yml")

@@ -21,7 +21,8 @@ from PIL import Image, UnidentifiedImageError
 
 from heygem_daemon.config import Limits
 from heygem_daemon.media.errors import MediaError
-from heygem_daemon.media.faces import FaceEdges, FaceRule, count_faces, detect_face, edges_outside
+from heygem_daemon.media.faces import count_faces, detect_face
+from heygem_daemon.media.face_spec import FaceEdges, FaceRule, edges_outside
 from heygem_daemon.media.frames import read_image, shown_size, upright
 from heygem_daemon.media.kinds import MediaKind, kind_of
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import threading
 from dataclasses import dataclass
-from enum import IntEnum
 
 import cv2
 import numpy as np
@@ -23,16 +22,6 @@ _SECOND_FACE_WEIGHT = 0.5
 _SECOND_FACE_SIZE = 0.5
 
 
-class FaceRule(IntEnum):
-    """What intake demands of a portrait for an engine. Compares like the bool it replaced (NONE is false)."""
-
-    NONE = 0
-    ANY = 1
-    """At least one face."""
-    ONE = 2
-    """Exactly one face: the engine refuses a picture with several people (HeyGem's "存在多人脸")."""
-
-
 @dataclass(frozen=True)
 class Box:
     x: int
@@ -40,23 +29,6 @@ class Box:
     w: int
     h: int
 
-
-FaceEdges = tuple[int, int, int, int]
-"""A face box as job.yaml and the Wav2Lip reference's `--box` give it: top, bottom, left, right (pixels)."""
-
-
-def edges_outside(edges: FaceEdges, size: tuple[int, int]) -> bool:
-    """Whether [top, bottom, left, right] reaches past a (w, h) picture."""
-    top, bottom, left, right = edges
-    return bottom > size[1] or right > size[0]
-
-
-def scaled_edges(edges: FaceEdges, source: tuple[int, int], size: tuple[int, int]) -> FaceEdges:
-    """The same box in a picture scaled from `source` (w, h) to `size`, never empty."""
-    top, bottom, left, right = edges
-    sx, sy = size[0] / source[0], size[1] / source[1]
-    t, l = min(round(top * sy), size[1] - 1), min(round(left * sx), size[0] - 1)
-    return t, max(round(bottom * sy), t + 1), l, max(round(right * sx), l + 1)
 
 def _gray(bgr: np.ndarray) -> tuple[np.ndarray, float]:
     gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)

@@ -15,7 +15,7 @@ from heygem_daemon.config import Config
 from heygem_daemon.fs.ops import move
 from heygem_daemon.intake.pairing import READY_MARKER, safe_name
 from heygem_daemon.intake.probe import ProbeError, probe_audio, probe_portrait
-from heygem_daemon.media.faces import FaceRule
+from heygem_daemon.media.face_spec import FaceRule
 from heygem_daemon.media.kinds import MediaKind, kind_of
 from heygem_daemon.web.uploads import Upload, UploadRefused, Uploads
 

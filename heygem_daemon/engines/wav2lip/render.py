@@ -33,7 +33,7 @@ from heygem_daemon.intake.pairing import FACE_BOX
 from heygem_daemon.log import get_logger
 from heygem_daemon.media.audio import load_clip, load_mono
 from heygem_daemon.media.errors import MediaError
-from heygem_daemon.media.faces import FaceEdges, scaled_edges
+from heygem_daemon.media.face_spec import FaceEdges, scaled_edges
 from heygem_daemon.media.frames import PortraitFrames, open_portrait
 from heygem_daemon.media.writer import NVENC, EncoderMode, Mp4Writer, encoder_usable, pick_encoder
 
