@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         # First thing: a SIGTERM from here on is a clean early stop (exit 0), not death by signal (143).
         signals.install()
     from heygem_daemon.config import ConfigError, load_config
-    from heygem_daemon.state import Store
+    from heygem_daemon.state import Store, db_path
     from heygem_daemon.state.db import DatabaseDamaged
 
     try:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "worker":
         return _worker(cfg, args.queue, args.hostname)
     try:
-        store = Store(cfg.folder("state") / "heygem.db")
+        store = Store(db_path(cfg.folder("state")))
     except DatabaseDamaged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

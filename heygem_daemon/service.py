@@ -31,7 +31,7 @@ from heygem_daemon.generation.lifecycle import Events, JobFinished, JobQueued, L
 from heygem_daemon.generation.outages import OutageWatch
 from heygem_daemon.log import get_logger, set_level, setup_logging
 from heygem_daemon.ops.reload import plan_reload
-from heygem_daemon.state import Store
+from heygem_daemon.state import Store, db_path
 from heygem_daemon.state.db import DatabaseDamaged
 from heygem_daemon.generation.workers import WorkerPool
 
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
     from heygem_daemon.generation.remote import RemoteDispatcher
 
 log = get_logger("heygem.daemon")
-DB_FILE = "heygem.db"
 SIGNAL_POLL_SECONDS = 0.2
 STATUS_INTERVAL = 1.0
 # Asked of systemd on top of the drain time, for checkpointing and shutting down after it.
@@ -48,10 +47,6 @@ STOP_MARGIN_SECONDS = 30.0
 
 class AlreadyRunning(Exception):
     pass
-
-
-def store_for(cfg: Config) -> Store:
-    return Store(cfg.folder("state") / DB_FILE)
 
 
 def acquire_lock(state_dir: Path) -> IO[str]:
@@ -77,30 +72,31 @@ class Daemon:
         self.config_path = config_path
         # Stop and reload requests, set by the signal handlers (installed by cli before anything heavy).
         self.requests = requests or Requests()
-        self.store = store_for(cfg)
+        # One store for every component: its connections are per thread.
+        self.store = Store(db_path(cfg.folder("state")))
         self.inspector = Inspector(cfg.watcher.probe_workers)
         self.events = Events()
-        self.life = LifeCycle(cfg, store_for(cfg), self.events)
+        self.life = LifeCycle(cfg, self.store, self.events)
         self.pool = WorkerPool(cfg, self.life)
         # Remote hosts (Celery queues) take tasks from the same queue, beside or instead of local devices.
         self.remote = _remote(cfg, self.life)
-        self.outbox = Outbox(cfg, store_for(cfg))
+        self.outbox = Outbox(cfg, self.store)
         self.chat = Notifier(self.outbox)
-        self.announcer = Announcer(self.outbox, store_for(cfg))
-        self.outages = OutageWatch(cfg, store_for(cfg), self.outbox.enqueue_alert,
+        self.announcer = Announcer(self.outbox, self.store)
+        self.outages = OutageWatch(cfg, self.store, self.outbox.enqueue_alert,
                                    others=lambda: self.remote.outages() if self.remote else [])
         self.intake = Intake(cfg, Claimer(cfg, self.life), self.inspector,
                              set(available()), lambda name: needs_face(name, cfg.engines.get(name)),
                              self._wake_generation,
                              on_alert=self.outbox.enqueue_alert)
         self.inbox = IntakeService(cfg, self.intake)
-        self.delivery = DeliveryService(cfg, store_for(cfg), self.announcer.reported, self.outbox.enqueue_alert)
+        self.delivery = DeliveryService(cfg, self.store, self.announcer.reported, self.outbox.enqueue_alert)
         self._subscribe()
         self.systemd = sdnotify.Notifier()
         self.disk = DiskGuard(cfg)
-        self.cleanup = Cleanup(cfg, store_for(cfg))
+        self.cleanup = Cleanup(cfg, self.store)
         self.metrics = MetricsServer(cfg.metrics.port, StateCollector(
-            store_for(cfg), self.pool.describe, lambda: {"draining": self.draining, "disk_low": bool(self.disk.low)},
+            self.store, self.pool.describe, lambda: {"draining": self.draining, "disk_low": bool(self.disk.low)},
             self._remote_workers))
         # Started in this order, stopped in reverse: intake last in, so nothing is claimed before the
         # workers, delivery and chat that carry a job on are running.

@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Protocol
 from pydantic import BaseModel, ConfigDict
 
 from heygem_daemon.config import Preset
-from heygem_daemon.failures import Kind, Problem
+from heygem_daemon.failures import Kind
 
 
 
@@ -54,15 +54,14 @@ class EngineError(Exception):
     """Generation failed in a way that may succeed on another attempt: a counted attempt, with backoff."""
 
     kind: ClassVar[Kind] = Kind.ENGINE
+    dependency: str = ""
+    """What an outage waits for (a service URL); empty for other kinds."""
 
     def __init__(self, reason: str, hint: str = "") -> None:
         super().__init__(reason)
         self.reason = reason
         self.hint = hint
 
-
-    def problem(self, stage: str = "generate", detail: str = "") -> Problem:
-        return Problem(self.kind, stage, self.reason, self.hint.split("\n", 1)[0], detail or self.hint)
 
 
 class BadInputError(EngineError):

@@ -176,7 +176,9 @@ class RemoteDispatcher:
             return True
         assert flight.result is not None
         try:
-            state, info = flight.result.state, flight.result.info
+            # One read of the backend: state and info from the same answer (each property asks Redis again).
+            meta = flight.result.backend.get_task_meta(flight.result.id)
+            state, info = meta["status"], meta["result"]
         except Exception as exc:  # the backend (Redis) is away: the render goes on; no stall is counted
             self._broker_trouble(exc)
             flight.heard = self.clock.monotonic()
@@ -211,9 +213,8 @@ class RemoteDispatcher:
         flight.heard, flight.beat, flight.meta = now, beat, {**flight.meta, **meta}
         if "progress" in meta:
             self.store.tasks.set_progress(flight.task.id, float(meta["progress"]))
-        host = meta.get("host") or meta.get("hostname")
+        host = meta.get("host")
         if host:
-            flight.meta["host"] = host
             with self._workers_lock:
                 worker = self.workers.setdefault(host, {"host": host, "devices": [], "tasks": {}, "last_beat": None})
                 worker["devices"] = meta.get("devices", worker["devices"])
@@ -229,7 +230,7 @@ class RemoteDispatcher:
             if host:
                 host["tasks"] = {d: t for d, t in host["tasks"].items() if t != task.name}
         now = self.store.tasks.get(task.id)
-        if now is None or now.state != "running" or now.attempts != task.attempts:
+        if now.state != "running" or now.attempts != task.attempts:
             # An attempt the daemon already gave up on (or one a restart requeued): its result is not ours.
             flight.part.unlink(missing_ok=True)
             bound.warning("late result of an abandoned attempt discarded")

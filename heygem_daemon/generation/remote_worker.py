@@ -20,9 +20,8 @@ from celery import Celery
 from celery.signals import worker_process_init
 
 from heygem_daemon.config import Config, ConfigError
-from heygem_daemon.engines.base import EngineError, OutageError
 from heygem_daemon.generation.celery_app import TASK_NAME, decode, make_app
-from heygem_daemon.generation.workers import crash_error
+from heygem_daemon.generation.workers import run_engine
 from heygem_daemon.log import get_logger, setup_logging
 
 log = get_logger("heygem.remote_worker")
@@ -65,7 +64,6 @@ class _Beats:
 
 def generate(task: Any, payload: dict[str, Any], engine_settings: dict[str, dict[str, Any]],
              devices: list[str]) -> dict[str, Any]:
-    from heygem_daemon.engines.registry import build_engine
 
     spec = decode(payload["spec"], _child["device"])
     done, attempt = spec.output, payload["attempt"]
@@ -73,28 +71,22 @@ def generate(task: Any, payload: dict[str, Any], engine_settings: dict[str, dict
     meta = {"host": task.request.hostname or host, "devices": devices, "device": _child["device"],
             "task": spec.name, "attempt": attempt}
     if (done.is_file() and done.stat().st_size) or Path(payload["final"]).is_file():
-        return {**meta, "ok": True, "redelivered": True}
+        return {**meta, "ok": True}
     # Two runs of one attempt may overlap (a redelivery while the first still renders): each writes its own.
     writing = done.with_name(done.name.removesuffix(".part") + f".{os.getpid()}.writing.part")
     beats = _Beats(task, meta, payload["beat_seconds"])
     beats.heartbeat(force=True)
     try:
         spec.workdir.mkdir(parents=True, exist_ok=True)
-        name = payload["engine"]
-        engines = _child["engines"]
-        engine = engines.get(name) or engines.setdefault(name, build_engine(name, engine_settings.get(name, {})))
-        engine.generate(dataclasses.replace(spec, output=writing), beats)
+        outcome = run_engine(_child["engines"], engine_settings, payload["engine"],
+                             dataclasses.replace(spec, output=writing), beats)
+        if outcome[0] == "error":
+            _, kind, reason, hint, dependency = outcome
+            return {**meta, "ok": False, "kind": kind, "reason": reason, "hint": hint, "dependency": dependency}
         if Path(payload["final"]).is_file():  # another run of this task made it first: one output only
-            return {**meta, "ok": True, "redelivered": True}
+            return {**meta, "ok": True}
         os.replace(writing, done)
         return {**meta, "ok": True}
-    except EngineError as exc:
-        dependency = exc.dependency if isinstance(exc, OutageError) else ""
-        return {**meta, "ok": False, "kind": exc.kind.value, "reason": exc.reason, "hint": exc.hint,
-                "dependency": dependency}
-    except Exception as exc:  # an engine bug: the daemon retries it, with the traceback for the operator
-        _, kind, reason, hint, dependency = crash_error(exc)
-        return {**meta, "ok": False, "kind": kind, "reason": reason, "hint": hint, "dependency": dependency}
     finally:
         writing.unlink(missing_ok=True)
 

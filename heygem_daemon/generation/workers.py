@@ -20,7 +20,7 @@ from typing import Any
 from heygem_daemon.clock import SYSTEM_CLOCK, Clock
 from heygem_daemon.ops import metrics
 from heygem_daemon.config import Config
-from heygem_daemon.engines.base import EngineError, OutageError, TaskSpec
+from heygem_daemon.engines.base import EngineError, TaskSpec
 from heygem_daemon.failures import Kind, Problem
 from heygem_daemon.generation.lifecycle import CANCELLED_HINT, CANCELLED_REASON, LifeCycle, TaskState
 from heygem_daemon.log import get_logger
@@ -58,6 +58,21 @@ class _Reporter:
             os._exit(1)
 
 
+def run_engine(engines: dict[str, Any], settings: dict[str, dict[str, Any]], name: str, spec: TaskSpec,
+               progress: Any) -> tuple[str, ...]:
+    """One generation in a worker (local or remote), the engine built once per process:
+    ("done", output) or ("error", kind, reason, hint, dependency)."""
+    from heygem_daemon.engines.registry import build_engine
+
+    try:
+        engine = engines.get(name) or engines.setdefault(name, build_engine(name, settings.get(name, {})))
+        return ("done", str(engine.generate(spec, progress)))
+    except EngineError as exc:
+        return ("error", exc.kind.value, exc.reason, exc.hint, exc.dependency)
+    except Exception as exc:  # an engine bug: retry, and keep the traceback for the operator
+        return crash_error(exc)
+
+
 def crash_error(exc: Exception) -> tuple[str, str, str, str, str]:
     """An exception the engine did not classify: a full disk is an outage, anything else an engine fault."""
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
@@ -70,7 +85,6 @@ def crash_error(exc: Exception) -> tuple[str, str, str, str, str]:
 def worker_main(conn: Connection, device: str, engine_settings: dict[str, dict[str, Any]], parent_pid: int,
                 niceness: int) -> None:
     """Worker process: build each engine once (models stay loaded), then run tasks as they come."""
-    from heygem_daemon.engines.registry import build_engine
 
     die_with_parent(parent_pid)
     # Generation is batch work: the daemon's intake and probes must win the CPU when they need it.
@@ -87,16 +101,7 @@ def worker_main(conn: Connection, device: str, engine_settings: dict[str, dict[s
         if msg is None:
             return
         engine_name, spec = msg
-        try:
-            engine = engines.get(engine_name) or engines.setdefault(
-                engine_name, build_engine(engine_name, engine_settings.get(engine_name, {})))
-            out = engine.generate(spec, progress)
-            conn.send(("done", str(out)))
-        except EngineError as exc:
-            dependency = exc.dependency if isinstance(exc, OutageError) else ""
-            conn.send(("error", exc.kind.value, exc.reason, exc.hint, dependency))
-        except Exception as exc:  # an engine bug: retry, and keep the traceback for the operator
-            conn.send(crash_error(exc))
+        conn.send(run_engine(engines, engine_settings, engine_name, spec, progress))
 
 
 class WorkerProcess:
@@ -215,13 +220,14 @@ class Slot(threading.Thread):
             seconds = self.clock.monotonic() - started
             outcome = "done" if result.ok else "interrupted" if result.interrupted else "failed"
             metrics.TASK_SECONDS.labels(self.device, outcome).observe(seconds)
-            self._record(task, spec, result, bound, seconds)
+            record(self.life, self.device, task, spec.output, result, bound, seconds)
         except Exception as exc:
             # Our own fault (a preset gone after a reload, work/ or outputs/ unwritable): a counted
             # attempt with backoff like any failure, so it can never spin.
             bound.exception("supervisor error")
-            self._record_failure(task, Attempt(False, f"{type(exc).__name__}: {exc}",
-                                               "the daemon could not run the task; see the log", Kind.INTERNAL), bound)
+            record_failure(self.life, self.device, task, Attempt(
+                False, f"{type(exc).__name__}: {exc}", "the daemon could not run the task; see the log", Kind.INTERNAL),
+                bound)
         finally:
             self.current = None
 
@@ -277,12 +283,6 @@ class Slot(threading.Thread):
         if self.worker is not None:
             self.worker.kill()
             self.worker = None
-
-    def _record(self, task: Task, spec: TaskSpec, result: Attempt, bound: Any, seconds: float) -> None:
-        record(self.life, self.device, task, spec.output, result, bound, seconds)
-
-    def _record_failure(self, task: Task, result: Attempt, bound: Any) -> None:
-        record_failure(self.life, self.device, task, result, bound)
 
 
 def record(life: LifeCycle, device: str, task: Task, part: Path, result: Attempt, bound: Any,

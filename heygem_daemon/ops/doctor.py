@@ -109,9 +109,10 @@ def engine_checks(cfg: Config) -> Iterable[Check]:
 
 
 def database_checks(cfg: Config) -> Iterable[Check]:
+    from heygem_daemon.state import db_path
     from heygem_daemon.state.db import backup_path, quick_check
 
-    path = cfg.folder("state") / "heygem.db"
+    path = db_path(cfg.folder("state"))
     backup = backup_path(path)
     if not path.exists():
         yield Check("database", True, f"{path} (created at start)")

@@ -15,8 +15,16 @@ from heygem_daemon.state.ops import OpsRepository
 from heygem_daemon.state.outbox import NewNotification, Notification, OutboxRepository
 from heygem_daemon.state.tasks import NewTask, Task, TaskQueue
 
-__all__ = ["CANCELLING", "TERMINAL_JOB_STATES", "Batch", "Delivery", "HeygemCode", "Job", "NewNotification",
+__all__ = ["DB_FILE", "db_path", "CANCELLING", "TERMINAL_JOB_STATES", "Batch", "Delivery", "HeygemCode", "Job", "NewNotification",
            "NewTask", "Notification", "Part", "Store", "Task"]
+
+
+DB_FILE = "heygem.db"
+
+
+def db_path(state_dir: Path) -> Path:
+    """The daemon's database in its state folder."""
+    return state_dir / DB_FILE
 
 
 class Store:

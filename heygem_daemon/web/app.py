@@ -24,7 +24,7 @@ from heygem_daemon.config import Config
 from heygem_daemon.delivery.audit import AuditLog
 from heygem_daemon.delivery.links import LINKS_JSON
 from heygem_daemon.generation.lifecycle import JobError, JobState, request_cancel, request_retry
-from heygem_daemon.state import Store
+from heygem_daemon.state import Store, db_path
 from heygem_daemon.views import condition, job_view, jobs_page
 from heygem_daemon.web.auth import LoginLimit, check_password, csrf_token
 from heygem_daemon.web.guard import Gate, SecurityHeaders, content_security_policy
@@ -53,7 +53,7 @@ class Console:
     def __init__(self, cfg: Config, config_path: Path | None) -> None:
         self.cfg = cfg
         self.config_path = config_path
-        self.store = Store(cfg.folder("state") / "heygem.db")
+        self.store = Store(db_path(cfg.folder("state")))
         self.uploads = Uploads(cfg)
         self.audit = AuditLog(cfg.folder("logs"))
         self.logins = LoginLimit(cfg.web.login_attempts, cfg.web.login_window_seconds)
