@@ -208,7 +208,7 @@ def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
     print("tasks: " + (", ".join(f"{k} {v}" for k, v in sorted(doc["tasks"].items())) or "none yet"))
     for outage in doc["waiting_for"]:
         print(describe(outage))
-    for line in _remote_lines(cfg):
+    for line in _remote_lines(doc["daemon"].get("remote")):
         print(line)
     for dep in doc["dependencies"]:
         if dep["state"] in OUT_STATES:
@@ -231,11 +231,8 @@ def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
     return 0
 
 
-def _remote_lines(cfg: Config) -> list[str]:
+def _remote_lines(remote: dict[str, Any] | None) -> list[str]:
     """The broker and each remote worker heard from, as the running daemon last wrote them."""
-    from heygem_daemon.ops.daemon_state import read_state
-
-    remote = read_state(cfg.folder("state")).get("remote")
     if not remote:
         return []
     lines = []

@@ -405,7 +405,14 @@ def _yaml_value(value: Any) -> Any:
         return value
 
 
-class _EnvOverrides(EnvSettingsSource):
+class _YamlValues:
+    """Override values are read as YAML (lists, numbers, null), like the file they override."""
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
+        return _yaml_value(value)
+
+
+class _EnvOverrides(_YamlValues, EnvSettingsSource):
     """HEYGEM_SECTION__KEY=value (pydantic-settings, env_nested_delimiter "__") from the given environment."""
 
     def __init__(self, environ: dict[str, str]) -> None:
@@ -416,19 +423,13 @@ class _EnvOverrides(EnvSettingsSource):
     def _load_env_vars(self) -> Any:
         return parse_env_vars(self._environ, False, False, "null")
 
-    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
-        return _yaml_value(value)
 
-
-class _CredentialOverrides(SecretsSettingsSource):
+class _CredentialOverrides(_YamlValues, SecretsSettingsSource):
     """systemd credentials (`LoadCredential=heygem_s3:/etc/heygem/credentials/s3.yaml`): a file named
     heygem_<section> under $CREDENTIALS_DIRECTORY holds YAML keys of that section, readable by this service only."""
 
     def __init__(self, folder: str) -> None:
         super().__init__(Config, secrets_dir=folder, case_sensitive=False, env_prefix=ENV_PREFIX.lower())  # type: ignore[arg-type]
-
-    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
-        return _yaml_value(value)
 
 
 def _overrides(environ: dict[str, str]) -> dict[str, Any]:

@@ -180,6 +180,8 @@ class HeygemStandin:
             with self.group.lock:
                 behaviour = self.group.behaviours.popleft() if self.group.behaviours else "ok"
             job = Job(code, self._path(audio_url), self._path(video_url), behaviour)
+            if behaviour == "hang":  # cleared here, not when the job reaches 20 %: a release may come first
+                self.released.clear()
             self.jobs[code] = self.current = job
             generation = self.generation
         self.group.record("submit", self.name, f"{code} {job.audio.name} {job.video.name}")
@@ -250,7 +252,6 @@ class HeygemStandin:
         while time.monotonic() < until:
             self._step(job, generation, 20)
         if job.behaviour == "hang":
-            self.released.clear()
             while not self.released.wait(STEP_SECONDS):
                 self._step(job, generation, 20, pause=0)
         deadline = time.monotonic() + PEER_WAIT_SECONDS

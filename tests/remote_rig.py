@@ -15,14 +15,9 @@ from typing import Any
 
 import yaml
 from daemon_harness import REPO
+from s3_server import free_port
 
 CLI = "import sys; from heygem_daemon.cli import main; sys.exit(main(sys.argv[1:]))"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:

@@ -229,11 +229,12 @@ def test_an_unreachable_service_is_an_outage_that_uses_no_attempt(tmp_path, data
 def test_a_restart_mid_render_is_an_outage_and_the_next_attempt_delivers(tmp_path, data_dir, service, group, store):
     group.render_seconds = 5
     engine, task = engine_for(data_dir, service.url), make_task(tmp_path, store=store)
-    threading.Timer(0.5, service.restart, args=(1.0,)).start()
+    restart = threading.Timer(0.5, service.restart, args=(1.0,))
+    restart.start()
     with pytest.raises(OutageError, match="stopped answering during the render|restarted and lost the job"):
         engine.generate(task, Reports())
     group.render_seconds = 0
-    time.sleep(1.0)
+    restart.join()  # the service is back once restart() returned, however loaded the machine is
     engine.generate(task, Reports())
     assert video_facts(task.output).has_audio
     sweep(tmp_path, store)  # the lost job's code: the service forgot it in the restart

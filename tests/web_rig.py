@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import re
-import socket
 import threading
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import uvicorn
 from heygem_daemon.config import Config, load_config
 from heygem_daemon.web.app import create_app
 from heygem_daemon.web.auth import hash_password
+from s3_server import free_port
 
 PASSWORDS = {"alice": "alice-pass-1", "bob": "bob-pass-2", "carol": "carol-pass-3"}
 USERS = {name: hash_password(pw) for name, pw in PASSWORDS.items()}
@@ -25,12 +25,6 @@ TUS = {"Tus-Resumable": "1.0.0"}
 
 def web_settings(**extra: Any) -> dict[str, Any]:
     return {"web": {"enabled": True, "users": USERS, **extra}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class WebServer:

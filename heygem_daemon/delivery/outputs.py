@@ -84,8 +84,12 @@ class OutputsWatcher:
                         if entry.is_dir(follow_symlinks=False):
                             if not self.names.ignored(entry.name):
                                 stack.append(entry.path)
-                        elif not since_ns or entry.stat(follow_symlinks=False).st_ctime_ns >= since_ns:
-                            found.add(os.path.relpath(entry.path, self.root))
+                            continue
+                        rel = os.path.relpath(entry.path, self.root)
+                        # Only videos are delivered: links.json, zips and the like are never even stat'ed.
+                        if self.candidate(rel) and (
+                                not since_ns or entry.stat(follow_symlinks=False).st_ctime_ns >= since_ns):
+                            found.add(rel)
                     except OSError:
                         continue
         return found

@@ -12,12 +12,12 @@ import hashlib
 import os
 import shutil
 import time
-import uuid
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from heygem_daemon.delivery.names import safe_relpath
+from heygem_daemon.fs.ops import temp_name
 
 COPY_BUFFER = 1024 * 1024
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip header can hold
@@ -76,7 +76,7 @@ def write_zip(files: list[tuple[Path, str]], out: BinaryIO) -> str:
 
 def write_local_zip(files: list[tuple[Path, str]], dest: Path) -> tuple[int, str]:
     """The zip beside the videos (local-only mode), renamed into place only once complete: (size, sha256)."""
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = temp_name(dest)
     try:
         with open(tmp, "wb") as fh:
             sha256 = write_zip(files, fh)

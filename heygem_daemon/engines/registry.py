@@ -27,6 +27,11 @@ def available() -> dict[str, str]:
     return {ep.name: ep.value for ep in entry_points(group=GROUP)}
 
 
+def engine_names(cfg: Config) -> list[str]:
+    """The engines this config uses: the default one and every one with a section."""
+    return sorted({cfg.engine.name, *cfg.engines})
+
+
 def engine_class(name: str) -> Any:
     engines = available()
     try:

@@ -91,14 +91,18 @@ def move_blocker(path: Path) -> str | None:
     changing parents (or copied across filesystems, then deleted) needs write access to itself."""
     parent = path.parent
     st, pst = os.lstat(path), os.stat(parent)
-    me, owner = user_name(os.geteuid()), user_name(st.st_uid)
+    # Names only for the refusal text: a user look-up (NSS, maybe LDAP) on every inbox entry is not free.
+    def me() -> str:
+        return user_name(os.geteuid())
+
     if not os.access(parent, os.W_OK | os.X_OK, effective_ids=True):
-        return f"the daemon's user {me} cannot write to {parent.name}/, so it cannot move {path.name} out"
+        return f"the daemon's user {me()} cannot write to {parent.name}/, so it cannot move {path.name} out"
     if pst.st_mode & stat.S_ISVTX and os.geteuid() not in (0, st.st_uid, pst.st_uid):
-        return f"{parent.name}/ is sticky (mode +t) and {path.name} belongs to {owner}, not to the daemon's user {me}"
+        return (f"{parent.name}/ is sticky (mode +t) and {path.name} belongs to {user_name(st.st_uid)}, "
+                f"not to the daemon's user {me()}")
     if stat.S_ISDIR(st.st_mode) and not os.access(path, os.W_OK | os.X_OK, effective_ids=True):
-        return (f"the folder {path.name} (owner {owner}, mode {stat.filemode(st.st_mode)}) is not writable by "
-                f"the daemon's user {me}, so it cannot be moved")
+        return (f"the folder {path.name} (owner {user_name(st.st_uid)}, mode {stat.filemode(st.st_mode)}) is not "
+                f"writable by the daemon's user {me()}, so it cannot be moved")
     return None
 
 

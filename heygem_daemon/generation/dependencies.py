@@ -32,10 +32,10 @@ class Dependency:
 
 
 def engine_dependencies(cfg: Config) -> list[Dependency]:
-    from heygem_daemon.engines.registry import engine_class, settings_for
+    from heygem_daemon.engines.registry import engine_class, engine_names, settings_for
 
     found: list[Dependency] = []
-    for name in sorted({cfg.engine.name, *cfg.engines}):
+    for name in engine_names(cfg):
         try:
             describe = getattr(engine_class(name), "dependencies", None)
             if describe is not None:

@@ -56,6 +56,9 @@ class OutageWatch:
             self.on_alert(key, message)
             raised.append(key)
         for key, message in dependency_alerts(self.cfg, now):
+            if (key, message) in self._alerted:  # the same service, out since the same time: said once
+                continue
+            self._alerted.add((key, message))
             log.error("operator alert", alert=key, message=message)
             self.on_alert(key, message)
             raised.append(key)

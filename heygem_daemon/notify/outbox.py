@@ -128,6 +128,9 @@ class Outbox:
             for candidate in (self.job_urls(job) or []) if job else []:
                 if target_id(candidate) == row.target:
                     url = candidate
+            if url is not None:  # notify.* changes only at a restart: read the job's job.yaml once
+                with self._lock:
+                    self._known[row.target] = url
         return url
 
 

@@ -92,9 +92,9 @@ def disk_checks(cfg: Config) -> Iterable[Check]:
 
 
 def engine_checks(cfg: Config) -> Iterable[Check]:
-    from heygem_daemon.engines.registry import engine_class, settings_for
+    from heygem_daemon.engines.registry import engine_class, engine_names, settings_for
 
-    for name in sorted({cfg.engine.name, *cfg.engines}):
+    for name in engine_names(cfg):
         try:
             cls = engine_class(name)
             settings = settings_for(cfg, name)

@@ -28,7 +28,8 @@ from heygem_daemon.state import Store, db_path
 from heygem_daemon.views import condition, job_view, jobs_page
 from heygem_daemon.web.auth import LoginLimit, check_password, csrf_token
 from heygem_daemon.web.guard import Gate, SecurityHeaders, content_security_policy
-from heygem_daemon.web.handover import JobForm, engine_names, hand_over
+from heygem_daemon.engines.registry import engine_names
+from heygem_daemon.web.handover import JobForm, hand_over
 from heygem_daemon.web.tus import TusServer
 from heygem_daemon.web.uploads import UploadRefused, Uploads
 
@@ -109,7 +110,6 @@ class Console:
             page = 1
         data = jobs_page(self.cfg, self.store, (state,) if state in STATES else None, query, page,
                          self.cfg.web.page_size)
-        data["jobs"] = [_with_job_outputs(self.cfg, v) for v in data["jobs"]]
         params = {k: v for k, v in (("state", state), ("q", query)) if v}
         return {**data, "state": state, "q": query, "states": STATES,
                 "query": lambda p: "?" + urlencode({**params, "page": p})}

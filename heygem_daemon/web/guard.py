@@ -68,7 +68,7 @@ class Gate:
         user = current_user(self.web, headers, session)
         scope.setdefault("state", {})["user"] = user
         path = scope["path"]
-        public = path == "/login" or path.startswith("/static/")
+        public = path == PUBLIC[0] or path.startswith(PUBLIC[1])
         if user is None and not public:
             wants_page = scope["method"] == "GET" and "text/html" in headers.get("accept", "")
             answer: Response = (RedirectResponse("/login", 303) if wants_page else

@@ -12,6 +12,7 @@ from typing import Callable
 import yaml
 
 from heygem_daemon.config import Config
+from heygem_daemon.engines.registry import engine_names
 from heygem_daemon.fs.ops import move
 from heygem_daemon.intake.pairing import READY_MARKER, safe_name
 from heygem_daemon.intake.probe import ProbeError, probe_audio, probe_portrait
@@ -28,10 +29,6 @@ class JobForm:
     preset: str
     priority: str
     upload: bool
-
-
-def engine_names(cfg: Config) -> list[str]:
-    return sorted({cfg.engine.name, *cfg.engines})
 
 
 def _refuse(reason: str, hint: str) -> UploadRefused:

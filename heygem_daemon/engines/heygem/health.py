@@ -39,10 +39,6 @@ class Health:
             return replace(self, last_seen=now, down_since=None, busy_since=self.busy_since or now, reason="")
         return replace(self, last_seen=now, down_since=self.down_since or now, busy_since=None, reason=reason)
 
-    def state(self) -> Outcome:
-        return "down" if self.down_since else "busy" if self.busy_since else "ok"
-
-
 def read_health(path: Path, url: str) -> Health | None:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
