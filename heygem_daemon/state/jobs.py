@@ -192,7 +192,8 @@ class JobRepository(Repository):
                 raise KeyError(job_id)
             if row["state"] not in ("queued", "running", CANCELLING):
                 return row["state"], 0
-            db.execute("UPDATE jobs SET state = ?, updated_at = ? WHERE id = ?", (CANCELLING, now, job_id))
+            if row["state"] != CANCELLING:  # settled again every second until its tasks stop: no rewrite
+                db.execute("UPDATE jobs SET state = ?, updated_at = ? WHERE id = ?", (CANCELLING, now, job_id))
             db.execute("UPDATE tasks SET state = 'failed', last_error = ?, updated_at = ?, finished_at = ?"
                        " WHERE job_id = ? AND state = 'queued'", (json.dumps(error), now, now, job_id))
             running = db.execute("SELECT COUNT(*) AS n FROM tasks WHERE job_id = ? AND state = 'running'",
