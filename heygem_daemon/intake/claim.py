@@ -51,7 +51,7 @@ def archive_dir(cfg: Config, job_name: str) -> Path:
     return cfg.folder("archive") / time.strftime("%Y-%m-%d") / job_name
 
 
-def _taken_names(cfg: Config) -> set[str]:
+def taken_names(cfg: Config) -> set[str]:
     """Names already used on disk (e.g. by jobs from before the state was reset) are not reused."""
     taken: set[str] = set()
     for key in ("outputs", "failed"):
@@ -137,7 +137,7 @@ class Claimer:
         self._notify_spec(spec, plan.name_hint, plan.notify)
         if not plan.upload:
             spec["upload"] = False
-        job = self.store.jobs.create(plan.name_hint, spec, fp, insp.owner, _taken_names(self.cfg))
+        job = self.store.jobs.create(plan.name_hint, spec, fp, insp.owner, taken_names(self.cfg))
         original = self.store.jobs.find_duplicate(fp, self.cfg.dedupe.window_hours * 3600)
         if original is not None and original.id != job.id:
             staging = archive_dir(self.cfg, job.name)
@@ -163,7 +163,7 @@ class Claimer:
         check_room(self.cfg, self.inbox, sources, self.cfg.folder("failed"))
         spec: dict[str, Any] = {"sources": sources, "folder": is_folder}
         self._notify_spec(spec, name_hint, notify)
-        job = self.store.jobs.create(name_hint, spec, taken=_taken_names(self.cfg))
+        job = self.store.jobs.create(name_hint, spec, taken=taken_names(self.cfg))
         staging = self.cfg.folder("failed") / job.name
         self._record_staging(job, spec, staging)
         self._stage(job, sources, staging, is_folder)

@@ -14,6 +14,7 @@ import yaml
 from heygem_daemon.config import Config
 from heygem_daemon.engines.registry import engine_names
 from heygem_daemon.fs.ops import move
+from heygem_daemon.intake.claim import taken_names
 from heygem_daemon.intake.pairing import READY_MARKER, safe_name
 from heygem_daemon.intake.probe import ProbeError, probe_audio, probe_portrait
 from heygem_daemon.media.face_spec import FaceRule
@@ -106,7 +107,8 @@ def hand_over(cfg: Config, uploads: Uploads, user: str, form: JobForm,
             file_name = f"{stem}-{n}{ext}"
         taken.add(file_name)
         os.rename(upload.data, staging / file_name)
-    target = _free(cfg.folder("inbox"), name, known)
+    taken = taken_names(cfg)  # what the claim avoids too, so the job keeps this name
+    target = _free(cfg.folder("inbox"), name, lambda n: known(n) or n in taken)
     manifest = {"name": target.name, "engine": form.engine, "preset": form.preset, "priority": form.priority,
                 "upload": form.upload}
     (staging / "job.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False), encoding="utf-8")
