@@ -5,6 +5,9 @@ Progress and heartbeats come from the result backend (PROGRESS state). A worker 
 `workers.stall_seconds` is given up on: its Celery task is revoked and the attempt fails like a crashed
 local worker, so the task runs again elsewhere. A broker that cannot be reached is an outage: tasks wait
 without using attempts and the operator is alerted (OutageWatch); renders already running carry on.
+
+A render outlives the daemon: each attempt's Celery id is stored before it is sent, a stop leaves renders
+running, and the next start adopts them (follows the same Celery task) instead of sending them again.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class RemoteDispatcher:
     # --- Component ---
 
     def start(self) -> None:
+        self._adopt()
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -106,6 +110,20 @@ class RemoteDispatcher:
         return [{"dependency": broker_name(self.remote), "since": self.broker_down_since,
                  "tasks": sum(len(f) for f in self.flights.values()), "reason": "cannot reach Redis"}]
 
+    def adoptable(self) -> frozenset[int]:
+        """Tasks still running on a queue we serve, from before a restart: recovery leaves them running."""
+        return frozenset(task.id for task, _ in self.store.tasks.running_remote() if _queue(task) in self.flights)
+
+    def _adopt(self) -> None:
+        now = self.clock.monotonic()
+        for task, celery_id in self.store.tasks.running_remote():
+            queue = _queue(task)
+            if queue in self.flights:
+                part = attempt_part(task.output, task.attempts)
+                self.flights[queue].append(Flight(task, queue, AsyncResult(celery_id, app=self.app), part, now, now))
+                log.info("remote task adopted after a restart", job_id=task.job_id, task_id=task.id, task=task.name,
+                         queue=queue, attempt=task.attempts, celery_id=celery_id)
+
     # --- the loop ---
 
     def _run(self) -> None:
@@ -116,7 +134,7 @@ class RemoteDispatcher:
                 log.exception("remote dispatch step failed; trying again")
             self.wake.wait(self.remote.poll_seconds)
             self.wake.clear()
-        self._give_back()
+        self._leave_running()
 
     def step(self) -> None:
         cancelling = {job.id for job in self.store.jobs.select((CANCELLING,))} if self.busy() else set()
@@ -150,9 +168,10 @@ class RemoteDispatcher:
                          Attempt(False, f"{type(exc).__name__}: {exc}", "the daemon could not send the task; "
                                  "see the log", Kind.INTERNAL))
             return None
+        celery_id = f"heygem-{task.id}-{task.attempts}-{uuid.uuid4().hex[:8]}"
         try:
-            result = self.app.send_task(TASK_NAME, args=[payload], queue=queue,
-                                        task_id=f"heygem-{task.id}-{task.attempts}-{uuid.uuid4().hex[:8]}")
+            self.store.tasks.set_remote_id(task.id, celery_id)
+            result = self.app.send_task(TASK_NAME, args=[payload], queue=queue, task_id=celery_id)
         except Exception as exc:  # kombu/redis: the broker cannot be reached
             self._broker_trouble(exc)
             self._pause_until = self.clock.monotonic() + self.cfg.workers.backoff_seconds
@@ -252,14 +271,13 @@ class RemoteDispatcher:
         except Exception as exc:
             log.warning("cannot revoke a remote task", celery_id=flight.result.id, error=str(exc))
 
-    def _give_back(self) -> None:
-        """Stopping: what still runs remotely is revoked and goes back to the queue for the next start."""
+    def _leave_running(self) -> None:
+        """Stopping: renders on other hosts go on; the store keeps them running and the next start adopts them."""
+        left = [flight.task.name for flights in self.flights.values() for flight in flights]
+        if left:
+            log.info("remote renders carry on while the daemon is stopped; the next start picks them up",
+                     tasks=len(left), names=left[:20])
         for flights in self.flights.values():
-            for flight in flights:
-                self._revoke(flight)
-                record(self.life, f"remote:{flight.queue}", flight.task, flight.part,
-                       Attempt(False, "daemon stopping", interrupted=True),
-                       log.bind(task_id=flight.task.id, job_id=flight.task.job_id), 0.0)
             flights.clear()
 
     def _broker_trouble(self, exc: Exception) -> None:
@@ -272,6 +290,11 @@ class RemoteDispatcher:
             log.info("task broker reachable again", broker=broker_name(self.remote),
                      down_seconds=round(time.time() - self.broker_down_since, 1))
             self.broker_down_since = None
+
+
+def _queue(task: Task) -> str:
+    """The queue a remote attempt went to, from its device name `remote:<queue>`."""
+    return (task.device or "").removeprefix("remote:")
 
 
 def _attempt_of(info: Any) -> Attempt:
