@@ -130,9 +130,11 @@ def test_broker_down_tasks_wait_with_an_alert_and_a_restart_loses_and_duplicates
 
 
 def test_the_daemon_killed_while_a_remote_task_runs_adopts_the_render_instead_of_sending_it_again(rig, voice):
-    daemon, _, _ = rig
+    daemon, redis, _ = rig
     daemon.drop_pair(voice, PORTRAIT_JPG, "slow-restart")
     running_on(daemon, "slow-restart")
+    # Followed by polling: no result channel is subscribed to (its heartbeats would pile up unread in Redis).
+    assert redis.result_channels_listened_to() == []
     daemon.kill()
     daemon.start()
     assert daemon.wait_job("slow-restart", timeout=60).state == "done"

@@ -116,7 +116,7 @@ def test_a_restart_leaves_a_remote_render_running_and_the_dispatcher_follows_the
     assert life.recover(dispatcher.adoptable())["adopted"] == 1
     dispatcher._adopt()
     (flight,) = dispatcher.flights["gpu"]
-    assert flight.result.id == "heygem-1-1-abc" and flight.part == attempt_part(sent.output, 1)
+    assert flight.celery_id == "heygem-1-1-abc" and flight.part == attempt_part(sent.output, 1)
     (task,) = store.tasks.select(job.id)
     assert (task.state, task.attempts) == ("running", 1)
 
