@@ -7,6 +7,11 @@ Prints, for each number of tasks kept in flight per queue: total time against th
 a worker) and the device idle gap p95 (a worker's tool ended → its next one started), and the daemon's
 own cost per task (its dispatch thread's CPU time / tasks), which bounds how many hosts one daemon feeds.
 
+Then the cost of following many tasks in flight (what limits one daemon driving many hosts): N tasks
+sent to a queue no worker serves, each with a PROGRESS state in the backend, and the time of one
+dispatcher poll (one read of every state, a stat of every part) against the baseline of reading the
+states one request per task (what the dispatcher did before), in the same run.
+
     .venv/bin/python bench/remote.py                  # 200 tasks of 1 s, 4 workers
     .venv/bin/python bench/remote.py --seconds 0.25   # the same shape, 4x shorter
 """
@@ -94,11 +99,42 @@ def run(root: Path, redis: RedisServer, workers: int, tasks: int, seconds: float
             "daemon_ms_per_task": 1000 * cpu[0] / tasks}
 
 
+def follow_cost(root: Path, redis: RedisServer, in_flight: int, polls: int = 20) -> dict[str, float]:
+    base = root / f"follow-{in_flight}"
+    base.mkdir()
+    (base / "config.yaml").write_text(json.dumps({
+        "base_dir": str(base), "workers": {"devices": [], "remote": {
+            "broker_url": redis.url, "queues": {"unserved": in_flight}}}}))
+    cfg = load_config(base / "config.yaml", environ={})
+    life = LifeCycle(cfg, Store(cfg.folder("state") / "heygem.db"))
+    claimed(life, "follow", pairs=in_flight)
+    dispatcher = RemoteDispatcher(cfg, life)
+    dispatcher.step()  # sends them all
+    flights = dispatcher.flights["unserved"]
+    assert len(flights) == in_flight, len(flights)
+    backend = dispatcher.app.backend
+    for f in flights:
+        backend.store_result(f.celery_id, {"host": "w@bench", "progress": 0.5, "beat": 1.0}, "PROGRESS")
+    began = time.perf_counter()
+    for _ in range(polls):
+        dispatcher.step()
+    poll = (time.perf_counter() - began) / polls
+    began = time.perf_counter()
+    for _ in range(polls):
+        for f in flights:
+            backend.get_task_meta(f.celery_id)
+            f.part.is_file()
+    baseline = (time.perf_counter() - began) / polls
+    return {"in_flight": in_flight, "poll_ms": 1000 * poll, "baseline_ms": 1000 * baseline}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=200)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=1.0, help="how long the fake tool takes per task")
+    parser.add_argument("--follow", type=int, nargs="*", default=[100, 400, 1600],
+                        help="tasks in flight for the follow-cost part")
     args = parser.parse_args()
     setup_logging(None, "warning")
     with tempfile.TemporaryDirectory(prefix="heygem-bench-remote-") as tmp:
@@ -124,6 +160,12 @@ def main() -> int:
                 r = run(root, redis, args.workers, args.tasks, args.seconds, in_flight, sample)
                 print(f"{r['in_flight']:>9} {r['total']:>8.1f} {r['ratio']:>8.3f} {r['send_to_start_p95']:>15.3f}s"
                       f" {r['idle_gap_p95']:>12.3f}s {r['daemon_ms_per_task']:>15.2f}")
+            print("\none poll of N tasks in flight (one read of all states) vs one read per task (baseline)")
+            print(f"{'in flight':>9} {'poll ms':>9} {'baseline ms':>12} {'x faster':>9} {'max in flight at 0.25 s':>24}")
+            for in_flight in args.follow:
+                f = follow_cost(root, redis, in_flight)
+                print(f"{f['in_flight']:>9} {f['poll_ms']:>9.1f} {f['baseline_ms']:>12.1f}"
+                      f" {f['baseline_ms'] / f['poll_ms']:>9.2f} {int(250 / f['poll_ms'] * in_flight):>24}")
         finally:
             for h in hosts:
                 h.stop()

@@ -132,7 +132,7 @@ class Daemon:
 
     def run(self) -> int:
         recover_detected(self.cfg, self.store)
-        self.life.recover()
+        self.life.recover(self.remote.adoptable() if self.remote else frozenset())
         rescue_unknown_inputs(self.cfg, self.store)
         self.disk.check()
         self._apply_hold()

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import redis
 import yaml
 from daemon_harness import REPO
 from s3_server import free_port
@@ -54,6 +55,10 @@ class RedisServer:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+
+    def result_channels_listened_to(self) -> list[bytes]:
+        """Task result channels someone is subscribed to (PUBSUB CHANNELS)."""
+        return redis.Redis.from_url(self.url).pubsub_channels("celery-task-meta-*")
 
 
 class RemoteWorker:

@@ -93,3 +93,56 @@ def test_each_pool_child_sees_only_its_own_card(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert child_device(["cuda:0", "cuda:3"], 1) == "cuda:0" and os.environ["CUDA_VISIBLE_DEVICES"] == "3"
     assert child_device(["cpu"], 0) == "cpu"
+
+
+def test_the_celery_id_of_an_attempt_is_stored_before_it_is_sent(tmp_path):
+    cfg = load(tmp_path, remote_config(tmp_path))
+    life = LifeCycle(cfg, Store(cfg.folder("state") / "heygem.db"))
+    job = claimed(life, "alice")
+    RemoteDispatcher(cfg, life).step()  # the broker is away: the send fails after the id is written
+    (task,) = life.store.tasks.select(job.id)
+    (attempt,) = life.store.tasks.attempts(task.id)
+    assert attempt["outcome"] == "outage" and attempt["remote_id"].startswith(f"heygem-{task.id}-1-")
+
+
+def test_a_restart_leaves_a_remote_render_running_and_the_dispatcher_follows_the_same_celery_task(tmp_path):
+    cfg = load(tmp_path, remote_config(tmp_path))
+    store = Store(cfg.folder("state") / "heygem.db")
+    job = claimed(LifeCycle(cfg, store), "alice")
+    sent = store.tasks.take_next("remote:gpu")
+    store.tasks.set_remote_id(sent.id, "heygem-1-1-abc")
+    life = LifeCycle(cfg, store)
+    dispatcher = RemoteDispatcher(cfg, life)  # a new process: nothing in flight yet
+    assert life.recover(dispatcher.adoptable())["adopted"] == 1
+    dispatcher._adopt()
+    (flight,) = dispatcher.flights["gpu"]
+    assert flight.celery_id == "heygem-1-1-abc" and flight.part == attempt_part(sent.output, 1)
+    (task,) = store.tasks.select(job.id)
+    assert (task.state, task.attempts) == ("running", 1)
+
+
+def test_a_render_on_a_queue_no_longer_served_is_queued_again_at_restart(tmp_path):
+    cfg = load(tmp_path, remote_config(tmp_path))
+    store = Store(cfg.folder("state") / "heygem.db")
+    job = claimed(LifeCycle(cfg, store), "alice")
+    sent = store.tasks.take_next("remote:old-queue")
+    store.tasks.set_remote_id(sent.id, "heygem-1-1-abc")
+    life = LifeCycle(cfg, store)
+    assert life.recover(RemoteDispatcher(cfg, life).adoptable()) == {"requeued": 1, "completed": 0, "adopted": 0}
+    (task,) = store.tasks.select(job.id)
+    assert (task.state, task.attempts) == ("queued", 0)
+
+
+def test_a_stop_leaves_remote_renders_running_for_the_next_start_to_adopt(tmp_path):
+    cfg = load(tmp_path, remote_config(tmp_path))
+    life = LifeCycle(cfg, Store(cfg.folder("state") / "heygem.db"))
+    job = claimed(life, "alice")
+    task = life.take("remote:gpu")
+    life.store.tasks.set_remote_id(task.id, "heygem-1-1-abc")
+    dispatcher = RemoteDispatcher(cfg, life)
+    dispatcher.flights["gpu"].append(Flight(task, "gpu", None, attempt_part(task.output, 1), 1.0, 1.0))
+    dispatcher._leave_running()
+    assert not dispatcher.busy()
+    assert [(t.id, t.state) for t, _ in life.store.tasks.running_remote()] == [(task.id, "running")]
+    assert RemoteDispatcher(cfg, life).adoptable() == {task.id}
+    assert life.store.tasks.select(job.id)[0].state == "running"

@@ -293,21 +293,24 @@ class LifeCycle:
         log.warning("job failed", job_id=job.id, job=job.name, failed=len(failed), made=len(made),
                     reason=record["reason"], hint=record["hint"])
 
-    def recover(self) -> dict[str, int]:
-        """After a crash: tasks left running are queued again (or done, if their output made it), jobs
+    def recover(self, adoptable: frozenset[int] = frozenset()) -> dict[str, int]:
+        """After a crash or a stop: tasks left running are queued again (or done, if their output made it;
+        or left running when `adoptable`: renders on other hosts the remote dispatcher picks up), jobs
         whose tasks all ended are finished (their events emitted again), and requests are carried out."""
-        counts = {"requeued": 0, "completed": 0}
+        counts = {"requeued": 0, "completed": 0, "adopted": 0}
         for task in self.store.tasks.select(states=(T.RUNNING.value,)):
             if files.output_made(task.output):
                 self.store.tasks.finish(task.id)
                 counts["completed"] += 1
+            elif task.id in adoptable:
+                counts["adopted"] += 1
             else:
                 self.store.tasks.requeue([task.id], reset_attempts=False)
                 counts["requeued"] += 1
         for job in self.store.jobs.select(tuple(s.value for s in UNFINISHED)):
             self.finish_job(job.id)
         self.settle_requests()
-        if any(counts.values()):
+        if counts["requeued"] or counts["completed"]:
             log.warning("recovered tasks interrupted by a crash", **counts)
         return counts
 

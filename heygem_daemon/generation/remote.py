@@ -1,10 +1,16 @@
 """The daemon's side of remote generation: keep up to N tasks in flight per Celery queue, through the
 same life cycle as a local slot (`take`, then `record`: check the MP4, rename `.part`, done or failed).
 
-Progress and heartbeats come from the result backend (PROGRESS state). A worker silent for
+Progress and heartbeats come from the result backend (PROGRESS state), every flight's in one read per
+poll. The daemon keeps only Celery ids, never an `AsyncResult`: one would subscribe to the task's result
+channel, which the daemon never reads, and every heartbeat published there piles up until Redis drops
+the connection (client-output-buffer-limit pubsub). A worker silent for
 `workers.stall_seconds` is given up on: its Celery task is revoked and the attempt fails like a crashed
 local worker, so the task runs again elsewhere. A broker that cannot be reached is an outage: tasks wait
 without using attempts and the operator is alerted (OutageWatch); renders already running carry on.
+
+A render outlives the daemon: each attempt's Celery id is stored before it is sent, a stop leaves renders
+running, and the next start adopts them (follows the same Celery task) instead of sending them again.
 """
 
 from __future__ import annotations
@@ -15,8 +21,6 @@ import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-
-from celery.result import AsyncResult
 
 from heygem_daemon.clock import SYSTEM_CLOCK, Clock
 from heygem_daemon.config import Config, Remote
@@ -37,7 +41,7 @@ class Flight:
 
     task: Task
     queue: str
-    result: AsyncResult | None
+    celery_id: str | None
     """None when it never left: sending failed."""
     part: Path
     sent: float
@@ -66,6 +70,7 @@ class RemoteDispatcher:
     # --- Component ---
 
     def start(self) -> None:
+        self._adopt()
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -106,6 +111,20 @@ class RemoteDispatcher:
         return [{"dependency": broker_name(self.remote), "since": self.broker_down_since,
                  "tasks": sum(len(f) for f in self.flights.values()), "reason": "cannot reach Redis"}]
 
+    def adoptable(self) -> frozenset[int]:
+        """Tasks still running on a queue we serve, from before a restart: recovery leaves them running."""
+        return frozenset(task.id for task, _ in self.store.tasks.running_remote() if _queue(task) in self.flights)
+
+    def _adopt(self) -> None:
+        now = self.clock.monotonic()
+        for task, celery_id in self.store.tasks.running_remote():
+            queue = _queue(task)
+            if queue in self.flights:
+                part = attempt_part(task.output, task.attempts)
+                self.flights[queue].append(Flight(task, queue, celery_id, part, now, now))
+                log.info("remote task adopted after a restart", job_id=task.job_id, task_id=task.id, task=task.name,
+                         queue=queue, attempt=task.attempts, celery_id=celery_id)
+
     # --- the loop ---
 
     def _run(self) -> None:
@@ -116,13 +135,14 @@ class RemoteDispatcher:
                 log.exception("remote dispatch step failed; trying again")
             self.wake.wait(self.remote.poll_seconds)
             self.wake.clear()
-        self._give_back()
+        self._leave_running()
 
     def step(self) -> None:
         cancelling = {job.id for job in self.store.jobs.select((CANCELLING,))} if self.busy() else set()
+        states = self._states()
         for queue, flights in self.flights.items():
             for flight in list(flights):
-                if self._follow(flight, flight.task.job_id in cancelling):
+                if self._follow(flight, flight.task.job_id in cancelling, states):
                     flights.remove(flight)
             while (not self.hold.is_set() and self.clock.monotonic() >= self._pause_until
                    and len(flights) < self.remote.queues[queue]):
@@ -150,9 +170,11 @@ class RemoteDispatcher:
                          Attempt(False, f"{type(exc).__name__}: {exc}", "the daemon could not send the task; "
                                  "see the log", Kind.INTERNAL))
             return None
+        celery_id = f"heygem-{task.id}-{task.attempts}-{uuid.uuid4().hex[:8]}"
         try:
-            result = self.app.send_task(TASK_NAME, args=[payload], queue=queue,
-                                        task_id=f"heygem-{task.id}-{task.attempts}-{uuid.uuid4().hex[:8]}")
+            self.store.tasks.set_remote_id(task.id, celery_id)
+            # The AsyncResult is dropped at once: that ends its result-channel subscription (see the top).
+            self.app.send_task(TASK_NAME, args=[payload], queue=queue, task_id=celery_id)
         except Exception as exc:  # kombu/redis: the broker cannot be reached
             self._broker_trouble(exc)
             self._pause_until = self.clock.monotonic() + self.cfg.workers.backoff_seconds
@@ -164,27 +186,36 @@ class RemoteDispatcher:
             return None
         self._broker_ok()
         now = self.clock.monotonic()
-        bound.info("task sent to a remote queue", celery_id=result.id)
-        return Flight(task, queue, result, part, now, now)
+        bound.info("task sent to a remote queue", celery_id=celery_id)
+        return Flight(task, queue, celery_id, part, now, now)
 
-    def _follow(self, flight: Flight, cancelled: bool) -> bool:
-        """Read the flight's state; True once its attempt is settled."""
+    def _states(self) -> dict[str, dict[str, Any]] | None:
+        """The Celery state of every flight, in one read of the backend; None when Redis cannot be reached."""
+        ids = [f.celery_id for flights in self.flights.values() for f in flights if f.celery_id]
+        if not ids:
+            return {}
+        backend = self.app.backend
+        try:
+            values = backend.mget([backend.get_key_for_task(celery_id) for celery_id in ids])
+        except Exception as exc:  # the backend (Redis) is away: renders go on; no stall is counted
+            self._broker_trouble(exc)
+            return None
+        self._broker_ok()
+        return {celery_id: backend.decode_result(value) for celery_id, value in zip(ids, values) if value}
+
+    def _follow(self, flight: Flight, cancelled: bool, states: dict[str, dict[str, Any]] | None) -> bool:
+        """Settle the flight by its state; True once its attempt is settled."""
         if flight.part.is_file():
             # The worker renames its part only once the engine succeeded: done, even if its report was lost
             # with a broker that went away meanwhile.
             self._finish(flight, Attempt(True))
             return True
-        assert flight.result is not None
-        try:
-            # One read of the backend: state and info from the same answer (each property asks Redis again).
-            meta = flight.result.backend.get_task_meta(flight.result.id)
-            state, info = meta["status"], meta["result"]
-        except Exception as exc:  # the backend (Redis) is away: the render goes on; no stall is counted
-            self._broker_trouble(exc)
-            flight.heard = self.clock.monotonic()
-            return False
-        self._broker_ok()
         now = self.clock.monotonic()
+        if states is None:
+            flight.heard = now
+            return False
+        meta = states.get(flight.celery_id or "", {"status": "PENDING", "result": None})  # no answer yet: queued
+        state, info = meta["status"], meta["result"]
         if state in RUNNING_STATES:
             self._heard(flight, info if isinstance(info, dict) else {}, now)
         if state == "SUCCESS":
@@ -245,21 +276,20 @@ class RemoteDispatcher:
                 stale.unlink(missing_ok=True)  # parts of attempts abandoned before (a crash, a silent worker)
 
     def _revoke(self, flight: Flight) -> None:
-        if flight.result is None:
+        if flight.celery_id is None:
             return
         try:
-            self.app.control.revoke(flight.result.id, terminate=True, signal="SIGKILL")
+            self.app.control.revoke(flight.celery_id, terminate=True, signal="SIGKILL")
         except Exception as exc:
-            log.warning("cannot revoke a remote task", celery_id=flight.result.id, error=str(exc))
+            log.warning("cannot revoke a remote task", celery_id=flight.celery_id, error=str(exc))
 
-    def _give_back(self) -> None:
-        """Stopping: what still runs remotely is revoked and goes back to the queue for the next start."""
+    def _leave_running(self) -> None:
+        """Stopping: renders on other hosts go on; the store keeps them running and the next start adopts them."""
+        left = [flight.task.name for flights in self.flights.values() for flight in flights]
+        if left:
+            log.info("remote renders carry on while the daemon is stopped; the next start picks them up",
+                     tasks=len(left), names=left[:20])
         for flights in self.flights.values():
-            for flight in flights:
-                self._revoke(flight)
-                record(self.life, f"remote:{flight.queue}", flight.task, flight.part,
-                       Attempt(False, "daemon stopping", interrupted=True),
-                       log.bind(task_id=flight.task.id, job_id=flight.task.job_id), 0.0)
             flights.clear()
 
     def _broker_trouble(self, exc: Exception) -> None:
@@ -272,6 +302,11 @@ class RemoteDispatcher:
             log.info("task broker reachable again", broker=broker_name(self.remote),
                      down_seconds=round(time.time() - self.broker_down_since, 1))
             self.broker_down_since = None
+
+
+def _queue(task: Task) -> str:
+    """The queue a remote attempt went to, from its device name `remote:<queue>`."""
+    return (task.device or "").removeprefix("remote:")
 
 
 def _attempt_of(info: Any) -> Attempt:

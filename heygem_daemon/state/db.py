@@ -234,7 +234,11 @@ V6_JOBS_PAGING = """
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
 CREATE INDEX IF NOT EXISTS jobs_state_created ON jobs(state, created_at);
 """
-MIGRATIONS: list[str] = [V1_CORE, V2_CLEANUP_RUNS, V3_FOREIGN_KEYS, V4_HEYGEM_CODES, V5_ZIP_SHA256, V6_JOBS_PAGING]
+# Remote generation: the Celery id of an attempt sent to another host, so a restarted daemon picks the
+# render up where it runs instead of sending it again.
+V7_REMOTE_ATTEMPTS = "ALTER TABLE attempts ADD COLUMN remote_id TEXT;"
+MIGRATIONS: list[str] = [V1_CORE, V2_CLEANUP_RUNS, V3_FOREIGN_KEYS, V4_HEYGEM_CODES, V5_ZIP_SHA256, V6_JOBS_PAGING,
+                         V7_REMOTE_ATTEMPTS]
 
 
 BACKUP_SUFFIX = ".bak"

@@ -88,6 +88,25 @@ class TaskQueue(Repository):
             db.execute("UPDATE tasks SET progress = ?, updated_at = ? WHERE id = ? AND state = 'running'",
                        (progress, time.time(), task_id))
 
+    def set_remote_id(self, task_id: int, remote_id: str) -> None:
+        """Name the Celery task that carries the running attempt; written before it is sent, so a crash
+        between the two cannot lose a render."""
+        with self.tx() as db:
+            db.execute("UPDATE attempts SET remote_id = ? WHERE task_id = ? AND ended_at IS NULL",
+                       (remote_id, task_id))
+
+    def running_remote(self) -> list[tuple[Task, str]]:
+        """Running tasks whose attempt was sent to another host, with its Celery id."""
+        rows = self._conn().execute(
+            "SELECT t.*, a.remote_id FROM tasks t JOIN attempts a ON a.task_id = t.id AND a.ended_at IS NULL"
+            " WHERE t.state = 'running' AND a.remote_id IS NOT NULL ORDER BY t.id").fetchall()
+        found = []
+        for row in rows:
+            fields = decoded(row, "last_error")
+            remote_id = fields.pop("remote_id")
+            found.append((Task(**fields), remote_id))
+        return found
+
     def _end_attempt(self, db: sqlite3.Connection, task_id: int, outcome: str,
                      error: dict[str, Any] | None, now: float) -> None:
         db.execute(
