@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
-from remote_rig import free_port
+import redis as redis_client
+from remote_rig import RedisServer, free_port
 from test_job_lifecycle import FakeClock, claimed
 
 from heygem_daemon.config import ConfigError, load_config
@@ -146,3 +147,54 @@ def test_a_stop_leaves_remote_renders_running_for_the_next_start_to_adopt(tmp_pa
     assert [(t.id, t.state) for t, _ in life.store.tasks.running_remote()] == [(task.id, "running")]
     assert RemoteDispatcher(cfg, life).adoptable() == {task.id}
     assert life.store.tasks.select(job.id)[0].state == "running"
+
+
+def test_tasks_lost_with_the_brokers_data_are_sent_again_without_using_an_attempt(tmp_path):
+    redis = RedisServer(tmp_path / "redis").start()
+    try:
+        clock = FakeClock()
+        cfg = load(tmp_path, remote_config(tmp_path, broker_url=redis.url))
+        life = LifeCycle(cfg, Store(cfg.folder("state") / "heygem.db"), clock=clock)
+        job = claimed(life, "alice", pairs=2)
+        dispatcher = RemoteDispatcher(cfg, life, clock)
+        dispatcher.step()  # both sent to a queue no worker serves: they wait in Redis
+        first = {f.celery_id for f in dispatcher.flights["gpu"]}
+        client = redis_client.Redis.from_url(redis.url)
+        assert client.llen("gpu") == 2
+        clock.advance(cfg.workers.stall_seconds + 1)
+        dispatcher.step()  # waiting in the queue that long is no loss
+        assert {f.celery_id for f in dispatcher.flights["gpu"]} == first
+        client.flushall()  # what a restart without persistence leaves
+        dispatcher.step()
+        assert dispatcher.data_lost_at is not None and len(dispatcher.flights["gpu"]) == 2  # a render may still beat
+        clock.advance(cfg.workers.stall_seconds + 1)
+        dispatcher.step()
+        assert client.llen("gpu") == 2 and not first & {f.celery_id for f in dispatcher.flights["gpu"]}
+        for task in life.store.tasks.select(job.id):
+            assert (task.state, task.attempts) == ("running", 1)
+            assert [a["outcome"] for a in life.store.tasks.attempts(task.id)] == ["interrupted", None]
+    finally:
+        redis.stop()
+
+
+def test_a_task_heard_of_after_the_broker_lost_its_data_is_left_running(tmp_path):
+    redis = RedisServer(tmp_path / "redis").start()
+    try:
+        clock = FakeClock()
+        cfg = load(tmp_path, remote_config(tmp_path, broker_url=redis.url))
+        life = LifeCycle(cfg, Store(cfg.folder("state") / "heygem.db"), clock=clock)
+        claimed(life, "alice")
+        dispatcher = RemoteDispatcher(cfg, life, clock)
+        dispatcher.step()
+        (flight,) = dispatcher.flights["gpu"]
+        redis_client.Redis.from_url(redis.url).flushall()
+        dispatcher.step()
+        clock.advance(1)
+        # The worker still renders: its next heartbeat writes the task's state again.
+        dispatcher.app.backend.store_result(flight.celery_id, {"host": "w1", "beat": 2.0}, "PROGRESS")
+        dispatcher.step()
+        clock.advance(cfg.workers.stall_seconds)
+        dispatcher.step()
+        assert dispatcher.flights["gpu"] == [flight] and life.store.tasks.get(flight.task.id).attempts == 1
+    finally:
+        redis.stop()

@@ -11,10 +11,17 @@ without using attempts and the operator is alerted (OutageWatch); renders alread
 
 A render outlives the daemon: each attempt's Celery id is stored before it is sent, a stop leaves renders
 running, and the next start adopts them (follows the same Celery task) instead of sending them again.
+
+A Redis that lost its data (restarted without persistence, flushed) would leave tasks waiting for ever for
+messages that are gone. The daemon keeps a mark in Redis and reads it with every poll: when it vanished,
+each task that has not been heard of since is sent again after `workers.stall_seconds` (renders that
+still run beat again by then), its attempt not counted.
 """
 
 from __future__ import annotations
 
+import hashlib
+import socket
 import threading
 import time
 import uuid
@@ -33,6 +40,7 @@ from heygem_daemon.state import CANCELLING, Task
 
 log = get_logger("heygem.remote")
 RUNNING_STATES = ("STARTED", "PROGRESS")
+LOST_REASON = "the task broker lost this task (Redis restarted without its data?)"
 
 
 @dataclass
@@ -63,6 +71,11 @@ class RemoteDispatcher:
         self.workers: dict[str, dict[str, Any]] = {}
         self._workers_lock = threading.Lock()  # `status` and metrics read them from other threads
         self.broker_down_since: float | None = None
+        self.data_lost_at: float | None = None
+        """monotonic time the broker was last found without our mark: its queued messages are gone."""
+        # One mark per daemon installation (host and state folder): other daemons may share the Redis.
+        where = f"{socket.gethostname()}:{cfg.folder('state')}".encode()
+        self._mark = f"heygem:daemon:{hashlib.sha256(where).hexdigest()[:16]}"
         self._pause_until = 0.0
         self.wake, self.stop_event, self.hold = threading.Event(), threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._run, name="remote-dispatch", daemon=True)
@@ -190,17 +203,23 @@ class RemoteDispatcher:
         return Flight(task, queue, celery_id, part, now, now)
 
     def _states(self) -> dict[str, dict[str, Any]] | None:
-        """The Celery state of every flight, in one read of the backend; None when Redis cannot be reached."""
+        """The Celery state of every flight and our mark, in one read of the backend; None when Redis cannot
+        be reached. Read before any task is sent in a step, so the mark is there before the first message."""
         ids = [f.celery_id for flights in self.flights.values() for f in flights if f.celery_id]
-        if not ids:
-            return {}
         backend = self.app.backend
         try:
-            values = backend.mget([backend.get_key_for_task(celery_id) for celery_id in ids])
+            mark, *values = backend.mget([self._mark, *(backend.get_key_for_task(i) for i in ids)])
+            if mark is None:
+                backend.client.set(self._mark, b"1")
         except Exception as exc:  # the backend (Redis) is away: renders go on; no stall is counted
             self._broker_trouble(exc)
             return None
         self._broker_ok()
+        if mark is None and ids:
+            self.data_lost_at = self.clock.monotonic()
+            log.error("the task broker lost its data (restarted without persistence?); tasks not heard of again "
+                      "are sent again", broker=broker_name(self.remote), in_flight=len(ids),
+                      after_seconds=self.cfg.workers.stall_seconds)
         return {celery_id: backend.decode_result(value) for celery_id, value in zip(ids, values) if value}
 
     def _follow(self, flight: Flight, cancelled: bool, states: dict[str, dict[str, Any]] | None) -> bool:
@@ -218,6 +237,12 @@ class RemoteDispatcher:
         state, info = meta["status"], meta["result"]
         if state in RUNNING_STATES:
             self._heard(flight, info if isinstance(info, dict) else {}, now)
+        elif self._lost(flight, now):
+            self._revoke(flight)
+            log.warning("remote task lost with the broker's data; sending it again", task_id=flight.task.id,
+                        task=flight.task.name, celery_id=flight.celery_id)
+            self._finish(flight, Attempt(False, LOST_REASON, interrupted=True))
+            return True
         if state == "SUCCESS":
             self._finish(flight, _attempt_of(info))
             return True
@@ -236,6 +261,11 @@ class RemoteDispatcher:
                                          "the task runs again on another worker"))
             return True
         return False
+
+    def _lost(self, flight: Flight, now: float) -> bool:
+        """Not heard of since the broker lost its data, for longer than a running render may stay silent."""
+        lost_at = self.data_lost_at
+        return lost_at is not None and flight.heard <= lost_at and now - lost_at > self.cfg.workers.stall_seconds
 
     def _heard(self, flight: Flight, meta: dict[str, Any], now: float) -> None:
         beat = meta.get("beat")

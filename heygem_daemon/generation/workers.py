@@ -292,7 +292,7 @@ def record(life: LifeCycle, device: str, task: Task, part: Path, result: Attempt
     if result.interrupted:
         part.unlink(missing_ok=True)
         life.interrupted(task)
-        bound.info("task interrupted by shutdown; requeued")
+        bound.info("task interrupted; requeued, the attempt not counted", reason=result.reason)
         return
     if result.ok:
         if not part.is_file() or part.stat().st_size == 0:
