@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import redis as redis_client
+from billiard.exceptions import TimeLimitExceeded
 from remote_rig import RedisServer, free_port
 from test_job_lifecycle import FakeClock, claimed
 
 from heygem_daemon.config import ConfigError, load_config
 from heygem_daemon.failures import Kind, Problem
-from heygem_daemon.generation.celery_app import attempt_part, decode, encode, map_path
+from heygem_daemon.generation.celery_app import attempt_part, decode, encode, make_app, map_path, render_time_limit
 from heygem_daemon.generation.lifecycle import LifeCycle
 from heygem_daemon.generation.remote import Flight, RemoteDispatcher
 from heygem_daemon.generation.remote_worker import child_device
@@ -196,5 +197,31 @@ def test_a_task_heard_of_after_the_broker_lost_its_data_is_left_running(tmp_path
         clock.advance(cfg.workers.stall_seconds)
         dispatcher.step()
         assert dispatcher.flights["gpu"] == [flight] and life.store.tasks.get(flight.task.id).attempts == 1
+    finally:
+        redis.stop()
+
+
+def test_a_render_is_stopped_before_redis_would_hand_its_task_to_a_second_worker(tmp_path):
+    for visibility in (600.0, 3600.0, 43200.0):
+        remote = load(tmp_path, remote_config(tmp_path, visibility_timeout_seconds=visibility)).workers.remote
+        assert 0 < make_app(remote).conf.task_time_limit == render_time_limit(remote) < visibility
+
+
+def test_a_render_stopped_at_the_time_limit_fails_its_attempt_saying_which_setting_to_raise(tmp_path):
+    redis = RedisServer(tmp_path / "redis").start()
+    try:
+        cfg = load(tmp_path, remote_config(tmp_path, broker_url=redis.url))
+        life = LifeCycle(cfg, Store(cfg.folder("state") / "heygem.db"), clock=FakeClock())
+        job = claimed(life, "alice")
+        dispatcher = RemoteDispatcher(cfg, life, life.clock)
+        dispatcher.step()
+        (flight,) = dispatcher.flights["gpu"]
+        # What a worker's pool stores when it kills a child at the hard time limit.
+        dispatcher.app.backend.mark_as_failure(flight.celery_id, TimeLimitExceeded(41040.0))
+        dispatcher.step()
+        (task,) = life.store.tasks.select(job.id)
+        assert task.state == "queued" and task.attempts == 1
+        assert "ran past 41040 s" in task.last_error["reason"]
+        assert "visibility_timeout_seconds" in task.last_error["hint"]
     finally:
         redis.stop()

@@ -20,6 +20,13 @@ TASK_NAME = "heygem.generate"
 PATH_FIELDS = ("audio", "portrait", "output", "workdir")
 
 
+def render_time_limit(remote: Remote) -> float:
+    """A render is killed before Redis would hand its unacknowledged task to a second worker: the visibility
+    timeout less a margin (5 %, at least a minute) for the wait between delivery and start."""
+    visibility = remote.visibility_timeout_seconds
+    return max(visibility - max(60.0, 0.05 * visibility), 0.5 * visibility)
+
+
 def make_app(remote: Remote, sender: bool = False) -> Celery:
     """Late acks and prefetch 1: a task leaves Redis only once it is done, and a worker holds no more
     than it runs; a worker that dies hands its task back (reject on worker lost). The daemon (`sender`)
@@ -33,7 +40,7 @@ def make_app(remote: Remote, sender: bool = False) -> Celery:
     app.conf.update(
         task_serializer="json", result_serializer="json", accept_content=["json"],
         task_acks_late=True, task_reject_on_worker_lost=True, worker_prefetch_multiplier=1,
-        task_track_started=True, result_expires=24 * 3600,
+        task_track_started=True, result_expires=24 * 3600, task_time_limit=render_time_limit(remote),
         broker_transport_options=transport, result_backend_transport_options=backend,
         broker_connection_retry_on_startup=True, broker_connection_max_retries=None,
         # A send that cannot reach Redis fails fast: the daemon turns it into an outage and waits.

@@ -32,7 +32,8 @@ from typing import Any
 from heygem_daemon.clock import SYSTEM_CLOCK, Clock
 from heygem_daemon.config import Config, Remote
 from heygem_daemon.failures import Kind
-from heygem_daemon.generation.celery_app import TASK_NAME, attempt_part, broker_name, encode, make_app, map_path
+from heygem_daemon.generation.celery_app import (TASK_NAME, attempt_part, broker_name, encode, make_app, map_path,
+                                                 render_time_limit)
 from heygem_daemon.generation.lifecycle import CANCELLED_HINT, CANCELLED_REASON, LifeCycle
 from heygem_daemon.generation.workers import Attempt, record, task_spec
 from heygem_daemon.log import get_logger
@@ -247,7 +248,7 @@ class RemoteDispatcher:
             self._finish(flight, _attempt_of(info))
             return True
         if state == "FAILURE":
-            self._finish(flight, Attempt(False, f"remote worker error: {info!r}", "see the worker's log"))
+            self._finish(flight, self._failure(info))
             return True
         if cancelled:
             self._revoke(flight)
@@ -261,6 +262,14 @@ class RemoteDispatcher:
                                          "the task runs again on another worker"))
             return True
         return False
+
+    def _failure(self, info: Any) -> Attempt:
+        """A Celery task that raised, or that its worker killed at the time limit."""
+        if type(info).__name__ == "TimeLimitExceeded":
+            return Attempt(False, f"the render ran past {render_time_limit(self.remote):.0f} s and was stopped, before "
+                           "Redis would hand it to a second worker", "raise workers.remote.visibility_timeout_seconds"
+                           " above your longest render (README \"Many GPU hosts\")")
+        return Attempt(False, f"remote worker error: {info!r}", "see the worker's log")
 
     def _lost(self, flight: Flight, now: float) -> bool:
         """Not heard of since the broker lost its data, for longer than a running render may stay silent."""
