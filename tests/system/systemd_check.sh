@@ -240,6 +240,9 @@ journal() { inside journalctl -u heygem-daemon --no-pager -o cat "$@"; }
 contains() { grep -q -- "$2" <<<"$1"; }
 journal_has() { contains "$(journal)" "$1"; }
 pid1_journal() { inside journalctl --no-pager -o short-monotonic _PID=1; }
+exposure_of() {
+    inside systemd-analyze security --no-pager "$1" | sed -n "s/.*Overall exposure level for $1: \([0-9.]*\).*/\1/p"
+}
 wait_until() {  # seconds, description, command...
     local seconds=$1 what=$2; shift 2
     local deadline=$((SECONDS + seconds))
@@ -335,7 +338,7 @@ else
 fi
 
 # --- security exposure, online ---------------------------------------------------------------------------
-exposure="$(inside systemd-analyze security --no-pager heygem-daemon.service | sed -n 's/.*Overall exposure level for heygem-daemon.service: \([0-9.]*\).*/\1/p')"
+exposure="$(exposure_of heygem-daemon.service)"
 if [ -n "$exposure" ] && awk -v e="$exposure" 'BEGIN { exit !(e <= 2.0) }'; then
     pass "security-exposure ($exposure)"
 else
@@ -372,4 +375,102 @@ if wait_until 120 "the long task to start" journal_has 'task started.*task=long'
     fi
 else
     fail "drained-stop" "the long task never started: $(journal | tail -5)"
+fi
+
+# --- the other two units: a remote worker rendering through a real Redis, and the web console ---------------
+# Both on this one box: Debian's redis-server, the `remote` and `web` extras as README "Many GPU hosts"
+# and "Web console" install them, the settings through each unit's env file (HEYGEM_* overrides).
+log "installing redis-server and the remote and web extras inside"
+if inside bash -euo pipefail -c 'apt-get update -q >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null
+        cd /opt/heygem-daemon && .venv/bin/pip install -q ".[remote,web]"' >&2; then
+    pass "extras-install"
+else
+    fail "extras-install" "see above"
+    exit 1
+fi
+# Written from outside (the rootfs is a host folder); single quotes: systemd keeps the spaces inside.
+REMOTE="'{broker_url: redis://127.0.0.1:6379/0, queues: {gpu: 2}}'"
+printf '%s\n' "HEYGEM_WORKERS__DEVICES='[]'" "HEYGEM_WORKERS__REMOTE=$REMOTE" >>"$ROOT/etc/heygem/heygem-daemon.env"
+printf '%s\n' "HEYGEM_WORKERS__DEVICES='[cpu]'" "HEYGEM_WORKERS__REMOTE=$REMOTE" >"$ROOT/etc/heygem/heygem-worker.env"
+chmod 0600 "$ROOT/etc/heygem/heygem-worker.env"
+inside install -m 0644 /opt/heygem-daemon/systemd/heygem-worker.service /opt/heygem-daemon/systemd/heygem-web.service \
+    /etc/systemd/system/
+inside systemctl daemon-reload
+wjournal() { inside journalctl -u heygem-worker --no-pager -o cat; }
+worker_says() { contains "$(wjournal)" "$1"; }
+inside systemctl enable --now heygem-worker
+inside systemctl start heygem-daemon
+if wait_until 60 "the worker to be ready" worker_says 'ready\.'; then
+    inside sudo -u alice cp /opt/heygem-daemon/tests/fixtures/portrait.jpg /srv/heygem/inbox/remote1.jpg
+    # A voice of its own: the same pair as hello would be a duplicate drop, not generated again.
+    inside sudo -u alice bash -c "cd /tmp && $PY -c 'import sys; sys.path.insert(0, \"/opt/heygem-daemon/tests\")
+from pathlib import Path; from media_factory import write_speech_wav
+write_speech_wav(Path(\"/tmp/remote1.wav\"), 2.0)' && cp /tmp/remote1.wav /srv/heygem/inbox/remote1.wav"
+    if wait_until 180 "remote1.mp4" inside test -s /srv/heygem/outputs/remote1/remote1.mp4 &&
+            wait_until 30 "the worker's report" worker_says 'succeeded in' &&
+            journal_has 'task sent to a remote queue.*task=remote1'; then
+        pass "worker-unit-renders ($(probe_mp4 /srv/heygem/outputs/remote1/remote1.mp4))"
+    else
+        fail "worker-unit-renders" "daemon: $(journal | tail -5) worker: $(wjournal | tail -8)"
+    fi
+else
+    fail "worker-unit-renders" "the worker never became ready: $(wjournal | tail -15)"
+fi
+exposure="$(exposure_of heygem-worker.service)"
+if [ -n "$exposure" ] && awk -v e="$exposure" 'BEGIN { exit !(e <= 2.0) }'; then
+    pass "worker-security-exposure ($exposure)"
+else
+    fail "worker-security-exposure" "exposure '$exposure' (limit 2.0)"
+fi
+inside systemctl stop heygem-worker
+if [ "$(inside systemctl show heygem-worker -p Result --value)" = success ]; then
+    pass "worker-clean-stop"
+else
+    fail "worker-clean-stop" "$(inside systemctl show heygem-worker -p Result --value): $(wjournal | tail -5)"
+fi
+
+# The web console: a user from web.users logs in and sees the jobs the daemon made.
+hash="$(inside sh -c 'echo "s3cret-pass" | /opt/heygem-daemon/.venv/bin/heygem-daemon web hash-password')"
+inside /opt/heygem-daemon/.venv/bin/python - "$hash" <<'PY'
+import sys, yaml
+path = "/etc/heygem/config.yaml"
+with open(path) as fh:
+    cfg = yaml.safe_load(fh)
+cfg["web"] = {**cfg.get("web", {}), "enabled": True, "users": {"alice": sys.argv[1]}}
+with open(path, "w") as fh:
+    yaml.safe_dump(cfg, fh)
+PY
+inside sh -c 'head -c 32 /dev/urandom | base64 | install -m 0600 /dev/stdin /etc/heygem/credentials/web-session-key'
+inside systemctl enable --now heygem-web
+cat >"$ROOT/root/web_login.py" <<'PY'
+"""Log in to the console as a browser would (cookie, CSRF token from the form) and print the jobs page."""
+import http.cookiejar, re, sys, time, urllib.parse, urllib.request
+opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+base = "http://127.0.0.1:8470"
+for _ in range(60):
+    try:
+        form = opener.open(base + "/login", timeout=5).read().decode()
+        break
+    except OSError:
+        time.sleep(1)
+else:
+    sys.exit("the console never answered on 127.0.0.1:8470")
+csrf = re.search(r'name="csrf" value="([^"]+)"', form).group(1)
+body = urllib.parse.urlencode({"user": "alice", "password": "s3cret-pass", "csrf": csrf}).encode()
+page = opener.open(base + "/login", data=body, timeout=10)
+print(page.geturl())
+print(page.read().decode())
+PY
+web_page="$(inside /opt/heygem-daemon/.venv/bin/python /root/web_login.py 2>&1 || true)"
+if [[ "$(head -1 <<<"$web_page")" == */jobs ]] && contains "$web_page" 'remote1' && contains "$web_page" 'hello'; then
+    pass "web-unit-login-and-jobs"
+else
+    fail "web-unit-login-and-jobs" "$(tail -c 600 <<<"$web_page") $(inside journalctl -u heygem-web --no-pager -o cat | tail -5)"
+fi
+exposure="$(exposure_of heygem-web.service)"
+if [ -n "$exposure" ] && awk -v e="$exposure" 'BEGIN { exit !(e <= 2.0) }'; then
+    pass "web-security-exposure ($exposure)"
+else
+    fail "web-security-exposure" "exposure '$exposure' (limit 2.0)"
 fi
