@@ -144,6 +144,50 @@ def test_a_claim_that_runs_out_of_room_halfway_puts_the_pair_back_together(scrat
     assert "No space left" in warning["reason"]
 
 
+def fill(disk: Path) -> None:
+    """Take every free byte of a filesystem."""
+    with open(disk / "filler", "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(disk).free)
+
+
+def test_a_duplicate_drop_is_archived_while_work_is_full(scratch, tmpfs, voice):
+    work = tmpfs("work", "size=1m")
+    rig = IntakeRig(scratch, f"folders: {{work: {work}}}\n")
+    try:
+        drop_pair(rig.inbox, "first", voice)
+        rig.settle()
+        rig.settle()
+        fill(work)
+        drop_pair(rig.inbox, "again", voice)  # the same content: its files go to archive/, which has room
+        rig.settle()
+        rig.settle()
+    finally:
+        rig.close()
+    assert sorted((j.name, j.state) for j in rig.jobs()) == [("again", "done"), ("first", "queued")]
+    [staged] = rig.cfg.folder("archive").glob("*/again")
+    assert sorted(p.name for p in staged.iterdir()) == ["again.jpg", "again.wav"]
+
+
+def test_a_duplicate_drop_bigger_than_the_free_space_on_archive_waits_whole_and_archive_is_named(scratch, tmpfs):
+    archive = tmpfs("archive", "size=2m")
+    rig = IntakeRig(scratch, f"folders: {{archive: {archive}}}\n")
+    big = write_speech_wav(scratch / "big.wav", 100.0)  # 3.2 MB: work/ holds it, archive/ does not
+    try:
+        drop_pair(rig.inbox, "first", big)
+        rig.settle()
+        rig.settle()
+        drop_pair(rig.inbox, "again", big)
+        rig.settle()
+        rig.settle(60)
+    finally:
+        rig.close()
+    assert [(j.name, j.state) for j in rig.jobs()] == [("first", "queued")]
+    assert sorted(p.name for p in rig.inbox.iterdir()) == ["again.jpg", "again.wav"]
+    assert list(archive.iterdir()) == []
+    [warning] = [r for r in rig.log_lines("warning") if r.get("group") == "f:again"]
+    assert warning["kind"] == "outage" and "archive/ has" in warning["reason"]
+
+
 def test_a_move_that_fills_the_disk_leaves_no_temp_and_the_source_intact(scratch, tmpfs):
     small = tmpfs("small", "size=1m")
     src = write_speech_wav(scratch / "big.wav", 60.0)

@@ -5,11 +5,14 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
 from heygem_daemon.config import Limits
 from heygem_daemon.intake.probe import AudioProbe, PortraitProbe, ProbeError, probe_audio, probe_portrait
+from heygem_daemon.media import faces
+from heygem_daemon.media.face_spec import FaceRule
 from media_factory import (
     truncate,
     speech,
@@ -163,6 +166,27 @@ def test_a_face_box_is_checked_against_a_portrait_video_as_shown(tmp_path: Path)
     side = probe_portrait(video, LIMITS, need_face=False).width
     outside = (0, side, 0, side + 2)
     refused(lambda: probe_portrait(video, LIMITS, need_face=False, face_box=outside), "reaches outside")
+
+
+class CascadeSpy:
+    """The real Haar cascade, counting the detection passes made with it."""
+
+    def __init__(self, real: cv2.CascadeClassifier) -> None:
+        self.real = real
+        self.passes = 0
+
+    def detectMultiScale3(self, *args: object, **kwargs: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self.passes += 1
+        return self.real.detectMultiScale3(*args, **kwargs)
+
+
+def test_one_cascade_pass_answers_both_face_questions_for_an_image(
+    portrait_jpg: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = CascadeSpy(faces._cascade())
+    monkeypatch.setattr(faces, "_cascade", lambda: spy)
+    assert probe_portrait(portrait_jpg, LIMITS, FaceRule.ONE).kind == "image"
+    assert spy.passes == 1
 
 
 def test_face_check_is_skipped_when_not_needed(no_face_jpg: Path) -> None:

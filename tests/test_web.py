@@ -7,12 +7,14 @@ import json
 import os
 import shutil
 import socket
+import stat
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from heygem_daemon.intake.pairing import FileInfo, Rejection, plan_folder
 from heygem_daemon.ops.cleanup import SWEEPS, Cleanup
 from heygem_daemon.state import Store
 from heygem_daemon.state.tasks import NewTask
@@ -159,8 +161,27 @@ def test_a_set_intake_would_refuse_is_refused_with_reason_and_hint_and_nothing_m
     answer = alice.submit(ids, name="cut job", engine="preview", preset="480p")
     assert answer.status_code == 422 and "cut short" in answer.json()["reason"] and answer.json()["hint"]
     assert not (web.cfg.folder("inbox") / "cut job").exists()
-    two_portraits = alice.submit([alice.upload(portrait_jpg), alice.upload(portrait_jpg)], name="x")
-    assert two_portraits.status_code == 422 and "portrait" in two_portraits.json()["hint"]
+
+
+def intake_says(folder: str, files: list[str]) -> dict[str, str]:
+    """What intake answers for a hand-over folder holding these files (job.yaml lists no pairs)."""
+    outcome = plan_folder(folder, [FileInfo(f"{folder}/{n}", 10, 0, stat.S_IFREG | 0o644) for n in files],
+                          b"engine: preview\npreset: 480p\n", True, {"preview"}, {"480p"})
+    assert isinstance(outcome, Rejection)
+    return {"reason": outcome.problems[0].reason, "hint": outcome.problems[0].hint}
+
+
+@pytest.mark.parametrize("names", [
+    ["hello.wav", "anna.jpg", "Anna.png"],  # one audio, two portraits whose videos would both be "anna"
+    ["anna.jpg", "ben.png"],  # no audio
+])
+def test_a_set_intakes_pairing_would_refuse_is_refused_in_intakes_words_and_nothing_moves(
+        web, alice, tmp_path, portrait_jpg, names):
+    voice = write_speech_wav(tmp_path / "hello.wav", 1.0)
+    ids = [alice.upload(voice if n.endswith(".wav") else portrait_jpg, n) for n in names]
+    answer = alice.submit(ids, name="unpaired", engine="preview", preset="480p")
+    assert answer.status_code == 422 and answer.json() == intake_says("unpaired", names)
+    assert not (web.cfg.folder("inbox") / "unpaired").exists()
 
 
 def test_a_local_video_is_served_with_http_range(web, alice):

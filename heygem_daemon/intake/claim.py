@@ -126,8 +126,11 @@ class Claimer:
         self.inbox = cfg.folder("inbox")
 
     def claim(self, plan: Plan, insp: Inspection, engine: str, preset: str, is_folder: bool) -> Job:
-        check_room(self.cfg, self.inbox, plan.sources, self.cfg.folder("work"))
         fp = fingerprint(plan, insp.digests, engine, preset)
+        # Looked up before the new row exists (a `detected` job is never an original): a duplicate's files
+        # go to archive/, not work/, and room is checked where they go.
+        original = self.store.jobs.find_duplicate(fp, self.cfg.dedupe.window_hours * 3600)
+        check_room(self.cfg, self.inbox, plan.sources, self.cfg.folder("work" if original is None else "archive"))
         spec: dict[str, Any] = {
             "sources": plan.sources, "folder": is_folder, "engine": engine, "preset": preset,
             "options": plan.options, "digests": insp.digests, "priority": plan.priority,
@@ -138,8 +141,7 @@ class Claimer:
         if not plan.upload:
             spec["upload"] = False
         job = self.store.jobs.create(plan.name_hint, spec, fp, insp.owner, taken_names(self.cfg))
-        original = self.store.jobs.find_duplicate(fp, self.cfg.dedupe.window_hours * 3600)
-        if original is not None and original.id != job.id:
+        if original is not None:
             staging = archive_dir(self.cfg, job.name)
             self._record_staging(job, spec, staging)
             self._stage(job, plan.sources, staging, is_folder)

@@ -239,7 +239,7 @@ def plan_folder(folder: str, files: list[FileInfo], manifest: bytes | None, time
     if spec.pairs is not None:
         outcome = _explicit_pairs(folder, files, spec.pairs)
     else:
-        outcome = _implicit_pairs(folder, files, timed_out)
+        outcome = implicit_pairs(folder, files)
     if isinstance(outcome, Problem):
         return Rejection(name, [folder], [outcome], spec.notify_urls())
     if isinstance(outcome, Wait):
@@ -314,7 +314,9 @@ def _explicit_pairs(folder: str, files: list[FileInfo], specs: list[PairSpec]) -
     return _unique_names(folder, pairs)
 
 
-def _implicit_pairs(folder: str, files: list[FileInfo], timed_out: bool) -> list[Pair] | Problem | Wait:
+def implicit_pairs(folder: str, files: list[FileInfo]) -> list[Pair] | Problem | Wait:
+    """Rule 1, for a folder without a pairs list: one audio + N portraits, or N audios + 1 portrait, each
+    video named after the file that varies. The web console checks its uploads with it too."""
     others = [f for f in files if kind_of(f.name) is MediaKind.OTHER]
     if others:
         return _unsupported(others[0])

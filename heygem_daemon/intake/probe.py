@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from heygem_daemon.config import Limits
 from heygem_daemon.media.errors import MediaError
-from heygem_daemon.media.faces import count_faces, detect_face
+from heygem_daemon.media.faces import count_faces
 from heygem_daemon.media.face_spec import FaceEdges, FaceRule, edges_outside
 from heygem_daemon.media.frames import read_image, shown_size, upright
 from heygem_daemon.media.kinds import MediaKind, kind_of
@@ -36,7 +36,7 @@ _ONE_FACE_HINT = "this engine animates exactly one person: crop the portrait to 
 _SHORTFALL_SECONDS = 0.25
 _SHORTFALL_SHARE = 0.02
 _FACE_SAMPLES = 3
-# detect_face looks at no more than 640 pixels a side, so decoding more is wasted.
+# The face cascade looks at no more than 640 pixels a side, so decoding more is wasted.
 _FACE_SIDE = 640
 _A_PORTRAIT, _PORTRAIT_KEY = "a portrait video", "max_portrait_seconds"
 _FLOAT_FORMATS = {"flt", "fltp", "dbl", "dblp"}
@@ -228,6 +228,23 @@ def _image_size(path: Path, limits: Limits) -> tuple[int, int]:
     return w, h
 
 
+def _check_faces(frames: list[np.ndarray], rule: FaceRule, where: str) -> None:
+    """Refuse a portrait without a face, or with several under FaceRule.ONE: one cascade pass per frame
+    answers both, since a frame's face count is 0 exactly when no face is found."""
+    if not rule:
+        return
+    counts: list[int] = []
+    for frame in frames:
+        counts.append(count_faces(frame))
+        if rule == FaceRule.ANY and counts[-1]:
+            break  # one face anywhere is all ANY asks for
+    if not any(counts):
+        raise ProbeError(f"no face found in {where}", _FACE_HINT)
+    # Most sampled frames, not any: one frame with a face-like patch beside the face is not a second person.
+    if rule == FaceRule.ONE and 2 * sum(count > 1 for count in counts) > len(counts):
+        raise ProbeError(f"more than one face in {where}", _ONE_FACE_HINT)
+
+
 def _probe_image(path: Path, limits: Limits, need_face: FaceRule) -> PortraitProbe:
     try:
         with warnings.catch_warnings():
@@ -243,10 +260,7 @@ def _probe_image(path: Path, limits: Limits, need_face: FaceRule) -> PortraitPro
         ) from None
     except MediaError as exc:
         raise ProbeError(exc.reason, exc.hint) from None
-    if need_face and detect_face(bgr) is None:
-        raise ProbeError(f"no face found in {path.name}", _FACE_HINT)
-    if need_face == FaceRule.ONE and count_faces(bgr) > 1:
-        raise ProbeError(f"more than one face in {path.name}", _ONE_FACE_HINT)
+    _check_faces([bgr], need_face, path.name)
     return PortraitProbe("image", w, h, None, None)
 
 
@@ -302,11 +316,7 @@ def _probe_video(path: Path, limits: Limits, need_face: FaceRule) -> PortraitPro
         raise ProbeError(f"{path.name} is not a decodable video ({exc.strerror or exc})", _VIDEO_HINT) from None
     if seconds > limits.max_portrait_seconds:
         raise _too_long(path.name, _A_PORTRAIT, seconds, limits.max_portrait_seconds, _PORTRAIT_KEY)
-    if need_face and not any(detect_face(f) is not None for f in frames):
-        raise ProbeError(f"no face found in the first frames of {path.name}", _FACE_HINT)
-    # Most sampled frames, not any: one frame with a face-like patch beside the face is not a second person.
-    if need_face == FaceRule.ONE and 2 * sum(count_faces(f) > 1 for f in frames) > len(frames):
-        raise ProbeError(f"more than one face in the first frames of {path.name}", _ONE_FACE_HINT)
+    _check_faces(frames, need_face, f"the first frames of {path.name}")
     h, w = frames[0].shape[:2]
     return PortraitProbe("video", w, h, seconds, fps)
 

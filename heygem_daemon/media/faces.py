@@ -46,6 +46,22 @@ def _cascade() -> cv2.CascadeClassifier:
     return classifier
 
 
+def _cascade_pass(
+    bgr: np.ndarray, sizes: tuple[float, float] | None = None
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Every face the cascade finds (boxes in detection pixels), their level weights, and the detection scale."""
+    gray, scale = _gray(bgr)
+    limits: dict[str, tuple[int, int]] = {}
+    if sizes is not None:
+        low, high = (max(1, int(side * scale)) for side in sizes)
+        limits = {"minSize": (low, low), "maxSize": (high, high)}
+    with _LOCK:
+        boxes, _levels, weights = _cascade().detectMultiScale3(
+            cv2.equalizeHist(gray), scaleFactor=1.1, minNeighbors=5, outputRejectLevels=True, **limits
+        )
+    return boxes, np.ravel(weights), scale
+
+
 def detect_face(bgr: np.ndarray, near: Box | None = None) -> Box | None:
     """The most confident frontal face, in the input's pixel coordinates, or None.
 
@@ -57,15 +73,7 @@ def detect_face(bgr: np.ndarray, near: Box | None = None) -> Box | None:
         x0, y0 = max(0, near.x - near.w // 2), max(0, near.y - near.h // 2)
         bgr = bgr[y0 : near.y + near.h + near.h // 2, x0 : near.x + near.w + near.w // 2]
         sizes = (_NEAR_SIZE[0] * near.w, _NEAR_SIZE[1] * near.w)
-    gray, scale = _gray(bgr)
-    limits: dict[str, tuple[int, int]] = {}
-    if sizes is not None:
-        low, high = (max(1, int(side * scale)) for side in sizes)
-        limits = {"minSize": (low, low), "maxSize": (high, high)}
-    with _LOCK:
-        boxes, _levels, weights = _cascade().detectMultiScale3(
-            cv2.equalizeHist(gray), scaleFactor=1.1, minNeighbors=5, outputRejectLevels=True, **limits
-        )
+    boxes, weights, scale = _cascade_pass(bgr, sizes)
     if len(boxes) == 0:
         return None
     # The first or largest hit can be a face-like patch; the level weight ranks real faces highest.
@@ -74,16 +82,15 @@ def detect_face(bgr: np.ndarray, near: Box | None = None) -> Box | None:
 
 
 def count_faces(bgr: np.ndarray) -> int:
-    """How many distinct people face the camera: the best face, plus others nearly as convincing and big."""
-    gray, _scale = _gray(bgr)
-    with _LOCK:
-        boxes, _levels, weights = _cascade().detectMultiScale3(
-            cv2.equalizeHist(gray), scaleFactor=1.1, minNeighbors=5, outputRejectLevels=True
-        )
+    """How many distinct people face the camera: the best face, plus others nearly as convincing and big.
+
+    0 exactly when detect_face finds none, so one pass answers both "is there a face" and "how many"."""
+    boxes, weights, _scale = _cascade_pass(bgr)
     if len(boxes) == 0:
         return 0
-    weights = np.ravel(weights)
     best = int(np.argmax(weights))
     widths = boxes[:, 2]
     strong = (weights >= _SECOND_FACE_WEIGHT * weights[best]) & (widths >= _SECOND_FACE_SIZE * widths[best])
+    # A negative best weight would fail its own comparison; the best face always counts.
+    strong[best] = True
     return int(np.count_nonzero(strong))

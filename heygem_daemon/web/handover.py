@@ -13,9 +13,10 @@ import yaml
 
 from heygem_daemon.config import Config
 from heygem_daemon.engines.registry import engine_names
+from heygem_daemon.failures import Problem
 from heygem_daemon.fs.ops import move
 from heygem_daemon.intake.claim import taken_names
-from heygem_daemon.intake.pairing import READY_MARKER, safe_name
+from heygem_daemon.intake.pairing import READY_MARKER, FileInfo, Wait, implicit_pairs, safe_name
 from heygem_daemon.intake.probe import ProbeError, probe_audio, probe_portrait
 from heygem_daemon.media.face_spec import FaceRule
 from heygem_daemon.media.kinds import MediaKind, kind_of
@@ -47,12 +48,30 @@ def _check_form(cfg: Config, form: JobForm) -> None:
         raise _refuse(f"{len(form.ids)} file(s) uploaded", f"a job needs 2 to {cfg.web.max_files} files")
 
 
-def _shape(uploads: list[Upload]) -> None:
-    audios = sum(kind_of(u.name) is MediaKind.AUDIO for u in uploads)
-    portraits = len(uploads) - audios
-    if not (audios == 1 and portraits >= 1) and not (portraits == 1 and audios >= 1):
-        raise _refuse(f"{audios} audio file(s) and {portraits} portrait(s) do not make a job",
-                      "upload one audio and one or more portraits, or several audios and one portrait")
+def _file_names(uploads: list[Upload]) -> list[str]:
+    """Each upload's name in the job folder: a name already taken gets -2, -3 ... before its extension."""
+    names: list[str] = []
+    for upload in uploads:
+        stem, ext = os.path.splitext(upload.name)
+        file_name, n = upload.name, 1
+        while file_name in names:
+            n += 1
+            file_name = f"{stem}-{n}{ext}"
+        names.append(file_name)
+    return names
+
+
+def _check_pairing(folder: str, uploads: list[Upload], file_names: list[str]) -> None:
+    """The daemon pairs the folder by intake's rule (job.yaml lists no pairs): a set it would refuse is
+    refused now, in intake's words, before anything moves."""
+    files: list[FileInfo] = []
+    for upload, name in zip(uploads, file_names):
+        st = os.stat(upload.data)
+        files.append(FileInfo(f"{folder}/{name}", st.st_size, st.st_mtime_ns, st.st_mode))
+    paired = implicit_pairs(folder, files)
+    problem = paired.problem if isinstance(paired, Wait) else paired  # no partner arrives later on the web
+    if isinstance(problem, Problem):
+        raise _refuse(problem.reason, problem.hint)
 
 
 def _probe(cfg: Config, upload: Upload) -> None:
@@ -92,20 +111,14 @@ def hand_over(cfg: Config, uploads: Uploads, user: str, form: JobForm,
     sets = [u for u in found if u is not None]
     if any(not u.complete for u in sets):
         raise _refuse("not every file has finished uploading", "wait for every bar to reach 100 %, then send")
-    _shape(sets)
+    name = safe_name(form.name or Path(sets[0].name).stem)
+    file_names = _file_names(sets)
+    _check_pairing(name, sets, file_names)
     for upload in sets:
         _probe(cfg, upload)
-    name = safe_name(form.name or Path(sets[0].name).stem)
     staging = uploads.root / f".set-{secrets.token_hex(8)}"
     staging.mkdir(mode=0o770)
-    taken: set[str] = set()
-    for upload in sets:
-        stem, ext = os.path.splitext(upload.name)
-        file_name, n = upload.name, 1
-        while file_name in taken:
-            n += 1
-            file_name = f"{stem}-{n}{ext}"
-        taken.add(file_name)
+    for upload, file_name in zip(sets, file_names):
         os.rename(upload.data, staging / file_name)
     taken = taken_names(cfg)  # what the claim avoids too, so the job keeps this name
     target = _free(cfg.folder("inbox"), name, lambda n: known(n) or n in taken)
