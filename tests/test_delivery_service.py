@@ -96,3 +96,17 @@ def test_in_s3_mode_an_uploaded_job_is_audited_with_the_keys_and_unsigned_links_
     for line in audit:
         [key], [link] = line["keys"], line["links"]
         assert link.startswith(moto_server.endpoint) and link.endswith(key) and "?" not in link
+
+
+def test_the_outputs_of_a_finished_jobs_done_tasks_are_each_registered_once(tmp_path):
+    cfg = make_cfg(tmp_path)
+    store = Store(cfg.folder("state") / "heygem.db")
+    job = finished_job(cfg, store, "batch", 3)
+    tasks = store.tasks.select(job.id)
+    early = tasks[0]  # the outputs watcher took this one before the job finished
+    store.deliveries.ensure_batch(job.id, job.name, job.name, job.id)
+    store.deliveries.add(job.id, early.output, Path(early.output).name, Path(early.output).stat().st_size, "", early.id)
+    report = deliver(cfg, store, job)
+    deliveries = store.deliveries.select(job.id)
+    assert sorted((d.path, d.task_id) for d in deliveries) == sorted((t.output, t.id) for t in tasks)
+    assert sorted(v.name for v in report.videos) == ["v0.mp4", "v1.mp4", "v2.mp4"]

@@ -191,10 +191,11 @@ class DeliveryService:
     def _job_batch_ended(self, batch: Batch, job: Job, now: float) -> bool:
         if batch.not_before > now:
             return False
-        for task in self.store.tasks.select(job.id, ("done",)):
-            if not self.store.deliveries.known(task.output) and Path(task.output).is_file():
+        for output in self.store.deliveries.new_outputs(job.id):
+            path = Path(output)
+            if path.is_file():
                 # Our engine's outputs are complete when the task is done: no need to wait for the watcher.
-                self._register(Path(task.output), Path(task.output).stat().st_size)
+                self._register(path, path.stat().st_size)
         return all(d.state in ENDED for d in self.store.deliveries.select(batch.id))
 
     def _submit(self, tag: str, fn: Callable[..., None], *args: Any) -> None:
