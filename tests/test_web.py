@@ -276,3 +276,24 @@ def test_behind_a_proxy_its_user_header_logs_in_and_is_only_trusted_on_the_loopb
     (tmp_path / "open.yaml").write_text(yaml.safe_dump(settings))
     with pytest.raises(ConfigError, match="host must be 127.0.0.1"):
         load_config(tmp_path / "open.yaml")
+
+
+@pytest.mark.parametrize("setting, forwarded_proto, secure", [
+    ("auto", None, False),     # plain HTTP: a Secure cookie would never come back
+    ("auto", "https", True),   # TLS ends at the proxy on this host, which says so
+    (True, None, True),        # TLS ends at a proxy uvicorn does not trust: the operator says so
+    (False, "https", False),
+])
+def test_the_session_cookie_is_secure_when_the_console_is_reached_over_https(tmp_path, setting, forwarded_proto,
+                                                                              secure):
+    settings = {"base_dir": str(tmp_path), "logging": {"console": False}, **web_settings(secure_cookies=setting)}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(settings))
+    server = WebServer(tmp_path / "config.yaml").start()
+    try:
+        headers = {"X-Forwarded-Proto": forwarded_proto} if forwarded_proto else {}
+        login = server.client(None).http.get(server.url + "/login", headers=headers, timeout=30)
+    finally:
+        server.stop()
+    flags = [f.strip().lower() for f in login.headers["set-cookie"].split(";")]
+    assert flags[0].startswith("heygem_session=") and "httponly" in flags and "samesite=strict" in flags
+    assert ("secure" in flags) is secure

@@ -14,7 +14,6 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
-from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
@@ -27,7 +26,7 @@ from heygem_daemon.generation.lifecycle import JobError, JobState, request_cance
 from heygem_daemon.state import Store, db_path
 from heygem_daemon.views import condition, job_view, jobs_page
 from heygem_daemon.web.auth import LoginLimit, check_password, csrf_token
-from heygem_daemon.web.guard import Gate, SecurityHeaders, content_security_policy
+from heygem_daemon.web.guard import Gate, SecurityHeaders, SessionCookies, content_security_policy
 from heygem_daemon.engines.registry import engine_names
 from heygem_daemon.web.handover import JobForm, hand_over
 from heygem_daemon.web.tus import TusServer
@@ -282,8 +281,8 @@ def create_app(cfg: Config, config_path: Path | None, session_key: str) -> Starl
     ]
     middleware = [
         Middleware(SecurityHeaders, csp=content_security_policy(_media_origin(cfg))),
-        Middleware(SessionMiddleware, secret_key=session_key, session_cookie="heygem_session",
-                   same_site="strict", max_age=12 * 3600),
+        Middleware(SessionCookies, secure=cfg.web.secure_cookies, secret_key=session_key,
+                   session_cookie="heygem_session", same_site="strict", max_age=12 * 3600),
         Middleware(Gate, web=cfg.web),
     ]
     app = Starlette(routes=routes, middleware=middleware)
