@@ -330,6 +330,9 @@ class Web(_Section):
     users: dict[str, str] = Field(default_factory=dict, description="user: argon2 hash from "
                                   "`heygem-daemon web hash-password`")
     proxy_header: str = Field("X-Remote-User", description="with auth: proxy, the header naming the user")
+    secure_cookies: Literal["auto"] | bool = Field(
+        "auto", description="Secure flag on the session cookie; auto: when the request came over HTTPS (TLS, or "
+        "X-Forwarded-Proto: https from a proxy uvicorn trusts: the loopback unless $FORWARDED_ALLOW_IPS)")
     max_upload_mb: float = Field(2048.0, gt=0.0, description="largest file one upload may be")
     max_files: int = Field(50, ge=2, le=1000, description="files in one job uploaded from the web")
     upload_expiry_hours: float = Field(24.0, gt=0.0, description="incomplete uploads are swept this long "

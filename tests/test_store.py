@@ -1,4 +1,5 @@
 import threading
+import time
 
 from heygem_daemon.state import NewTask, Store
 
@@ -93,3 +94,19 @@ def test_retried_job_frees_its_name(tmp_path):
     job = store.jobs.create("alice", {})
     store.jobs.set_state(job.id, "retried")
     assert store.jobs.create("alice", {}).name == "alice"
+
+
+def test_new_outputs_are_the_outputs_of_done_tasks_not_taken_for_delivery_yet(tmp_path):
+    store = make_store(tmp_path)
+    job_id = queued_job(store, n=4)
+    registered, marked, new = (store.tasks.take_next("cpu") for _ in range(3))  # t3 stays queued
+    for task in (registered, marked, new):
+        assert store.tasks.finish(task.id)
+    store.deliveries.ensure_batch(job_id, "alice", "alice", job_id)
+    store.deliveries.add(job_id, registered.output, "t0.mp4", 1, "", registered.id)
+    # Delivered by a batch since forgotten: only the `delivered` mark remembers the path.
+    store.deliveries.ensure_batch("adhoc-1", "alice", "alice", None)
+    store.deliveries.add("adhoc-1", marked.output, "t1.mp4", 1, "", None)
+    store.deliveries.mark_reported("adhoc-1", None)
+    assert store.deliveries.forget_reported_adhoc(time.time() + 1) == ["alice"]
+    assert store.deliveries.new_outputs(job_id) == [new.output]

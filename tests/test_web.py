@@ -8,6 +8,9 @@ import os
 import shutil
 import socket
 import stat
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from heygem_daemon.state import Store
 from heygem_daemon.state.tasks import NewTask
 from heygem_daemon.web.uploads import UPLOADS_DIR
 from media_factory import truncate, write_speech_wav
+from s3_server import credentials_env
 from web_rig import PASSWORDS, WebServer, web_settings
 
 
@@ -297,3 +301,91 @@ def test_behind_a_proxy_its_user_header_logs_in_and_is_only_trusted_on_the_loopb
     (tmp_path / "open.yaml").write_text(yaml.safe_dump(settings))
     with pytest.raises(ConfigError, match="host must be 127.0.0.1"):
         load_config(tmp_path / "open.yaml")
+
+
+@pytest.mark.parametrize("setting, forwarded_proto, secure", [
+    ("auto", None, False),     # plain HTTP: a Secure cookie would never come back
+    ("auto", "https", True),   # TLS ends at the proxy on this host, which says so
+    (True, None, True),        # TLS ends at a proxy uvicorn does not trust: the operator says so
+    (False, "https", False),
+])
+def test_the_session_cookie_is_secure_when_the_console_is_reached_over_https(tmp_path, setting, forwarded_proto,
+                                                                              secure):
+    settings = {"base_dir": str(tmp_path), "logging": {"console": False}, **web_settings(secure_cookies=setting)}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(settings))
+    server = WebServer(tmp_path / "config.yaml").start()
+    try:
+        headers = {"X-Forwarded-Proto": forwarded_proto} if forwarded_proto else {}
+        login = server.client(None).http.get(server.url + "/login", headers=headers, timeout=30)
+    finally:
+        server.stop()
+    flags = [f.strip().lower() for f in login.headers["set-cookie"].split(";")]
+    assert flags[0].startswith("heygem_session=") and "httponly" in flags and "samesite=strict" in flags
+    assert ("secure" in flags) is secure
+
+
+HEALTH_WITH_WAV2LIP = """
+import json, sys
+from pathlib import Path
+import yaml
+from web_rig import WebServer, web_settings
+base = Path(sys.argv[1])
+settings = {"base_dir": str(base), "logging": {"console": False}, "engine": {"name": "wav2lip"},
+            "engines": {"wav2lip": {"checkpoint": str(base / "wav2lip_gan.pth")}}, **web_settings()}
+(base / "config.yaml").write_text(yaml.safe_dump(settings))
+server = WebServer(base / "config.yaml").start()
+alice = server.client("alice")
+viewed = alice.get("/health").text
+checked = alice.http.post(server.url + "/health/checks", data={"csrf": alice.csrf}, timeout=300).text
+server.stop()
+print(json.dumps({"torch": "torch" in sys.modules, "viewed": viewed, "checked": checked}))
+"""
+
+
+def test_with_wav2lip_configured_the_health_page_and_its_checks_never_import_torch_in_the_web_process(tmp_path):
+    here = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent), str(here)])}
+    done = subprocess.run([sys.executable, "-c", HEALTH_WITH_WAV2LIP, str(tmp_path)], capture_output=True,
+                          text=True, env=env, timeout=280)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["torch"] is False
+    assert "Run the checks" in seen["viewed"] and 'class="doctor"' not in seen["viewed"]
+    assert "wav2lip checkpoint" in seen["checked"]  # the engine's own checks ran, in the doctor's process
+
+
+@pytest.fixture
+def s3_web(tmp_path, moto_server, monkeypatch):
+    for k, v in credentials_env().items():
+        monkeypatch.setenv(k, v)
+    bucket = moto_server.new_bucket()
+    settings = {"base_dir": str(tmp_path), "logging": {"console": False},
+                "s3": moto_server.s3_settings(bucket), **web_settings()}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(settings))
+    server = WebServer(tmp_path / "config.yaml").start()
+    yield server, lambda: moto_server.log_path.read_text().count(f'"HEAD /{bucket} ')
+    server.stop()
+
+
+def test_viewing_the_health_page_asks_no_service_and_the_checks_run_once_a_minute_at_most(s3_web):
+    server, bucket_asked = s3_web
+    alice, bob = server.client("alice"), server.client("bob")
+    for _ in range(3):
+        assert alice.get("/health").status_code == 200
+    assert bucket_asked() == 0
+
+    def check(client) -> str:
+        return client.http.post(server.url + "/health/checks", data={"csrf": client.csrf}, timeout=300).text
+    pages: list[str] = []
+    together = [threading.Thread(target=lambda c=c: pages.append(check(c))) for c in (alice, bob)]
+    for t in together:
+        t.start()
+    for t in together:
+        t.join()
+    pages.append(check(alice))
+    assert sum("Checked just now." in page for page in pages) == 1
+    assert all("reachable with the configured credentials" in page or "running already" in page for page in pages)
+    deadline = time.monotonic() + 5  # moto writes its log line once the answer is sent
+    while bucket_asked() == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert bucket_asked() == 1

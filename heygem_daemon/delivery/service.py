@@ -191,10 +191,11 @@ class DeliveryService:
     def _job_batch_ended(self, batch: Batch, job: Job, now: float) -> bool:
         if batch.not_before > now:
             return False
-        for task in self.store.tasks.select(job.id, ("done",)):
-            if not self.store.deliveries.known(task.output) and Path(task.output).is_file():
+        for output in self.store.deliveries.new_outputs(job.id):
+            path = Path(output)
+            if path.is_file():
                 # Our engine's outputs are complete when the task is done: no need to wait for the watcher.
-                self._register(Path(task.output), Path(task.output).stat().st_size)
+                self._register(path, path.stat().st_size)
         return all(d.state in ENDED for d in self.store.deliveries.select(batch.id))
 
     def _submit(self, tag: str, fn: Callable[..., None], *args: Any) -> None:
@@ -366,6 +367,10 @@ class DeliveryService:
     def _zip_entry(self, batch: Batch) -> LinkEntry | None:
         if not batch.zip_name or batch.state == "open":
             return None
+        return self._zip_file(batch)
+
+    def _zip_file(self, batch: Batch) -> LinkEntry:
+        assert batch.zip_name is not None
         if batch.zip_key:  # streamed into the bucket: there is no local copy to name
             link, expires = self._link(batch.zip_key, batch.zip_name)
             return LinkEntry(batch.zip_name, batch.zip_size or 0, None, batch.zip_sha256, batch.zip_key, link, expires)
@@ -388,17 +393,16 @@ class DeliveryService:
             write_links(self._links_dir(batch), stem, batch.name, self._entries(linked), self._zip_entry(batch))
 
     def _audit(self, event: str, batch: Batch, deliveries: list[Delivery]) -> None:
+        """Each file by where it went, decided by its key as delivery decides: an object in the bucket is
+        named by key and link, a file delivered locally (local-only mode, `upload: false`) by its path."""
         job = self.store.jobs.get(batch.job_id) if batch.job_id else None
-        if event == "zip":
-            entry = self._zip_entry(batch)
-            keys, links, size = [batch.zip_key or ""], [entry.link if entry else None], batch.zip_size or 0
+        if event == "zip":  # written before the batch is marked zipped, so not through _zip_entry
+            entries, size = [self._zip_file(batch)], batch.zip_size or 0
         else:
-            keys = [d.key for d in deliveries] if self.client else []
-            links = [e.link for e in self._entries(deliveries)]
-            size = sum(d.size for d in deliveries)
+            entries, size = self._entries(deliveries), sum(d.size for d in deliveries)
         self.audit.record(event, job=batch.name, job_id=batch.job_id, owner=job.owner if job else self._owner(
             deliveries), dropped_at=job.created_at if job else None, files=len(deliveries), total_bytes=size,
-            keys=keys if self.client else [], links=links if self.client else [d.path for d in deliveries])
+            keys=[e.key for e in entries if e.key], links=[e.link if e.key else e.path for e in entries])
 
     @staticmethod
     def _owner(deliveries: list[Delivery]) -> str | None:

@@ -152,6 +152,15 @@ class DeliveryRepository(Repository):
         return bool(db.execute("SELECT 1 FROM deliveries WHERE path = ?", (path,)).fetchone()
                     or db.execute("SELECT 1 FROM delivered WHERE path = ?", (path,)).fetchone())
 
+    def new_outputs(self, job_id: str) -> list[str]:
+        """Outputs of the job's done tasks not taken for delivery yet, in one query: what a batch waiting for
+        its report still has to register (a step must not ask once per task of a large job)."""
+        rows = self._conn().execute(
+            "SELECT t.output FROM tasks t WHERE t.job_id = ? AND t.state = 'done'"
+            " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.path = t.output)"
+            " AND NOT EXISTS (SELECT 1 FROM delivered m WHERE m.path = t.output) ORDER BY t.id", (job_id,))
+        return [r["output"] for r in rows]
+
     def forget_reported_adhoc(self, reported_before: float) -> list[str]:
         """Forget ad-hoc batches reported before the cut-off, with their deliveries and parts; their paths
         stay marked (`delivered`). Returns the batch names."""

@@ -14,7 +14,6 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
-from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
@@ -27,9 +26,10 @@ from heygem_daemon.generation.lifecycle import JobError, JobState, request_cance
 from heygem_daemon.state import Store, db_path
 from heygem_daemon.views import condition, job_view, jobs_page
 from heygem_daemon.web.auth import LoginLimit, check_password, csrf_token
-from heygem_daemon.web.guard import Gate, SecurityHeaders, content_security_policy
+from heygem_daemon.web.guard import Gate, SecurityHeaders, SessionCookies, content_security_policy
 from heygem_daemon.engines.registry import engine_names
 from heygem_daemon.web.handover import JobForm, hand_over
+from heygem_daemon.web.health import LiveChecks
 from heygem_daemon.web.tus import TusServer
 from heygem_daemon.web.uploads import UploadRefused, Uploads
 
@@ -58,6 +58,7 @@ class Console:
         self.uploads = Uploads(cfg)
         self.audit = AuditLog(cfg.folder("logs"))
         self.logins = LoginLimit(cfg.web.login_attempts, cfg.web.login_window_seconds)
+        self.checks = LiveChecks(config_path)
         self.templates = Environment(loader=PackageLoader("heygem_daemon.web", "templates"),
                                      autoescape=select_autoescape(default=True))
         self.templates.filters["when"] = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
@@ -209,18 +210,20 @@ class Console:
     # --- health --------------------------------------------------------------------------------------
 
     def _health_context(self) -> dict[str, Any]:
-        from heygem_daemon.ops.diskguard import DiskGuard
-        from heygem_daemon.ops.doctor import run_checks
-
-        return {"checks": run_checks(self.config_path), **condition(self.cfg, self.store),
-                "jobs": self.store.jobs.counts(), "devices": self.cfg.workers.devices,
-                "per_device": self.cfg.workers.per_device, "disk": DiskGuard(self.cfg).check(),
-                "min_free_gb": self.cfg.disk_guard.min_free_gb,
-                "running": self.store.tasks.select(states=("running",))}
+        """The daemon's own view (its state file and the store): cheap, and asks no service."""
+        return {**condition(self.cfg, self.store), "jobs": self.store.jobs.counts(),
+                "devices": self.cfg.workers.devices, "per_device": self.cfg.workers.per_device,
+                "min_free_gb": self.cfg.disk_guard.min_free_gb, "running": self.store.tasks.select(states=("running",)),
+                "doctor": self.checks.last, "fresh_seconds": self.checks.fresh}
 
     async def health(self, request: Request) -> Response:
         context = await run_in_threadpool(self._health_context)
-        return self.render(request, "health.html", **context)
+        return self.render(request, "health.html", **context, message=request.session.pop("message", None))
+
+    async def health_checks(self, request: Request) -> Response:
+        """The live checks, only on the page's button (LiveChecks: one at a time, a fresh result kept)."""
+        request.session["message"] = await run_in_threadpool(self.checks.run)
+        return RedirectResponse("/health", 303)
 
     # --- live updates --------------------------------------------------------------------------------
 
@@ -277,13 +280,14 @@ def create_app(cfg: Config, config_path: Path | None, session_key: str) -> Starl
         Route("/upload", console.upload_page),
         Route("/upload/submit", console.submit, methods=["POST"]),
         Route("/health", console.health),
+        Route("/health/checks", console.health_checks, methods=["POST"]),
         *tus.routes(),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     middleware = [
         Middleware(SecurityHeaders, csp=content_security_policy(_media_origin(cfg))),
-        Middleware(SessionMiddleware, secret_key=session_key, session_cookie="heygem_session",
-                   same_site="strict", max_age=12 * 3600),
+        Middleware(SessionCookies, secure=cfg.web.secure_cookies, secret_key=session_key,
+                   session_cookie="heygem_session", same_site="strict", max_age=12 * 3600),
         Middleware(Gate, web=cfg.web),
     ]
     app = Starlette(routes=routes, middleware=middleware)

@@ -1,11 +1,14 @@
-"""ASGI middlewares: security headers on every answer, and the gate every request passes: a known user
-(else the login page, or 401 for scripts), and a CSRF token on every state-changing request."""
+"""ASGI middlewares: security headers on every answer, the session cookie (Secure over HTTPS), and the gate
+every request passes: a known user (else the login page, or 401 for scripts), and a CSRF token on every
+state-changing request."""
 
 from __future__ import annotations
 
+from typing import Any, Literal
 from urllib.parse import parse_qs
 
 from starlette.datastructures import Headers
+from starlette.middleware.sessions import SessionMiddleware
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -39,6 +42,21 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, with_headers if scope["type"] == "http" else send)
+
+
+class SessionCookies:
+    """Starlette's signed session cookie, with the Secure flag per request: `secure` True or False, or "auto":
+    when the request came over HTTPS. The scheme is uvicorn's: https under TLS, or what X-Forwarded-Proto
+    says when the proxy sending it is one uvicorn trusts (forwarded_allow_ips: the loopback by default)."""
+
+    def __init__(self, app: ASGIApp, secure: bool | Literal["auto"], **session: Any) -> None:
+        self.secure = secure
+        self.plain_cookie = SessionMiddleware(app, https_only=False, **session)
+        self.secure_cookie = SessionMiddleware(app, https_only=True, **session)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        secure = scope.get("scheme") in ("https", "wss") if self.secure == "auto" else self.secure
+        await (self.secure_cookie if secure else self.plain_cookie)(scope, receive, send)
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
