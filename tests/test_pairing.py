@@ -58,6 +58,14 @@ def test_folder_without_audio_waits_for_it():
     assert isinstance(folder(["x.jpg"], timed_out=True), Rejection)
 
 
+@pytest.mark.parametrize("names, reason, hint", [
+    (["x.jpg"], "folder has no audio file", "add an audio file to the folder"),
+    (["x.wav"], "folder has no portrait (photo or video)", "add a portrait (photo or video) to the folder")])
+def test_a_folder_missing_a_partner_says_which_in_plain_words(names, reason, hint):
+    problem = folder(names).problem
+    assert problem.reason == reason and problem.hint.startswith(hint)
+
+
 def test_manifest_lists_pairs_and_options():
     manifest = "name: promo\npreset: 720p\npairs:\n  - {audio: a.wav, portrait: x.jpg, name: first}\n" \
                "  - {audio: b.wav, portrait: y.jpg}\n"

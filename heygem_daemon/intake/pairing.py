@@ -327,9 +327,9 @@ def implicit_pairs(folder: str, files: list[FileInfo]) -> list[Pair] | Problem |
     elif len(portraits) == 1 and audios:
         pairs = [Pair(a.rel, portraits[0].rel, safe_name(PurePosixPath(a.name).stem)) for a in audios]
     elif not audios or not portraits:
-        missing = "an audio file" if not audios else "a portrait (photo or video)"
+        missing = "audio file" if not audios else "portrait (photo or video)"
         return Wait(Problem.of_input(folder, f"folder has no {missing}",
-                            f"add {missing} to the folder; a job needs both"))
+                            f"add {'an' if not audios else 'a'} {missing} to the folder; a job needs both"))
     else:
         return Problem.of_input(folder, f"folder has {len(audios)} audio files and {len(portraits)} portraits, "
                                "so it is not clear which goes with which",
