@@ -234,7 +234,11 @@ V6_JOBS_PAGING = """
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
 CREATE INDEX IF NOT EXISTS jobs_state_created ON jobs(state, created_at);
 """
-MIGRATIONS: list[str] = [V1_CORE, V2_CLEANUP_RUNS, V3_FOREIGN_KEYS, V4_HEYGEM_CODES, V5_ZIP_SHA256, V6_JOBS_PAGING]
+# Remote workers uploading straight to S3 (workers.remote.transfer: s3): each task's object key, fixed at its
+# first send, so every attempt on any host writes the same object (one object, ever).
+V7_TASK_OBJECT_KEY = "ALTER TABLE tasks ADD COLUMN object_key TEXT;"
+MIGRATIONS: list[str] = [V1_CORE, V2_CLEANUP_RUNS, V3_FOREIGN_KEYS, V4_HEYGEM_CODES, V5_ZIP_SHA256, V6_JOBS_PAGING,
+                         V7_TASK_OBJECT_KEY]
 
 
 BACKUP_SUFFIX = ".bak"
