@@ -73,7 +73,9 @@ class S3Side:
 
     def store(self) -> Store:
         if self._store is None:
-            self._store = Store(db_path(self.cfg.folder("state")))
+            state = self.cfg.folder("state")  # a worker's config is loaded without making folders
+            state.mkdir(parents=True, exist_ok=True)
+            self._store = Store(db_path(state))
         return self._store
 
 
