@@ -145,19 +145,33 @@ def test_a_refused_input_link_is_a_counted_error_and_an_unreachable_store_an_out
     assert not list((tmp_path / "in").iterdir())
 
 
-def finished_remotely(remote: RemoteDispatcher, body: bytes, sha256: str | None = None):
-    """A task whose worker put `body` at the task's key and reported success; the daemon finishes it."""
-    life = remote.life
-    job = claimed(life, "carol", media=True)
-    task = life.take("remote:gpu")
-    sent = remote._s3_payload({}, task, task_spec(remote.cfg, life, task, "remote:gpu")[1])
-    up = remote.transfer.client.put_object(Bucket=remote.cfg.s3.bucket, Key=sent["object"]["key"], Body=body)
+def sent(remote: RemoteDispatcher, task) -> dict:
+    return remote._s3_payload({}, task, task_spec(remote.cfg, remote.life, task, "remote:gpu")[1])
+
+
+def finish_remotely(remote: RemoteDispatcher, task, body: bytes, sha256: str | None = None) -> tuple[str, str]:
+    """The task's worker put `body` at the task's key and reported success; the daemon finishes the attempt.
+    Returns the key and the object's ETag."""
+    key = sent(remote, task)["object"]["key"]
+    up = remote.transfer.client.put_object(Bucket=remote.cfg.s3.bucket, Key=key, Body=body)
     part = attempt_part(task.output, task.attempts)
     part.parent.mkdir(parents=True, exist_ok=True)
-    info = {"ok": True, "key": sent["object"]["key"], "etag": up["ETag"], "size": len(body),
+    info = {"ok": True, "key": key, "etag": up["ETag"], "size": len(body),
             "sha256": sha256 or hashlib.sha256(body).hexdigest()}
     remote._finish(Flight(task, "gpu", None, part, 1.0, 1.0), Attempt(True), info)
-    return job, life.store.tasks.get(task.id), sent["object"]["key"], up["ETag"]
+    return key, up["ETag"]
+
+
+def finished_remotely(remote: RemoteDispatcher, body: bytes, sha256: str | None = None):
+    job = claimed(remote.life, "carol", media=True)
+    task = remote.life.take("remote:gpu")
+    key, etag = finish_remotely(remote, task, body, sha256)
+    return job, remote.store.tasks.get(task.id), key, etag
+
+
+def staged(remote: RemoteDispatcher, job_id: str) -> int:
+    prefix = staging_prefix(remote.cfg.s3.key_prefix, job_id)
+    return remote.transfer.client.list_objects_v2(Bucket=remote.cfg.s3.bucket, Prefix=prefix).get("KeyCount", 0)
 
 
 def test_a_remote_video_is_downloaded_and_recorded_as_already_uploaded(tmp_path, moto_server, bucket):
@@ -170,9 +184,6 @@ def test_a_remote_video_is_downloaded_and_recorded_as_already_uploaded(tmp_path,
                                                           video.stat().st_size)
     assert d.batch_id == job.id and d.rel == "v0.mp4"
     assert not list(Path(task.output).parent.glob("*.part"))
-    staged = remote.transfer.client.list_objects_v2(Bucket=bucket, Prefix=staging_prefix(
-        remote.cfg.s3.key_prefix, job.id)).get("KeyCount", 0)
-    assert staged == 0  # the job ended with its last task: its staged inputs are gone
 
 
 def test_an_empty_remote_video_fails_the_check_and_leaves_no_delivery_record(tmp_path, moto_server, bucket):
@@ -187,3 +198,30 @@ def test_an_object_that_is_not_what_the_worker_uploaded_is_a_counted_retry(tmp_p
     _, task, _, _ = finished_remotely(remote, b"overwritten", sha256="0" * 64)
     assert task.state == "queued" and task.attempts == 1 and "sha256 differs" in task.last_error["reason"]
     assert remote.store.deliveries.at(task.output) is None and not Path(task.output).exists()
+
+
+def test_a_jobs_staged_inputs_stay_while_it_runs_and_go_once_it_has_finished(tmp_path, moto_server, bucket):
+    remote = dispatcher(tmp_path, moto_server, bucket)
+    remote.transfer.delete_ended()  # the start's look for leftovers: none
+    job = claimed(remote.life, "dave", pairs=2, media=True)
+    first, second = remote.life.take("remote:gpu"), remote.life.take("remote:gpu")
+    sent(remote, second)
+    video = write_noise_video(tmp_path / "made.mp4", 1).read_bytes()
+    finish_remotely(remote, first, video)
+    remote.transfer.delete_ended()
+    assert staged(remote, job.id) == 2  # the second task still needs them
+    finish_remotely(remote, second, video)
+    assert remote.store.jobs.state(job.id) == "done"
+    remote.transfer.delete_ended()
+    assert staged(remote, job.id) == 0
+
+
+def test_staged_inputs_a_crash_left_behind_go_at_the_next_start(tmp_path, moto_server, bucket):
+    crashed = dispatcher(tmp_path, moto_server, bucket)
+    job, _, _, _ = finished_remotely(crashed, write_noise_video(tmp_path / "made.mp4", 1).read_bytes())
+    assert staged(crashed, job.id) == 2  # it died before deleting them
+    running = claimed(crashed.life, "erin", media=True)
+    sent(crashed, crashed.life.take("remote:gpu"))
+    restarted = dispatcher(tmp_path, moto_server, bucket)
+    restarted.transfer.delete_ended()
+    assert staged(restarted, job.id) == 0 and staged(restarted, running.id) == 2

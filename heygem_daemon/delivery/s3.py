@@ -433,6 +433,12 @@ def download_file(client: BaseClient, bucket: str, key: str, dest: Path) -> str:
     return str(resp["ETag"])
 
 
+def list_folders(client: BaseClient, bucket: str, prefix: str) -> list[str]:
+    """The "folders" right under `prefix` (common prefixes at the next `/`)."""
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
+    return [p["Prefix"] for page in pages for p in page.get("CommonPrefixes", [])]
+
+
 def delete_prefix(client: BaseClient, bucket: str, prefix: str) -> int:
     """Delete every object under `prefix`, one request each (DeleteObjects needs a checksum some S3-compatible
     servers refuse); returns how many."""

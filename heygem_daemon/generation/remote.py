@@ -28,7 +28,7 @@ from heygem_daemon.failures import Kind
 from heygem_daemon.generation.celery_app import (
     TASK_NAME, attempt_part, broker_name, drop_fence, encode, make_app, map_path, set_fence,
 )
-from heygem_daemon.generation.lifecycle import CANCELLED_HINT, CANCELLED_REASON, LifeCycle
+from heygem_daemon.generation.lifecycle import CANCELLED_HINT, CANCELLED_REASON, JobFinished, LifeCycle
 from heygem_daemon.generation.s3_transfer import S3Transfer, TransferTrouble
 from heygem_daemon.generation.workers import Attempt, record, task_spec
 from heygem_daemon.log import get_logger
@@ -63,6 +63,8 @@ class RemoteDispatcher:
         self.remote: Remote = cfg.workers.remote
         self.app = make_app(self.remote, sender=True)
         self.transfer = S3Transfer(cfg, life.store) if self.remote.transfer == "s3" else None
+        if self.transfer is not None:
+            life.events.subscribe(JobFinished, self.transfer.job_finished)
         self.flights: dict[str, list[Flight]] = {q: [] for q in self.remote.queues}
         self.workers: dict[str, dict[str, Any]] = {}
         self._workers_lock = threading.Lock()  # `status` and metrics read them from other threads
@@ -127,6 +129,8 @@ class RemoteDispatcher:
         self._give_back()
 
     def step(self) -> None:
+        if self.transfer is not None:
+            self.transfer.delete_ended()
         cancelling = {job.id for job in self.store.jobs.select((CANCELLING,))} if self.busy() else set()
         for queue, flights in self.flights.items():
             for flight in list(flights):
@@ -265,8 +269,6 @@ class RemoteDispatcher:
         if result.ok:
             for stale in Path(task.output).parent.glob(Path(task.output).name + ".*.part"):
                 stale.unlink(missing_ok=True)  # parts of attempts abandoned before (a crash, a silent worker)
-        if self.transfer is not None:
-            self.transfer.job_ended(task.job_id)
 
     def _revoke(self, flight: Flight) -> None:
         if flight.result is None:

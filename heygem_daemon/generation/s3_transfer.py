@@ -4,12 +4,14 @@ At send, the task's inputs are staged once per job under `<prefix>.remote-inputs
 presigned GET links; the video's final key is fixed once per task (stored with the task), so every attempt
 on any host uploads to the same key. When an attempt succeeds, the daemon downloads the object into the
 attempt's part and records the video as already uploaded *before* the part is renamed into outputs/, so
-delivery only links it. A job's staged inputs are deleted when its last task ends.
+delivery only links it. A job's staged inputs are deleted once it has finished (JobFinished), and once per
+start for every finished or forgotten job whose inputs a crash left in the bucket.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,12 +20,13 @@ from heygem_daemon.config import MAX_LINK_EXPIRY_HOURS, Config
 from heygem_daemon.delivery.links import presign_get
 from heygem_daemon.delivery.names import object_key, safe_relpath, static_prefix
 from heygem_daemon.delivery.s3 import (
-    delete_prefix, describe, download_file, make_client, object_size, object_store_name, put_file,
+    delete_prefix, describe, download_file, list_folders, make_client, object_size, object_store_name, put_file,
 )
 from heygem_daemon.engines.base import TaskSpec
 from heygem_daemon.failures import Kind
 from heygem_daemon.fs.files import sha256_file
 from heygem_daemon.generation.celery_app import INPUT_FIELDS
+from heygem_daemon.generation.lifecycle import JobFinished
 from heygem_daemon.generation.workers import Attempt
 from heygem_daemon.log import get_logger
 from heygem_daemon.state import TERMINAL_JOB_STATES, Delivery, Job, Store, Task
@@ -60,6 +63,9 @@ class S3Transfer:
         self.link_seconds = link_seconds_for(cfg.workers.remote.visibility_timeout_seconds)
         self._staged: dict[str, dict[str, int]] = {}
         """job id -> staged key -> size, known to be in the bucket (saves a HEAD per input per task)."""
+        self._ended: set[str] | None = None
+        """Jobs whose staged inputs are to go; None until the start's look for leftovers."""
+        self._ended_lock = threading.Lock()  # JobFinished comes from whichever thread finished the job
 
     # --- at send ---
 
@@ -126,21 +132,45 @@ class S3Transfer:
         return self.store.deliveries.add_uploaded(batch.id, task.output, self._rel(task, job), size,
                                                   task.object_key, task.id, etag, sha256)
 
-    def job_ended(self, job_id: str) -> None:
-        """Once the job's last task has ended: its staged inputs go (best effort; the links die anyway)."""
-        if self.store.jobs.state(job_id) not in TERMINAL_JOB_STATES:
-            return
+    # --- staged inputs of finished jobs ---
+
+    def job_finished(self, event: JobFinished) -> None:
+        """Events handler: quick, only noted; the dispatcher's thread deletes (`delete_ended`)."""
+        with self._ended_lock:
+            if self._ended is not None:
+                self._ended.add(event.job.id)
+
+    def delete_ended(self) -> None:
+        """The staged inputs of jobs that finished, and at the first call those of every finished or forgotten
+        job (a crash between a job's end and this). Best effort: a failure is logged and the next start's look
+        deletes them; the links die with their expiry anyway."""
+        with self._ended_lock:
+            first, ended = self._ended is None, set(self._ended or ())
+            self._ended = set()
+        if first:
+            try:
+                ended |= {p.rstrip("/").rsplit("/", 1)[-1] for p in list_folders(
+                    self.client, self.s3.bucket, f"{static_prefix(self.s3.key_prefix)}{STAGING_FOLDER}/")}
+            except Exception as exc:
+                self._trouble("cannot list staged remote inputs", exc)
+        for job_id in sorted(ended):
+            if self.store.jobs.state(job_id) in (None, *TERMINAL_JOB_STATES):  # a retried job needs them again
+                self._delete_staged(job_id)
+
+    def _delete_staged(self, job_id: str) -> None:
         self._staged.pop(job_id, None)
         prefix = staging_prefix(self.s3.key_prefix, job_id)
         try:
             removed = delete_prefix(self.client, self.s3.bucket, prefix)
         except Exception as exc:
-            failure = describe(exc, self.s3.bucket)
-            log.warning("cannot delete a job's staged remote inputs", job_id=job_id, prefix=prefix,
-                        reason=failure.reason, hint=failure.hint)
+            self._trouble("cannot delete a job's staged remote inputs", exc, job_id=job_id)
             return
         if removed:
             log.info("staged remote inputs deleted", job_id=job_id, objects=removed)
+
+    def _trouble(self, what: str, exc: Exception, **where: Any) -> None:
+        failure = describe(exc, self.s3.bucket)
+        log.warning(what, reason=failure.reason, hint=failure.hint, **where)
 
     def _outage(self, what: str, exc: Exception) -> Attempt:
         failure = describe(exc, self.s3.bucket)
