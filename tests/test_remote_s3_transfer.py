@@ -225,3 +225,15 @@ def test_staged_inputs_a_crash_left_behind_go_at_the_next_start(tmp_path, moto_s
     restarted = dispatcher(tmp_path, moto_server, bucket)
     restarted.transfer.delete_ended()
     assert staged(restarted, job.id) == 0 and staged(restarted, running.id) == 2
+
+
+def test_an_upload_false_jobs_video_passes_through_the_jobs_staging_folder_and_stays_local(tmp_path, moto_server,
+                                                                                         bucket):
+    remote = dispatcher(tmp_path, moto_server, bucket)
+    job = claimed(remote.life, "frank", media=True, upload=False)
+    task = remote.life.take("remote:gpu")
+    key, _ = finish_remotely(remote, task, write_noise_video(tmp_path / "made.mp4", 1).read_bytes())
+    assert key == staging_prefix(remote.cfg.s3.key_prefix, job.id) + "out/v0.mp4"
+    assert Path(task.output).is_file() and remote.store.deliveries.at(task.output) is None  # delivery keeps it local
+    remote.transfer.delete_ended()
+    assert staged(remote, job.id) == 0

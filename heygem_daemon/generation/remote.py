@@ -156,19 +156,18 @@ class RemoteDispatcher:
             payload = {"engine": engine, "attempt": task.attempts, "beat_seconds": self.remote.beat_seconds,
                        "final": str(map_path(Path(task.output), self.remote.path_map)),
                        "spec": encode(spec, self.remote.path_map)}
+            if self.transfer is not None:
+                payload = self._s3_payload(payload, task, spec)
+        except TransferTrouble as trouble:  # the bucket cannot take the inputs now: the task waits
+            self._pause_until = self.clock.monotonic() + self.cfg.workers.backoff_seconds
+            self._finish(Flight(task, queue, None, part, 0.0, 0.0), trouble.attempt)
+            return None
         except Exception as exc:
             bound.exception("cannot prepare a remote task")
             self._finish(Flight(task, queue, None, part, 0.0, 0.0),
                          Attempt(False, f"{type(exc).__name__}: {exc}", "the daemon could not send the task; "
                                  "see the log", Kind.INTERNAL))
             return None
-        if self.transfer is not None:
-            try:
-                payload = self._s3_payload(payload, task, spec)
-            except TransferTrouble as trouble:
-                self._pause_until = self.clock.monotonic() + self.cfg.workers.backoff_seconds
-                self._finish(Flight(task, queue, None, part, 0.0, 0.0), trouble.attempt)
-                return None
         celery_id = f"heygem-{task.id}-{task.attempts}-{uuid.uuid4().hex[:8]}"
         try:
             if self.transfer is not None:

@@ -10,11 +10,14 @@ start for every finished or forgotten job whose inputs a crash left in the bucke
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
 
 from heygem_daemon.config import MAX_LINK_EXPIRY_HOURS, Config
 from heygem_daemon.delivery.links import presign_get
@@ -74,7 +77,7 @@ class S3Transfer:
         job = self.store.jobs.get(task.job_id)
         try:
             links = {name: self._link(job.id, getattr(spec, name)) for name in INPUT_FIELDS}
-        except Exception as exc:
+        except (BotoCoreError, ClientError) as exc:
             raise TransferTrouble(self._outage("cannot stage the task's inputs in the bucket", exc)) from exc
         return {"links": links, "object": {"key": self.final_key(task, job), "name": self._rel(task, job)}}
 
@@ -113,9 +116,16 @@ class S3Transfer:
         fetching = part.with_name(part.name.removesuffix(".part") + ".s3.part")
         try:
             etag = download_file(self.client, self.s3.bucket, task.object_key, fetching)
-        except Exception as exc:
+        except (BotoCoreError, ClientError) as exc:
             fetching.unlink(missing_ok=True)
             raise TransferTrouble(self._outage("cannot download the video a remote worker uploaded", exc)) from exc
+        except OSError as exc:
+            fetching.unlink(missing_ok=True)
+            full = exc.errno == errno.ENOSPC
+            raise TransferTrouble(Attempt(
+                False, f"cannot write the downloaded video: {exc}",
+                "free space on the outputs disk; the task waits" if full else "see the daemon log; retried",
+                Kind.OUTAGE if full else Kind.INTERNAL, dependency="disk space" if full else "")) from exc
         sha256, size = sha256_file(fetching), fetching.stat().st_size
         reported = (info or {}).get("sha256")
         if reported and reported != sha256:

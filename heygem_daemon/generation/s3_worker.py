@@ -87,6 +87,7 @@ def generate_s3(side: S3Side, task: Any, payload: dict[str, Any], engines: dict[
     _sweep_old_scratch(side.work, side.scratch_seconds)
     video = scratch / "video.mp4"
     try:
+        side.client()  # a worker that cannot upload says so before it renders
         if not video.is_file():  # else: rendered before this worker died; only the upload is left
             spec = decode(payload["spec"], device)
             inputs = {name: scratch / "in" / getattr(spec, name).name for name in INPUT_FIELDS}
