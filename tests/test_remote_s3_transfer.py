@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+from daemon_harness import REPO
 from remote_rig import RedisServer
 from s3_server import credentials_env, free_port
 from test_job_lifecycle import FakeClock, claimed
@@ -24,7 +30,7 @@ from heygem_daemon.generation.celery_app import attempt_part, drop_fence, fence_
 from heygem_daemon.generation.lifecycle import LifeCycle
 from heygem_daemon.generation.remote import Flight, RemoteDispatcher
 from heygem_daemon.generation.s3_transfer import link_seconds_for, staging_prefix
-from heygem_daemon.generation.s3_worker import TaskFailed, fetch_input
+from heygem_daemon.generation.s3_worker import S3Side, TaskFailed, fetch_input, upload_result
 from heygem_daemon.generation.workers import Attempt, task_spec
 from heygem_daemon.state import Store
 from media_factory import write_noise_video
@@ -237,3 +243,42 @@ def test_an_upload_false_jobs_video_passes_through_the_jobs_staging_folder_and_s
     assert Path(task.output).is_file() and remote.store.deliveries.at(task.output) is None  # delivery keeps it local
     remote.transfer.delete_ended()
     assert staged(remote, job.id) == 0
+
+
+UPLOAD_AND_DIE = """
+import sys
+from pathlib import Path
+from heygem_daemon.config import load_config
+from heygem_daemon.generation.s3_worker import S3Side, upload_result
+upload_result(S3Side(load_config(Path(sys.argv[1]))), Path(sys.argv[2]), sys.argv[3], "v.mp4", lambda: True)
+"""
+
+
+def test_a_task_redelivered_to_a_host_that_died_mid_upload_resumes_its_upload(tmp_path, moto_server, bucket):
+    host = tmp_path / "host"
+    host.mkdir()
+    # One part at a time at 5 MB/s: the worker is killed while parts remain to send.
+    cfg = config(host, moto_server, bucket)
+    settings = {**cfg.model_dump(mode="json"), "s3": moto_server.s3_settings(
+        bucket, part_size_mb=5, part_concurrency=1, max_bandwidth_mb_s=5)}
+    (host / "config.yaml").write_text(json.dumps(settings))
+    video = write_noise_video(host / "work" / "video.mp4", 11)
+    key = "day/job/tok/v.mp4"
+    env = {**os.environ, **credentials_env(), "PYTHONPATH": str(REPO)}
+    worker = subprocess.Popen([sys.executable, "-c", UPLOAD_AND_DIE, str(host / "config.yaml"), str(video), key],
+                              env=env)
+    store = Store(host / "state" / "heygem.db")
+    deadline = time.monotonic() + 30
+    while not ((d := store.deliveries.at(str(video))) and store.deliveries.parts(d.id)):
+        assert time.monotonic() < deadline and worker.poll() is None, "no part recorded before the kill"
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(10)
+    upload_id = store.deliveries.at(str(video)).upload_id
+    up = upload_result(S3Side(load_config(host / "config.yaml")), video, key, "v.mp4", lambda: True)
+    assert 0 < up.sent_bytes < video.stat().st_size  # the parts the server held were not sent again
+    numbers = [n for u, n in moto_server.part_puts(bucket) if u == upload_id]
+    assert sorted(numbers) == sorted(set(numbers)) == list(range(1, len(numbers) + 1))
+    body = moto_server.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == sha256_file(video) == up.sha256
+    assert store.deliveries.at(str(video)) is None  # done: the worker's store forgets it
