@@ -106,6 +106,9 @@ class Remote(_Section):
         "it above the longest render (a dead worker is noticed sooner, by workers.stall_seconds)")
     beat_seconds: float = Field(1.0, gt=0.0, description="how often a worker reports a running task's heartbeat")
     poll_seconds: float = Field(0.25, gt=0.0, description="how often the daemon reads the state of remote tasks")
+    transfer: Literal["shared", "s3"] = Field(
+        "shared", description="shared: workers read inputs and write videos through a folder every host mounts "
+        "(path_map); s3: inputs travel as presigned links and the worker uploads the video to its final key")
 
     @field_validator("broker_url")
     @classmethod
@@ -380,6 +383,13 @@ class Config(_Section):
     s3: S3 = S3()
     delivery: Delivery = Delivery()
     web: Web = Web()
+
+    @model_validator(mode="after")
+    def _s3_for_remote_transfer(self) -> "Config":
+        if self.workers.remote and self.workers.remote.transfer == "s3" and not self.s3.enabled:
+            raise ValueError("workers.remote.transfer: s3 needs the s3 section (s3.bucket, and s3.endpoint_url "
+                             "unless AWS): set it on the daemon and on every worker host, or use transfer: shared")
+        return self
 
     @model_validator(mode="after")
     def _preset_known(self) -> "Config":

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import boto3
 from botocore.client import BaseClient
@@ -48,6 +49,11 @@ UNSUPPORTED_CODES = frozenset({"MethodNotAllowed", "NotImplemented"})
 
 class Stopping(Exception):
     """The daemon is stopping: an upload leaves off between parts and resumes on the next start."""
+
+
+class Superseded(Exception):
+    """The upload's fence said no just before the object would appear: another attempt owns the key now.
+    The multipart upload was aborted; nothing was written at the key."""
 
 
 class S3Failure(Exception):
@@ -191,15 +197,19 @@ class Uploader:
         self.bucket = settings.bucket
         self.part_size = settings.part_size_mb * MiB
 
-    def upload(self, d: Delivery) -> Uploaded:
+    def upload(self, d: Delivery, fence: Callable[[], bool] | None = None) -> Uploaded:
+        """`fence`, when given, is asked just before the object would appear (PutObject, or completing the
+        multipart upload): False aborts the upload and raises Superseded, so a late attempt never overwrites."""
         path = Path(d.path)
         size = path.stat().st_size
         if size <= self.part_size:
-            return self._put(d, path)
-        return self._multipart(d, path)
+            return self._put(d, path, fence)
+        return self._multipart(d, path, fence)
 
-    def _put(self, d: Delivery, path: Path) -> Uploaded:
+    def _put(self, d: Delivery, path: Path, fence: Callable[[], bool] | None) -> Uploaded:
         data = path.read_bytes()  # at most one part size
+        if fence is not None and not fence():
+            raise Superseded(d.key)
         self.throttle.take(len(data))
         # Content-MD5 as well as the signed sha256: some servers check only the MD5 (nanio, s3rver).
         resp = self.client.put_object(Bucket=self.bucket, Key=d.key, Body=data, ContentMD5=_md5_b64(data),
@@ -207,7 +217,7 @@ class Uploader:
         metrics.BYTES_UPLOADED.inc(len(data))
         return Uploaded(resp["ETag"], hashlib.sha256(data).hexdigest(), len(data))
 
-    def _multipart(self, d: Delivery, path: Path) -> Uploaded:
+    def _multipart(self, d: Delivery, path: Path, fence: Callable[[], bool] | None) -> Uploaded:
         upload_id, held = self._resume(d)
         sha = hashlib.sha256()
         parts: dict[int, Part] = {}
@@ -241,6 +251,9 @@ class Uploader:
                 parts.update(self._record_parts(d, in_flight))
             for f in hashing:
                 f.result()
+        if fence is not None and not fence():
+            abort_quietly(self.client, self.bucket, d.key, upload_id)
+            raise Superseded(d.key)
         resp = self.client.complete_multipart_upload(
             Bucket=self.bucket, Key=d.key, UploadId=upload_id,
             MultipartUpload={"Parts": [{"PartNumber": n, "ETag": parts[n].etag} for n in sorted(parts)]})
@@ -384,6 +397,56 @@ def abort_quietly(client: BaseClient, bucket: str, key: str, upload_id: str) -> 
 
 def delete_object(client: BaseClient, bucket: str, key: str) -> None:
     client.delete_object(Bucket=bucket, Key=key)
+
+
+def object_store_name(endpoint_url: str) -> str:
+    """The object store as an outage names it: its host, never a signature or a key from a URL."""
+    return f"object store {urlsplit(endpoint_url).netloc or endpoint_url}"
+
+
+def object_size(client: BaseClient, bucket: str, key: str) -> int | None:
+    """The size of the object at `key`; None when there is none."""
+    try:
+        return int(client.head_object(Bucket=bucket, Key=key)["ContentLength"])
+    except ClientError as exc:
+        if _code_status(exc)[1] == 404:
+            return None
+        raise
+
+
+def put_file(client: BaseClient, bucket: str, key: str, path: Path) -> None:
+    """A file to `key` through boto3's managed transfer (streamed; multipart when large): a remote task's input."""
+    client.upload_file(str(path), bucket, key)
+    metrics.BYTES_UPLOADED.inc(path.stat().st_size)
+
+
+def download_file(client: BaseClient, bucket: str, key: str, dest: Path) -> str:
+    """The object at `key` into `dest`, streamed; returns its ETag."""
+    resp = client.get_object(Bucket=bucket, Key=key)
+    body = resp["Body"]
+    try:
+        with open(dest, "wb") as out:
+            for chunk in body.iter_chunks(MiB):
+                out.write(chunk)
+    finally:
+        body.close()
+    return str(resp["ETag"])
+
+
+def list_folders(client: BaseClient, bucket: str, prefix: str) -> list[str]:
+    """The "folders" right under `prefix` (common prefixes at the next `/`)."""
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
+    return [p["Prefix"] for page in pages for p in page.get("CommonPrefixes", [])]
+
+
+def delete_prefix(client: BaseClient, bucket: str, prefix: str) -> int:
+    """Delete every object under `prefix`, one request each (DeleteObjects needs a checksum some S3-compatible
+    servers refuse); returns how many."""
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for o in page.get("Contents", [])]
+    for key in keys:
+        delete_object(client, bucket, key)
+    return len(keys)
 
 
 def abort_stale_uploads(client: BaseClient, bucket: str, prefix: str, known: set[str], older_than_hours: float,

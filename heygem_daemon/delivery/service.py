@@ -227,7 +227,8 @@ class DeliveryService:
             return
         try:
             if d.state == "uploaded":
-                log.info("video uploaded before a crash; linking it now", file=d.rel, key=d.key)
+                # Uploaded before a crash, or by a remote worker straight to its key (transfer: s3).
+                log.info("video already in the bucket; linking it", file=d.rel, key=d.key)
             elif self.uploader is not None and d.key:
                 up = self.uploader.upload(d)
                 self.store.deliveries.finish_upload(d.id, up.etag, up.sha256)

@@ -2,6 +2,8 @@
 
 A task travels as JSON: the engine's name, the attempt number (a late result of an attempt the daemon
 gave up on is recognised by it) and the `TaskSpec` with its paths as the worker's host sees them.
+With `transfer: s3` it also carries `links` (a presigned GET link per input field) and `object` (the key the
+worker uploads the video to, and its name); the spec's paths are then the daemon's, replaced on the worker.
 """
 
 from __future__ import annotations
@@ -18,6 +20,13 @@ from heygem_daemon.engines.base import TaskSpec
 
 TASK_NAME = "heygem.generate"
 PATH_FIELDS = ("audio", "portrait", "output", "workdir")
+INPUT_FIELDS = ("audio", "portrait")
+"""The spec's input files: with transfer s3 each travels as a presigned link."""
+# Redis key naming the Celery task id of a task's current attempt (transfer s3): a worker completes its upload
+# only while it still names its own attempt, so an attempt the daemon gave up on never overwrites the object.
+FENCE_KEY = "heygem:current:{task_id}"
+# Compare-and-delete: the daemon drops the fence of an attempt it ends, never a newer attempt's.
+_DROP_IF_MINE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 def render_time_limit(remote: Remote) -> float:
@@ -85,3 +94,18 @@ def decode(data: dict[str, Any], device: str) -> TaskSpec:
 def attempt_part(output: str, attempt: int) -> Path:
     """Each attempt writes its own `.part`: one that outlives its attempt can never be taken for another's."""
     return Path(f"{output}.{attempt}.part")
+
+
+def set_fence(client: Any, task_id: int, celery_id: str, ttl_seconds: float) -> None:
+    """This attempt is the task's current one (set before it is sent; it outlives the longest render)."""
+    client.set(FENCE_KEY.format(task_id=task_id), celery_id, ex=max(1, int(ttl_seconds)))
+
+
+def drop_fence(client: Any, task_id: int, celery_id: str) -> None:
+    """The attempt is over (done, given up, stopped): its worker may no longer complete an upload."""
+    client.eval(_DROP_IF_MINE, 1, FENCE_KEY.format(task_id=task_id), celery_id)
+
+
+def fence_holds(client: Any, task_id: int, celery_id: str) -> bool:
+    value = client.get(FENCE_KEY.format(task_id=task_id))
+    return value is not None and (value.decode() if isinstance(value, bytes) else value) == celery_id

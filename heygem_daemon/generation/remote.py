@@ -16,6 +16,10 @@ A Redis that lost its data (restarted without persistence, flushed) would leave 
 messages that are gone. The daemon keeps a mark in Redis and reads it with every poll: when it vanished,
 each task that has not been heard of since is sent again after `workers.stall_seconds` (renders that
 still run beat again by then), its attempt not counted.
+
+With `transfer: s3` the data goes through the bucket instead of a shared folder (generation/s3_transfer.py):
+each send carries input links and the task's one object key, with a fence in Redis naming the attempt that
+may complete the upload; a success is downloaded into the attempt's part and finished like any other.
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ from typing import Any
 from heygem_daemon.clock import SYSTEM_CLOCK, Clock
 from heygem_daemon.config import Config, Remote
 from heygem_daemon.failures import Kind
-from heygem_daemon.generation.celery_app import (TASK_NAME, attempt_part, broker_name, encode, make_app, map_path,
-                                                 render_time_limit)
-from heygem_daemon.generation.lifecycle import CANCELLED_HINT, CANCELLED_REASON, LifeCycle
+from heygem_daemon.generation.celery_app import (
+    TASK_NAME, attempt_part, broker_name, drop_fence, encode, make_app, map_path, render_time_limit, set_fence,
+)
+from heygem_daemon.generation.lifecycle import CANCELLED_HINT, CANCELLED_REASON, JobFinished, LifeCycle
+from heygem_daemon.generation.s3_transfer import S3Transfer, TransferTrouble
 from heygem_daemon.generation.workers import Attempt, record, task_spec
 from heygem_daemon.log import get_logger
 from heygem_daemon.state import CANCELLING, Task
@@ -68,6 +74,9 @@ class RemoteDispatcher:
         self.cfg, self.life, self.store, self.clock = cfg, life, life.store, clock
         self.remote: Remote = cfg.workers.remote
         self.app = make_app(self.remote, sender=True)
+        self.transfer = S3Transfer(cfg, life.store) if self.remote.transfer == "s3" else None
+        if self.transfer is not None:
+            life.events.subscribe(JobFinished, self.transfer.job_finished)
         self.flights: dict[str, list[Flight]] = {q: [] for q in self.remote.queues}
         self.workers: dict[str, dict[str, Any]] = {}
         self._workers_lock = threading.Lock()  # `status` and metrics read them from other threads
@@ -152,6 +161,8 @@ class RemoteDispatcher:
         self._leave_running()
 
     def step(self) -> None:
+        if self.transfer is not None:
+            self.transfer.delete_ended()
         cancelling = {job.id for job in self.store.jobs.select((CANCELLING,))} if self.busy() else set()
         states = self._states()
         for queue, flights in self.flights.items():
@@ -178,6 +189,12 @@ class RemoteDispatcher:
             payload = {"engine": engine, "attempt": task.attempts, "beat_seconds": self.remote.beat_seconds,
                        "final": str(map_path(Path(task.output), self.remote.path_map)),
                        "spec": encode(spec, self.remote.path_map)}
+            if self.transfer is not None:
+                payload = self._s3_payload(payload, task, spec)
+        except TransferTrouble as trouble:  # the bucket cannot take the inputs now: the task waits
+            self._pause_until = self.clock.monotonic() + self.cfg.workers.backoff_seconds
+            self._finish(Flight(task, queue, None, part, 0.0, 0.0), trouble.attempt)
+            return None
         except Exception as exc:
             bound.exception("cannot prepare a remote task")
             self._finish(Flight(task, queue, None, part, 0.0, 0.0),
@@ -187,6 +204,8 @@ class RemoteDispatcher:
         celery_id = f"heygem-{task.id}-{task.attempts}-{uuid.uuid4().hex[:8]}"
         try:
             self.store.tasks.set_remote_id(task.id, celery_id)
+            if self.transfer is not None:
+                self._set_fence(task, celery_id)
             # The AsyncResult is dropped at once: that ends its result-channel subscription (see the top).
             self.app.send_task(TASK_NAME, args=[payload], queue=queue, task_id=celery_id)
         except Exception as exc:  # kombu/redis: the broker cannot be reached
@@ -245,7 +264,7 @@ class RemoteDispatcher:
             self._finish(flight, Attempt(False, LOST_REASON, interrupted=True))
             return True
         if state == "SUCCESS":
-            self._finish(flight, _attempt_of(info))
+            self._finish(flight, _attempt_of(info), info if isinstance(info, dict) else None)
             return True
         if state == "FAILURE":
             self._finish(flight, self._failure(info))
@@ -291,7 +310,8 @@ class RemoteDispatcher:
                 worker["tasks"][meta.get("device", "?")] = flight.task.name
                 worker["last_beat"] = beat or time.time()
 
-    def _finish(self, flight: Flight, result: Attempt) -> None:
+    def _finish(self, flight: Flight, result: Attempt, info: dict[str, Any] | None = None) -> None:
+        """`info`: the worker's report (with transfer s3, what it uploaded)."""
         task = flight.task
         device = f"remote:{flight.queue}@{flight.meta.get('host', '?')}"
         bound = log.bind(job_id=task.job_id, task_id=task.id, task=task.name, device=device, attempt=task.attempts)
@@ -299,6 +319,8 @@ class RemoteDispatcher:
             host = self.workers.get(flight.meta.get("host", ""))
             if host:
                 host["tasks"] = {d: t for d, t in host["tasks"].items() if t != task.name}
+        if self.transfer is not None:
+            self._drop_fence(flight)
         now = self.store.tasks.get(task.id)
         if now.state != "running" or now.attempts != task.attempts:
             # An attempt the daemon already gave up on (or one a restart requeued): its result is not ours.
@@ -308,6 +330,8 @@ class RemoteDispatcher:
         seconds = self.clock.monotonic() - flight.sent if flight.sent else 0.0
         if result.ok and not flight.part.exists() and Path(task.output).is_file():
             self.life.task_done(task)  # a redelivery of an attempt whose output was already renamed
+        elif result.ok and self.transfer is not None:
+            self._finish_from_bucket(flight, device, bound, seconds, info)
         else:
             record(self.life, device, task, flight.part, result, bound, seconds)
         if result.ok:
@@ -330,6 +354,43 @@ class RemoteDispatcher:
                      tasks=len(left), names=left[:20])
         for flights in self.flights.values():
             flights.clear()
+
+    # --- transfer: s3 (no shared folder: inputs as links, the video straight to its final key) ---
+
+    def _s3_payload(self, payload: dict[str, Any], task: Task, spec: Any) -> dict[str, Any]:
+        assert self.transfer is not None
+        return {**payload, "transfer": "s3", **self.transfer.payload(task, spec)}
+
+    def _set_fence(self, task: Task, celery_id: str) -> None:
+        """Before the send: this attempt, and no other, may complete the upload to the task's key. It lives
+        twice the visibility timeout, which the longest render stays under."""
+        set_fence(self.app.backend.client, task.id, celery_id, 2 * self.remote.visibility_timeout_seconds)
+
+    def _drop_fence(self, flight: Flight) -> None:
+        """The attempt is over: a worker still running it aborts its upload instead of completing it."""
+        if flight.celery_id is None:
+            return
+        try:
+            drop_fence(self.app.backend.client, flight.task.id, flight.celery_id)
+        except Exception as exc:  # Redis away: the next attempt's send replaces the fence; else it expires
+            log.warning("cannot drop a remote attempt's fence", celery_id=flight.celery_id, error=str(exc))
+
+    def _finish_from_bucket(self, flight: Flight, device: str, bound: Any, seconds: float,
+                            info: dict[str, Any] | None) -> None:
+        """Download the worker's upload into the part, recorded as uploaded before `record` checks and renames
+        it (so delivery never uploads it again); a failed check takes that record back."""
+        assert self.transfer is not None
+        task = flight.task
+        try:
+            registered = self.transfer.fetch(task, flight.part, info)
+        except TransferTrouble as trouble:
+            record(self.life, device, task, flight.part, trouble.attempt, bound, seconds)
+            return
+        try:
+            record(self.life, device, task, flight.part, Attempt(True), bound, seconds)
+        finally:
+            if registered is not None and not Path(task.output).is_file():
+                self.store.deliveries.forget(registered.id)
 
     def _broker_trouble(self, exc: Exception) -> None:
         if self.broker_down_since is None:

@@ -4,6 +4,7 @@ One pool child per device (CUDA_VISIBLE_DEVICES is set in the child before any e
 engine built once per child and kept. A task writes `<output>.<attempt>.<pid>.writing.part`, renames it to
 `<output>.<attempt>.part` when the engine is done, and reports; the daemon checks and renames it into
 place. A redelivered task whose part (or final output) already exists returns at once.
+A task sent with `transfer: s3` shares no folder with the daemon: see generation/s3_worker.py.
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from billiard.process import current_process
 from celery import Celery
 from celery.signals import worker_process_init
 
 from heygem_daemon.config import Config, ConfigError
-from heygem_daemon.generation.celery_app import TASK_NAME, decode, make_app
+from heygem_daemon.failures import Kind
+from heygem_daemon.generation.celery_app import TASK_NAME, decode, fence_holds, make_app
+from heygem_daemon.generation.s3_worker import S3Side, TaskFailed, generate_s3
 from heygem_daemon.generation.workers import run_engine
 from heygem_daemon.log import get_logger, setup_logging
 
@@ -63,13 +66,19 @@ class _Beats:
 
 
 def generate(task: Any, payload: dict[str, Any], engine_settings: dict[str, dict[str, Any]],
-             devices: list[str]) -> dict[str, Any]:
+             devices: list[str], s3: S3Side | None = None) -> dict[str, Any]:
 
     spec = decode(payload["spec"], _child["device"])
     done, attempt = spec.output, payload["attempt"]
     host = f"{socket.gethostname()}:{os.getpid()}"
     meta = {"host": task.request.hostname or host, "devices": devices, "device": _child["device"],
             "task": spec.name, "attempt": attempt}
+    if payload.get("transfer") == "s3":
+        assert s3 is not None
+        beats = _Beats(task, meta, payload["beat_seconds"])
+        beats.heartbeat(force=True)
+        return {**meta, **generate_s3(s3, task, payload, _child["engines"], engine_settings, _child["device"],
+                                      beats, _fence(task, spec.task_id, s3.broker))}
     if (done.is_file() and done.stat().st_size) or Path(payload["final"]).is_file():
         return {**meta, "ok": True}
     # Two runs of one attempt may overlap (a redelivery while the first still renders): each writes its own.
@@ -91,11 +100,24 @@ def generate(task: Any, payload: dict[str, Any], engine_settings: dict[str, dict
         writing.unlink(missing_ok=True)
 
 
+def _fence(task: Any, task_id: int, broker: str) -> Callable[[], bool]:
+    """Whether this attempt is still the task's current one, read from the broker's Redis; Redis away is an
+    outage (the upload is not completed unconfirmed)."""
+    def holds() -> bool:
+        try:
+            return fence_holds(task.app.backend.client, task_id, task.request.id)
+        except Exception as exc:
+            raise TaskFailed(Kind.OUTAGE, f"cannot confirm the attempt is still current: {exc}",
+                             "the task broker is away; the task waits and runs again", broker) from exc
+    return holds
+
+
 def worker_app(cfg: Config) -> Celery:
     assert cfg.workers.remote is not None
     app = make_app(cfg.workers.remote)
     devices = list(cfg.workers.devices)
     settings = {name: dict(raw) for name, raw in cfg.engines.items()}
+    s3 = S3Side(cfg)
 
     @worker_process_init.connect(weak=False)
     def _bind_device(**_: Any) -> None:
@@ -103,7 +125,7 @@ def worker_app(cfg: Config) -> Celery:
 
     @app.task(bind=True, name=TASK_NAME)
     def _generate(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
-        return generate(self, payload, settings, devices)
+        return generate(self, payload, settings, devices, s3)
 
     return app
 

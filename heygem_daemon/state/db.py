@@ -237,8 +237,11 @@ CREATE INDEX IF NOT EXISTS jobs_state_created ON jobs(state, created_at);
 # Remote generation: the Celery id of an attempt sent to another host, so a restarted daemon picks the
 # render up where it runs instead of sending it again.
 V7_REMOTE_ATTEMPTS = "ALTER TABLE attempts ADD COLUMN remote_id TEXT;"
+# Remote workers uploading straight to S3 (workers.remote.transfer: s3): each task's object key, fixed at its
+# first send, so every attempt on any host writes the same object (one object, ever).
+V8_TASK_OBJECT_KEY = "ALTER TABLE tasks ADD COLUMN object_key TEXT;"
 MIGRATIONS: list[str] = [V1_CORE, V2_CLEANUP_RUNS, V3_FOREIGN_KEYS, V4_HEYGEM_CODES, V5_ZIP_SHA256, V6_JOBS_PAGING,
-                         V7_REMOTE_ATTEMPTS]
+                         V7_REMOTE_ATTEMPTS, V8_TASK_OBJECT_KEY]
 
 
 BACKUP_SUFFIX = ".bak"

@@ -198,6 +198,27 @@ class DeliveryRepository(Repository):
             db.execute("UPDATE batches SET updated_at = ? WHERE id = ?", (now, batch_id))
         return self.at(path)
 
+    def add_uploaded(self, batch_id: str, path: str, rel: str, size: int, key: str, task_id: int, etag: str,
+                     sha256: str) -> Delivery | None:
+        """A video a remote worker already put at `key`: recorded before the file reaches outputs/, so delivery
+        only links it (never uploads it again). None when that path is already known."""
+        now = time.time()
+        with self.tx() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO deliveries (batch_id, task_id, path, rel, state, size, key, etag, sha256,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, 'uploaded', ?, ?, ?, ?, ?, ?)",
+                (batch_id, task_id, path, rel, size, key, etag, sha256, now, now))
+            if cur.rowcount == 0:
+                return None
+            db.execute("UPDATE batches SET updated_at = ? WHERE id = ?", (now, batch_id))
+        return self.at(path)
+
+    def forget(self, delivery_id: int) -> None:
+        """Drop a delivery and its parts: a registered video that never reached outputs/, or a worker's upload
+        once it is done."""
+        with self.tx() as db:
+            db.execute("DELETE FROM deliveries WHERE id = ?", (delivery_id,))
+
     def get(self, delivery_id: int) -> Delivery:
         return _delivery(self._conn().execute("SELECT * FROM deliveries WHERE id = ?", (delivery_id,)).fetchone())
 

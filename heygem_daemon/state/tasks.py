@@ -28,6 +28,8 @@ class Task:
     started_at: float | None
     updated_at: float
     finished_at: float | None
+    object_key: str | None = None
+    """The video's S3 key when a remote worker uploads it (workers.remote.transfer: s3); fixed once."""
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,12 @@ class TaskQueue(Repository):
             "SELECT COUNT(*) AS n FROM attempts WHERE task_id IN (SELECT id FROM tasks WHERE job_id = ?)",
             (job_id,)).fetchone()
         return int(row["n"])
+
+    def fix_object_key(self, task_id: int, key: str) -> str:
+        """The task's object key: `key` if it has none yet, else the one fixed before (every attempt, one key)."""
+        with self.tx() as db:
+            db.execute("UPDATE tasks SET object_key = ? WHERE id = ? AND object_key IS NULL", (key, task_id))
+            return str(db.execute("SELECT object_key FROM tasks WHERE id = ?", (task_id,)).fetchone()[0])
 
     def by_output(self, path: str) -> Task | None:
         row = self._conn().execute("SELECT * FROM tasks WHERE output = ? ORDER BY id DESC LIMIT 1",

@@ -1,0 +1,213 @@
+"""`workers.remote.transfer: s3`, the worker's side: a task that shares no folder with the daemon.
+
+In a scratch folder of its own (`work/remote/<celery task id>/`) the worker downloads the inputs from their
+presigned links (plain HTTPS GET: it needs no read access to the bucket), renders, and uploads the video with
+the resumable multipart Uploader straight to the key the daemon fixed for the task. Its own SQLite store
+(state/ under the worker's base_dir) records the parts, so a task redelivered to this host after a crash
+resumes the upload. Just before the object would appear, the fence in Redis must still name this attempt;
+otherwise the upload is aborted (the daemon gave this attempt up and another one owns the key).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import os
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from botocore.client import BaseClient
+from botocore.exceptions import BotoCoreError, ClientError
+
+from heygem_daemon.config import Config
+from heygem_daemon.delivery.s3 import (
+    MiB, Superseded, Throttle, Uploaded, Uploader, abort_quietly, describe, make_client, object_store_name,
+)
+from heygem_daemon.failures import Kind
+from heygem_daemon.generation.celery_app import INPUT_FIELDS, broker_name, decode
+from heygem_daemon.generation.workers import crash_error, run_engine
+from heygem_daemon.log import get_logger
+from heygem_daemon.state import Store, db_path
+
+log = get_logger("heygem.remote_worker")
+SCRATCH = "remote"
+BATCH = "remote-worker"
+"""The one batch of the worker's store: its rows only serve resuming uploads."""
+
+
+class TaskFailed(Exception):
+    """The task ends with this outcome (kind, reason, hint, dependency), as `run_engine` reports one."""
+
+    def __init__(self, kind: Kind, reason: str, hint: str, dependency: str = "") -> None:
+        super().__init__(reason)
+        self.outcome = {"ok": False, "kind": kind.value, "reason": reason, "hint": hint, "dependency": dependency}
+
+
+class S3Side:
+    """What one pool child keeps for s3 tasks: the S3 client and the store, made on first use (after fork)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.work = cfg.folder("work") / SCRATCH
+        assert cfg.workers.remote is not None
+        self.scratch_seconds = 2 * cfg.workers.remote.visibility_timeout_seconds
+        self.broker = broker_name(cfg.workers.remote)
+        self._client: BaseClient | None = None
+        self._store: Store | None = None
+
+    def client(self) -> BaseClient:
+        if not self.cfg.s3.enabled:
+            raise TaskFailed(Kind.OUTAGE, "this worker host has no s3 section, but the daemon sends tasks with "
+                             "workers.remote.transfer: s3", "give the worker's config the daemon's s3 section "
+                             "(bucket, endpoint_url) and credentials; the task runs on another worker meanwhile",
+                             "object store (worker set-up)")
+        if self._client is None:
+            self._client = make_client(self.cfg.s3)
+        return self._client
+
+    def store(self) -> Store:
+        if self._store is None:
+            state = self.cfg.folder("state")  # a worker's config is loaded without making folders
+            state.mkdir(parents=True, exist_ok=True)
+            self._store = Store(db_path(state))
+        return self._store
+
+
+def generate_s3(side: S3Side, task: Any, payload: dict[str, Any], engines: dict[str, Any],
+                engine_settings: dict[str, dict[str, Any]], device: str, beats: Any,
+                fence: Callable[[], bool]) -> dict[str, Any]:
+    """One task with transfer s3: {ok, key, etag, sha256, size}, or {ok: False, kind, reason, hint, dependency}."""
+    scratch = side.work / _safe_name(task.request.id)
+    _sweep_old_scratch(side.work, side.scratch_seconds)
+    video = scratch / "video.mp4"
+    try:
+        side.client()  # a worker that cannot upload says so before it renders
+        if not video.is_file():  # else: rendered before this worker died; only the upload is left
+            spec = decode(payload["spec"], device)
+            inputs = {name: scratch / "in" / getattr(spec, name).name for name in INPUT_FIELDS}
+            with _beating(beats):
+                for name, dest in inputs.items():
+                    fetch_input(payload["links"][name], dest, side.cfg.s3.read_timeout)
+            writing = scratch / f"video.{os.getpid()}.writing.part"
+            (scratch / "task").mkdir(parents=True, exist_ok=True)
+            outcome = run_engine(engines, engine_settings, payload["engine"], dataclasses.replace(
+                spec, output=writing, workdir=scratch / "task", **inputs), beats)
+            if outcome[0] == "error":
+                _, kind, reason, hint, dependency = outcome
+                return {"ok": False, "kind": kind, "reason": reason, "hint": hint, "dependency": dependency}
+            os.replace(writing, video)
+        with _beating(beats):
+            up = upload_result(side, video, payload["object"]["key"], payload["object"]["name"], fence)
+        return {"ok": True, "key": payload["object"]["key"], "etag": up.etag, "sha256": up.sha256,
+                "size": video.stat().st_size}
+    except TaskFailed as failed:
+        return failed.outcome
+    except Superseded:
+        log.warning("upload aborted: the daemon gave this attempt up", celery_id=task.request.id)
+        return {"ok": False, "kind": Kind.INTERNAL.value, "superseded": True,
+                "reason": "this attempt was given up by the daemon before its upload completed; the upload was "
+                          "aborted", "hint": "another attempt owns the video's key; nothing to do"}
+    except Exception as exc:  # a full scratch disk is an outage; anything else a counted engine fault
+        _, kind, reason, hint, dependency = crash_error(exc)
+        return {"ok": False, "kind": kind, "reason": reason, "hint": hint, "dependency": dependency}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def fetch_input(link: str, dest: Path, timeout: float) -> None:
+    """GET a presigned link into `dest` (written under a temporary name, renamed when complete)."""
+    where = object_store_name(link)
+    partial = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(link, timeout=timeout) as resp, open(partial, "wb") as out:  # noqa: S310
+            shutil.copyfileobj(resp, out, MiB)
+    except urllib.error.HTTPError as exc:
+        partial.unlink(missing_ok=True)
+        if exc.code >= 500:
+            raise TaskFailed(Kind.OUTAGE, f"the {where} answered {exc.code} for input {dest.name}",
+                             "the object store is struggling; the task waits and runs again", where) from exc
+        raise TaskFailed(Kind.INTERNAL, f"the link to input {dest.name} was refused ({exc.code} {exc.reason})",
+                         "input links live workers.remote.visibility_timeout_seconds (at most 7 days): the task "
+                         "waited longer in the queue, this host's clock is off (timedatectl), or the staged input "
+                         "was deleted; the task is sent again with fresh links") from exc
+    except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as exc:
+        partial.unlink(missing_ok=True)
+        raise TaskFailed(Kind.OUTAGE, f"cannot download input {dest.name} from the {where}: "
+                         f"{getattr(exc, 'reason', exc)}", "network or object store down between this worker "
+                         "and the bucket; the task waits and runs again", where) from exc
+    os.replace(partial, dest)
+
+
+def upload_result(side: S3Side, video: Path, key: str, name: str, fence: Callable[[], bool]) -> Uploaded:
+    """Upload `video` to `key` with the resumable Uploader; raises TaskFailed (an outage) or Superseded."""
+    client, store = side.client(), side.store()
+    s3 = side.cfg.s3
+    batch = store.deliveries.ensure_batch(BATCH, BATCH, "", None)
+    d = store.deliveries.at(str(video)) or store.deliveries.add(batch.id, str(video), name,
+                                                                 video.stat().st_size, key, None)
+    assert d is not None
+    uploader = Uploader(client, s3, store, Throttle(s3.max_bandwidth_mb_s), threading.Event())
+    try:
+        up = uploader.upload(d, fence)
+    except (BotoCoreError, ClientError) as exc:
+        _abandon(client, s3.bucket, store, d.id)
+        failure = describe(exc, s3.bucket)
+        raise TaskFailed(Kind.OUTAGE, f"cannot upload the video: {failure.reason}", failure.hint,
+                         object_store_name(client.meta.endpoint_url)) from exc
+    except BaseException:
+        _abandon(client, s3.bucket, store, d.id)
+        raise
+    store.deliveries.forget(d.id)
+    log.info("video uploaded to its final key", key=key, size=video.stat().st_size, sent=up.sent_bytes)
+    return up
+
+
+def _abandon(client: BaseClient, bucket: str, store: Store, delivery_id: int) -> None:
+    """The scratch folder goes with the task: its upload cannot be resumed, so it is aborted and forgotten."""
+    d = store.deliveries.get(delivery_id)
+    if d.upload_id:
+        abort_quietly(client, bucket, d.key, d.upload_id)
+    store.deliveries.forget(delivery_id)
+
+
+@contextmanager
+def _beating(beats: Any) -> Iterator[None]:
+    """Heartbeats while a download or an upload runs (they report no progress of their own)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(beats.every):
+            beats.heartbeat(force=True)
+
+    thread = threading.Thread(target=beat, name="transfer-beats", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _safe_name(celery_id: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in celery_id) or "task"
+
+
+def _sweep_old_scratch(work: Path, older_than: float) -> None:
+    """Scratch folders a killed worker left behind, older than any redelivery of their task could come."""
+    if not work.is_dir():
+        return
+    cutoff = time.time() - older_than
+    for folder in work.iterdir():
+        try:
+            if folder.is_dir() and folder.stat().st_mtime < cutoff:
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            pass
+

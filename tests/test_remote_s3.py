@@ -1,0 +1,96 @@
+"""Remote workers that share no folder with the daemon (workers.remote.transfer: s3), end to end: the real
+daemon, a real redis-server, a real moto S3 server and a `heygem-daemon worker` process with its own base
+folder, the `command` engine running the fake lip-sync tool. Inputs reach the worker as presigned links and
+the worker uploads each video straight to its final key: the daemon downloads it, never uploads it."""
+
+from __future__ import annotations
+
+import io
+import json
+import urllib.request
+import zipfile
+
+import pytest
+from daemon_harness import DaemonHarness
+from media_factory import PORTRAIT_JPG
+from remote_rig import RedisServer, RemoteWorker
+from s3_server import credentials_env
+from test_command_engine import ARGS
+
+from heygem_daemon.generation.s3_transfer import STAGING_FOLDER
+
+pytestmark = pytest.mark.daemon  # real daemon, Redis, S3 and a worker: left out of `make test-fast`
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory, moto_server):
+    root = tmp_path_factory.mktemp("remote-s3")
+    bucket = moto_server.new_bucket()
+    s3 = moto_server.s3_settings(bucket, part_size_mb=5, retry_seconds=0.5, retry_max_seconds=1)
+    redis = RedisServer(root / "redis").start()
+    engine = {"args": ARGS, "timeout": 60, "bad_input_exit_codes": [3], "progress_regex": r"(\d+)%"}
+    remote = {"broker_url": redis.url, "queues": {"gpu": 2}, "beat_seconds": 0.3, "poll_seconds": 0.1,
+              "transfer": "s3"}
+    # Two pool children in one process play a host with two cards; its base folder is its own, unshared.
+    worker = RemoteWorker(root / "gpu-host", "w1@gpu-host", {
+        "engine": {"name": "command"}, "engines": {"command": {**engine, "cwd": str(root / "gpu-host")}},
+        "workers": {"devices": ["cpu", "cpu"], "remote": remote}, "s3": s3}, credentials_env()).start()
+    daemon = DaemonHarness(root / "daemon", {
+        "engine": {"name": "command"}, "engines": {"command": {**engine, "cwd": str(root / "daemon")}},
+        "dedupe": {"window_hours": 0}, "s3": s3, "delivery": {"adhoc_quiet_seconds": 1},
+        "workers": {"devices": [], "stall_seconds": 5, "remote": remote},
+    }).start(credentials_env())
+    yield daemon, worker, moto_server.client(), bucket
+    daemon.stop()
+    worker.stop()
+    redis.stop()
+
+
+def daemon_events(daemon: DaemonHarness, event: str) -> list[dict]:
+    lines = [json.loads(line) for line in daemon.log_text().splitlines() if line.startswith("{")]
+    return [e for e in lines if e.get("event") == event]
+
+
+def fetch(url: str) -> bytes:
+    with urllib.request.urlopen(url) as resp:
+        return resp.read()
+
+
+def test_the_workers_upload_is_the_delivered_object_and_the_daemon_never_uploads_it(rig, voice):
+    daemon, worker, client, bucket = rig
+    for name in ("a0.wav", "a1.wav"):
+        daemon.drop(voice, name, folder="nomount")
+    daemon.drop(PORTRAIT_JPG, "face.jpg", folder="nomount")
+    assert daemon.wait_job("nomount", timeout=60).state == "done"
+    outputs = daemon.folder("outputs") / "nomount"
+    links = daemon.wait_for(lambda: (outputs / "links.json").exists() and json.loads(
+        (outputs / "links.json").read_text()), 30, "links.json")
+    daemon.wait_for(lambda: json.loads((outputs / "links.json").read_text())["zip"], 30, "the batch zip")
+    links = json.loads((outputs / "links.json").read_text())
+    assert sorted(f["file"] for f in links["files"]) == ["a0.mp4", "a1.mp4"]
+    keys = {t.name + ".mp4": t.object_key for t in daemon.store().tasks.select(daemon.job("nomount").id)}
+    for entry in links["files"]:
+        assert entry["key"] == keys[entry["file"]]  # the key fixed at the first send is the delivered one
+        assert fetch(entry["link"]) == (outputs / entry["file"]).read_bytes()
+    with zipfile.ZipFile(io.BytesIO(fetch(links["zip"]["link"]))) as z:
+        assert sorted(z.namelist()) == ["a0.mp4", "a1.mp4"]
+    uploaded_by_worker = worker.text().count("video uploaded to its final key")
+    assert uploaded_by_worker == 2
+    assert not [e for e in daemon_events(daemon, "video uploaded") if e.get("file", "").startswith("a")]
+    assert sorted(e["file"] for e in daemon_events(daemon, "video already in the bucket; linking it")) == [
+        "a0.mp4", "a1.mp4"]
+    job = daemon.job("nomount")
+    staged = client.list_objects_v2(Bucket=bucket, Prefix=f"{STAGING_FOLDER}/{job.id}/")
+    assert staged.get("KeyCount", 0) == 0  # the job's inputs left the bucket with the job
+    assert list((worker.folder / "work" / "remote").iterdir()) == []  # each task's scratch folder is gone
+
+
+def test_a_remote_bad_input_fails_once_with_its_reason_and_hint(rig, voice):
+    daemon, _, _, _ = rig
+    daemon.drop_pair(voice, PORTRAIT_JPG, "badinput-s3")
+    job = daemon.wait_job("badinput-s3", timeout=60)
+    assert job.state == "failed"
+    assert [t.attempts for t in daemon.store().tasks.select(job.id)] == [1]
+    record = json.loads((daemon.folder("failed") / "badinput-s3" / "error.json").read_text())
+    assert "no face detected" in record["reason"] and record["hint"]
+    assert not (daemon.folder("outputs") / "badinput-s3").exists()

@@ -1,0 +1,284 @@
+"""Remote workers without a shared folder (workers.remote.transfer: s3), in-process against a real moto server
+and a real redis-server: the config, what a task carries, the fence, and the video recorded before it lands
+(the real daemon and workers are in test_remote_s3.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from daemon_harness import REPO
+from remote_rig import RedisServer
+from s3_server import credentials_env, free_port
+from test_job_lifecycle import FakeClock, claimed
+
+from heygem_daemon.config import S3, ConfigError, Remote, load_config
+from heygem_daemon.delivery.s3 import MiB, Superseded, Throttle, Uploader, make_client
+from heygem_daemon.failures import Kind, Problem
+from heygem_daemon.fs.files import sha256_file
+from heygem_daemon.generation.celery_app import attempt_part, drop_fence, fence_holds, make_app, set_fence
+from heygem_daemon.generation.lifecycle import LifeCycle
+from heygem_daemon.generation.remote import Flight, RemoteDispatcher
+from heygem_daemon.generation.s3_transfer import link_seconds_for, staging_prefix
+from heygem_daemon.generation.s3_worker import S3Side, TaskFailed, fetch_input, upload_result
+from heygem_daemon.generation.workers import Attempt, task_spec
+from heygem_daemon.state import Store
+from media_factory import write_noise_video
+
+
+@pytest.fixture
+def bucket(moto_server, monkeypatch):
+    for k, v in credentials_env().items():
+        monkeypatch.setenv(k, v)
+    return moto_server.new_bucket()
+
+
+def config(tmp_path: Path, moto_server, bucket: str | None, **remote):
+    data = {"base_dir": str(tmp_path), "workers": {"devices": [], "remote": {
+        "broker_url": f"redis://127.0.0.1:{free_port()}/0", "queues": {"gpu": 2}, "transfer": "s3", **remote}}}
+    if bucket:
+        data["s3"] = moto_server.s3_settings(bucket, part_size_mb=5)
+    (tmp_path / "config.yaml").write_text(json.dumps(data))
+    return load_config(tmp_path / "config.yaml", environ={})
+
+
+def dispatcher(tmp_path: Path, moto_server, bucket: str) -> RemoteDispatcher:
+    cfg = config(tmp_path, moto_server, bucket)
+    return RemoteDispatcher(cfg, LifeCycle(cfg, Store(cfg.folder("state") / "heygem.db"), clock=FakeClock()))
+
+
+def test_transfer_s3_without_an_s3_section_is_refused_with_the_fix(tmp_path, moto_server):
+    with pytest.raises(ConfigError, match="transfer: s3 needs the s3 section"):
+        config(tmp_path, moto_server, None)
+    assert config(tmp_path, moto_server, None, transfer="shared").workers.remote.transfer == "shared"
+
+
+def test_input_links_live_as_long_as_the_visibility_timeout_and_never_beyond_seven_days():
+    assert link_seconds_for(3600) == 3600
+    assert link_seconds_for(30 * 24 * 3600) == 7 * 24 * 3600
+
+
+def test_a_task_travels_with_links_to_its_inputs_and_every_attempt_targets_one_key(tmp_path, moto_server, bucket):
+    remote = dispatcher(tmp_path, moto_server, bucket)
+    life = remote.life
+    job = claimed(life, "alice", pairs=2, media=True)
+    first = life.take("remote:gpu")
+    _, spec = task_spec(remote.cfg, life, first, "remote:gpu")
+    sent = json.loads(json.dumps(remote._s3_payload({}, first, spec)))
+    assert sent["transfer"] == "s3" and sent["object"]["name"] == "v0.mp4"
+    for name in ("audio", "portrait"):
+        with urllib.request.urlopen(sent["links"][name]) as got:
+            assert got.read() == getattr(spec, name).read_bytes()
+    key = sent["object"]["key"]
+    assert key.endswith("/alice/" + key.split("/")[-2] + "/v0.mp4")  # {date}/{job}/{token}/{file}, as delivery
+    life.attempt_failed(first, Problem(Kind.ENGINE, "generate", "worker silent"), "remote:gpu")
+    life.clock.advance(3600)
+    again = life.take("remote:gpu")
+    assert again.id == first.id and again.attempts == 2
+    assert remote._s3_payload({}, again, spec)["object"]["key"] == key == life.store.tasks.get(first.id).object_key
+    assert life.store.tasks.select(job.id)[1].object_key is None  # the other task gets its own key when sent
+
+
+def test_a_jobs_inputs_are_uploaded_once_for_all_its_tasks(tmp_path, moto_server, bucket):
+    remote = dispatcher(tmp_path, moto_server, bucket)
+    life = remote.life
+    job = claimed(life, "bob", pairs=3, media=True)
+    for _ in range(3):
+        task = life.take("remote:gpu")
+        remote._s3_payload({}, task, task_spec(remote.cfg, life, task, "remote:gpu")[1])
+    restarted = dispatcher(tmp_path, moto_server, bucket)  # a new run knows nothing staged: it asks the bucket
+    task = life.store.tasks.select(job.id)[0]
+    restarted._s3_payload({}, task, task_spec(restarted.cfg, life, task, "remote:gpu")[1])
+    prefix = staging_prefix(remote.cfg.s3.key_prefix, job.id)
+    puts = re.findall(rf'"PUT /{bucket}/{re.escape(prefix)}(\S+) ', moto_server.log_path.read_text())
+    assert sorted(puts) == ["face.jpg", "voice.wav"]
+
+
+def test_the_fence_names_one_attempt_and_an_ended_attempt_never_drops_a_newer_ones(tmp_path):
+    redis = RedisServer(tmp_path / "redis").start()
+    try:
+        client = make_app(Remote(broker_url=redis.url, queues={"gpu": 1}), sender=True).backend.client
+        set_fence(client, 7, "attempt-1", 60)
+        assert fence_holds(client, 7, "attempt-1")
+        set_fence(client, 7, "attempt-2", 60)  # the daemon sent the task again
+        assert not fence_holds(client, 7, "attempt-1") and fence_holds(client, 7, "attempt-2")
+        drop_fence(client, 7, "attempt-1")  # the late end of the first changes nothing
+        assert fence_holds(client, 7, "attempt-2")
+        drop_fence(client, 7, "attempt-2")
+        assert not fence_holds(client, 7, "attempt-2")
+    finally:
+        redis.stop()
+
+
+@pytest.mark.parametrize("megabytes", [1, 12], ids=["one-put", "multipart"])
+def test_an_upload_whose_fence_says_no_leaves_no_object_and_no_open_upload(tmp_path, moto_server, bucket, megabytes):
+    settings = S3(**moto_server.s3_settings(bucket, part_size_mb=5))
+    store = Store(tmp_path / "worker.db")
+    video = write_noise_video(tmp_path / "v.mp4", megabytes) if megabytes > 1 else tmp_path / "v.mp4"
+    if megabytes == 1:
+        video.write_bytes(b"x" * MiB)
+    store.deliveries.ensure_batch("w", "w", "", None)
+    d = store.deliveries.add("w", str(video), "v.mp4", video.stat().st_size, "day/j/tok/v.mp4", None)
+    with pytest.raises(Superseded):
+        Uploader(make_client(settings), settings, store, Throttle(0), threading.Event()).upload(d, lambda: False)
+    client = moto_server.client()
+    assert client.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def test_a_refused_input_link_is_a_counted_error_and_an_unreachable_store_an_outage(tmp_path, moto_server, bucket):
+    missing = make_client(S3(**moto_server.s3_settings(bucket))).generate_presigned_url(
+        "get_object", Params={"Bucket": bucket, "Key": "gone.wav"}, ExpiresIn=60)
+    with pytest.raises(TaskFailed) as refused:
+        fetch_input(missing, tmp_path / "in" / "gone.wav", 5)
+    assert refused.value.outcome["kind"] == "internal" and "refused (404" in refused.value.outcome["reason"]
+    assert "fresh links" in refused.value.outcome["hint"]
+    port = free_port()
+    with pytest.raises(TaskFailed) as down:
+        fetch_input(f"http://127.0.0.1:{port}/{bucket}/a.wav?X-Amz-Signature=abc", tmp_path / "in" / "a.wav", 5)
+    assert down.value.outcome["kind"] == "outage"
+    assert down.value.outcome["dependency"] == f"object store 127.0.0.1:{port}"
+    assert not list((tmp_path / "in").iterdir())
+
+
+def sent(remote: RemoteDispatcher, task) -> dict:
+    return remote._s3_payload({}, task, task_spec(remote.cfg, remote.life, task, "remote:gpu")[1])
+
+
+def finish_remotely(remote: RemoteDispatcher, task, body: bytes, sha256: str | None = None) -> tuple[str, str]:
+    """The task's worker put `body` at the task's key and reported success; the daemon finishes the attempt.
+    Returns the key and the object's ETag."""
+    key = sent(remote, task)["object"]["key"]
+    up = remote.transfer.client.put_object(Bucket=remote.cfg.s3.bucket, Key=key, Body=body)
+    part = attempt_part(task.output, task.attempts)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    info = {"ok": True, "key": key, "etag": up["ETag"], "size": len(body),
+            "sha256": sha256 or hashlib.sha256(body).hexdigest()}
+    remote._finish(Flight(task, "gpu", None, part, 1.0, 1.0), Attempt(True), info)
+    return key, up["ETag"]
+
+
+def finished_remotely(remote: RemoteDispatcher, body: bytes, sha256: str | None = None):
+    job = claimed(remote.life, "carol", media=True)
+    task = remote.life.take("remote:gpu")
+    key, etag = finish_remotely(remote, task, body, sha256)
+    return job, remote.store.tasks.get(task.id), key, etag
+
+
+def staged(remote: RemoteDispatcher, job_id: str) -> int:
+    prefix = staging_prefix(remote.cfg.s3.key_prefix, job_id)
+    return remote.transfer.client.list_objects_v2(Bucket=remote.cfg.s3.bucket, Prefix=prefix).get("KeyCount", 0)
+
+
+def test_a_remote_video_is_downloaded_and_recorded_as_already_uploaded(tmp_path, moto_server, bucket):
+    remote = dispatcher(tmp_path, moto_server, bucket)
+    video = write_noise_video(tmp_path / "made.mp4", 1)
+    job, task, key, etag = finished_remotely(remote, video.read_bytes())
+    assert task.state == "done" and Path(task.output).read_bytes() == video.read_bytes()
+    d = remote.store.deliveries.at(task.output)
+    assert (d.state, d.key, d.etag, d.sha256, d.size) == ("uploaded", key, etag, sha256_file(video),
+                                                          video.stat().st_size)
+    assert d.batch_id == job.id and d.rel == "v0.mp4"
+    assert not list(Path(task.output).parent.glob("*.part"))
+
+
+def test_an_empty_remote_video_fails_the_check_and_leaves_no_delivery_record(tmp_path, moto_server, bucket):
+    remote = dispatcher(tmp_path, moto_server, bucket)
+    _, task, _, _ = finished_remotely(remote, b"")
+    assert task.state == "queued" and "no output" in task.last_error["reason"]
+    assert remote.store.deliveries.at(task.output) is None and not Path(task.output).exists()
+
+
+def test_an_object_that_is_not_what_the_worker_uploaded_is_a_counted_retry(tmp_path, moto_server, bucket):
+    remote = dispatcher(tmp_path, moto_server, bucket)
+    _, task, _, _ = finished_remotely(remote, b"overwritten", sha256="0" * 64)
+    assert task.state == "queued" and task.attempts == 1 and "sha256 differs" in task.last_error["reason"]
+    assert remote.store.deliveries.at(task.output) is None and not Path(task.output).exists()
+
+
+def test_a_jobs_staged_inputs_stay_while_it_runs_and_go_once_it_has_finished(tmp_path, moto_server, bucket):
+    remote = dispatcher(tmp_path, moto_server, bucket)
+    remote.transfer.delete_ended()  # the start's look for leftovers: none
+    job = claimed(remote.life, "dave", pairs=2, media=True)
+    first, second = remote.life.take("remote:gpu"), remote.life.take("remote:gpu")
+    sent(remote, second)
+    video = write_noise_video(tmp_path / "made.mp4", 1).read_bytes()
+    finish_remotely(remote, first, video)
+    remote.transfer.delete_ended()
+    assert staged(remote, job.id) == 2  # the second task still needs them
+    finish_remotely(remote, second, video)
+    assert remote.store.jobs.state(job.id) == "done"
+    remote.transfer.delete_ended()
+    assert staged(remote, job.id) == 0
+
+
+def test_staged_inputs_a_crash_left_behind_go_at_the_next_start(tmp_path, moto_server, bucket):
+    crashed = dispatcher(tmp_path, moto_server, bucket)
+    job, _, _, _ = finished_remotely(crashed, write_noise_video(tmp_path / "made.mp4", 1).read_bytes())
+    assert staged(crashed, job.id) == 2  # it died before deleting them
+    running = claimed(crashed.life, "erin", media=True)
+    sent(crashed, crashed.life.take("remote:gpu"))
+    restarted = dispatcher(tmp_path, moto_server, bucket)
+    restarted.transfer.delete_ended()
+    assert staged(restarted, job.id) == 0 and staged(restarted, running.id) == 2
+
+
+def test_an_upload_false_jobs_video_passes_through_the_jobs_staging_folder_and_stays_local(tmp_path, moto_server,
+                                                                                         bucket):
+    remote = dispatcher(tmp_path, moto_server, bucket)
+    job = claimed(remote.life, "frank", media=True, upload=False)
+    task = remote.life.take("remote:gpu")
+    key, _ = finish_remotely(remote, task, write_noise_video(tmp_path / "made.mp4", 1).read_bytes())
+    assert key == staging_prefix(remote.cfg.s3.key_prefix, job.id) + "out/v0.mp4"
+    assert Path(task.output).is_file() and remote.store.deliveries.at(task.output) is None  # delivery keeps it local
+    remote.transfer.delete_ended()
+    assert staged(remote, job.id) == 0
+
+
+UPLOAD_AND_DIE = """
+import sys
+from pathlib import Path
+from heygem_daemon.config import load_config
+from heygem_daemon.generation.s3_worker import S3Side, upload_result
+upload_result(S3Side(load_config(Path(sys.argv[1]))), Path(sys.argv[2]), sys.argv[3], "v.mp4", lambda: True)
+"""
+
+
+def test_a_task_redelivered_to_a_host_that_died_mid_upload_resumes_its_upload(tmp_path, moto_server, bucket):
+    host = tmp_path / "host"
+    host.mkdir()
+    # One part at a time at 5 MB/s: the worker is killed while parts remain to send.
+    cfg = config(host, moto_server, bucket)
+    settings = {**cfg.model_dump(mode="json"), "s3": moto_server.s3_settings(
+        bucket, part_size_mb=5, part_concurrency=1, max_bandwidth_mb_s=5)}
+    (host / "config.yaml").write_text(json.dumps(settings))
+    video = write_noise_video(host / "work" / "video.mp4", 11)
+    key = "day/job/tok/v.mp4"
+    env = {**os.environ, **credentials_env(), "PYTHONPATH": str(REPO)}
+    worker = subprocess.Popen([sys.executable, "-c", UPLOAD_AND_DIE, str(host / "config.yaml"), str(video), key],
+                              env=env)
+    store = Store(host / "state" / "heygem.db")
+    deadline = time.monotonic() + 30
+    while not ((d := store.deliveries.at(str(video))) and store.deliveries.parts(d.id)):
+        assert time.monotonic() < deadline and worker.poll() is None, "no part recorded before the kill"
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(10)
+    upload_id = store.deliveries.at(str(video)).upload_id
+    up = upload_result(S3Side(load_config(host / "config.yaml")), video, key, "v.mp4", lambda: True)
+    assert 0 < up.sent_bytes < video.stat().st_size  # the parts the server held were not sent again
+    numbers = [n for u, n in moto_server.part_puts(bucket) if u == upload_id]
+    assert sorted(numbers) == sorted(set(numbers)) == list(range(1, len(numbers) + 1))
+    body = moto_server.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == sha256_file(video) == up.sha256
+    assert store.deliveries.at(str(video)) is None  # done: the worker's store forgets it
