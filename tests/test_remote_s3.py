@@ -80,8 +80,9 @@ def test_the_workers_upload_is_the_delivered_object_and_the_daemon_never_uploads
     assert sorted(e["file"] for e in daemon_events(daemon, "video already in the bucket; linking it")) == [
         "a0.mp4", "a1.mp4"]
     job = daemon.job("nomount")
-    staged = client.list_objects_v2(Bucket=bucket, Prefix=f"{STAGING_FOLDER}/{job.id}/")
-    assert staged.get("KeyCount", 0) == 0  # the job's inputs left the bucket with the job
+    # The job's inputs leave the bucket with the job (the dispatcher deletes them at its next poll).
+    daemon.wait_for(lambda: client.list_objects_v2(Bucket=bucket, Prefix=f"{STAGING_FOLDER}/{job.id}/")
+                    .get("KeyCount", 0) == 0, 15, "the staged inputs to be deleted")
     assert list((worker.folder / "work" / "remote").iterdir()) == []  # each task's scratch folder is gone
 
 
