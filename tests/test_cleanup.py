@@ -167,7 +167,9 @@ def test_runs_missed_while_down_happen_once_at_start(cfg, store):
     cleanup.start()
     try:
         wait_until(lambda: store.ops.cleanup_runs()["temp"] == store.ops.cleanup_runs()["work"] == now, "the missed runs")
-        time.sleep(0.3)  # room for a wrong second run to show up
+        # Nothing is due for the next minute: every run the scheduler took has begun, and stop() waits for it.
+        wait_until(lambda: all(j.next_run_time.timestamp() > now + 60 for j in cleanup.scheduler.get_jobs()),
+                   "no sweep to be due")
     finally:
         cleanup.stop()
     assert sorted(runs) == ["temp", "work"]

@@ -46,9 +46,17 @@ class NotifyListener:
         return [line for msg in list(self.messages) for line in msg.splitlines()]
 
     def close(self) -> None:
-        time.sleep(0.3)  # let the reader take what is still in the socket buffer
+        if self._stop:  # closed already: by the test, then again by the fixture
+            return
         self._stop = True
-        self._thread.join(2)
+        self._thread.join()
+        # What the reader has not taken yet is in the socket buffer (the sender has stopped): take it all.
+        self.sock.setblocking(False)
+        while True:
+            try:
+                self.messages.append(self.sock.recv(65536).decode())
+            except BlockingIOError:
+                break
         self.sock.close()
 
 

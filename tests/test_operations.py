@@ -15,8 +15,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from daemon_harness import DaemonHarness
 from media_factory import PORTRAIT_JPG, write_speech_wav
+from test_command_engine import ARGS
 
 pytestmark = pytest.mark.daemon  # starts the real daemon: left out of `make test-fast`
+# How long the fake tool sleeps, silent, for an audio named `slow…`: longer than any wait here, so such a task
+# runs until a test cancels it (or, past workers.stall_seconds without a heartbeat, the stall watchdog ends it).
+HELD_SECONDS = 600
 
 
 def free_port() -> int:
@@ -28,7 +32,15 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
     port = free_port()
-    harness = DaemonHarness(tmp_path_factory.mktemp("ops") / "base", {"metrics": {"port": port}})
+    base = tmp_path_factory.mktemp("ops") / "base"
+    harness = DaemonHarness(base, {
+        "metrics": {"port": port},
+        "dedupe": {"window_hours": 0},  # tests drop the same voice and portrait
+        # A job.yaml with `engine: command` runs the fake tool (tests/tools/), whose outcome its audio's name picks.
+        "engines": {"command": {"args": ARGS, "timeout": HELD_SECONDS, "bad_input_exit_codes": [3],
+                                "progress_regex": r"(\d+)%", "cwd": str(base),
+                                "env": {"FAKE_SLOW_SECONDS": str(HELD_SECONDS)}}},
+    })
     harness.metrics_port = port  # type: ignore[attr-defined]
     yield harness.start()
     harness.stop()
@@ -38,8 +50,15 @@ def daemon(tmp_path_factory):
 def media(tmp_path_factory) -> Path:
     src = tmp_path_factory.mktemp("media")
     write_speech_wav(src / "short.wav", 1.0)
-    write_speech_wav(src / "long.wav", 25.0)
     return src
+
+
+def drop_command_job(harness: DaemonHarness, audio: Path, audio_name: str, folder: str) -> None:
+    """A folder job for the fake tool: one audio, the portraits anna and ben, and a job.yaml naming the engine."""
+    harness.drop(audio, audio_name, folder=folder)
+    harness.drop(PORTRAIT_JPG, "anna.jpg", folder=folder)
+    harness.drop(PORTRAIT_JPG, "ben.jpg", folder=folder)
+    (harness.inbox / folder / "job.yaml").write_text("engine: command\n")
 
 
 def cli(harness: DaemonHarness, *args: str) -> subprocess.CompletedProcess[str]:
@@ -54,16 +73,19 @@ def scrape(harness: DaemonHarness) -> dict[tuple[str, tuple], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+def rise(before: dict[tuple[str, tuple], float], after: dict[tuple[str, tuple], float], name: str,
+         *labels: tuple[str, str]) -> float:
+    """How much a sample grew between two scrapes (a labelled sample is there from its first use)."""
+    return after[(name, labels)] - before.get((name, labels), 0)
+
+
 def test_cancel_stops_the_running_task_without_a_retry_and_files_the_inputs_in_failed(daemon, media):
-    daemon.drop(media / "long.wav", "speech.wav", folder="stopme")
-    daemon.drop(PORTRAIT_JPG, "anna.jpg", folder="stopme")
-    daemon.drop(PORTRAIT_JPG, "ben.jpg", folder="stopme")
-    # 1080p is HEVC (x265), slow enough that the task still runs once `cancel` has started up on a busy machine.
-    (daemon.inbox / "stopme" / "job.yaml").write_text("preset: 1080p\n")
+    before = scrape(daemon)
+    drop_command_job(daemon, media / "short.wav", "slow.wav", "stopme")  # each task runs until stopped
 
     def running():
         job = daemon.job("stopme")
-        return job and any(t.state == "running" and t.progress > 0.02 for t in daemon.store().tasks.select(job.id))
+        return job and any(t.state == "running" for t in daemon.store().tasks.select(job.id))
 
     daemon.wait_for(running, 60, "a task of stopme to run")
     result = cli(daemon, "cancel", "stopme")
@@ -78,9 +100,11 @@ def test_cancel_stops_the_running_task_without_a_retry_and_files_the_inputs_in_f
     error = json.loads((daemon.folder("failed") / "stopme" / "error.json").read_text())
     assert "cancelled by the operator" in error["reason"] and "retry" in error["hint"]
     assert sorted(p.name for p in (daemon.folder("failed") / "stopme").iterdir()) == [
-        "anna.jpg", "ben.jpg", "error.json", "job.yaml", "speech.wav"]
+        "anna.jpg", "ben.jpg", "error.json", "job.yaml", "slow.wav"]
     assert not (daemon.folder("outputs") / "stopme").exists()
     assert not (daemon.folder("work") / job.id).exists()
+    # the running attempt ended for good, counted like bad input; the queued task never had one
+    assert rise(before, scrape(daemon), "heygem_failed_attempts_total", ("kind", "bad_input"), ("then", "failed")) == 1
 
 
 def test_cancel_refuses_finished_and_unknown_jobs(daemon, media):
@@ -94,19 +118,27 @@ def test_cancel_refuses_finished_and_unknown_jobs(daemon, media):
 
 
 def test_metrics_show_jobs_queue_durations_devices_and_counters(daemon, media):
+    before = scrape(daemon)
     daemon.drop(media / "short.wav", "measured.wav")
     daemon.drop(PORTRAIT_JPG, "measured.jpg")
-    daemon.wait_job("measured")
-    m = scrape(daemon)
-    assert m[("heygem_jobs", (("state", "done"),))] >= 1
+    drop_command_job(daemon, media / "short.wav", "badinput.wav", "refused")  # the tool refuses both pairs
+    assert daemon.wait_job("measured").state == "done"
+    assert daemon.wait_job("refused").state == "failed"
+
+    def idle():  # a slot lets go of its task just after recording the outcome that finished the job
+        m = scrape(daemon)
+        return m if m[("heygem_device_busy", (("device", "cpu"),))] == 0 else None
+
+    m = daemon.wait_for(idle, 30, "the cpu slot to be idle")
+    assert rise(before, m, "heygem_jobs", ("state", "done")) == 1
+    assert rise(before, m, "heygem_jobs", ("state", "failed")) == 1
     assert m[("heygem_queue_length", ())] == 0
-    assert m[("heygem_device_busy", (("device", "cpu"),))] == 0
-    assert m[("heygem_task_seconds_count", (("device", "cpu"), ("outcome", "done")))] >= 1
-    assert m[("heygem_task_seconds_sum", (("device", "cpu"), ("outcome", "done")))] > 0
+    assert rise(before, m, "heygem_task_seconds_count", ("device", "cpu"), ("outcome", "done")) == 1
+    assert rise(before, m, "heygem_task_seconds_sum", ("device", "cpu"), ("outcome", "done")) > 0
+    assert rise(before, m, "heygem_task_seconds_count", ("device", "cpu"), ("outcome", "failed")) == 2
+    assert rise(before, m, "heygem_failed_attempts_total", ("kind", "bad_input"), ("then", "failed")) == 2
     assert m[("heygem_cleanup_freed_bytes_total", (("sweep", "temp"),))] == 0
     assert m[("heygem_uploaded_bytes_total", ())] == 0
-    # the cancel earlier in this module ended its running attempt for good
-    assert m[("heygem_failed_attempts_total", (("kind", "bad_input"), ("then", "failed")))] >= 1
     assert m[("heygem_draining", ())] == 0 and m[("heygem_disk_low", ())] == 0
 
 
