@@ -107,12 +107,18 @@ def test_the_celery_id_of_an_attempt_is_stored_before_it_is_sent(tmp_path):
     assert attempt["outcome"] == "outage" and attempt["remote_id"].startswith(f"heygem-{task.id}-1-")
 
 
-def test_a_restart_leaves_a_remote_render_running_and_the_dispatcher_follows_the_same_celery_task(tmp_path):
+def sent_before_a_restart(tmp_path: Path, queue: str):
+    """A job whose one task a previous daemon process sent to `queue` as Celery task heygem-1-1-abc."""
     cfg = load(tmp_path, remote_config(tmp_path))
     store = Store(cfg.folder("state") / "heygem.db")
     job = claimed(LifeCycle(cfg, store), "alice")
-    sent = store.tasks.take_next("remote:gpu")
+    sent = store.tasks.take_next(f"remote:{queue}")
     store.tasks.set_remote_id(sent.id, "heygem-1-1-abc")
+    return cfg, store, job, sent
+
+
+def test_a_restart_leaves_a_remote_render_running_and_the_dispatcher_follows_the_same_celery_task(tmp_path):
+    cfg, store, job, sent = sent_before_a_restart(tmp_path, "gpu")
     life = LifeCycle(cfg, store)
     dispatcher = RemoteDispatcher(cfg, life)  # a new process: nothing in flight yet
     assert life.recover(dispatcher.adoptable())["adopted"] == 1
@@ -124,11 +130,7 @@ def test_a_restart_leaves_a_remote_render_running_and_the_dispatcher_follows_the
 
 
 def test_a_render_on_a_queue_no_longer_served_is_queued_again_at_restart(tmp_path):
-    cfg = load(tmp_path, remote_config(tmp_path))
-    store = Store(cfg.folder("state") / "heygem.db")
-    job = claimed(LifeCycle(cfg, store), "alice")
-    sent = store.tasks.take_next("remote:old-queue")
-    store.tasks.set_remote_id(sent.id, "heygem-1-1-abc")
+    cfg, store, job, _ = sent_before_a_restart(tmp_path, "old-queue")
     life = LifeCycle(cfg, store)
     assert life.recover(RemoteDispatcher(cfg, life).adoptable()) == {"requeued": 1, "completed": 0, "adopted": 0}
     (task,) = store.tasks.select(job.id)
@@ -136,11 +138,8 @@ def test_a_render_on_a_queue_no_longer_served_is_queued_again_at_restart(tmp_pat
 
 
 def test_a_stop_leaves_remote_renders_running_for_the_next_start_to_adopt(tmp_path):
-    cfg = load(tmp_path, remote_config(tmp_path))
-    life = LifeCycle(cfg, Store(cfg.folder("state") / "heygem.db"))
-    job = claimed(life, "alice")
-    task = life.take("remote:gpu")
-    life.store.tasks.set_remote_id(task.id, "heygem-1-1-abc")
+    cfg, store, job, task = sent_before_a_restart(tmp_path, "gpu")
+    life = LifeCycle(cfg, store)
     dispatcher = RemoteDispatcher(cfg, life)
     dispatcher.flights["gpu"].append(Flight(task, "gpu", None, attempt_part(task.output, 1), 1.0, 1.0))
     dispatcher._leave_running()

@@ -240,8 +240,15 @@ journal() { inside journalctl -u heygem-daemon --no-pager -o cat "$@"; }
 contains() { grep -q -- "$2" <<<"$1"; }
 journal_has() { contains "$(journal)" "$1"; }
 pid1_journal() { inside journalctl --no-pager -o short-monotonic _PID=1; }
-exposure_of() {
-    inside systemd-analyze security --no-pager "$1" | sed -n "s/.*Overall exposure level for $1: \([0-9.]*\).*/\1/p"
+check_exposure() {  # check name, unit: `systemd-analyze security` says 2.0 or less
+    local exposure
+    exposure="$(inside systemd-analyze security --no-pager "$2" |
+        sed -n "s/.*Overall exposure level for $2: \([0-9.]*\).*/\1/p")"
+    if [ -n "$exposure" ] && awk -v e="$exposure" 'BEGIN { exit !(e <= 2.0) }'; then
+        pass "$1 ($exposure)"
+    else
+        fail "$1" "exposure '$exposure' (limit 2.0)"
+    fi
 }
 wait_until() {  # seconds, description, command...
     local seconds=$1 what=$2; shift 2
@@ -338,12 +345,7 @@ else
 fi
 
 # --- security exposure, online ---------------------------------------------------------------------------
-exposure="$(exposure_of heygem-daemon.service)"
-if [ -n "$exposure" ] && awk -v e="$exposure" 'BEGIN { exit !(e <= 2.0) }'; then
-    pass "security-exposure ($exposure)"
-else
-    fail "security-exposure" "exposure '$exposure' (limit 2.0)"
-fi
+check_exposure security-exposure heygem-daemon.service
 
 # --- the watchdog kills a frozen daemon and systemd starts it again ----------------------------------------
 old_pid="$(unit MainPID)"
@@ -417,12 +419,7 @@ write_speech_wav(Path(\"/tmp/remote1.wav\"), 2.0)' && cp /tmp/remote1.wav /srv/h
 else
     fail "worker-unit-renders" "the worker never became ready: $(wjournal | tail -15)"
 fi
-exposure="$(exposure_of heygem-worker.service)"
-if [ -n "$exposure" ] && awk -v e="$exposure" 'BEGIN { exit !(e <= 2.0) }'; then
-    pass "worker-security-exposure ($exposure)"
-else
-    fail "worker-security-exposure" "exposure '$exposure' (limit 2.0)"
-fi
+check_exposure worker-security-exposure heygem-worker.service
 inside systemctl stop heygem-worker
 if [ "$(inside systemctl show heygem-worker -p Result --value)" = success ]; then
     pass "worker-clean-stop"
@@ -468,9 +465,4 @@ if [[ "$(head -1 <<<"$web_page")" == */jobs ]] && contains "$web_page" 'remote1'
 else
     fail "web-unit-login-and-jobs" "$(tail -c 600 <<<"$web_page") $(inside journalctl -u heygem-web --no-pager -o cat | tail -5)"
 fi
-exposure="$(exposure_of heygem-web.service)"
-if [ -n "$exposure" ] && awk -v e="$exposure" 'BEGIN { exit !(e <= 2.0) }'; then
-    pass "web-security-exposure ($exposure)"
-else
-    fail "web-security-exposure" "exposure '$exposure' (limit 2.0)"
-fi
+check_exposure web-security-exposure heygem-web.service
