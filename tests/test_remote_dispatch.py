@@ -15,7 +15,14 @@ from test_job_lifecycle import FakeClock, claimed
 
 from heygem_daemon.config import ConfigError, load_config
 from heygem_daemon.failures import Kind, Problem
-from heygem_daemon.generation.celery_app import attempt_part, decode, encode, make_app, map_path, render_time_limit
+from heygem_daemon.generation.celery_app import (
+    attempt_part,
+    decode,
+    encode,
+    make_app,
+    map_path,
+    render_time_limit,
+)
 from heygem_daemon.generation.lifecycle import LifeCycle
 from heygem_daemon.generation.remote import Flight, RemoteDispatcher
 from heygem_daemon.generation.remote_worker import child_device
@@ -149,55 +156,56 @@ def test_a_stop_leaves_remote_renders_running_for_the_next_start_to_adopt(tmp_pa
     assert life.store.tasks.select(job.id)[0].state == "running"
 
 
-def test_tasks_lost_with_the_brokers_data_are_sent_again_without_using_an_attempt(tmp_path):
-    redis = RedisServer(tmp_path / "redis").start()
-    try:
-        clock = FakeClock()
-        cfg = load(tmp_path, remote_config(tmp_path, broker_url=redis.url))
-        life = LifeCycle(cfg, Store(cfg.folder("state") / "heygem.db"), clock=clock)
-        job = claimed(life, "alice", pairs=2)
-        dispatcher = RemoteDispatcher(cfg, life, clock)
-        dispatcher.step()  # both sent to a queue no worker serves: they wait in Redis
-        first = {f.celery_id for f in dispatcher.flights["gpu"]}
-        client = redis_client.Redis.from_url(redis.url)
-        assert client.llen("gpu") == 2
-        clock.advance(cfg.workers.stall_seconds + 1)
-        dispatcher.step()  # waiting in the queue that long is no loss
-        assert {f.celery_id for f in dispatcher.flights["gpu"]} == first
-        client.flushall()  # what a restart without persistence leaves
-        dispatcher.step()
-        assert dispatcher.data_lost_at is not None and len(dispatcher.flights["gpu"]) == 2  # a render may still beat
-        clock.advance(cfg.workers.stall_seconds + 1)
-        dispatcher.step()
-        assert client.llen("gpu") == 2 and not first & {f.celery_id for f in dispatcher.flights["gpu"]}
-        for task in life.store.tasks.select(job.id):
-            assert (task.state, task.attempts) == ("running", 1)
-            assert [a["outcome"] for a in life.store.tasks.attempts(task.id)] == ["interrupted", None]
-    finally:
-        redis.stop()
+@pytest.fixture
+def redis(tmp_path):
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
 
 
-def test_a_task_heard_of_after_the_broker_lost_its_data_is_left_running(tmp_path):
-    redis = RedisServer(tmp_path / "redis").start()
-    try:
-        clock = FakeClock()
-        cfg = load(tmp_path, remote_config(tmp_path, broker_url=redis.url))
-        life = LifeCycle(cfg, Store(cfg.folder("state") / "heygem.db"), clock=clock)
-        claimed(life, "alice")
-        dispatcher = RemoteDispatcher(cfg, life, clock)
-        dispatcher.step()
-        (flight,) = dispatcher.flights["gpu"]
-        redis_client.Redis.from_url(redis.url).flushall()
-        dispatcher.step()
-        clock.advance(1)
-        # The worker still renders: its next heartbeat writes the task's state again.
-        dispatcher.app.backend.store_result(flight.celery_id, {"host": "w1", "beat": 2.0}, "PROGRESS")
-        dispatcher.step()
-        clock.advance(cfg.workers.stall_seconds)
-        dispatcher.step()
-        assert dispatcher.flights["gpu"] == [flight] and life.store.tasks.get(flight.task.id).attempts == 1
-    finally:
-        redis.stop()
+def dispatching(tmp_path: Path, redis: RedisServer, pairs: int = 1):
+    """A dispatcher on a real Redis whose queue no worker serves, on a fake clock, and a job of `pairs` tasks."""
+    cfg = load(tmp_path, remote_config(tmp_path, broker_url=redis.url))
+    life = LifeCycle(cfg, Store(cfg.folder("state") / "heygem.db"), clock=FakeClock())
+    job = claimed(life, "alice", pairs=pairs)
+    return cfg, life, job, RemoteDispatcher(cfg, life, life.clock)
+
+
+def test_tasks_lost_with_the_brokers_data_are_sent_again_without_using_an_attempt(tmp_path, redis):
+    cfg, life, job, dispatcher = dispatching(tmp_path, redis, pairs=2)
+    clock = life.clock
+    dispatcher.step()  # both sent to a queue no worker serves: they wait in Redis
+    first = {f.celery_id for f in dispatcher.flights["gpu"]}
+    client = redis_client.Redis.from_url(redis.url)
+    assert client.llen("gpu") == 2
+    clock.advance(cfg.workers.stall_seconds + 1)
+    dispatcher.step()  # waiting in the queue that long is no loss
+    assert {f.celery_id for f in dispatcher.flights["gpu"]} == first
+    client.flushall()  # what a restart without persistence leaves
+    dispatcher.step()
+    assert dispatcher.data_lost_at is not None and len(dispatcher.flights["gpu"]) == 2  # a render may still beat
+    clock.advance(cfg.workers.stall_seconds + 1)
+    dispatcher.step()
+    assert client.llen("gpu") == 2 and not first & {f.celery_id for f in dispatcher.flights["gpu"]}
+    for task in life.store.tasks.select(job.id):
+        assert (task.state, task.attempts) == ("running", 1)
+        assert [a["outcome"] for a in life.store.tasks.attempts(task.id)] == ["interrupted", None]
+
+
+def test_a_task_heard_of_after_the_broker_lost_its_data_is_left_running(tmp_path, redis):
+    cfg, life, _, dispatcher = dispatching(tmp_path, redis)
+    clock = life.clock
+    dispatcher.step()
+    (flight,) = dispatcher.flights["gpu"]
+    redis_client.Redis.from_url(redis.url).flushall()
+    dispatcher.step()
+    clock.advance(1)
+    # The worker still renders: its next heartbeat writes the task's state again.
+    dispatcher.app.backend.store_result(flight.celery_id, {"host": "w1", "beat": 2.0}, "PROGRESS")
+    dispatcher.step()
+    clock.advance(cfg.workers.stall_seconds)
+    dispatcher.step()
+    assert dispatcher.flights["gpu"] == [flight] and life.store.tasks.get(flight.task.id).attempts == 1
 
 
 def test_a_render_is_stopped_before_redis_would_hand_its_task_to_a_second_worker(tmp_path):
@@ -206,21 +214,14 @@ def test_a_render_is_stopped_before_redis_would_hand_its_task_to_a_second_worker
         assert 0 < make_app(remote).conf.task_time_limit == render_time_limit(remote) < visibility
 
 
-def test_a_render_stopped_at_the_time_limit_fails_its_attempt_saying_which_setting_to_raise(tmp_path):
-    redis = RedisServer(tmp_path / "redis").start()
-    try:
-        cfg = load(tmp_path, remote_config(tmp_path, broker_url=redis.url))
-        life = LifeCycle(cfg, Store(cfg.folder("state") / "heygem.db"), clock=FakeClock())
-        job = claimed(life, "alice")
-        dispatcher = RemoteDispatcher(cfg, life, life.clock)
-        dispatcher.step()
-        (flight,) = dispatcher.flights["gpu"]
-        # What a worker's pool stores when it kills a child at the hard time limit.
-        dispatcher.app.backend.mark_as_failure(flight.celery_id, TimeLimitExceeded(41040.0))
-        dispatcher.step()
-        (task,) = life.store.tasks.select(job.id)
-        assert task.state == "queued" and task.attempts == 1
-        assert "ran past 41040 s" in task.last_error["reason"]
-        assert "visibility_timeout_seconds" in task.last_error["hint"]
-    finally:
-        redis.stop()
+def test_a_render_stopped_at_the_time_limit_fails_its_attempt_saying_which_setting_to_raise(tmp_path, redis):
+    _, life, job, dispatcher = dispatching(tmp_path, redis)
+    dispatcher.step()
+    (flight,) = dispatcher.flights["gpu"]
+    # What a worker's pool stores when it kills a child at the hard time limit.
+    dispatcher.app.backend.mark_as_failure(flight.celery_id, TimeLimitExceeded(41040.0))
+    dispatcher.step()
+    (task,) = life.store.tasks.select(job.id)
+    assert task.state == "queued" and task.attempts == 1
+    assert "ran past 41040 s" in task.last_error["reason"]
+    assert "visibility_timeout_seconds" in task.last_error["hint"]
