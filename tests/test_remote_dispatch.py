@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -225,3 +227,20 @@ def test_a_render_stopped_at_the_time_limit_fails_its_attempt_saying_which_setti
     assert task.state == "queued" and task.attempts == 1
     assert "ran past 41040 s" in task.last_error["reason"]
     assert "visibility_timeout_seconds" in task.last_error["hint"]
+
+
+def test_a_redis_that_stops_answering_is_an_outage_not_a_stuck_dispatcher(tmp_path, redis):
+    _, life, _, dispatcher = dispatching(tmp_path, redis)
+    dispatcher.step()  # alice's task sent
+    later = claimed(life, "bob")  # a free place on the queue: the next step would send it
+    os.kill(redis.proc.pid, signal.SIGSTOP)  # it still accepts connections, but answers nothing
+    try:
+        stepping = threading.Thread(target=dispatcher.step, daemon=True)
+        stepping.start()
+        stepping.join(90)  # redis-py's default would wait 120 s for each answer
+        assert not stepping.is_alive(), "the dispatch loop hangs on a Redis that does not answer"
+    finally:
+        os.kill(redis.proc.pid, signal.SIGCONT)
+    assert [o["dependency"] for o in dispatcher.outages()] == [f"task broker 127.0.0.1:{redis.port}"]
+    (task,) = life.store.tasks.select(later.id)
+    assert (task.state, task.attempts) == ("queued", 0)  # not sent into a broker known to be away

@@ -19,6 +19,9 @@ from heygem_daemon.config import Preset, Remote
 from heygem_daemon.engines.base import TaskSpec
 
 TASK_NAME = "heygem.generate"
+SENDER_CONNECT_SECONDS = 5.0
+SENDER_ANSWER_SECONDS = 10.0
+"""How long the daemon waits for Redis to accept, then to answer, before calling it away."""
 PATH_FIELDS = ("audio", "portrait", "output", "workdir")
 INPUT_FIELDS = ("audio", "portrait")
 """The spec's input files: with transfer s3 each travels as a presigned link."""
@@ -43,9 +46,15 @@ def make_app(remote: Remote, sender: bool = False) -> Celery:
     app = Celery("heygem", broker=remote.broker_url, backend=remote.broker_url, set_as_current=False)
     transport: dict[str, Any] = {"visibility_timeout": remote.visibility_timeout_seconds}
     backend = dict(transport)
+    timeouts: dict[str, Any] = {}
     if sender:
-        transport.update(max_retries=1, interval_start=0, interval_step=0.2, interval_max=0.2)
+        transport.update(max_retries=1, interval_start=0, interval_step=0.2, interval_max=0.2,
+                         socket_connect_timeout=SENDER_CONNECT_SECONDS, socket_timeout=SENDER_ANSWER_SECONDS)
         backend["retry_policy"] = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
+        # A Redis that accepts but does not answer (stopped, swapping, a dropped route) must not hold the
+        # dispatch loop for redis-py's default two minutes: it is an outage like a refused connection.
+        timeouts = {"redis_socket_connect_timeout": SENDER_CONNECT_SECONDS,
+                    "redis_socket_timeout": SENDER_ANSWER_SECONDS}
     app.conf.update(
         task_serializer="json", result_serializer="json", accept_content=["json"],
         task_acks_late=True, task_reject_on_worker_lost=True, worker_prefetch_multiplier=1,
@@ -54,7 +63,7 @@ def make_app(remote: Remote, sender: bool = False) -> Celery:
         broker_connection_retry_on_startup=True, broker_connection_max_retries=None,
         # A send that cannot reach Redis fails fast: the daemon turns it into an outage and waits.
         task_publish_retry_policy={"max_retries": 1, "interval_start": 0.2, "interval_step": 0.2},
-        worker_hijack_root_logger=False, worker_send_task_events=False,
+        worker_hijack_root_logger=False, worker_send_task_events=False, **timeouts,
     )
     return app
 

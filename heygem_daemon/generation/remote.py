@@ -33,6 +33,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import TimeoutError as RedisTimeout
+
 from heygem_daemon.clock import SYSTEM_CLOCK, Clock
 from heygem_daemon.config import Config, Remote
 from heygem_daemon.failures import Kind
@@ -233,6 +235,8 @@ class RemoteDispatcher:
                 backend.client.set(self._mark, b"1")
         except Exception as exc:  # the backend (Redis) is away: renders go on; no stall is counted
             self._broker_trouble(exc)
+            if isinstance(exc, RedisTimeout):  # it accepts but does not answer: a send would wait as long
+                self._pause_until = self.clock.monotonic() + self.cfg.workers.backoff_seconds
             return None
         self._broker_ok()
         if mark is None and ids:
