@@ -35,12 +35,14 @@ test-fast: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/intake.py
+	$(BIN)/python bench/outputs.py
 	$(BIN)/python bench/delivery.py
 	$(BIN)/python bench/preview.py
 	$(BIN)/python bench/upload.py
 	$(BIN)/python bench/zip.py
 	$(BIN)/python bench/wav2lip.py
 	$(BIN)/python bench/web.py
+	$(BIN)/python bench/remote.py
 
 # As root on a Debian/Ubuntu host: boots a container with systemd and replays README "Install as a service".
 systemd-check:

@@ -11,7 +11,7 @@ CONFIG_YAML = Path(__file__).resolve().parent.parent / "config.yaml"
 
 
 def commented_engine_example(name: str) -> dict[str, Any]:
-    """The `  # <name>:` block under `engines:` (its lines start with `  #   `) as a settings dict."""
+    """The `  # <name>:` block under `engines:` (or `workers:`; its lines start with `  #   `) as a dict."""
     lines = CONFIG_YAML.read_text().splitlines()
     start = lines.index(next(ln for ln in lines if ln.startswith(f"  # {name}:")))
     block = [lines[start]]

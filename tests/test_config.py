@@ -1,9 +1,14 @@
+import types
 from pathlib import Path
+from typing import Any, Union, get_args, get_origin
 
 import pytest
+import yaml
+from config_examples import CONFIG_YAML, commented_engine_example
+from pydantic import BaseModel
 
 from heygem_daemon.cli import main
-from heygem_daemon.config import ConfigError, load_config
+from heygem_daemon.config import Config, ConfigError, Remote, load_config
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -97,3 +102,56 @@ def test_config_check_accepts_the_shipped_config(capsys):
 def test_unknown_engine_setting_is_refused(tmp_path, capsys):
     assert main(["config", "check", str(write(tmp_path, "engines:\n  preview:\n    wobble: 3\n"))]) == 2
     assert "engines.preview.wobble: unknown key" in capsys.readouterr().err
+
+
+def _sections(annotation: Any) -> tuple[str, type[BaseModel]] | None:
+    """("one", Model) for a section (Model or Model | None), ("each", Model) for dict[str, Model], else None."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is dict and isinstance(args[1], type) and issubclass(args[1], BaseModel):
+        return "each", args[1]
+    for candidate in (args if origin in (Union, types.UnionType) else (annotation,)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return "one", candidate
+    return None
+
+
+def key_gaps(data: dict[str, Any], model: type[BaseModel], where: str = "") -> list[str]:
+    """Keys the model has that the file lacks, and keys the file has that the model lacks, at every depth."""
+    gaps = [f"{where}{key}: missing from config.yaml" for key in model.model_fields if key not in data]
+    for key, value in data.items():
+        field = model.model_fields.get(key)
+        section = _sections(field.annotation) if field else None
+        if field is None:
+            gaps.append(f"{where}{key}: in config.yaml but not a config key")
+        elif section and section[0] == "one" and isinstance(value, dict):
+            gaps += key_gaps(value, section[1], f"{where}{key}.")
+        elif section and isinstance(value, dict):
+            for name, entry in value.items():
+                gaps += key_gaps(entry, section[1], f"{where}{key}.{name}.")
+    return gaps
+
+
+def shipped_config() -> dict[str, Any]:
+    return yaml.safe_load(CONFIG_YAML.read_text())  # type: ignore[no-any-return]
+
+
+def test_config_yaml_lists_every_key_of_the_models_and_no_other():
+    data = shipped_config()
+    # workers.remote is off by default, so config.yaml shows it commented out: that block is checked too.
+    data["workers"]["remote"] = commented_engine_example("remote")
+    assert key_gaps(data, Config) == []
+
+
+def test_config_yaml_values_are_the_embedded_defaults():
+    # engines: holds each engine's own section (checked by its tests); preview's is empty, like the default.
+    shown = Config.model_validate(shipped_config())
+    assert shown.model_dump(exclude={"engines"}) == Config().model_dump(exclude={"engines"})
+    assert shown.engines == {"preview": {}}
+
+
+def test_the_commented_remote_block_shows_the_defaults_of_its_optional_keys():
+    example = Remote.model_validate(commented_engine_example("remote"))
+    # broker_url and queues have no default; path_map's {} default is shown by an example mapping.
+    plain = [name for name, field in Remote.model_fields.items()
+             if not field.is_required() and not isinstance(field.get_default(call_default_factory=True), dict)]
+    assert {n: getattr(example, n) for n in plain} == {n: Remote.model_fields[n].default for n in plain}
