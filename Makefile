@@ -26,11 +26,14 @@ install: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(BIN)/heygem-daemon -c config.yaml run
 
+# Debian's systemd-analyze, chromium-driver and redis-server: the suite drives them (installed as root).
 test: $(VENV)/.installed-test
+	tests/system/packages.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The in-process part: everything but the tests that start the real daemon (pytest marker `daemon`).
 test-fast: $(VENV)/.installed-test
+	tests/system/packages.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS) -m "not daemon"
 
 bench: $(VENV)/.installed-test
