@@ -121,7 +121,9 @@ class Daemon:
             self.remote.notify()
 
     def _generating(self) -> bool:
-        return self.pool.busy() or bool(self.remote and self.remote.busy())
+        """What a drain waits for: local renders. Remote ones outlive the daemon and are adopted at its next
+        start, so a restart of a busy farm does not wait out `shutdown.drain_seconds`."""
+        return self.pool.busy()
 
     def _running(self) -> list[dict[str, object]]:
         local = [d for d in self.pool.describe() if d["task"]]

@@ -39,7 +39,7 @@ def rig(tmp_path_factory):
         "engine": {"name": "command"},
         "engines": {"command": {**engine, "cwd": str(base)}},
         "dedupe": {"window_hours": 0},
-        "workers": {"devices": [], "stall_seconds": 3, "outage_alert_seconds": 1,
+        "workers": {"devices": [], "stall_seconds": 8, "outage_alert_seconds": 1, "backoff_seconds": 0.5,
                     "remote": {**remote, "path_map": {str(base): str(share)}}},
     }).start()
     yield daemon, redis, workers
@@ -170,3 +170,16 @@ def test_a_remote_bad_input_fails_once_with_its_reason_and_hint(rig, voice):
     record = json.loads((daemon.folder("failed") / "badinput-remote" / "error.json").read_text())
     assert "no face detected" in record["reason"] and record["hint"]
     assert not (daemon.folder("outputs") / "badinput-remote").exists()
+
+
+def test_a_render_whose_worker_process_dies_is_a_counted_attempt_and_never_loops(rig, voice):
+    daemon, _, workers = rig
+    daemon.drop_pair(voice, PORTRAIT_JPG, "diehost")
+    job = daemon.wait_job("diehost", timeout=90)
+    assert job.state == "failed"
+    (task,) = daemon.store().tasks.select(job.id)
+    assert task.attempts == 2  # workers.max_attempts (2 in these tests), as for a crashed local worker
+    for attempt in daemon.store().tasks.attempts(task.id):
+        error = json.loads(attempt["error"])
+        assert "worker process rendering the task died" in error["reason"] and "CUDA" in error["hint"]
+    assert all(w.proc.poll() is None for w in workers)  # each worker replaced its pool child and serves on

@@ -27,7 +27,7 @@ from heygem_daemon.generation.celery_app import (
 )
 from heygem_daemon.generation.lifecycle import LifeCycle
 from heygem_daemon.generation.remote import Flight, RemoteDispatcher
-from heygem_daemon.generation.remote_worker import child_device
+from heygem_daemon.generation.remote_worker import _Beats, child_device, child_label
 from heygem_daemon.generation.workers import Attempt, task_spec
 from heygem_daemon.state import Store
 
@@ -104,6 +104,11 @@ def test_each_pool_child_sees_only_its_own_card(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert child_device(["cuda:0", "cuda:3"], 1) == "cuda:0" and os.environ["CUDA_VISIBLE_DEVICES"] == "3"
     assert child_device(["cpu"], 0) == "cpu"
+
+
+def test_status_names_each_pool_child_by_its_own_device():
+    assert [child_label(["cuda:0", "cuda:3"], i) for i in (0, 1)] == ["cuda:0", "cuda:3"]
+    assert [child_label(["cpu", "cpu"], i) for i in (0, 1)] == ["cpu#0", "cpu#1"]
 
 
 def test_the_celery_id_of_an_attempt_is_stored_before_it_is_sent(tmp_path):
@@ -185,9 +190,11 @@ def test_tasks_lost_with_the_brokers_data_are_sent_again_without_using_an_attemp
     assert {f.celery_id for f in dispatcher.flights["gpu"]} == first
     client.flushall()  # what a restart without persistence leaves
     dispatcher.step()
-    assert dispatcher.data_lost_at is not None and len(dispatcher.flights["gpu"]) == 2  # a render may still beat
+    assert {f.celery_id for f in dispatcher.flights["gpu"]} == first  # a render may still beat
     clock.advance(cfg.workers.stall_seconds + 1)
-    dispatcher.step()
+    dispatcher.step()  # missing at the first look
+    assert {f.celery_id for f in dispatcher.flights["gpu"]} == first
+    dispatcher.step()  # and at the second: sent again
     assert client.llen("gpu") == 2 and not first & {f.celery_id for f in dispatcher.flights["gpu"]}
     for task in life.store.tasks.select(job.id):
         assert (task.state, task.attempts) == ("running", 1)
@@ -244,3 +251,67 @@ def test_a_redis_that_stops_answering_is_an_outage_not_a_stuck_dispatcher(tmp_pa
     assert [o["dependency"] for o in dispatcher.outages()] == [f"task broker 127.0.0.1:{redis.port}"]
     (task,) = life.store.tasks.select(later.id)
     assert (task.state, task.attempts) == ("queued", 0)  # not sent into a broker known to be away
+
+
+def test_a_task_the_daemon_died_before_sending_is_sent_after_the_restart(tmp_path, redis):
+    cfg = load(tmp_path, remote_config(tmp_path, broker_url=redis.url))
+    store = Store(cfg.folder("state") / "heygem.db")
+    job = claimed(LifeCycle(cfg, store), "alice")
+    store.tasks.set_remote_id(store.tasks.take_next("remote:gpu").id, "heygem-1-1-neversent")
+    life = LifeCycle(cfg, store, clock=FakeClock())
+    dispatcher = RemoteDispatcher(cfg, life, life.clock)
+    life.recover(dispatcher.adoptable())
+    dispatcher._adopt()
+    life.clock.advance(cfg.workers.stall_seconds + 1)
+    dispatcher.step()
+    dispatcher.step()
+    (flight,) = dispatcher.flights["gpu"]
+    assert flight.celery_id != "heygem-1-1-neversent"
+    assert redis_client.Redis.from_url(redis.url).llen("gpu") == 1
+    (task,) = store.tasks.select(job.id)
+    assert (task.state, task.attempts) == ("running", 1)
+    assert [a["outcome"] for a in store.tasks.attempts(task.id)] == ["interrupted", None]
+
+
+def test_a_task_found_revoked_is_sent_again(tmp_path, redis):
+    _, life, job, dispatcher = dispatching(tmp_path, redis)
+    dispatcher.step()
+    (flight,) = dispatcher.flights["gpu"]
+    dispatcher.app.backend.mark_as_revoked(flight.celery_id)  # revoked, and then the daemon died
+    dispatcher.step()
+    (again,) = dispatcher.flights["gpu"]
+    assert again.celery_id != flight.celery_id and life.store.tasks.get(flight.task.id).attempts == 1
+
+
+def test_a_flight_that_cannot_be_finished_fails_alone_and_the_others_go_on(tmp_path):
+    cfg = load(tmp_path, remote_config(tmp_path))
+    life = LifeCycle(cfg, Store(cfg.folder("state") / "heygem.db"), clock=FakeClock())
+    job = claimed(life, "alice", pairs=2)
+    dispatcher = RemoteDispatcher(cfg, life, life.clock)
+    for task in (life.take("remote:gpu"), life.take("remote:gpu")):
+        part = attempt_part(task.output, task.attempts)
+        part.parent.mkdir(parents=True, exist_ok=True)
+        part.write_bytes(b"a rendered video")  # the worker's part: done
+        dispatcher.flights["gpu"].append(Flight(task, "gpu", f"heygem-{task.id}-1-x", part, 1.0, 1.0))
+    blocked = dispatcher.flights["gpu"][0].task
+    Path(blocked.output).mkdir()  # its part cannot be renamed into place
+    dispatcher.step()
+    first, second = life.store.tasks.select(job.id)
+    assert (first.state, first.last_error["kind"]) == ("queued", "internal")
+    assert "IsADirectoryError" in first.last_error["reason"]
+    assert second.state == "done"
+
+
+def test_heartbeats_sent_from_a_transfer_thread_reach_their_task(tmp_path, redis):
+    app = make_app(load(tmp_path, remote_config(tmp_path, broker_url=redis.url)).workers.remote)
+
+    @app.task(bind=True, name="heygem.test-beats")
+    def task(self, payload):  # the worker's task, as Celery runs it
+        return payload
+
+    task.push_request(id="heygem-7-1-abcd")
+    beats = _Beats(task, {"host": "w1"}, 0.1)
+    beating = threading.Thread(target=beats.heartbeat, kwargs={"force": True})
+    beating.start()
+    beating.join()
+    assert app.backend.get_task_meta("heygem-7-1-abcd")["status"] == "PROGRESS"

@@ -19,6 +19,8 @@ from heygem_daemon.config import Preset, Remote
 from heygem_daemon.engines.base import TaskSpec
 
 TASK_NAME = "heygem.generate"
+RESULT_DAYS = 7
+"""How long a task's result stays in Redis: a daemon stopped for less finds what its renders did."""
 SENDER_CONNECT_SECONDS = 5.0
 SENDER_ANSWER_SECONDS = 10.0
 """How long the daemon waits for Redis to accept, then to answer, before calling it away."""
@@ -41,8 +43,11 @@ def render_time_limit(remote: Remote) -> float:
 
 def make_app(remote: Remote, sender: bool = False) -> Celery:
     """Late acks and prefetch 1: a task leaves Redis only once it is done, and a worker holds no more
-    than it runs; a worker that dies hands its task back (reject on worker lost). The daemon (`sender`)
-    gives up connecting at once: a broker away is an outage it waits out, not a stall of its loop."""
+    than it runs. A host that dies leaves its task unacknowledged: the daemon notices the silence, revokes it
+    and sends it again. A pool child that dies (a crash in the engine) fails its task (WorkerLostError), a
+    counted attempt as for a crashed local worker: requeued by Celery it could loop for ever on one bad
+    input. The daemon (`sender`) gives up connecting at once: a broker away is an outage it waits out, not
+    a stall of its loop."""
     app = Celery("heygem", broker=remote.broker_url, backend=remote.broker_url, set_as_current=False)
     transport: dict[str, Any] = {"visibility_timeout": remote.visibility_timeout_seconds}
     backend = dict(transport)
@@ -57,8 +62,8 @@ def make_app(remote: Remote, sender: bool = False) -> Celery:
                     "redis_socket_timeout": SENDER_ANSWER_SECONDS}
     app.conf.update(
         task_serializer="json", result_serializer="json", accept_content=["json"],
-        task_acks_late=True, task_reject_on_worker_lost=True, worker_prefetch_multiplier=1,
-        task_track_started=True, result_expires=24 * 3600, task_time_limit=render_time_limit(remote),
+        task_acks_late=True, task_reject_on_worker_lost=False, worker_prefetch_multiplier=1,
+        task_track_started=True, result_expires=RESULT_DAYS * 24 * 3600, task_time_limit=render_time_limit(remote),
         broker_transport_options=transport, result_backend_transport_options=backend,
         broker_connection_retry_on_startup=True, broker_connection_max_retries=None,
         # A send that cannot reach Redis fails fast: the daemon turns it into an outage and waits.

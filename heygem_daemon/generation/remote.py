@@ -12,10 +12,11 @@ without using attempts and the operator is alerted (OutageWatch); renders alread
 A render outlives the daemon: each attempt's Celery id is stored before it is sent, a stop leaves renders
 running, and the next start adopts them (follows the same Celery task) instead of sending them again.
 
-A Redis that lost its data (restarted without persistence, flushed) would leave tasks waiting for ever for
-messages that are gone. The daemon keeps a mark in Redis and reads it with every poll: when it vanished,
-each task that has not been heard of since is sent again after `workers.stall_seconds` (renders that
-still run beat again by then), its attempt not counted.
+A task Redis no longer holds would wait for ever: its message lost with Redis's data (restarted without
+persistence, the last second of an append-only file), never sent (the daemon died between storing its id
+and sending it), or revoked before a crash. A task silent that long (PENDING for `workers.stall_seconds`)
+is looked for in the queue and among the tasks workers hold; missing at two looks a poll apart, it is sent
+again, its attempt not counted. Renders that still run beat again before then and are left alone.
 
 With `transfer: s3` the data goes through the bucket instead of a shared folder (generation/s3_transfer.py):
 each send carries input links and the task's one object key, with a fence in Redis naming the attempt that
@@ -24,14 +25,14 @@ may complete the upload; a success is downloaded into the attempt's part and fin
 
 from __future__ import annotations
 
-import hashlib
-import socket
+import functools
+import json
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from redis.exceptions import TimeoutError as RedisTimeout
 
@@ -43,13 +44,15 @@ from heygem_daemon.generation.celery_app import (
 )
 from heygem_daemon.generation.lifecycle import CANCELLED_HINT, CANCELLED_REASON, JobFinished, LifeCycle
 from heygem_daemon.generation.s3_transfer import S3Transfer, TransferTrouble
-from heygem_daemon.generation.workers import Attempt, record, task_spec
+from heygem_daemon.generation.workers import Attempt, record, record_failure, task_spec
 from heygem_daemon.log import get_logger
 from heygem_daemon.state import CANCELLING, Task
 
 log = get_logger("heygem.remote")
 RUNNING_STATES = ("STARTED", "PROGRESS")
-LOST_REASON = "the task broker lost this task (Redis restarted without its data?)"
+LOST_REASON = "the task broker no longer holds this task (Redis restarted without its data?)"
+UNACKED_KEY = "unacked"
+"""Where kombu's Redis transport keeps the messages workers hold (late acks): [message, exchange, key]."""
 
 
 @dataclass
@@ -66,6 +69,10 @@ class Flight:
     """monotonic time of the last sign of life (sent, started, a new beat)."""
     beat: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    look_at: float = 0.0
+    """monotonic time from which a silent flight may be looked for in the broker again."""
+    missing: bool = False
+    """Not found in the broker at the last look."""
 
 
 class RemoteDispatcher:
@@ -83,11 +90,6 @@ class RemoteDispatcher:
         self.workers: dict[str, dict[str, Any]] = {}
         self._workers_lock = threading.Lock()  # `status` and metrics read them from other threads
         self.broker_down_since: float | None = None
-        self.data_lost_at: float | None = None
-        """monotonic time the broker was last found without our mark: its queued messages are gone."""
-        # One mark per daemon installation (host and state folder): other daemons may share the Redis.
-        where = f"{socket.gethostname()}:{cfg.folder('state')}".encode()
-        self._mark = f"heygem:daemon:{hashlib.sha256(where).hexdigest()[:16]}"
         self._pause_until = 0.0
         self.wake, self.stop_event, self.hold = threading.Event(), threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._run, name="remote-dispatch", daemon=True)
@@ -167,9 +169,10 @@ class RemoteDispatcher:
             self.transfer.delete_ended()
         cancelling = {job.id for job in self.store.jobs.select((CANCELLING,))} if self.busy() else set()
         states = self._states()
+        held = functools.cache(self._held_by_broker)  # asked at most once a step, only when needed
         for queue, flights in self.flights.items():
             for flight in list(flights):
-                if self._follow(flight, flight.task.job_id in cancelling, states):
+                if self._settled(flight, flight.task.job_id in cancelling, states, held):
                     flights.remove(flight)
             while (not self.hold.is_set() and self.clock.monotonic() >= self._pause_until
                    and len(flights) < self.remote.queues[queue]):
@@ -225,28 +228,58 @@ class RemoteDispatcher:
         return Flight(task, queue, celery_id, part, now, now)
 
     def _states(self) -> dict[str, dict[str, Any]] | None:
-        """The Celery state of every flight and our mark, in one read of the backend; None when Redis cannot
-        be reached. Read before any task is sent in a step, so the mark is there before the first message."""
+        """The Celery state of every flight, in one read of the backend; None when Redis cannot be reached."""
         ids = [f.celery_id for flights in self.flights.values() for f in flights if f.celery_id]
+        if not ids:
+            return {}
         backend = self.app.backend
         try:
-            mark, *values = backend.mget([self._mark, *(backend.get_key_for_task(i) for i in ids)])
-            if mark is None:
-                backend.client.set(self._mark, b"1")
+            values = backend.mget([backend.get_key_for_task(celery_id) for celery_id in ids])
         except Exception as exc:  # the backend (Redis) is away: renders go on; no stall is counted
             self._broker_trouble(exc)
             if isinstance(exc, RedisTimeout):  # it accepts but does not answer: a send would wait as long
                 self._pause_until = self.clock.monotonic() + self.cfg.workers.backoff_seconds
             return None
         self._broker_ok()
-        if mark is None and ids:
-            self.data_lost_at = self.clock.monotonic()
-            log.error("the task broker lost its data (restarted without persistence?); tasks not heard of again "
-                      "are sent again", broker=broker_name(self.remote), in_flight=len(ids),
-                      after_seconds=self.cfg.workers.stall_seconds)
         return {celery_id: backend.decode_result(value) for celery_id, value in zip(ids, values) if value}
 
-    def _follow(self, flight: Flight, cancelled: bool, states: dict[str, dict[str, Any]] | None) -> bool:
+    def _held_by_broker(self) -> set[str] | None:
+        """Celery ids of the tasks Redis holds: waiting in our queues, or taken by a worker and not yet
+        acknowledged (kombu's Redis transport layout). None when Redis cannot be asked."""
+        client = self.app.backend.client
+        try:
+            waiting = [raw for queue in self.flights for raw in client.lrange(queue, 0, -1)]
+            taken = [json.loads(raw)[0] for raw in client.hvals(UNACKED_KEY)]
+        except Exception as exc:
+            log.warning("cannot look for tasks in the broker", error=str(exc))
+            return None
+        held = set()
+        for message in [*(json.loads(raw) for raw in waiting), *taken]:
+            celery_id = message.get("headers", {}).get("id") if isinstance(message, dict) else None
+            if celery_id:
+                held.add(celery_id)
+        return held
+
+    def _settled(self, flight: Flight, cancelled: bool, states: dict[str, dict[str, Any]] | None,
+                 held: Callable[[], set[str] | None]) -> bool:
+        """`_follow`, with a flight that cannot be followed (its part unmovable, a report from a newer worker)
+        ending as a failed attempt instead of stopping every other flight's follow-up."""
+        try:
+            return self._follow(flight, cancelled, states, held)
+        except Exception as exc:
+            log.exception("cannot finish a remote task; its attempt fails", task_id=flight.task.id,
+                          task=flight.task.name, celery_id=flight.celery_id)
+            try:
+                record_failure(self.life, f"remote:{flight.queue}", flight.task,
+                               Attempt(False, f"{type(exc).__name__}: {exc}", "the daemon could not finish the "
+                                       "task; see the daemon log", Kind.INTERNAL),
+                               log.bind(task_id=flight.task.id, job_id=flight.task.job_id))
+            except Exception:
+                log.exception("cannot record the failed attempt either; the task is left to recovery")
+            return True
+
+    def _follow(self, flight: Flight, cancelled: bool, states: dict[str, dict[str, Any]] | None,
+                held: Callable[[], set[str] | None]) -> bool:
         """Settle the flight by its state; True once its attempt is settled."""
         if flight.part.is_file():
             # The worker renames its part only once the engine succeeded: done, even if its report was lost
@@ -261,12 +294,6 @@ class RemoteDispatcher:
         state, info = meta["status"], meta["result"]
         if state in RUNNING_STATES:
             self._heard(flight, info if isinstance(info, dict) else {}, now)
-        elif self._lost(flight, now):
-            self._revoke(flight)
-            log.warning("remote task lost with the broker's data; sending it again", task_id=flight.task.id,
-                        task=flight.task.name, celery_id=flight.celery_id)
-            self._finish(flight, Attempt(False, LOST_REASON, interrupted=True))
-            return True
         if state == "SUCCESS":
             self._finish(flight, _attempt_of(info), info if isinstance(info, dict) else None)
             return True
@@ -276,6 +303,11 @@ class RemoteDispatcher:
         if cancelled:
             self._revoke(flight)
             self._finish(flight, Attempt(False, CANCELLED_REASON, CANCELLED_HINT, Kind.BAD_INPUT))
+            return True
+        if state in ("PENDING", "REVOKED") and self._gone(flight, state, now, held):
+            log.warning("remote task no longer held by the broker; sending it again", task_id=flight.task.id,
+                        task=flight.task.name, celery_id=flight.celery_id, state=state)
+            self._finish(flight, Attempt(False, LOST_REASON, interrupted=True))
             return True
         stall = self.cfg.workers.stall_seconds
         if state in RUNNING_STATES and now - flight.heard > stall:
@@ -288,16 +320,35 @@ class RemoteDispatcher:
 
     def _failure(self, info: Any) -> Attempt:
         """A Celery task that raised, or that its worker killed at the time limit."""
+        if type(info).__name__ == "WorkerLostError":  # the pool child died: a crash in the engine, or killed
+            return Attempt(False, f"the worker process rendering the task died: {info}", "a crash in the engine "
+                           "(CUDA fault, out of memory: see the worker host's journal); retried like a crashed "
+                           "local worker")
         if type(info).__name__ == "TimeLimitExceeded":
             return Attempt(False, f"the render ran past {render_time_limit(self.remote):.0f} s and was stopped, before "
                            "Redis would hand it to a second worker", "raise workers.remote.visibility_timeout_seconds"
                            " above your longest render (README \"Many GPU hosts\")")
         return Attempt(False, f"remote worker error: {info!r}", "see the worker's log")
 
-    def _lost(self, flight: Flight, now: float) -> bool:
-        """Not heard of since the broker lost its data, for longer than a running render may stay silent."""
-        lost_at = self.data_lost_at
-        return lost_at is not None and flight.heard <= lost_at and now - lost_at > self.cfg.workers.stall_seconds
+    def _gone(self, flight: Flight, state: str, now: float, held: Callable[[], set[str] | None]) -> bool:
+        """Redis no longer holds the task: REVOKED (a crash came between revoking it and recording that), or
+        silent for `stall_seconds` and missing from the queue and the workers' unacknowledged tasks at two
+        looks at least a poll apart (a worker that took it meanwhile has marked it STARTED by then)."""
+        if state == "REVOKED":
+            return True
+        stall = self.cfg.workers.stall_seconds
+        if now - flight.heard <= stall or now < flight.look_at:
+            return False
+        found = held()
+        if found is None:
+            return False
+        if flight.celery_id in found:
+            flight.missing, flight.look_at = False, now + stall
+            return False
+        if flight.missing:
+            return True
+        flight.missing = True
+        return False
 
     def _heard(self, flight: Flight, meta: dict[str, Any], now: float) -> None:
         beat = meta.get("beat")
@@ -321,8 +372,8 @@ class RemoteDispatcher:
         bound = log.bind(job_id=task.job_id, task_id=task.id, task=task.name, device=device, attempt=task.attempts)
         with self._workers_lock:
             host = self.workers.get(flight.meta.get("host", ""))
-            if host:
-                host["tasks"] = {d: t for d, t in host["tasks"].items() if t != task.name}
+            if host and host["tasks"].get(flight.meta.get("device")) == task.name:
+                del host["tasks"][flight.meta["device"]]
         if self.transfer is not None:
             self._drop_fence(flight)
         now = self.store.tasks.get(task.id)

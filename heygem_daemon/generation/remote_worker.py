@@ -28,7 +28,14 @@ from heygem_daemon.generation.workers import run_engine
 from heygem_daemon.log import get_logger, setup_logging
 
 log = get_logger("heygem.remote_worker")
-_child: dict[str, Any] = {"device": "cpu", "engines": {}}
+_child: dict[str, Any] = {"device": "cpu", "label": "cpu", "engines": {}}
+
+
+def child_label(devices: list[str], index: int) -> str:
+    """How `status` names pool child `index`: its configured device (with the child's number when several
+    children share one device)."""
+    device = devices[index % len(devices)]
+    return device if devices.count(device) == 1 else f"{device}#{index}"
 
 
 def child_device(devices: list[str], index: int) -> str:
@@ -46,6 +53,8 @@ class _Beats:
 
     def __init__(self, task: Any, meta: dict[str, Any], every: float) -> None:
         self.task, self.meta, self.every = task, meta, every
+        # Celery keeps the running request per thread: beats sent from a transfer's helper thread name it.
+        self.task_id = task.request.id
         self.at = 0.0
         self.progress = 0.0
 
@@ -59,8 +68,8 @@ class _Beats:
             return
         self.at = now
         try:
-            self.task.update_state(state="PROGRESS", meta={**self.meta, "progress": self.progress,
-                                                           "beat": time.time()})
+            self.task.update_state(task_id=self.task_id, state="PROGRESS",
+                                   meta={**self.meta, "progress": self.progress, "beat": time.time()})
         except Exception as exc:  # Redis away: the render goes on, the daemon waits for it
             log.warning("cannot report progress", error=str(exc))
 
@@ -71,7 +80,7 @@ def generate(task: Any, payload: dict[str, Any], engine_settings: dict[str, dict
     spec = decode(payload["spec"], _child["device"])
     done, attempt = spec.output, payload["attempt"]
     host = f"{socket.gethostname()}:{os.getpid()}"
-    meta = {"host": task.request.hostname or host, "devices": devices, "device": _child["device"],
+    meta = {"host": task.request.hostname or host, "devices": devices, "device": _child["label"],
             "task": spec.name, "attempt": attempt}
     if payload.get("transfer") == "s3":
         assert s3 is not None
@@ -121,7 +130,8 @@ def worker_app(cfg: Config) -> Celery:
 
     @worker_process_init.connect(weak=False)
     def _bind_device(**_: Any) -> None:
-        _child["device"] = child_device(devices, getattr(current_process(), "index", 0) or 0)
+        index = getattr(current_process(), "index", 0) or 0
+        _child["device"], _child["label"] = child_device(devices, index), child_label(devices, index)
 
     @app.task(bind=True, name=TASK_NAME)
     def _generate(self: Any, payload: dict[str, Any]) -> dict[str, Any]:

@@ -5,7 +5,8 @@
 
 It builds a real MP4 (H.264 + AAC) from the portrait and the audio with PyAV, printing `NN%` progress
 separated by carriage returns, as such tools do. What it does wrong is chosen by a word in the audio's
-file name, so one configured daemon can exercise every outcome: `crash` (traceback, exit 1),
+file name, so one configured daemon can exercise every outcome: `crash` (traceback, exit 1), `diehost` (SIGKILLs
+the process that started it, as a native crash of the engine's host process would end it),
 `badinput` (message, exit 3), `hang` (starts a helper process, writes its pid beside the output, then
 sleeps), `notmp4` (writes text), `slow` (first sleeps $FAKE_SLOW_SECONDS), `noaudio` (an MP4 without sound), `env` (writes the names of its
 HEYGEM_* and FAKE_* environment variables beside the output).
@@ -16,15 +17,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from fractions import Fraction
 from pathlib import Path
 
-import av
-import numpy as np
-from PIL import Image
+
+def die_with_host() -> None:
+    """`diehost`: a native crash of the process that runs the engine (a CUDA fault, the OOM killer), at once,
+    before the slow imports below (a remote worker beats only on the tool's output)."""
+    audio = sys.argv[sys.argv.index("--audio") + 1] if "--audio" in sys.argv[:-1] else ""
+    if "diehost" in Path(audio).stem.lower():
+        os.kill(os.getppid(), signal.SIGKILL)
+        sys.exit(9)
+
+
+die_with_host()
+
+import av  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 
 AUDIO_RATE = 48000
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp"}
