@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import urllib.request
+from concurrent.futures import wait
 from pathlib import Path
 
 import pytest
@@ -164,8 +165,16 @@ def finish_remotely(remote: RemoteDispatcher, task, body: bytes, sha256: str | N
     part.parent.mkdir(parents=True, exist_ok=True)
     info = {"ok": True, "key": key, "etag": up["ETag"], "size": len(body),
             "sha256": sha256 or hashlib.sha256(body).hexdigest()}
-    remote._finish(Flight(task, "gpu", None, part, 1.0, 1.0), Attempt(True), info)
+    settle(remote, Flight(task, "gpu", None, part, 1.0, 1.0), info)
     return key, up["ETag"]
+
+
+def settle(remote: RemoteDispatcher, flight: Flight, info: dict) -> None:
+    """A success reported by the worker, as the loop finishes it: the download runs on a transfer thread and
+    is collected by a later step."""
+    if not remote._finish(flight, Attempt(True), info):
+        wait([flight.transfer])
+        assert remote._advance(flight, False, None)
 
 
 def finished_remotely(remote: RemoteDispatcher, body: bytes, sha256: str | None = None):
