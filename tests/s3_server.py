@@ -139,11 +139,13 @@ class LimitedProxy:
     """
 
     def __init__(self, upstream: S3Process, lacking: tuple[str, ...] = tuple(LACKING),
-                 corrupt_uploads: bool = False, hold_downloads: threading.Event | None = None) -> None:
+                 corrupt_uploads: bool = False, hold_downloads: threading.Event | None = None,
+                 answer_mb_s: float = 0.0) -> None:
         """`corrupt_uploads`: flip the first byte of every PUT body on the way, as a bad link would.
-        `hold_downloads`: a GetObject is answered only once it is set (a slow link the test lets go)."""
+        `hold_downloads`: a GetObject is answered only once it is set (a slow link the test lets go).
+        `answer_mb_s`: answers go out at most this fast (a link slower than localhost); 0: at once."""
         self.upstream, self.lacking, self.corrupt_uploads = upstream, lacking, corrupt_uploads
-        self.hold_downloads = hold_downloads
+        self.hold_downloads, self.answer_mb_s = hold_downloads, answer_mb_s
         self.refused: list[str] = []
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
@@ -208,8 +210,13 @@ class LimitedProxy:
                 if self.command != "HEAD":
                     self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
+                if self.command == "HEAD":
+                    return
+                step = 256 * 1024 if proxy.answer_mb_s else len(data) or 1
+                for at in range(0, len(data), step):
+                    self.wfile.write(data[at:at + step])
+                    if proxy.answer_mb_s:
+                        time.sleep(step / (proxy.answer_mb_s * 1024 * 1024))
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
 
