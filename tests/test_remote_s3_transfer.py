@@ -24,6 +24,7 @@ from remote_rig import RedisServer
 from s3_server import LimitedProxy, MotoServer, credentials_env, free_port
 from test_job_lifecycle import FakeClock, claimed
 
+from heygem_daemon.cli import _remote_lines
 from heygem_daemon.config import S3, ConfigError, Remote, load_config
 from heygem_daemon.delivery.s3 import MiB, Superseded, Throttle, Uploader, make_client
 from heygem_daemon.failures import Kind, Problem
@@ -325,6 +326,8 @@ def test_a_finished_video_the_bucket_cannot_serve_now_is_downloaded_once_it_is_b
     (outage,) = remote.outages()
     assert (outage["dependency"], outage["tasks"]) == (remote.transfer.dependency, 1)
     assert "cannot download" in outage["reason"] and remote.broker()["downloads_waiting"] == [outage]
+    (line,) = _remote_lines({**remote.broker(), "workers": []})  # what `heygem-daemon status` prints
+    assert line.startswith(f"finished remote videos waiting for {remote.transfer.dependency} since ")
     task = remote.store.tasks.get(flight.task.id)
     assert (task.state, task.attempts) == ("running", 1)
     remote.transfer.client = configured  # S3 is back; the download is tried again after its backoff
