@@ -349,9 +349,12 @@ def test_a_big_download_does_not_hold_up_sending_other_tasks(tmp_path, moto_serv
         steps_until(remote, lambda: first.report is not None, "the download to begin")
         second = sent_flight(remote, "judy")  # sent while the first video is still on its way
         assert not first.transfer.done() and second.celery_id and messages(redis) == 2
+        third = claimed(remote.life, "kim", media=True)
+        remote.step()  # the download in progress still holds its place in the queue's limit (2)
+        assert len(remote.flights["gpu"]) == 2 and remote.store.tasks.select(third.id)[0].state == "queued"
         slow_link.set()
         steps_until(remote, lambda: remote.store.tasks.get(first.task.id).state == "done", "the download")
-        assert [f.task.id for f in remote.flights["gpu"]] == [second.task.id]
+        assert [f.task.job_id for f in remote.flights["gpu"]] == [second.task.job_id, third.id]
     finally:
         slow_link.set()
         proxy.stop()

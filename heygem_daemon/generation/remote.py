@@ -155,13 +155,13 @@ class RemoteDispatcher:
 
     def _downloads_waiting(self) -> list[dict[str, Any]]:
         """Read from other threads: a snapshot of the flights, whose `trouble` is never taken back."""
-        waiting = [f for flights in list(self.flights.values()) for f in list(flights) if f.trouble is not None]
-        by_dependency: dict[str, list[Flight]] = {}
-        for f in waiting:
-            by_dependency.setdefault(f.trouble.dependency if f.trouble else "", []).append(f)
-        return [{"dependency": dependency, "since": min(f.waiting_since for f in flights), "tasks": len(flights),
-                 "reason": flights[0].trouble.reason if flights[0].trouble else ""}
-                for dependency, flights in sorted(by_dependency.items())]
+        by_dependency: dict[str, list[tuple[Attempt, float]]] = {}
+        for flights in list(self.flights.values()):
+            for f in list(flights):
+                if (trouble := f.trouble) is not None:
+                    by_dependency.setdefault(trouble.dependency, []).append((trouble, f.waiting_since))
+        return [{"dependency": dependency, "since": min(since for _, since in waiting), "tasks": len(waiting),
+                 "reason": waiting[0][0].reason} for dependency, waiting in sorted(by_dependency.items())]
 
     def adoptable(self) -> frozenset[int]:
         """Tasks still running on a queue we serve, from before a restart: recovery leaves them running."""
