@@ -235,13 +235,18 @@ def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
 
 
 def _remote_lines(remote: dict[str, Any] | None) -> list[str]:
-    """The broker and each remote worker heard from, as the running daemon last wrote them."""
+    """The broker, finished videos waiting to be downloaded and each remote worker heard from, as the running
+    daemon last wrote them."""
+    from heygem_daemon.generation.outages import describe
+
     if not remote:
         return []
     lines = []
     if remote["down_since"]:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(remote["down_since"]))
         lines.append(f"{remote['broker']} UNREACHABLE since {since}: remote tasks wait, nothing is lost")
+    for outage in remote.get("downloads_waiting", []):
+        lines.append(f"finished remote videos {describe(outage)}; they are safe in the bucket")
     for w in remote["workers"]:
         beat = f"{time.time() - w['last_beat']:.0f} s ago" if w["last_beat"] else "never"
         doing = ", ".join(f"{d}: {t}" for d, t in sorted(w["tasks"].items())) or "idle"

@@ -109,6 +109,8 @@ class Remote(_Section):
     transfer: Literal["shared", "s3"] = Field(
         "shared", description="shared: workers read inputs and write videos through a folder every host mounts "
         "(path_map); s3: inputs travel as presigned links and the worker uploads the video to its final key")
+    transfer_threads: int = Field(2, ge=1, le=16, description="transfer s3: inputs staged and videos downloaded "
+                                  "at a time, beside the dispatch loop (which never waits for them)")
 
     @field_validator("broker_url")
     @classmethod

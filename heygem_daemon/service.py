@@ -264,6 +264,8 @@ class Daemon:
             parts += [f"{q} (remote): {n} in flight" for q, n in self.remote.broker()["in_flight"].items()]
             if self.remote.broker_down_since is not None:
                 parts.append(f"{self.remote.broker()['broker']} unreachable")
+            parts += [f"{o['tasks']} remote video(s) wait for {o['dependency']}"
+                      for o in self.remote.broker()["downloads_waiting"]]
         if self.disk.low:
             parts.append(self.disk.low)
         if self.draining:

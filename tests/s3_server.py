@@ -2,7 +2,8 @@
 
 - moto: the full API, accepts any signature, never expires a link.
 - nanio: checks SigV4 signatures and access keys, refuses expired presigned links and skewed clocks.
-- LimitedProxy: a real HTTP proxy in front of either that answers like servers lacking parts of the API.
+- LimitedProxy: a real HTTP proxy in front of either that answers like servers lacking parts of the API (or
+  holds downloads back, like a slow link).
 """
 
 from __future__ import annotations
@@ -138,9 +139,13 @@ class LimitedProxy:
     """
 
     def __init__(self, upstream: S3Process, lacking: tuple[str, ...] = tuple(LACKING),
-                 corrupt_uploads: bool = False) -> None:
-        """`corrupt_uploads`: flip the first byte of every PUT body on the way, as a bad link would."""
+                 corrupt_uploads: bool = False, hold_downloads: threading.Event | None = None,
+                 answer_mb_s: float = 0.0) -> None:
+        """`corrupt_uploads`: flip the first byte of every PUT body on the way, as a bad link would.
+        `hold_downloads`: a GetObject is answered only once it is set (a slow link the test lets go).
+        `answer_mb_s`: answers go out at most this fast (a link slower than localhost); 0: at once."""
         self.upstream, self.lacking, self.corrupt_uploads = upstream, lacking, corrupt_uploads
+        self.hold_downloads, self.answer_mb_s = hold_downloads, answer_mb_s
         self.refused: list[str] = []
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
@@ -173,6 +178,9 @@ class LimitedProxy:
                 url = urlsplit(self.path)
                 query = parse_qs(url.query, keep_blank_values=True)
                 op = operation(self.command, url.path, query)
+                downloading = self.command == "GET" and not query and "/" in url.path.strip("/")
+                if proxy.hold_downloads is not None and downloading:
+                    proxy.hold_downloads.wait(60)
                 if proxy.corrupt_uploads and self.command == "PUT" and body:
                     body = bytes([body[0] ^ 0xFF]) + body[1:]
                 if op in proxy.lacking:
@@ -202,8 +210,13 @@ class LimitedProxy:
                 if self.command != "HEAD":
                     self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
+                if self.command == "HEAD":
+                    return
+                step = 256 * 1024 if proxy.answer_mb_s else len(data) or 1
+                for at in range(0, len(data), step):
+                    self.wfile.write(data[at:at + step])
+                    if proxy.answer_mb_s:
+                        time.sleep(step / (proxy.answer_mb_s * 1024 * 1024))
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
 

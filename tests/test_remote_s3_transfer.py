@@ -14,14 +14,17 @@ import sys
 import threading
 import time
 import urllib.request
+from concurrent.futures import wait
 from pathlib import Path
 
 import pytest
+import redis as redis_client
 from daemon_harness import REPO
 from remote_rig import RedisServer
-from s3_server import credentials_env, free_port
+from s3_server import LimitedProxy, MotoServer, credentials_env, free_port
 from test_job_lifecycle import FakeClock, claimed
 
+from heygem_daemon.cli import _remote_lines
 from heygem_daemon.config import S3, ConfigError, Remote, load_config
 from heygem_daemon.delivery.s3 import MiB, Superseded, Throttle, Uploader, make_client
 from heygem_daemon.failures import Kind, Problem
@@ -41,6 +44,13 @@ def bucket(moto_server, monkeypatch):
     for k, v in credentials_env().items():
         monkeypatch.setenv(k, v)
     return moto_server.new_bucket()
+
+
+@pytest.fixture
+def redis(tmp_path):
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
 
 
 def config(tmp_path: Path, moto_server, bucket: str | None, **remote):
@@ -164,8 +174,16 @@ def finish_remotely(remote: RemoteDispatcher, task, body: bytes, sha256: str | N
     part.parent.mkdir(parents=True, exist_ok=True)
     info = {"ok": True, "key": key, "etag": up["ETag"], "size": len(body),
             "sha256": sha256 or hashlib.sha256(body).hexdigest()}
-    remote._finish(Flight(task, "gpu", None, part, 1.0, 1.0), Attempt(True), info)
+    settle(remote, Flight(task, "gpu", None, part, 1.0, 1.0), info)
     return key, up["ETag"]
+
+
+def settle(remote: RemoteDispatcher, flight: Flight, info: dict) -> None:
+    """A success reported by the worker, as the loop finishes it: the download runs on a transfer thread and
+    is collected by a later step."""
+    if not remote._finish(flight, Attempt(True), info):
+        wait([flight.transfer])
+        assert remote._advance(flight, False, None)
 
 
 def finished_remotely(remote: RemoteDispatcher, body: bytes, sha256: str | None = None):
@@ -243,6 +261,129 @@ def test_an_upload_false_jobs_video_passes_through_the_jobs_staging_folder_and_s
     assert Path(task.output).is_file() and remote.store.deliveries.at(task.output) is None  # delivery keeps it local
     remote.transfer.delete_ended()
     assert staged(remote, job.id) == 0
+
+
+def test_a_finished_video_gone_from_the_bucket_is_a_counted_attempt(tmp_path, moto_server, bucket):
+    remote = dispatcher(tmp_path, moto_server, bucket)
+    claimed(remote.life, "hal", media=True)
+    task = remote.life.take("remote:gpu")
+    key = sent(remote, task)["object"]["key"]  # nothing there: deleted since the worker's upload
+    part = attempt_part(task.output, task.attempts)
+    settle(remote, Flight(task, "gpu", None, part, 1.0, 1.0), {"ok": True, "key": key, "sha256": "0" * 64})
+    task = remote.store.tasks.get(task.id)
+    assert (task.state, task.attempts, task.last_error["kind"]) == ("queued", 1, "internal")
+    assert "not in the bucket" in task.last_error["reason"] and remote.outages() == []
+
+
+def live(tmp_path: Path, s3: dict, redis: RedisServer) -> RemoteDispatcher:
+    """A dispatcher on a real redis-server whose queue no worker serves: the tests play the worker."""
+    data = {"base_dir": str(tmp_path), "s3": s3, "workers": {"devices": [], "remote": {
+        "broker_url": redis.url, "queues": {"gpu": 2}, "transfer": "s3"}}}
+    (tmp_path / "config.yaml").write_text(json.dumps(data))
+    cfg, clock = load_config(tmp_path / "config.yaml", environ={}), FakeClock()
+    return RemoteDispatcher(cfg, LifeCycle(cfg, Store(cfg.folder("state") / "heygem.db"), clock=clock), clock)
+
+
+def steps_until(remote: RemoteDispatcher, done, what: str) -> None:
+    """The dispatcher's steps, as its loop runs them, until `done()`: transfers end on their own threads."""
+    deadline = time.monotonic() + 30
+    while not done():
+        assert time.monotonic() < deadline, f"no {what} after 30 s"
+        remote.step()
+        time.sleep(0.02)
+
+
+def sent_flight(remote: RemoteDispatcher, name: str) -> Flight:
+    """A new job's one task, staged and sent."""
+    job = claimed(remote.life, name, media=True)
+    steps_until(remote, lambda: any(f.task.job_id == job.id and f.celery_id for f in remote.flights["gpu"]),
+                f"send of {name}'s task")
+    return next(f for f in remote.flights["gpu"] if f.task.job_id == job.id)
+
+
+def rendered(moto_server, remote: RemoteDispatcher, flight: Flight, body: bytes) -> None:
+    """What the worker does with the task: the video to the task's key, and its report in the result backend."""
+    key = remote.store.tasks.get(flight.task.id).object_key
+    up = moto_server.client().put_object(Bucket=remote.cfg.s3.bucket, Key=key, Body=body)
+    remote.app.backend.store_result(flight.celery_id, {"ok": True, "key": key, "etag": up["ETag"], "size": len(body),
+                                                       "sha256": hashlib.sha256(body).hexdigest()}, "SUCCESS")
+
+
+def messages(redis: RedisServer) -> int:
+    """Task messages sent to the queue (no worker takes them)."""
+    return redis_client.Redis.from_url(redis.url).llen("gpu")
+
+
+def test_a_finished_video_the_bucket_cannot_serve_now_is_downloaded_once_it_is_back_never_rendered_again(
+        tmp_path, moto_server, bucket, redis):
+    remote = live(tmp_path, moto_server.s3_settings(bucket), redis)
+    flight = sent_flight(remote, "gina")
+    video = write_noise_video(tmp_path / "made.mp4", 1).read_bytes()
+    rendered(moto_server, remote, flight, video)
+    configured = remote.transfer.client
+    remote.transfer.client = MotoServer(tmp_path / "never-started.log").client()  # S3 away: nothing listens
+    steps_until(remote, lambda: flight.trouble is not None and flight.transfer is None, "failed download")
+    (outage,) = remote.outages()
+    assert (outage["dependency"], outage["tasks"]) == (remote.transfer.dependency, 1)
+    assert "cannot download" in outage["reason"] and remote.broker()["downloads_waiting"] == [outage]
+    (line,) = _remote_lines({**remote.broker(), "workers": []})  # what `heygem-daemon status` prints
+    assert line.startswith(f"finished remote videos waiting for {remote.transfer.dependency} since ")
+    task = remote.store.tasks.get(flight.task.id)
+    assert (task.state, task.attempts) == ("running", 1)
+    remote.transfer.client = configured  # S3 is back; the download is tried again after its backoff
+    remote.clock.advance(remote.cfg.workers.backoff_max_seconds)
+    steps_until(remote, lambda: remote.store.tasks.get(task.id).state == "done", "download once S3 is back")
+    assert Path(task.output).read_bytes() == video and remote.outages() == []
+    assert remote.store.tasks.get(task.id).attempts == 1
+    assert [a["remote_id"] for a in remote.store.tasks.attempts(task.id)] == [flight.celery_id]
+    assert messages(redis) == 1  # the worker was asked once
+
+
+def test_a_big_download_does_not_hold_up_sending_other_tasks(tmp_path, moto_server, bucket, redis):
+    slow_link = threading.Event()
+    proxy = LimitedProxy(moto_server, lacking=(), hold_downloads=slow_link).start()
+    try:
+        remote = live(tmp_path, proxy.s3_settings(bucket), redis)
+        first = sent_flight(remote, "ivan")
+        rendered(moto_server, remote, first, write_noise_video(tmp_path / "made.mp4", 1).read_bytes())
+        steps_until(remote, lambda: first.report is not None, "the download to begin")
+        second = sent_flight(remote, "judy")  # sent while the first video is still on its way
+        assert not first.transfer.done() and second.celery_id and messages(redis) == 2
+        third = claimed(remote.life, "kim", media=True)
+        remote.step()  # the download in progress still holds its place in the queue's limit (2)
+        assert len(remote.flights["gpu"]) == 2 and remote.store.tasks.select(third.id)[0].state == "queued"
+        slow_link.set()
+        steps_until(remote, lambda: remote.store.tasks.get(first.task.id).state == "done", "the download")
+        assert [f.task.job_id for f in remote.flights["gpu"]] == [second.task.job_id, third.id]
+    finally:
+        slow_link.set()
+        proxy.stop()
+
+
+def test_a_download_cut_short_by_a_stop_is_done_by_the_next_start_without_a_new_render(tmp_path, moto_server,
+                                                                                      bucket, redis):
+    slow_link = threading.Event()
+    proxy = LimitedProxy(moto_server, lacking=(), hold_downloads=slow_link).start()
+    try:
+        stopped = live(tmp_path, proxy.s3_settings(bucket), redis)
+        flight = sent_flight(stopped, "kate")
+        video = write_noise_video(tmp_path / "made.mp4", 1).read_bytes()
+        rendered(moto_server, stopped, flight, video)
+        steps_until(stopped, lambda: flight.report is not None, "the download to begin")
+        stopped.stop_event.set()
+        slow_link.set()
+        stopped._leave_running()  # what its loop does once stopped: the download leaves off at its first chunk
+        task = flight.task
+        assert not flight.part.exists() and not list(Path(task.output).parent.glob("*.s3.part"))
+        restarted = live(tmp_path, proxy.s3_settings(bucket), redis)
+        assert restarted.life.recover(restarted.adoptable())["adopted"] == 1
+        restarted._adopt()
+        steps_until(restarted, lambda: restarted.store.tasks.get(task.id).state == "done", "the adopted download")
+        assert Path(task.output).read_bytes() == video and restarted.store.tasks.get(task.id).attempts == 1
+        assert messages(redis) == 1
+    finally:
+        slow_link.set()
+        proxy.stop()
 
 
 UPLOAD_AND_DIE = """

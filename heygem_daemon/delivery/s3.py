@@ -409,24 +409,38 @@ def object_size(client: BaseClient, bucket: str, key: str) -> int | None:
     try:
         return int(client.head_object(Bucket=bucket, Key=key)["ContentLength"])
     except ClientError as exc:
-        if _code_status(exc)[1] == 404:
+        if gone(exc):
             return None
         raise
 
 
-def put_file(client: BaseClient, bucket: str, key: str, path: Path) -> None:
-    """A file to `key` through boto3's managed transfer (streamed; multipart when large): a remote task's input."""
-    client.upload_file(str(path), bucket, key)
+def gone(exc: Exception) -> bool:
+    """True when S3 answered that the object is not there (404, NoSuchKey): asking again cannot find it."""
+    return isinstance(exc, ClientError) and (_code_status(exc)[1] == 404 or _code_status(exc)[0] == "NoSuchKey")
+
+
+def put_file(client: BaseClient, bucket: str, key: str, path: Path, stopping: threading.Event) -> None:
+    """A file to `key` through boto3's managed transfer (streamed; multipart when large): a remote task's input.
+    Raises Stopping (the transfer aborted, nothing at `key`) once `stopping` is set."""
+
+    def check(_sent: int) -> None:
+        if stopping.is_set():  # raised inside boto3's transfer, which aborts it and raises this again
+            raise Stopping(f"stopping: the upload to {key} is left off")
+
+    client.upload_file(str(path), bucket, key, Callback=check)
     metrics.BYTES_UPLOADED.inc(path.stat().st_size)
 
 
-def download_file(client: BaseClient, bucket: str, key: str, dest: Path) -> str:
-    """The object at `key` into `dest`, streamed; returns its ETag."""
+def download_file(client: BaseClient, bucket: str, key: str, dest: Path, stopping: threading.Event) -> str:
+    """The object at `key` into `dest`, streamed; returns its ETag. Raises Stopping between chunks once
+    `stopping` is set (`dest` is left partly written)."""
     resp = client.get_object(Bucket=bucket, Key=key)
     body = resp["Body"]
     try:
         with open(dest, "wb") as out:
             for chunk in body.iter_chunks(MiB):
+                if stopping.is_set():
+                    raise Stopping(f"stopping: the download of {key} is left off")
                 out.write(chunk)
     finally:
         body.close()

@@ -20,7 +20,11 @@ again, its attempt not counted. Renders that still run beat again before then an
 
 With `transfer: s3` the data goes through the bucket instead of a shared folder (generation/s3_transfer.py):
 each send carries input links and the task's one object key, with a fence in Redis naming the attempt that
-may complete the upload; a success is downloaded into the attempt's part and finished like any other.
+may complete the upload; a success is downloaded into the attempt's part and finished like any other. The
+inputs' staging and the download run on a few transfer threads: the loop only hands them over and collects
+them, so a big video never holds up other tasks. A flight whose transfer runs is not followed meanwhile. A
+download the object store (or the disk) cannot serve now is tried again with backoff, the flight kept and
+the outage shown like the broker's: the video is safe in the bucket, so it is never rendered again.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import json
 import threading
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -38,7 +43,7 @@ from redis.exceptions import TimeoutError as RedisTimeout
 
 from heygem_daemon.clock import SYSTEM_CLOCK, Clock
 from heygem_daemon.config import Config, Remote
-from heygem_daemon.failures import Kind
+from heygem_daemon.failures import Kind, backoff_delay
 from heygem_daemon.generation.celery_app import (
     TASK_NAME, attempt_part, broker_name, drop_fence, encode, make_app, map_path, render_time_limit, set_fence,
 )
@@ -73,6 +78,16 @@ class Flight:
     """monotonic time from which a silent flight may be looked for in the broker again."""
     missing: bool = False
     """Not found in the broker at the last look."""
+    transfer: Future[Any] | None = None
+    """Its inputs being staged (not sent yet) or, once `report` is set, its video downloaded, on a transfer
+    thread."""
+    report: dict[str, Any] | None = None
+    """A success whose video is still to come from the bucket: the worker's report."""
+    trouble: Attempt | None = None
+    """Why the download failed while the video is safe in the bucket (an outage); tried again at `retry_at`."""
+    waiting_since: float = 0.0
+    tries: int = 0
+    retry_at: float = 0.0
 
 
 class RemoteDispatcher:
@@ -83,7 +98,10 @@ class RemoteDispatcher:
         self.cfg, self.life, self.store, self.clock = cfg, life, life.store, clock
         self.remote: Remote = cfg.workers.remote
         self.app = make_app(self.remote, sender=True)
-        self.transfer = S3Transfer(cfg, life.store) if self.remote.transfer == "s3" else None
+        self.wake, self.stop_event, self.hold = threading.Event(), threading.Event(), threading.Event()
+        self.transfer = S3Transfer(cfg, life.store, self.stop_event) if self.remote.transfer == "s3" else None
+        self._transfers = ThreadPoolExecutor(self.remote.transfer_threads, thread_name_prefix="remote-transfer")
+        self._cleanup: Future[None] | None = None
         if self.transfer is not None:
             life.events.subscribe(JobFinished, self.transfer.job_finished)
         self.flights: dict[str, list[Flight]] = {q: [] for q in self.remote.queues}
@@ -91,7 +109,6 @@ class RemoteDispatcher:
         self._workers_lock = threading.Lock()  # `status` and metrics read them from other threads
         self.broker_down_since: float | None = None
         self._pause_until = 0.0
-        self.wake, self.stop_event, self.hold = threading.Event(), threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._run, name="remote-dispatch", daemon=True)
 
     # --- Component ---
@@ -129,14 +146,26 @@ class RemoteDispatcher:
 
     def broker(self) -> dict[str, Any]:
         return {"broker": broker_name(self.remote), "down_since": self.broker_down_since,
-                "in_flight": {q: len(f) for q, f in self.flights.items()}}
+                "in_flight": {q: len(f) for q, f in self.flights.items()},
+                "downloads_waiting": self._downloads_waiting()}
 
     def outages(self) -> list[dict[str, Any]]:
-        """The broker away, for OutageWatch: tasks in flight wait for it too (none is recorded as waiting)."""
-        if self.broker_down_since is None:
-            return []
-        return [{"dependency": broker_name(self.remote), "since": self.broker_down_since,
-                 "tasks": sum(len(f) for f in self.flights.values()), "reason": "cannot reach Redis"}]
+        """For OutageWatch: the broker away (tasks in flight wait for it too; none is recorded as waiting), and
+        the object store (or disk) that finished videos wait for to be downloaded."""
+        broker = [] if self.broker_down_since is None else [
+            {"dependency": broker_name(self.remote), "since": self.broker_down_since,
+             "tasks": sum(len(f) for f in self.flights.values()), "reason": "cannot reach Redis"}]
+        return broker + self._downloads_waiting()
+
+    def _downloads_waiting(self) -> list[dict[str, Any]]:
+        """Read from other threads: a snapshot of the flights, whose `trouble` is never taken back."""
+        by_dependency: dict[str, list[tuple[Attempt, float]]] = {}
+        for flights in list(self.flights.values()):
+            for f in list(flights):
+                if (trouble := f.trouble) is not None:
+                    by_dependency.setdefault(trouble.dependency, []).append((trouble, f.waiting_since))
+        return [{"dependency": dependency, "since": min(since for _, since in waiting), "tasks": len(waiting),
+                 "reason": waiting[0][0].reason} for dependency, waiting in sorted(by_dependency.items())]
 
     def adoptable(self) -> frozenset[int]:
         """Tasks still running on a queue we serve, from before a restart: recovery leaves them running."""
@@ -166,7 +195,7 @@ class RemoteDispatcher:
 
     def step(self) -> None:
         if self.transfer is not None:
-            self.transfer.delete_ended()
+            self._clean_staged()
         cancelling = {job.id for job in self.store.jobs.select((CANCELLING,))} if self.busy() else set()
         states = self._states()
         held = functools.cache(self._held_by_broker)  # asked at most once a step, only when needed
@@ -184,9 +213,26 @@ class RemoteDispatcher:
                     break
                 flights.append(flight)
 
+    def _advance(self, flight: Flight, cancelled: bool, states: dict[str, dict[str, Any]] | None,
+                 held: Callable[[], set[str] | None]) -> bool:
+        """Move the flight on; True once its attempt is settled."""
+        if flight.transfer is not None:  # staging or downloading: not followed (nor found silent) meanwhile
+            if self.stop_event.is_set() or not flight.transfer.done():
+                return False
+            return self._fetched(flight) if flight.report is not None else self._staged(flight, cancelled)
+        if flight.report is not None:  # done remotely; its video waits in the bucket for the store to be back
+            if cancelled:
+                return self._finish(flight, Attempt(False, CANCELLED_REASON, CANCELLED_HINT, Kind.BAD_INPUT))
+            if self.clock.monotonic() >= flight.retry_at:
+                self._fetch(flight)
+            return False
+        return self._follow(flight, cancelled, states, held)
+
     def _send(self, task: Task, queue: str) -> Flight | None:
-        bound = log.bind(job_id=task.job_id, task_id=task.id, task=task.name, queue=queue, attempt=task.attempts)
+        """Send the task, or with transfer s3 hand its inputs' staging to a transfer thread (the flight is sent
+        once they are in the bucket: `_staged`); None when it could not even start (the attempt is settled)."""
         part = attempt_part(task.output, task.attempts)
+        flight = Flight(task, queue, None, part, 0.0, 0.0)
         try:
             engine, spec = task_spec(self.cfg, self.life, task, f"remote:{queue}")
             spec = replace(spec, output=part)
@@ -194,38 +240,53 @@ class RemoteDispatcher:
             payload = {"engine": engine, "attempt": task.attempts, "beat_seconds": self.remote.beat_seconds,
                        "final": str(map_path(Path(task.output), self.remote.path_map)),
                        "spec": encode(spec, self.remote.path_map)}
-            if self.transfer is not None:
-                payload = self._s3_payload(payload, task, spec)
+        except Exception as exc:
+            self._bound(flight).exception("cannot prepare a remote task")
+            self._finish(flight, _internal(exc))
+            return None
+        if self.transfer is None:
+            return self._launch(flight, payload)
+        flight.transfer = self._transfers.submit(self._s3_payload, payload, task, spec)
+        return flight
+
+    def _staged(self, flight: Flight, cancelled: bool) -> bool:
+        """The flight's inputs are in the bucket: send it. True when its attempt ended instead."""
+        assert flight.transfer is not None
+        done, flight.transfer = flight.transfer, None
+        try:
+            payload = done.result()
         except TransferTrouble as trouble:  # the bucket cannot take the inputs now: the task waits
             self._pause_until = self.clock.monotonic() + self.cfg.workers.backoff_seconds
-            self._finish(Flight(task, queue, None, part, 0.0, 0.0), trouble.attempt)
-            return None
+            return self._finish(flight, trouble.attempt)
         except Exception as exc:
-            bound.exception("cannot prepare a remote task")
-            self._finish(Flight(task, queue, None, part, 0.0, 0.0),
-                         Attempt(False, f"{type(exc).__name__}: {exc}", "the daemon could not send the task; "
-                                 "see the log", Kind.INTERNAL))
-            return None
+            self._bound(flight).exception("cannot prepare a remote task")
+            return self._finish(flight, _internal(exc))
+        if cancelled:
+            return self._finish(flight, Attempt(False, CANCELLED_REASON, CANCELLED_HINT, Kind.BAD_INPUT))
+        return self._launch(flight, payload) is None
+
+    def _launch(self, flight: Flight, payload: dict[str, Any]) -> Flight | None:
+        """Send the attempt, its Celery id stored first; None when the broker cannot take it (the task waits)."""
+        task = flight.task
         celery_id = f"heygem-{task.id}-{task.attempts}-{uuid.uuid4().hex[:8]}"
         try:
             self.store.tasks.set_remote_id(task.id, celery_id)
             if self.transfer is not None:
                 self._set_fence(task, celery_id)
             # The AsyncResult is dropped at once: that ends its result-channel subscription (see the top).
-            self.app.send_task(TASK_NAME, args=[payload], queue=queue, task_id=celery_id)
+            self.app.send_task(TASK_NAME, args=[payload], queue=flight.queue, task_id=celery_id)
         except Exception as exc:  # kombu/redis: the broker cannot be reached
             self._broker_trouble(exc)
             self._pause_until = self.clock.monotonic() + self.cfg.workers.backoff_seconds
-            self._finish(Flight(task, queue, None, part, 0.0, 0.0),
-                         Attempt(False, f"cannot reach the {broker_name(self.remote)}: {exc}",
-                                 "start Redis (systemctl start redis-server) or fix workers.remote.broker_url; "
-                                 "the task waits and is sent again by itself", Kind.OUTAGE,
-                                 dependency=broker_name(self.remote)))
+            self._finish(flight, Attempt(False, f"cannot reach the {broker_name(self.remote)}: {exc}",
+                                         "start Redis (systemctl start redis-server) or fix "
+                                         "workers.remote.broker_url; the task waits and is sent again by itself",
+                                         Kind.OUTAGE, dependency=broker_name(self.remote)))
             return None
         self._broker_ok()
-        now = self.clock.monotonic()
-        bound.info("task sent to a remote queue", celery_id=celery_id)
-        return Flight(task, queue, celery_id, part, now, now)
+        flight.celery_id, flight.sent, flight.heard = celery_id, self.clock.monotonic(), self.clock.monotonic()
+        self._bound(flight).info("task sent to a remote queue", celery_id=celery_id)
+        return flight
 
     def _states(self) -> dict[str, dict[str, Any]] | None:
         """The Celery state of every flight, in one read of the backend; None when Redis cannot be reached."""
@@ -262,10 +323,10 @@ class RemoteDispatcher:
 
     def _settled(self, flight: Flight, cancelled: bool, states: dict[str, dict[str, Any]] | None,
                  held: Callable[[], set[str] | None]) -> bool:
-        """`_follow`, with a flight that cannot be followed (its part unmovable, a report from a newer worker)
+        """`_advance`, with a flight that cannot be followed (its part unmovable, a report from a newer worker)
         ending as a failed attempt instead of stopping every other flight's follow-up."""
         try:
-            return self._follow(flight, cancelled, states, held)
+            return self._advance(flight, cancelled, states, held)
         except Exception as exc:
             log.exception("cannot finish a remote task; its attempt fails", task_id=flight.task.id,
                           task=flight.task.name, celery_id=flight.celery_id)
@@ -284,8 +345,7 @@ class RemoteDispatcher:
         if flight.part.is_file():
             # The worker renames its part only once the engine succeeded: done, even if its report was lost
             # with a broker that went away meanwhile.
-            self._finish(flight, Attempt(True))
-            return True
+            return self._finish(flight, Attempt(True))
         now = self.clock.monotonic()
         if states is None:
             flight.heard = now
@@ -295,8 +355,7 @@ class RemoteDispatcher:
         if state in RUNNING_STATES:
             self._heard(flight, info if isinstance(info, dict) else {}, now)
         if state == "SUCCESS":
-            self._finish(flight, _attempt_of(info), info if isinstance(info, dict) else None)
-            return True
+            return self._finish(flight, _attempt_of(info), info if isinstance(info, dict) else None)
         if state == "FAILURE":
             self._finish(flight, self._failure(info))
             return True
@@ -365,11 +424,10 @@ class RemoteDispatcher:
                 worker["tasks"][meta.get("device", "?")] = flight.task.name
                 worker["last_beat"] = beat or time.time()
 
-    def _finish(self, flight: Flight, result: Attempt, info: dict[str, Any] | None = None) -> None:
-        """`info`: the worker's report (with transfer s3, what it uploaded)."""
-        task = flight.task
-        device = f"remote:{flight.queue}@{flight.meta.get('host', '?')}"
-        bound = log.bind(job_id=task.job_id, task_id=task.id, task=task.name, device=device, attempt=task.attempts)
+    def _finish(self, flight: Flight, result: Attempt, info: dict[str, Any] | None = None) -> bool:
+        """Settle the attempt; False while a success's video is still to come from the bucket (transfer s3:
+        `_fetched` settles it). `info`: the worker's report (with transfer s3, what it uploaded)."""
+        task, bound = flight.task, self._bound(flight)
         with self._workers_lock:
             host = self.workers.get(flight.meta.get("host", ""))
             if host and host["tasks"].get(flight.meta.get("device")) == task.name:
@@ -381,17 +439,29 @@ class RemoteDispatcher:
             # An attempt the daemon already gave up on (or one a restart requeued): its result is not ours.
             flight.part.unlink(missing_ok=True)
             bound.warning("late result of an abandoned attempt discarded")
-            return
-        seconds = self.clock.monotonic() - flight.sent if flight.sent else 0.0
+            return True
         if result.ok and not flight.part.exists() and Path(task.output).is_file():
             self.life.task_done(task)  # a redelivery of an attempt whose output was already renamed
         elif result.ok and self.transfer is not None:
-            self._finish_from_bucket(flight, device, bound, seconds, info)
+            flight.report = info or {}
+            self._fetch(flight)
+            return False
         else:
-            record(self.life, device, task, flight.part, result, bound, seconds)
+            record(self.life, self._device(flight), task, flight.part, result, bound, self._seconds(flight))
         if result.ok:
-            for stale in Path(task.output).parent.glob(Path(task.output).name + ".*.part"):
-                stale.unlink(missing_ok=True)  # parts of attempts abandoned before (a crash, a silent worker)
+            _drop_stale_parts(task)
+        return True
+
+    def _device(self, flight: Flight) -> str:
+        return f"remote:{flight.queue}@{flight.meta.get('host', '?')}"
+
+    def _bound(self, flight: Flight) -> Any:
+        task = flight.task
+        return log.bind(job_id=task.job_id, task_id=task.id, task=task.name, device=self._device(flight),
+                        attempt=task.attempts)
+
+    def _seconds(self, flight: Flight) -> float:
+        return self.clock.monotonic() - flight.sent if flight.sent else 0.0
 
     def _revoke(self, flight: Flight) -> None:
         if flight.celery_id is None:
@@ -402,7 +472,10 @@ class RemoteDispatcher:
             log.warning("cannot revoke a remote task", celery_id=flight.celery_id, error=str(exc))
 
     def _leave_running(self) -> None:
-        """Stopping: renders on other hosts go on; the store keeps them running and the next start adopts them."""
+        """Stopping: renders on other hosts go on; the store keeps them running and the next start adopts them.
+        Transfers leave off at their next chunk (`stop_event`): a download is done again once its flight is
+        adopted; a task whose inputs were being staged was never sent, and the next start queues it again."""
+        self._transfers.shutdown(wait=True, cancel_futures=True)
         left = [flight.task.name for flights in self.flights.values() for flight in flights]
         if left:
             log.info("remote renders carry on while the daemon is stopped; the next start picks them up",
@@ -430,22 +503,61 @@ class RemoteDispatcher:
         except Exception as exc:  # Redis away: the next attempt's send replaces the fence; else it expires
             log.warning("cannot drop a remote attempt's fence", celery_id=flight.celery_id, error=str(exc))
 
-    def _finish_from_bucket(self, flight: Flight, device: str, bound: Any, seconds: float,
-                            info: dict[str, Any] | None) -> None:
-        """Download the worker's upload into the part, recorded as uploaded before `record` checks and renames
-        it (so delivery never uploads it again); a failed check takes that record back."""
+    def _clean_staged(self) -> None:
+        """The staged inputs of ended jobs go on a transfer thread, one sweep at a time."""
         assert self.transfer is not None
-        task = flight.task
-        try:
-            registered = self.transfer.fetch(task, flight.part, info)
-        except TransferTrouble as trouble:
-            record(self.life, device, task, flight.part, trouble.attempt, bound, seconds)
+        if self._cleanup is not None and not self._cleanup.done():
             return
+        if self._cleanup is not None and self._cleanup.exception() is not None:
+            log.error("deleting staged remote inputs failed; tried again", error=repr(self._cleanup.exception()))
+        self._cleanup = self._transfers.submit(self.transfer.delete_ended)
+
+    def _fetch(self, flight: Flight) -> None:
+        """Download the worker's upload into the part on a transfer thread (`S3Transfer.fetch`)."""
+        assert self.transfer is not None
+        flight.transfer = self._transfers.submit(self.transfer.fetch, flight.task, flight.part, flight.report)
+
+    def _fetched(self, flight: Flight) -> bool:
+        """The download's outcome. The video, recorded as uploaded, is checked and renamed by `record` (so
+        delivery never uploads it again; a failed check takes that record back). The object store or the
+        disk away: the flight stays and the download is tried again later. True once the attempt is settled."""
+        assert flight.transfer is not None
+        done, flight.transfer = flight.transfer, None
+        task, bound = flight.task, self._bound(flight)
         try:
-            record(self.life, device, task, flight.part, Attempt(True), bound, seconds)
+            registered = done.result()
+        except TransferTrouble as trouble:
+            if trouble.attempt.kind is Kind.OUTAGE:
+                self._fetch_later(flight, trouble.attempt)
+                return False
+            record(self.life, self._device(flight), task, flight.part, trouble.attempt, bound, self._seconds(flight))
+            return True
+        except Exception as exc:
+            bound.exception("cannot finish a remote video")
+            record(self.life, self._device(flight), task, flight.part, _internal(exc, "finish the video"), bound,
+                   self._seconds(flight))
+            return True
+        if flight.trouble is not None:
+            bound.info("remote video downloaded after waiting", dependency=flight.trouble.dependency,
+                       waited_seconds=round(time.time() - flight.waiting_since, 1))
+        try:
+            record(self.life, self._device(flight), task, flight.part, Attempt(True), bound, self._seconds(flight))
         finally:
             if registered is not None and not Path(task.output).is_file():
                 self.store.deliveries.forget(registered.id)
+        _drop_stale_parts(task)
+        return True
+
+    def _fetch_later(self, flight: Flight, trouble: Attempt) -> None:
+        """The video is safe in the bucket: wait with backoff, no attempt used, nothing rendered again."""
+        if flight.trouble is None:
+            flight.waiting_since = time.time()
+        flight.trouble, flight.tries = trouble, flight.tries + 1
+        delay = backoff_delay(flight.tries, self.cfg.workers.backoff_seconds, self.cfg.workers.backoff_max_seconds)
+        flight.retry_at = self.clock.monotonic() + delay
+        self._bound(flight).warning("remote video cannot be downloaded now; it waits in the bucket",
+                                    reason=trouble.reason, dependency=trouble.dependency, tries=flight.tries,
+                                    retry_seconds=round(delay, 1))
 
     def _broker_trouble(self, exc: Exception) -> None:
         if self.broker_down_since is None:
@@ -462,6 +574,17 @@ class RemoteDispatcher:
 def _queue(task: Task) -> str:
     """The queue a remote attempt went to, from its device name `remote:<queue>`."""
     return (task.device or "").removeprefix("remote:")
+
+
+def _drop_stale_parts(task: Task) -> None:
+    """Parts of attempts abandoned before (a crash, a silent worker), once the output is in place."""
+    for stale in Path(task.output).parent.glob(Path(task.output).name + ".*.part"):
+        stale.unlink(missing_ok=True)
+
+
+def _internal(exc: Exception, what: str = "send the task") -> Attempt:
+    """A fault of the daemon's own: a counted attempt."""
+    return Attempt(False, f"{type(exc).__name__}: {exc}", f"the daemon could not {what}; see the log", Kind.INTERNAL)
 
 
 def _attempt_of(info: Any) -> Attempt:

@@ -4,8 +4,10 @@ At send, the task's inputs are staged once per job under `<prefix>.remote-inputs
 presigned GET links; the video's final key is fixed once per task (stored with the task), so every attempt
 on any host uploads to the same key. When an attempt succeeds, the daemon downloads the object into the
 attempt's part and records the video as already uploaded *before* the part is renamed into outputs/, so
-delivery only links it. A job's staged inputs are deleted once it has finished (JobFinished), and once per
-start for every finished or forgotten job whose inputs a crash left in the bucket.
+delivery only links it. Staging and downloading run on the dispatcher's transfer threads (never its loop);
+`stopping` leaves a transfer off between chunks (Stopping). A job's staged inputs are deleted once it has
+finished (JobFinished), and once per start for every finished or forgotten job whose inputs a crash left in
+the bucket.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from heygem_daemon.config import MAX_LINK_EXPIRY_HOURS, Config
 from heygem_daemon.delivery.links import presign_get
 from heygem_daemon.delivery.names import object_key, safe_relpath, static_prefix
 from heygem_daemon.delivery.s3 import (
-    delete_prefix, describe, download_file, list_folders, make_client, object_size, object_store_name, put_file,
+    Stopping, delete_prefix, describe, download_file, gone, list_folders, make_client, object_size, object_store_name,
+    put_file,
 )
 from heygem_daemon.engines.base import TaskSpec
 from heygem_daemon.failures import Kind
@@ -58,14 +61,17 @@ class TransferTrouble(Exception):
 
 
 class S3Transfer:
-    def __init__(self, cfg: Config, store: Store) -> None:
+    def __init__(self, cfg: Config, store: Store, stopping: threading.Event) -> None:
         assert cfg.workers.remote is not None and cfg.s3.enabled
         self.cfg, self.store, self.s3 = cfg, store, cfg.s3
-        self.client = make_client(cfg.s3)
+        self.client, self.stopping = make_client(cfg.s3), stopping
         self.dependency = object_store_name(self.client.meta.endpoint_url)
         self.link_seconds = link_seconds_for(cfg.workers.remote.visibility_timeout_seconds)
         self._staged: dict[str, dict[str, int]] = {}
         """job id -> staged key -> size, known to be in the bucket (saves a HEAD per input per task)."""
+        self._staging: dict[str, threading.Lock] = {}
+        """staged key -> its lock: two tasks of a job staged at once upload their shared input once."""
+        self._staging_lock = threading.Lock()
         self._ended: set[str] | None = None
         """Jobs whose staged inputs are to go; None until the start's look for leftovers."""
         self._ended_lock = threading.Lock()  # JobFinished comes from whichever thread finished the job
@@ -73,7 +79,7 @@ class S3Transfer:
     # --- at send ---
 
     def payload(self, task: Task, spec: TaskSpec) -> dict[str, Any]:
-        """The `links` and `object` of a task's payload; raises TransferTrouble when the bucket fails."""
+        """The `links` and `object` of a task's payload; raises TransferTrouble when the bucket fails, Stopping."""
         job = self.store.jobs.get(task.job_id)
         try:
             links = {name: self._link(job.id, getattr(spec, name)) for name in INPUT_FIELDS}
@@ -84,11 +90,14 @@ class S3Transfer:
     def _link(self, job_id: str, path: Path) -> str:
         key = staging_prefix(self.s3.key_prefix, job_id) + safe_relpath(path.name)
         size = path.stat().st_size
-        staged = self._staged.setdefault(job_id, {})
-        if staged.get(key) != size and object_size(self.client, self.s3.bucket, key) != size:
-            put_file(self.client, self.s3.bucket, key, path)
-            log.info("remote input staged", job_id=job_id, key=key, size=size)
-        staged[key] = size
+        with self._staging_lock:
+            lock = self._staging.setdefault(key, threading.Lock())
+        with lock:
+            staged = self._staged.setdefault(job_id, {})
+            if staged.get(key) != size and object_size(self.client, self.s3.bucket, key) != size:
+                put_file(self.client, self.s3.bucket, key, path, self.stopping)
+                log.info("remote input staged", job_id=job_id, key=key, size=size)
+            staged[key] = size
         return presign_get(self.client, self.s3.bucket, key, path.name, self.link_seconds)
 
     def final_key(self, task: Task, job: Job) -> str:
@@ -110,14 +119,21 @@ class S3Transfer:
     def fetch(self, task: Task, part: Path, info: dict[str, Any] | None) -> Delivery | None:
         """Download the task's object into `part`, check it against the worker's report, and record it as
         uploaded before anything renames it into outputs/. Returns that record (None for an `upload: false`
-        job); raises TransferTrouble."""
+        job); raises TransferTrouble (an OUTAGE kind when the video is still safe in the bucket), Stopping."""
         task = self.store.tasks.get(task.id)
         assert task.object_key, "a task sent with transfer s3 has its object key"
         fetching = part.with_name(part.name.removesuffix(".part") + ".s3.part")
         try:
-            etag = download_file(self.client, self.s3.bucket, task.object_key, fetching)
+            etag = download_file(self.client, self.s3.bucket, task.object_key, fetching, self.stopping)
+        except Stopping:
+            fetching.unlink(missing_ok=True)
+            raise
         except (BotoCoreError, ClientError) as exc:
             fetching.unlink(missing_ok=True)
+            if gone(exc):
+                raise TransferTrouble(Attempt(False, f"the video the remote worker uploaded is not in the bucket "
+                                              f"({task.object_key})", "deleted since (by hand, a lifecycle rule)? "
+                                              "the task runs again", Kind.INTERNAL)) from exc
             raise TransferTrouble(self._outage("cannot download the video a remote worker uploaded", exc)) from exc
         except OSError as exc:
             fetching.unlink(missing_ok=True)
@@ -168,8 +184,11 @@ class S3Transfer:
                 self._delete_staged(job_id)
 
     def _delete_staged(self, job_id: str) -> None:
-        self._staged.pop(job_id, None)
         prefix = staging_prefix(self.s3.key_prefix, job_id)
+        with self._staging_lock:
+            for key in [k for k in self._staging if k.startswith(prefix)]:
+                del self._staging[key]
+        self._staged.pop(job_id, None)
         try:
             removed = delete_prefix(self.client, self.s3.bucket, prefix)
         except Exception as exc:
