@@ -183,7 +183,7 @@ def settle(remote: RemoteDispatcher, flight: Flight, info: dict) -> None:
     is collected by a later step."""
     if not remote._finish(flight, Attempt(True), info):
         wait([flight.transfer])
-        assert remote._advance(flight, False, None)
+        assert remote._advance(flight, False, None, lambda: None)
 
 
 def finished_remotely(remote: RemoteDispatcher, body: bytes, sha256: str | None = None):
