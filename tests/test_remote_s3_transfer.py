@@ -32,6 +32,7 @@ from heygem_daemon.fs.files import sha256_file
 from heygem_daemon.generation.celery_app import attempt_part, drop_fence, fence_holds, make_app, set_fence
 from heygem_daemon.generation.lifecycle import LifeCycle
 from heygem_daemon.generation.remote import Flight, RemoteDispatcher
+from heygem_daemon.generation.remote_worker import _fence
 from heygem_daemon.generation.s3_transfer import link_seconds_for, staging_prefix
 from heygem_daemon.generation.s3_worker import S3Side, TaskFailed, fetch_input, upload_result
 from heygem_daemon.generation.workers import Attempt, task_spec
@@ -144,6 +145,56 @@ def test_an_upload_whose_fence_says_no_leaves_no_object_and_no_open_upload(tmp_p
     client = moto_server.client()
     assert client.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
     assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def fenced_upload(cfg, client, video: Path, deadline: float) -> tuple[threading.Thread, dict]:
+    """The worker's last step, the upload of a finished render under its attempt's fence, on a thread."""
+    outcome: dict = {}
+
+    def upload() -> None:
+        try:
+            outcome["up"] = upload_result(S3Side(cfg), video, "day/j/tok/v.mp4", "v.mp4",
+                                          _fence(client, 7, "attempt-1", "task broker", deadline))
+        except TaskFailed as failed:
+            outcome["failed"] = failed.outcome
+
+    thread = threading.Thread(target=upload)
+    thread.start()
+    return thread, outcome
+
+
+def test_a_finished_upload_waits_for_redis_to_confirm_its_attempt_and_then_completes(tmp_path, moto_server, bucket,
+                                                                                    redis):
+    cfg = config(tmp_path, moto_server, bucket, broker_url=redis.url)
+    client = make_app(cfg.workers.remote).backend.client  # the worker's
+    set_fence(client, 7, "attempt-1", 600)
+    video = write_noise_video(tmp_path / "video.mp4", 12)  # multipart: 5 MB parts
+    redis.stop()  # a blink exactly when the render is done
+    uploading, outcome = fenced_upload(cfg, client, video, time.monotonic() + 60)
+    time.sleep(1.5)
+    s3 = moto_server.client()
+    assert uploading.is_alive() and s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
+    assert len(s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])) == 1  # kept, not aborted
+    redis.start()
+    uploading.join(30)
+    assert "failed" not in outcome and outcome["up"].sha256 == sha256_file(video)
+    body = s3.get_object(Bucket=bucket, Key="day/j/tok/v.mp4")["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == sha256_file(video)
+
+
+def test_a_fence_redis_never_confirms_before_the_time_limit_is_an_outage_and_completes_nothing(
+        tmp_path, moto_server, bucket, redis):
+    cfg = config(tmp_path, moto_server, bucket, broker_url=redis.url)
+    client = make_app(cfg.workers.remote).backend.client
+    video = write_noise_video(tmp_path / "video.mp4", 12)
+    redis.stop()
+    uploading, outcome = fenced_upload(cfg, client, video, time.monotonic() + 1)
+    uploading.join(30)
+    assert outcome["failed"]["kind"] == "outage" and outcome["failed"]["dependency"] == "task broker"
+    assert "time limit" in outcome["failed"]["hint"]
+    s3 = moto_server.client()
+    assert s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
 
 def test_a_refused_input_link_is_a_counted_error_and_an_unreachable_store_an_outage(tmp_path, moto_server, bucket):
