@@ -29,7 +29,9 @@ from heygem_daemon.config import S3, ConfigError, Remote, load_config
 from heygem_daemon.delivery.s3 import MiB, Superseded, Throttle, Uploader, make_client
 from heygem_daemon.failures import Kind, Problem
 from heygem_daemon.fs.files import sha256_file
-from heygem_daemon.generation.celery_app import attempt_part, drop_fence, fence_holds, make_app, set_fence
+from heygem_daemon.generation.celery_app import (
+    attempt_part, drop_fence, fence_holds, fence_key, make_app, set_fence,
+)
 from heygem_daemon.generation.lifecycle import LifeCycle
 from heygem_daemon.generation.remote import Flight, RemoteDispatcher
 from heygem_daemon.generation.remote_worker import _fence
@@ -388,6 +390,30 @@ def test_a_finished_video_the_bucket_cannot_serve_now_is_downloaded_once_it_is_b
     assert remote.store.tasks.get(task.id).attempts == 1
     assert [a["remote_id"] for a in remote.store.tasks.attempts(task.id)] == [flight.celery_id]
     assert messages(redis) == 1  # the worker was asked once
+
+
+def test_a_superseded_report_of_the_attempt_still_running_sends_it_again_without_counting_it(
+        tmp_path, moto_server, bucket, redis):
+    remote = live(tmp_path, moto_server.s3_settings(bucket), redis)
+    flight = sent_flight(remote, "lena")
+    # The worker found the fence gone (Redis lost its data) and aborted its upload: its report.
+    remote.app.backend.store_result(flight.celery_id, {
+        "ok": False, "kind": "internal", "superseded": True, "reason": "given up", "hint": "nothing to do"}, "SUCCESS")
+    steps_until(remote, lambda: any(f.celery_id not in (None, flight.celery_id) for f in remote.flights["gpu"]),
+                "the task sent again")
+    task = remote.store.tasks.get(flight.task.id)
+    assert (task.state, task.attempts, task.last_error) == ("running", 1, None)
+    assert [a["outcome"] for a in remote.store.tasks.attempts(task.id)] == ["interrupted", None]
+    assert messages(redis) == 2
+
+
+def test_a_fence_redis_lost_is_set_again_for_the_attempt_still_running(tmp_path, moto_server, bucket, redis):
+    remote = live(tmp_path, moto_server.s3_settings(bucket), redis)
+    flight = sent_flight(remote, "max")
+    client = redis_client.Redis.from_url(redis.url)
+    client.delete(fence_key(flight.task.id))  # lost with Redis's data, or expired while the task was queued
+    remote.step()
+    assert fence_holds(client, flight.task.id, flight.celery_id)
 
 
 def test_a_big_download_does_not_hold_up_sending_other_tasks(tmp_path, moto_server, bucket, redis):

@@ -109,10 +109,13 @@ def generate_s3(side: S3Side, task: Any, payload: dict[str, Any], engines: dict[
     except TaskFailed as failed:
         return failed.outcome
     except Superseded:
-        log.warning("upload aborted: the daemon gave this attempt up", celery_id=task.request.id)
+        log.warning("upload aborted: the fence no longer names this attempt", celery_id=task.request.id)
+        # The daemon tells the two cases apart: an attempt it gave up on, or its current one whose fence was
+        # lost (Redis's data, an expiry), which it sends again without counting it.
         return {"ok": False, "kind": Kind.INTERNAL.value, "superseded": True,
-                "reason": "this attempt was given up by the daemon before its upload completed; the upload was "
-                          "aborted", "hint": "another attempt owns the video's key; nothing to do"}
+                "reason": "the fence in Redis no longer names this attempt (given up by the daemon, or lost) "
+                          "before its upload completed; the upload was aborted",
+                "hint": "the daemon discards it, or sends the task again if the attempt is still its current one"}
     except Exception as exc:  # a full scratch disk is an outage; anything else a counted engine fault
         _, kind, reason, hint, dependency = crash_error(exc)
         return {"ok": False, "kind": kind, "reason": reason, "hint": hint, "dependency": dependency}
