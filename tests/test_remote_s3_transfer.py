@@ -32,10 +32,10 @@ from heygem_daemon.fs.files import sha256_file
 from heygem_daemon.generation.celery_app import (
     attempt_part, drop_fence, fence_holds, fence_key, make_app, set_fence,
 )
-from heygem_daemon.generation.lifecycle import LifeCycle
+from heygem_daemon.generation.lifecycle import JobFinished, LifeCycle
 from heygem_daemon.generation.remote import Flight, RemoteDispatcher
 from heygem_daemon.generation.remote_worker import _fence
-from heygem_daemon.generation.s3_transfer import link_seconds_for, staging_prefix
+from heygem_daemon.generation.s3_transfer import link_seconds_for
 from heygem_daemon.generation.s3_worker import S3Side, TaskFailed, fetch_input, upload_result
 from heygem_daemon.generation.workers import Attempt, task_spec
 from heygem_daemon.state import Store
@@ -112,7 +112,7 @@ def test_a_jobs_inputs_are_uploaded_once_for_all_its_tasks(tmp_path, moto_server
     restarted = dispatcher(tmp_path, moto_server, bucket)  # a new run knows nothing staged: it asks the bucket
     task = life.store.tasks.select(job.id)[0]
     restarted._s3_payload({}, task, task_spec(restarted.cfg, life, task, "remote:gpu")[1])
-    prefix = staging_prefix(remote.cfg.s3.key_prefix, job.id)
+    prefix = remote.transfer.staging_prefix(job.id)
     puts = re.findall(rf'"PUT /{bucket}/{re.escape(prefix)}(\S+) ', moto_server.log_path.read_text())
     assert sorted(puts) == ["face.jpg", "voice.wav"]
 
@@ -247,7 +247,7 @@ def finished_remotely(remote: RemoteDispatcher, body: bytes, sha256: str | None 
 
 
 def staged(remote: RemoteDispatcher, job_id: str) -> int:
-    prefix = staging_prefix(remote.cfg.s3.key_prefix, job_id)
+    prefix = remote.transfer.staging_prefix(job_id)
     return remote.transfer.client.list_objects_v2(Bucket=remote.cfg.s3.bucket, Prefix=prefix).get("KeyCount", 0)
 
 
@@ -304,13 +304,40 @@ def test_staged_inputs_a_crash_left_behind_go_at_the_next_start(tmp_path, moto_s
     assert staged(restarted, job.id) == 0 and staged(restarted, running.id) == 2
 
 
+def test_a_second_daemon_sharing_the_bucket_and_prefix_keeps_its_running_jobs_inputs(tmp_path, moto_server, bucket):
+    for host in ("a", "b"):
+        (tmp_path / host).mkdir()
+    running = dispatcher(tmp_path / "a", moto_server, bucket)
+    job = claimed(running.life, "nina", media=True)
+    sent(running, running.life.take("remote:gpu"))
+    other = dispatcher(tmp_path / "b", moto_server, bucket)  # same bucket and key prefix, its own store
+    other.transfer.delete_ended()  # its start's look for leftovers
+    assert staged(running, job.id) == 2
+
+
+def test_inputs_of_a_job_whose_end_was_announced_before_its_state_was_written_go_once_it_is(tmp_path, moto_server,
+                                                                                           bucket):
+    remote = dispatcher(tmp_path, moto_server, bucket)
+    remote.transfer.delete_ended()  # the start's look for leftovers: none
+    job = claimed(remote.life, "olga", media=True)
+    seen = []
+    # The dispatcher's sweep runs between JobFinished and the job's final state (it runs on another thread).
+    remote.life.events.subscribe(JobFinished, lambda _: (remote.transfer.delete_ended(),
+                                                         seen.append(remote.store.jobs.state(job.id))))
+    finish_remotely(remote, remote.life.take("remote:gpu"), write_noise_video(tmp_path / "made.mp4", 1).read_bytes())
+    assert seen and seen[0] != "done" and staged(remote, job.id) == 2
+    assert remote.store.jobs.state(job.id) == "done"
+    remote.transfer.delete_ended()  # the dispatcher's next step
+    assert staged(remote, job.id) == 0
+
+
 def test_an_upload_false_jobs_video_passes_through_the_jobs_staging_folder_and_stays_local(tmp_path, moto_server,
                                                                                          bucket):
     remote = dispatcher(tmp_path, moto_server, bucket)
     job = claimed(remote.life, "frank", media=True, upload=False)
     task = remote.life.take("remote:gpu")
     key, _ = finish_remotely(remote, task, write_noise_video(tmp_path / "made.mp4", 1).read_bytes())
-    assert key == staging_prefix(remote.cfg.s3.key_prefix, job.id) + "out/v0.mp4"
+    assert key == remote.transfer.staging_prefix(job.id) + "out/v0.mp4"
     assert Path(task.output).is_file() and remote.store.deliveries.at(task.output) is None  # delivery keeps it local
     remote.transfer.delete_ended()
     assert staged(remote, job.id) == 0
