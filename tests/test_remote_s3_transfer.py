@@ -36,7 +36,7 @@ from heygem_daemon.generation.lifecycle import JobFinished, LifeCycle
 from heygem_daemon.generation.remote import Flight, RemoteDispatcher
 from heygem_daemon.generation.remote_worker import _fence
 from heygem_daemon.generation.s3_transfer import link_seconds_for
-from heygem_daemon.generation.s3_worker import S3Side, TaskFailed, fetch_input, upload_result
+from heygem_daemon.generation.s3_worker import S3Side, TaskFailed, check_payload, fetch_input, upload_result
 from heygem_daemon.generation.workers import Attempt, task_spec
 from heygem_daemon.state import Store
 from media_factory import write_noise_video
@@ -212,6 +212,45 @@ def test_a_refused_input_link_is_a_counted_error_and_an_unreachable_store_an_out
     assert down.value.outcome["kind"] == "outage"
     assert down.value.outcome["dependency"] == f"object store 127.0.0.1:{port}"
     assert not list((tmp_path / "in").iterdir())
+
+
+def worker_side(tmp_path: Path, moto_server, bucket: str) -> tuple[S3Side, dict]:
+    """A worker whose s3 section keeps its objects under `studio/`, and a task payload it accepts."""
+    s3 = moto_server.s3_settings(bucket, key_prefix="studio/{date}/{job}/{token}/{file}")
+    data = {"base_dir": str(tmp_path), "s3": s3,
+            "workers": {"devices": ["cpu"], "remote": {"broker_url": "redis://127.0.0.1:1/0", "queues": {"gpu": 1},
+                                                       "transfer": "s3"}}}
+    (tmp_path / "worker.yaml").write_text(json.dumps(data))
+    side = S3Side(load_config(tmp_path / "worker.yaml", environ={}))
+    link = side.client().generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": "studio/in/a.wav"},
+                                                ExpiresIn=60)
+    payload = {"links": {"audio": link, "portrait": link}, "object": {"key": "studio/day/j/v.mp4", "name": "v.mp4"}}
+    check_payload(side, payload)
+    return side, payload
+
+
+@pytest.mark.parametrize("link", [
+    "file:///etc/heygem/heygem-worker.env", "ftp://127.0.0.1/a.wav", "http://169.254.169.254/latest/meta-data/",
+    "http://127.0.0.1:{other}/{bucket}/studio/in/a.wav"], ids=["file", "ftp", "metadata-service", "other-port"])
+def test_a_worker_refuses_an_input_link_to_anything_but_its_object_store(tmp_path, moto_server, bucket, link):
+    side, payload = worker_side(tmp_path, moto_server, bucket)
+    payload["links"]["portrait"] = link.format(other=free_port(), bucket=bucket)
+    with pytest.raises(TaskFailed) as refused:
+        check_payload(side, payload)
+    outcome = refused.value.outcome
+    assert outcome["kind"] == "internal" and "input portrait" in outcome["reason"] and "refused" in outcome["reason"]
+    assert "X-Amz" not in outcome["reason"] and "s3.endpoint_url" in outcome["hint"]
+
+
+@pytest.mark.parametrize("key", ["other/day/j/v.mp4", "studio/../other/v.mp4"], ids=["elsewhere", "dot-dot"])
+def test_a_worker_refuses_to_upload_outside_its_key_prefix(tmp_path, moto_server, bucket, key):
+    side, payload = worker_side(tmp_path, moto_server, bucket)
+    payload["object"]["key"] = key
+    with pytest.raises(TaskFailed) as refused:
+        check_payload(side, payload)
+    outcome = refused.value.outcome
+    assert outcome["kind"] == "internal" and "outside this worker's key prefix 'studio/'" in outcome["reason"]
+    assert "s3.key_prefix" in outcome["hint"]
 
 
 def sent(remote: RemoteDispatcher, task) -> dict:
