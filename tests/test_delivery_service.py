@@ -15,6 +15,7 @@ from heygem_daemon.config import Config, load_config
 from heygem_daemon.delivery.audit import AUDIT_FILE
 from heygem_daemon.delivery.report import BatchReport
 from heygem_daemon.delivery.service import DeliveryService
+from heygem_daemon.fs.files import sha256_file
 from heygem_daemon.state import Job, NewTask, Store
 from media_factory import write_portrait_video
 from s3_server import credentials_env
@@ -110,3 +111,44 @@ def test_the_outputs_of_a_finished_jobs_done_tasks_are_each_registered_once(tmp_
     deliveries = store.deliveries.select(job.id)
     assert sorted((d.path, d.task_id) for d in deliveries) == sorted((t.output, t.id) for t in tasks)
     assert sorted(v.name for v in report.videos) == ["v0.mp4", "v1.mp4", "v2.mp4"]
+
+
+def steps(service: DeliveryService) -> None:
+    """One decision step of the delivery thread, and the work it handed to the pool, done."""
+    service._step()
+    deadline = time.monotonic() + 30
+    while service._busy:
+        assert time.monotonic() < deadline, "delivery work still running after 30 s"
+        time.sleep(0.02)
+
+
+def test_a_remote_video_recorded_as_uploaded_is_linked_only_once_it_is_in_outputs(tmp_path, moto_server, aws_env):
+    bucket = moto_server.new_bucket()
+    cfg = make_cfg(tmp_path, moto_server.s3_settings(bucket))
+    store = Store(cfg.folder("state") / "heygem.db")
+    job = store.jobs.create("remote", {})
+    output = cfg.folder("outputs") / "remote" / "v0.mp4"
+    store.jobs.queue(job.id, [NewTask("v0", "a.wav", "p.jpg", str(output))])
+    task = store.tasks.take_next("remote:gpu")
+    clip = write_portrait_video(cfg.folder("work") / "clip.mp4", 0.4)
+    # What the remote dispatcher does with a worker's upload (transfer: s3): the object is in the bucket and
+    # recorded as uploaded; the MP4 check and the rename into outputs/ are still to come.
+    key = "day/remote/tok/v0.mp4"
+    up = moto_server.client().put_object(Bucket=bucket, Key=key, Body=clip.read_bytes())
+    batch = store.deliveries.ensure_batch(job.id, job.name, job.name, job.id)
+    d = store.deliveries.add_uploaded(batch.id, str(output), "v0.mp4", clip.stat().st_size, key, task.id,
+                                      up["ETag"], sha256_file(clip))
+    service = DeliveryService(cfg, store, lambda report: None, lambda key, message: None)
+    try:
+        steps(service)
+        assert store.deliveries.get(d.id).state == "uploaded"
+        assert not (cfg.folder("logs") / AUDIT_FILE).exists() and not output.parent.exists()
+        output.parent.mkdir()
+        output.write_bytes(clip.read_bytes())  # checked and renamed: the task is done
+        assert store.tasks.finish(task.id)
+        steps(service)
+        assert store.deliveries.get(d.id).state == "linked"
+        assert [(a["event"], a["keys"]) for a in audit_lines(cfg)] == [("delivery", [key])]
+        assert [f["key"] for f in json.loads((output.parent / "links.json").read_text())["files"]] == [key]
+    finally:
+        service.stop()

@@ -17,7 +17,7 @@ from remote_rig import RedisServer, RemoteWorker
 from s3_server import credentials_env
 from test_command_engine import ARGS
 
-from heygem_daemon.generation.s3_transfer import STAGING_FOLDER
+from heygem_daemon.generation.s3_transfer import STAGING_FOLDER, installation_id
 
 pytestmark = pytest.mark.daemon  # real daemon, Redis, S3 and a worker: left out of `make test-fast`
 
@@ -81,7 +81,8 @@ def test_the_workers_upload_is_the_delivered_object_and_the_daemon_never_uploads
         "a0.mp4", "a1.mp4"]
     job = daemon.job("nomount")
     # The job's inputs leave the bucket with the job (the dispatcher deletes them at its next poll).
-    daemon.wait_for(lambda: client.list_objects_v2(Bucket=bucket, Prefix=f"{STAGING_FOLDER}/{job.id}/")
+    staging = f"{STAGING_FOLDER}/{installation_id(daemon.folder('state'))}/{job.id}/"
+    daemon.wait_for(lambda: client.list_objects_v2(Bucket=bucket, Prefix=staging)
                     .get("KeyCount", 0) == 0, 15, "the staged inputs to be deleted")
     assert list((worker.folder / "work" / "remote").iterdir()) == []  # each task's scratch folder is gone
 

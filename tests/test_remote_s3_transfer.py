@@ -29,11 +29,14 @@ from heygem_daemon.config import S3, ConfigError, Remote, load_config
 from heygem_daemon.delivery.s3 import MiB, Superseded, Throttle, Uploader, make_client
 from heygem_daemon.failures import Kind, Problem
 from heygem_daemon.fs.files import sha256_file
-from heygem_daemon.generation.celery_app import attempt_part, drop_fence, fence_holds, make_app, set_fence
-from heygem_daemon.generation.lifecycle import LifeCycle
+from heygem_daemon.generation.celery_app import (
+    attempt_part, drop_fence, fence_holds, fence_key, make_app, set_fence,
+)
+from heygem_daemon.generation.lifecycle import JobFinished, LifeCycle
 from heygem_daemon.generation.remote import Flight, RemoteDispatcher
-from heygem_daemon.generation.s3_transfer import link_seconds_for, staging_prefix
-from heygem_daemon.generation.s3_worker import S3Side, TaskFailed, fetch_input, upload_result
+from heygem_daemon.generation.remote_worker import _fence
+from heygem_daemon.generation.s3_transfer import link_seconds_for
+from heygem_daemon.generation.s3_worker import S3Side, TaskFailed, check_payload, fetch_input, upload_result
 from heygem_daemon.generation.workers import Attempt, task_spec
 from heygem_daemon.state import Store
 from media_factory import write_noise_video
@@ -109,7 +112,7 @@ def test_a_jobs_inputs_are_uploaded_once_for_all_its_tasks(tmp_path, moto_server
     restarted = dispatcher(tmp_path, moto_server, bucket)  # a new run knows nothing staged: it asks the bucket
     task = life.store.tasks.select(job.id)[0]
     restarted._s3_payload({}, task, task_spec(restarted.cfg, life, task, "remote:gpu")[1])
-    prefix = staging_prefix(remote.cfg.s3.key_prefix, job.id)
+    prefix = remote.transfer.staging_prefix(job.id)
     puts = re.findall(rf'"PUT /{bucket}/{re.escape(prefix)}(\S+) ', moto_server.log_path.read_text())
     assert sorted(puts) == ["face.jpg", "voice.wav"]
 
@@ -146,6 +149,56 @@ def test_an_upload_whose_fence_says_no_leaves_no_object_and_no_open_upload(tmp_p
     assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
 
+def fenced_upload(cfg, client, video: Path, deadline: float) -> tuple[threading.Thread, dict]:
+    """The worker's last step, the upload of a finished render under its attempt's fence, on a thread."""
+    outcome: dict = {}
+
+    def upload() -> None:
+        try:
+            outcome["up"] = upload_result(S3Side(cfg), video, "day/j/tok/v.mp4", "v.mp4",
+                                          _fence(client, 7, "attempt-1", "task broker", deadline))
+        except TaskFailed as failed:
+            outcome["failed"] = failed.outcome
+
+    thread = threading.Thread(target=upload)
+    thread.start()
+    return thread, outcome
+
+
+def test_a_finished_upload_waits_for_redis_to_confirm_its_attempt_and_then_completes(tmp_path, moto_server, bucket,
+                                                                                    redis):
+    cfg = config(tmp_path, moto_server, bucket, broker_url=redis.url)
+    client = make_app(cfg.workers.remote).backend.client  # the worker's
+    set_fence(client, 7, "attempt-1", 600)
+    video = write_noise_video(tmp_path / "video.mp4", 12)  # multipart: 5 MB parts
+    redis.stop()  # a blink exactly when the render is done
+    uploading, outcome = fenced_upload(cfg, client, video, time.monotonic() + 60)
+    time.sleep(1.5)
+    s3 = moto_server.client()
+    assert uploading.is_alive() and s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
+    assert len(s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])) == 1  # kept, not aborted
+    redis.start()
+    uploading.join(30)
+    assert "failed" not in outcome and outcome["up"].sha256 == sha256_file(video)
+    body = s3.get_object(Bucket=bucket, Key="day/j/tok/v.mp4")["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == sha256_file(video)
+
+
+def test_a_fence_redis_never_confirms_before_the_time_limit_is_an_outage_and_completes_nothing(
+        tmp_path, moto_server, bucket, redis):
+    cfg = config(tmp_path, moto_server, bucket, broker_url=redis.url)
+    client = make_app(cfg.workers.remote).backend.client
+    video = write_noise_video(tmp_path / "video.mp4", 12)
+    redis.stop()
+    uploading, outcome = fenced_upload(cfg, client, video, time.monotonic() + 1)
+    uploading.join(30)
+    assert outcome["failed"]["kind"] == "outage" and outcome["failed"]["dependency"] == "task broker"
+    assert "time limit" in outcome["failed"]["hint"]
+    s3 = moto_server.client()
+    assert s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
 def test_a_refused_input_link_is_a_counted_error_and_an_unreachable_store_an_outage(tmp_path, moto_server, bucket):
     missing = make_client(S3(**moto_server.s3_settings(bucket))).generate_presigned_url(
         "get_object", Params={"Bucket": bucket, "Key": "gone.wav"}, ExpiresIn=60)
@@ -159,6 +212,45 @@ def test_a_refused_input_link_is_a_counted_error_and_an_unreachable_store_an_out
     assert down.value.outcome["kind"] == "outage"
     assert down.value.outcome["dependency"] == f"object store 127.0.0.1:{port}"
     assert not list((tmp_path / "in").iterdir())
+
+
+def worker_side(tmp_path: Path, moto_server, bucket: str) -> tuple[S3Side, dict]:
+    """A worker whose s3 section keeps its objects under `studio/`, and a task payload it accepts."""
+    s3 = moto_server.s3_settings(bucket, key_prefix="studio/{date}/{job}/{token}/{file}")
+    data = {"base_dir": str(tmp_path), "s3": s3,
+            "workers": {"devices": ["cpu"], "remote": {"broker_url": "redis://127.0.0.1:1/0", "queues": {"gpu": 1},
+                                                       "transfer": "s3"}}}
+    (tmp_path / "worker.yaml").write_text(json.dumps(data))
+    side = S3Side(load_config(tmp_path / "worker.yaml", environ={}))
+    link = side.client().generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": "studio/in/a.wav"},
+                                                ExpiresIn=60)
+    payload = {"links": {"audio": link, "portrait": link}, "object": {"key": "studio/day/j/v.mp4", "name": "v.mp4"}}
+    check_payload(side, payload)
+    return side, payload
+
+
+@pytest.mark.parametrize("link", [
+    "file:///etc/heygem/heygem-worker.env", "ftp://127.0.0.1/a.wav", "http://169.254.169.254/latest/meta-data/",
+    "http://127.0.0.1:{other}/{bucket}/studio/in/a.wav"], ids=["file", "ftp", "metadata-service", "other-port"])
+def test_a_worker_refuses_an_input_link_to_anything_but_its_object_store(tmp_path, moto_server, bucket, link):
+    side, payload = worker_side(tmp_path, moto_server, bucket)
+    payload["links"]["portrait"] = link.format(other=free_port(), bucket=bucket)
+    with pytest.raises(TaskFailed) as refused:
+        check_payload(side, payload)
+    outcome = refused.value.outcome
+    assert outcome["kind"] == "internal" and "input portrait" in outcome["reason"] and "refused" in outcome["reason"]
+    assert "X-Amz" not in outcome["reason"] and "s3.endpoint_url" in outcome["hint"]
+
+
+@pytest.mark.parametrize("key", ["other/day/j/v.mp4", "studio/../other/v.mp4"], ids=["elsewhere", "dot-dot"])
+def test_a_worker_refuses_to_upload_outside_its_key_prefix(tmp_path, moto_server, bucket, key):
+    side, payload = worker_side(tmp_path, moto_server, bucket)
+    payload["object"]["key"] = key
+    with pytest.raises(TaskFailed) as refused:
+        check_payload(side, payload)
+    outcome = refused.value.outcome
+    assert outcome["kind"] == "internal" and "outside this worker's key prefix 'studio/'" in outcome["reason"]
+    assert "s3.key_prefix" in outcome["hint"]
 
 
 def sent(remote: RemoteDispatcher, task) -> dict:
@@ -194,7 +286,7 @@ def finished_remotely(remote: RemoteDispatcher, body: bytes, sha256: str | None 
 
 
 def staged(remote: RemoteDispatcher, job_id: str) -> int:
-    prefix = staging_prefix(remote.cfg.s3.key_prefix, job_id)
+    prefix = remote.transfer.staging_prefix(job_id)
     return remote.transfer.client.list_objects_v2(Bucket=remote.cfg.s3.bucket, Prefix=prefix).get("KeyCount", 0)
 
 
@@ -251,13 +343,40 @@ def test_staged_inputs_a_crash_left_behind_go_at_the_next_start(tmp_path, moto_s
     assert staged(restarted, job.id) == 0 and staged(restarted, running.id) == 2
 
 
+def test_a_second_daemon_sharing_the_bucket_and_prefix_keeps_its_running_jobs_inputs(tmp_path, moto_server, bucket):
+    for host in ("a", "b"):
+        (tmp_path / host).mkdir()
+    running = dispatcher(tmp_path / "a", moto_server, bucket)
+    job = claimed(running.life, "nina", media=True)
+    sent(running, running.life.take("remote:gpu"))
+    other = dispatcher(tmp_path / "b", moto_server, bucket)  # same bucket and key prefix, its own store
+    other.transfer.delete_ended()  # its start's look for leftovers
+    assert staged(running, job.id) == 2
+
+
+def test_inputs_of_a_job_whose_end_was_announced_before_its_state_was_written_go_once_it_is(tmp_path, moto_server,
+                                                                                           bucket):
+    remote = dispatcher(tmp_path, moto_server, bucket)
+    remote.transfer.delete_ended()  # the start's look for leftovers: none
+    job = claimed(remote.life, "olga", media=True)
+    seen = []
+    # The dispatcher's sweep runs between JobFinished and the job's final state (it runs on another thread).
+    remote.life.events.subscribe(JobFinished, lambda _: (remote.transfer.delete_ended(),
+                                                         seen.append(remote.store.jobs.state(job.id))))
+    finish_remotely(remote, remote.life.take("remote:gpu"), write_noise_video(tmp_path / "made.mp4", 1).read_bytes())
+    assert seen and seen[0] != "done" and staged(remote, job.id) == 2
+    assert remote.store.jobs.state(job.id) == "done"
+    remote.transfer.delete_ended()  # the dispatcher's next step
+    assert staged(remote, job.id) == 0
+
+
 def test_an_upload_false_jobs_video_passes_through_the_jobs_staging_folder_and_stays_local(tmp_path, moto_server,
                                                                                          bucket):
     remote = dispatcher(tmp_path, moto_server, bucket)
     job = claimed(remote.life, "frank", media=True, upload=False)
     task = remote.life.take("remote:gpu")
     key, _ = finish_remotely(remote, task, write_noise_video(tmp_path / "made.mp4", 1).read_bytes())
-    assert key == staging_prefix(remote.cfg.s3.key_prefix, job.id) + "out/v0.mp4"
+    assert key == remote.transfer.staging_prefix(job.id) + "out/v0.mp4"
     assert Path(task.output).is_file() and remote.store.deliveries.at(task.output) is None  # delivery keeps it local
     remote.transfer.delete_ended()
     assert staged(remote, job.id) == 0
@@ -337,6 +456,30 @@ def test_a_finished_video_the_bucket_cannot_serve_now_is_downloaded_once_it_is_b
     assert remote.store.tasks.get(task.id).attempts == 1
     assert [a["remote_id"] for a in remote.store.tasks.attempts(task.id)] == [flight.celery_id]
     assert messages(redis) == 1  # the worker was asked once
+
+
+def test_a_superseded_report_of_the_attempt_still_running_sends_it_again_without_counting_it(
+        tmp_path, moto_server, bucket, redis):
+    remote = live(tmp_path, moto_server.s3_settings(bucket), redis)
+    flight = sent_flight(remote, "lena")
+    # The worker found the fence gone (Redis lost its data) and aborted its upload: its report.
+    remote.app.backend.store_result(flight.celery_id, {
+        "ok": False, "kind": "internal", "superseded": True, "reason": "given up", "hint": "nothing to do"}, "SUCCESS")
+    steps_until(remote, lambda: any(f.celery_id not in (None, flight.celery_id) for f in remote.flights["gpu"]),
+                "the task sent again")
+    task = remote.store.tasks.get(flight.task.id)
+    assert (task.state, task.attempts, task.last_error) == ("running", 1, None)
+    assert [a["outcome"] for a in remote.store.tasks.attempts(task.id)] == ["interrupted", None]
+    assert messages(redis) == 2
+
+
+def test_a_fence_redis_lost_is_set_again_for_the_attempt_still_running(tmp_path, moto_server, bucket, redis):
+    remote = live(tmp_path, moto_server.s3_settings(bucket), redis)
+    flight = sent_flight(remote, "max")
+    client = redis_client.Redis.from_url(redis.url)
+    client.delete(fence_key(flight.task.id))  # lost with Redis's data, or expired while the task was queued
+    remote.step()
+    assert fence_holds(client, flight.task.id, flight.celery_id)
 
 
 def test_a_big_download_does_not_hold_up_sending_other_tasks(tmp_path, moto_server, bucket, redis):

@@ -150,13 +150,23 @@ class DeliveryService:
             if self._job_batch_ended(batch, job, now):
                 self._submit(f"b:{batch.id}", self._finish_batch, batch, job)
         for d in self.store.deliveries.due(now):
-            self._submit(f"d:{d.id}", self._deliver, d)
+            if not self._not_in_outputs_yet(d):
+                self._submit(f"d:{d.id}", self._deliver, d)
         quiet = self.cfg.delivery.adhoc_quiet_seconds
         for batch in self.store.deliveries.open_adhoc_batches():
             files = self.store.deliveries.select(batch.id)
             if (batch.not_before <= now and files and all(d.state in ENDED for d in files)
                     and now - max(d.created_at for d in files) >= quiet):
                 self._submit(f"b:{batch.id}", self._finish_batch, batch, None)
+
+    def _not_in_outputs_yet(self, d: Delivery) -> bool:
+        """A remote worker's video (`transfer: s3`) is recorded as uploaded before the daemon has checked it and
+        renamed it into outputs/: it is linked only once it is there. While its task still runs the check may
+        fail, and then the record is taken back."""
+        if d.state != "uploaded" or d.task_id is None or Path(d.path).exists():
+            return False
+        task = self.store.tasks.by_output(d.path)
+        return task is not None and task.state in ("queued", "running")
 
     def _register(self, path: Path, size: int) -> Delivery | None:
         """A settled video becomes a delivery: tied to its task when our engine made it, ad hoc otherwise."""

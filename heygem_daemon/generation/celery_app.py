@@ -110,16 +110,20 @@ def attempt_part(output: str, attempt: int) -> Path:
     return Path(f"{output}.{attempt}.part")
 
 
+def fence_key(task_id: int) -> str:
+    return FENCE_KEY.format(task_id=task_id)
+
+
 def set_fence(client: Any, task_id: int, celery_id: str, ttl_seconds: float) -> None:
     """This attempt is the task's current one (set before it is sent; it outlives the longest render)."""
-    client.set(FENCE_KEY.format(task_id=task_id), celery_id, ex=max(1, int(ttl_seconds)))
+    client.set(fence_key(task_id), celery_id, ex=max(1, int(ttl_seconds)))
 
 
 def drop_fence(client: Any, task_id: int, celery_id: str) -> None:
     """The attempt is over (done, given up, stopped): its worker may no longer complete an upload."""
-    client.eval(_DROP_IF_MINE, 1, FENCE_KEY.format(task_id=task_id), celery_id)
+    client.eval(_DROP_IF_MINE, 1, fence_key(task_id), celery_id)
 
 
 def fence_holds(client: Any, task_id: int, celery_id: str) -> bool:
-    value = client.get(FENCE_KEY.format(task_id=task_id))
+    value = client.get(fence_key(task_id))
     return value is not None and (value.decode() if isinstance(value, bytes) else value) == celery_id

@@ -45,7 +45,8 @@ from heygem_daemon.clock import SYSTEM_CLOCK, Clock
 from heygem_daemon.config import Config, Remote
 from heygem_daemon.failures import Kind, backoff_delay
 from heygem_daemon.generation.celery_app import (
-    TASK_NAME, attempt_part, broker_name, drop_fence, encode, make_app, map_path, render_time_limit, set_fence,
+    TASK_NAME, attempt_part, broker_name, drop_fence, encode, fence_key, make_app, map_path, render_time_limit,
+    set_fence,
 )
 from heygem_daemon.generation.lifecycle import CANCELLED_HINT, CANCELLED_REASON, JobFinished, LifeCycle
 from heygem_daemon.generation.s3_transfer import S3Transfer, TransferTrouble
@@ -55,7 +56,10 @@ from heygem_daemon.state import CANCELLING, Task
 
 log = get_logger("heygem.remote")
 RUNNING_STATES = ("STARTED", "PROGRESS")
+READY_STATES = ("SUCCESS", "FAILURE")
 LOST_REASON = "the task broker no longer holds this task (Redis restarted without its data?)"
+FENCE_LOST_REASON = ("the worker found this attempt's fence gone from Redis (lost with its data, or expired) and "
+                     "aborted its upload")
 UNACKED_KEY = "unacked"
 """Where kombu's Redis transport keeps the messages workers hold (late acks): [message, exchange, key]."""
 
@@ -289,20 +293,27 @@ class RemoteDispatcher:
         return flight
 
     def _states(self) -> dict[str, dict[str, Any]] | None:
-        """The Celery state of every flight, in one read of the backend; None when Redis cannot be reached."""
-        ids = [f.celery_id for flights in self.flights.values() for f in flights if f.celery_id]
-        if not ids:
+        """The Celery state of every flight, in one read of the backend; None when Redis cannot be reached.
+        With transfer s3 the same read takes the fences of the attempts still rendering."""
+        sent = [f for flights in self.flights.values() for f in flights if f.celery_id]
+        if not sent:
             return {}
+        ids = [f.celery_id for f in sent]
+        fenced = [f for f in sent if self.transfer is not None and f.report is None]
         backend = self.app.backend
         try:
-            values = backend.mget([backend.get_key_for_task(celery_id) for celery_id in ids])
+            values = backend.mget([backend.get_key_for_task(celery_id) for celery_id in ids]
+                                  + [fence_key(f.task.id) for f in fenced])
         except Exception as exc:  # the backend (Redis) is away: renders go on; no stall is counted
             self._broker_trouble(exc)
             if isinstance(exc, RedisTimeout):  # it accepts but does not answer: a send would wait as long
                 self._pause_until = self.clock.monotonic() + self.cfg.workers.backoff_seconds
             return None
         self._broker_ok()
-        return {celery_id: backend.decode_result(value) for celery_id, value in zip(ids, values) if value}
+        states = {celery_id: backend.decode_result(value) for celery_id, value in zip(ids, values) if value}
+        self._fence_again([f for f, value in zip(fenced, values[len(ids):])
+                           if value is None and states.get(f.celery_id or "", {}).get("status") not in READY_STATES])
+        return states
 
     def _held_by_broker(self) -> set[str] | None:
         """Celery ids of the tasks Redis holds: waiting in our queues, or taken by a worker and not yet
@@ -494,6 +505,19 @@ class RemoteDispatcher:
         twice the visibility timeout, which the longest render stays under."""
         set_fence(self.app.backend.client, task.id, celery_id, 2 * self.remote.visibility_timeout_seconds)
 
+    def _fence_again(self, flights: list[Flight]) -> None:
+        """Fences gone while their attempt is still the current one (Redis lost its data; a task queued longer
+        than the fence lives): set again, so the render's upload is not aborted. Only this thread sets or drops
+        fences, and these flights were read before any of them was settled."""
+        for flight in flights:
+            assert flight.celery_id is not None
+            self._bound(flight).warning("remote attempt's fence missing from Redis; set again",
+                                        celery_id=flight.celery_id)
+            try:
+                self._set_fence(flight.task, flight.celery_id)
+            except Exception as exc:  # Redis away again: the next poll tries again
+                log.warning("cannot set a remote attempt's fence again", celery_id=flight.celery_id, error=str(exc))
+
     def _drop_fence(self, flight: Flight) -> None:
         """The attempt is over: a worker still running it aborts its upload instead of completing it."""
         if flight.celery_id is None:
@@ -593,5 +617,9 @@ def _attempt_of(info: Any) -> Attempt:
                        Kind.INTERNAL)
     if info.get("ok"):
         return Attempt(True)
+    if info.get("superseded"):
+        # `_finish` has discarded a report of an attempt the store no longer runs: this one is current, so its
+        # fence was not given to another attempt but lost. Sent again, the attempt not counted.
+        return Attempt(False, FENCE_LOST_REASON, "the task is sent again, its attempt not counted", interrupted=True)
     return Attempt(False, info.get("reason", "?"), info.get("hint", ""), Kind(info.get("kind", Kind.ENGINE.value)),
                    dependency=info.get("dependency", ""))

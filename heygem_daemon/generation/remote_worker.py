@@ -21,14 +21,18 @@ from celery import Celery
 from celery.signals import worker_process_init
 
 from heygem_daemon.config import Config, ConfigError
-from heygem_daemon.failures import Kind
-from heygem_daemon.generation.celery_app import TASK_NAME, decode, fence_holds, make_app
+from heygem_daemon.failures import Kind, backoff_delay
+from heygem_daemon.generation.celery_app import TASK_NAME, decode, fence_holds, make_app, render_time_limit
 from heygem_daemon.generation.s3_worker import S3Side, TaskFailed, generate_s3
 from heygem_daemon.generation.workers import run_engine
 from heygem_daemon.log import get_logger, setup_logging
 
 log = get_logger("heygem.remote_worker")
 _child: dict[str, Any] = {"device": "cpu", "label": "cpu", "engines": {}}
+FENCE_RETRY_SECONDS = (0.5, 5.0)
+"""Backoff between reads of a fence Redis does not answer: first delay, longest delay."""
+FENCE_MARGIN_SECONDS = 10.0
+"""The fence is given up this long before Celery's hard time limit would kill the task."""
 
 
 def child_label(devices: list[str], index: int) -> str:
@@ -83,11 +87,13 @@ def generate(task: Any, payload: dict[str, Any], engine_settings: dict[str, dict
     meta = {"host": task.request.hostname or host, "devices": devices, "device": _child["label"],
             "task": spec.name, "attempt": attempt}
     if payload.get("transfer") == "s3":
-        assert s3 is not None
+        assert s3 is not None and s3.cfg.workers.remote is not None
         beats = _Beats(task, meta, payload["beat_seconds"])
         beats.heartbeat(force=True)
+        deadline = time.monotonic() + render_time_limit(s3.cfg.workers.remote) - FENCE_MARGIN_SECONDS
+        fence = _fence(task.app.backend.client, spec.task_id, task.request.id, s3.broker, deadline)
         return {**meta, **generate_s3(s3, task, payload, _child["engines"], engine_settings, _child["device"],
-                                      beats, _fence(task, spec.task_id, s3.broker))}
+                                      beats, fence)}
     if (done.is_file() and done.stat().st_size) or Path(payload["final"]).is_file():
         return {**meta, "ok": True}
     # Two runs of one attempt may overlap (a redelivery while the first still renders): each writes its own.
@@ -109,15 +115,31 @@ def generate(task: Any, payload: dict[str, Any], engine_settings: dict[str, dict
         writing.unlink(missing_ok=True)
 
 
-def _fence(task: Any, task_id: int, broker: str) -> Callable[[], bool]:
-    """Whether this attempt is still the task's current one, read from the broker's Redis; Redis away is an
-    outage (the upload is not completed unconfirmed)."""
+def _fence(client: Any, task_id: int, celery_id: str, broker: str, deadline: float) -> Callable[[], bool]:
+    """Whether this attempt is still the task's current one, read from the broker's Redis. The upload is
+    never completed unconfirmed, and a finished render is never thrown away because Redis blinked: while
+    Redis does not answer, the read is tried again with backoff (the transfer's heartbeats go on) until
+    `deadline` (monotonic; just before the task's hard time limit), and only then is it an outage."""
     def holds() -> bool:
-        try:
-            return fence_holds(task.app.backend.client, task_id, task.request.id)
-        except Exception as exc:
-            raise TaskFailed(Kind.OUTAGE, f"cannot confirm the attempt is still current: {exc}",
-                             "the task broker is away; the task waits and runs again", broker) from exc
+        tries = 0
+        while True:
+            try:
+                confirmed = fence_holds(client, task_id, celery_id)
+            except Exception as exc:
+                tries += 1
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TaskFailed(Kind.OUTAGE, f"cannot confirm the attempt is still current: {exc}",
+                                     "the task broker was away until the task's time limit; the task waits "
+                                     "and runs again", broker) from exc
+                if tries == 1:
+                    log.warning("cannot read the attempt's fence; the finished upload waits for Redis",
+                                celery_id=celery_id, error=str(exc))
+                time.sleep(min(left, backoff_delay(tries, *FENCE_RETRY_SECONDS)))
+                continue
+            if tries:
+                log.info("attempt's fence read once Redis answered", celery_id=celery_id, tries=tries)
+            return confirmed
     return holds
 
 

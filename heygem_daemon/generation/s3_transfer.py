@@ -1,19 +1,22 @@
 """`workers.remote.transfer: s3`, the daemon's side: no folder shared with the worker hosts.
 
-At send, the task's inputs are staged once per job under `<prefix>.remote-inputs/<job id>/` and travel as
+At send, the task's inputs are staged once per job under `<prefix>.remote-inputs/<installation>/<job id>/`
+(`installation_id`: daemons sharing a bucket and key prefix never touch each other's) and travel as
 presigned GET links; the video's final key is fixed once per task (stored with the task), so every attempt
 on any host uploads to the same key. When an attempt succeeds, the daemon downloads the object into the
 attempt's part and records the video as already uploaded *before* the part is renamed into outputs/, so
 delivery only links it. Staging and downloading run on the dispatcher's transfer threads (never its loop);
 `stopping` leaves a transfer off between chunks (Stopping). A job's staged inputs are deleted once it has
-finished (JobFinished), and once per start for every finished or forgotten job whose inputs a crash left in
-the bucket.
+finished (JobFinished, and its final state written), and once per start for every finished or forgotten job
+whose inputs a crash left in this installation's staging folder.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -41,9 +44,10 @@ log = get_logger("heygem.remote")
 STAGING_FOLDER = ".remote-inputs"
 
 
-def staging_prefix(key_template: str, job_id: str) -> str:
-    """Where a job's inputs (and the videos of an `upload: false` job) wait for the workers."""
-    return f"{static_prefix(key_template)}{STAGING_FOLDER}/{safe_relpath(job_id)}/"
+def installation_id(state: Path) -> str:
+    """This daemon among those that may share a bucket and key prefix: a short hash of its host and state
+    folder, the same at every start. A daemon's sweeps delete only the staged inputs under its own."""
+    return hashlib.sha256(f"{socket.gethostname()}:{state.resolve()}".encode()).hexdigest()[:12]
 
 
 def link_seconds_for(visibility_timeout: float) -> int:
@@ -67,6 +71,8 @@ class S3Transfer:
         self.client, self.stopping = make_client(cfg.s3), stopping
         self.dependency = object_store_name(self.client.meta.endpoint_url)
         self.link_seconds = link_seconds_for(cfg.workers.remote.visibility_timeout_seconds)
+        self.staging = f"{static_prefix(cfg.s3.key_prefix)}{STAGING_FOLDER}/{installation_id(cfg.folder('state'))}/"
+        """This daemon's staging folder: one sub-folder per job."""
         self._staged: dict[str, dict[str, int]] = {}
         """job id -> staged key -> size, known to be in the bucket (saves a HEAD per input per task)."""
         self._staging: dict[str, threading.Lock] = {}
@@ -75,6 +81,10 @@ class S3Transfer:
         self._ended: set[str] | None = None
         """Jobs whose staged inputs are to go; None until the start's look for leftovers."""
         self._ended_lock = threading.Lock()  # JobFinished comes from whichever thread finished the job
+
+    def staging_prefix(self, job_id: str) -> str:
+        """Where a job's inputs (and the videos of an `upload: false` job) wait for the workers."""
+        return f"{self.staging}{safe_relpath(job_id)}/"
 
     # --- at send ---
 
@@ -88,7 +98,7 @@ class S3Transfer:
         return {"links": links, "object": {"key": self.final_key(task, job), "name": self._rel(task, job)}}
 
     def _link(self, job_id: str, path: Path) -> str:
-        key = staging_prefix(self.s3.key_prefix, job_id) + safe_relpath(path.name)
+        key = self.staging_prefix(job_id) + safe_relpath(path.name)
         size = path.stat().st_size
         with self._staging_lock:
             lock = self._staging.setdefault(key, threading.Lock())
@@ -105,7 +115,7 @@ class S3Transfer:
         through the job's staging folder (deleted with it)."""
         rel = self._rel(task, job)
         if job.spec.get("upload") is False:
-            key = f"{staging_prefix(self.s3.key_prefix, job.id)}out/{safe_relpath(rel)}"
+            key = f"{self.staging_prefix(job.id)}out/{safe_relpath(rel)}"
         else:
             key = object_key(self.s3.key_prefix, job.name, rel, time.time())
         return self.store.tasks.fix_object_key(task.id, key)
@@ -168,23 +178,31 @@ class S3Transfer:
 
     def delete_ended(self) -> None:
         """The staged inputs of jobs that finished, and at the first call those of every finished or forgotten
-        job (a crash between a job's end and this). Best effort: a failure is logged and the next start's look
-        deletes them; the links die with their expiry anyway."""
+        job of this installation (a crash between a job's end and this). Best effort: a failure is logged and
+        the next start's look deletes them; the links die with their expiry anyway."""
         with self._ended_lock:
-            first, ended = self._ended is None, set(self._ended or ())
+            first, noted = self._ended is None, set(self._ended or ())
             self._ended = set()
+        ended = set(noted)
         if first:
             try:
-                ended |= {p.rstrip("/").rsplit("/", 1)[-1] for p in list_folders(
-                    self.client, self.s3.bucket, f"{static_prefix(self.s3.key_prefix)}{STAGING_FOLDER}/")}
+                ended |= {p.rstrip("/").rsplit("/", 1)[-1] for p in list_folders(self.client, self.s3.bucket,
+                                                                                  self.staging)}
             except Exception as exc:
                 self._trouble("cannot list staged remote inputs", exc)
+        waiting = set()
         for job_id in sorted(ended):
-            if self.store.jobs.state(job_id) in (None, *TERMINAL_JOB_STATES):  # a retried job needs them again
+            if self.store.jobs.state(job_id) in (None, *TERMINAL_JOB_STATES):
                 self._delete_staged(job_id)
+            elif job_id in noted:
+                # JobFinished comes just before the job's final state is written (or the job was retried: it
+                # needs them again): asked again at the next step, until the job has ended.
+                waiting.add(job_id)
+        with self._ended_lock:
+            self._ended |= waiting
 
     def _delete_staged(self, job_id: str) -> None:
-        prefix = staging_prefix(self.s3.key_prefix, job_id)
+        prefix = self.staging_prefix(job_id)
         with self._staging_lock:
             for key in [k for k in self._staging if k.startswith(prefix)]:
                 del self._staging[key]

@@ -6,6 +6,8 @@ the resumable multipart Uploader straight to the key the daemon fixed for the ta
 (state/ under the worker's base_dir) records the parts, so a task redelivered to this host after a crash
 resumes the upload. Just before the object would appear, the fence in Redis must still name this attempt;
 otherwise the upload is aborted (the daemon gave this attempt up and another one owns the key).
+A payload comes through Redis: the worker fetches only http(s) links to its own object store and uploads only
+under the static part of its s3.key_prefix (`check_payload`).
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
+from urllib.parse import urlsplit
 
 from botocore.client import BaseClient
 from botocore.exceptions import BotoCoreError, ClientError
 
 from heygem_daemon.config import Config
+from heygem_daemon.delivery.names import static_prefix
 from heygem_daemon.delivery.s3 import (
     MiB, Superseded, Throttle, Uploaded, Uploader, abort_quietly, describe, make_client, object_store_name,
 )
@@ -87,7 +91,7 @@ def generate_s3(side: S3Side, task: Any, payload: dict[str, Any], engines: dict[
     _sweep_old_scratch(side.work, side.scratch_seconds)
     video = scratch / "video.mp4"
     try:
-        side.client()  # a worker that cannot upload says so before it renders
+        check_payload(side, payload)  # a worker that cannot upload, or will not, says so before it renders
         if not video.is_file():  # else: rendered before this worker died; only the upload is left
             spec = decode(payload["spec"], device)
             inputs = {name: scratch / "in" / getattr(spec, name).name for name in INPUT_FIELDS}
@@ -109,15 +113,46 @@ def generate_s3(side: S3Side, task: Any, payload: dict[str, Any], engines: dict[
     except TaskFailed as failed:
         return failed.outcome
     except Superseded:
-        log.warning("upload aborted: the daemon gave this attempt up", celery_id=task.request.id)
+        log.warning("upload aborted: the fence no longer names this attempt", celery_id=task.request.id)
+        # The daemon tells the two cases apart: an attempt it gave up on, or its current one whose fence was
+        # lost (Redis's data, an expiry), which it sends again without counting it.
         return {"ok": False, "kind": Kind.INTERNAL.value, "superseded": True,
-                "reason": "this attempt was given up by the daemon before its upload completed; the upload was "
-                          "aborted", "hint": "another attempt owns the video's key; nothing to do"}
+                "reason": "the fence in Redis no longer names this attempt (given up by the daemon, or lost) "
+                          "before its upload completed; the upload was aborted",
+                "hint": "the daemon discards it, or sends the task again if the attempt is still its current one"}
     except Exception as exc:  # a full scratch disk is an outage; anything else a counted engine fault
         _, kind, reason, hint, dependency = crash_error(exc)
         return {"ok": False, "kind": kind, "reason": reason, "hint": hint, "dependency": dependency}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def check_payload(side: S3Side, payload: dict[str, Any]) -> None:
+    """Refuse (a counted error) a task whose links lead anywhere but this worker's object store, or whose key
+    lies outside its key prefix: whoever can write into Redis must not make a worker read its own files
+    (file://), reach other hosts (an instance metadata service) or overwrite other objects in the bucket."""
+    client = side.client()
+    endpoint = urlsplit(client.meta.endpoint_url)
+    store = object_store_name(client.meta.endpoint_url)
+    hosts = {(endpoint.hostname or "").lower(), f"{side.cfg.s3.bucket}.{endpoint.hostname}".lower()}
+    for name, link in payload["links"].items():
+        url = urlsplit(link)
+        if url.scheme not in ("http", "https") or (url.hostname or "").lower() not in hosts or (
+                _port(url) != _port(endpoint)):
+            raise TaskFailed(Kind.INTERNAL, f"the link to input {name} ({url.scheme}://{url.hostname or ''}) is not "
+                             f"this worker's {store}: refused", "a worker fetches inputs only over http(s) from "
+                             "its s3.endpoint_url (AWS's endpoint for s3.region when unset): give it the daemon's "
+                             "s3 endpoint; if they match, something else wrote this task into Redis")
+    prefix = static_prefix(side.cfg.s3.key_prefix)
+    key = payload["object"]["key"]
+    if not key.startswith(prefix) or ".." in key.split("/"):
+        raise TaskFailed(Kind.INTERNAL, f"the video's key {key!r} is outside this worker's key prefix {prefix!r}: "
+                         "refused", "give the worker the daemon's s3.key_prefix; if they match, something else "
+                         "wrote this task into Redis")
+
+
+def _port(url: Any) -> int | None:
+    return url.port or {"http": 80, "https": 443}.get(url.scheme)
 
 
 def fetch_input(link: str, dest: Path, timeout: float) -> None:
