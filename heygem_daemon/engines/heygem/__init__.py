@@ -220,7 +220,7 @@ class HeygemEngine:
         raise EngineError(reason, f"{LOG_HINT}; {_RETRY} once")
 
     def _deliver(self, result: Path, task: TaskSpec) -> None:
-        # numpy comes with these, in the worker only: the daemon imports this package for the codes sweep.
+        # numpy comes with these, in the worker only: the daemon imports this package for settings and sweeps.
         from heygem_daemon.media.audio import load_clip
         from heygem_daemon.media.verify import add_audio, inspect_mp4
 

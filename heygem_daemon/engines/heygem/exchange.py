@@ -63,7 +63,7 @@ class Exchange:
         if kind_of(task.portrait) is MediaKind.VIDEO:
             self._avatar = task.portrait
             return
-        # OpenCV and numpy load in the worker only: the daemon imports this package for the codes sweep.
+        # OpenCV and numpy load in the worker only: the daemon imports this package for settings and sweeps.
         from heygem_daemon.media.frames import open_portrait
         from heygem_daemon.media.writer import Mp4Writer
 
