@@ -39,6 +39,7 @@ test-fast: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/intake.py
 	$(BIN)/python bench/outputs.py
+	$(BIN)/python bench/idle.py
 	$(BIN)/python bench/delivery.py
 	$(BIN)/python bench/preview.py
 	$(BIN)/python bench/upload.py

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # media_factory lives with the tests
 
 from heygem_daemon.config import DEFAULT_PRESETS  # noqa: E402
-from heygem_daemon.engines import preview  # noqa: E402
+from heygem_daemon.engines import preview, preview_render  # noqa: E402
 from heygem_daemon.engines.base import TaskSpec  # noqa: E402
 from heygem_daemon.media.writer import Mp4Writer  # noqa: E402
 from media_factory import PORTRAIT_JPG, video_facts, write_portrait_video, write_speech_wav  # noqa: E402
@@ -64,7 +64,7 @@ class NullWriter:
 
 
 def _run(task: TaskSpec, writer: type) -> float:
-    with mock.patch.object(preview, "Mp4Writer", writer):
+    with mock.patch.object(preview_render, "Mp4Writer", writer):
         start = time.perf_counter()
         preview.PreviewEngine(preview.PreviewEngine.Settings()).generate(task, lambda _f: None)
         return time.perf_counter() - start

@@ -62,3 +62,25 @@ def test_an_installed_engine_package_is_found_by_name_with_its_own_settings(tmp_
     assert result.returncode == 0 and "engine echo" in result.stdout, result.stderr
     config.write_text("base_dir: .\nengine: {name: echo}\nengines: {echo: {loudnes: 2}}\n")
     assert "engines.echo.loudnes: unknown key" in config_check(config, site).stderr
+
+
+# What the daemon process itself does with engines and sweeps: it reads every engine's settings and face rule
+# (start-up check, intake) and runs every cleanup sweep (the heygem codes sweep imports that engine's package).
+DAEMON_SIDE = """
+import importlib, sys
+from heygem_daemon import service
+from heygem_daemon.engines.registry import available, needs_face
+from heygem_daemon.ops.cleanup import SWEEPS
+for name in available():
+    needs_face(name)
+for job in SWEEPS:
+    importlib.import_module(job.target.partition(":")[0])
+print(" ".join(sorted(m for m in ("cv2", "numpy", "PIL", "torch", "celery") if m in sys.modules)))
+"""
+
+
+def test_the_daemon_process_loads_no_opencv_numpy_torch_or_celery_for_its_engines_and_sweeps():
+    # They load where the work is done: engine workers, intake's probe processes, remote workers. OpenCV and
+    # numpy alone would be about 30 MB of the daemon's resident memory (bench/idle.py).
+    out = subprocess.run([sys.executable, "-c", DAEMON_SIDE], capture_output=True, text=True, check=True).stdout
+    assert out.split() == []

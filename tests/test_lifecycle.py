@@ -18,6 +18,7 @@ import yaml
 from daemon_harness import DaemonHarness
 from media_factory import PORTRAIT_JPG, write_speech_wav
 from notify_receiver import Receiver
+from test_command_engine import ARGS
 
 pytestmark = pytest.mark.daemon  # starts the real daemon: left out of `make test-fast`
 
@@ -67,12 +68,28 @@ def notify():
     listener.close()
 
 
+# A task whose audio is named `slow…` runs the fake lip-sync tool (tests/tools/), which reports 5% and then holds
+# until the test writes its release file: running for as long as a test needs, finished when the test says.
+HELD_SECONDS = 600
+# Long enough for a daemon still claiming to take a pair dropped during the drain (settle 0.6 s, poll 0.3 s), twice.
+CLAIM_WINDOW_SECONDS = 2.0
+
+
+def held_tool(base: Path, release: Path, drain_seconds: float) -> dict:
+    """Config for a daemon whose engine is the fake tool (`slow…` tasks wait for `release`)."""
+    env = {"FAKE_SLOW_SECONDS": str(HELD_SECONDS), "FAKE_RELEASE_FILE": str(release)}
+    return {"shutdown": {"drain_seconds": drain_seconds}, "engine": {"name": "command"},
+            "engines": {"command": {"args": ARGS, "timeout": HELD_SECONDS, "progress_regex": r"(\d+)%",
+                                    "cwd": str(base), "env": env}}}
+
+
 @pytest.fixture
-def long_voice(tmp_path) -> Path:
-    return write_speech_wav(tmp_path / "long.wav", 25.0)
+def voice(tmp_path) -> Path:
+    return write_speech_wav(tmp_path / "voice.wav", 1.0)
 
 
 def running_task(harness: DaemonHarness, name: str):
+    """A task of the job that the tool has begun (its first progress is in the store)."""
     job = harness.job(name)
     tasks = harness.store().tasks.select(job.id) if job else []
     return next((t for t in tasks if t.state == "running" and t.progress > 0.02), None)
@@ -92,19 +109,21 @@ def test_notify_socket_sees_ready_status_watchdog_and_stopping(tmp_path, notify)
     assert fields[stopping + 1] == f"EXTEND_TIMEOUT_USEC={(10 + 30) * 1_000_000}"
 
 
-def test_sigterm_lets_the_running_task_finish_takes_nothing_new_and_restart_resumes(tmp_path):
-    # 720p: slow enough that the first task is still running when the signal arrives, even on a quiet machine.
-    harness = DaemonHarness(tmp_path / "base", {"shutdown": {"drain_seconds": 120}, "engine": {"preset": "720p"}})
+def test_sigterm_lets_the_running_task_finish_takes_nothing_new_and_restart_resumes(tmp_path, voice):
+    release = tmp_path / "release"
+    harness = DaemonHarness(tmp_path / "base", held_tool(tmp_path / "base", release, drain_seconds=120))
     harness.start()
-    voice = write_speech_wav(tmp_path / "voice.wav", 12.0)
-    harness.drop(voice, "speech.wav", folder="pair")
+    harness.drop(voice, "slow.wav", folder="pair")
     harness.drop(PORTRAIT_JPG, "anna.jpg", folder="pair")
     harness.drop(PORTRAIT_JPG, "ben.jpg", folder="pair")
     harness.wait_for(lambda: running_task(harness, "pair"), 60, "the first task to run")
 
     harness.proc.send_signal(signal.SIGTERM)
-    harness.drop(write_speech_wav(tmp_path / "short.wav", 1.0), "late.wav")  # only has to wait, not to run long
+    harness.drop(write_speech_wav(tmp_path / "short.wav", 0.8), "late.wav")  # not the pair's audio: no duplicate
     harness.drop(PORTRAIT_JPG, "late.jpg")
+    harness.wait_for(lambda: "draining" in harness.log_text(), 30, "the drain to begin")
+    time.sleep(CLAIM_WINDOW_SECONDS)  # not a race: the time in which a daemon still claiming would take `late`
+    release.touch()
     assert harness.proc.wait(120) == 0
 
     job = harness.job("pair")
@@ -122,14 +141,18 @@ def test_sigterm_lets_the_running_task_finish_takes_nothing_new_and_restart_resu
     harness.stop()
 
 
-def test_a_job_finished_during_the_drain_is_linked_reported_and_announced_before_exit(tmp_path, long_voice):
+def test_a_job_finished_during_the_drain_is_linked_reported_and_announced_before_exit(tmp_path, voice):
     receiver = Receiver().start()
-    harness = DaemonHarness(tmp_path / "base", {"shutdown": {"drain_seconds": 120}, "engine": {"preset": "720p"}})
+    release = tmp_path / "release"
+    harness = DaemonHarness(tmp_path / "base", held_tool(tmp_path / "base", release, drain_seconds=120))
     try:
         harness.start(env={"HEYGEM_NOTIFY__URLS": receiver.url("/hook")})
-        harness.drop_pair(long_voice, PORTRAIT_JPG, "carol")
+        harness.drop(voice, "slow.wav", folder="carol")
+        harness.drop(PORTRAIT_JPG, "carol.jpg", folder="carol")
         harness.wait_for(lambda: running_task(harness, "carol"), 60, "the task to run")
         harness.proc.send_signal(signal.SIGTERM)
+        harness.wait_for(lambda: "draining" in harness.log_text(), 30, "the drain to begin")
+        release.touch()
         assert harness.proc.wait(120) == 0
     finally:
         harness.stop()
@@ -147,10 +170,10 @@ def test_a_job_finished_during_the_drain_is_linked_reported_and_announced_before
     assert [n.state for n in harness.store().outbox.select(job.id)] == ["sent"]
 
 
-def test_drain_time_over_puts_the_running_task_back_in_the_queue_uncounted(tmp_path, long_voice):
-    harness = DaemonHarness(tmp_path / "base", {"shutdown": {"drain_seconds": 0.5}, "engine": {"preset": "720p"}})
+def test_drain_time_over_puts_the_running_task_back_in_the_queue_uncounted(tmp_path, voice):
+    harness = DaemonHarness(tmp_path / "base", held_tool(tmp_path / "base", tmp_path / "release", drain_seconds=0.5))
     harness.start()
-    harness.drop(long_voice, "slow.wav")
+    harness.drop(voice, "slow.wav")
     harness.drop(PORTRAIT_JPG, "slow.jpg")
     harness.wait_for(lambda: running_task(harness, "slow"), 60, "the task to run")
 
@@ -163,10 +186,10 @@ def test_drain_time_over_puts_the_running_task_back_in_the_queue_uncounted(tmp_p
     assert "drain time over: running tasks go back to the queue" in harness.log_text()
 
 
-def test_a_second_sigterm_stops_at_once_with_the_task_requeued(tmp_path, long_voice):
-    harness = DaemonHarness(tmp_path / "base", {"shutdown": {"drain_seconds": 600}, "engine": {"preset": "720p"}})
+def test_a_second_sigterm_stops_at_once_with_the_task_requeued(tmp_path, voice):
+    harness = DaemonHarness(tmp_path / "base", held_tool(tmp_path / "base", tmp_path / "release", drain_seconds=600))
     harness.start()
-    harness.drop(long_voice, "slow.wav")
+    harness.drop(voice, "slow.wav")
     harness.drop(PORTRAIT_JPG, "slow.jpg")
     harness.wait_for(lambda: running_task(harness, "slow"), 60, "the task to run")
 

@@ -18,8 +18,8 @@ from media_factory import PORTRAIT_JPG, write_speech_wav
 from test_command_engine import ARGS
 
 pytestmark = pytest.mark.daemon  # starts the real daemon: left out of `make test-fast`
-# How long the fake tool sleeps, silent, for an audio named `slow…`: longer than any wait here, so such a task
-# runs until a test cancels it (or, past workers.stall_seconds without a heartbeat, the stall watchdog ends it).
+# How long the fake tool holds, reporting 5%, for an audio named `slow…`: longer than any wait here, so such a
+# task runs until a test cancels it.
 HELD_SECONDS = 600
 
 

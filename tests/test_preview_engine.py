@@ -12,7 +12,8 @@ import av
 
 from heygem_daemon.config import DEFAULT_PRESETS, Preset
 from heygem_daemon.engines.base import BadInputError, TaskSpec
-from heygem_daemon.engines.preview import MouthRig, PreviewEngine, mouth_openness
+from heygem_daemon.engines.preview import PreviewEngine
+from heygem_daemon.engines.preview_render import MouthRig, mouth_openness
 from heygem_daemon.media.audio import load_mono
 from heygem_daemon.media.faces import Box, detect_face
 from heygem_daemon.media.frames import open_portrait

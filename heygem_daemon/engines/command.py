@@ -27,7 +27,6 @@ from heygem_daemon.config import ENV_PREFIX
 from heygem_daemon.engines.base import BadInputError, EngineError, EngineSettings, ProgressFn, TaskSpec
 from heygem_daemon.fs.ops import move
 from heygem_daemon.media.errors import MediaError
-from heygem_daemon.media.verify import require_playable
 from heygem_daemon.proc import die_with_parent
 
 PLACEHOLDERS = ("audio", "portrait", "output", "workdir", "fps", "height", "device")
@@ -105,6 +104,9 @@ class CommandEngine:
         self._judge(code, tail)
         if not self.names_output:
             made = self._found_output(task.workdir, tail)
+        # In the worker only: the check loads OpenCV and numpy, which the daemon (reading the settings) does not need.
+        from heygem_daemon.media.verify import require_playable
+
         try:
             require_playable(made)
         except MediaError as exc:

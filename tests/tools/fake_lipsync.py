@@ -8,8 +8,9 @@ separated by carriage returns, as such tools do. What it does wrong is chosen by
 file name, so one configured daemon can exercise every outcome: `crash` (traceback, exit 1), `diehost` (SIGKILLs
 the process that started it, as a native crash of the engine's host process would end it),
 `badinput` (message, exit 3), `hang` (starts a helper process, writes its pid beside the output, then
-sleeps), `notmp4` (writes text), `slow` (first sleeps $FAKE_SLOW_SECONDS), `noaudio` (an MP4 without sound), `env` (writes the names of its
-HEYGEM_* and FAKE_* environment variables beside the output).
+sleeps), `notmp4` (writes text), `slow` (waits $FAKE_SLOW_SECONDS, or until the file named by $FAKE_RELEASE_FILE
+exists so a test decides when it goes on, reporting 5% each second meanwhile), `noaudio` (an MP4 without sound),
+`env` (writes the names of its HEYGEM_* and FAKE_* environment variables beside the output).
 """
 
 from __future__ import annotations
@@ -61,6 +62,18 @@ def audio_samples(path: Path) -> np.ndarray:
     return np.concatenate(chunks, axis=1)
 
 
+def hold(seconds: float, release: str | None) -> None:
+    """Wait `seconds`, or less once the file `release` names exists; say 5% each second, as a working tool
+    would (the daemon stores progress at most twice a second, so a single line could go unrecorded)."""
+    deadline = time.monotonic() + seconds
+    said = 0.0
+    while time.monotonic() < deadline and not (release and os.path.exists(release)):
+        if time.monotonic() - said >= 1.0:
+            print("rendering 5%", flush=True)
+            said = time.monotonic()
+        time.sleep(0.05)
+
+
 def make_mp4(args: argparse.Namespace, with_audio: bool) -> None:
     picture = portrait_frame(args.portrait, args.height)
     sound = audio_samples(args.audio)
@@ -106,7 +119,7 @@ def main() -> int:
         print("working", flush=True)
         time.sleep(600)
     if "slow" in mode:
-        time.sleep(float(os.environ.get("FAKE_SLOW_SECONDS", "3")))
+        hold(float(os.environ.get("FAKE_SLOW_SECONDS", "3")), os.environ.get("FAKE_RELEASE_FILE"))
     if "notmp4" in mode:
         args.output.write_text("this is not a video\n")
         return 0

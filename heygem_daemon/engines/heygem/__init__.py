@@ -33,9 +33,7 @@ from heygem_daemon.engines.heygem.pool import ServicePool, health_file
 from heygem_daemon.engines.heygem.settings import Endpoint, HeygemSettings
 from heygem_daemon.fs.ops import move
 from heygem_daemon.log import redact_text
-from heygem_daemon.media.audio import load_clip
 from heygem_daemon.media.errors import MediaError
-from heygem_daemon.media.verify import add_audio, inspect_mp4
 from heygem_daemon.state import Store
 
 # Share of the progress bar: staging the inputs, then the service's own 0..100, then delivery.
@@ -222,6 +220,10 @@ class HeygemEngine:
         raise EngineError(reason, f"{LOG_HINT}; {_RETRY} once")
 
     def _deliver(self, result: Path, task: TaskSpec) -> None:
+        # numpy comes with these, in the worker only: the daemon imports this package for settings and sweeps.
+        from heygem_daemon.media.audio import load_clip
+        from heygem_daemon.media.verify import add_audio, inspect_mp4
+
         try:
             facts = inspect_mp4(result)
         except MediaError as exc:

@@ -20,9 +20,7 @@ import av
 from heygem_daemon.engines.base import TaskSpec
 from heygem_daemon.engines.heygem.settings import Endpoint
 from heygem_daemon.media.errors import MediaError
-from heygem_daemon.media.frames import open_portrait
 from heygem_daemon.media.kinds import MediaKind, kind_of
-from heygem_daemon.media.writer import Mp4Writer
 from heygem_daemon.state import Store
 
 
@@ -65,6 +63,10 @@ class Exchange:
         if kind_of(task.portrait) is MediaKind.VIDEO:
             self._avatar = task.portrait
             return
+        # OpenCV and numpy load in the worker only: the daemon imports this package for settings and sweeps.
+        from heygem_daemon.media.frames import open_portrait
+        from heygem_daemon.media.writer import Mp4Writer
+
         frames = open_portrait(task.portrait, task.preset.height, task.workdir)
         out = task.workdir / f"{self.code}-avatar.mp4"
         width, height = frames.size
