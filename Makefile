@@ -47,6 +47,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/wav2lip.py
 	$(BIN)/python bench/web.py
 	$(BIN)/python bench/remote.py
+	$(BIN)/python bench/remote_transfer.py
 
 # As root on a Debian/Ubuntu host: boots a container with systemd and replays README "Install as a service".
 systemd-check:
