@@ -87,7 +87,7 @@ def test_a_task_travels_with_links_to_its_inputs_and_every_attempt_targets_one_k
     job = claimed(life, "alice", pairs=2, media=True)
     first = life.take("remote:gpu")
     _, spec = task_spec(remote.cfg, life, first, "remote:gpu")
-    sent = json.loads(json.dumps(remote._s3_payload({}, first, spec)))
+    sent = json.loads(json.dumps(remote.s3.payload({}, first, spec)))
     assert sent["transfer"] == "s3" and sent["object"]["name"] == "v0.mp4"
     for name in ("audio", "portrait"):
         with urllib.request.urlopen(sent["links"][name]) as got:
@@ -98,7 +98,7 @@ def test_a_task_travels_with_links_to_its_inputs_and_every_attempt_targets_one_k
     life.clock.advance(3600)
     again = life.take("remote:gpu")
     assert again.id == first.id and again.attempts == 2
-    assert remote._s3_payload({}, again, spec)["object"]["key"] == key == life.store.tasks.get(first.id).object_key
+    assert remote.s3.payload({}, again, spec)["object"]["key"] == key == life.store.tasks.get(first.id).object_key
     assert life.store.tasks.select(job.id)[1].object_key is None  # the other task gets its own key when sent
 
 
@@ -108,10 +108,10 @@ def test_a_jobs_inputs_are_uploaded_once_for_all_its_tasks(tmp_path, moto_server
     job = claimed(life, "bob", pairs=3, media=True)
     for _ in range(3):
         task = life.take("remote:gpu")
-        remote._s3_payload({}, task, task_spec(remote.cfg, life, task, "remote:gpu")[1])
+        remote.s3.payload({}, task, task_spec(remote.cfg, life, task, "remote:gpu")[1])
     restarted = dispatcher(tmp_path, moto_server, bucket)  # a new run knows nothing staged: it asks the bucket
     task = life.store.tasks.select(job.id)[0]
-    restarted._s3_payload({}, task, task_spec(restarted.cfg, life, task, "remote:gpu")[1])
+    restarted.s3.payload({}, task, task_spec(restarted.cfg, life, task, "remote:gpu")[1])
     prefix = remote.transfer.staging_prefix(job.id)
     puts = re.findall(rf'"PUT /{bucket}/{re.escape(prefix)}(\S+) ', moto_server.log_path.read_text())
     assert sorted(puts) == ["face.jpg", "voice.wav"]
@@ -254,7 +254,7 @@ def test_a_worker_refuses_to_upload_outside_its_key_prefix(tmp_path, moto_server
 
 
 def sent(remote: RemoteDispatcher, task) -> dict:
-    return remote._s3_payload({}, task, task_spec(remote.cfg, remote.life, task, "remote:gpu")[1])
+    return remote.s3.payload({}, task, task_spec(remote.cfg, remote.life, task, "remote:gpu")[1])
 
 
 def finish_remotely(remote: RemoteDispatcher, task, body: bytes, sha256: str | None = None) -> tuple[str, str]:
