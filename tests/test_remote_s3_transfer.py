@@ -482,6 +482,24 @@ def test_a_fence_redis_lost_is_set_again_for_the_attempt_still_running(tmp_path,
     assert fence_holds(client, flight.task.id, flight.celery_id)
 
 
+def test_an_attempt_failed_because_it_cannot_be_followed_ends_its_fence_and_frees_its_worker(
+        tmp_path, moto_server, bucket, redis):
+    remote = live(tmp_path, moto_server.s3_settings(bucket), redis)
+    flight = sent_flight(remote, "nora")
+    beat = {"host": "w1", "device": "cuda:0", "devices": ["cuda:0"], "beat": 1.0, "progress": 0.5}
+    remote.app.backend.store_result(flight.celery_id, beat, "PROGRESS")
+    remote.step()
+    assert remote.describe()[0]["tasks"] == {"cuda:0": flight.task.name}
+    # A beat this daemon cannot read (a newer worker): the attempt fails, and the render must not complete
+    # its upload to the task's key any more.
+    remote.app.backend.store_result(flight.celery_id, {**beat, "beat": 2.0, "progress": "half"}, "PROGRESS")
+    remote.step()
+    task = remote.store.tasks.get(flight.task.id)
+    assert (task.state, task.attempts, task.last_error["kind"]) == ("queued", 1, "internal")
+    assert not fence_holds(redis_client.Redis.from_url(redis.url), task.id, flight.celery_id)
+    assert remote.describe()[0]["tasks"] == {}
+
+
 def test_a_big_download_does_not_hold_up_sending_other_tasks(tmp_path, moto_server, bucket, redis):
     slow_link = threading.Event()
     proxy = LimitedProxy(moto_server, lacking=(), hold_downloads=slow_link).start()

@@ -179,15 +179,14 @@ class RemoteDispatcher:
         try:
             return self._advance(flight, cancelled, states, held)
         except Exception as exc:
-            log.exception("cannot finish a remote task; its attempt fails", task_id=flight.task.id,
-                          task=flight.task.name, celery_id=flight.celery_id)
+            flight.log.exception("cannot finish a remote task; its attempt fails", celery_id=flight.celery_id)
             try:
-                record_failure(self.life, f"remote:{flight.queue}", flight.task,
+                self._end(flight)
+                record_failure(self.life, flight.device, flight.task,
                                Attempt(False, f"{type(exc).__name__}: {exc}", "the daemon could not finish the "
-                                       "task; see the daemon log", Kind.INTERNAL),
-                               log.bind(task_id=flight.task.id, job_id=flight.task.job_id))
+                                       "task; see the daemon log", Kind.INTERNAL), flight.log)
             except Exception:
-                log.exception("cannot record the failed attempt either; the task is left to recovery")
+                flight.log.exception("cannot record the failed attempt either; the task is left to recovery")
             return True
 
     def _advance(self, flight: Flight, cancelled: bool, states: States | None, held: Held) -> bool:
@@ -362,9 +361,7 @@ class RemoteDispatcher:
         """Settle the attempt; False while a success's video is still to come from the bucket (transfer s3:
         `S3Flights.downloaded` settles it). `info`: the worker's report (with transfer s3, what it uploaded)."""
         task = flight.task
-        self.roster.released(flight.meta, task.name)
-        if self.s3 is not None and flight.celery_id is not None:
-            self.celery.drop_fence(task.id, flight.celery_id)
+        self._end(flight)
         now = self.store.tasks.get(task.id)
         if now.state != "running" or now.attempts != task.attempts:
             # An attempt the daemon already gave up on (or one a restart requeued): its result is not ours.
@@ -382,6 +379,13 @@ class RemoteDispatcher:
         if result.ok:
             drop_stale_parts(task)
         return True
+
+    def _end(self, flight: Flight) -> None:
+        """Whatever settles the attempt: its worker's device is free, and a worker still running it aborts its
+        upload instead of completing it (its fence dropped)."""
+        self.roster.released(flight.meta, flight.task.name)
+        if self.s3 is not None and flight.celery_id is not None:
+            self.celery.drop_fence(flight.task.id, flight.celery_id)
 
     def _s3(self) -> S3Flights:
         """Only flights of transfer s3 have a report or a transfer."""
