@@ -500,6 +500,30 @@ def test_an_attempt_failed_because_it_cannot_be_followed_ends_its_fence_and_free
     assert remote.describe()[0]["tasks"] == {}
 
 
+def test_a_task_staged_while_redis_stops_answering_waits_to_be_sent_until_the_backoff_is_over(
+        tmp_path, moto_server, bucket, redis):
+    remote = live(tmp_path, moto_server.s3_settings(bucket), redis)
+    sent_flight(remote, "olga")  # a render in flight: its state is read at every step
+    job = claimed(remote.life, "paul", media=True)
+    remote.step()  # paul's inputs go to a transfer thread
+    (staging,) = [f for f in remote.flights["gpu"] if f.task.job_id == job.id]
+    wait([staging.transfer])
+    os.kill(redis.proc.pid, signal.SIGSTOP)  # it still accepts connections, but answers nothing
+    try:
+        stepping = threading.Thread(target=remote.step, daemon=True)
+        stepping.start()
+        stepping.join(90)
+        assert not stepping.is_alive(), "the dispatch loop hangs on a Redis that does not answer"
+    finally:
+        os.kill(redis.proc.pid, signal.SIGCONT)
+    task = remote.store.tasks.get(staging.task.id)
+    assert (task.state, task.attempts, task.last_error) == ("running", 1, None)  # not sent into it, no outage
+    assert [a["remote_id"] for a in remote.store.tasks.attempts(task.id)] == [None]
+    remote.clock.advance(remote.cfg.workers.backoff_seconds)
+    remote.step()
+    assert staging.celery_id and messages(redis) == 2
+
+
 def test_a_big_download_does_not_hold_up_sending_other_tasks(tmp_path, moto_server, bucket, redis):
     slow_link = threading.Event()
     proxy = LimitedProxy(moto_server, lacking=(), hold_downloads=slow_link).start()

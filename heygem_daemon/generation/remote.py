@@ -159,8 +159,7 @@ class RemoteDispatcher:
             for flight in list(flights):
                 if self._settled(flight, flight.task.job_id in cancelling, states, held):
                     flights.remove(flight)
-            while (not self.hold.is_set() and self.clock.monotonic() >= self._pause_until
-                   and len(flights) < self.remote.queues[queue]):
+            while not self.hold.is_set() and not self._paused() and len(flights) < self.remote.queues[queue]:
                 task = self.life.take(f"remote:{queue}")
                 if task is None:
                     break
@@ -172,6 +171,9 @@ class RemoteDispatcher:
     def _pause(self) -> None:
         """No send for a while: the broker or the bucket cannot take one now."""
         self._pause_until = self.clock.monotonic() + self.cfg.workers.backoff_seconds
+
+    def _paused(self) -> bool:
+        return self.clock.monotonic() < self._pause_until
 
     def _settled(self, flight: Flight, cancelled: bool, states: States | None, held: Held) -> bool:
         """`_advance`, with a flight that cannot be followed (its part unmovable, a report from a newer worker)
@@ -226,7 +228,10 @@ class RemoteDispatcher:
         return flight
 
     def _staged(self, flight: Flight, cancelled: bool) -> bool:
-        """The flight's inputs are in the bucket: send it. True when its attempt ended instead."""
+        """The flight's inputs are in the bucket: send it. True when its attempt ended instead. While sends
+        are paused (a Redis that does not answer would hold the loop for each) it waits, staged."""
+        if self._paused() and not cancelled:
+            return False
         try:
             payload = flight.collect()
         except TransferTrouble as trouble:  # the bucket cannot take the inputs now: the task waits
