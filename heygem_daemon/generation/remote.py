@@ -66,7 +66,7 @@ class RemoteDispatcher:
         self.app = self.celery.app  # tests and benches play the worker through it
         self.wake, self.stop_event, self.hold = threading.Event(), threading.Event(), threading.Event()
         self.s3 = S3Flights(cfg, life, clock, self.stop_event) if self.remote.transfer == "s3" else None
-        self.transfer = self.s3.transfer if self.s3 is not None else None
+        self.transfer = self.s3.transfer if self.s3 is not None else None  # the bucket: tests and benches
         self.flights: dict[str, list[Flight]] = {q: [] for q in self.remote.queues}
         self.roster = WorkerRoster()
         self._pause_until = 0.0
