@@ -268,31 +268,29 @@ class RemoteDispatcher:
     def _states(self) -> States | None:
         """The Celery state of every flight, in one read of the backend; None when Redis cannot be reached.
         With transfer s3 the same read takes the fences of the attempts still rendering."""
-        sent = [f for flights in self.flights.values() for f in flights if f.celery_id]
+        sent = [(f, f.celery_id) for flights in self.flights.values() for f in flights if f.celery_id]
         if not sent:
             return {}
-        fenced = [f for f in sent if self.s3 is not None and f.report is None]
-        reading = self.celery.read([f.celery_id for f in sent if f.celery_id],
-                                   [(f.task.id, f.celery_id) for f in fenced if f.celery_id])
+        fenced = [(f, celery_id) for f, celery_id in sent if self.s3 is not None and f.report is None]
+        reading = self.celery.read([celery_id for _, celery_id in sent], [(f.task.id, c) for f, c in fenced])
         if reading is None:
             if self.celery.wedged:  # it accepts but does not answer: a send would wait as long
                 self._pause()
             return None
-        self._fence_again([f for f in fenced if f.celery_id in reading.unfenced
-                           and reading.states.get(f.celery_id or "", {}).get("status") not in READY_STATES])
+        self._fence_again([(f, celery_id) for f, celery_id in fenced if celery_id in reading.unfenced
+                           and reading.states.get(celery_id, {}).get("status") not in READY_STATES])
         return reading.states
 
-    def _fence_again(self, flights: list[Flight]) -> None:
+    def _fence_again(self, fences: list[tuple[Flight, str]]) -> None:
         """Fences gone while their attempt is still the current one (Redis lost its data; a task queued longer
         than the fence lives): set again, so the render's upload is not aborted. Only this thread sets or drops
         fences, and these flights were read before any of them was settled."""
-        for flight in flights:
-            assert flight.celery_id is not None
-            flight.log.warning("remote attempt's fence missing from Redis; set again", celery_id=flight.celery_id)
+        for flight, celery_id in fences:
+            flight.log.warning("remote attempt's fence missing from Redis; set again", celery_id=celery_id)
             try:
-                self.celery.set_fence(flight.task.id, flight.celery_id)
+                self.celery.set_fence(flight.task.id, celery_id)
             except Exception as exc:  # Redis away again: the next poll tries again
-                log.warning("cannot set a remote attempt's fence again", celery_id=flight.celery_id, error=str(exc))
+                log.warning("cannot set a remote attempt's fence again", celery_id=celery_id, error=str(exc))
 
     def _follow(self, flight: Flight, cancelled: bool, states: States | None, held: Held) -> bool:
         """Settle the flight by its state; True once its attempt is settled."""
