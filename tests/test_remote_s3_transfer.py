@@ -87,7 +87,7 @@ def test_a_task_travels_with_links_to_its_inputs_and_every_attempt_targets_one_k
     job = claimed(life, "alice", pairs=2, media=True)
     first = life.take("remote:gpu")
     _, spec = task_spec(remote.cfg, life, first, "remote:gpu")
-    sent = json.loads(json.dumps(remote._s3_payload({}, first, spec)))
+    sent = json.loads(json.dumps(remote.s3.payload({}, first, spec)))
     assert sent["transfer"] == "s3" and sent["object"]["name"] == "v0.mp4"
     for name in ("audio", "portrait"):
         with urllib.request.urlopen(sent["links"][name]) as got:
@@ -98,7 +98,7 @@ def test_a_task_travels_with_links_to_its_inputs_and_every_attempt_targets_one_k
     life.clock.advance(3600)
     again = life.take("remote:gpu")
     assert again.id == first.id and again.attempts == 2
-    assert remote._s3_payload({}, again, spec)["object"]["key"] == key == life.store.tasks.get(first.id).object_key
+    assert remote.s3.payload({}, again, spec)["object"]["key"] == key == life.store.tasks.get(first.id).object_key
     assert life.store.tasks.select(job.id)[1].object_key is None  # the other task gets its own key when sent
 
 
@@ -108,10 +108,10 @@ def test_a_jobs_inputs_are_uploaded_once_for_all_its_tasks(tmp_path, moto_server
     job = claimed(life, "bob", pairs=3, media=True)
     for _ in range(3):
         task = life.take("remote:gpu")
-        remote._s3_payload({}, task, task_spec(remote.cfg, life, task, "remote:gpu")[1])
+        remote.s3.payload({}, task, task_spec(remote.cfg, life, task, "remote:gpu")[1])
     restarted = dispatcher(tmp_path, moto_server, bucket)  # a new run knows nothing staged: it asks the bucket
     task = life.store.tasks.select(job.id)[0]
-    restarted._s3_payload({}, task, task_spec(restarted.cfg, life, task, "remote:gpu")[1])
+    restarted.s3.payload({}, task, task_spec(restarted.cfg, life, task, "remote:gpu")[1])
     prefix = remote.transfer.staging_prefix(job.id)
     puts = re.findall(rf'"PUT /{bucket}/{re.escape(prefix)}(\S+) ', moto_server.log_path.read_text())
     assert sorted(puts) == ["face.jpg", "voice.wav"]
@@ -254,7 +254,7 @@ def test_a_worker_refuses_to_upload_outside_its_key_prefix(tmp_path, moto_server
 
 
 def sent(remote: RemoteDispatcher, task) -> dict:
-    return remote._s3_payload({}, task, task_spec(remote.cfg, remote.life, task, "remote:gpu")[1])
+    return remote.s3.payload({}, task, task_spec(remote.cfg, remote.life, task, "remote:gpu")[1])
 
 
 def finish_remotely(remote: RemoteDispatcher, task, body: bytes, sha256: str | None = None) -> tuple[str, str]:
@@ -480,6 +480,48 @@ def test_a_fence_redis_lost_is_set_again_for_the_attempt_still_running(tmp_path,
     client.delete(fence_key(flight.task.id))  # lost with Redis's data, or expired while the task was queued
     remote.step()
     assert fence_holds(client, flight.task.id, flight.celery_id)
+
+
+def test_an_attempt_failed_because_it_cannot_be_followed_ends_its_fence_and_frees_its_worker(
+        tmp_path, moto_server, bucket, redis):
+    remote = live(tmp_path, moto_server.s3_settings(bucket), redis)
+    flight = sent_flight(remote, "nora")
+    beat = {"host": "w1", "device": "cuda:0", "devices": ["cuda:0"], "beat": 1.0, "progress": 0.5}
+    remote.app.backend.store_result(flight.celery_id, beat, "PROGRESS")
+    remote.step()
+    assert remote.describe()[0]["tasks"] == {"cuda:0": flight.task.name}
+    # A beat this daemon cannot read (a newer worker): the attempt fails, and the render must not complete
+    # its upload to the task's key any more.
+    remote.app.backend.store_result(flight.celery_id, {**beat, "beat": 2.0, "progress": "half"}, "PROGRESS")
+    remote.step()
+    task = remote.store.tasks.get(flight.task.id)
+    assert (task.state, task.attempts, task.last_error["kind"]) == ("queued", 1, "internal")
+    assert not fence_holds(redis_client.Redis.from_url(redis.url), task.id, flight.celery_id)
+    assert remote.describe()[0]["tasks"] == {}
+
+
+def test_a_task_staged_while_redis_stops_answering_waits_to_be_sent_until_the_backoff_is_over(
+        tmp_path, moto_server, bucket, redis):
+    remote = live(tmp_path, moto_server.s3_settings(bucket), redis)
+    sent_flight(remote, "olga")  # a render in flight: its state is read at every step
+    job = claimed(remote.life, "paul", media=True)
+    remote.step()  # paul's inputs go to a transfer thread
+    (staging,) = [f for f in remote.flights["gpu"] if f.task.job_id == job.id]
+    wait([staging.transfer])
+    os.kill(redis.proc.pid, signal.SIGSTOP)  # it still accepts connections, but answers nothing
+    try:
+        stepping = threading.Thread(target=remote.step, daemon=True)
+        stepping.start()
+        stepping.join(90)
+        assert not stepping.is_alive(), "the dispatch loop hangs on a Redis that does not answer"
+    finally:
+        os.kill(redis.proc.pid, signal.SIGCONT)
+    task = remote.store.tasks.get(staging.task.id)
+    assert (task.state, task.attempts, task.last_error) == ("running", 1, None)  # not sent into it, no outage
+    assert [a["remote_id"] for a in remote.store.tasks.attempts(task.id)] == [None]
+    remote.clock.advance(remote.cfg.workers.backoff_seconds)
+    remote.step()
+    assert staging.celery_id and messages(redis) == 2
 
 
 def test_a_big_download_does_not_hold_up_sending_other_tasks(tmp_path, moto_server, bucket, redis):
