@@ -173,10 +173,22 @@ def test_a_finished_upload_waits_for_redis_to_confirm_its_attempt_and_then_compl
     video = write_noise_video(tmp_path / "video.mp4", 12)  # multipart: 5 MB parts
     redis.stop()  # a blink exactly when the render is done
     uploading, outcome = fenced_upload(cfg, client, video, time.monotonic() + 60)
-    time.sleep(1.5)
     s3 = moto_server.client()
+
+    parts = -(-video.stat().st_size // (cfg.s3.part_size_mb * 1024 * 1024))
+    assert parts > 1
+
+    def all_parts_sent() -> bool:
+        uploads = s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+        return len(uploads) == 1 and len(s3.list_parts(Bucket=bucket, Key=uploads[0]["Key"],
+                                                        UploadId=uploads[0]["UploadId"]).get("Parts", [])) == parts
+    deadline = time.monotonic() + 30
+    while not all_parts_sent():  # the upload reaches the fence, where it waits for Redis
+        assert time.monotonic() < deadline and uploading.is_alive(), outcome
+        time.sleep(0.1)
+    time.sleep(1.0)  # a while at the fence: still open, nothing completed, nothing aborted
     assert uploading.is_alive() and s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
-    assert len(s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])) == 1  # kept, not aborted
+    assert len(s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])) == 1
     redis.start()
     uploading.join(30)
     assert "failed" not in outcome and outcome["up"].sha256 == sha256_file(video)
