@@ -32,7 +32,7 @@ from heygem_daemon.fs.files import sha256_file
 from heygem_daemon.generation.celery_app import (
     attempt_part, drop_fence, fence_holds, fence_key, make_app, set_fence,
 )
-from heygem_daemon.generation.lifecycle import JobFinished, LifeCycle
+from heygem_daemon.generation.lifecycle import JobFinished, LifeCycle, request_cancel
 from heygem_daemon.generation.remote import Flight, RemoteDispatcher
 from heygem_daemon.generation.remote_worker import _fence
 from heygem_daemon.generation.s3_transfer import link_seconds_for
@@ -468,6 +468,26 @@ def test_a_finished_video_the_bucket_cannot_serve_now_is_downloaded_once_it_is_b
     assert remote.store.tasks.get(task.id).attempts == 1
     assert [a["remote_id"] for a in remote.store.tasks.attempts(task.id)] == [flight.celery_id]
     assert messages(redis) == 1  # the worker was asked once
+
+
+def test_a_finished_video_waiting_in_the_bucket_is_deleted_when_its_job_is_cancelled(
+        tmp_path, moto_server, bucket, redis):
+    remote = live(tmp_path, moto_server.s3_settings(bucket), redis)
+    flight = sent_flight(remote, "hugo")
+    rendered(moto_server, remote, flight, write_noise_video(tmp_path / "made.mp4", 1).read_bytes())
+    key = remote.store.tasks.get(flight.task.id).object_key
+    configured = remote.transfer.client
+    remote.transfer.client = MotoServer(tmp_path / "never-started.log").client()  # S3 away: the video waits
+    steps_until(remote, lambda: flight.trouble is not None and flight.transfer is None, "failed download")
+    remote.transfer.client = configured
+    request_cancel(remote.store, "hugo")
+    remote.life.settle_requests()
+    steps_until(remote, lambda: remote.store.tasks.get(flight.task.id).state == "failed", "the cancel")
+    assert "cancelled" in remote.store.tasks.get(flight.task.id).last_error["reason"]
+    s3 = moto_server.client()
+    steps_until(remote, lambda: s3.list_objects_v2(Bucket=bucket, Prefix=key).get("KeyCount", 0) == 0,
+                "the cancelled task's video to leave the bucket")
+    assert not Path(flight.task.output).exists()
 
 
 def test_a_superseded_report_of_the_attempt_still_running_sends_it_again_without_counting_it(

@@ -199,6 +199,7 @@ class RemoteDispatcher:
             return self._s3().downloaded(flight) if flight.report is not None else self._staged(flight, cancelled)
         if flight.report is not None:  # done remotely; its video waits in the bucket for the store to be back
             if cancelled:
+                self._s3().discard(flight)
                 return self._finish(flight, cancelled_attempt())
             self._s3().retry_due(flight)
             return False

@@ -112,6 +112,12 @@ class S3Flights:
         return [{"dependency": dependency, "since": min(since for _, since in waiting), "tasks": len(waiting),
                  "reason": waiting[0][0].reason} for dependency, waiting in sorted(by_dependency.items())]
 
+    def discard(self, flight: Flight) -> None:
+        """The task was cancelled while its finished video waited in the bucket: the video goes."""
+        key = self.life.store.tasks.get(flight.task.id).object_key
+        if key:
+            self._threads.submit(self.transfer.delete_video, key)
+
     # --- upkeep ---
 
     def clean_staged(self) -> None:

@@ -28,8 +28,8 @@ from heygem_daemon.config import MAX_LINK_EXPIRY_HOURS, Config
 from heygem_daemon.delivery.links import presign_get
 from heygem_daemon.delivery.names import object_key, safe_relpath, static_prefix
 from heygem_daemon.delivery.s3 import (
-    Stopping, delete_prefix, describe, download_file, gone, list_folders, make_client, object_size, object_store_name,
-    put_file,
+    Stopping, delete_object, delete_prefix, describe, download_file, gone, list_folders, make_client, object_size,
+    object_store_name, put_file,
 )
 from heygem_daemon.engines.base import TaskSpec
 from heygem_daemon.failures import Kind
@@ -214,6 +214,15 @@ class S3Transfer:
             return
         if removed:
             log.info("staged remote inputs deleted", job_id=job_id, objects=removed)
+
+    def delete_video(self, key: str) -> None:
+        """A cancelled task's finished video: no batch will link it, so it leaves the bucket (best effort)."""
+        try:
+            delete_object(self.client, self.s3.bucket, key)
+        except Exception as exc:
+            self._trouble("cannot delete a cancelled task's video from the bucket", exc, key=key)
+            return
+        log.info("cancelled task's video deleted from the bucket", key=key)
 
     def _trouble(self, what: str, exc: Exception, **where: Any) -> None:
         failure = describe(exc, self.s3.bucket)
