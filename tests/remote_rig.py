@@ -3,6 +3,7 @@ each with its own scratch folder, seeing the daemon's folders through a path map
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,7 +16,8 @@ from typing import Any
 
 import redis
 import yaml
-from daemon_harness import REPO
+from daemon_harness import REPO, DaemonHarness
+from media_factory import PORTRAIT_JPG
 from s3_server import free_port
 
 CLI = "import sys; from heygem_daemon.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -111,3 +113,20 @@ class RemoteWorker:
             assert self.proc is None or self.proc.poll() is None, f"worker {self.name} exited:\n{self.text()[-3000:]}"
             time.sleep(0.1)
         raise AssertionError(f"worker {self.name}: no {needle!r} after {timeout}s:\n{self.text()[-3000:]}")
+
+
+def failed_remotely(daemon: DaemonHarness, voice: Path, name: str, timeout: float = 90.0) -> tuple[Any, list[Any]]:
+    """A pair named `name` dropped and its job waited for until it failed: the job and its tasks."""
+    daemon.drop_pair(voice, PORTRAIT_JPG, name)
+    job = daemon.wait_job(name, timeout=timeout)
+    assert job.state == "failed"
+    return job, daemon.store().tasks.select(job.id)
+
+
+def assert_bad_input_fails_once(daemon: DaemonHarness, voice: Path, name: str) -> None:
+    """The fake tool refuses the input (`badinput…`): one attempt, its reason and hint in error.json, no outputs."""
+    _, tasks = failed_remotely(daemon, voice, name)
+    assert [t.attempts for t in tasks] == [1]
+    record = json.loads((daemon.folder("failed") / name / "error.json").read_text())
+    assert "no face detected" in record["reason"] and record["hint"]
+    assert not (daemon.folder("outputs") / name).exists()

@@ -10,7 +10,7 @@ import sys
 import pytest
 from daemon_harness import REPO, DaemonHarness
 from media_factory import PORTRAIT_JPG
-from remote_rig import CLI, RedisServer, RemoteWorker
+from remote_rig import CLI, RedisServer, RemoteWorker, assert_bad_input_fails_once, failed_remotely
 from test_command_engine import ARGS
 
 from heygem_daemon.ops.daemon_state import read_state
@@ -163,21 +163,12 @@ def test_a_cancel_stops_the_remote_render_and_files_the_inputs_in_failed(rig, vo
 
 def test_a_remote_bad_input_fails_once_with_its_reason_and_hint(rig, voice):
     daemon, _, _ = rig
-    daemon.drop_pair(voice, PORTRAIT_JPG, "badinput-remote")
-    job = daemon.wait_job("badinput-remote", timeout=60)
-    assert job.state == "failed"
-    assert [t.attempts for t in daemon.store().tasks.select(job.id)] == [1]
-    record = json.loads((daemon.folder("failed") / "badinput-remote" / "error.json").read_text())
-    assert "no face detected" in record["reason"] and record["hint"]
-    assert not (daemon.folder("outputs") / "badinput-remote").exists()
+    assert_bad_input_fails_once(daemon, voice, "badinput-remote")
 
 
 def test_a_render_whose_worker_process_dies_is_a_counted_attempt_and_never_loops(rig, voice):
     daemon, _, workers = rig
-    daemon.drop_pair(voice, PORTRAIT_JPG, "diehost")
-    job = daemon.wait_job("diehost", timeout=90)
-    assert job.state == "failed"
-    (task,) = daemon.store().tasks.select(job.id)
+    _, (task,) = failed_remotely(daemon, voice, "diehost")
     assert task.attempts == 2  # workers.max_attempts (2 in these tests), as for a crashed local worker
     for attempt in daemon.store().tasks.attempts(task.id):
         error = json.loads(attempt["error"])

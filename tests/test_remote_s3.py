@@ -13,7 +13,7 @@ import zipfile
 import pytest
 from daemon_harness import DaemonHarness
 from media_factory import PORTRAIT_JPG
-from remote_rig import RedisServer, RemoteWorker
+from remote_rig import RedisServer, RemoteWorker, assert_bad_input_fails_once
 from s3_server import credentials_env
 from test_command_engine import ARGS
 
@@ -89,10 +89,4 @@ def test_the_workers_upload_is_the_delivered_object_and_the_daemon_never_uploads
 
 def test_a_remote_bad_input_fails_once_with_its_reason_and_hint(rig, voice):
     daemon, _, _, _ = rig
-    daemon.drop_pair(voice, PORTRAIT_JPG, "badinput-s3")
-    job = daemon.wait_job("badinput-s3", timeout=60)
-    assert job.state == "failed"
-    assert [t.attempts for t in daemon.store().tasks.select(job.id)] == [1]
-    record = json.loads((daemon.folder("failed") / "badinput-s3" / "error.json").read_text())
-    assert "no face detected" in record["reason"] and record["hint"]
-    assert not (daemon.folder("outputs") / "badinput-s3").exists()
+    assert_bad_input_fails_once(daemon, voice, "badinput-s3")

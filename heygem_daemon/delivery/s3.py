@@ -416,7 +416,10 @@ def object_size(client: BaseClient, bucket: str, key: str) -> int | None:
 
 def gone(exc: Exception) -> bool:
     """True when S3 answered that the object is not there (404, NoSuchKey): asking again cannot find it."""
-    return isinstance(exc, ClientError) and (_code_status(exc)[1] == 404 or _code_status(exc)[0] == "NoSuchKey")
+    if not isinstance(exc, ClientError):
+        return False
+    code, status = _code_status(exc)
+    return status == 404 or code == "NoSuchKey"
 
 
 def put_file(client: BaseClient, bucket: str, key: str, path: Path, stopping: threading.Event) -> None:
