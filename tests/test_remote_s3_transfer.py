@@ -640,3 +640,38 @@ def test_a_task_redelivered_to_a_host_that_died_mid_upload_resumes_its_upload(tm
     body = moto_server.client().get_object(Bucket=bucket, Key=key)["Body"].read()
     assert hashlib.sha256(body).hexdigest() == sha256_file(video) == up.sha256
     assert store.deliveries.at(str(video)) is None  # done: the worker's store forgets it
+
+
+def test_the_s3_path_passes_a_server_that_checks_signatures_keys_and_links(tmp_path, nanio_server, redis,
+                                                                            monkeypatch):
+    """nanio checks SigV4 signatures, access keys and presigned links (moto takes anything): the inputs'
+    staging, the worker's link downloads and resumable upload, and the daemon's download all pass it."""
+    for k, v in credentials_env().items():
+        monkeypatch.setenv(k, v)
+    bucket = nanio_server.new_bucket()
+    (tmp_path / "daemon").mkdir()
+    remote = live(tmp_path / "daemon", nanio_server.s3_settings(bucket, part_size_mb=5), redis)
+    claimed(remote.life, "olga", media=True)
+    task = remote.life.take("remote:gpu")
+    spec = task_spec(remote.cfg, remote.life, task, "remote:gpu")[1]
+    payload = sent(remote, task)  # the inputs staged through nanio, and signed links to them
+    (tmp_path / "worker").mkdir()
+    (tmp_path / "worker" / "worker.yaml").write_text(json.dumps({
+        "base_dir": str(tmp_path / "worker"), "s3": nanio_server.s3_settings(bucket, part_size_mb=5),
+        "workers": {"devices": ["cpu"], "remote": {"broker_url": redis.url, "queues": {"gpu": 1},
+                                                   "transfer": "s3"}}}))
+    side = S3Side(load_config(tmp_path / "worker" / "worker.yaml", environ={}))
+    check_payload(side, payload)
+    for name in ("audio", "portrait"):
+        fetched = tmp_path / "worker" / "in" / name
+        fetch_input(payload["links"][name], fetched, 10)
+        assert fetched.read_bytes() == getattr(spec, name).read_bytes()
+    video = write_noise_video(tmp_path / "worker" / "made.mp4", 12)  # more than one 5 MB part
+    up = upload_result(side, video, payload["object"]["key"], payload["object"]["name"], lambda: True)
+    part = attempt_part(task.output, task.attempts)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    settle(remote, Flight(task, "gpu", None, part, 1.0, 1.0), {
+        "ok": True, "key": payload["object"]["key"], "etag": up.etag, "size": video.stat().st_size,
+        "sha256": up.sha256})
+    assert remote.store.tasks.get(task.id).state == "done"
+    assert Path(task.output).read_bytes() == video.read_bytes()
