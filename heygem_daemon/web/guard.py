@@ -59,7 +59,7 @@ class SecurityHeaders:
 class SessionCookies:
     """Starlette's signed session cookie, with the Secure flag per request: `secure` True or False, or "auto":
     when the request came over HTTPS. The scheme is uvicorn's: https under TLS, or what X-Forwarded-Proto
-    says when the proxy sending it is one uvicorn trusts (forwarded_allow_ips: the loopback by default)."""
+    says when the proxy sending it is one of web.trusted_proxies (proxy_options)."""
 
     def __init__(self, app: ASGIApp, secure: bool | Literal["auto"], **session: Any) -> None:
         self.secure = secure
