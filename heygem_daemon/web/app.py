@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -67,6 +68,7 @@ class Console:
         self.audit = AuditLog(cfg.folder("logs"))
         self.sessions = Sessions(cfg.web, self.store)
         self.sessions.tidy()
+        self._alerted: dict[str, int] = {}
         self.logins = LoginThrottle(cfg.web, self._alert)
         self.checks = LiveChecks(config_path)
         self.templates = Environment(loader=PackageLoader("heygem_daemon.web", "templates"),
@@ -85,11 +87,21 @@ class Console:
 
     def _alert(self, key: str, text: str) -> None:
         """The daemon's alert path: a line in the store's outbox, which the daemon's notifier sends to the
-        operator's chat (one per key per notify.alert_repeat_hours)."""
+        operator's chat (one per key per notify.alert_repeat_hours). Recorded on a thread of its own: the
+        login answering it never waits for apprise's import or the store."""
+        log.error("operator alert", alert=key, message=text)
+        window = int(time.time() // (self.cfg.notify.alert_repeat_hours * 3600))
+        if self._alerted.get(key) != window:  # keys: one for addresses, one per configured user
+            self._alerted[key] = window
+            threading.Thread(target=self._enqueue_alert, args=(key, text), name="web-alert", daemon=True).start()
+
+    def _enqueue_alert(self, key: str, text: str) -> None:
         from heygem_daemon.notify.outbox import Outbox  # apprise loads only when there is something to say
 
-        log.error("operator alert", alert=key, message=text)
-        Outbox(self.cfg, self.store).enqueue_alert(key, text)
+        try:
+            Outbox(self.cfg, self.store).enqueue_alert(key, text)
+        except Exception:  # a broken notify section is the daemon's to report; the console goes on
+            log.exception("could not record an operator alert", alert=key)
 
     # --- login ---------------------------------------------------------------------------------------
 
