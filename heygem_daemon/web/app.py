@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 import time
 from pathlib import Path
@@ -121,8 +122,9 @@ class Console:
         name = user if len(user) <= MAX_USER_CHARS else None
         wait = self.logins.wait(name, address)
         if wait > 0:
-            return self.render(request, "login.html", 429, error=f"Too many failed logins; try again in "
-                               f"{wait:.0f} s.", headers={"Retry-After": str(int(wait) + 1)})
+            seconds = str(math.ceil(wait))
+            return self.render(request, "login.html", 429, error=f"Too many failed logins; try again in {seconds} s.",
+                               headers={"Retry-After": seconds})
         if name is None or len(password) > MAX_PASSWORD_CHARS or not await run_in_threadpool(
                 check_password, self.cfg.web.password_hashes(), user, password):
             self.logins.failed(name, address)

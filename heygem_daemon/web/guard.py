@@ -100,7 +100,7 @@ class Door:
             await self.app(scope, receive, send)
             return
         declared = Headers(scope=scope).get("content-length", "")
-        body = None if declared.isdigit() and int(declared) > MAX_FORM_BYTES else (
+        body = None if declared.isascii() and declared.isdigit() and int(declared) > MAX_FORM_BYTES else (
             await _read_body(receive, MAX_FORM_BYTES))
         if body is None:
             await _too_large()(scope, receive, send)
