@@ -100,7 +100,7 @@ class LoginThrottle:
     def failed(self, user: str | None, address: str) -> None:
         for strikes, key in self._keys(user, address):
             if strikes.strike(key) == strikes.free:
-                self._alert(strikes, key, user, address)
+                self._alert(strikes, user, address)
 
     def succeeded(self, user: str, address: str) -> None:
         self.pairs.clear(f"{user}\n{address}")
@@ -109,14 +109,14 @@ class LoginThrottle:
         while len(self._good) > MAX_KEYS:
             self._good.popitem(last=False)
 
-    def _alert(self, strikes: Strikes, key: str, user: str | None, address: str) -> None:
+    def _alert(self, strikes: Strikes, user: str | None, address: str) -> None:
         slowed = f"further logins wait {self.web.login_delay_seconds:g} s, doubling with each failure"
         if strikes is self.addresses:
             self.on_alert("web-login-address", f"web console: {strikes.free} failed logins from {address}; {slowed}")
         elif strikes is self.users:
             self.on_alert(f"web-login-user:{user}", f"web console: {strikes.free} failed logins for user {user} "
-                          f"from addresses it has not logged in from lately (last: {address}); {slowed} "
-                          "(its logins from its own addresses go on)")
+                          f"from addresses {user} has not logged in from lately (last: {address}); {slowed} "
+                          f"({user}'s logins from those addresses go on)")
         elif strikes is self.pairs:
             self.on_alert(f"web-login-user:{user}", f"web console: {strikes.free} failed logins for user {user} "
-                          f"from {address}, where it logged in before; {slowed}")
+                          f"from {address}, where {user} logged in before; {slowed}")
