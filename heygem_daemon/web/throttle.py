@@ -116,7 +116,7 @@ class LoginThrottle:
         elif strikes is self.users:
             self.on_alert(f"web-login-user:{user}", f"web console: {strikes.free} failed logins for user {user} "
                           f"from addresses {user} has not logged in from lately (last: {address}); {slowed} "
-                          f"({user}'s logins from those addresses go on)")
+                          f"(logins from addresses where {user} logged in before go on)")
         elif strikes is self.pairs:
             self.on_alert(f"web-login-user:{user}", f"web console: {strikes.free} failed logins for user {user} "
                           f"from {address}, where {user} logged in before; {slowed}")
