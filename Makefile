@@ -26,7 +26,7 @@ install: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(BIN)/heygem-daemon -c config.yaml run
 
-# Debian's systemd-analyze, chromium-driver and redis-server: the suite drives them (installed as root).
+# Debian's systemd-analyze, chromium-driver, redis-server and nginx: the suite drives them (installed as root).
 test: $(VENV)/.installed-test
 	tests/system/packages.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

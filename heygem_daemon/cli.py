@@ -51,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     wb = sub.add_parser("web", help="run the web console (config section web:)")
     wbs = wb.add_subparsers(dest="web_command")
     wbs.add_parser("hash-password", help="read a password (twice) and print its argon2 hash for web.users")
+    wss = wbs.add_parser("sessions", help="the console's logged-in sessions").add_subparsers(
+        dest="sessions_command", required=True)
+    wss.add_parser("list", help="who is logged in, from where, until when")
+    wss.add_parser("revoke", help="log a user out everywhere, now").add_argument("user")
     wk = sub.add_parser("worker", help="run a remote generation worker (Celery) on this GPU host")
     wk.add_argument("--queue", help="the queue it serves (default: the first in workers.remote.queues)")
     wk.add_argument("--hostname", help="its name in `status` (default: heygem@<host name>)")
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.command == "run":
         return _run(cfg, args.config or default_config_path())
-    if args.command == "web":
+    if args.command == "web" and args.web_command != "sessions":
         return _web(cfg, args.config or default_config_path())
     if args.command == "worker":
         return _worker(cfg, args.queue, args.hostname)
@@ -100,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         return _status(cfg, store, args.json, args.limit)
     if args.command == "jobs":
         return _jobs(cfg, store, args.failed, args.limit)
+    if args.command == "web":
+        return _sessions(store, args.sessions_command, getattr(args, "user", None))
     return _request(cfg, store, args.command, args.job)
 
 
@@ -136,6 +142,7 @@ def _web(cfg: Config, path: Path | None) -> int:
 
         from heygem_daemon.web.app import create_app
         from heygem_daemon.web.auth import session_key
+        from heygem_daemon.web.guard import proxy_options
     except ImportError as exc:
         print(f"error: the web console needs the `web` extra ({exc.name} is missing): "
               "pip install -e '.[web]' in the daemon's virtual environment", file=sys.stderr)
@@ -145,8 +152,23 @@ def _web(cfg: Config, path: Path | None) -> int:
     setup_logging(None, cfg.logging.level)  # the journal; logs/heygem.log is the daemon's
     app = create_app(cfg, path, session_key())
     uvicorn.run(app, host=web.host, port=web.port, server_header=False, log_level=cfg.logging.level,
-                access_log=False, timeout_graceful_shutdown=5)
+                access_log=False, timeout_graceful_shutdown=5, **proxy_options(web))
     return 0
+
+
+def _sessions(store: Store, command: str, user: str | None) -> int:
+    """The store's sessions: the running console checks it on every request, so a revoke holds at once."""
+    if command == "revoke":
+        ended = store.web.end_sessions_of(str(user))
+        print(f"{user}: {ended} session(s) ended")
+        return 0
+    for s in store.web.sessions():
+        print(f"{s.user}\t{s.address or '-'}\tsince {_when(s.created_at)}\tuntil {_when(s.expires_at)}")
+    return 0
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
 
 
 def _hash_password() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import string
@@ -324,6 +325,23 @@ class Delivery(_Section):
     zip_min_videos: int = Field(2, ge=1, description="a batch with fewer videos gets no zip (its link is enough)")
 
 
+class WebUser(_Section):
+    """A console user: the argon2 hash of her password (none with auth: proxy) and her role. In YAML either
+    `alice: "$argon2id$..."` or `alice: {hash: "$argon2id$...", role: admin}`."""
+
+    hash: str | None = Field(None, description="argon2 hash from `heygem-daemon web hash-password`")
+    role: Literal["user", "admin"] = Field("user", description="user: cancel and retry the jobs she uploaded; "
+                                           "admin: any job")
+
+    @field_validator("hash")
+    @classmethod
+    def _argon2(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("$argon2"):
+            raise ValueError("not an argon2 hash; make one with `heygem-daemon web hash-password` "
+                             "(never write the password itself here)")
+        return v
+
+
 class Web(_Section):
     """The web console (`heygem-daemon web`): off by default; binds the loopback unless told otherwise.
     The session key is a secret: systemd credential `web-session-key` or $HEYGEM_WEB_SESSION_KEY."""
@@ -332,30 +350,53 @@ class Web(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8470, ge=1, le=65535)
     auth: Literal["password", "proxy"] = "password"
-    users: dict[str, str] = Field(default_factory=dict, description="user: argon2 hash from "
-                                  "`heygem-daemon web hash-password`")
+    users: dict[str, WebUser] = Field(default_factory=dict, description="user: argon2 hash from "
+                                      "`heygem-daemon web hash-password`, or {hash: ..., role: admin}")
     proxy_header: str = Field("X-Remote-User", description="with auth: proxy, the header naming the user")
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="addresses (or networks) of the reverse proxies whose X-Forwarded-For "
+        "and X-Forwarded-Proto are believed; none by default, so every client is the address it connects from")
     secure_cookies: Literal["auto"] | bool = Field(
         "auto", description="Secure flag on the session cookie; auto: when the request came over HTTPS (TLS, or "
-        "X-Forwarded-Proto: https from a proxy uvicorn trusts: the loopback unless $FORWARDED_ALLOW_IPS)")
+        "X-Forwarded-Proto: https from one of web.trusted_proxies)")
     max_upload_mb: float = Field(2048.0, gt=0.0, description="largest file one upload may be")
     max_files: int = Field(50, ge=2, le=1000, description="files in one job uploaded from the web")
     upload_expiry_hours: float = Field(24.0, gt=0.0, description="incomplete uploads are swept this long "
                                        "after their last byte")
     uploads_every_hours: float = Field(1.0, ge=0.0, description="how often the cleanup sweeps expired uploads")
-    login_attempts: int = Field(5, ge=1, description="failed logins per user and address within "
-                                "login_window_seconds before further tries are refused")
-    login_window_seconds: float = Field(300.0, gt=0.0)
+    login_attempts: int = Field(5, ge=1, description="failed logins from one address before each further try "
+                                "waits (login_delay_seconds, doubling)")
+    login_user_attempts: int = Field(20, ge=1, description="failed logins for one user from addresses she has "
+                                     "not logged in from lately, before each further try waits")
+    login_delay_seconds: float = Field(1.0, gt=0.0, description="the first wait after the free attempts; each "
+                                       "further failure doubles it, up to half of login_window_seconds")
+    login_window_seconds: float = Field(300.0, gt=0.0, description="failures are forgotten after this long "
+                                        "without one")
     page_size: int = Field(50, ge=5, le=500)
 
-    @field_validator("users")
+    @field_validator("users", mode="before")
     @classmethod
-    def _hashes(cls, v: dict[str, str]) -> dict[str, str]:
-        for user, hashed in v.items():
-            if not hashed.startswith("$argon2"):
-                raise ValueError(f"{user}: not an argon2 hash; make one with `heygem-daemon web hash-password` "
-                                 "(never write the password itself here)")
+    def _hash_only(cls, v: Any) -> Any:
+        # `alice: "$argon2id$..."`, the short form, is a user with that hash and no role.
+        return {user: {"hash": u} if isinstance(u, str) else u for user, u in v.items()} if isinstance(v, dict) else v
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for proxy in v:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"{proxy!r} is not an IP address or network (e.g. 127.0.0.1, 10.0.0.0/24)") from None
         return v
+
+    @model_validator(mode="after")
+    def _passwords(self) -> "Web":
+        missing = [user for user, u in self.users.items() if u.hash is None]
+        if self.auth == "password" and missing:
+            raise ValueError(f"users {', '.join(missing)} have no password hash; with auth: password each needs "
+                             "one (`heygem-daemon web hash-password`)")
+        return self
 
     @model_validator(mode="after")
     def _proxy_behind_loopback(self) -> "Web":
@@ -364,6 +405,13 @@ class Web(_Section):
             raise ValueError(f"auth: proxy trusts the {self.proxy_header} header, so host must be 127.0.0.1 "
                              f"(got {self.host}); let the reverse proxy on this machine face the network")
         return self
+
+    def password_hashes(self) -> dict[str, str]:
+        return {user: u.hash for user, u in self.users.items() if u.hash}
+
+    def is_admin(self, user: str | None) -> bool:
+        known = self.users.get(user or "")
+        return known is not None and known.role == "admin"
 
 
 class Config(_Section):

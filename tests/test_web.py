@@ -31,7 +31,7 @@ from web_rig import PASSWORDS, WebServer, web_settings
 def base(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("web")
     settings = {"base_dir": str(base), "logging": {"console": False}, "limits": {"max_audio_seconds": 30},
-                **web_settings(max_upload_mb=1, login_attempts=3)}
+                **web_settings(max_upload_mb=1, login_attempts=3, login_delay_seconds=60)}
     (base / "config.yaml").write_text(yaml.safe_dump(settings))
     return base
 
@@ -46,6 +46,10 @@ def web(base):
 @pytest.fixture(scope="module")
 def alice(web):
     return web.client("alice")
+
+
+def audit(web) -> list[dict]:
+    return [json.loads(line) for line in (web.cfg.folder("logs") / "audit.log").read_text().splitlines()]
 
 
 def uploads_root(web) -> Path:
@@ -87,12 +91,12 @@ def test_options_announce_tus_1_0_with_creation_termination_expiration(web, alic
 
 
 def test_a_wrong_password_is_refused_and_repeated_failures_are_rate_limited(web):
-    client = web.client(None)
+    client = web.client(None, source="127.0.0.7")
     assert client.login("carol", "wrong").status_code == 401
     assert client.login("nobody", PASSWORDS["carol"]).status_code == 401
-    for _ in range(2):
-        client.login("carol", "wrong")
-    assert client.login("carol", PASSWORDS["carol"]).status_code == 429  # even the right password, for a while
+    client.login("carol", "wrong")
+    slowed = client.login("carol", PASSWORDS["carol"])  # even the right password, for a while
+    assert slowed.status_code == 429 and int(slowed.headers["Retry-After"]) > 0
     assert client.get("/jobs", headers={"Accept": "text/html"}).url.endswith("/login")
 
 
@@ -244,17 +248,17 @@ def test_web_refuses_to_start_while_off_and_hash_password_reads_stdin(tmp_path, 
     assert hashed.startswith("$argon2") and check_password({"x": hashed}, "x", "s3cret words")
 
 
-def test_cancel_from_the_job_page_is_the_clis_request_with_an_audit_line(web, alice):
+def test_cancel_from_the_job_page_is_the_clis_request_with_an_audit_line(web):
     store = Store(web.cfg.folder("state") / "heygem.db")
     job = store.jobs.create("to cancel", {})
     store.jobs.queue(job.id, [NewTask("a", "/in/a.wav", "/in/a.jpg", "/out/to cancel/a.mp4")])
-    page = alice.get("/jobs/to cancel").text
+    carol = web.client("carol")  # an admin: this job came through the inbox, no web user owns it
+    page = carol.get("/jobs/to cancel").text
     assert 'action="/jobs/to%20cancel/cancel"' in page
-    answer = alice.http.post(web.url + "/jobs/to%20cancel/cancel", data={"csrf": alice.csrf})
+    answer = carol.http.post(web.url + "/jobs/to%20cancel/cancel", data={"csrf": carol.csrf})
     assert answer.status_code == 200 and "cancelling" in answer.text  # the request's own sentence
     assert store.jobs.get(job.id).state == "cancelling"
-    audit = [json.loads(line) for line in (web.cfg.folder("logs") / "audit.log").read_text().splitlines()]
-    assert {"event": "web cancel", "user": "alice", "job": "to cancel"}.items() <= audit[-1].items()
+    assert {"event": "web cancel", "user": "carol", "job": "to cancel", "admin": True}.items() <= audit(web)[-1].items()
 
 
 def test_an_upload_that_would_leave_work_below_the_disk_guard_is_refused(web):
@@ -303,15 +307,17 @@ def test_behind_a_proxy_its_user_header_logs_in_and_is_only_trusted_on_the_loopb
         load_config(tmp_path / "open.yaml")
 
 
-@pytest.mark.parametrize("setting, forwarded_proto, secure", [
-    ("auto", None, False),     # plain HTTP: a Secure cookie would never come back
-    ("auto", "https", True),   # TLS ends at the proxy on this host, which says so
-    (True, None, True),        # TLS ends at a proxy uvicorn does not trust: the operator says so
-    (False, "https", False),
+@pytest.mark.parametrize("setting, proxies, forwarded_proto, secure", [
+    ("auto", [], None, False),                  # plain HTTP: a Secure cookie would never come back
+    ("auto", ["127.0.0.1"], "https", True),     # TLS ends at the trusted proxy on this host, which says so
+    ("auto", [], "https", False),               # anyone can send the header: not believed from an untrusted peer
+    (True, [], None, True),                     # TLS ends at a proxy the console does not trust: the operator says so
+    (False, ["127.0.0.1"], "https", False),
 ])
-def test_the_session_cookie_is_secure_when_the_console_is_reached_over_https(tmp_path, setting, forwarded_proto,
-                                                                              secure):
-    settings = {"base_dir": str(tmp_path), "logging": {"console": False}, **web_settings(secure_cookies=setting)}
+def test_the_session_cookie_is_secure_when_the_console_is_reached_over_https(tmp_path, setting, proxies,
+                                                                              forwarded_proto, secure):
+    settings = {"base_dir": str(tmp_path), "logging": {"console": False},
+                **web_settings(secure_cookies=setting, trusted_proxies=proxies)}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(settings))
     server = WebServer(tmp_path / "config.yaml").start()
     try:

@@ -16,10 +16,12 @@ import uvicorn
 from heygem_daemon.config import Config, load_config
 from heygem_daemon.web.app import create_app
 from heygem_daemon.web.auth import hash_password
+from heygem_daemon.web.guard import proxy_options
 from s3_server import free_port
 
 PASSWORDS = {"alice": "alice-pass-1", "bob": "bob-pass-2", "carol": "carol-pass-3"}
-USERS = {name: hash_password(pw) for name, pw in PASSWORDS.items()}
+HASHES = {name: hash_password(pw) for name, pw in PASSWORDS.items()}
+USERS = {**HASHES, "carol": {"hash": HASHES["carol"], "role": "admin"}}
 TUS = {"Tus-Resumable": "1.0.0"}
 
 
@@ -33,9 +35,10 @@ class WebServer:
         self.cfg: Config = load_config(config_path)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        app = create_app(self.cfg, config_path, "test-session-key")
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=1))
+        self.app = create_app(self.cfg, config_path, "test-session-key")
+        # The forwarded headers as `heygem-daemon web` believes them (web.trusted_proxies).
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    timeout_graceful_shutdown=1, **proxy_options(self.cfg.web)))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def start(self) -> "WebServer":
@@ -50,17 +53,31 @@ class WebServer:
         self.server.should_exit = True
         self.thread.join(10)
 
-    def client(self, user: str | None = "alice") -> "Client":
-        client = Client(self.url)
+    def client(self, user: str | None = "alice", source: str | None = None) -> "Client":
+        client = Client(self.url, source)
         if user:
             assert client.login(user, PASSWORDS[user]).status_code == 200
         return client
 
 
+class FromAddress(requests.adapters.HTTPAdapter):
+    """Connections from another loopback address (Linux routes all of 127.0.0.0/8 to lo): clients the
+    console tells apart by their real address, no forwarded header needed."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, source_address=(self.address, 0), **kwargs)
+
+
 class Client:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, source: str | None = None) -> None:
         self.url = url
         self.http = requests.Session()
+        if source:
+            self.http.mount("http://", FromAddress(source))
         self.csrf = ""
 
     def _token(self, answer: requests.Response) -> requests.Response:

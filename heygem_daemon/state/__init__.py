@@ -14,9 +14,10 @@ from heygem_daemon.state.jobs import CANCELLING, TERMINAL_JOB_STATES, Job, JobRe
 from heygem_daemon.state.ops import OpsRepository
 from heygem_daemon.state.outbox import NewNotification, Notification, OutboxRepository
 from heygem_daemon.state.tasks import NewTask, Task, TaskQueue
+from heygem_daemon.state.web import WebRepository, WebSession
 
 __all__ = ["DB_FILE", "db_path", "CANCELLING", "TERMINAL_JOB_STATES", "Batch", "Delivery", "HeygemCode", "Job", "NewNotification",
-           "NewTask", "Notification", "Part", "Store", "Task"]
+           "NewTask", "Notification", "Part", "Store", "Task", "WebSession"]
 
 
 DB_FILE = "heygem.db"
@@ -37,6 +38,7 @@ class Store:
         self.deliveries = DeliveryRepository(self.db)
         self.ops = OpsRepository(self.db)
         self.heygem = HeygemCodes(self.db)
+        self.web = WebRepository(self.db)
 
     def close(self) -> None:
         self.db.close()

@@ -240,8 +240,27 @@ V7_REMOTE_ATTEMPTS = "ALTER TABLE attempts ADD COLUMN remote_id TEXT;"
 # Remote workers uploading straight to S3 (workers.remote.transfer: s3): each task's object key, fixed at its
 # first send, so every attempt on any host writes the same object (one object, ever).
 V8_TASK_OBJECT_KEY = "ALTER TABLE tasks ADD COLUMN object_key TEXT;"
+# Web console: logged-in sessions, so a logout, a password change or `web sessions revoke` ends them on the
+# server (the cookie holds the session id; only its sha256 is kept here), and who handed each job over from
+# the web (by job name: the hand-over picks a name free in the store; the row goes with the job's row).
+V9_WEB_SESSIONS = """
+CREATE TABLE web_sessions (
+    id_sha256  TEXT PRIMARY KEY,
+    user       TEXT NOT NULL,
+    password_tag TEXT NOT NULL,
+    address    TEXT,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE INDEX web_sessions_user ON web_sessions(user);
+CREATE TABLE web_owners (
+    job_name  TEXT PRIMARY KEY,
+    user      TEXT NOT NULL,
+    handed_at REAL NOT NULL
+);
+"""
 MIGRATIONS: list[str] = [V1_CORE, V2_CLEANUP_RUNS, V3_FOREIGN_KEYS, V4_HEYGEM_CODES, V5_ZIP_SHA256, V6_JOBS_PAGING,
-                         V7_REMOTE_ATTEMPTS, V8_TASK_OBJECT_KEY]
+                         V7_REMOTE_ATTEMPTS, V8_TASK_OBJECT_KEY, V9_WEB_SESSIONS]
 
 
 BACKUP_SUFFIX = ".bak"

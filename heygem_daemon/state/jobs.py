@@ -217,10 +217,11 @@ class JobRepository(Repository):
         with self.tx() as db:
             ids = [(r["id"], r["name"]) for r in db.execute(f"SELECT id, name FROM jobs WHERE {where}",
                                                             (done_before, failed_before))]
-            for job_id, _name in ids:
+            for job_id, name in ids:
                 mark_delivered(db, "d.batch_id IN (SELECT id FROM batches WHERE job_id = ?)", (job_id,))
                 db.execute("DELETE FROM notifications WHERE job_id = ? AND state IN ('sent', 'gave_up')", (job_id,))
                 db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+                db.execute("DELETE FROM web_owners WHERE job_name = ?", (name,))  # a later job may take the name
         return [name for _id, name in ids]
 
 

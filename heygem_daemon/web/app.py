@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import threading
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -25,8 +27,12 @@ from heygem_daemon.delivery.links import LINKS_JSON
 from heygem_daemon.generation.lifecycle import JobError, JobState, request_cancel, request_retry
 from heygem_daemon.state import Store, db_path
 from heygem_daemon.views import condition, job_view, jobs_page
-from heygem_daemon.web.auth import LoginLimit, check_password, csrf_token
-from heygem_daemon.web.guard import Gate, SecurityHeaders, SessionCookies, content_security_policy
+from heygem_daemon.log import get_logger
+from heygem_daemon.web.auth import MAX_PASSWORD_CHARS, MAX_USER_CHARS, check_password, csrf_token
+from heygem_daemon.web.guard import Door, Gate, SecurityHeaders, SessionCookies, content_security_policy
+from heygem_daemon.web.sessions import SESSION_SECONDS, Sessions
+from heygem_daemon.web.throttle import LoginThrottle
+from heygem_daemon.web.values import BadValue, whole_number
 from heygem_daemon.engines.registry import engine_names
 from heygem_daemon.web.handover import JobForm, hand_over
 from heygem_daemon.web.health import LiveChecks
@@ -34,6 +40,10 @@ from heygem_daemon.web.tus import TusServer
 from heygem_daemon.web.uploads import UploadRefused, Uploads
 
 STATIC = Path(__file__).parent / "static"
+FAVICON = STATIC / "favicon.ico"
+MAX_PAGE = 10**9
+MAX_QUERY_CHARS = 200
+log = get_logger("heygem.web")
 LIVE_SECONDS = 1.0
 KEEPALIVE_SECONDS = 15.0
 STATES = tuple(s.value for s in JobState)
@@ -57,20 +67,42 @@ class Console:
         self.store = Store(db_path(cfg.folder("state")))
         self.uploads = Uploads(cfg)
         self.audit = AuditLog(cfg.folder("logs"))
-        self.logins = LoginLimit(cfg.web.login_attempts, cfg.web.login_window_seconds)
+        self.sessions = Sessions(cfg.web, self.store)
+        self.sessions.tidy()
+        self._alerted: dict[str, int] = {}
+        self.logins = LoginThrottle(cfg.web, self._alert)
         self.checks = LiveChecks(config_path)
         self.templates = Environment(loader=PackageLoader("heygem_daemon.web", "templates"),
                                      autoescape=select_autoescape(default=True))
         self.templates.filters["when"] = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
-    def render(self, request: Request | None, template: str, status: int = 200, **context: Any) -> HTMLResponse:
-        return HTMLResponse(self.fragment(request, template, **context), status)
+    def render(self, request: Request | None, template: str, status: int = 200,
+               headers: dict[str, str] | None = None, **context: Any) -> HTMLResponse:
+        return HTMLResponse(self.fragment(request, template, **context), status, headers)
 
     def fragment(self, request: Request | None, template: str, **context: Any) -> str:
         if request is not None:
             context |= {"user": request.state.user, "csrf": csrf_token(request.session),
                         "auth": self.cfg.web.auth, "path": request.url.path}
         return self.templates.get_template(template).render(**context)
+
+    def _alert(self, key: str, text: str) -> None:
+        """The daemon's alert path: a line in the store's outbox, which the daemon's notifier sends to the
+        operator's chat (one per key per notify.alert_repeat_hours). Recorded on a thread of its own: the
+        login answering it never waits for apprise's import or the store."""
+        log.error("operator alert", alert=key, message=text)
+        window = int(time.time() // (self.cfg.notify.alert_repeat_hours * 3600))
+        if self._alerted.get(key) != window:  # keys: one for addresses, one per configured user
+            self._alerted[key] = window
+            threading.Thread(target=self._enqueue_alert, args=(key, text), name="web-alert", daemon=True).start()
+
+    def _enqueue_alert(self, key: str, text: str) -> None:
+        from heygem_daemon.notify.outbox import Outbox  # apprise loads only when there is something to say
+
+        try:
+            Outbox(self.cfg, self.store).enqueue_alert(key, text)
+        except Exception:  # a broken notify section is the daemon's to report; the console goes on
+            log.exception("could not record an operator alert", alert=key)
 
     # --- login ---------------------------------------------------------------------------------------
 
@@ -85,41 +117,58 @@ class Console:
     async def login(self, request: Request) -> Response:
         form = await request.form()
         user, password = str(form.get("user", "")), str(form.get("password", ""))
-        key = f"{request.client.host if request.client else '-'}|{user}"
-        if self.logins.blocked(key):
-            return self.render(request, "login.html", 429, error="Too many failed logins; wait a few minutes.")
-        if not await run_in_threadpool(check_password, self.cfg.web.users, user, password):
-            self.logins.failed(key)
+        address = request.client.host if request.client else "-"
+        # A name longer than any configured one is never kept (the throttle counts it by address only).
+        name = user if len(user) <= MAX_USER_CHARS else None
+        wait = self.logins.wait(name, address)
+        if wait > 0:
+            seconds = str(math.ceil(wait))
+            return self.render(request, "login.html", 429, error=f"Too many failed logins; try again in {seconds} s.",
+                               headers={"Retry-After": seconds})
+        if name is None or len(password) > MAX_PASSWORD_CHARS or not await run_in_threadpool(
+                check_password, self.cfg.web.password_hashes(), user, password):
+            self.logins.failed(name, address)
             return self.render(request, "login.html", 401, error="Wrong user name or password.")
-        self.logins.succeeded(key)
-        request.session.clear()  # a fresh session (and CSRF token) for the logged-in user
-        request.session["user"] = user
+        self.logins.succeeded(user, address)
+        await run_in_threadpool(self.sessions.open, request.session, user, address)
         return RedirectResponse("/jobs", 303)
 
     async def logout(self, request: Request) -> Response:
-        request.session.clear()
+        await run_in_threadpool(self.sessions.end, request.session)
         return RedirectResponse("/login", 303)
+
+    def _signed_in(self, request: Request) -> bool:
+        """Whether the request's session still holds (a live stream ends with its session)."""
+        return self.cfg.web.auth == "proxy" or self.sessions.user(request.session) is not None
 
     # --- jobs ----------------------------------------------------------------------------------------
 
     def _jobs_context(self, request: Request) -> dict[str, Any]:
+        """Raises BadValue for a query value no page link makes."""
         state = request.query_params.get("state", "")
         query = request.query_params.get("q", "").strip()
-        try:
-            page = max(1, int(request.query_params.get("page", "1")))
-        except ValueError:
-            page = 1
-        data = jobs_page(self.cfg, self.store, (state,) if state in STATES else None, query, page,
-                         self.cfg.web.page_size)
+        page = whole_number("page", request.query_params.get("page", "1"), 1, MAX_PAGE)
+        if state and state not in STATES:
+            raise BadValue("state", state, f"one of {', '.join(STATES)}")
+        if len(query) > MAX_QUERY_CHARS:
+            raise BadValue("q", query, f"at most {MAX_QUERY_CHARS} characters")
+        data = jobs_page(self.cfg, self.store, (state,) if state else None, query, page, self.cfg.web.page_size)
         params = {k: v for k, v in (("state", state), ("q", query)) if v}
         return {**data, "state": state, "q": query, "states": STATES,
                 "query": lambda p: "?" + urlencode({**params, "page": p})}
 
     async def jobs(self, request: Request) -> Response:
-        context = await run_in_threadpool(self._jobs_context, request)
+        try:
+            context = await run_in_threadpool(self._jobs_context, request)
+        except BadValue as exc:
+            return _bad_value(exc)
         return self.render(request, "jobs.html", **context, live="/jobs/live?" + request.url.query)
 
     async def jobs_live(self, request: Request) -> Response:
+        try:
+            await run_in_threadpool(self._jobs_context, request)
+        except BadValue as exc:
+            return _bad_value(exc)
         return self._live(request, lambda: self.fragment(None, "jobs_table.html", **self._jobs_context(request)))
 
     def _job_context(self, ref: str) -> dict[str, Any] | None:
@@ -129,15 +178,15 @@ class Console:
         view = _with_job_outputs(self.cfg, job_view(self.cfg, self.store, job))
         return {"job": view, "links": _links(self.cfg, view["name"]), "folder_ref": ref}
 
-    async def job(self, request: Request) -> Response:
+    async def job(self, request: Request, status: int = 200, message: str | None = None) -> Response:
         ref = request.path_params["ref"]
         context = await run_in_threadpool(self._job_context, ref)
         if context is None:
             waiting = (self.cfg.folder("inbox") / ref).is_dir()
             return self.render(request, "job_missing.html", 200 if waiting else 404, ref=ref, waiting=waiting,
                                live=f"/jobs/{ref}/live")
-        return self.render(request, "job.html", **context, message=request.session.pop("message", None),
-                           live=f"/jobs/{ref}/live")
+        return self.render(request, "job.html", status, **context,
+                           message=message or request.session.pop("message", None), live=f"/jobs/{ref}/live")
 
     async def job_live(self, request: Request) -> Response:
         ref = request.path_params["ref"]
@@ -169,14 +218,25 @@ class Console:
         ask = {"cancel": request_cancel, "retry": request_retry}.get(action)
         if ask is None:
             return Response(status_code=404)
+        user, admin = request.state.user, self.cfg.web.is_admin(request.state.user)
+        owner = await run_in_threadpool(self._owner, ref)
+        if not admin and owner != user:
+            self.audit.action(f"web {action} refused", user=user, job=ref, owner=owner)
+            return await self.job(request, 403, f"Not done: only {owner + ' (who uploaded it) or ' if owner else ''}"
+                                  f"an admin may {action} this job.")
         try:
             said = await run_in_threadpool(ask, self.store, ref)
         except JobError as exc:
             said = f"Not done: {exc}"
         else:
-            self.audit.action(f"web {action}", user=request.state.user, job=ref)
+            self.audit.action(f"web {action}", user=user, job=ref, owner=owner, admin=admin)
         request.session["message"] = said
         return RedirectResponse(f"/jobs/{ref}", 303)
+
+    def _owner(self, ref: str) -> str | None:
+        """Who handed the job over from the web (None: it came another way, or no such job)."""
+        job = self.store.jobs.find(ref)
+        return self.store.web.owner(job.name, job.created_at) if job else None
 
     # --- upload --------------------------------------------------------------------------------------
 
@@ -199,11 +259,13 @@ class Console:
 
         def known(name: str) -> bool:
             return self.store.jobs.find(name) is not None
+        handed_at = time.time()  # before the job exists: its owner row applies to jobs made after it
         try:
             folder, files, size = await run_in_threadpool(hand_over, self.cfg, self.uploads, user, form, known)
         except UploadRefused as exc:
             self.audit.action("web upload refused", user=user, job=form.name, reason=exc.reason)
             return JSONResponse({"reason": exc.reason, "hint": exc.hint}, exc.status)
+        await run_in_threadpool(self.store.web.record_owner, folder, user, handed_at)
         self.audit.action("web upload", user=user, job=folder, files=files, bytes=size)
         return JSONResponse({"job": folder, "url": f"/jobs/{folder}"})
 
@@ -232,7 +294,7 @@ class Console:
         proxies from closing the stream."""
         async def events() -> AsyncIterator[str]:
             last, quiet = None, 0.0
-            while not await request.is_disconnected():
+            while not await request.is_disconnected() and await run_in_threadpool(self._signed_in, request):
                 html = await run_in_threadpool(render)
                 if html != last:
                     last, quiet = html, 0.0
@@ -244,6 +306,10 @@ class Console:
                 quiet += LIVE_SECONDS
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+def _bad_value(exc: BadValue) -> Response:
+    return JSONResponse({"reason": str(exc), "hint": "use the page's own links and filters"}, 400)
 
 
 def _with_job_outputs(cfg: Config, view: dict[str, Any]) -> dict[str, Any]:
@@ -268,6 +334,7 @@ def create_app(cfg: Config, config_path: Path | None, session_key: str) -> Starl
     tus = TusServer(console.uploads)
     routes = [
         Route("/", lambda r: RedirectResponse("/jobs", 303)),
+        Route("/favicon.ico", lambda r: FileResponse(FAVICON, headers={"Cache-Control": "max-age=86400"})),
         Route("/login", console.login_page, methods=["GET"]),
         Route("/login", console.login, methods=["POST"]),
         Route("/logout", console.logout, methods=["POST"]),
@@ -286,9 +353,10 @@ def create_app(cfg: Config, config_path: Path | None, session_key: str) -> Starl
     ]
     middleware = [
         Middleware(SecurityHeaders, csp=content_security_policy(_media_origin(cfg))),
+        Middleware(Door),
         Middleware(SessionCookies, secure=cfg.web.secure_cookies, secret_key=session_key,
-                   session_cookie="heygem_session", same_site="strict", max_age=12 * 3600),
-        Middleware(Gate, web=cfg.web),
+                   session_cookie="heygem_session", same_site="strict", max_age=SESSION_SECONDS),
+        Middleware(Gate, web=cfg.web, sessions=console.sessions),
     ]
     app = Starlette(routes=routes, middleware=middleware)
     app.state.console = console

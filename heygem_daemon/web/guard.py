@@ -1,6 +1,7 @@
-"""ASGI middlewares: security headers on every answer, the session cookie (Secure over HTTPS), and the gate
-every request passes: a known user (else the login page, or 401 for scripts), and a CSRF token on every
-state-changing request."""
+"""ASGI middlewares: security headers on every answer, the door (a body larger than a form needs is refused
+before anything reads it; only tus PATCH streams large bodies, to disk), the session cookie (Secure over
+HTTPS), and the gate every request passes: a known user (else the login page, or 401 for scripts), and a
+CSRF token on every state-changing request. Which proxies' forwarded headers uvicorn believes."""
 
 from __future__ import annotations
 
@@ -14,11 +15,22 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from heygem_daemon.config import Web
 from heygem_daemon.web.auth import csrf_ok, current_user
+from heygem_daemon.web.sessions import SID, Sessions
 
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
-PUBLIC = ("/login", "/static/")
+PUBLIC = ("/login", "/favicon.ico")
+PUBLIC_PREFIX = "/static/"
 MAX_FORM_BYTES = 64 * 1024
+"""The largest body of any request but a tus PATCH: a login, a form, the upload's submit (ids of up to
+web.max_files uploads)."""
 FORM = "application/x-www-form-urlencoded"
+STREAMED = ("PATCH", "/tus/")
+
+
+def proxy_options(web: Web) -> dict[str, Any]:
+    """uvicorn's settings for X-Forwarded-For/-Proto: believed only from web.trusted_proxies (none by default);
+    uvicorn's own default would believe any client of a proxy on the loopback that passes the header on."""
+    return {"proxy_headers": bool(web.trusted_proxies), "forwarded_allow_ips": list(web.trusted_proxies)}
 
 
 def content_security_policy(media_origin: str | None) -> str:
@@ -47,7 +59,7 @@ class SecurityHeaders:
 class SessionCookies:
     """Starlette's signed session cookie, with the Secure flag per request: `secure` True or False, or "auto":
     when the request came over HTTPS. The scheme is uvicorn's: https under TLS, or what X-Forwarded-Proto
-    says when the proxy sending it is one uvicorn trusts (forwarded_allow_ips: the loopback by default)."""
+    says when the proxy sending it is one of web.trusted_proxies (proxy_options)."""
 
     def __init__(self, app: ASGIApp, secure: bool | Literal["auto"], **session: Any) -> None:
         self.secure = secure
@@ -70,12 +82,39 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
             return body
 
 
+def _too_large() -> Response:
+    return JSONResponse({"reason": f"the request body is larger than {MAX_FORM_BYTES // 1024} KiB",
+                         "hint": "send the form as the page does; files go through the upload"}, 413)
+
+
+class Door:
+    """Reads the body of every state-changing request but a tus PATCH, at most MAX_FORM_BYTES, before any
+    other part sees it: memory per request stays small, whoever sends it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in SAFE_METHODS or (
+                scope["method"] == STREAMED[0] and scope["path"].startswith(STREAMED[1])):
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        body = None if declared.isascii() and declared.isdigit() and int(declared) > MAX_FORM_BYTES else (
+            await _read_body(receive, MAX_FORM_BYTES))
+        if body is None:
+            await _too_large()(scope, receive, send)
+            return
+        await self.app(scope, _replay(body), send)
+
+
 class Gate:
     """Runs inside the session middleware: sets scope["state"]["user"] or turns the request away."""
 
-    def __init__(self, app: ASGIApp, web: Web) -> None:
+    def __init__(self, app: ASGIApp, web: Web, sessions: Sessions) -> None:
         self.app = app
         self.web = web
+        self.sessions = sessions
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -83,10 +122,12 @@ class Gate:
             return
         headers = Headers(scope=scope)
         session = scope["session"]
-        user = current_user(self.web, headers, session)
+        user = current_user(self.web, self.sessions, headers, session)
+        if user is None and SID in session:
+            session.clear()  # ended (logout, revoked, expired): its CSRF token goes with it
         scope.setdefault("state", {})["user"] = user
         path = scope["path"]
-        public = path == PUBLIC[0] or path.startswith(PUBLIC[1])
+        public = path in PUBLIC or path.startswith(PUBLIC_PREFIX)
         if user is None and not public:
             wants_page = scope["method"] == "GET" and "text/html" in headers.get("accept", "")
             answer: Response = (RedirectResponse("/login", 303) if wants_page else

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from heygem_daemon.web.uploads import Upload, UploadRefused, Uploads
+from heygem_daemon.web.values import BadValue, whole_number
 
 VERSION = "1.0.0"
 EXTENSIONS = "creation,termination,expiration"
@@ -68,10 +69,10 @@ class TusServer:
         if request.headers.get("Tus-Resumable") != VERSION:
             return Response(status_code=412, headers=_headers({"Tus-Version": VERSION}))
         try:
-            length = int(request.headers.get("Upload-Length", ""))
-        except ValueError:
-            return JSONResponse({"reason": "Upload-Length is missing", "hint": "send the file's size"}, 400,
-                                headers=_headers())
+            length = whole_number("Upload-Length", request.headers.get("Upload-Length", ""))
+        except BadValue as exc:
+            reason = str(exc) if "Upload-Length" in request.headers else "Upload-Length is missing"
+            return JSONResponse({"reason": reason, "hint": "send the file's size in bytes"}, 400, headers=_headers())
         try:
             meta = _metadata(request.headers.get("Upload-Metadata", ""))
             upload = self.uploads.create(request.state.user, length, meta.get("filename", ""))

@@ -7,6 +7,7 @@ NEEDS=(
     "systemd-analyze=systemd"                       # unit-file tests (verify, security --offline)
     "chromedriver=chromium chromium-driver"         # the web console's browser test
     "redis-server=redis-server"                     # the remote-worker tests' broker
+    "nginx=nginx"                                   # the web console behind the README's nginx block
 )
 missing=()
 for need in "${NEEDS[@]}"; do
