@@ -73,11 +73,11 @@ def test_long_batch_arrives_as_a_summary_with_the_zip_link_within_the_plugin_lim
     start(running, notifier)
     long = dataclasses.replace(report(), videos=[
         dataclasses.replace(v, name=f"v{i}.mp4", url=f"https://s3.example.com/b/v{i}.mp4?s=" + "f" * 400)
-        for i, v in enumerate(report(200).videos)])
+        for i, v in enumerate(report(400).videos)])
     outbox.enqueue_report(long)
     (post,) = receiver.wait_delivered()
     assert len(post.payload["message"]) <= 32768  # apprise's json:// body_maxlen
-    assert ZIP_URL in post.payload["message"] and "200 videos" in post.payload["message"]
+    assert ZIP_URL in post.payload["message"] and "400 videos" in post.payload["message"]
     assert "v0.mp4?s=" not in post.payload["message"]
 
 
