@@ -114,3 +114,12 @@ def test_markdown_in_file_names_is_shown_literally():
     msg = failure_message("x", record, limits("json://127.0.0.1/hook"), PREFIX)
     assert "\\[x\\](http://evil)\\*.jpg" in msg.body
 
+
+
+def test_a_video_name_too_long_to_go_beside_its_link_is_shortened_never_the_link():
+    lim = limits("wecombot://botkey")
+    long = dataclasses.replace(video(0), name="长" * 700 + ".mp4")
+    msgs = report_messages(dataclasses.replace(batch(1), videos=[long]), lim, PREFIX)
+    assert all(shown_length(m, lim) <= lim.body_max for m in msgs)
+    assert long.url in "".join(m.body for m in msgs) and ZIP_URL in "".join(m.body for m in msgs)
+    assert [m.title[-5:] for m in msgs] == ["(1/2)", "(2/2)"]
