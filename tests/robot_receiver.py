@@ -10,6 +10,8 @@ Each checks what the real service documents and answers as it does — HTTP 200 
   4,096, 40058; more than 20 a minute 45009; taken: errcode 0.
 - Feishu/Lark (`/open-apis/bot/v2/hook/{token}`): unknown token 19001; a body over 20 KB 9499; more than 5 a
   second or 100 a minute 11232; taken: code 0 (and the older StatusCode 0; `legacy` answers only StatusCode).
+- Slack incoming webhooks (`/services/T/B/X`) answer in the HTTP status and a text body instead: unknown
+  hook 404 `no_service`, a payload without text 400 `invalid_payload`; taken: 200 `ok`.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 DINGTALK, WECOM, FEISHU, LARK = "oapi.dingtalk.com", "qyapi.weixin.qq.com", "open.feishu.cn", "open.larksuite.com"
-HOSTS = (DINGTALK, WECOM, FEISHU, LARK)
+SLACK = "hooks.slack.com"
+HOSTS = (DINGTALK, WECOM, FEISHU, LARK, SLACK)
 
 
 def make_tls(folder: Path) -> tuple[Path, ssl.SSLContext]:
@@ -121,10 +124,12 @@ class RobotServers:
 
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                answer = servers._answer(self.headers.get("Host", "").split(":")[0], self.path, raw)
-                body = json.dumps(answer).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
+                host = self.headers.get("Host", "").split(":")[0]
+                status, answer = (servers._slack(self.path, raw) if host == SLACK
+                                  else (200, servers._answer(host, self.path, raw)))
+                body = answer.encode() if isinstance(answer, str) else json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "text/html" if isinstance(answer, str) else "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -188,6 +193,15 @@ class RobotServers:
         if host in (FEISHU, LARK) and url.path.startswith("/open-apis/bot/v2/hook/"):
             return self._feishu(host, url.path.rsplit("/", 1)[-1], payload, len(raw))
         return {"errcode": 404, "errmsg": "请求的URI地址不存在"}
+
+    def _slack(self, path: str, raw: bytes) -> tuple[int, str]:
+        token = path.removeprefix("/services/")
+        payload = json.loads(raw or b"{}")
+        text = payload.get("text") or "\n".join(a.get("text", "") for a in payload.get("attachments", []))
+        status, answer = ((404, "no_service") if ("slack", token) not in self.robots
+                          else (400, "invalid_payload") if not text else (200, "ok"))
+        self._record("slack", token, 0 if status == 200 else status, text, "", payload)
+        return status, answer
 
     def _record(self, service: str, token: str, errcode: int, text: str, query: str,
                 payload: dict[str, Any]) -> None:

@@ -179,3 +179,14 @@ def test_a_refused_job_message_shows_in_the_job_view_and_status(store, robots, t
     assert "93000" in refused["reason"] and "invalid webhook url" in refused["reason"]
     (alert,) = condition(cfg, store)["chat_not_delivered"]  # the operator alert went to the same robot
     assert "93000" in alert["reason"]
+
+
+def test_slack_through_apprise_is_delivered_on_ok_and_refused_for_good_on_no_service(store, robots):
+    hook = "T1JJ3T3L2/A1BRTD4JD/TIiajkdnlazkcOXrIdevi7"
+    robots.add("slack", hook)
+    outbox, notifier = sender(store, urls=[f"slack://{hook}/#general", "slack://T1JJ3T3L2/A1BRTD4JD/Gone0/#general"])
+    outbox.enqueue_report(report())
+    notifier.send_due()
+    states = sorted((n.state, n.attempts, (n.last_error or "")[-10:]) for n in store.outbox.select()
+                    if n.kind == "report")
+    assert states == [("gave_up", 1, "error=404."), ("sent", 1, "")]
