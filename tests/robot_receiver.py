@@ -36,6 +36,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from notify_receiver import serve, shut
+
 DINGTALK, WECOM, FEISHU, LARK = "oapi.dingtalk.com", "qyapi.weixin.qq.com", "open.feishu.cn", "open.larksuite.com"
 SLACK = "hooks.slack.com"
 HOSTS = (DINGTALK, WECOM, FEISHU, LARK, SLACK)
@@ -160,15 +162,12 @@ class RobotServers:
             def log_message(self, *_: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
+        self._server = serve(Proxy)
         return self
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            shut(self._server)
 
     # --- what the tests read ---------------------------------------------------------------
 

@@ -51,6 +51,15 @@ def texts(received) -> str:
     return "\n".join(r.text for r in received)
 
 
+def send_report(store, robots: RobotServers, service: str, url: str, robot: str, batch: BatchReport) -> list:
+    """`batch` through the outbox to a new robot of `service`; what that robot received."""
+    robots.add(service, robot)
+    outbox, notifier = sender(store, urls=[url.format(t=robot)])
+    outbox.enqueue_report(batch)
+    notifier.send_due()
+    return [r for r in robots.received if r.robot == robot]
+
+
 def test_a_signed_dingtalk_robot_takes_the_report_signed_as_dingtalk_documents(store, robots):
     robots.add("dingtalk", "dtsigned", SECRET)
     outbox, notifier = sender(store, urls=[f"dingtalk://{SECRET}@dtsigned/"])
@@ -103,12 +112,8 @@ def test_a_robot_gets_at_most_20_messages_a_minute_and_the_rest_wait(store, robo
 @pytest.mark.parametrize("service,url", [("dingtalk", "dingtalk://{t}/"), ("wecom", "wecombot://{t}"),
                                          ("feishu", "feishu://{t}")])
 def test_a_one_video_batch_with_a_long_cjk_name_arrives_with_its_link_and_the_zip_link(store, robots, service, url):
-    robots.add(service, f"one{service}")
-    outbox, notifier = sender(store, urls=[url.format(t=f"one{service}")])
     batch = cjk_batch(1)
-    outbox.enqueue_report(batch)
-    notifier.send_due()
-    got = [r for r in robots.received if r.robot == f"one{service}"]
+    got = send_report(store, robots, service, url, f"one{service}", batch)
     assert got and all(r.errcode == 0 for r in got)
     assert batch.videos[0].url in texts(got) and batch.zip_url in texts(got)
     assert {n.state for n in store.outbox.select()} == {"sent"}
@@ -118,12 +123,8 @@ def test_a_one_video_batch_with_a_long_cjk_name_arrives_with_its_link_and_the_zi
                                            ("feishu", "feishu://{t}", 15)])
 def test_a_cjk_batch_over_the_robots_byte_limit_arrives_whole_in_parts(store, robots, service, url, n):
     """15 such videos are 19,618 characters (apprise's DingTalk/Feishu limit is 19,985) but 21,360 bytes."""
-    robots.add(service, f"parts{service}")
-    outbox, notifier = sender(store, urls=[url.format(t=f"parts{service}")])
     batch = cjk_batch(n)
-    outbox.enqueue_report(batch)
-    notifier.send_due()
-    got = [r for r in robots.received if r.robot == f"parts{service}"]
+    got = send_report(store, robots, service, url, f"parts{service}", batch)
     assert len(got) > 1 and all(r.errcode == 0 for r in got)
     assert all(v.url in texts(got) for v in batch.videos) and batch.zip_url in texts(got)
 
@@ -131,12 +132,8 @@ def test_a_cjk_batch_over_the_robots_byte_limit_arrives_whole_in_parts(store, ro
 @pytest.mark.parametrize("service,url", [("dingtalk", "dingtalk://{t}/"), ("wecom", "wecombot://{t}"),
                                          ("feishu", "feishu://{t}")])
 def test_a_batch_too_long_for_three_messages_is_one_summary_with_the_zip_link(store, robots, service, url):
-    robots.add(service, f"long{service}")
-    outbox, notifier = sender(store, urls=[url.format(t=f"long{service}")])
     batch = cjk_batch(60)
-    outbox.enqueue_report(batch)
-    notifier.send_due()
-    (got,) = [r for r in robots.received if r.robot == f"long{service}"]
+    (got,) = send_report(store, robots, service, url, f"long{service}", batch)
     assert got.errcode == 0 and batch.zip_url in got.text and "60 videos" in got.text
 
 
