@@ -8,9 +8,11 @@ from urllib.parse import quote
 
 import pytest
 
-from heygem_daemon.config import Config
+from heygem_daemon.cli import main
+from heygem_daemon.config import load_config
 from heygem_daemon.delivery.report import BatchReport, VideoLink
-from heygem_daemon.views import condition, job_view
+from heygem_daemon.state import Store, db_path
+from heygem_daemon.views import job_view
 from robot_receiver import RobotServers
 from test_notify_outbox import report, sender, store  # noqa: F401 (store is a fixture)
 
@@ -165,17 +167,23 @@ def test_feishu_counts_as_delivered_only_on_its_success_answer(store, robots, le
                                     "invalid") and states[1] == ("sent", "")
 
 
-def test_a_refused_job_message_shows_in_the_job_view_and_status(store, robots, tmp_path):
+def test_a_refused_job_message_shows_in_status_and_the_job_view(robots, tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text("base_dir: .\n")
+    cfg = load_config(tmp_path / "config.yaml", environ={})
+    store = Store(db_path(cfg.folder("state")))
     outbox, notifier = sender(store, urls=["wecombot://nosuchrobot"])
     job = store.jobs.create("coffee", {"sources": ["coffee.jpg"], "folder": False})
     outbox.enqueue_failure(job, {"stage": "intake", "problems": [{"file": "coffee.jpg", "reason": "no face",
                                                                   "hint": ""}]})
     notifier.send_due()
-    cfg = Config.model_validate({"base_dir": str(tmp_path)})
     (refused,) = job_view(cfg, store, job)["chat"]["not_delivered"]
-    assert "93000" in refused["reason"] and "invalid webhook url" in refused["reason"]
-    (alert,) = condition(cfg, store)["chat_not_delivered"]  # the operator alert went to the same robot
-    assert "93000" in alert["reason"]
+    assert refused["reason"] == "refused by WeCom Bot: errcode 93000: invalid webhook url"
+    assert main(["-c", str(tmp_path / "config.yaml"), "status"]) == 0
+    out = capsys.readouterr().out
+    assert "    chat message not delivered: refused by WeCom Bot: errcode 93000" in out
+    # the operator alert about it went to the same robot: refused too, and shown as a message of no job
+    assert "chat message not delivered: [heygem] needs attention (refused by WeCom Bot: errcode 93000" in out
+    store.close()
 
 
 def test_slack_through_apprise_is_delivered_on_ok_and_refused_for_good_on_no_service(store, robots):
