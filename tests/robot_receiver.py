@@ -21,6 +21,7 @@ import datetime
 import hashlib
 import hmac
 import json
+import socket
 import ssl
 import threading
 import time
@@ -82,6 +83,8 @@ class Received:
     """The message as the chat shows it (content, or markdown text)."""
     raw_query: str
     payload: dict[str, Any]
+    at: float
+    """When the verdict was given (time.time()), just before the answer is written."""
 
 
 @dataclass
@@ -148,6 +151,9 @@ class RobotServers:
                 self.send_response(200, "Connection established")
                 self.end_headers()
                 self.close_connection = True
+                # Headers and body leave in separate writes: without this, Nagle holds the body back for the
+                # client's delayed ACK (40 ms), which the real services' answers do not wait for.
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 try:
                     conn = tls.wrap_socket(self.connection, server_side=True)
                 except (ssl.SSLError, OSError):
@@ -205,7 +211,7 @@ class RobotServers:
     def _record(self, service: str, token: str, errcode: int, text: str, query: str,
                 payload: dict[str, Any]) -> None:
         with self._lock:
-            self.received.append(Received(service, token, errcode, text, query, payload))
+            self.received.append(Received(service, token, errcode, text, query, payload, time.time()))
 
     def _too_fast(self, robot: Robot, limits: tuple[tuple[int, float], ...]) -> bool:
         now = time.monotonic()
