@@ -251,9 +251,24 @@ def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
         print(line)
         for w in j.get("warnings", []):
             print(f"    warning: {w['reason']}")
+        for line in _chat_lines(j.get("chat")):
+            print(f"    {line}")
     for view in doc["adhoc"]:
         print(_adhoc_line(view))
+    for c in doc["chat_not_delivered"]:
+        print(f"chat message not delivered: {c['title']} ({c['reason']})")
     return 0
+
+
+def _chat_lines(chat: dict[str, Any] | None) -> list[str]:
+    """A job's chat messages that did not go out (yet): refused or given up with the reason, or waiting."""
+    if not chat:
+        return []
+    lines = [f"chat message not delivered: {c['reason']}" for c in chat["not_delivered"]]
+    if chat["waiting"]:
+        lines.append(f"chat: {chat['waiting']} message(s) waiting to be sent"
+                     + (f" (last try: {chat['last_error']})" if chat["last_error"] else ""))
+    return lines
 
 
 def _remote_lines(remote: dict[str, Any] | None) -> list[str]:

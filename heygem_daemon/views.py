@@ -4,11 +4,14 @@ and the web console alike (one place decides what a job looks like from outside)
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from heygem_daemon.config import Config
-from heygem_daemon.state import Batch, Job, Store
+from heygem_daemon.state import Batch, Job, Notification, Store
+
+CHAT_UNDELIVERED_SHOWN = 5
 
 
 def _local(when: float) -> str:
@@ -38,7 +41,22 @@ def job_view(cfg: Config, store: Store, job: Job) -> dict[str, Any]:
         view["error"] = {"reason": job.error.get("reason"), "hint": job.error.get("hint")}
     if job.spec.get("warnings"):
         view["warnings"] = job.spec["warnings"]
+    if chat := store.outbox.select(job.id):
+        view["chat"] = chat_view(chat)
     return view
+
+
+def chat_view(rows: list[Notification]) -> dict[str, Any]:
+    """A job's chat messages: how many went out, how many wait for a retry (with what the service said last),
+    and the ones that will not go out — refused by the service or given up — with the reason."""
+    states = Counter(r.state for r in rows)
+    return {"sent": states["sent"], "waiting": states["pending"] + states["retrying"],
+            "last_error": next((r.last_error for r in reversed(rows) if r.state == "retrying"), None),
+            "not_delivered": _undelivered(rows)}
+
+
+def _undelivered(rows: list[Notification]) -> list[dict[str, Any]]:
+    return [{"title": r.title, "reason": r.last_error} for r in rows if r.state == "gave_up"]
 
 
 def adhoc_view(cfg: Config, store: Store, batch: Batch) -> dict[str, Any]:
@@ -51,13 +69,16 @@ def adhoc_view(cfg: Config, store: Store, batch: Batch) -> dict[str, Any]:
 
 
 def condition(cfg: Config, store: Store) -> dict[str, Any]:
-    """The daemon's state file, task counts, what queued tasks wait for, and the engines' services."""
+    """The daemon's state file, task counts, what queued tasks wait for, the engines' services, and the last
+    chat messages of no job (operator alerts, ad-hoc batches) that were not delivered."""
     from heygem_daemon.generation.dependencies import engine_dependencies
     from heygem_daemon.generation.outages import waiting
     from heygem_daemon.ops.daemon_state import read_state
 
+    unowned = [r for r in store.outbox.select(states=("gave_up",)) if r.job_id is None]
     return {"daemon": read_state(cfg.folder("state")), "tasks": store.tasks.counts(), "waiting_for": waiting(store),
-            "dependencies": [d.to_dict() for d in engine_dependencies(cfg)]}
+            "dependencies": [d.to_dict() for d in engine_dependencies(cfg)],
+            "chat_not_delivered": _undelivered(unowned[-CHAT_UNDELIVERED_SHOWN:])}
 
 
 def status_doc(cfg: Config, store: Store, limit: int) -> dict[str, Any]:

@@ -48,15 +48,13 @@ class Receiver:
             def log_message(self, *_: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server = serve(Handler, self.port)
         self.port = self._server.server_address[1]
-        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
         return self
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            shut(self._server)
             self._server = None
 
     def url(self, path: str = "/hook", auth: str = "") -> str:
@@ -76,6 +74,19 @@ class Receiver:
     def refused(self) -> int:
         with self._lock:
             return sum(p.status != 200 for p in self.posts)
+
+
+def serve(handler: type[BaseHTTPRequestHandler], port: int = 0) -> ThreadingHTTPServer:
+    """An HTTP server on 127.0.0.1 answering from a thread of its own."""
+    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    return server
+
+
+def shut(server: ThreadingHTTPServer) -> None:
+    server.shutdown()
+    server.server_close()
 
 
 def wait_until(cond: Callable[[], Any], timeout: float, what: Callable[[], str]) -> Any:

@@ -73,11 +73,11 @@ def test_long_batch_arrives_as_a_summary_with_the_zip_link_within_the_plugin_lim
     start(running, notifier)
     long = dataclasses.replace(report(), videos=[
         dataclasses.replace(v, name=f"v{i}.mp4", url=f"https://s3.example.com/b/v{i}.mp4?s=" + "f" * 400)
-        for i, v in enumerate(report(200).videos)])
+        for i, v in enumerate(report(400).videos)])
     outbox.enqueue_report(long)
     (post,) = receiver.wait_delivered()
     assert len(post.payload["message"]) <= 32768  # apprise's json:// body_maxlen
-    assert ZIP_URL in post.payload["message"] and "200 videos" in post.payload["message"]
+    assert ZIP_URL in post.payload["message"] and "400 videos" in post.payload["message"]
     assert "v0.mp4?s=" not in post.payload["message"]
 
 
@@ -207,3 +207,22 @@ def test_a_claim_undone_by_recovery_takes_its_unsent_message_with_it(store, rece
     assert outbox.enqueue_failure(job, record) == 1
     store.jobs.delete(job.id)
     assert store.outbox.select() == []
+
+
+def test_a_webhook_answering_4xx_is_refused_for_good_without_retries(store, receiver):
+    receiver.status = 404
+    outbox, notifier = sender(store, urls=[receiver.url("/gone")], operator_urls=[receiver.url("/ops")])
+    outbox.enqueue_report(report())
+    notifier.send_due()
+    (row,) = [n for n in store.outbox.select() if n.kind == "report"]
+    assert row.state == "gave_up" and row.attempts == 1 and "404" in row.last_error
+    assert len([p for p in receiver.posts if p.path == "/gone"]) == 1
+    alerts = [p for p in receiver.posts if "refused a chat message" in p.text]
+    assert {p.path for p in alerts} == {"/ops"} and len(alerts) == 2  # about /gone, then about /ops itself
+
+
+def test_a_report_rendered_again_into_another_number_of_parts_adds_nothing(store):
+    outbox, _ = sender(store, urls=["wecombot://botkey"])
+    assert outbox.enqueue_report(report(signature="s" * 700)) == 2  # 2,048 bytes: two parts
+    assert outbox.enqueue_report(report(signature="short")) == 0
+    assert len(store.outbox.select()) == 2

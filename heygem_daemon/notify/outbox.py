@@ -17,13 +17,14 @@ from typing import Any, Callable
 
 from heygem_daemon.ops.checks import Check
 from heygem_daemon.config import Config, ConfigError
-from heygem_daemon.notify.messages import Message, alert_message, failure_message, report_message
+from heygem_daemon.notify.messages import Message, alert_message, failure_message, report_messages
 from heygem_daemon.delivery.report import BatchReport
 from heygem_daemon.notify.targets import (
     Target, configured_urls, job_target_urls, operator_urls, parse_target, send, target_id,
 )
 from heygem_daemon.log import get_logger
 from heygem_daemon.state import Job, NewNotification, Notification, Store
+from heygem_daemon.state.outbox import PART
 from heygem_daemon.failures import backoff_delay
 
 log = get_logger("heygem.notify")
@@ -54,7 +55,7 @@ class Outbox:
         key = f"report:{report.job_id}:{_digest(repr(outcome))}"
         urls = self.default_urls if report.notify_urls is None else report.notify_urls
         return self._enqueue(key, "report", report.job_id, urls,
-                             lambda t: report_message(report, t.limits(), self.cfg.title_prefix))
+                             lambda t: report_messages(report, t.limits(), self.cfg.title_prefix))
 
     def enqueue_failure(self, job: Job, record: dict[str, Any]) -> int:
         """A job refused at intake or failed in generation (the record is its error.json).
@@ -63,7 +64,7 @@ class Outbox:
         urls = self.job_urls(job)
         urls = self.default_urls if urls is None else urls
         return self._enqueue(key, "failure", job.id, urls,
-                             lambda t: failure_message(job.name, record, t.limits(), self.cfg.title_prefix))
+                             lambda t: [failure_message(job.name, record, t.limits(), self.cfg.title_prefix)])
 
     def job_urls(self, job: Job) -> list[str] | None:
         """The chat targets of a job's own job.yaml that notify.job_targets allows ([] = none), read from the
@@ -84,10 +85,10 @@ class Outbox:
         often the condition is seen."""
         window = int(time.time() // (self.cfg.alert_repeat_hours * 3600))
         return self._enqueue(f"alert:{key}:{window}", "alert", None, self.operator_urls,
-                             lambda t: alert_message(text, t.limits(), self.cfg.title_prefix))
+                             lambda t: [alert_message(text, t.limits(), self.cfg.title_prefix)])
 
     def _enqueue(self, key: str, kind: str, job_id: str | None, urls: list[str],
-                 render: Callable[[Target], Message]) -> int:
+                 render: Callable[[Target], list[Message]]) -> int:
         # Called from intake and the worker supervisor: a problem here is logged, never raised into them.
         try:
             return self._record(key, kind, job_id, urls, render)
@@ -96,7 +97,7 @@ class Outbox:
             return 0
 
     def _record(self, key: str, kind: str, job_id: str | None, urls: list[str],
-                render: Callable[[Target], Message]) -> int:
+                render: Callable[[Target], list[Message]]) -> int:
         rows = []
         for url in dict.fromkeys(urls):
             target = parse_target(url)
@@ -107,9 +108,11 @@ class Outbox:
                 continue
             with self._lock:
                 self._known[target.id] = url
-            msg = render(target)
-            rows.append(NewNotification(key, target.id, kind, job_id, msg.title, msg.body, msg.body_format,
-                                        msg.kind))
+            parts = render(target)
+            for i, msg in enumerate(parts, 1):
+                part_key = key if len(parts) == 1 else f"{key}{PART}{i}/{len(parts)}"
+                rows.append(NewNotification(part_key, target.id, kind, job_id, msg.title, msg.body,
+                                            msg.body_format, msg.kind))
         added = self.store.outbox.add(rows) if rows else 0
         if added:
             log.info("notification queued", notification=key, kind=kind, job_id=job_id, targets=added)
@@ -210,23 +213,57 @@ class Notifier:
             bound.error("notification dropped: apprise does not understand the target URL", title=row.title)
             return 0
         bound = bound.bind(target=target.label)
-        error = send(target, Message(row.title, row.body, row.body_format, row.notify_type))
-        if error is None:
+        paced_until = self._paced_until(target)
+        if paced_until is not None:
+            self.store.outbox.postpone(row.id, paced_until)
+            return 0
+        answer = send(target, Message(row.title, row.body, row.body_format, row.notify_type))
+        if answer.outcome == "delivered":
+            # Recorded before anything else: a kill between the service's answer and this commit sends the
+            # message again at the next start (at-least-once); nothing else runs inside that window.
             self.store.outbox.sent(row.id)
             bound.info("notification sent", attempts=row.attempts + 1)
             return 1
+        if answer.outcome == "refused":
+            self.store.outbox.failed(row.id, f"refused by {target.plugin.service_name}: {answer.detail}", None)
+            bound.error("notification refused by the chat service; it will not be sent again", error=answer.detail,
+                        title=row.title, fix="check the target's URL, token and secret (heygem-daemon doctor)")
+            self._alert_refused(target, row, answer.detail)
+            return 0
         age = time.time() - row.created_at
         if age >= self.cfg.max_age_hours * 3600:
-            self.store.outbox.failed(row.id, error, None)
-            bound.error("notification given up: the chat service kept refusing it", error=error,
+            self.store.outbox.failed(row.id, answer.detail, None)
+            bound.error("notification given up: the chat service kept refusing it", error=answer.detail,
                         attempts=row.attempts + 1, title=row.title,
                         fix="check the service and the URL (heygem-daemon doctor)")
             return 0
         delay = backoff_delay(row.attempts + 1, self.cfg.retry_base_seconds, self.cfg.retry_max_seconds)
-        self.store.outbox.failed(row.id, error, time.time() + delay)
-        bound.warning("notification not delivered; will retry", error=error, attempts=row.attempts + 1,
+        self.store.outbox.failed(row.id, answer.detail, time.time() + delay)
+        bound.warning("notification not delivered; will retry", error=answer.detail, attempts=row.attempts + 1,
                       retry_in=round(delay, 1))
         return 0
+
+    def _paced_until(self, target: Target) -> float | None:
+        """When the robot's rate limit (N messages per S seconds) lets the next message go, if not now. Read
+        from the sent times in the store, so a restart does not reset the count."""
+        if target.robot is None:
+            return None
+        now = time.time()
+        until = now
+        for count, seconds in target.robot.pace:
+            sent = self.store.outbox.sent_since(target.id, now - seconds)
+            if len(sent) >= count:
+                until = max(until, sent[len(sent) - count] + seconds)
+        return until if until > now else None
+
+    def _alert_refused(self, target: Target, row: Notification, detail: str) -> None:
+        """One alert per refusing target (per `alert_repeat_hours`): an alert refused by the same target adds
+        nothing, so a target that refuses everything cannot make a loop."""
+        self.outbox.enqueue_alert(
+            f"chat-refused:{target.id}",
+            f"{target.label} refused a chat message ({detail}); \"{row.title}\" was not delivered and will not "
+            "be sent again. Check that target's URL, token and secret (heygem-daemon doctor); `heygem-daemon "
+            "status` lists the refused messages.")
 
 
 def notify_checks(cfg: Config) -> list[Check]:
@@ -250,7 +287,8 @@ def notify_checks(cfg: Config) -> list[Check]:
                                     "check the URL format for that service in the apprise wiki"))
             else:
                 limits = target.limits()
-                checks.append(Check(name, True, f"{target.plugin.service_name}, up to {limits.body_max} characters"
+                unit = {"chars": "characters", "utf8": "bytes", "json": "bytes"}[limits.unit]
+                checks.append(Check(name, True, f"{target.plugin.service_name}, up to {limits.body_max} {unit}"
                                     f"{', markdown' if limits.markdown else ', plain text'}"))
     return checks
 

@@ -1,4 +1,5 @@
-"""Chat targets: apprise URLs, what each service accepts (length, markdown), and sending one message.
+"""Chat targets: apprise URLs, what each service accepts (length, markdown), and sending one message —
+through our own sender (`robots`) for the services that answer in the body, through apprise otherwise.
 
 An apprise URL holds the service's token, so it never leaves memory: the store and the logs name a target
 by `target_id` (a digest) and `label` (the service's name) only.
@@ -22,6 +23,7 @@ import apprise
 
 from heygem_daemon.config import ConfigError, Notify
 from heygem_daemon.notify.messages import Limits, Message
+from heygem_daemon.notify.robots import Answer, Robot, post, robot_for
 from heygem_daemon.intake.pairing import manifest_notify
 from heygem_daemon.log import redact_text
 
@@ -37,6 +39,7 @@ _apprise_log.addHandler(logging.NullHandler())
 class Target:
     url: str
     plugin: apprise.plugins.NotifyBase
+    robot: Robot | None = None
 
     @property
     def id(self) -> str:
@@ -51,6 +54,8 @@ class Target:
         markdown = p.resolve_format(apprise.NotifyFormat.MARKDOWN) is apprise.NotifyFormat.MARKDOWN
         # Services without a title field (or that count it against the body) get the title in the body.
         title_in_body = p.title_maxlen <= 0 or bool(getattr(p, "overflow_amalgamate_title", False))
+        if self.robot is not None:  # the limit as the service itself counts it
+            return Limits(self.robot.body_max, p.title_maxlen, markdown, title_in_body, self.robot.unit)
         return Limits(p.body_maxlen, p.title_maxlen, markdown, title_in_body)
 
 
@@ -61,7 +66,7 @@ def target_id(url: str) -> str:
 def parse_target(url: str) -> Target | None:
     """The apprise plugin for a URL, or None when apprise does not understand it."""
     plugin = apprise.Apprise.instantiate(url)
-    return Target(url, plugin) if plugin is not None else None
+    return Target(url, plugin, robot_for(plugin)) if plugin is not None else None
 
 
 JobTargetPolicy = Literal["off"] | list[str]
@@ -156,8 +161,23 @@ def operator_urls(cfg: Notify) -> list[str]:
     return list(cfg.operator_urls) if cfg.operator_urls is not None else configured_urls(cfg)
 
 
-def send(target: Target, message: Message) -> str | None:
-    """Deliver one message; None when the service took it, else what went wrong (secrets masked)."""
+def send(target: Target, message: Message) -> Answer:
+    """Deliver one message: delivered only when the service's own answer says so; otherwise whether to try
+    again later or not at all, and what the service said (secrets masked)."""
+    answer = post(target.robot, target.plugin, message) if target.robot else _send_apprise(target, message)
+    if answer.outcome == "delivered":
+        return answer
+    detail = redact_text(_mask(answer.detail or "the service refused the message", target.url))
+    return Answer(answer.outcome, detail[:MAX_ERROR_CHARS])
+
+
+_HTTP_ERROR = re.compile(r"error=(\d{3})\b")
+_TRY_AGAIN = {408, 425, 429}
+
+
+def _send_apprise(target: Target, message: Message) -> Answer:
+    """Services whose answer apprise reads itself (Slack's "ok", Telegram's "ok": true, a webhook's 2xx).
+    apprise says only yes or no; the HTTP status in its warning tells a refusal (4xx) from a failure."""
     client = apprise.Apprise()
     client.add(target.plugin)
     with apprise.LogCapture(level=logging.WARNING) as captured:
@@ -169,10 +189,12 @@ def send(target: Target, message: Message) -> str | None:
             ok = False
             logging.getLogger("apprise").warning("%s: %s", type(exc).__name__, exc)
     if ok:
-        return None
+        return Answer("delivered")
     lines = [ln.split(" - ", 2)[-1] for ln in captured.getvalue().splitlines() if ln.strip()]
-    detail = "; ".join(lines) or "the service refused the message"
-    return redact_text(_mask(detail, target.url))[:MAX_ERROR_CHARS]
+    detail = "; ".join(lines)
+    codes = [int(c) for c in _HTTP_ERROR.findall(detail)]
+    refused = bool(codes) and all(400 <= c < 500 and c not in _TRY_AGAIN for c in codes)
+    return Answer("refused" if refused else "retry", detail)
 
 
 def _mask(text: str, url: str) -> str:

@@ -1,14 +1,23 @@
 """The notification outbox: one row per event and chat target. pending -> sent | retrying (next_at) -> gave_up.
 
-`target` is a digest of the apprise URL: the URL holds tokens and is never stored.
+`target` is a digest of the apprise URL: the URL holds tokens and is never stored. A message split into
+parts has one row per part, keyed `<event>#part<i>/<n>`; the event counts as recorded once any part is.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from itertools import groupby
 
 from heygem_daemon.state.db import Repository, job_and_states
+
+PART = "#part"
+
+
+def event_of(event_key: str) -> str:
+    """The event a (part) row belongs to."""
+    return event_key.split(PART, 1)[0]
 
 
 @dataclass(frozen=True)
@@ -36,16 +45,26 @@ class Notification(NewNotification):
 
 class OutboxRepository(Repository):
     def add(self, rows: list[NewNotification]) -> int:
-        """Record messages to send; an (event, target) already recorded is left alone. Returns rows added."""
+        """Record messages to send; an (event, target) already recorded — any of its parts — is left alone,
+        so a message rendered again into another number of parts adds nothing. Returns rows added."""
         now = time.time()
+        added = 0
         with self.tx() as db:
-            before = db.total_changes
-            db.executemany(
-                "INSERT OR IGNORE INTO notifications (event_key, target, kind, job_id, title, body, body_format,"
-                " notify_type, state, next_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
-                [(r.event_key, r.target, r.kind, r.job_id, r.title, r.body, r.body_format, r.notify_type, now, now)
-                 for r in rows])
-            return db.total_changes - before
+            for (event, target), group in groupby(rows, key=lambda r: (event_of(r.event_key), r.target)):
+                known = db.execute(
+                    "SELECT 1 FROM notifications WHERE target = ? AND (event_key = ? OR substr(event_key, 1, ?) = ?)"
+                    " LIMIT 1", (target, event, len(event) + len(PART), event + PART)).fetchone()
+                if known is not None:
+                    continue
+                for r in group:
+                    db.execute(
+                        "INSERT OR IGNORE INTO notifications (event_key, target, kind, job_id, title, body,"
+                        " body_format, notify_type, state, next_at, created_at)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+                        (r.event_key, r.target, r.kind, r.job_id, r.title, r.body, r.body_format, r.notify_type,
+                         now, now))
+                    added += 1
+        return added
 
     def due(self, now: float, limit: int = 20) -> list[Notification]:
         rows = self._conn().execute(
@@ -67,6 +86,19 @@ class OutboxRepository(Repository):
         with self.tx() as db:
             db.execute("UPDATE notifications SET state = 'sent', attempts = attempts + 1, sent_at = ?,"
                        " last_error = NULL WHERE id = ?", (now, notification_id))
+
+    def sent_since(self, target: str, since: float) -> list[float]:
+        """When messages to `target` went out since `since`, oldest first (for pacing a robot's rate limit,
+        across restarts too)."""
+        rows = self._conn().execute(
+            "SELECT sent_at FROM notifications WHERE target = ? AND state = 'sent' AND sent_at >= ? ORDER BY sent_at",
+            (target, since))
+        return [r["sent_at"] for r in rows]
+
+    def postpone(self, notification_id: int, until: float) -> None:
+        """Not sent yet, not an attempt either: the target's rate limit is used up until `until`."""
+        with self.tx() as db:
+            db.execute("UPDATE notifications SET next_at = ? WHERE id = ?", (until, notification_id))
 
     def failed(self, notification_id: int, error: str, retry_at: float | None) -> None:
         """A failed send: try again at retry_at, or give up for good when None."""
