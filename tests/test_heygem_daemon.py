@@ -130,7 +130,7 @@ def test_an_outage_of_every_service_makes_two_jobs_wait_without_using_attempts_a
 
         daemon.wait_for(both_waiting, 60, "both tasks to wait on the outage")
         waiting = daemon.store().tasks.select(daemon.job("during-outage").id)
-        assert all(t.last_error["kind"] == "outage" and t.last_error["dependency"] in {s.url for s in services}
+        assert all(t.last_error["kind"] == "outage" and t.last_error["dependency"] in {f"heygem service {s.url}" for s in services}
                    for t in waiting)
         (alert,) = operator.wait_delivered(1, "/ops", "Generation is waiting for", timeout=30)[:1]
         assert "no heygem service can take the job" in alert.text

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -25,10 +26,10 @@ from heygem_daemon.generation.dependencies import Dependency
 from heygem_daemon.engines.base import BadInputError, EngineError, OutageError, ProgressFn, TaskSpec
 from heygem_daemon.engines.heygem.client import (
     CONTAINERS, FAILED, LOG_HINT, SUCCEEDED, HeygemClient, ServiceBusy, ServiceUnreachable,
-    TaskState, bad_media,
+    TaskState, bad_media, service_name, unanswered,
 )
 from heygem_daemon.engines.heygem.exchange import Exchange, audio_seconds
-from heygem_daemon.engines.heygem.health import HealthBook, read_health
+from heygem_daemon.engines.heygem.health import HealthBook, probe, read_health
 from heygem_daemon.engines.heygem.pool import ServicePool, health_file
 from heygem_daemon.engines.heygem.settings import Endpoint, HeygemSettings
 from heygem_daemon.fs.ops import move
@@ -44,6 +45,8 @@ _UNANSWERED_POLLS = 3
 # retried, twice for the same inputs is the end.
 _MUX_FAILED = "heygem-mux-failed"
 _RETRY = "the task will be retried"
+# The daemon's probe of a down service must not hold its watch long on a host that drops packets.
+_PROBE_TIMEOUT = 3.0
 _WAITS = "the task waits without using an attempt and runs again by itself"
 
 Submitted = Literal["ok", "busy", "down"]
@@ -125,7 +128,7 @@ class HeygemEngine:
         where = "; ".join(f"{redact_text(url)}: {why}" for url, why in down.items())
         return OutageError(f"no heygem service can take the job ({where})",
                            f"start the service's container ({CONTAINERS}) or mount "
-                           f"its data_dir; {_WAITS}", dependency=first)
+                           f"its data_dir; {_WAITS}", dependency=service_name(first))
 
     def _submit(self, endpoint: Endpoint, exchange: Exchange) -> tuple[Submitted, str]:
         client, health = self.clients[endpoint.url], self.health[endpoint.url]
@@ -166,7 +169,7 @@ class HeygemEngine:
                 if unanswered >= _UNANSWERED_POLLS:
                     raise OutageError(f"heygem service at {client.shown} stopped answering during the render",
                                       f"it is probably restarting (docker ps: {CONTAINERS}); {_WAITS}",
-                                      dependency=endpoint.url) from None
+                                      dependency=service_name(endpoint.url)) from None
                 continue
             health.saw("ok")
             unanswered = 0
@@ -202,7 +205,7 @@ class HeygemEngine:
         if state is None:
             if restarted:  # it went away during the render and came back without our job
                 raise OutageError(f"heygem service at {client.shown} restarted and lost the job",
-                                  f"the job is submitted again; {_WAITS}", dependency=endpoint.url)
+                                  f"the job is submitted again; {_WAITS}", dependency=service_name(endpoint.url))
             raise EngineError(f"heygem service at {client.shown} no longer knows task {exchange.code}",
                               f"{LOG_HINT}; {_RETRY}")
         return self._no_result(task, client, result)
@@ -244,8 +247,12 @@ class HeygemEngine:
     @classmethod
     def dependencies(cls, settings: HeygemSettings) -> list[Dependency]:
         """Each service as the workers last saw it: down, wedged (busy with a job not ours for longer
-        than busy_alert_seconds), busy, or ok."""
-        return [_dependency(e, settings.busy_alert_seconds) for e in settings.endpoints()]
+        than busy_alert_seconds), busy, or ok. A down one is asked again every poll_interval by the daemon,
+        so the tasks waiting for it go as soon as it answers."""
+        timeout = min(settings.request_timeout, _PROBE_TIMEOUT)
+        return [replace(_dependency(e, settings.busy_alert_seconds), group=cls.name,
+                        probe=lambda e=e: probe(e, timeout), probe_every=settings.poll_interval)
+                for e in settings.endpoints()]
 
     @classmethod
     def doctor(cls, settings: HeygemSettings, devices: list[str]) -> list[Check]:
@@ -265,7 +272,7 @@ def _when(at: float) -> str:
 
 
 def _dependency(endpoint: Endpoint, busy_alert: float) -> Dependency:
-    name = f"heygem service {redact_text(endpoint.url)}"
+    name = service_name(endpoint.url)
     health = read_health(health_file(endpoint), endpoint.url)
     if health is None:
         return Dependency(name, "unknown", None, 0.0, "not asked yet")
@@ -302,9 +309,8 @@ def _data_dir_check(data_dir: Path) -> Check:
 
 def _service_check(url: str, timeout: float) -> Check:
     client = HeygemClient(url, timeout)
-    try:
-        client.query(f"heygem-daemon-doctor-{uuid.uuid4()}")
-    except EngineError as exc:
-        return Check(f"heygem service {client.shown}", False, exc.reason,
+    why = unanswered(client)
+    if why:
+        return Check(f"heygem service {client.shown}", False, why,
                      "start it (docker compose up -d) or fix engines.heygem.services")
     return Check(f"heygem service {client.shown}", True, "answers queries")
