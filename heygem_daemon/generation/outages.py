@@ -141,6 +141,8 @@ class OutageWatch:
             log.info("dependency answers again; the tasks waiting for it go now", dependency=dep.name, tasks=n)
         if woken:
             self.wake()
+        if back:
+            self._next = 0.0  # the back note goes with the main loop's next turn, not in CHECK_SECONDS
         return [dep.name for dep in back]
 
     # --- alerts -------------------------------------------------------------------------------------
