@@ -30,10 +30,10 @@ from heygem_daemon.engines.heygem.client import (
 )
 from heygem_daemon.engines.heygem.exchange import Exchange, audio_seconds
 from heygem_daemon.engines.heygem.health import HealthBook, probe, read_health
-from heygem_daemon.engines.heygem.pool import ServicePool, health_file
+from heygem_daemon.engines.heygem.pool import Lease, ServicePool, health_file
 from heygem_daemon.engines.heygem.settings import Endpoint, HeygemSettings
 from heygem_daemon.fs.ops import move
-from heygem_daemon.log import redact_text
+from heygem_daemon.log import get_logger, redact_text
 from heygem_daemon.media.errors import MediaError
 from heygem_daemon.state import Store
 
@@ -50,6 +50,7 @@ _PROBE_TIMEOUT = 3.0
 _WAITS = "the task waits without using an attempt and runs again by itself"
 
 Submitted = Literal["ok", "busy", "down"]
+log = get_logger("heygem.engine")
 
 
 class HeygemEngine:
@@ -73,6 +74,10 @@ class HeygemEngine:
             seconds = audio_seconds(task.audio)
         except MediaError as exc:
             raise BadInputError(exc.reason, exc.hint) from None
+        left = self._left_running(task)
+        if left is not None and self._adopt(task, left, seconds, progress):
+            progress(1.0)
+            return task.output
         exchange = Exchange(str(uuid.uuid4()), task, self._store(task))
         try:
             try:
@@ -91,6 +96,58 @@ class HeygemEngine:
         if task.store is None:
             return None
         return self._stores.get(task.store) or self._stores.setdefault(task.store, Store(task.store))
+
+    # --- a render an earlier attempt left running -----------------------------------------------------
+
+    def _left_running(self, task: TaskSpec) -> Exchange | None:
+        """The job an interrupted attempt of this task submitted (the daemon was killed or stopped
+        mid-render), if its service is still configured."""
+        store = self._store(task)
+        code = store.heygem.left_running(task.task_id) if store is not None else None
+        if code is None:
+            return None
+        endpoint = next((e for e in self.endpoints if e.url == code.service and str(e.temp) == code.temp), None)
+        return None if endpoint is None else Exchange.left_running(code.code, code.created_at, endpoint, task, store)
+
+    def _adopt(self, task: TaskSpec, exchange: Exchange, seconds: float, progress: ProgressFn) -> bool:
+        """Follow that job to its end instead of rendering again: True once its result is delivered;
+        False when the service no longer has it (restarted: a new job is submitted) or does not answer
+        (its files stay for the sweep; another service may render meanwhile)."""
+        endpoint = exchange.held_by
+        assert endpoint is not None
+        client = self.clients[endpoint.url]
+        try:
+            with self._lease_of(endpoint, progress):
+                try:
+                    state = client.query(exchange.code)
+                except ServiceUnreachable:
+                    return False
+                if state is not None and state.status not in (SUCCEEDED, FAILED):
+                    self._log_adopted(client, exchange)
+                    result = self._follow(task, endpoint, exchange, seconds, progress, exchange.started)
+                else:
+                    exchange.forgotten()
+                    if state is None:
+                        return False
+                    self._log_adopted(client, exchange)
+                    result = self._ended(task, client, endpoint, exchange, state, restarted=False)
+                self._deliver(result, task)
+                return True
+        finally:
+            exchange.close()
+
+    def _lease_of(self, endpoint: Endpoint, progress: ProgressFn) -> Lease:
+        """This service's lease, waiting while one of our workers holds it for a moment (it is told busy:
+        the job being adopted runs there)."""
+        while (lease := ServicePool([endpoint]).try_acquire(0)) is None:
+            progress.heartbeat()
+            time.sleep(self.settings.poll_interval)
+        return lease
+
+    @staticmethod
+    def _log_adopted(client: HeygemClient, exchange: Exchange) -> None:
+        log.info("following the render an interrupted attempt left on the service", service=client.shown,
+                 code=exchange.code, task_id=exchange.task.task_id)
 
     # --- finding a service ------------------------------------------------------------------------
 
@@ -115,7 +172,7 @@ class HeygemEngine:
             with lease:
                 outcome, why = self._submit(lease.endpoint, exchange)
                 if outcome == "ok":
-                    return self._follow(task, lease.endpoint, exchange, seconds, progress)
+                    return self._follow(task, lease.endpoint, exchange, seconds, progress, time.time())
             next_try[lease.url] = time.monotonic() + self.settings.busy_retry_interval
             down.pop(lease.url, None)
             if outcome == "down":
@@ -154,10 +211,11 @@ class HeygemEngine:
     # --- following the job ------------------------------------------------------------------------
 
     def _follow(self, task: TaskSpec, endpoint: Endpoint, exchange: Exchange, seconds: float,
-                progress: ProgressFn) -> Path:
+                progress: ProgressFn, submitted: float) -> Path:
         client, health = self.clients[endpoint.url], self.health[endpoint.url]
         limit = self.settings.render_limit(seconds)
-        deadline = time.monotonic() + limit
+        # From the submit (wall clock): an adopted render keeps the limit it started with.
+        deadline = time.monotonic() + limit - max(0.0, time.time() - submitted)
         unanswered, restarted, shown = 0, False, -1.0
         while True:
             time.sleep(self.settings.poll_interval)

@@ -1,7 +1,7 @@
-"""Outages of the heygem services as the daemon's outage watch sees them, in-process: real stand-in services on
-127.0.0.1, the real heygem engine run by a slot in this process, a real store; the watch's clock is moved
-instead of sleeping. One outage is one alert and one back note; the tasks waiting for a service go as soon
-as it answers, not when their backoff ends."""
+"""The daemon around heygem services that go away, in-process: real stand-in services on 127.0.0.1, the real
+heygem engine run by a slot in this process, a real store; the outage watch's clock is moved instead of
+sleeping. One outage is one alert and one back note; the tasks waiting for a service go as soon as it
+answers, not when their backoff ends; a render left on a service by a killed daemon is taken, not redone."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from heygem_daemon.generation.outages import OutageWatch
 from heygem_daemon.generation.workers import Attempt, Slot, run_engine
 from heygem_daemon.state import Store
 from heygem_standin import Group, HeygemStandin
+from notify_receiver import wait_until
 from test_job_lifecycle import FakeClock, claimed
 
 ALERT_SECONDS = 30
@@ -31,12 +32,26 @@ class Silent:
     def heartbeat(self) -> None: ...
 
 
+class Killed(BaseException):
+    """The daemon dies: nothing below the slot catches it, nothing is recorded."""
+
+
+class DiesOnceRendering(Silent):
+    """Kills the attempt at its first progress from the service (the job is running there by then)."""
+
+    def __call__(self, fraction: float) -> None:
+        if fraction > 0.05:
+            raise Killed
+
+
 class HeygemInProcess(Slot):
     """The real heygem engine in this process instead of a worker process (same TaskSpec, same outcome)."""
 
+    progress: Silent = Silent()
+
     def _attempt(self, engine: str, spec: TaskSpec) -> Attempt:
         self.engines: dict[str, Any] = getattr(self, "engines", {})  # built once, as a worker process does
-        outcome = run_engine(self.engines, self.engine_settings, engine, spec, Silent())
+        outcome = run_engine(self.engines, self.engine_settings, engine, spec, self.progress)
         if outcome[0] == "done":
             return Attempt(True)
         _, kind, reason, hint, dependency = outcome
@@ -143,3 +158,27 @@ def test_tasks_waiting_for_a_service_go_as_soon_as_it_answers_whatever_their_bac
     assert slot.step()
     assert life.store.jobs.get(job.id).state == "done"
     assert [a["outcome"] for a in life.store.tasks.attempts(task.id)] == ["outage", "done"]
+
+
+def test_a_render_a_killed_daemon_left_on_the_service_is_taken_after_restart_not_rendered_again(
+        tmp_path, services):
+    clock = FakeClock()
+    clock.now = time.time()
+    service = services[0]
+    life = life_for(tmp_path, [service], clock, backoff=600)
+    service.group.behaviours.append("hang")
+    job = claimed(life, "solo", media=True)
+    slot = heygem_slot(life, clock)
+    slot.progress = DiesOnceRendering()
+    with pytest.raises(Killed):
+        slot.step()
+    (code,) = [e[2].split()[0] for e in service.group.events("submit")]
+    life.recover()  # the next start: the task is queued again, its attempt not counted
+    service.release()
+    wait_until(lambda: service.group.events("end"), 30, lambda: "the render to end on the service")
+    slot.progress = Silent()
+    assert slot.step()
+    assert life.store.jobs.get(job.id).state == "done"
+    assert len(service.group.events("submit")) == 1  # rendered once
+    assert ("status2", "a", code) in service.group.journal  # its end, told to the attempt that took it
+    assert sorted((service.data_dir / "temp").iterdir()) == [] and life.store.heygem.select() == []
