@@ -349,6 +349,30 @@ def test_a_cancelled_job_ends_failed_when_the_daemon_settles_it(life, outbox):
     assert "cancelled by the operator" in (life.cfg.folder("failed") / "alice" / ERROR_FILE).read_text()
 
 
+class EngineFails(Slot):
+    """An engine that fails every attempt the way heygem's does, promising the next one in its hint."""
+
+    def _attempt(self, engine: str, spec: TaskSpec) -> Attempt:
+        return Attempt(False, "heygem service failed: boom", "see the container's log; the task will be retried")
+
+
+def test_a_task_that_failed_for_good_promises_no_retry_in_error_json_or_the_chat_message(life, clock, outbox):
+    job = claimed(life, "alice")
+    run_until_settled(slot(life, clock, EngineFails), clock)
+    record = json.loads((life.cfg.folder("failed") / "alice" / ERROR_FILE).read_text())
+    assert record["hint"] == f"see the container's log; gave up after {MAX_ATTEMPTS} attempt(s)"
+    (row,) = life.store.outbox.select()
+    assert row.job_id == job.id and "gave up after" in row.body and "will be retried" not in row.body
+
+
+def test_the_cancel_hint_names_the_job_to_retry(life, outbox):
+    claimed(life, "alice")
+    request_cancel(life.store, "alice")
+    life.settle_requests()
+    record = json.loads((life.cfg.folder("failed") / "alice" / ERROR_FILE).read_text())
+    assert "`heygem-daemon retry alice`" in record["hint"] and "JOB" not in json.dumps(record)
+
+
 def test_an_intake_refusal_is_told_once_and_recorded(life, outbox):
     seen = Recorder(life)
     job = life.store.jobs.create("coffee", {"sources": ["coffee.jpg"], "folder": False})
