@@ -3,6 +3,7 @@ a real SQLite store, real folders, and the real preview engine where a video mus
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import threading
@@ -18,7 +19,7 @@ from heygem_daemon.generation.lifecycle import (
     IllegalTransition, JobFinished, JobQueued, JobRefused, JobState, LifeCycle, TaskFailed, TaskFinished,
     TaskState, request_cancel, request_retry,
 )
-from heygem_daemon.generation.workers import Attempt, Slot
+from heygem_daemon.generation.workers import Attempt, Slot, crash_error
 from heygem_daemon.engines.base import TaskSpec
 from heygem_daemon.engines.registry import build_engine
 from heygem_daemon.notify.announce import Announcer
@@ -254,6 +255,37 @@ def test_status_shows_what_tasks_wait_for_and_since_when(life, clock, capsys):
     assert cli(["-c", str(life.cfg.base_dir / "config.yaml"), "status", "--json"]) == 0
     (waiting,) = json.loads(capsys.readouterr().out)["waiting_for"]
     assert waiting["dependency"] == "heygem service" and waiting["tasks"] == 1
+
+
+class OutAfterProgress(Slot):
+    """An attempt that made some progress before its dependency went out: heygem staged its inputs (5 %) and
+    found every service down; a render at 14 % hit a full disk (the worker's ENOSPC outage)."""
+
+    made = 0.05
+    error: tuple[str, ...] = ("error", Kind.OUTAGE.value, "no heygem service can take the job", "start it",
+                              "heygem service")
+
+    def _attempt(self, engine: str, spec: TaskSpec) -> Attempt:
+        self.store.tasks.set_progress(spec.task_id, self.made)
+        _, kind, reason, hint, dependency = self.error
+        return Attempt(False, reason, hint, Kind(kind), dependency=dependency)
+
+
+@pytest.mark.parametrize("made, error", [
+    (0.05, OutAfterProgress.error),
+    (0.14, crash_error(OSError(errno.ENOSPC, "No space left on device"))),
+], ids=["service down", "disk full"])
+def test_status_shows_a_job_whose_tasks_all_wait_as_waiting_for_the_dependency_not_running(
+        life, clock, capsys, made, error):
+    job = claimed(life, "alice", pairs=2)
+    s = slot(life, clock, OutAfterProgress)
+    s.made, s.error = made, error
+    assert s.step() and s.step()
+    assert cli(["-c", str(life.cfg.base_dir / "config.yaml"), "status"]) == 0
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("alice")]
+    assert line.split()[1:5] == ["waiting", "0/2", "videos", "0.0%"]
+    assert f"(waiting for {error[4]} since " in line
+    assert life.store.jobs.get(job.id).state == "running"  # the store's state is unchanged: only shown truly
 
 
 # --- fair queue ----------------------------------------------------------------------------------------
