@@ -38,7 +38,8 @@ def when(at: float) -> str:
 
 
 def describe(outage: dict[str, Any]) -> str:
-    return f"waiting for {outage['dependency']} since {when(outage['since'])} ({outage['tasks']} task(s)): {outage['reason']}"
+    return (f"waiting for {outage['dependency']} since {when(outage['since'])} ({outage['tasks']} task(s)): "
+            f"{outage['reason']}")
 
 
 @dataclass(frozen=True)
