@@ -22,6 +22,7 @@ from heygem_daemon.state import Store
 
 log = get_logger("heygem.outages")
 CHECK_SECONDS = 10.0
+OPEN_CHECK_SECONDS = 1.0
 PROBE_TICK_SECONDS = 0.5
 _BACK = "Tasks run again by themselves once it is back."
 
@@ -200,5 +201,7 @@ class OutageWatch:
             for o in ended:
                 del self._open[o.dependency]
             sent.append(key)
+        if self._open:  # while an alerted outage lasts its end is looked for every turn: the back note is news
+            self._next = now + OPEN_CHECK_SECONDS
         return sent
 

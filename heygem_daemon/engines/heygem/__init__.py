@@ -117,22 +117,22 @@ class HeygemEngine:
         assert endpoint is not None
         client = self.clients[endpoint.url]
         try:
-            with self._lease_of(endpoint, progress):
-                try:
-                    state = client.query(exchange.code)
-                except ServiceUnreachable:
+            try:
+                state = client.query(exchange.code)
+            except ServiceUnreachable:
+                return False
+            if state is None or state.status in (SUCCEEDED, FAILED):
+                exchange.forgotten()  # told its end (now, to us) or forgot it: no lease needed to take it
+                if state is None:
                     return False
-                if state is not None and state.status not in (SUCCEEDED, FAILED):
-                    self._log_adopted(client, exchange)
+                self._log_adopted(client, exchange)
+                result = self._ended(task, client, endpoint, exchange, state, restarted=False)
+            else:
+                self._log_adopted(client, exchange)
+                with self._lease_of(endpoint, progress):
                     result = self._follow(task, endpoint, exchange, seconds, progress, exchange.started)
-                else:
-                    exchange.forgotten()
-                    if state is None:
-                        return False
-                    self._log_adopted(client, exchange)
-                    result = self._ended(task, client, endpoint, exchange, state, restarted=False)
-                self._deliver(result, task)
-                return True
+            self._deliver(result, task)
+            return True
         finally:
             exchange.close()
 
