@@ -223,7 +223,7 @@ def _adhoc_line(view: dict[str, Any]) -> str:
 
 def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
     from heygem_daemon.generation.dependencies import OUT_STATES
-    from heygem_daemon.generation.outages import describe, when
+    from heygem_daemon.generation.outages import describe
     from heygem_daemon.views import status_doc
 
     doc = status_doc(cfg, store, limit)
@@ -242,7 +242,7 @@ def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
         waits = j.get("waiting_for", [])
         shown = "waiting" if waits and j["state"] in ("queued", "running") else j["state"]
         line = f"{j['name']:<28} {shown:<10} {j['done']}/{j['videos']} videos {j['progress'] * 100:5.1f}%"
-        line += "".join(f"  (waiting for {w['dependency']} since {when(w['since'])})" for w in waits)
+        line += "".join(f"  (waiting for {w['dependency']} since {w['since_text']})" for w in waits)
         if j["priority"] != "normal":
             line += f"  [{j['priority']} priority]"
         if j.get("duplicate_of"):

@@ -75,7 +75,7 @@ def _waits(tasks: list[Task]) -> list[dict[str, Any]]:
         seen = found.setdefault(err.get("dependency") or "", {"dependency": err.get("dependency") or "",
                                                             "since": err["since"], "tasks": 0})
         seen["since"], seen["tasks"] = min(seen["since"], err["since"]), seen["tasks"] + 1
-    return sorted(found.values(), key=lambda w: w["since"])
+    return [{**w, "since_text": _local(w["since"])} for w in sorted(found.values(), key=lambda w: w["since"])]
 
 
 def adhoc_view(cfg: Config, store: Store, batch: Batch) -> dict[str, Any]:
