@@ -263,7 +263,7 @@ def test_cancel_from_the_job_page_is_the_clis_request_with_an_audit_line(web):
 
 def test_the_job_page_says_what_a_waiting_job_waits_for_and_since_when(web, alice):
     store = Store(web.cfg.folder("state") / "heygem.db")
-    job = store.jobs.create("waits", {})
+    job = store.jobs.create("waits", {"priority": "high"})  # its task is the one taken next
     store.jobs.queue(job.id, [NewTask("a", "/in/a.wav", "/in/a.jpg", "/out/waits/a.mp4")])
     task, since = store.tasks.take_next("cpu"), time.time() - 60
     store.tasks.wait(task.id, {"kind": "outage", "reason": "unreachable", "since": since,
