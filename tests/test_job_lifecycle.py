@@ -247,6 +247,29 @@ def test_an_outage_alerts_the_operator_once_after_the_configured_time(life, cloc
     assert "waiting for heygem service since" in text
 
 
+class BrokerOut(Slot):
+    """A send the broker did not take: the task waits, as the remote dispatcher's does."""
+
+    def _attempt(self, engine: str, spec: TaskSpec) -> Attempt:
+        return Attempt(False, "cannot reach the task broker", "start Redis", Kind.OUTAGE, dependency=BROKER)
+
+
+BROKER = "task broker 127.0.0.1:6379"
+
+
+def test_tasks_waiting_for_the_broker_go_when_the_dispatcher_sees_it_back_not_when_their_backoff_ends(life, clock):
+    claimed(life, "alice")
+    out, woken = [{"dependency": BROKER, "since": clock.now, "tasks": 0, "reason": "cannot reach Redis"}], []
+    watch = outages.OutageWatch(life.cfg, life.store, lambda *a: None, clock, others=lambda: list(out),
+                                wake=lambda: woken.append(1))
+    run_until_settled(slot(life, clock, BrokerOut), clock, limit=1)
+    watch.probe()
+    out.clear()  # the dispatcher reached Redis again
+    watch.probe()
+    (task,) = life.store.tasks.select()
+    assert woken == [1] and task.state == "queued" and task.not_before <= clock.now
+
+
 def test_status_shows_what_tasks_wait_for_and_since_when(life, clock, capsys):
     claimed(life, "alice")
     run_until_settled(slot(life, clock, DependencyOut), clock, limit=1)

@@ -93,6 +93,7 @@ class OutageWatch:
         """Alerted outages by dependency: a back note is owed when each ends."""
         self._witnessed: set[str] = set()
         """Dependencies `others` has named: their end is its word, not the tasks'."""
+        self._others_out: set[str] = set()
         self._next_probe: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -126,7 +127,8 @@ class OutageWatch:
 
     def probe(self) -> list[str]:
         """Ask each down dependency that can be asked, at most every its `probe_every`; the tasks waiting
-        for one that answers (or for another of its group) may go now. Returns those that answered."""
+        for one that answers (or for another of its group) may go now, as may those waiting for what the
+        remote dispatcher saw come back. Returns the dependencies asked that answered."""
         deps, now = self.dependencies(), self.clock.time()
         back: list[Dependency] = []
         for dep in deps:
@@ -145,6 +147,7 @@ class OutageWatch:
             self.wake()
         if back:
             self._next = 0.0  # the back note goes with the main loop's next turn, not in CHECK_SECONDS
+        self._back_from_others({o["dependency"] for o in self.others()}, self.clock.time())
         return [dep.name for dep in back]
 
     # --- alerts -------------------------------------------------------------------------------------
@@ -172,6 +175,13 @@ class OutageWatch:
             if name not in described and name not in self._witnessed and name not in unknown:
                 out[name] = _of_tasks(o)
         return out, unknown
+
+    def _back_from_others(self, out: set[str], now: float) -> None:
+        """The broker or the bucket answers again (the dispatcher says so): the tasks waiting for it go now."""
+        back, self._others_out = self._others_out - out, out
+        if back and self.store.tasks.wake(sorted(back), now):
+            log.info("dependency answers again; the tasks waiting for it go now", dependencies=sorted(back))
+            self.wake()
 
     def check(self) -> list[str]:
         """Alert once for the outages that became due (all of them in one message), and note the end of
