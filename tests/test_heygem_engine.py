@@ -219,7 +219,8 @@ def test_an_unreachable_service_is_an_outage_that_uses_no_attempt(tmp_path, data
     engine = engine_for(data_dir, url)
     with pytest.raises(OutageError) as err:
         engine.generate(make_task(tmp_path, store=store), Reports())
-    assert not err.value.kind.counts_attempt and err.value.dependency == f"heygem service {url}"
+    assert not err.value.kind.counts_attempt
+    assert err.value.dependency == f"heygem service {url}"  # as `status` names the service
     assert err.value.reason.startswith(f"no heygem service can take the job ({url}: heygem service at {url} unreachable")
     assert temp_files(data_dir) == [] and store.heygem.select() == []
     (shown,) = HeygemEngine.dependencies(engine.settings)  # what `status` shows

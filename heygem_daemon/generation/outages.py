@@ -152,7 +152,7 @@ class OutageWatch:
 
     # --- alerts -------------------------------------------------------------------------------------
 
-    def current(self, now: float) -> tuple[dict[str, Outage], set[str]]:
+    def _current(self, now: float) -> tuple[dict[str, Outage], set[str]]:
         """The outages now, by dependency, and the dependencies nothing can say anything about (an engine's
         observation too old to tell)."""
         out: dict[str, Outage] = {}
@@ -165,7 +165,8 @@ class OutageWatch:
                 described[dep.name] = dep
         others = self.others()
         self._witnessed |= {o["dependency"] for o in others}
-        tasks = {o["dependency"]: o for o in self.store.tasks.outages(("queued", "running")) if o["since"] is not None}
+        waits = self.store.tasks.outages(("queued", "running"))
+        tasks = {o["dependency"]: o for o in waits if o["since"] is not None}
         for dep in described.values():
             if dep.state in OUT_STATES:
                 out[dep.name] = _of_dependency(dep, tasks.get(dep.name, {}).get("tasks", 0))
@@ -190,7 +191,7 @@ class OutageWatch:
         if now < self._next:
             return []
         self._next = now + CHECK_SECONDS
-        out, unknown = self.current(now)
+        out, unknown = self._current(now)
         sent = []
         due = [o for name, o in out.items() if name not in self._open
                and (o.urgent or now - o.since >= self.cfg.workers.outage_alert_seconds)]
