@@ -29,9 +29,9 @@ _BACK = "Tasks run again by themselves once it is back."
 Alert = Callable[[str, str], Any]
 
 
-def waiting(store: Store, job_id: str | None = None) -> list[dict[str, Any]]:
+def waiting(store: Store) -> list[dict[str, Any]]:
     """What queued tasks wait for: dependency, reason, since (unix time), tasks."""
-    return [o for o in store.tasks.outages(job_id=job_id) if o["since"] is not None]
+    return [o for o in store.tasks.outages() if o["since"] is not None]
 
 
 def when(at: float) -> str:

@@ -164,13 +164,13 @@ class TaskQueue(Repository):
             streak += 1
         return streak
 
-    def outages(self, states: tuple[str, ...] = ("queued",), job_id: str | None = None) -> list[dict[str, Any]]:
+    def outages(self, states: tuple[str, ...] = ("queued",)) -> list[dict[str, Any]]:
         """Dependencies tasks are waiting for: dependency, reason, since (the earliest), tasks. A running
         task whose last attempt waited has not got past the dependency yet (`states` may count it)."""
         sql, args = job_and_states(
             "SELECT json_extract(last_error, '$.dependency') AS dependency,"
             " MIN(json_extract(last_error, '$.reason')) AS reason, MIN(json_extract(last_error, '$.since')) AS since,"
-            " COUNT(*) AS tasks FROM tasks WHERE json_extract(last_error, '$.kind') = 'outage'", job_id, states)
+            " COUNT(*) AS tasks FROM tasks WHERE json_extract(last_error, '$.kind') = 'outage'", None, states)
         return [dict(r) for r in self._conn().execute(sql + " GROUP BY 1 ORDER BY 3", args)]
 
     def wake(self, dependencies: list[str], now: float) -> int:
