@@ -48,6 +48,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/web.py
 	$(BIN)/python bench/remote.py
 	$(BIN)/python bench/remote_transfer.py
+	$(BIN)/python bench/outage_wake.py
 
 # As root on a Debian/Ubuntu host: boots a container with systemd and replays README "Install as a service".
 systemd-check:

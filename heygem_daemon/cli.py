@@ -239,7 +239,10 @@ def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
         if dep["state"] in OUT_STATES:
             print(f"{dep['name']} is {dep['state'].upper()}: {dep['detail']}" + (f" ({dep['hint']})" if dep["hint"] else ""))
     for j in doc["jobs"]:
-        line = f"{j['name']:<28} {j['state']:<10} {j['done']}/{j['videos']} videos {j['progress'] * 100:5.1f}%"
+        waits = j.get("waiting_for", [])
+        shown = "waiting" if waits and j["state"] in ("queued", "running") else j["state"]
+        line = f"{j['name']:<28} {shown:<10} {j['done']}/{j['videos']} videos {j['progress'] * 100:5.1f}%"
+        line += "".join(f"  (waiting for {w['dependency']} since {w['since_text']})" for w in waits)
         if j["priority"] != "normal":
             line += f"  [{j['priority']} priority]"
         if j.get("duplicate_of"):

@@ -84,7 +84,9 @@ class Daemon:
         self.chat = Notifier(self.outbox)
         self.announcer = Announcer(self.outbox, self.store)
         self.outages = OutageWatch(cfg, self.store, self.outbox.enqueue_alert,
-                                   others=lambda: self.remote.outages() if self.remote else [])
+                                   others=lambda: self.remote.outages() if self.remote else [],
+                                   wake=self._wake_generation,
+                                   on_back=lambda key, text: self.outbox.enqueue_alert(key, text, resolved=True))
         self.intake = Intake(cfg, Claimer(cfg, self.life), self.inspector,
                              set(available()), lambda name: needs_face(name, cfg.engines.get(name)),
                              self._wake_generation,
@@ -100,7 +102,8 @@ class Daemon:
             self._remote_workers))
         # Started in this order, stopped in reverse: intake last in, so nothing is claimed before the
         # workers, delivery and chat that carry a job on are running.
-        self.components: list[Component] = [self.chat, self.pool, *([self.remote] if self.remote else []),
+        self.components: list[Component] = [self.chat, self.outages, self.pool,
+                                            *([self.remote] if self.remote else []),
                                             self.delivery, self.cleanup, self.metrics, self.inbox]
         self._started: list[Component] = []
         self.draining = False
@@ -287,7 +290,7 @@ class Daemon:
         plan = plan_reload(self.cfg, new)
         cfg = plan.applied
         self.cfg = cfg
-        self.life.cfg = self.outages.cfg = cfg
+        self.life.cfg = cfg
         for component in self.components:
             component.apply(cfg)
         self.disk.cfg = cfg

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from heygem_daemon.config import Config
-from heygem_daemon.state import Batch, Job, Notification, Store
+from heygem_daemon.state import Batch, Job, Notification, Store, Task
 
 CHAT_UNDELIVERED_SHOWN = 5
 
@@ -33,6 +33,9 @@ def job_view(cfg: Config, store: Store, job: Job) -> dict[str, Any]:
                    "device": t.device, "error": (t.last_error or {}).get("reason"),
                    "file": Path(t.output).name} for t in tasks],
     }
+    waits = _waits(tasks)
+    if waits:
+        view["waiting_for"] = waits
     if job.duplicate_of:
         original = store.jobs.get(job.duplicate_of)
         view["duplicate_of"] = original.name
@@ -57,6 +60,22 @@ def chat_view(rows: list[Notification]) -> dict[str, Any]:
 
 def _undelivered(rows: list[Notification]) -> list[dict[str, Any]]:
     return [{"title": r.title, "reason": r.last_error} for r in rows if r.state == "gave_up"]
+
+
+def _waits(tasks: list[Task]) -> list[dict[str, Any]]:
+    """What a job's queued tasks wait for (an outage: a service down, the disk full), by dependency: since
+    the earliest, how many. Empty while one of its tasks runs: the job is then running, not waiting."""
+    if any(t.state == "running" for t in tasks):
+        return []
+    found: dict[str, dict[str, Any]] = {}
+    for t in tasks:
+        err = t.last_error or {}
+        if t.state != "queued" or err.get("kind") != "outage" or err.get("since") is None:
+            continue
+        seen = found.setdefault(err.get("dependency") or "", {"dependency": err.get("dependency") or "",
+                                                            "since": err["since"], "tasks": 0})
+        seen["since"], seen["tasks"] = min(seen["since"], err["since"]), seen["tasks"] + 1
+    return [{**w, "since_text": _local(w["since"])} for w in sorted(found.values(), key=lambda w: w["since"])]
 
 
 def adhoc_view(cfg: Config, store: Store, batch: Batch) -> dict[str, Any]:

@@ -115,7 +115,7 @@ def test_a_render_at_constant_progress_longer_than_the_stall_window_finishes_in_
     assert [a["outcome"] for a in daemon.store().tasks.attempts(task.id)] == ["done"]
 
 
-def test_an_outage_of_every_service_makes_two_jobs_wait_without_using_attempts_and_alerts_the_operator(
+def test_an_outage_of_every_service_makes_two_jobs_wait_without_using_attempts_and_alerts_the_operator_once(
         daemon, services, voice, tmp_path, operator):
     for s in services:
         s.down()
@@ -130,16 +130,19 @@ def test_an_outage_of_every_service_makes_two_jobs_wait_without_using_attempts_a
 
         daemon.wait_for(both_waiting, 60, "both tasks to wait on the outage")
         waiting = daemon.store().tasks.select(daemon.job("during-outage").id)
-        assert all(t.last_error["kind"] == "outage" and t.last_error["dependency"] in {s.url for s in services}
-                   for t in waiting)
-        (alert,) = operator.wait_delivered(1, "/ops", "Generation is waiting for", timeout=30)[:1]
-        assert "no heygem service can take the job" in alert.text
+        names = {f"heygem service {s.url}" for s in services}
+        assert all(t.last_error["kind"] == "outage" and t.last_error["dependency"] in names for t in waiting)
+        (alert,) = operator.wait_delivered(1, "/ops", "is down", timeout=30)
+        assert all(f"{name} is down" in alert.text for name in names)  # both services, one message
     finally:
         for s in services:
             s.up()
     job = daemon.wait_job("during-outage")
     assert job.state == "done"
     assert [t.attempts for t in daemon.store().tasks.select(job.id)] == [1, 1]
+    (back,) = operator.wait_delivered(1, "/ops", "is back (out since", timeout=30)
+    assert all(f"{name} is back" in back.text for name in names)
+    assert len(operator.delivered("/ops", "is down")) == 1
 
 
 def test_a_cancelled_job_leaves_nothing_in_the_data_folder_once_the_service_let_go(
@@ -156,21 +159,25 @@ def test_a_cancelled_job_leaves_nothing_in_the_data_folder_once_the_service_let_
     daemon.wait_for(lambda: data_files(services) == [], 30, "the sweep to remove the cancelled job's files")
 
 
-def test_a_daemon_killed_mid_job_finishes_it_after_restart_and_cleans_the_data_folder(
+def test_a_render_left_running_by_a_killed_daemon_is_followed_after_restart_not_rendered_again(
         daemon, services, group, voice, released):
     submitted = len(group.events("submit"))
-    group.behaviours.append("hang")  # the first attempt stays running on its service until we kill
+    group.behaviours.append("hang")  # the render stays running on its service until released
     daemon.drop_pair(voice, PORTRAIT_JPG, "restarted")
     daemon.wait_for(lambda: len(group.events("submit")) > submitted, 60, "the job to reach a service")
+    code = group.events("submit")[-1][2].split()[0]
     daemon.kill()
-    assert data_files(services)  # the killed attempt's inputs are still in the data folder
+    since = len(group.journal)
     daemon.start()
-    job = daemon.wait_job("restarted")  # on the other service: the first one still runs the old job
-    assert job.state == "done"
-    assert video_facts(daemon.folder("outputs") / "restarted" / "restarted.mp4").has_audio
+    daemon.wait_for(lambda: ("status1", group.events("submit")[-1][1], code) in group.journal[since:], 60,
+                    "the restarted daemon to ask the service about the render left running")
     for s in services:
         s.release()
-    daemon.wait_for(lambda: data_files(services) == [], 30, "the sweep to remove the killed attempt's files")
+    job = daemon.wait_job("restarted")
+    assert job.state == "done"
+    assert len(group.events("submit")) == submitted + 1  # rendered once
+    assert video_facts(daemon.folder("outputs") / "restarted" / "restarted.mp4").has_audio
+    daemon.wait_for(lambda: data_files(services) == [], 30, "the data folder to be clean")
 
 
 def test_several_faces_seen_by_the_service_end_the_job_at_once_as_bad_input(daemon, services, group, voice):

@@ -17,7 +17,7 @@ from config_examples import commented_engine_example
 from heygem_daemon.ops.cleanup import Sweep
 from heygem_daemon.cli import main as cli_main
 from heygem_daemon.config import DEFAULT_PRESETS, Config, ConfigError, Limits, load_config
-from heygem_daemon.generation.dependencies import dependency_alerts
+from heygem_daemon.generation.outages import OutageWatch
 from heygem_daemon.engines.base import BadInputError, EngineError, OutageError, TaskSpec
 from heygem_daemon.engines.command import CommandEngine
 from heygem_daemon.engines.heygem import HeygemEngine
@@ -219,7 +219,8 @@ def test_an_unreachable_service_is_an_outage_that_uses_no_attempt(tmp_path, data
     engine = engine_for(data_dir, url)
     with pytest.raises(OutageError) as err:
         engine.generate(make_task(tmp_path, store=store), Reports())
-    assert not err.value.kind.counts_attempt and err.value.dependency == url
+    assert not err.value.kind.counts_attempt
+    assert err.value.dependency == f"heygem service {url}"  # as `status` names the service
     assert err.value.reason.startswith(f"no heygem service can take the job ({url}: heygem service at {url} unreachable")
     assert temp_files(data_dir) == [] and store.heygem.select() == []
     (shown,) = HeygemEngine.dependencies(engine.settings)  # what `status` shows
@@ -272,8 +273,10 @@ def test_a_service_wedged_by_another_client_is_shown_and_alerted_while_the_other
     assert states == {f"heygem service {service.url}": "wedged", f"heygem service {other.url}": "ok"}
     cfg = Config.model_validate({"base_dir": str(tmp_path), "engines": {"heygem": {
         "services": [service.url, other.url], "data_dir": str(data_dir), **settings}}})
-    ((key, text),) = dependency_alerts(cfg, time.time())
-    assert key == f"dependency:heygem service {service.url}"
+    alerts: list[tuple[str, str]] = []
+    OutageWatch(cfg, store, lambda *alert: alerts.append(alert)).check()
+    ((key, text),) = alerts
+    assert key.startswith(f"outage:heygem service {service.url}@")
     assert "is wedged: busy with a job that is not ours" in text and "duix-avatar-gen-video" in text
     doctor = HeygemEngine.doctor(engine.settings, ["cpu"])
     assert [c.ok for c in doctor if "jobs" in c.name] == [False]

@@ -3,6 +3,7 @@ a real SQLite store, real folders, and the real preview engine where a video mus
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import threading
@@ -18,7 +19,7 @@ from heygem_daemon.generation.lifecycle import (
     IllegalTransition, JobFinished, JobQueued, JobRefused, JobState, LifeCycle, TaskFailed, TaskFinished,
     TaskState, request_cancel, request_retry,
 )
-from heygem_daemon.generation.workers import Attempt, Slot
+from heygem_daemon.generation.workers import Attempt, Slot, crash_error
 from heygem_daemon.engines.base import TaskSpec
 from heygem_daemon.engines.registry import build_engine
 from heygem_daemon.notify.announce import Announcer
@@ -241,8 +242,32 @@ def test_an_outage_alerts_the_operator_once_after_the_configured_time(life, cloc
         watch.check()
         if not alerts:
             assert clock.now - started < 600 + outages.CHECK_SECONDS + 60
-    assert [k for k, _ in alerts] == ["outage:heygem service"]
-    assert "waiting for heygem service since" in alerts[0][1]
+    ((key, text),) = alerts
+    assert key.startswith("outage:heygem service@")
+    assert "waiting for heygem service since" in text
+
+
+class BrokerOut(Slot):
+    """A send the broker did not take: the task waits, as the remote dispatcher's does."""
+
+    def _attempt(self, engine: str, spec: TaskSpec) -> Attempt:
+        return Attempt(False, "cannot reach the task broker", "start Redis", Kind.OUTAGE, dependency=BROKER)
+
+
+BROKER = "task broker 127.0.0.1:6379"
+
+
+def test_tasks_waiting_for_the_broker_go_when_the_dispatcher_sees_it_back_not_when_their_backoff_ends(life, clock):
+    claimed(life, "alice")
+    out, woken = [{"dependency": BROKER, "since": clock.now, "tasks": 0, "reason": "cannot reach Redis"}], []
+    watch = outages.OutageWatch(life.cfg, life.store, lambda *a: None, clock, others=lambda: list(out),
+                                wake=lambda: woken.append(1))
+    run_until_settled(slot(life, clock, BrokerOut), clock, limit=1)
+    watch.probe()
+    out.clear()  # the dispatcher reached Redis again
+    watch.probe()
+    (task,) = life.store.tasks.select()
+    assert woken == [1] and task.state == "queued" and task.not_before <= clock.now
 
 
 def test_status_shows_what_tasks_wait_for_and_since_when(life, clock, capsys):
@@ -253,6 +278,37 @@ def test_status_shows_what_tasks_wait_for_and_since_when(life, clock, capsys):
     assert cli(["-c", str(life.cfg.base_dir / "config.yaml"), "status", "--json"]) == 0
     (waiting,) = json.loads(capsys.readouterr().out)["waiting_for"]
     assert waiting["dependency"] == "heygem service" and waiting["tasks"] == 1
+
+
+class OutAfterProgress(Slot):
+    """An attempt that made some progress before its dependency went out: heygem staged its inputs (5 %) and
+    found every service down; a render at 14 % hit a full disk (the worker's ENOSPC outage)."""
+
+    made = 0.05
+    error: tuple[str, ...] = ("error", Kind.OUTAGE.value, "no heygem service can take the job", "start it",
+                              "heygem service")
+
+    def _attempt(self, engine: str, spec: TaskSpec) -> Attempt:
+        self.store.tasks.set_progress(spec.task_id, self.made)
+        _, kind, reason, hint, dependency = self.error
+        return Attempt(False, reason, hint, Kind(kind), dependency=dependency)
+
+
+@pytest.mark.parametrize("made, error", [
+    (0.05, OutAfterProgress.error),
+    (0.14, crash_error(OSError(errno.ENOSPC, "No space left on device"))),
+], ids=["service down", "disk full"])
+def test_status_shows_a_job_whose_tasks_all_wait_as_waiting_for_the_dependency_not_running(
+        life, clock, capsys, made, error):
+    job = claimed(life, "alice", pairs=2)
+    s = slot(life, clock, OutAfterProgress)
+    s.made, s.error = made, error
+    assert s.step() and s.step()
+    assert cli(["-c", str(life.cfg.base_dir / "config.yaml"), "status"]) == 0
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("alice")]
+    assert line.split()[1:5] == ["waiting", "0/2", "videos", "0.0%"]
+    assert f"(waiting for {error[4]} since " in line
+    assert life.store.jobs.get(job.id).state == "running"  # the store's state is unchanged: only shown truly
 
 
 # --- fair queue ----------------------------------------------------------------------------------------
@@ -346,6 +402,30 @@ def test_a_cancelled_job_ends_failed_when_the_daemon_settles_it(life, outbox):
     assert life.store.jobs.get(job.id).state == "failed"
     assert all(t.state == TaskState.FAILED for t in life.store.tasks.select(job.id))
     assert "cancelled by the operator" in (life.cfg.folder("failed") / "alice" / ERROR_FILE).read_text()
+
+
+class EngineFails(Slot):
+    """An engine that fails every attempt the way heygem's does, promising the next one in its hint."""
+
+    def _attempt(self, engine: str, spec: TaskSpec) -> Attempt:
+        return Attempt(False, "heygem service failed: boom", "see the container's log; the task will be retried")
+
+
+def test_a_task_that_failed_for_good_promises_no_retry_in_error_json_or_the_chat_message(life, clock, outbox):
+    job = claimed(life, "alice")
+    run_until_settled(slot(life, clock, EngineFails), clock)
+    record = json.loads((life.cfg.folder("failed") / "alice" / ERROR_FILE).read_text())
+    assert record["hint"] == f"see the container's log; gave up after {MAX_ATTEMPTS} attempt(s)"
+    (row,) = life.store.outbox.select()
+    assert row.job_id == job.id and "gave up after" in row.body and "will be retried" not in row.body
+
+
+def test_the_cancel_hint_names_the_job_to_retry(life, outbox):
+    claimed(life, "alice")
+    request_cancel(life.store, "alice")
+    life.settle_requests()
+    record = json.loads((life.cfg.folder("failed") / "alice" / ERROR_FILE).read_text())
+    assert "`heygem-daemon retry alice`" in record["hint"] and "JOB" not in json.dumps(record)
 
 
 def test_an_intake_refusal_is_told_once_and_recorded(life, outbox):

@@ -261,6 +261,17 @@ def test_cancel_from_the_job_page_is_the_clis_request_with_an_audit_line(web):
     assert {"event": "web cancel", "user": "carol", "job": "to cancel", "admin": True}.items() <= audit(web)[-1].items()
 
 
+def test_the_job_page_says_what_a_waiting_job_waits_for_and_since_when(web, alice):
+    store = Store(web.cfg.folder("state") / "heygem.db")
+    job = store.jobs.create("waits", {"priority": "high"})  # its task is the one taken next
+    store.jobs.queue(job.id, [NewTask("a", "/in/a.wav", "/in/a.jpg", "/out/waits/a.mp4")])
+    task, since = store.tasks.take_next("cpu"), time.time() - 60
+    store.tasks.wait(task.id, {"kind": "outage", "reason": "unreachable", "since": since,
+                               "dependency": "heygem service http://gpu1:8383"}, since + 600)
+    shown = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
+    assert f"Waiting for heygem service http://gpu1:8383 since {shown}" in alice.get("/jobs/waits").text
+
+
 def test_an_upload_that_would_leave_work_below_the_disk_guard_is_refused(web):
     from heygem_daemon.web.uploads import UploadRefused, Uploads
 

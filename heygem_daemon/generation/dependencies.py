@@ -1,12 +1,13 @@
 """The services engines depend on, as their workers last saw them: which are down or wedged, for `status`,
-`doctor` and an operator alert. An engine describes them with an optional classmethod
-`dependencies(settings) -> list[Dependency]` (heygem: down, busy or wedged services). Tasks that wait on an
-outage are followed by generation/outages.py."""
+`doctor`, the operator's alerts and the probe that wakes waiting tasks. An engine describes them with an
+optional classmethod `dependencies(settings) -> list[Dependency]` (heygem: down, busy or wedged services);
+a dependency that can be asked whether it answers again carries a `probe`. Tasks that wait on an outage
+and the alerts are followed by generation/outages.py."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from heygem_daemon.config import Config, ConfigError
 
@@ -14,10 +15,13 @@ OUT_STATES = ("down", "wedged")
 # An observation older than this says nothing about now (nobody has needed the service since).
 FRESH_SECONDS = 600.0
 
+Describe = Callable[[], list["Dependency"]]
+
 
 @dataclass(frozen=True)
 class Dependency:
     name: str
+    """As tasks waiting on it record it (`last_error.dependency`)."""
     state: str
     """ok, busy, unknown, or one of OUT_STATES."""
     since: float | None
@@ -25,33 +29,36 @@ class Dependency:
     """When this was last observed (epoch seconds; 0 when never)."""
     detail: str
     hint: str = ""
+    group: str = ""
+    """Dependencies that stand in for each other (one engine's services): one back wakes the tasks of all."""
+    probe: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
+    """Asks it now whether it answers (and records what it saw); only down ones are asked."""
+    probe_every: float = 0.0
+
+    def fresh(self, now: float) -> bool:
+        return now - self.seen <= FRESH_SECONDS
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "state": self.state, "since": self.since, "seen": self.seen,
                 "detail": self.detail, "hint": self.hint}
 
 
-def engine_dependencies(cfg: Config) -> list[Dependency]:
+def dependency_sources(cfg: Config) -> list[Describe]:
+    """One reader per engine that describes dependencies, its settings validated once (the outage watch
+    reads them every second)."""
     from heygem_daemon.engines.registry import engine_class, engine_names, settings_for
 
-    found: list[Dependency] = []
+    sources: list[Describe] = []
     for name in engine_names(cfg):
         try:
             describe = getattr(engine_class(name), "dependencies", None)
             if describe is not None:
-                found.extend(describe(settings_for(cfg, name)))
+                settings = settings_for(cfg, name)
+                sources.append(lambda describe=describe, settings=settings: describe(settings))
         except ConfigError:
             continue  # `doctor` and the start-up check report a broken engine section
-    return found
+    return sources
 
 
-def dependency_alerts(cfg: Config, now: float) -> list[tuple[str, str]]:
-    """(key, message) for every engine service wedged, or down longer than workers.outage_alert_seconds,
-    as its workers last saw it (tasks waiting on an outage are OutageWatch's)."""
-    alerts: list[tuple[str, str]] = []
-    for dep in engine_dependencies(cfg):
-        out_for = now - (dep.since or now)
-        fresh = now - dep.seen <= FRESH_SECONDS
-        if dep.state in OUT_STATES and fresh and (dep.state == "wedged" or out_for >= cfg.workers.outage_alert_seconds):
-            alerts.append((f"dependency:{dep.name}", f"{dep.name} is {dep.state}: {dep.detail}. {dep.hint}"))
-    return alerts
+def engine_dependencies(cfg: Config) -> list[Dependency]:
+    return [dep for describe in dependency_sources(cfg) for dep in describe()]

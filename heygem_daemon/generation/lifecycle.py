@@ -12,6 +12,8 @@ emit the event again; subscribers are idempotent (the outbox dedupes on its even
 
 from __future__ import annotations
 
+import re
+import shlex
 import threading
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -279,7 +281,7 @@ class LifeCycle:
                  outputs=str(self.cfg.folder("outputs") / job.name))
 
     def _finish_failed(self, job: Job, failed: list[Task], made: list[Task]) -> None:
-        problems = [_task_problem(t) for t in failed]
+        problems = [_task_problem(t, job.name) for t in failed]
         record = error_record(job.name, "generate", problems, job_id=job.id, videos_made=[t.name for t in made],
                               outputs=str(self.cfg.folder("outputs") / job.name) if made else None,
                               **warnings_of(job.spec))
@@ -353,10 +355,31 @@ class LifeCycle:
         log.info("job retried", job_id=job.id, job=job.name, tasks=queued)
 
 
-def _task_problem(task: Task) -> Problem:
+def _task_problem(task: Task, job_name: str) -> Problem:
+    """A task that failed for good, as error.json and the chat tell it: what its last attempt said, less
+    the promise of another try (there is none now), with the command that runs it again."""
     err = task.last_error or {}
-    return Problem.from_dict({"kind": Kind.INTERNAL.value, "stage": "generate", **err}).about(
-        f"{task.name} ({task.portrait} + {task.audio})")
+    problem = Problem.from_dict({"kind": Kind.INTERNAL.value, "stage": "generate", **err})
+    hint, detail = _settled(problem.hint, job_name), _settled(problem.detail, job_name)
+    if problem.kind.counts_attempt and problem.kind.retried:
+        hint = "; ".join(filter(None, [hint, f"gave up after {task.attempts} attempt(s)"]))
+    return replace(problem, hint=hint, detail=detail).about(f"{task.name} ({task.portrait} + {task.audio})")
+
+
+# What an attempt's hint promised while another attempt was to come ("…; the task will be retried").
+_PROMISE = re.compile(r"(the task will be retried|it will be restarted|the job is submitted again"
+                      r"|the task waits\b.*|retried\b.*)", re.IGNORECASE)
+_AND_PROMISE = re.compile(r" and the task will be retried", re.IGNORECASE)
+
+
+def _settled(text: str, job_name: str) -> str:
+    """`text`'s first line without retry promises, and `heygem-daemon retry JOB` naming the job."""
+    first, _, rest = text.partition("\n")
+    first = _AND_PROMISE.sub("", first)
+    clauses = [c.strip() for c in first.split(";")]
+    first = "; ".join(c for c in clauses if c and not _PROMISE.fullmatch(re.sub(r" once$", "", c)))
+    first = first.replace("`heygem-daemon retry JOB`", f"`heygem-daemon retry {shlex.quote(job_name)}`")
+    return "\n".join(filter(None, [first, rest]))
 
 
 def _cancelled() -> Problem:

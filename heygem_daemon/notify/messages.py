@@ -274,8 +274,9 @@ def failure_message(job_name: str, record: dict[str, Any], limits: Limits, prefi
     return Message(title, body, _format(limits), "failure")
 
 
-def alert_message(text: str, limits: Limits, prefix: str) -> Message:
-    """Something the operator must fix (wrong credentials, a missing bucket ...)."""
+def alert_message(text: str, limits: Limits, prefix: str, resolved: bool = False) -> Message:
+    """Something the operator must fix (wrong credentials, a missing bucket ...), or that it is fixed now."""
     st = _Style(limits.markdown)
-    title = _title(limits, f"{prefix}needs attention")
-    return Message(title, _cut(st.esc(text), _budget(limits, title), limits.size), _format(limits), "warning")
+    title = _title(limits, f"{prefix}{'resolved' if resolved else 'needs attention'}")
+    return Message(title, _cut(st.esc(text), _budget(limits, title), limits.size), _format(limits),
+                   "success" if resolved else "warning")

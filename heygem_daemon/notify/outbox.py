@@ -80,12 +80,12 @@ class Outbox:
                         fallback="notify.urls" if not urls else None)
         return urls or None
 
-    def enqueue_alert(self, key: str, text: str) -> int:
-        """Something the operator must fix. One message per key per `notify.alert_repeat_hours`, however
-        often the condition is seen."""
+    def enqueue_alert(self, key: str, text: str, resolved: bool = False) -> int:
+        """Something the operator must fix (or, `resolved`, that it is fixed now). One message per key per
+        `notify.alert_repeat_hours`, however often the condition is seen."""
         window = int(time.time() // (self.cfg.alert_repeat_hours * 3600))
         return self._enqueue(f"alert:{key}:{window}", "alert", None, self.operator_urls,
-                             lambda t: [alert_message(text, t.limits(), self.cfg.title_prefix)])
+                             lambda t: [alert_message(text, t.limits(), self.cfg.title_prefix, resolved)])
 
     def _enqueue(self, key: str, kind: str, job_id: str | None, urls: list[str],
                  render: Callable[[Target], list[Message]]) -> int:

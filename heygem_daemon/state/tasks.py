@@ -144,8 +144,9 @@ class TaskQueue(Repository):
         False when the task was not running (nothing changed)."""
         now = time.time()
         with self.tx() as db:
+            # Progress back to 0: the next attempt starts over, and `status` must not show a waiting task as 5 % made.
             moved = db.execute("UPDATE tasks SET state = 'queued', attempts = MAX(attempts - 1, 0), not_before = ?,"
-                               " last_error = ?, updated_at = ? WHERE id = ? AND state = 'running'",
+                               " progress = 0, last_error = ?, updated_at = ? WHERE id = ? AND state = 'running'",
                                (not_before, json.dumps(error), now, task_id))
             if moved.rowcount != 1:
                 return False
@@ -163,14 +164,25 @@ class TaskQueue(Repository):
             streak += 1
         return streak
 
-    def outages(self) -> list[dict[str, Any]]:
-        """Dependencies queued tasks are waiting for: dependency, reason, since (the earliest), tasks."""
-        rows = self._conn().execute(
+    def outages(self, states: tuple[str, ...] = ("queued",)) -> list[dict[str, Any]]:
+        """Dependencies tasks are waiting for: dependency, reason, since (the earliest), tasks. A running
+        task whose last attempt waited has not got past the dependency yet (`states` may count it)."""
+        sql, args = job_and_states(
             "SELECT json_extract(last_error, '$.dependency') AS dependency,"
             " MIN(json_extract(last_error, '$.reason')) AS reason, MIN(json_extract(last_error, '$.since')) AS since,"
-            " COUNT(*) AS tasks FROM tasks WHERE state = 'queued' AND json_extract(last_error, '$.kind') = 'outage'"
-            " GROUP BY 1 ORDER BY 3")
-        return [dict(r) for r in rows]
+            " COUNT(*) AS tasks FROM tasks WHERE json_extract(last_error, '$.kind') = 'outage'", None, states)
+        return [dict(r) for r in self._conn().execute(sql + " GROUP BY 1 ORDER BY 3", args)]
+
+    def wake(self, dependencies: list[str], now: float) -> int:
+        """The tasks waiting out an outage of one of `dependencies` may go now (it answers again), not when
+        their backoff ends. Returns how many."""
+        marks = ",".join("?" * len(dependencies))
+        with self.tx() as db:
+            moved = db.execute(
+                f"UPDATE tasks SET not_before = ? WHERE state = 'queued' AND not_before > ?"
+                f" AND json_extract(last_error, '$.kind') = 'outage'"
+                f" AND json_extract(last_error, '$.dependency') IN ({marks})", (now, now, *dependencies))
+        return moved.rowcount
 
     def requeue(self, task_ids: list[int], reset_attempts: bool) -> None:
         now = time.time()

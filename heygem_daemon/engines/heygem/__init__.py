@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -25,14 +26,14 @@ from heygem_daemon.generation.dependencies import Dependency
 from heygem_daemon.engines.base import BadInputError, EngineError, OutageError, ProgressFn, TaskSpec
 from heygem_daemon.engines.heygem.client import (
     CONTAINERS, FAILED, LOG_HINT, SUCCEEDED, HeygemClient, ServiceBusy, ServiceUnreachable,
-    TaskState, bad_media,
+    TaskState, bad_media, service_name, unanswered,
 )
 from heygem_daemon.engines.heygem.exchange import Exchange, audio_seconds
-from heygem_daemon.engines.heygem.health import HealthBook, read_health
-from heygem_daemon.engines.heygem.pool import ServicePool, health_file
+from heygem_daemon.engines.heygem.health import HealthBook, probe, read_health
+from heygem_daemon.engines.heygem.pool import Lease, ServicePool, health_file
 from heygem_daemon.engines.heygem.settings import Endpoint, HeygemSettings
 from heygem_daemon.fs.ops import move
-from heygem_daemon.log import redact_text
+from heygem_daemon.log import get_logger, redact_text
 from heygem_daemon.media.errors import MediaError
 from heygem_daemon.state import Store
 
@@ -44,9 +45,12 @@ _UNANSWERED_POLLS = 3
 # retried, twice for the same inputs is the end.
 _MUX_FAILED = "heygem-mux-failed"
 _RETRY = "the task will be retried"
+# The daemon's probe of a down service must not hold its watch long on a host that drops packets.
+_PROBE_TIMEOUT = 3.0
 _WAITS = "the task waits without using an attempt and runs again by itself"
 
 Submitted = Literal["ok", "busy", "down"]
+log = get_logger("heygem.engine")
 
 
 class HeygemEngine:
@@ -70,6 +74,10 @@ class HeygemEngine:
             seconds = audio_seconds(task.audio)
         except MediaError as exc:
             raise BadInputError(exc.reason, exc.hint) from None
+        left = self._left_running(task)
+        if left is not None and self._adopt(task, left, seconds, progress):
+            progress(1.0)
+            return task.output
         exchange = Exchange(str(uuid.uuid4()), task, self._store(task))
         try:
             try:
@@ -88,6 +96,58 @@ class HeygemEngine:
         if task.store is None:
             return None
         return self._stores.get(task.store) or self._stores.setdefault(task.store, Store(task.store))
+
+    # --- a render an earlier attempt left running -----------------------------------------------------
+
+    def _left_running(self, task: TaskSpec) -> Exchange | None:
+        """The job an interrupted attempt of this task submitted (the daemon was killed or stopped
+        mid-render), if its service is still configured."""
+        store = self._store(task)
+        code = store.heygem.left_running(task.task_id) if store is not None else None
+        if code is None:
+            return None
+        endpoint = next((e for e in self.endpoints if e.url == code.service and str(e.temp) == code.temp), None)
+        return None if endpoint is None else Exchange.left_running(code.code, code.created_at, endpoint, task, store)
+
+    def _adopt(self, task: TaskSpec, exchange: Exchange, seconds: float, progress: ProgressFn) -> bool:
+        """Follow that job to its end instead of rendering again: True once its result is delivered;
+        False when the service no longer has it (restarted: a new job is submitted) or does not answer
+        (its files stay for the sweep; another service may render meanwhile)."""
+        endpoint = exchange.held_by
+        assert endpoint is not None
+        client = self.clients[endpoint.url]
+        try:
+            try:
+                state = client.query(exchange.code)
+            except ServiceUnreachable:
+                return False
+            if state is None or state.status in (SUCCEEDED, FAILED):
+                exchange.forgotten()  # told its end (now, to us) or forgot it: no lease needed to take it
+                if state is None:
+                    return False
+                self._log_adopted(client, exchange)
+                result = self._ended(task, client, endpoint, exchange, state, restarted=False)
+            else:
+                self._log_adopted(client, exchange)
+                with self._lease_of(endpoint, progress):
+                    result = self._follow(task, endpoint, exchange, seconds, progress, exchange.started)
+            self._deliver(result, task)
+            return True
+        finally:
+            exchange.close()
+
+    def _lease_of(self, endpoint: Endpoint, progress: ProgressFn) -> Lease:
+        """This service's lease, waiting while one of our workers holds it for a moment (it is told busy:
+        the job being adopted runs there)."""
+        while (lease := ServicePool([endpoint]).try_acquire(0)) is None:
+            progress.heartbeat()
+            time.sleep(self.settings.poll_interval)
+        return lease
+
+    @staticmethod
+    def _log_adopted(client: HeygemClient, exchange: Exchange) -> None:
+        log.info("following the render an interrupted attempt left on the service", service=client.shown,
+                 code=exchange.code, task_id=exchange.task.task_id)
 
     # --- finding a service ------------------------------------------------------------------------
 
@@ -112,7 +172,7 @@ class HeygemEngine:
             with lease:
                 outcome, why = self._submit(lease.endpoint, exchange)
                 if outcome == "ok":
-                    return self._follow(task, lease.endpoint, exchange, seconds, progress)
+                    return self._follow(task, lease.endpoint, exchange, seconds, progress, time.time())
             next_try[lease.url] = time.monotonic() + self.settings.busy_retry_interval
             down.pop(lease.url, None)
             if outcome == "down":
@@ -125,7 +185,7 @@ class HeygemEngine:
         where = "; ".join(f"{redact_text(url)}: {why}" for url, why in down.items())
         return OutageError(f"no heygem service can take the job ({where})",
                            f"start the service's container ({CONTAINERS}) or mount "
-                           f"its data_dir; {_WAITS}", dependency=first)
+                           f"its data_dir; {_WAITS}", dependency=service_name(first))
 
     def _submit(self, endpoint: Endpoint, exchange: Exchange) -> tuple[Submitted, str]:
         client, health = self.clients[endpoint.url], self.health[endpoint.url]
@@ -151,10 +211,11 @@ class HeygemEngine:
     # --- following the job ------------------------------------------------------------------------
 
     def _follow(self, task: TaskSpec, endpoint: Endpoint, exchange: Exchange, seconds: float,
-                progress: ProgressFn) -> Path:
+                progress: ProgressFn, submitted: float) -> Path:
         client, health = self.clients[endpoint.url], self.health[endpoint.url]
         limit = self.settings.render_limit(seconds)
-        deadline = time.monotonic() + limit
+        # From the submit (wall clock): an adopted render keeps the limit it started with.
+        deadline = time.monotonic() + limit - max(0.0, time.time() - submitted)
         unanswered, restarted, shown = 0, False, -1.0
         while True:
             time.sleep(self.settings.poll_interval)
@@ -166,7 +227,7 @@ class HeygemEngine:
                 if unanswered >= _UNANSWERED_POLLS:
                     raise OutageError(f"heygem service at {client.shown} stopped answering during the render",
                                       f"it is probably restarting (docker ps: {CONTAINERS}); {_WAITS}",
-                                      dependency=endpoint.url) from None
+                                      dependency=service_name(endpoint.url)) from None
                 continue
             health.saw("ok")
             unanswered = 0
@@ -202,7 +263,7 @@ class HeygemEngine:
         if state is None:
             if restarted:  # it went away during the render and came back without our job
                 raise OutageError(f"heygem service at {client.shown} restarted and lost the job",
-                                  f"the job is submitted again; {_WAITS}", dependency=endpoint.url)
+                                  f"the job is submitted again; {_WAITS}", dependency=service_name(endpoint.url))
             raise EngineError(f"heygem service at {client.shown} no longer knows task {exchange.code}",
                               f"{LOG_HINT}; {_RETRY}")
         return self._no_result(task, client, result)
@@ -244,8 +305,12 @@ class HeygemEngine:
     @classmethod
     def dependencies(cls, settings: HeygemSettings) -> list[Dependency]:
         """Each service as the workers last saw it: down, wedged (busy with a job not ours for longer
-        than busy_alert_seconds), busy, or ok."""
-        return [_dependency(e, settings.busy_alert_seconds) for e in settings.endpoints()]
+        than busy_alert_seconds), busy, or ok. A down one is asked again every poll_interval by the daemon,
+        so the tasks waiting for it go as soon as it answers."""
+        timeout = min(settings.request_timeout, _PROBE_TIMEOUT)
+        return [replace(_dependency(e, settings.busy_alert_seconds), group=cls.name,
+                        probe=lambda e=e: probe(e, timeout), probe_every=settings.poll_interval)
+                for e in settings.endpoints()]
 
     @classmethod
     def doctor(cls, settings: HeygemSettings, devices: list[str]) -> list[Check]:
@@ -265,7 +330,7 @@ def _when(at: float) -> str:
 
 
 def _dependency(endpoint: Endpoint, busy_alert: float) -> Dependency:
-    name = f"heygem service {redact_text(endpoint.url)}"
+    name = service_name(endpoint.url)
     health = read_health(health_file(endpoint), endpoint.url)
     if health is None:
         return Dependency(name, "unknown", None, 0.0, "not asked yet")
@@ -302,9 +367,8 @@ def _data_dir_check(data_dir: Path) -> Check:
 
 def _service_check(url: str, timeout: float) -> Check:
     client = HeygemClient(url, timeout)
-    try:
-        client.query(f"heygem-daemon-doctor-{uuid.uuid4()}")
-    except EngineError as exc:
-        return Check(f"heygem service {client.shown}", False, exc.reason,
+    why = unanswered(client)
+    if why:
+        return Check(f"heygem service {client.shown}", False, why,
                      "start it (docker compose up -d) or fix engines.heygem.services")
     return Check(f"heygem service {client.shown}", True, "answers queries")

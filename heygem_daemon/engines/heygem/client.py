@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +64,11 @@ class TaskState:
     msg: str
 
 
+def service_name(url: str) -> str:
+    """A service as `status`, alerts and waiting tasks name it (no credentials from the URL)."""
+    return f"heygem service {redact_text(url.rstrip('/'))}"
+
+
 class HeygemClient:
     def __init__(self, base_url: str, timeout: float) -> None:
         self.base_url = base_url.rstrip("/")
@@ -121,3 +127,12 @@ class HeygemClient:
                                 "check that the audio and the portrait play; a retry cannot help")
         what = "had a system error" if code == SYSTEM_ERROR else f"answered code {code}"
         raise EngineError(f"heygem service at {self.shown} {what}: {msg}", f"{LOG_HINT}; {_RETRY_HINT}")
+
+
+def unanswered(client: HeygemClient) -> str:
+    """Why the service does not answer a query, or "" when it does (an unknown code is an answer)."""
+    try:
+        client.query(f"heygem-daemon-probe-{uuid.uuid4()}")
+    except EngineError as exc:
+        return exc.reason
+    return ""

@@ -1,7 +1,8 @@
 """The cleanup sweep for the services' temp folders: `<code>*` of every code the store remembers whose
 service has forgotten it (told the job's end, or answers 10004 after a restart). This is what cleans up
-after a cancelled job, a killed worker or daemon, a render over its limit and an outage mid-render; an
-attempt that sees its job's end cleans up itself."""
+after a cancelled job, a render over its limit and a job a task left behind when it ended; an attempt that
+sees its job's end cleans up itself. The newest code of a task not ended is never asked about: its next
+attempt may adopt the job (a killed daemon's, an outage mid-render's), and a job's end is told only once."""
 
 from __future__ import annotations
 

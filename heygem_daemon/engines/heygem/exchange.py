@@ -54,7 +54,19 @@ class Exchange:
         """temp folder -> the (audio, video) names the service there is given."""
         self.held_by: Endpoint | None = None
         """The service that may still know the code (accepted the job, has not told its end)."""
+        self.started = 0.0
+        """When the code was given out (wall clock), for a job adopted from an earlier attempt."""
         self._avatar: Path | None = None
+
+    @classmethod
+    def left_running(cls, code: str, started: float, endpoint: Endpoint, task: TaskSpec,
+                     store: Store | None) -> Exchange:
+        """An earlier attempt's exchange, whose job `endpoint` may still run. Its files are named after
+        the code, so removing `<code>*` needs no names."""
+        exchange = cls(code, task, store)
+        exchange.staged[endpoint.temp] = ("", "")
+        exchange.held_by, exchange.started = endpoint, started
+        return exchange
 
     def prepare(self, seconds: float) -> None:
         """The service wants a video of the person: a photo becomes an H.264 yuv420p MP4 as long as the

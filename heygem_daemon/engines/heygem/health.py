@@ -12,6 +12,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+from heygem_daemon.engines.heygem.client import HeygemClient, unanswered
+from heygem_daemon.engines.heygem.pool import ServicePool, health_file
+from heygem_daemon.engines.heygem.settings import Endpoint
 from heygem_daemon.fs.ops import atomic_write_json
 
 Outcome = Literal["ok", "busy", "down"]
@@ -39,6 +42,7 @@ class Health:
             return replace(self, last_seen=now, down_since=None, busy_since=self.busy_since or now, reason="")
         return replace(self, last_seen=now, down_since=self.down_since or now, busy_since=None, reason=reason)
 
+
 def read_health(path: Path, url: str) -> Health | None:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
@@ -64,3 +68,16 @@ class HealthBook:
         except OSError:
             return  # bookkeeping for the operator: never a reason to fail a job
         self._written = (outcome, now)
+
+
+def probe(endpoint: Endpoint, timeout: float) -> bool:
+    """Whether a service that was down answers now, for the daemon's outage watch. What it saw is written
+    only under the service's lease (one writer per file); a worker holding it writes its own."""
+    if not endpoint.data_dir.is_dir():
+        return False  # not mounted: no task can use the service, answer or not
+    why = unanswered(HeygemClient(endpoint.url, timeout))
+    lease = ServicePool([endpoint]).try_acquire(0)
+    if lease is not None:
+        with lease:
+            HealthBook(health_file(endpoint), endpoint.url).saw("down" if why else "ok", why)
+    return not why

@@ -70,7 +70,8 @@ class HeygemSettings(EngineSettings):
         description="base URLs (or {url, data_dir}), one per GPU; each runs one job at a time")
     data_dir: Path | None = Field(None, validate_default=True,
                                   description="host folder mounted as the container's /code/data")
-    poll_interval: float = Field(2.0, gt=0.0)
+    poll_interval: float = Field(
+        2.0, gt=0.0, description="seconds between queries of a render; a down service is asked again this often")
     render_timeout_factor: float = Field(
         10.0, gt=0.0, description="a render may take this many times the audio's length (GPUs render at 1:4..1:8)")
     render_timeout_base: float = Field(600.0, ge=0.0, description="plus this many seconds (model load, conversion)")
