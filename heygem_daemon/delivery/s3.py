@@ -64,7 +64,8 @@ class S3Failure(Exception):
         self.reason, self.hint, self.retryable, self.code = reason, hint, retryable, code
 
     def as_dict(self) -> dict[str, Any]:
-        return {"stage": "deliver", "reason": self.reason, "hint": self.hint, "code": self.code}
+        return {"stage": "deliver", "reason": self.reason, "hint": self.hint, "code": self.code,
+                "retryable": self.retryable}
 
 
 def _code_status(exc: ClientError) -> tuple[str, int]:
