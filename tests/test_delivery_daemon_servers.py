@@ -61,7 +61,8 @@ def test_a_wrong_secret_key_alerts_once_shows_blocked_in_status_keeps_the_video_
 def test_on_a_server_lacking_calls_a_kill_mid_zip_still_zips_and_lifecycle_is_one_warning(moto_server, tmp_path):
     proxy = LimitedProxy(moto_server).start()
     bucket = moto_server.new_bucket()
-    overrides = s3_overrides(proxy, bucket, max_bandwidth_mb_s=6, lifecycle={"expire_days": 30})
+    overrides = s3_overrides(proxy, bucket, max_bandwidth_mb_s=6, lifecycle={"expire_days": 30},
+                             key_prefix="heygem/{date}/{job}/{token}/{file}")
     harness = DaemonHarness(tmp_path / "base", overrides)
     try:
         harness.start(credentials_env())

@@ -14,7 +14,8 @@ from botocore.exceptions import ClientError
 from heygem_daemon.config import S3, ConfigError, Lifecycle, load_config
 from heygem_daemon.delivery.links import content_disposition, presign_get
 from heygem_daemon.delivery.s3 import (
-    MiB, StreamUpload, Throttle, Uploader, abort_stale_uploads, apply_lifecycle, describe, lifecycle_rule, make_client,
+    MiB, StreamUpload, Throttle, Uploader, abort_stale_uploads, apply_lifecycle, describe, ensure_lifecycle, lifecycle_rule,
+    make_client,
 )
 from heygem_daemon.delivery.zipper import entry_names, write_zip
 from heygem_daemon.fs.files import sha256_file
@@ -173,6 +174,31 @@ def test_lifecycle_rule_is_merged_with_the_rules_already_on_the_bucket(settings,
     assert rules["owners-logs"]["Expiration"] == {"Days": 3}
     assert rules["heygem-daemon"]["Transitions"][0] == {"Days": 30, "StorageClass": "STANDARD_IA"}
     assert rules["heygem-daemon"]["AbortIncompleteMultipartUpload"] == {"DaysAfterInitiation": 7}
+
+
+def test_a_lifecycle_rule_over_the_whole_bucket_is_refused_and_an_earlier_one_of_ours_removed(settings, moto_server):
+    client = moto_server.client()
+    theirs = {"ID": "owners-logs", "Status": "Enabled", "Filter": {"Prefix": "logs/"}, "Expiration": {"Days": 3}}
+    earlier = lifecycle_rule(Lifecycle(expire_days=60), "")  # what the default key_prefix made before
+    client.put_bucket_lifecycle_configuration(Bucket=settings.bucket,
+                                              LifecycleConfiguration={"Rules": [theirs, earlier]})
+    wanted = settings.model_copy(update={"key_prefix": "{date}/{job}/{token}/{file}",
+                                         "lifecycle": Lifecycle(expire_days=60)})
+    assert ensure_lifecycle(make_client(settings), wanted) is None
+    rules = client.get_bucket_lifecycle_configuration(Bucket=settings.bucket)["Rules"]
+    assert [r["ID"] for r in rules] == ["owners-logs"]
+
+
+def test_a_lifecycle_rule_covers_only_the_key_prefix_or_the_whole_bucket_when_config_says_so(settings, moto_server):
+    client = moto_server.client()
+    prefixed = settings.model_copy(update={"key_prefix": "heygem/{date}/{token}/{file}",
+                                           "lifecycle": Lifecycle(expire_days=60)})
+    assert ensure_lifecycle(make_client(settings), prefixed)["Filter"] == {"Prefix": "heygem/"}
+    whole = settings.model_copy(update={"key_prefix": "{date}/{token}/{file}",
+                                        "lifecycle": Lifecycle(expire_days=60, whole_bucket=True)})
+    assert ensure_lifecycle(make_client(settings), whole)["Filter"] == {"Prefix": ""}
+    [rule] = client.get_bucket_lifecycle_configuration(Bucket=settings.bucket)["Rules"]
+    assert rule["ID"] == "heygem-daemon" and rule["Expiration"] == {"Days": 60}
 
 
 def test_abort_stale_uploads_aborts_only_old_uploads_the_store_does_not_know(settings, moto_server):

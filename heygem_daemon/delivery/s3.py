@@ -27,6 +27,7 @@ from heygem_daemon.ops import metrics
 from heygem_daemon.ops.checks import Check
 from heygem_daemon.config import S3, Config, Lifecycle
 from heygem_daemon.delivery.links import content_disposition
+from heygem_daemon.delivery.names import static_prefix
 from heygem_daemon.log import get_logger
 from heygem_daemon.secrets import get_secret
 from heygem_daemon.state import Delivery, Part, Store
@@ -499,18 +500,56 @@ def lifecycle_rule(settings: Lifecycle, prefix: str) -> dict[str, Any]:
     return rule
 
 
-def apply_lifecycle(client: BaseClient, bucket: str, rule: dict[str, Any]) -> list[dict[str, Any]]:
-    """Put our rule on the bucket, replacing only the rule with our ID: the owner's other rules stay."""
+def _bucket_rules(client: BaseClient, bucket: str) -> list[dict[str, Any]]:
     try:
-        existing = client.get_bucket_lifecycle_configuration(Bucket=bucket).get("Rules", [])
+        return list(client.get_bucket_lifecycle_configuration(Bucket=bucket).get("Rules", []))
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") != "NoSuchLifecycleConfiguration":
             raise
-        existing = []
+        return []
+
+
+def _rule_prefix(rule: dict[str, Any]) -> str:
+    """The key prefix a rule covers ("" = the whole bucket), in any of the forms S3 answers with."""
+    filt = rule.get("Filter") or {}
+    return str(filt.get("Prefix", (filt.get("And") or {}).get("Prefix", rule.get("Prefix", ""))))
+
+
+def apply_lifecycle(client: BaseClient, bucket: str, rule: dict[str, Any]) -> list[dict[str, Any]]:
+    """Put our rule on the bucket, replacing only the rule with our ID: the owner's other rules stay."""
+    existing = _bucket_rules(client, bucket)
     rules = [r for r in existing if r.get("ID") != rule["ID"]] + [rule]
     client.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": rules})
-    log.info("bucket lifecycle rule applied", bucket=bucket, rule=rule["ID"], other_rules=len(rules) - 1)
+    log.info("bucket lifecycle rule applied", bucket=bucket, rule=rule["ID"], prefix=_rule_prefix(rule),
+             other_rules=len(rules) - 1)
     return rules
+
+
+def ensure_lifecycle(client: BaseClient, s3: S3) -> dict[str, Any] | None:
+    """Our rule over the prefix our keys start with; the rule put on the bucket, or None when refused.
+
+    A rule with an empty prefix expires every object in the bucket, other people's too: it is put only when
+    `s3.lifecycle.whole_bucket` says so. Otherwise start-up says why in one line, and a whole-bucket rule of
+    ours an earlier version put there is taken off (the bucket's other rules stay)."""
+    lc = s3.lifecycle
+    prefix = lc.prefix or static_prefix(s3.key_prefix)
+    if prefix or lc.whole_bucket:
+        rule = lifecycle_rule(lc, prefix)
+        apply_lifecycle(client, s3.bucket, rule)
+        return rule
+    rules = _bucket_rules(client, s3.bucket)
+    kept = [r for r in rules if r.get("ID") != LIFECYCLE_RULE_ID or _rule_prefix(r)]
+    if len(kept) < len(rules):
+        if kept:
+            client.put_bucket_lifecycle_configuration(Bucket=s3.bucket, LifecycleConfiguration={"Rules": kept})
+        else:
+            client.delete_bucket_lifecycle(Bucket=s3.bucket)
+    log.warning("bucket lifecycle rule not applied: s3.key_prefix has no fixed start, so the rule would cover "
+                "the whole bucket, other people's objects too", bucket=s3.bucket,
+                removed_earlier_whole_bucket_rule=len(kept) < len(rules),
+                hint="give s3.key_prefix a fixed start (e.g. heygem/{date}/{job}/{token}/{file}) or set "
+                     "s3.lifecycle.prefix; set s3.lifecycle.whole_bucket: true only if the bucket holds nothing else")
+    return None
 
 
 def s3_checks(cfg: Config) -> list[Check]:
