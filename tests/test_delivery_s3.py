@@ -13,6 +13,7 @@ from botocore.exceptions import ClientError
 
 from heygem_daemon.config import S3, ConfigError, Lifecycle, load_config
 from heygem_daemon.delivery.links import content_disposition, presign_get
+from heygem_daemon.delivery.names import zip_name
 from heygem_daemon.delivery.s3 import (
     MiB, StreamUpload, Throttle, Uploader, abort_stale_uploads, apply_lifecycle, describe, ensure_lifecycle, lifecycle_rule,
     make_client,
@@ -132,7 +133,7 @@ def test_presigned_link_downloads_the_bytes_and_names_the_file(settings, moto_se
         assert resp.read() == video.read_bytes()
         assert resp.headers["Content-Disposition"] == content_disposition("Grüße Anna.mp4")
     assert content_disposition("Grüße Anna.mp4") == (
-        "attachment; filename=\"Grue Anna.mp4\"; filename*=UTF-8''Gr%C3%BC%C3%9Fe%20Anna.mp4")
+        "attachment; filename=\"Grusse Anna.mp4\"; filename*=UTF-8''Gr%C3%BC%C3%9Fe%20Anna.mp4")
     assert content_disposition("alice.mp4") == 'attachment; filename="alice.mp4"'
 
 
@@ -242,12 +243,20 @@ def test_an_endpoint_without_a_scheme_is_refused_by_config_check_in_one_line(tmp
     assert "s3.endpoint_url" in line and "http://127.0.0.1:9000" in line
 
 
-def test_a_name_without_ascii_letters_gets_a_safe_ascii_fallback_never_a_bare_extension():
-    for name in ("视频.mp4", "видео.mp4", "動画.mp4"):
-        disposition = content_disposition(name)
-        fallback = disposition.split('filename="', 1)[1].split('"', 1)[0]
+def _fallback(name: str) -> str:
+    return content_disposition(name).split('filename="', 1)[1].split('"', 1)[0]
+
+
+def test_a_name_in_another_script_keeps_a_transliterated_ascii_fallback():
+    assert _fallback("视频.mp4") == "ShiPin.mp4" and _fallback("видео.mp4") == "video.mp4"
+    assert _fallback(zip_name("陈老师的课程", 1796687940.0)).startswith("ChenLaoShiDeKeCheng_2026")
+
+
+def test_a_name_of_symbols_only_gets_a_safe_ascii_fallback_never_a_bare_extension():
+    for name in ("★★.mp4", "♪♫.mp4"):
+        fallback = _fallback(name)
         assert fallback.startswith("video-") and fallback.endswith(".mp4") and len(fallback) == len("video-") + 12
-    assert content_disposition("视频.mp4") != content_disposition("видео.mp4")  # two downloads, two names
+    assert _fallback("★★.mp4") != _fallback("♪♫.mp4")  # two downloads, two names
 
 
 def test_links_txt_writes_sizes_in_the_same_unit_as_the_chat_message(tmp_path):
