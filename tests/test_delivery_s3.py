@@ -143,7 +143,7 @@ def test_streamed_zip_upload_unzips_to_the_batch_names_and_its_sha256_is_the_obj
     b = write_portrait_video(tmp_path / "b.mp4", 0.4)
     started = []
     stream = StreamUpload(make_client(settings), settings.bucket, "z/batch.zip", 5 * MiB, Throttle(0),
-                          threading.Event(), started.append, "batch.zip")
+                          threading.Event(), started.append, "batch.zip", part_concurrency=3)
     sha256 = write_zip([(a, "a.mp4"), (b, "sub/b.mp4")], stream)  # type: ignore[arg-type]
     stream.finish()
     assert started == [stream.upload_id]

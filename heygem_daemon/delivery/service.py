@@ -321,7 +321,8 @@ class DeliveryService:
             key = object_key(self.settings.key_prefix, batch.name, name, time.time())
             stream = StreamUpload(self.client, self.settings.bucket, key, self.settings.part_size_mb * MiB,
                                   self.throttle, self.stopping,
-                                  lambda uid: self.store.deliveries.set_batch_zip(batch.id, name, key, uid), name)
+                                  lambda uid: self.store.deliveries.set_batch_zip(batch.id, name, key, uid), name,
+                                  self.settings.part_concurrency)
             try:
                 sha256 = write_zip(files, stream)  # type: ignore[arg-type]
                 stream.finish()
