@@ -5,9 +5,10 @@ a file), so the peak RSS printed is that variant's alone. Goals: stored >= 5x fa
 within 1.3x of a plain copy, peak RSS under 100 MB whatever the batch size.
 
 With --s3, the zip streamed into a local nanio server as the daemon sends it (StreamUpload: parts of
-s3.part_size_mb, s3.part_concurrency in flight) against `zip -0 - FILES | aws s3 cp - s3://...` with the
-AWS CLI set to the same part size and parts in flight, in alternating rounds, each in its own process;
-prints each round's time ratio ours/CLI and their median (goal <= 1.1x). Needs `zip` and `aws` on PATH.
+s3.part_size_mb, s3.part_concurrency in flight) against `zip -0 - FILES | aws s3 cp - s3://...`, the AWS
+CLI once with its defaults (8 MiB parts, 10 in flight) and once with our part size and parts in flight,
+in alternating rounds, each in its own process; prints each round's times and the median ratios
+ours/CLI (goal <= 1.1x). Needs `zip` and `aws` on PATH.
 
     .venv/bin/python bench/zip.py [--mb 1024] [--files 16] [--s3 [--rounds 3]]
 """
@@ -90,31 +91,38 @@ def s3_rounds(files: list[Path], tmp: Path, rounds: int) -> None:
     from s3_server import NanioServer, credentials_env
 
     part_mb, concurrency = S3().part_size_mb, S3().part_concurrency
-    aws_config = tmp / "aws-config"
-    aws_config.write_text(f"[default]\nregion = us-east-1\ns3 =\n  multipart_chunksize = {part_mb}MB\n"
-                          f"  max_concurrent_requests = {concurrency}\n  addressing_style = path\n")
-    env = {**os.environ, **credentials_env(), "AWS_CONFIG_FILE": str(aws_config)}
+    same = tmp / "aws-same"  # the CLI with our part size and parts in flight
+    same.write_text(f"[default]\nregion = us-east-1\ns3 =\n  multipart_chunksize = {part_mb}MB\n"
+                    f"  max_concurrent_requests = {concurrency}\n  addressing_style = path\n")
+    defaults = tmp / "aws-defaults"  # the CLI as installed: 8 MiB parts, 10 in flight
+    defaults.write_text("[default]\nregion = us-east-1\ns3 =\n  addressing_style = path\n")
+    env = {**os.environ, **credentials_env()}
     server = NanioServer(tmp / "nanio.log").start()
     try:
         bucket = server.new_bucket()
         names = " ".join(shlex.quote(str(f)) for f in files)
-        cli = (f"zip -q -0 -j - {names} | aws s3 cp --endpoint-url {server.endpoint} - "
-               f"s3://{bucket}/cli.zip")
-        ratios = []
+        cli = f"zip -q -0 -j - {names} | aws s3 cp --endpoint-url {server.endpoint} - s3://{bucket}/cli.zip"
+        ratios: dict[str, list[float]] = {"defaults": [], "same settings": []}
         for i in range(rounds):
-            start = time.perf_counter()
-            subprocess.run(cli, shell=True, check=True, env=env)
-            theirs = time.perf_counter() - start
+            took = {}
+            for label, config in (("defaults", defaults), ("same settings", same)):
+                start = time.perf_counter()
+                subprocess.run(cli, shell=True, check=True, env={**env, "AWS_CONFIG_FILE": str(config)})
+                took[label] = time.perf_counter() - start
             proc = subprocess.run([sys.executable, __file__, "--s3-variant", server.endpoint, bucket, f"ours{i}.zip",
                                    str(part_mb), str(concurrency), *map(str, files)],
                                   capture_output=True, text=True, check=True, env=env)
             ours = json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
-            ratios.append(ours / theirs)
-            print(f"round {i + 1}: zip -0 | aws s3 cp - {theirs:6.2f} s, ours {ours:6.2f} s, ratio {ours / theirs:.2f}")
+            for label, theirs in took.items():
+                ratios[label].append(ours / theirs)
+            print(f"round {i + 1}: zip -0 | aws s3 cp - {took['defaults']:6.2f} s (CLI defaults), "
+                  f"{took['same settings']:6.2f} s (our part size and parts in flight); ours {ours:6.2f} s")
     finally:
         server.stop()
-    print(f"streamed zip to S3, ours/CLI: median {statistics.median(ratios):.2f}x "
-          f"(rounds {min(ratios):.2f}-{max(ratios):.2f}; goal <= 1.1x), parts of {part_mb} MiB, {concurrency} in flight")
+    for label, values in ratios.items():
+        print(f"streamed zip to S3, ours / CLI with {label}: median {statistics.median(values):.2f}x "
+              f"(rounds {min(values):.2f}-{max(values):.2f}; goal <= 1.1x)")
+    print(f"ours: parts of {part_mb} MiB, {concurrency} in flight")
 
 
 def measure(mode: str, files: list[Path], out: Path) -> dict[str, float]:
