@@ -164,11 +164,16 @@ class PartChecksums:
                                               f"{int(number.group(1)) if number else 0} in the request.")
         return None
 
-    def created(self, method: str, query: dict[str, list[str]], headers: Any, answer: bytes) -> None:
+    def answered(self, method: str, query: dict[str, list[str]], headers: Any, answer: bytes) -> bytes:
+        """Note a CRC32 upload as it is created; ListParts names its algorithm (ListPartsResult's
+        ChecksumAlgorithm), as AWS answers."""
         if method == "POST" and "uploads" in query and headers.get("x-amz-checksum-algorithm", "").upper() == "CRC32":
             found = re.search(rb"<UploadId>([^<]+)</UploadId>", answer)
             if found:
                 self.crc32_uploads.add(found.group(1).decode())
+        if method == "GET" and query.get("uploadId", [""])[0] in self.crc32_uploads:
+            return re.sub(rb"(</UploadId>)", rb"\1<ChecksumAlgorithm>CRC32</ChecksumAlgorithm>", answer, count=1)
+        return answer
 
 
 class LimitedProxy:
@@ -242,7 +247,7 @@ class LimitedProxy:
                         dropped += ("content-length",)
                     headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in dropped]
                     if proxy.checksums and resp.status == 200:
-                        proxy.checksums.created(self.command, query, self.headers, data)
+                        data = proxy.checksums.answered(self.command, query, self.headers, data)
                     self._answer(resp.status, headers, data)
                 finally:
                     conn.close()

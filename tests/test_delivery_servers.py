@@ -20,8 +20,8 @@ from botocore.exceptions import ClientError
 from heygem_daemon.config import S3, Config, Lifecycle
 from heygem_daemon.delivery.links import content_disposition, link_seconds, presign_get
 from heygem_daemon.delivery.s3 import (
-    MiB, StreamUpload, Throttle, Uploader, abort_stale_uploads, apply_lifecycle, describe, lifecycle_rule,
-    make_client, s3_checks,
+    MiB, StreamUpload, Throttle, Uploader, abort_stale_uploads, apply_lifecycle, crc32_b64, describe,
+    lifecycle_rule, make_client, s3_checks,
 )
 from heygem_daemon.delivery.zipper import write_zip
 from heygem_daemon.fs.files import sha256_file
@@ -125,6 +125,27 @@ def test_parts_of_files_and_zips_carry_their_crc32_as_aws_checks_them_and_are_no
                           ).hexdigest() == zip_sha256
     assert len(checking.checksums.part_payloads) == 6  # 3 parts of the video, 3 of the zip
     assert set(checking.checksums.part_payloads) == {"UNSIGNED-PAYLOAD"}  # the CRC32 checks them instead
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["crc32-upload", "upload-of-an-earlier-version"])
+def test_a_resumed_upload_sends_its_parts_as_the_upload_was_created(checking, nanio_server, store, tmp_path,
+                                                                      declared):
+    settings = S3(**checking.s3_settings(nanio_server.new_bucket(), part_size_mb=5))
+    video = write_noise_video(tmp_path / "big.mp4", 11)
+    d = _delivery(store, video, "day/job1/tok/big.mp4")
+    client = make_client(settings)
+    extra = {"ChecksumAlgorithm": "CRC32"} if declared else {}
+    upload_id = client.create_multipart_upload(Bucket=settings.bucket, Key=d.key, **extra)["UploadId"]
+    store.deliveries.start_upload(d.id, upload_id)
+    first = video.read_bytes()[:5 * MiB]  # sent before a crash, the store never heard of it
+    client.upload_part(Bucket=settings.bucket, Key=d.key, UploadId=upload_id, PartNumber=1, Body=first,
+                       **({"ChecksumCRC32": crc32_b64(first)} if declared else {}))
+    up = _upload(settings, store, store.deliveries.get(d.id))
+    assert up.sent_bytes == video.stat().st_size - 5 * MiB
+    body = nanio_server.client().get_object(Bucket=settings.bucket, Key=d.key)["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == sha256_file(video)
+    # The parts the resume sent: CRC32 and unsigned in an upload that declared it, signed without it otherwise.
+    assert (set(checking.checksums.part_payloads[1:]) == {"UNSIGNED-PAYLOAD"}) is declared
 
 
 def test_a_part_damaged_on_the_way_is_refused_by_its_crc32(nanio_server, store, tmp_path):
