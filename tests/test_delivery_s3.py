@@ -188,6 +188,11 @@ def test_a_lifecycle_rule_over_the_whole_bucket_is_refused_and_an_earlier_one_of
     assert ensure_lifecycle(make_client(settings), wanted) is None
     rules = client.get_bucket_lifecycle_configuration(Bucket=settings.bucket)["Rules"]
     assert [r["ID"] for r in rules] == ["owners-logs"]
+    alone = moto_server.new_bucket()  # our earlier rule was the bucket's only one
+    client.put_bucket_lifecycle_configuration(Bucket=alone, LifecycleConfiguration={"Rules": [earlier]})
+    assert ensure_lifecycle(make_client(settings), wanted.model_copy(update={"bucket": alone})) is None
+    with pytest.raises(ClientError, match="NoSuchLifecycleConfiguration"):
+        client.get_bucket_lifecycle_configuration(Bucket=alone)
 
 
 def test_a_lifecycle_rule_covers_only_the_key_prefix_or_the_whole_bucket_when_config_says_so(settings, moto_server):

@@ -606,6 +606,10 @@ def ensure_lifecycle(client: BaseClient, s3: S3) -> dict[str, Any] | None:
         rule = lifecycle_rule(lc, prefix)
         apply_lifecycle(client, s3.bucket, rule)
         return rule
+    log.warning("bucket lifecycle rule not applied: s3.key_prefix has no fixed start, so the rule would cover "
+                "the whole bucket, other people's objects too", bucket=s3.bucket,
+                hint="give s3.key_prefix a fixed start (e.g. heygem/{date}/{job}/{token}/{file}) or set "
+                     "s3.lifecycle.prefix; set s3.lifecycle.whole_bucket: true only if the bucket holds nothing else")
     rules = _bucket_rules(client, s3.bucket)
     kept = [r for r in rules if r.get("ID") != LIFECYCLE_RULE_ID or _rule_prefix(r)]
     if len(kept) < len(rules):
@@ -613,11 +617,8 @@ def ensure_lifecycle(client: BaseClient, s3: S3) -> dict[str, Any] | None:
             client.put_bucket_lifecycle_configuration(Bucket=s3.bucket, LifecycleConfiguration={"Rules": kept})
         else:
             client.delete_bucket_lifecycle(Bucket=s3.bucket)
-    log.warning("bucket lifecycle rule not applied: s3.key_prefix has no fixed start, so the rule would cover "
-                "the whole bucket, other people's objects too", bucket=s3.bucket,
-                removed_earlier_whole_bucket_rule=len(kept) < len(rules),
-                hint="give s3.key_prefix a fixed start (e.g. heygem/{date}/{job}/{token}/{file}) or set "
-                     "s3.lifecycle.prefix; set s3.lifecycle.whole_bucket: true only if the bucket holds nothing else")
+        log.warning("removed the whole-bucket lifecycle rule an earlier version put on the bucket",
+                    bucket=s3.bucket, rule=LIFECYCLE_RULE_ID, other_rules=len(kept))
     return None
 
 
