@@ -210,15 +210,23 @@ def _config_check(path: Path) -> int:
 
 
 def _delivery_text(summary: dict[str, Any] | None) -> str:
+    """The batch's state and files, and why it is stuck: BLOCKED (the operator must act) or retrying."""
     if not summary:
         return ""
     files = ", ".join(f"{n} {state}" for state, n in sorted(summary["files"].items()))
-    return f"delivery {summary['state']}" + (f" ({files})" if files else "")
+    text = f"delivery {summary['state']}" + (f" ({files})" if files else "")
+    if problem := summary.get("problem"):
+        text += f" {'BLOCKED' if problem['blocked'] else 'retrying'}: {problem['reason']}"
+    return text
+
+
+def _delivery_hint(summary: dict[str, Any] | None) -> list[str]:
+    problem = (summary or {}).get("problem")
+    return [f"    hint:   {problem['hint']}"] if problem and problem["blocked"] and problem["hint"] else []
 
 
 def _adhoc_line(view: dict[str, Any]) -> str:
-    line = f"{view['name']:<28} {'ad hoc':<10} {_delivery_text(view['delivery'])}  -> {view['outputs']}"
-    return line + (f"  ({view['error']['reason']})" if view["error"] else "")
+    return f"{view['name']:<28} {'ad hoc':<10} {_delivery_text(view['delivery'])}  -> {view['outputs']}"
 
 
 def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
@@ -251,13 +259,19 @@ def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
             line += f"  -> {j['outputs']}"
         if j.get("error"):
             line += f"  ({j['error']['reason']})"
+        if j["delivery"] and j["delivery"]["state"] != "reported":
+            line += f"  {_delivery_text(j['delivery'])}"
         print(line)
+        for hint in _delivery_hint(j["delivery"]):
+            print(hint)
         for w in j.get("warnings", []):
             print(f"    warning: {w['reason']}")
         for line in _chat_lines(j.get("chat")):
             print(f"    {line}")
     for view in doc["adhoc"]:
         print(_adhoc_line(view))
+        for hint in _delivery_hint(view["delivery"]):
+            print(hint)
     for c in doc["chat_not_delivered"]:
         print(f"chat message not delivered: {c['title']} ({c['reason']})")
     return 0

@@ -258,6 +258,8 @@ class Lifecycle(_Section):
     """Bucket lifecycle rules applied at start-up, merged by ID with the rules already on the bucket."""
 
     prefix: str = ""
+    whole_bucket: bool = Field(False, description="allow a rule over the whole bucket (no prefix): only for a "
+                               "bucket that holds nothing but our objects")
     transition_ia_days: int | None = Field(None, ge=30, description="STANDARD_IA needs objects 30+ days old")
     expire_days: int | None = Field(None, ge=1)
     abort_incomplete_days: int | None = Field(None, ge=1)

@@ -80,11 +80,11 @@ def _waits(tasks: list[Task]) -> list[dict[str, Any]]:
 
 def adhoc_view(cfg: Config, store: Store, batch: Batch) -> dict[str, Any]:
     """Videos another tool put into outputs/: no job of ours, but a delivery all the same."""
-    stuck = [d.last_error for d in store.deliveries.select(batch.id) if d.state in ("pending", "uploading") and d.last_error]
+    delivery = store.deliveries.summary(batch.id)
+    problem = delivery["problem"] if delivery else None
     return {"name": batch.name, "outputs": str(cfg.folder("outputs") / batch.folder),
-            "created": _local(batch.created_at),
-            "delivery": store.deliveries.summary(batch.id),
-            "error": {"reason": stuck[-1].get("reason"), "hint": stuck[-1].get("hint")} if stuck else None}
+            "created": _local(batch.created_at), "delivery": delivery,
+            "error": {"reason": problem["reason"], "hint": problem["hint"]} if problem else None}
 
 
 def condition(cfg: Config, store: Store) -> dict[str, Any]:

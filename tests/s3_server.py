@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import base64
 import http.client
 import os
 import re
@@ -17,6 +18,7 @@ import sys
 import threading
 import time
 import uuid
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -131,6 +133,49 @@ def operation(method: str, path: str, query: dict[str, list[str]]) -> str | None
     return None
 
 
+class PartChecksums:
+    """What AWS documents for multipart part checksums (CreateMultipartUpload, UploadPart,
+    CompleteMultipartUpload): an upload created with `x-amz-checksum-algorithm: CRC32` takes only parts that
+    carry `x-amz-checksum-crc32`, and an upload created without one only parts without; a CRC32 that does not
+    match the body is BadDigest; the completion of a CRC32 upload must list each part's checksum."""
+
+    def __init__(self) -> None:
+        self.crc32_uploads: set[str] = set()
+        self.part_payloads: list[str] = []
+        """x-amz-content-sha256 of each part received: a signed sha256 or UNSIGNED-PAYLOAD."""
+
+    def refusal(self, method: str, query: dict[str, list[str]], headers: Any, body: bytes) -> tuple[str, str] | None:
+        upload = query.get("uploadId", [""])[0]
+        if method == "PUT" and upload and "partNumber" in query:
+            self.part_payloads.append(headers.get("x-amz-content-sha256", ""))
+            sent = headers.get("x-amz-checksum-crc32")
+            expected = "crc32" if upload in self.crc32_uploads else "null"
+            if expected != ("crc32" if sent else "null"):
+                return "InvalidRequest", (f"Checksum Type mismatch occurred, expected checksum Type: {expected}, "
+                                          f"actual checksum Type: {'crc32' if sent else 'null'}")
+            if sent and sent != base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode():
+                return "BadDigest", "The CRC32 you specified did not match the calculated checksum."
+        if method == "POST" and upload in self.crc32_uploads:
+            for part in re.findall(rb"<Part>(.*?)</Part>", body, re.S):
+                if b"<ChecksumCRC32>" not in part:
+                    number = re.search(rb"<PartNumber>(\d+)</PartNumber>", part)
+                    return "InvalidRequest", ("The upload was created using a crc32 checksum. The complete request "
+                                              "must include the checksum for each part. It was missing for part "
+                                              f"{int(number.group(1)) if number else 0} in the request.")
+        return None
+
+    def answered(self, method: str, query: dict[str, list[str]], headers: Any, answer: bytes) -> bytes:
+        """Note a CRC32 upload as it is created; ListParts names its algorithm (ListPartsResult's
+        ChecksumAlgorithm), as AWS answers."""
+        if method == "POST" and "uploads" in query and headers.get("x-amz-checksum-algorithm", "").upper() == "CRC32":
+            found = re.search(rb"<UploadId>([^<]+)</UploadId>", answer)
+            if found:
+                self.crc32_uploads.add(found.group(1).decode())
+        if method == "GET" and query.get("uploadId", [""])[0] in self.crc32_uploads:
+            return re.sub(rb"(</UploadId>)", rb"\1<ChecksumAlgorithm>CRC32</ChecksumAlgorithm>", answer, count=1)
+        return answer
+
+
 class LimitedProxy:
     """A real HTTP proxy to `upstream` that answers LACKING calls with s3rver 3.7.1's measured errors.
 
@@ -140,12 +185,13 @@ class LimitedProxy:
 
     def __init__(self, upstream: S3Process, lacking: tuple[str, ...] = tuple(LACKING),
                  corrupt_uploads: bool = False, hold_downloads: threading.Event | None = None,
-                 answer_mb_s: float = 0.0) -> None:
+                 answer_mb_s: float = 0.0, checksums: PartChecksums | None = None) -> None:
         """`corrupt_uploads`: flip the first byte of every PUT body on the way, as a bad link would.
+        `checksums`: answer for part checksums as AWS does (PartChecksums), after any corruption.
         `hold_downloads`: a GetObject is answered only once it is set (a slow link the test lets go).
         `answer_mb_s`: answers go out at most this fast (a link slower than localhost); 0: at once."""
         self.upstream, self.lacking, self.corrupt_uploads = upstream, lacking, corrupt_uploads
-        self.hold_downloads, self.answer_mb_s = hold_downloads, answer_mb_s
+        self.hold_downloads, self.answer_mb_s, self.checksums = hold_downloads, answer_mb_s, checksums
         self.refused: list[str] = []
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
@@ -185,10 +231,11 @@ class LimitedProxy:
                     body = bytes([body[0] ^ 0xFF]) + body[1:]
                 if op in proxy.lacking:
                     proxy.refused.append(op)
-                    status, code, message = LACKING[op]
-                    self._answer(status, [("Content-Type", "application/xml")],
-                                 f"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code>"
-                                 f"<Message>{message}</Message></Error>".encode())
+                    self._error(*LACKING[op])
+                    return
+                refused = proxy.checksums.refusal(self.command, query, self.headers, body) if proxy.checksums else None
+                if refused:
+                    self._error(400, *refused)
                     return
                 conn = http.client.HTTPConnection("127.0.0.1", proxy.upstream.port, timeout=60)
                 try:
@@ -199,9 +246,16 @@ class LimitedProxy:
                     if self.command != "HEAD":  # a HEAD answer keeps the object's length
                         dropped += ("content-length",)
                     headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in dropped]
+                    if proxy.checksums and resp.status == 200:
+                        data = proxy.checksums.answered(self.command, query, self.headers, data)
                     self._answer(resp.status, headers, data)
                 finally:
                     conn.close()
+
+            def _error(self, status: int, code: str, message: str) -> None:
+                self._answer(status, [("Content-Type", "application/xml")],
+                             f"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code>"
+                             f"<Message>{message}</Message></Error>".encode())
 
             def _answer(self, status: int, headers: list[tuple[str, str]], data: bytes) -> None:
                 self.send_response(status)

@@ -143,7 +143,7 @@ def test_a_batch_is_uploaded_linked_zipped_and_reported_once(uploading, moto_ser
     reports = log_events(uploading, "batch reported", job=job.name)
     assert len(reports) == 1 and reports[0]["videos"] == 2 and reports[0]["ok"] is True
     assert uploading.store().deliveries.summary(job.id) == {"state": "reported", "files": {"linked": 2},
-                                                          "zip": batch.zip_name}
+                                                          "zip": batch.zip_name, "problem": None}
 
     audit = [a for a in audit_lines(uploading) if a["job"] == "batch"]
     assert sorted(a["event"] for a in audit) == ["delivery", "delivery", "zip"]

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import signal
 import zipfile
 
 import pytest
 
 from daemon_harness import DaemonHarness
+from heygem_daemon.cli import main
 from media_factory import write_noise_video, write_portrait_video
 from notify_receiver import Receiver
 from s3_server import LimitedProxy, credentials_env
@@ -24,8 +26,8 @@ def chat():
     receiver.stop()
 
 
-def test_a_wrong_secret_key_alerts_once_keeps_the_video_and_delivers_once_after_the_fix(nanio_server, chat,
-                                                                                        tmp_path):
+def test_a_wrong_secret_key_alerts_once_shows_blocked_in_status_keeps_the_video_and_delivers_once_after_the_fix(
+        nanio_server, chat, tmp_path, capsys):
     bucket = nanio_server.new_bucket()
     overrides = {**s3_overrides(nanio_server, bucket, alert_retry_seconds=600),
                  "notify": {"operator_urls": [chat.url("/operator")]}}
@@ -40,6 +42,11 @@ def test_a_wrong_secret_key_alerts_once_keeps_the_video_and_delivers_once_after_
         assert d.state == "pending" and dest.is_file()
         assert "a-typo" not in harness.log_text()
         harness.stop()
+        assert main(["-c", str(harness.config_path), "status", "--json"]) == 0
+        [view] = json.loads(capsys.readouterr().out)["adhoc"]
+        assert view["delivery"]["problem"]["blocked"] and "refused access" in view["delivery"]["problem"]["reason"]
+        assert main(["-c", str(harness.config_path), "status"]) == 0
+        assert "delivery open (1 pending) BLOCKED: S3 refused access" in capsys.readouterr().out
         harness.start(credentials_env())  # the operator fixes the secret and restarts
         done = wait_delivered(harness, dest)
         wait_reported(harness, d.batch_id)
@@ -54,7 +61,8 @@ def test_a_wrong_secret_key_alerts_once_keeps_the_video_and_delivers_once_after_
 def test_on_a_server_lacking_calls_a_kill_mid_zip_still_zips_and_lifecycle_is_one_warning(moto_server, tmp_path):
     proxy = LimitedProxy(moto_server).start()
     bucket = moto_server.new_bucket()
-    overrides = s3_overrides(proxy, bucket, max_bandwidth_mb_s=6, lifecycle={"expire_days": 30})
+    overrides = s3_overrides(proxy, bucket, max_bandwidth_mb_s=6, lifecycle={"expire_days": 30},
+                             key_prefix="heygem/{date}/{job}/{token}/{file}")
     harness = DaemonHarness(tmp_path / "base", overrides)
     try:
         harness.start(credentials_env())

@@ -13,8 +13,10 @@ from botocore.exceptions import ClientError
 
 from heygem_daemon.config import S3, ConfigError, Lifecycle, load_config
 from heygem_daemon.delivery.links import content_disposition, presign_get
+from heygem_daemon.delivery.names import zip_name
 from heygem_daemon.delivery.s3 import (
-    MiB, StreamUpload, Throttle, Uploader, abort_stale_uploads, apply_lifecycle, describe, lifecycle_rule, make_client,
+    MiB, StreamUpload, Throttle, Uploader, abort_stale_uploads, apply_lifecycle, describe, ensure_lifecycle, lifecycle_rule,
+    make_client,
 )
 from heygem_daemon.delivery.zipper import entry_names, write_zip
 from heygem_daemon.fs.files import sha256_file
@@ -131,7 +133,7 @@ def test_presigned_link_downloads_the_bytes_and_names_the_file(settings, moto_se
         assert resp.read() == video.read_bytes()
         assert resp.headers["Content-Disposition"] == content_disposition("Grüße Anna.mp4")
     assert content_disposition("Grüße Anna.mp4") == (
-        "attachment; filename=\"Grue Anna.mp4\"; filename*=UTF-8''Gr%C3%BC%C3%9Fe%20Anna.mp4")
+        "attachment; filename=\"Grusse Anna.mp4\"; filename*=UTF-8''Gr%C3%BC%C3%9Fe%20Anna.mp4")
     assert content_disposition("alice.mp4") == 'attachment; filename="alice.mp4"'
 
 
@@ -141,7 +143,7 @@ def test_streamed_zip_upload_unzips_to_the_batch_names_and_its_sha256_is_the_obj
     b = write_portrait_video(tmp_path / "b.mp4", 0.4)
     started = []
     stream = StreamUpload(make_client(settings), settings.bucket, "z/batch.zip", 5 * MiB, Throttle(0),
-                          threading.Event(), started.append, "batch.zip")
+                          threading.Event(), started.append, "batch.zip", part_concurrency=3)
     sha256 = write_zip([(a, "a.mp4"), (b, "sub/b.mp4")], stream)  # type: ignore[arg-type]
     stream.finish()
     assert started == [stream.upload_id]
@@ -173,6 +175,36 @@ def test_lifecycle_rule_is_merged_with_the_rules_already_on_the_bucket(settings,
     assert rules["owners-logs"]["Expiration"] == {"Days": 3}
     assert rules["heygem-daemon"]["Transitions"][0] == {"Days": 30, "StorageClass": "STANDARD_IA"}
     assert rules["heygem-daemon"]["AbortIncompleteMultipartUpload"] == {"DaysAfterInitiation": 7}
+
+
+def test_a_lifecycle_rule_over_the_whole_bucket_is_refused_and_an_earlier_one_of_ours_removed(settings, moto_server):
+    client = moto_server.client()
+    theirs = {"ID": "owners-logs", "Status": "Enabled", "Filter": {"Prefix": "logs/"}, "Expiration": {"Days": 3}}
+    earlier = lifecycle_rule(Lifecycle(expire_days=60), "")  # what the default key_prefix made before
+    client.put_bucket_lifecycle_configuration(Bucket=settings.bucket,
+                                              LifecycleConfiguration={"Rules": [theirs, earlier]})
+    wanted = settings.model_copy(update={"key_prefix": "{date}/{job}/{token}/{file}",
+                                         "lifecycle": Lifecycle(expire_days=60)})
+    assert ensure_lifecycle(make_client(settings), wanted) is None
+    rules = client.get_bucket_lifecycle_configuration(Bucket=settings.bucket)["Rules"]
+    assert [r["ID"] for r in rules] == ["owners-logs"]
+    alone = moto_server.new_bucket()  # our earlier rule was the bucket's only one
+    client.put_bucket_lifecycle_configuration(Bucket=alone, LifecycleConfiguration={"Rules": [earlier]})
+    assert ensure_lifecycle(make_client(settings), wanted.model_copy(update={"bucket": alone})) is None
+    with pytest.raises(ClientError, match="NoSuchLifecycleConfiguration"):
+        client.get_bucket_lifecycle_configuration(Bucket=alone)
+
+
+def test_a_lifecycle_rule_covers_only_the_key_prefix_or_the_whole_bucket_when_config_says_so(settings, moto_server):
+    client = moto_server.client()
+    prefixed = settings.model_copy(update={"key_prefix": "heygem/{date}/{token}/{file}",
+                                           "lifecycle": Lifecycle(expire_days=60)})
+    assert ensure_lifecycle(make_client(settings), prefixed)["Filter"] == {"Prefix": "heygem/"}
+    whole = settings.model_copy(update={"key_prefix": "{date}/{token}/{file}",
+                                        "lifecycle": Lifecycle(expire_days=60, whole_bucket=True)})
+    assert ensure_lifecycle(make_client(settings), whole)["Filter"] == {"Prefix": ""}
+    [rule] = client.get_bucket_lifecycle_configuration(Bucket=settings.bucket)["Rules"]
+    assert rule["ID"] == "heygem-daemon" and rule["Expiration"] == {"Days": 60}
 
 
 def test_abort_stale_uploads_aborts_only_old_uploads_the_store_does_not_know(settings, moto_server):
@@ -216,12 +248,20 @@ def test_an_endpoint_without_a_scheme_is_refused_by_config_check_in_one_line(tmp
     assert "s3.endpoint_url" in line and "http://127.0.0.1:9000" in line
 
 
-def test_a_name_without_ascii_letters_gets_a_safe_ascii_fallback_never_a_bare_extension():
-    for name in ("视频.mp4", "видео.mp4", "動画.mp4"):
-        disposition = content_disposition(name)
-        fallback = disposition.split('filename="', 1)[1].split('"', 1)[0]
+def _fallback(name: str) -> str:
+    return content_disposition(name).split('filename="', 1)[1].split('"', 1)[0]
+
+
+def test_a_name_in_another_script_keeps_a_transliterated_ascii_fallback():
+    assert _fallback("视频.mp4") == "ShiPin.mp4" and _fallback("видео.mp4") == "video.mp4"
+    assert _fallback(zip_name("陈老师的课程", 1796687940.0)).startswith("ChenLaoShiDeKeCheng_2026")
+
+
+def test_a_name_of_symbols_only_gets_a_safe_ascii_fallback_never_a_bare_extension():
+    for name in ("★★.mp4", "♪♫.mp4"):
+        fallback = _fallback(name)
         assert fallback.startswith("video-") and fallback.endswith(".mp4") and len(fallback) == len("video-") + 12
-    assert content_disposition("视频.mp4") != content_disposition("видео.mp4")  # two downloads, two names
+    assert _fallback("★★.mp4") != _fallback("♪♫.mp4")  # two downloads, two names
 
 
 def test_links_txt_writes_sizes_in_the_same_unit_as_the_chat_message(tmp_path):

@@ -20,12 +20,14 @@ from botocore.exceptions import ClientError
 from heygem_daemon.config import S3, Config, Lifecycle
 from heygem_daemon.delivery.links import content_disposition, link_seconds, presign_get
 from heygem_daemon.delivery.s3 import (
-    Throttle, Uploader, abort_stale_uploads, apply_lifecycle, describe, lifecycle_rule, make_client, s3_checks,
+    MiB, StreamUpload, Throttle, Uploader, abort_stale_uploads, apply_lifecycle, crc32_b64, describe,
+    lifecycle_rule, make_client, s3_checks,
 )
+from heygem_daemon.delivery.zipper import write_zip
 from heygem_daemon.fs.files import sha256_file
 from heygem_daemon.state import Store
 from media_factory import write_noise_video, write_portrait_video
-from s3_server import LimitedProxy, credentials_env
+from s3_server import LimitedProxy, PartChecksums, credentials_env
 
 
 @pytest.fixture(autouse=True)
@@ -99,6 +101,67 @@ def test_a_video_damaged_on_the_way_is_refused_and_not_counted_as_sent(nanio_ser
         nanio_server.client().head_object(Bucket=settings.bucket, Key="day/job1/tok/a.mp4")
 
 
+@pytest.fixture
+def checking(nanio_server):
+    """nanio behind a proxy that answers for part checksums as AWS documents (nanio itself checks none)."""
+    proxy = LimitedProxy(nanio_server, lacking=(), checksums=PartChecksums()).start()
+    yield proxy
+    proxy.stop()
+
+
+def test_parts_of_files_and_zips_carry_their_crc32_as_aws_checks_them_and_are_not_hashed_twice(
+        checking, nanio_server, store, tmp_path):
+    settings = S3(**checking.s3_settings(nanio_server.new_bucket(), part_size_mb=5))
+    video = write_noise_video(tmp_path / "big.mp4", 6)
+    up = _upload(settings, store, _delivery(store, video, "day/job1/tok/big.mp4"))
+    stream = StreamUpload(make_client(settings), settings.bucket, "day/job1/tok/job1.zip", 5 * MiB, Throttle(0),
+                          threading.Event(), lambda _: None, "job1.zip", part_concurrency=2)
+    zip_sha256 = write_zip([(video, "big.mp4")], stream)  # type: ignore[arg-type]
+    stream.finish()
+    client = nanio_server.client()
+    assert hashlib.sha256(client.get_object(Bucket=settings.bucket, Key="day/job1/tok/big.mp4")["Body"].read()
+                          ).hexdigest() == up.sha256 == sha256_file(video)
+    assert hashlib.sha256(client.get_object(Bucket=settings.bucket, Key="day/job1/tok/job1.zip")["Body"].read()
+                          ).hexdigest() == zip_sha256
+    parts = -(-video.stat().st_size // (5 * MiB))
+    assert parts >= 2 and len(checking.checksums.part_payloads) == 2 * parts  # the video's parts, then the zip's
+    assert set(checking.checksums.part_payloads) == {"UNSIGNED-PAYLOAD"}  # the CRC32 checks them instead
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["crc32-upload", "upload-of-an-earlier-version"])
+def test_a_resumed_upload_sends_its_parts_as_the_upload_was_created(checking, nanio_server, store, tmp_path,
+                                                                      declared):
+    settings = S3(**checking.s3_settings(nanio_server.new_bucket(), part_size_mb=5))
+    video = write_noise_video(tmp_path / "big.mp4", 6)
+    d = _delivery(store, video, "day/job1/tok/big.mp4")
+    client = make_client(settings)
+    extra = {"ChecksumAlgorithm": "CRC32"} if declared else {}
+    upload_id = client.create_multipart_upload(Bucket=settings.bucket, Key=d.key, **extra)["UploadId"]
+    store.deliveries.start_upload(d.id, upload_id)
+    first = video.read_bytes()[:5 * MiB]  # sent before a crash, the store never heard of it
+    client.upload_part(Bucket=settings.bucket, Key=d.key, UploadId=upload_id, PartNumber=1, Body=first,
+                       **({"ChecksumCRC32": crc32_b64(first)} if declared else {}))
+    up = _upload(settings, store, store.deliveries.get(d.id))
+    assert up.sent_bytes == video.stat().st_size - 5 * MiB
+    body = nanio_server.client().get_object(Bucket=settings.bucket, Key=d.key)["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == sha256_file(video)
+    # The parts the resume sent: CRC32 and unsigned in an upload that declared it, signed without it otherwise.
+    assert (set(checking.checksums.part_payloads[1:]) == {"UNSIGNED-PAYLOAD"}) is declared
+
+
+def test_a_part_damaged_on_the_way_is_refused_by_its_crc32(nanio_server, store, tmp_path):
+    proxy = LimitedProxy(nanio_server, lacking=(), corrupt_uploads=True, checksums=PartChecksums()).start()
+    try:
+        settings = S3(**proxy.s3_settings(nanio_server.new_bucket(), part_size_mb=5))
+        d = _delivery(store, write_noise_video(tmp_path / "big.mp4", 6), "day/job1/tok/big.mp4")
+        with pytest.raises(ClientError) as caught:
+            _upload(settings, store, d)
+    finally:
+        proxy.stop()
+    assert caught.value.response["Error"]["Code"] == "BadDigest"
+    assert store.deliveries.parts(d.id) == []  # nothing counted as sent
+
+
 def test_a_presigned_link_is_refused_after_its_expiry(nanio_server, tmp_path):
     # X-Amz-Date is in whole seconds, so a link of N seconds is good for N-1 to N seconds after signing:
     # three leave the first download room on a busy machine.
@@ -124,7 +187,7 @@ def test_a_link_for_a_cjk_file_name_downloads_the_bytes_under_a_sane_name(nanio_
     assert body == video.read_bytes()
     disposition = headers["Content-Disposition"]
     assert disposition == content_disposition("视频.mp4")
-    assert disposition.startswith('attachment; filename="video-') and '.mp4"; ' in disposition
+    assert disposition.startswith('attachment; filename="ShiPin.mp4"; ')
     assert "filename*=UTF-8''%E8%A7%86%E9%A2%91.mp4" in disposition
 
 

@@ -10,6 +10,7 @@ import yaml
 
 from daemon_harness import DaemonHarness
 from heygem_daemon.cli import main
+from heygem_daemon.delivery.s3 import S3Failure
 from heygem_daemon.fs.files import sha256_file
 from heygem_daemon.state import Store
 from media_factory import write_portrait_video
@@ -59,8 +60,32 @@ def test_status_and_jobs_show_ad_hoc_batches_with_their_delivery_state(tmp_path,
     assert "ad hoc" in line and "delivery open (2 pending)" in line and "bucket 'videos' does not exist" in line
     assert main(["-c", str(config), "status", "--json"]) == 0
     [view] = json.loads(capsys.readouterr().out)["adhoc"]
-    assert view["delivery"] == {"state": "open", "files": {"pending": 2}, "zip": None}
+    assert view["delivery"] == {"state": "open", "files": {"pending": 2}, "zip": None,
+                                "problem": {"reason": "bucket 'videos' does not exist", "hint": "create it",
+                                            "blocked": False}}
     assert view["outputs"] == str(outputs) and view["error"]["hint"] == "create it"
     assert main(["-c", str(config), "jobs"]) == 0
     out = capsys.readouterr().out
     assert "no jobs yet" not in out and "render" in out and "hint:   create it" in out
+
+
+def test_status_shows_a_job_whose_delivery_is_blocked_with_its_reason_and_hint(tmp_path, capsys):
+    config = _config(tmp_path)
+    main(["-c", str(config), "status"])
+    capsys.readouterr()
+    store = Store(tmp_path / "base" / "state" / "heygem.db")
+    job = store.jobs.create("promo", {})
+    store.deliveries.ensure_batch(job.id, job.name, job.name, job.id)
+    d = store.deliveries.add(job.id, str(tmp_path / "promo.mp4"), "promo.mp4", 10, "k/promo.mp4", None)
+    failure = S3Failure("S3 refused access to bucket 'videos' (SignatureDoesNotMatch)", "check the credentials",
+                        False, "SignatureDoesNotMatch")
+    store.deliveries.retry(d.id, failure.as_dict(), 0)
+
+    assert main(["-c", str(config), "status", "--json"]) == 0
+    [view] = json.loads(capsys.readouterr().out)["jobs"]
+    assert view["delivery"]["problem"] == {"reason": failure.reason, "hint": failure.hint, "blocked": True}
+    assert main(["-c", str(config), "status"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    [line] = [x for x in out if x.startswith("promo")]
+    assert f"delivery open (1 pending) BLOCKED: {failure.reason}" in line
+    assert out[out.index(line) + 1] == "    hint:   check the credentials"

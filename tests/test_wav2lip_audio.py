@@ -87,13 +87,14 @@ def test_mel_of_a_stereo_file_matches_the_reference_reading_it_with_librosa(tmp_
     assert np.abs(ours - ref).max() < 1e-4
 
 
-def test_mel_of_a_resampled_stereo_file_has_no_level_shift_against_the_reference(tmp_path):
-    # FFmpeg and soxr resample slightly differently near 8 kHz; a -3 dB down-mix error shifted every value ~0.24.
-    wav = _loud_stereo(tmp_path / "stereo.wav", 44100)
+@pytest.mark.parametrize("rate", [44100, 48000, 22050, 8000])
+def test_mel_of_a_stereo_file_at_another_rate_equals_the_reference_reading_it_with_librosa(tmp_path, rate):
+    # librosa.load resamples with soxr (HQ); FFmpeg's resampler moved bands 76-79 by up to 0.15 at 44.1 kHz.
+    wav = _loud_stereo(tmp_path / "stereo.wav", rate)
     ours = melspectrogram(load_mono(wav)).numpy()
     ref = _librosa_reference(librosa.load(wav, sr=SR)[0])
     assert ours.shape == ref.shape
-    assert abs(float((ours - ref).mean())) < 0.01 and np.abs(ours - ref).mean() < 0.01
+    assert np.abs(ours - ref).max() < 1e-4
 
 
 def test_mel_matches_librosa_on_near_silence():

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import time
-import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+from anyascii import anyascii
 from botocore.client import BaseClient
 
 from heygem_daemon.delivery.report import size_text
@@ -32,8 +32,9 @@ class LinkEntry:
 
 
 def _ascii_fallback(base: str) -> str:
-    """The name for clients that ignore filename*: accents dropped, never a bare `.mp4` (a hidden file for
-    curl -OJ). A name with no ASCII letters left becomes `video-<8 hex of the name>.mp4`, unique per name."""
+    """The name for clients that ignore filename*: transliterated (陈老师 -> ChenLaoShi, Grüße -> Grusse), never
+    a bare `.mp4` (a hidden file for curl -OJ). A name with nothing alphanumeric left (only symbols) becomes
+    `video-<8 hex of the name>.mp4`, unique per name."""
     stem, dot, suffix = base.rpartition(".") if "." in base.lstrip(".") else (base, "", "")
     ascii_stem = _ascii(stem)
     if not any(c.isalnum() for c in ascii_stem):
@@ -42,8 +43,7 @@ def _ascii_fallback(base: str) -> str:
 
 
 def _ascii(text: str) -> str:
-    kept = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
-    return "".join(c if c.isalnum() or c in "._- " else "_" for c in kept).strip()
+    return "".join(c if c.isalnum() or c in "._- " else "_" for c in anyascii(text)).strip()
 
 
 def content_disposition(filename: str) -> str:

@@ -11,7 +11,8 @@ import hashlib
 import mimetypes
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+import zlib
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,6 +28,7 @@ from heygem_daemon.ops import metrics
 from heygem_daemon.ops.checks import Check
 from heygem_daemon.config import S3, Config, Lifecycle
 from heygem_daemon.delivery.links import content_disposition
+from heygem_daemon.delivery.names import static_prefix
 from heygem_daemon.log import get_logger
 from heygem_daemon.secrets import get_secret
 from heygem_daemon.state import Delivery, Part, Store
@@ -36,6 +38,12 @@ MiB = 1024 * 1024
 # systemd `LoadCredential=` files; the boto3 chain (env, ~/.aws, instance role) is used when they are absent.
 CREDENTIAL_FILES = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
 LIFECYCLE_RULE_ID = "heygem-daemon"
+# Each part of a multipart upload carries its CRC32, declared when the upload is created and listed again when
+# it completes, as boto3 sends parts (AWS refuses part checksums an upload did not declare, and a completion
+# without them). Unlike boto3 the CRC goes in a header, not an aws-chunked trailer, which older MinIO, Ceph
+# and OSS versions refuse; servers that do not know the header ignore it.
+PART_CHECKSUM = "CRC32"
+PART_CHECKSUM_HEADER = "x-amz-checksum-crc32"
 # Errors that no retry can fix: the operator must change credentials, the bucket or a policy.
 ALERT_CODES = frozenset({
     "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket", "ExpiredToken",
@@ -64,7 +72,8 @@ class S3Failure(Exception):
         self.reason, self.hint, self.retryable, self.code = reason, hint, retryable, code
 
     def as_dict(self) -> dict[str, Any]:
-        return {"stage": "deliver", "reason": self.reason, "hint": self.hint, "code": self.code}
+        return {"stage": "deliver", "reason": self.reason, "hint": self.hint, "code": self.code,
+                "retryable": self.retryable}
 
 
 def _code_status(exc: ClientError) -> tuple[str, int]:
@@ -130,9 +139,9 @@ def make_client(s3: S3, environ: dict[str, str] | None = None) -> BaseClient:
     """The S3 client; `client.meta.endpoint_url` / `region_name` tell what boto3 really used (env included)."""
     config = BotoConfig(
         signature_version="s3v4",
-        # Every request body is signed with its sha256 (SigV4 payload signing; AWS, MinIO and Ceph check it),
-        # over https too: that is each part's integrity check. Parts carry no Content-MD5 besides: MD5 cost
-        # more CPU than the rest of the upload (bench/upload.py). No CRC32 trailer either (see below).
+        # Request bodies are signed with their sha256 (SigV4 payload signing; AWS, MinIO and Ceph check it),
+        # over https too — except multipart parts, which carry a CRC32 header instead (PART_CHECKSUM): a
+        # second sha256 of every byte cost a third of the upload's CPU (bench/upload.py). MD5 costs more still.
         s3={"addressing_style": s3.addressing_style, "payload_signing_enabled": True},
         # botocore's standard mode: exponential backoff with jitter on 5xx, throttling and dropped connections.
         retries={"mode": "standard", "max_attempts": 4},
@@ -144,7 +153,18 @@ def make_client(s3: S3, environ: dict[str, str] | None = None) -> BaseClient:
         response_checksum_validation="when_required",
     )
     session = boto3.session.Session(**systemd_credentials(environ))
-    return session.client("s3", endpoint_url=s3.endpoint_url or None, region_name=s3.region or None, config=config)
+    client = session.client("s3", endpoint_url=s3.endpoint_url or None, region_name=s3.region or None,
+                            config=config)
+    unsigned = config.merge(BotoConfig(s3={**(config.s3 or {}), "payload_signing_enabled": False}))
+
+    def part_checks_itself(params: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
+        # A part that carries its CRC32 in a header (as boto3 checks parts, but not in an aws-chunked trailer)
+        # is sent as UNSIGNED-PAYLOAD: botocore would otherwise hash every byte once more for the signature.
+        if PART_CHECKSUM_HEADER in params["headers"]:
+            context["client_config"] = unsigned
+
+    client.meta.events.register("before-call.s3.UploadPart", part_checks_itself)
+    return client
 
 
 class Throttle:
@@ -180,6 +200,30 @@ def _md5(data: bytes) -> str:
 
 def _md5_b64(data: bytes) -> str:
     return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+
+
+def crc32_b64(data: bytes) -> str:
+    """A part's x-amz-checksum-crc32: the big-endian CRC32, base64 (zlib's runs at several GB/s)."""
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+
+
+def send_part(client: BaseClient, bucket: str, key: str, upload_id: str, number: int, chunk: bytes,
+              checksum: str | None) -> str:
+    """One part, with its CRC32 when the upload declared it; returns the part's ETag."""
+    extra = {"ChecksumCRC32": checksum} if checksum else {}
+    resp = client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=chunk, **extra)
+    metrics.BYTES_UPLOADED.inc(len(chunk))
+    return str(resp["ETag"])
+
+
+def complete_upload(client: BaseClient, bucket: str, key: str, upload_id: str, etags: dict[int, str],
+                    checksums: dict[int, str] | None) -> str:
+    """Complete with every part's ETag (and CRC32 when the upload declared them); returns the object's ETag."""
+    parts = [{"PartNumber": n, "ETag": etags[n], **({"ChecksumCRC32": checksums[n]} if checksums else {})}
+             for n in sorted(etags)]
+    resp = client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id,
+                                            MultipartUpload={"Parts": parts})
+    return str(resp["ETag"])
 
 
 def object_headers(path: Path, name: str) -> dict[str, str]:
@@ -218,14 +262,15 @@ class Uploader:
         return Uploaded(resp["ETag"], hashlib.sha256(data).hexdigest(), len(data))
 
     def _multipart(self, d: Delivery, path: Path, fence: Callable[[], bool] | None) -> Uploaded:
-        upload_id, held = self._resume(d)
+        upload_id, held, checksummed = self._resume(d)
         sha = hashlib.sha256()
         parts: dict[int, Part] = {}
+        checksums: dict[int, str] = {}
         in_flight: dict[Future[Part], int] = {}
         sent = 0
         # The file is read once, front to back. Parts go out s3.part_concurrency at a time (memory: that many
-        # parts), each hashed for its signature in its own thread; the whole file's sha256 runs beside them in
-        # one more thread, in order. Parts that landed together are recorded in one transaction.
+        # parts); each part's CRC32 is taken as it is read, the whole file's sha256 runs beside the sends in one
+        # more thread, in order. Parts that landed together are recorded in one transaction.
         with (open(path, "rb") as fh, ThreadPoolExecutor(self.settings.part_concurrency) as pool,
               ThreadPoolExecutor(1) as hasher):
             hashing: list[Future[None]] = []
@@ -236,6 +281,7 @@ class Uploader:
                 while len(hashing) > self.settings.part_concurrency:
                     hashing.pop(0).result()
                 hashing.append(hasher.submit(sha.update, chunk))  # parts the server holds count too
+                checksums[number] = crc32_b64(chunk)
                 have = held.get(number)
                 if have is not None and have.size == len(chunk) and have.md5 == _md5(chunk):
                     parts[number] = have
@@ -245,7 +291,8 @@ class Uploader:
                 while len(in_flight) >= self.settings.part_concurrency:
                     parts.update(self._record_parts(d, in_flight))
                 self.throttle.take(len(chunk))
-                in_flight[pool.submit(self._send_part, d.key, upload_id, number, chunk)] = number
+                checksum = checksums[number] if checksummed else None
+                in_flight[pool.submit(self._send_part, d.key, upload_id, number, chunk, checksum)] = number
                 sent += len(chunk)
             while in_flight:
                 parts.update(self._record_parts(d, in_flight))
@@ -254,18 +301,13 @@ class Uploader:
         if fence is not None and not fence():
             abort_quietly(self.client, self.bucket, d.key, upload_id)
             raise Superseded(d.key)
-        resp = self.client.complete_multipart_upload(
-            Bucket=self.bucket, Key=d.key, UploadId=upload_id,
-            MultipartUpload={"Parts": [{"PartNumber": n, "ETag": parts[n].etag} for n in sorted(parts)]})
-        return Uploaded(resp["ETag"], sha.hexdigest(), sent)
+        etag = complete_upload(self.client, self.bucket, d.key, upload_id, {n: p.etag for n, p in parts.items()},
+                               checksums if checksummed else None)
+        return Uploaded(etag, sha.hexdigest(), sent)
 
-    def _send_part(self, key: str, upload_id: str, number: int, chunk: bytes) -> Part:
-        # botocore hashes the part for its signature here, in parallel (hashlib lets go of the GIL).
-        resp = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
-                                       Body=chunk)
-        metrics.BYTES_UPLOADED.inc(len(chunk))
+    def _send_part(self, key: str, upload_id: str, number: int, chunk: bytes, checksum: str | None) -> Part:
+        etag = send_part(self.client, self.bucket, key, upload_id, number, chunk, checksum)
         # A plain ETag is the part's MD5, what a resume compares; another kind (SSE-KMS) makes a resume re-send.
-        etag = resp["ETag"]
         return Part(number, etag, len(chunk), etag.strip('"') if _plain_md5(etag) else "", time.time())
 
     def _record_parts(self, d: Delivery, in_flight: dict[Future[Part], int]) -> dict[int, Part]:
@@ -277,23 +319,24 @@ class Uploader:
         self.store.deliveries.add_parts(d.id, landed)
         return {part.number: part for part in landed}
 
-    def _resume(self, d: Delivery) -> tuple[str, dict[int, Part]]:
-        """The upload to continue and the parts the server confirms. A vanished upload, or a server that
-        cannot list parts (405/501), starts a fresh upload under the same key."""
+    def _resume(self, d: Delivery) -> tuple[str, dict[int, Part], bool]:
+        """The upload to continue, the parts the server confirms, and whether its parts carry a CRC32 (one we
+        create does; a resumed one when the server lists it so — an upload an earlier version made does not).
+        A vanished upload, or a server that cannot list parts (405/501), starts a fresh upload under the same key."""
         if d.upload_id is None:
-            return self._create(d), {}
+            return self._create(d), {}, True
         try:
-            on_server = self._server_parts(d.key, d.upload_id)
+            on_server, checksummed = self._server_parts(d.key, d.upload_id)
         except ClientError as exc:
             if unsupported(exc):
                 log.warning("the S3 server cannot list the parts of an upload; starting a fresh upload",
                             key=d.key, reason=describe(exc, self.bucket).reason)
                 abort_quietly(self.client, self.bucket, d.key, d.upload_id)
-                return self._create(d), {}
+                return self._create(d), {}, True
             if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
                 raise
             log.warning("multipart upload gone from the server; starting over", key=d.key)
-            return self._create(d), {}
+            return self._create(d), {}, True
         stored = {p.number: p for p in self.store.deliveries.parts(d.id)}
         held: dict[int, Part] = {}
         for number, (etag, size) in on_server.items():
@@ -306,17 +349,21 @@ class Uploader:
                 self.store.deliveries.add_parts(d.id, [held[number]])
         self.store.deliveries.forget_parts(d.id, [n for n in stored if n not in held])
         log.info("resuming multipart upload", key=d.key, parts_on_server=len(held))
-        return d.upload_id, held
+        return d.upload_id, held, checksummed
 
-    def _server_parts(self, key: str, upload_id: str) -> dict[int, tuple[str, int]]:
+    def _server_parts(self, key: str, upload_id: str) -> tuple[dict[int, tuple[str, int]], bool]:
+        """Each part's (ETag, size), and whether the upload declared CRC32 part checksums."""
         found: dict[int, tuple[str, int]] = {}
+        checksummed = False
         for page in self.client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=key, UploadId=upload_id):
+            checksummed = checksummed or page.get("ChecksumAlgorithm") == PART_CHECKSUM
             for p in page.get("Parts", []):
                 found[int(p["PartNumber"])] = (p["ETag"], int(p["Size"]))
-        return found
+        return found, checksummed
 
     def _create(self, d: Delivery) -> str:
-        resp = self.client.create_multipart_upload(Bucket=self.bucket, Key=d.key, **object_headers(Path(d.path), d.rel))
+        resp = self.client.create_multipart_upload(Bucket=self.bucket, Key=d.key, ChecksumAlgorithm=PART_CHECKSUM,
+                                                   **object_headers(Path(d.path), d.rel))
         self.store.deliveries.start_upload(d.id, resp["UploadId"])
         return resp["UploadId"]
 
@@ -327,29 +374,44 @@ def _plain_md5(etag: str) -> bool:
 
 
 class StreamUpload:
-    """A write-only file object that sends what is written as a multipart upload, one part at a time.
+    """A write-only file object that sends what is written as a multipart upload, `part_concurrency` parts in
+    flight while the next one fills (as boto3 streams a pipe: `zip - | aws s3 cp -`).
 
-    Memory stays at one part size whatever the total; nothing touches the disk.
+    Memory stays at part_concurrency + 1 parts whatever the total; nothing touches the disk.
     """
 
     def __init__(self, client: BaseClient, bucket: str, key: str, part_size: int, throttle: Throttle,
-                 stopping: threading.Event, on_started: Callable[[str], None], filename: str) -> None:
+                 stopping: threading.Event, on_started: Callable[[str], None], filename: str,
+                 part_concurrency: int) -> None:
         self.client, self.bucket, self.key, self.part_size, self.throttle = client, bucket, key, part_size, throttle
         self.stopping = stopping
-        self.upload_id = client.create_multipart_upload(Bucket=bucket, Key=key,
+        self.upload_id = client.create_multipart_upload(Bucket=bucket, Key=key, ChecksumAlgorithm=PART_CHECKSUM,
                                                         **object_headers(Path(filename), filename))["UploadId"]
         on_started(self.upload_id)
-        self._buf = bytearray()
-        self._parts: list[dict[str, Any]] = []
+        self._pieces: list[bytes] = []
+        self._buffered = 0
+        self._limit = part_concurrency
+        self._pool = ThreadPoolExecutor(part_concurrency)
+        self._in_flight: set[Future[tuple[int, str, str]]] = set()
+        self._parts = 0
+        self._etags: dict[int, str] = {}
+        self._checksums: dict[int, str] = {}
         self.size = 0
 
     def write(self, data: bytes) -> int:
-        self._buf += data
-        self.size += len(data)
-        while len(self._buf) >= self.part_size:
-            self._send(bytes(self._buf[:self.part_size]))
-            del self._buf[:self.part_size]
-        return len(data)
+        data = bytes(data)  # bytes are kept as they are; a buffer the caller may reuse is copied
+        written = len(data)
+        self.size += written
+        while data:
+            # Pieces are cut at the part boundary and joined once per part: each byte is copied once here.
+            room = self.part_size - self._buffered
+            piece, data = (data, b"") if len(data) <= room else (data[:room], data[room:])
+            self._pieces.append(piece)
+            self._buffered += len(piece)
+            if self._buffered == self.part_size:
+                self._send(b"".join(self._pieces))
+                self._pieces, self._buffered = [], 0
+        return written
 
     def flush(self) -> None:
         """Parts go out only when full: S3 refuses parts under 5 MiB except the last."""
@@ -357,22 +419,31 @@ class StreamUpload:
     def _send(self, chunk: bytes) -> None:
         if self.stopping.is_set():
             raise Stopping(self.key)
+        while len(self._in_flight) >= self._limit:
+            self._collect(FIRST_COMPLETED)
         self.throttle.take(len(chunk))
-        number = len(self._parts) + 1
-        resp = self.client.upload_part(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
-                                       PartNumber=number, Body=chunk)
-        metrics.BYTES_UPLOADED.inc(len(chunk))
-        self._parts.append({"PartNumber": number, "ETag": resp["ETag"]})
+        self._parts += 1
+        self._in_flight.add(self._pool.submit(self._part, self._parts, chunk))
+
+    def _part(self, number: int, chunk: bytes) -> tuple[int, str, str]:
+        checksum = crc32_b64(chunk)  # here, beside the other parts, not in the thread writing the zip
+        return number, send_part(self.client, self.bucket, self.key, self.upload_id, number, chunk, checksum), checksum
+
+    def _collect(self, until: str) -> None:
+        done, self._in_flight = wait(self._in_flight, return_when=until)
+        for future in done:
+            number, self._etags[number], self._checksums[number] = future.result()  # a failed part raises here
 
     def finish(self) -> str:
-        if self._buf or not self._parts:
-            self._send(bytes(self._buf))
-            self._buf.clear()
-        resp = self.client.complete_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
-                                                     MultipartUpload={"Parts": self._parts})
-        return str(resp["ETag"])
+        if self._buffered or not self._parts:
+            self._send(b"".join(self._pieces))
+            self._pieces, self._buffered = [], 0
+        self._collect(ALL_COMPLETED)
+        self._pool.shutdown()
+        return complete_upload(self.client, self.bucket, self.key, self.upload_id, self._etags, self._checksums)
 
     def abort(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)  # no part lands after the abort
         abort_quietly(self.client, self.bucket, self.key, self.upload_id)
 
 
@@ -498,18 +569,57 @@ def lifecycle_rule(settings: Lifecycle, prefix: str) -> dict[str, Any]:
     return rule
 
 
-def apply_lifecycle(client: BaseClient, bucket: str, rule: dict[str, Any]) -> list[dict[str, Any]]:
-    """Put our rule on the bucket, replacing only the rule with our ID: the owner's other rules stay."""
+def _bucket_rules(client: BaseClient, bucket: str) -> list[dict[str, Any]]:
     try:
-        existing = client.get_bucket_lifecycle_configuration(Bucket=bucket).get("Rules", [])
+        return list(client.get_bucket_lifecycle_configuration(Bucket=bucket).get("Rules", []))
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") != "NoSuchLifecycleConfiguration":
             raise
-        existing = []
+        return []
+
+
+def _rule_prefix(rule: dict[str, Any]) -> str:
+    """The key prefix a rule covers ("" = the whole bucket), in any of the forms S3 answers with."""
+    filt = rule.get("Filter") or {}
+    return str(filt.get("Prefix", (filt.get("And") or {}).get("Prefix", rule.get("Prefix", ""))))
+
+
+def apply_lifecycle(client: BaseClient, bucket: str, rule: dict[str, Any]) -> list[dict[str, Any]]:
+    """Put our rule on the bucket, replacing only the rule with our ID: the owner's other rules stay."""
+    existing = _bucket_rules(client, bucket)
     rules = [r for r in existing if r.get("ID") != rule["ID"]] + [rule]
     client.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": rules})
-    log.info("bucket lifecycle rule applied", bucket=bucket, rule=rule["ID"], other_rules=len(rules) - 1)
+    log.info("bucket lifecycle rule applied", bucket=bucket, rule=rule["ID"], prefix=_rule_prefix(rule),
+             other_rules=len(rules) - 1)
     return rules
+
+
+def ensure_lifecycle(client: BaseClient, s3: S3) -> dict[str, Any] | None:
+    """Our rule over the prefix our keys start with; the rule put on the bucket, or None when refused.
+
+    A rule with an empty prefix expires every object in the bucket, other people's too: it is put only when
+    `s3.lifecycle.whole_bucket` says so. Otherwise start-up says why in one line, and a whole-bucket rule of
+    ours an earlier version put there is taken off (the bucket's other rules stay)."""
+    lc = s3.lifecycle
+    prefix = lc.prefix or static_prefix(s3.key_prefix)
+    if prefix or lc.whole_bucket:
+        rule = lifecycle_rule(lc, prefix)
+        apply_lifecycle(client, s3.bucket, rule)
+        return rule
+    log.warning("bucket lifecycle rule not applied: s3.key_prefix has no fixed start, so the rule would cover "
+                "the whole bucket, other people's objects too", bucket=s3.bucket,
+                hint="give s3.key_prefix a fixed start (e.g. heygem/{date}/{job}/{token}/{file}) or set "
+                     "s3.lifecycle.prefix; set s3.lifecycle.whole_bucket: true only if the bucket holds nothing else")
+    rules = _bucket_rules(client, s3.bucket)
+    kept = [r for r in rules if r.get("ID") != LIFECYCLE_RULE_ID or _rule_prefix(r)]
+    if len(kept) < len(rules):
+        if kept:
+            client.put_bucket_lifecycle_configuration(Bucket=s3.bucket, LifecycleConfiguration={"Rules": kept})
+        else:
+            client.delete_bucket_lifecycle(Bucket=s3.bucket)
+        log.warning("removed the whole-bucket lifecycle rule an earlier version put on the bucket",
+                    bucket=s3.bucket, rule=LIFECYCLE_RULE_ID, other_rules=len(kept))
+    return None
 
 
 def s3_checks(cfg: Config) -> list[Check]:

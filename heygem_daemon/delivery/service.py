@@ -18,12 +18,12 @@ from typing import Any, Callable
 from heygem_daemon.config import Config
 from heygem_daemon.delivery.audit import AuditLog
 from heygem_daemon.delivery.links import LINKS_JSON, LinkEntry, iso_utc, link_seconds, presign_get, write_links
-from heygem_daemon.delivery.names import object_key, static_prefix, zip_name
+from heygem_daemon.delivery.names import object_key, zip_name
 from heygem_daemon.delivery.outputs import OutputsWatcher
 from heygem_daemon.delivery.report import BatchReport, VideoLink
 from heygem_daemon.delivery.s3 import (
-    MiB, S3Failure, Stopping, StreamUpload, Throttle, Uploader, abort_quietly, apply_lifecycle,
-    describe, lifecycle_rule, make_client,
+    MiB, S3Failure, Stopping, StreamUpload, Throttle, Uploader, abort_quietly, ensure_lifecycle,
+    describe, make_client,
 )
 from heygem_daemon.delivery.zipper import write_local_zip, write_zip
 from heygem_daemon.fs.files import file_owner, sha256_file
@@ -321,7 +321,8 @@ class DeliveryService:
             key = object_key(self.settings.key_prefix, batch.name, name, time.time())
             stream = StreamUpload(self.client, self.settings.bucket, key, self.settings.part_size_mb * MiB,
                                   self.throttle, self.stopping,
-                                  lambda uid: self.store.deliveries.set_batch_zip(batch.id, name, key, uid), name)
+                                  lambda uid: self.store.deliveries.set_batch_zip(batch.id, name, key, uid), name,
+                                  self.settings.part_concurrency)
             try:
                 sha256 = write_zip(files, stream)  # type: ignore[arg-type]
                 stream.finish()
@@ -429,10 +430,8 @@ class DeliveryService:
         """Once at start. The rule is housekeeping, not delivery: a server that cannot take it (501, or an
         S3-compatible store without lifecycle) gets one warning; videos are not held and nothing retries."""
         assert self.client is not None
-        lc = self.settings.lifecycle
         try:
-            apply_lifecycle(self.client, self.settings.bucket,
-                            lifecycle_rule(lc, lc.prefix or static_prefix(self.settings.key_prefix)))
+            ensure_lifecycle(self.client, self.settings)
         except Exception as exc:
             failure = describe(exc, self.settings.bucket)
             log.warning("bucket lifecycle rule not applied; delivery goes on without it", reason=failure.reason,

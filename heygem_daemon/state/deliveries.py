@@ -318,4 +318,18 @@ class DeliveryRepository(Repository):
             return None
         rows = self._conn().execute("SELECT state, COUNT(*) AS n FROM deliveries WHERE batch_id = ? GROUP BY state",
                                     (batch_id,))
-        return {"state": batch.state, "files": {r["state"]: r["n"] for r in rows}, "zip": batch.zip_name}
+        return {"state": batch.state, "files": {r["state"]: r["n"] for r in rows}, "zip": batch.zip_name,
+                "problem": self._problem(batch)}
+
+    def _problem(self, batch: Batch) -> dict[str, Any] | None:
+        """Why a batch is not delivered yet: the latest error of a video still to send, else its zip's.
+        `blocked`: the error needs the operator (a wrong secret, no bucket); otherwise it is retried by itself."""
+        if batch.state == "reported":
+            return None
+        row = self._conn().execute("SELECT last_error FROM deliveries WHERE batch_id = ? AND last_error IS NOT NULL"
+                                   " AND state IN ('pending', 'uploading') ORDER BY updated_at DESC LIMIT 1",
+                                   (batch.id,)).fetchone()
+        error = json.loads(row[0]) if row else batch.last_error
+        if not error:
+            return None
+        return {"reason": error.get("reason"), "hint": error.get("hint"), "blocked": error.get("retryable") is False}
