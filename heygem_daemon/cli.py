@@ -243,15 +243,28 @@ def _remote_lines(remote: dict[str, Any] | None) -> list[str]:
         return []
     lines = []
     if remote["down_since"]:
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(remote["down_since"]))
-        lines.append(f"{remote['broker']} UNREACHABLE since {since}: remote tasks wait, nothing is lost")
+        lines.append(f"{remote['broker']} UNREACHABLE since {_clock(remote['down_since'])}: "
+                     f"{remote.get('why') or 'no answer'}; remote tasks wait, nothing is lost")
     for outage in remote.get("downloads_waiting", []):
         lines.append(f"finished remote videos {describe(outage)}; they are safe in the bucket")
+    for queue, since in sorted(remote.get("unserved", {}).items()):
+        lines.append(f"NO healthy worker serves queue {queue} since {_clock(since)}: its tasks wait in Redis "
+                     f"(start `heygem-daemon worker --queue {queue}` on a GPU host, or fix a quarantined one)")
     for w in remote["workers"]:
         beat = f"{time.time() - w['last_beat']:.0f} s ago" if w["last_beat"] else "never"
         doing = ", ".join(f"{d}: {t}" for d, t in sorted(w["tasks"].items())) or "idle"
         lines.append(f"remote worker {w['host']} [{', '.join(w['devices'])}] {doing}; last heartbeat {beat}")
+        if w.get("problem"):
+            lines.append(f"    QUARANTINED since {_clock(w['problem']['since'])}, takes no task: "
+                         f"{w['problem']['reason']}\n    fix: {w['problem']['hint']}; then restart the worker")
+        elif w.get("queue") and w["queue"] not in remote["in_flight"]:
+            lines.append(f"    serves queue {w['queue']}, which this daemon does not send to "
+                         f"(workers.remote.queues: {', '.join(remote['in_flight'])})")
     return lines
+
+
+def _clock(when: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
 
 
 def _jobs(cfg: Config, store: Store, failed_only: bool, limit: int) -> int:

@@ -30,7 +30,7 @@ PROVIDERS: list[str] = [
 ]
 
 
-def _writable(folder: Path) -> str | None:
+def unwritable(folder: Path) -> str | None:
     """None when a file can really be created in `folder` (os.access is blind to read-only mounts)."""
     probe = folder / f".heygem-doctor-{uuid.uuid4().hex[:8]}"
     try:
@@ -47,11 +47,11 @@ def folder_checks(cfg: Config) -> Iterable[Check]:
         name = f"folder {key}"
         fix = "chown it to the daemon's user, or add it to ReadWritePaths= in the unit"
         if path.is_dir():
-            problem = _writable(path)
+            problem = unwritable(path)
             yield Check(name, not problem, f"{path}" + (f" is not writable ({problem})" if problem else ""), fix)
         elif path.exists():
             yield Check(name, False, f"{path} is not a folder", f"point folders.{key} at a folder")
-        elif path.parent.is_dir() and not _writable(path.parent):
+        elif path.parent.is_dir() and not unwritable(path.parent):
             yield Check(name, True, f"{path} (created at start)")
         else:
             yield Check(name, False, f"{path} is missing and cannot be created",
