@@ -74,14 +74,23 @@ class RemoteWorker:
         self.log = folder / "worker.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> RemoteWorker:
-        ready = self.text().count("ready.")
+    def start(self, ready: str = "ready.") -> RemoteWorker:
+        """Start it and wait for `ready` in its log (Celery's "ready.", or what a worker that may not consume
+        says)."""
+        return self.launch(ready).wait_started()
+
+    def launch(self, ready: str = "ready.") -> RemoteWorker:
+        """Start it without waiting (workers start side by side): `wait_started` waits."""
+        self._ready = (ready, self.text().count(ready) + 1)
         env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **self.env}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", CLI, "-c", str(self.config), "worker", "--hostname", self.name],
                 cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.wait_log("ready.", 60, ready + 1)
+        return self
+
+    def wait_started(self) -> RemoteWorker:
+        self.wait_log(self._ready[0], 60, self._ready[1])
         return self
 
     def kill(self) -> None:
