@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     dr = sub.add_parser("doctor", help="check config, folders, codecs, disk, database, engines, broker, S3 and "
                         "chat URLs; exit 1 on any FAIL")
     dr.add_argument("--json", action="store_true", help="the checks as one JSON list (the web console's Health page)")
+    dr.add_argument("--worker", action="store_true", help="check a GPU host's `heygem-daemon worker` set-up instead: "
+                    "broker, engine sections, the share or the bucket with this host's key")
     cf = sub.add_parser("config", help="config helpers")
     cfs = cf.add_subparsers(dest="config_command", required=True)
     chk = cfs.add_parser("check", help="validate a config file and exit (0 ok, 2 invalid)")
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "web" and args.web_command == "hash-password":
             return _hash_password()
         if args.command == "doctor":
-            return _doctor(args.config or default_config_path(), args.json)
+            return _doctor(args.config or default_config_path(), args.json, args.worker)
         # A worker host need not have the daemon's folders: it sees the shared ones through the path map.
         cfg = load_config(args.config or default_config_path(), prepare=args.command != "worker")
     except ConfigError as exc:
@@ -304,12 +306,12 @@ def _request(cfg: Config, store: Store, command: str, ref: str) -> int:
     return 0
 
 
-def _doctor(path: Path | None, as_json: bool) -> int:
+def _doctor(path: Path | None, as_json: bool, worker: bool = False) -> int:
     from dataclasses import asdict
 
     from heygem_daemon.ops.doctor import render, run_checks
 
-    checks = run_checks(path)
+    checks = run_checks(path, worker=worker)
     # JSON on one line, the last one: a check that prints a line of its own cannot spoil it.
     print(json.dumps([asdict(c) for c in checks], ensure_ascii=False) if as_json else render(checks))
     return 0 if all(c.ok for c in checks) else 1

@@ -102,6 +102,11 @@ class RemoteWorker:
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
+        self.reap()
+
+    def reap(self) -> None:
+        """Wait for a stopping worker (killed after 20 s)."""
+        if self.proc and self.proc.poll() is None:
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
@@ -122,6 +127,15 @@ class RemoteWorker:
             assert self.proc is None or self.proc.poll() is None, f"worker {self.name} exited:\n{self.text()[-3000:]}"
             time.sleep(0.1)
         raise AssertionError(f"worker {self.name}: no {needle!r} after {timeout}s:\n{self.text()[-3000:]}")
+
+
+def stop_all(workers: list[RemoteWorker]) -> None:
+    """Stop workers side by side: each warm shutdown takes seconds."""
+    for w in workers:
+        if w.proc and w.proc.poll() is None:
+            w.proc.terminate()
+    for w in workers:
+        w.reap()
 
 
 def failed_remotely(daemon: DaemonHarness, voice: Path, name: str, timeout: float = 90.0) -> tuple[Any, list[Any]]:

@@ -10,7 +10,7 @@ import sys
 import pytest
 from daemon_harness import REPO, DaemonHarness
 from media_factory import PORTRAIT_JPG
-from remote_rig import CLI, RedisServer, RemoteWorker, assert_bad_input_fails_once, failed_remotely
+from remote_rig import CLI, RedisServer, RemoteWorker, assert_bad_input_fails_once, failed_remotely, stop_all
 from test_command_engine import ARGS
 
 from heygem_daemon.ops.daemon_state import read_state
@@ -44,8 +44,7 @@ def rig(tmp_path_factory):
     }).start()
     yield daemon, redis, workers
     daemon.stop()
-    for w in workers:
-        w.stop()
+    stop_all(workers)
     redis.stop()
 
 

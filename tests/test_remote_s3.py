@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import urllib.request
 import zipfile
 
 import pytest
-from daemon_harness import DaemonHarness
+from daemon_harness import REPO, DaemonHarness
 from test_remote import status_text
 from media_factory import PORTRAIT_JPG
-from remote_rig import RedisServer, RemoteWorker, assert_bad_input_fails_once
+from remote_rig import CLI, RedisServer, RemoteWorker, assert_bad_input_fails_once, stop_all
 from s3_server import credentials_env
 from test_command_engine import ARGS
 
@@ -43,7 +45,7 @@ def rig(tmp_path_factory, nanio_server):
             "engine": {"name": "command"}, "engines": {"command": {**engine, "cwd": str(root / folder)}},
             "workers": {"devices": ["cpu", "cpu"], "remote": remote}, "s3": s3}, env)
 
-    worker = host("w1@gpu-host", "gpu-host", s3, credentials_env()).launch()
+    worker = host("w1@gpu-host", "gpu-host", s3, {**credentials_env(), "FAKE_SLOW_SECONDS": "3"}).launch()
     bad = [host(BAD_KEY, "bad-key", s3, {**credentials_env(), "AWS_SECRET_ACCESS_KEY": "wrong"})
            .launch("worker set-up problem"),
            host(OTHER_PREFIX, "other-prefix", {**s3, "key_prefix": "elsewhere/{job}/{token}/{file}"},
@@ -57,8 +59,7 @@ def rig(tmp_path_factory, nanio_server):
     }).start(credentials_env())
     yield daemon, worker, nanio_server.client(), bucket, bad
     daemon.stop()
-    for w in (worker, *bad):
-        w.stop()
+    stop_all([worker, *bad])
     redis.stop()
 
 
@@ -132,3 +133,16 @@ def test_misconfigured_workers_render_nothing_are_named_in_status_and_alerted_on
     assert sorted(a for a in alerts() if "remote worker" in a) == sorted(
         f"outage:remote worker {h}" for h in (BAD_KEY, OTHER_PREFIX))
     assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def test_a_cancelled_remote_render_leaves_no_scratch_folder_on_its_worker(rig, voice):
+    daemon, worker, _, _, _ = rig
+    scratch = worker.folder / "work" / "remote"
+    daemon.drop_pair(voice, PORTRAIT_JPG, "slow-cancel")
+    daemon.wait_for(lambda: scratch.is_dir() and any(scratch.iterdir()), 30, "the render to start")
+    said = subprocess.run([sys.executable, "-c", CLI, "-c", str(daemon.config_path), "cancel", "slow-cancel"],
+                          cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert said.returncode == 0, said.stderr
+    assert daemon.wait_job("slow-cancel", timeout=30).state == "failed"
+    # Revoked, its pool child killed: the worker's main process removes what the attempt left at once.
+    daemon.wait_for(lambda: not any(scratch.iterdir()), 15, "the scratch folder to go")

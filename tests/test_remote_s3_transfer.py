@@ -492,6 +492,20 @@ def test_a_finished_video_waiting_in_the_bucket_is_deleted_when_its_job_is_cance
     assert not Path(flight.task.output).exists()
 
 
+def test_an_upload_a_cancelled_attempt_began_at_its_key_is_aborted_when_the_attempt_ends(
+        tmp_path, moto_server, bucket, redis):
+    remote = live(tmp_path, moto_server.s3_settings(bucket), redis)
+    flight = sent_flight(remote, "ivan")
+    key = remote.store.tasks.get(flight.task.id).object_key
+    s3 = moto_server.client()
+    s3.create_multipart_upload(Bucket=bucket, Key=key)  # its worker was killed mid-upload (its host died)
+    request_cancel(remote.store, "ivan")
+    remote.life.settle_requests()
+    steps_until(remote, lambda: remote.store.tasks.get(flight.task.id).state == "failed", "the cancel")
+    steps_until(remote, lambda: not s3.list_multipart_uploads(Bucket=bucket, Prefix=key).get("Uploads"),
+                "the ended attempt's upload to be aborted")
+
+
 def test_a_superseded_report_of_the_attempt_still_running_sends_it_again_without_counting_it(
         tmp_path, moto_server, bucket, redis):
     remote = live(tmp_path, moto_server.s3_settings(bucket), redis)

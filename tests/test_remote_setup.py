@@ -175,3 +175,38 @@ def test_an_ended_attempts_scratch_folder_and_upload_go_and_the_current_ones_sta
     assert not ended.exists() and current.exists()
     uploads = nanio_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", [])
     assert [u["Key"] for u in uploads] == [f"day/{current.name}/v.mp4"]
+
+
+def test_status_says_which_queue_no_worker_serves_and_which_worker_serves_a_queue_nobody_sends_to():
+    from heygem_daemon.cli import _remote_lines
+
+    lines = _remote_lines({
+        "broker": "task broker r:6379", "down_since": None, "in_flight": {"gpu": 2}, "downloads_waiting": [],
+        "unserved": {"gpu": time.time()},
+        "workers": [{"host": "w@x", "devices": ["cuda:0"], "tasks": {}, "last_beat": None, "alive": True,
+                     "queue": "gpu-old", "problem": None}]})
+    assert lines[0].startswith("NO healthy worker serves queue gpu since ")
+    assert "serves queue gpu-old, which this daemon does not send to" in lines[-1]
+
+
+def test_a_queue_no_live_worker_serves_is_an_outage_the_operator_is_alerted_to(tmp_path, redis):
+    from test_job_lifecycle import FakeClock
+    from test_remote_dispatch import load, remote_config
+
+    from heygem_daemon.generation.outages import OutageWatch
+    from heygem_daemon.generation.remote import RemoteDispatcher
+    from heygem_daemon.generation.lifecycle import LifeCycle
+    from heygem_daemon.state import Store
+
+    Presence(redis_client.Redis.from_url(redis.url), "w@x", "gpu-old", ["cpu"]).beat()
+    data = remote_config(tmp_path, broker_url=redis.url)
+    data["workers"]["outage_alert_seconds"] = 0
+    cfg = load(tmp_path, data)
+    life = LifeCycle(cfg, Store(cfg.folder("state") / "heygem.db"), clock=FakeClock())
+    dispatcher = RemoteDispatcher(cfg, life, life.clock)
+    dispatcher.step()
+    (outage,) = dispatcher.outages()
+    assert outage["dependency"] == "a worker for queue gpu" and "no healthy" in outage["reason"]
+    alerts: list[str] = []
+    OutageWatch(cfg, life.store, lambda key, message: alerts.append(key), others=dispatcher.outages).check()
+    assert alerts == ["outage:a worker for queue gpu"]
