@@ -27,8 +27,8 @@ class RedisServer:
     """Debian's redis-server with an append-only file in its own folder, so a restart keeps the queue (as
     the README asks of a production broker)."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder, self.port = folder, free_port()
+    def __init__(self, folder: Path, password: str | None = None) -> None:
+        self.folder, self.port, self.password = folder, free_port(), password
         folder.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -42,7 +42,8 @@ class RedisServer:
         with open(self.folder / "redis.log", "ab") as log:
             self.proc = subprocess.Popen(
                 [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-                 "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "yes"],
+                 "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "yes",
+                 *(["--requirepass", self.password] if self.password else [])],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

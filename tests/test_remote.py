@@ -4,6 +4,7 @@ through a real redis-server, with the `command` engine running the fake lip-sync
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -89,6 +90,15 @@ def test_doctor_finds_the_broker_and_both_workers(rig):
     (answered,) = [line for line in shown.splitlines() if "remote workers" in line]
     assert "FAIL" not in broker and "FAIL" not in answered
     assert all(w.name in answered for w in workers)
+
+
+def test_celerys_own_inspect_finds_the_workers_through_the_app_the_config_names(rig):
+    daemon, _, workers = rig
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HEYGEM_CONFIG": str(daemon.config_path)}
+    shown = subprocess.run([sys.executable, "-m", "celery", "-A", "heygem_daemon.generation.celery_app", "inspect",
+                            "ping", "--timeout", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert all(w.name in shown.stdout for w in workers)
 
 
 def test_a_worker_killed_mid_task_finishes_on_the_other_with_one_output(rig, voice):

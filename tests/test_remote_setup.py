@@ -200,7 +200,7 @@ def test_a_queue_no_live_worker_serves_is_an_outage_the_operator_is_alerted_to(t
 
     Presence(redis_client.Redis.from_url(redis.url), "w@x", "gpu-old", ["cpu"]).beat()
     data = remote_config(tmp_path, broker_url=redis.url)
-    data["workers"]["outage_alert_seconds"] = 0
+    data["workers"]["outage_alert_seconds"] = 0.01
     cfg = load(tmp_path, data)
     life = LifeCycle(cfg, Store(cfg.folder("state") / "heygem.db"), clock=FakeClock())
     dispatcher = RemoteDispatcher(cfg, life, life.clock)
@@ -208,5 +208,29 @@ def test_a_queue_no_live_worker_serves_is_an_outage_the_operator_is_alerted_to(t
     (outage,) = dispatcher.outages()
     assert outage["dependency"] == "a worker for queue gpu" and "no healthy" in outage["reason"]
     alerts: list[str] = []
+    time.sleep(0.02)  # past outage_alert_seconds
     OutageWatch(cfg, life.store, lambda key, message: alerts.append(key), others=dispatcher.outages).check()
     assert alerts == ["outage:a worker for queue gpu"]
+
+
+def test_a_worker_whose_redis_password_is_refused_stops_with_a_config_error_naming_the_password(tmp_path):
+    from heygem_daemon.config import ConfigError
+    from heygem_daemon.generation.remote_worker import broker_client
+
+    server = RedisServer(tmp_path / "redis", password="right").start()
+    try:
+        cfg = worker_config(tmp_path, {"broker_url": f"redis://:wrong@127.0.0.1:{server.port}/0"})
+        with pytest.raises(ConfigError, match="refuses this worker's password") as refused:
+            broker_client(cfg)
+        assert "wrong" not in str(refused.value)
+    finally:
+        server.stop()
+
+
+def test_doctor_on_a_worker_host_checks_its_own_set_up_not_the_daemons_folders(tmp_path, redis):
+    from heygem_daemon.ops.doctor import run_checks
+
+    worker_config(tmp_path, {"broker_url": redis.url})
+    checks = {c.name: c for c in run_checks(tmp_path / "worker.yaml", environ={}, worker=True)}
+    assert checks["task broker"].ok and checks["worker set-up"].ok
+    assert not [name for name in checks if name.startswith("folder") or name == "s3"]
