@@ -113,3 +113,13 @@ def test_markdown_in_file_names_is_shown_literally():
     msg = failure_message("x", record, limits("json://127.0.0.1/hook"), PREFIX)
     assert "\\[x\\](http://evil)\\*.jpg" in msg.body
 
+
+
+def test_a_cancelled_job_is_said_to_be_cancelled_not_to_need_fixing():
+    from heygem_daemon.failures import Kind, Problem, error_record
+    from heygem_daemon.generation.lifecycle import CANCELLED_HINT, CANCELLED_REASON
+
+    record = error_record("coffee", "generate", [Problem(Kind.CANCELLED, "generate", CANCELLED_REASON, CANCELLED_HINT)])
+    msg = failure_message("coffee", record, limits("json://127.0.0.1/hook"), PREFIX)
+    assert msg.title.endswith("coffee: cancelled") and "cancelled by the operator" in msg.body
+    assert "fix" not in msg.body.lower() and "heygem-daemon retry coffee" in msg.body

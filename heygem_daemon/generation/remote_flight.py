@@ -84,7 +84,7 @@ def drop_stale_parts(task: Task) -> None:
 
 def cancelled_attempt() -> Attempt:
     """The operator cancelled the job: the attempt ends it, without another."""
-    return Attempt(False, CANCELLED_REASON, CANCELLED_HINT, Kind.BAD_INPUT)
+    return Attempt(False, CANCELLED_REASON, CANCELLED_HINT, Kind.CANCELLED)
 
 
 def internal(exc: Exception, what: str = "send the task") -> Attempt:
