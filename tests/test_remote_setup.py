@@ -234,3 +234,12 @@ def test_doctor_on_a_worker_host_checks_its_own_set_up_not_the_daemons_folders(t
     checks = {c.name: c for c in run_checks(tmp_path / "worker.yaml", environ={}, worker=True)}
     assert checks["task broker"].ok and checks["worker set-up"].ok
     assert not [name for name in checks if name.startswith("folder") or name == "s3"]
+
+
+def test_the_example_worker_config_loads_and_its_check_says_what_is_left_to_fill_in():
+    from daemon_harness import REPO
+
+    cfg = load_config(REPO / "systemd" / "heygem-worker.example.yaml", environ={}, prepare=False)
+    assert cfg.workers.remote is not None and cfg.folder("work") == Path("/var/lib/heygem-worker/work")
+    reasons = " ".join(p.reason for p in setup_problems(cfg, "w@h"))
+    assert "engines.heygem" in reasons and "the share is not mounted" in reasons
