@@ -241,5 +241,5 @@ def test_the_example_worker_config_loads_and_its_check_says_what_is_left_to_fill
 
     cfg = load_config(REPO / "systemd" / "heygem-worker.example.yaml", environ={}, prepare=False)
     assert cfg.workers.remote is not None and cfg.folder("work") == Path("/var/lib/heygem-worker/work")
-    reasons = " ".join(p.reason for p in setup_problems(cfg, "w@h"))
-    assert "engines.heygem" in reasons and "the share is not mounted" in reasons
+    # Its engines section is left to paste (the share at /srv/heygem may or may not be mounted here).
+    assert "engines.heygem" in setup_problems(cfg, "w@h")[0].reason
