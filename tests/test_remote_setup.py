@@ -96,7 +96,11 @@ def test_a_queue_served_only_by_a_quarantined_worker_counts_as_unserved(redis):
     bad.beat()
     assert unserved(["gpu", "cpu-queue", "nobody"], live_workers(client)) == ["nobody"]
     bad.problem([SetupProblem("the share is not mounted", "mount it")])
+    since = live_workers(client)[0].problem["since"]
+    time.sleep(0.01)
+    bad.problem([SetupProblem("the share is not mounted", "mount it")])  # the next check, still failing
     workers = live_workers(client)
+    assert workers[0].problem["since"] == since  # one problem since then: one alert
     assert [w.host for w in workers if w.problem] == ["bad@b"]
     assert unserved(["gpu", "cpu-queue"], workers) == ["cpu-queue"]
     assert live_workers(client, now=time.time() + 60) == []  # entries not refreshed: workers gone

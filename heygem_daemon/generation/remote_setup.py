@@ -174,10 +174,14 @@ class Presence:
 
 
 def report_problem(client: Any, host: str, problems: list[SetupProblem]) -> None:
-    """Say in Redis why `host` takes no task (the daemon shows it and alerts). Never raises."""
+    """Say in Redis why `host` takes no task (the daemon shows it and alerts). The same problem said again
+    keeps its first time: the daemon alerts once per problem, not once per check. Never raises."""
     entry = {"reason": "; ".join(p.reason for p in problems), "hint": "; ".join(p.hint for p in problems),
              "since": time.time()}
     try:
+        said = client.hget(PROBLEMS_KEY, host)
+        if said and json.loads(said).get("reason") == entry["reason"]:
+            entry["since"] = json.loads(said)["since"]
         client.hset(PROBLEMS_KEY, host, json.dumps(entry))
     except Exception as exc:
         log.warning("cannot tell the daemon this worker's problem", error=str(exc))
