@@ -18,7 +18,7 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -196,9 +196,6 @@ class WorkerEntry:
     devices: list[str]
     beat: float
     problem: dict[str, Any] | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def live_workers(client: Any, now: float | None = None) -> list[WorkerEntry]:
