@@ -123,4 +123,3 @@ def test_markdown_in_file_names_is_shown_literally():
     msg = failure_message("x", record, limits("json://127.0.0.1/hook"), PREFIX)
     assert "\\[x\\](http://evil)\\*.jpg" in msg.body
 
-
