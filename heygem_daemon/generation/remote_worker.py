@@ -200,7 +200,7 @@ def worker_app(cfg: Config, queue: str) -> Celery:
         # The main process, once the daemon revoked the attempt (given up, cancelled) and its pool child was
         # killed: what the attempt left goes now, not at a sweep a day later.
         if cfg.workers.remote is not None and cfg.workers.remote.transfer == "s3" and request is not None:
-            threading.Thread(target=_discard_later, args=(s3, request.id), name="discard-scratch",
+            threading.Thread(target=_discard_later, args=(cfg, request.id), name="discard-scratch",
                              daemon=True).start()
 
     @app.task(bind=True, name=TASK_NAME)
@@ -210,9 +210,11 @@ def worker_app(cfg: Config, queue: str) -> Celery:
     return app
 
 
-def _discard_later(side: S3Side, celery_id: str) -> None:
+def _discard_later(cfg: Config, celery_id: str) -> None:
     time.sleep(1.0)  # the killed pool child is gone by then: nothing writes into its scratch folder any more
-    discard_scratch(side, celery_id)
+    # A client and store of its own: the main process forks the pool's new children, which must not inherit
+    # the S3Side they use (its SQLite connection above all).
+    discard_scratch(S3Side(cfg), celery_id)
 
 
 def broker_client(cfg: Config) -> redis.Redis:
