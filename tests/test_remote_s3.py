@@ -112,9 +112,14 @@ def test_misconfigured_workers_render_nothing_are_named_in_status_and_alerted_on
         rig, voice):
     daemon, worker, client, bucket, bad = rig
     uploaded = worker.text().count("video uploaded to its final key")
-    for i in range(4):
-        daemon.drop(voice, f"a{i}.wav", folder="farm")
-    daemon.drop(PORTRAIT_JPG, "face.jpg", folder="farm")
+    worker.pause()  # only the misconfigured worker that consumes is there to take the first task
+    try:
+        for i in range(4):
+            daemon.drop(voice, f"a{i}.wav", folder="farm")
+        daemon.drop(PORTRAIT_JPG, "face.jpg", folder="farm")
+        bad[1].wait_log("this worker takes no more tasks", 30)
+    finally:
+        worker.resume()
     assert daemon.wait_job("farm", timeout=60).state == "done"
     tasks = daemon.store().tasks.select(daemon.job("farm").id)
     assert [t.attempts for t in tasks] == [1, 1, 1, 1]  # a task a bad worker sent back used no attempt
