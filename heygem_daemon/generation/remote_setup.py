@@ -162,7 +162,11 @@ class Presence:
         report_problem(self.client, self.host, problems)
 
     def clear(self) -> None:
-        self.client.hdel(PROBLEMS_KEY, self.host)
+        """The set-up passes (again): no problem to show. A Redis away now leaves the entry to age out."""
+        try:
+            self.client.hdel(PROBLEMS_KEY, self.host)
+        except Exception as exc:
+            log.warning("cannot clear this worker's problem in Redis", error=str(exc))
 
     def leave(self) -> None:
         self._stop.set()
