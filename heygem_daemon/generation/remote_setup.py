@@ -142,6 +142,7 @@ class Presence:
         self.client, self.host = client, host
         self.entry = {"host": host, "queue": queue, "devices": devices, "pid": os.getpid()}
         self._stop = threading.Event()
+        self._clearing = False
         self._thread = threading.Thread(target=self._run, name="worker-presence", daemon=True)
 
     def start(self) -> None:
@@ -150,6 +151,9 @@ class Presence:
 
     def beat(self) -> None:
         try:
+            if self._clearing:
+                self.client.hdel(PROBLEMS_KEY, self.host)
+                self._clearing = False
             self.client.hset(WORKERS_KEY, self.host, json.dumps({**self.entry, "beat": time.time()}))
         except Exception as exc:  # Redis away: Celery waits for it too; the next beat tries again
             log.warning("cannot tell the daemon this worker is alive", error=str(exc))
@@ -162,11 +166,9 @@ class Presence:
         report_problem(self.client, self.host, problems)
 
     def clear(self) -> None:
-        """The set-up passes (again): no problem to show. A Redis away now leaves the entry to age out."""
-        try:
-            self.client.hdel(PROBLEMS_KEY, self.host)
-        except Exception as exc:
-            log.warning("cannot clear this worker's problem in Redis", error=str(exc))
+        """The set-up passes (again): no problem to show (with Redis away now, the next beat clears it)."""
+        self._clearing = True
+        self.beat()
 
     def leave(self) -> None:
         self._stop.set()
