@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 # most real-daemon tests wait on settle windows and drains, which then overlap. PYTEST_ARGS= runs serially.
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: run test test-fast bench install clean systemd-check
+.PHONY: run test test-fast bench install install-remote clean systemd-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 install: $(VENV)/.installed
+
+# A GPU host running `heygem-daemon worker`, or a daemon with workers.remote: the venv with Celery and redis-py.
+$(VENV)/.installed-remote: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[remote]'
+	touch $@
+
+install-remote: $(VENV)/.installed-remote
 
 run: $(VENV)/.installed
 	$(BIN)/heygem-daemon -c config.yaml run

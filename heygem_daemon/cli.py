@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     dr = sub.add_parser("doctor", help="check config, folders, codecs, disk, database, engines, broker, S3 and "
                         "chat URLs; exit 1 on any FAIL")
     dr.add_argument("--json", action="store_true", help="the checks as one JSON list (the web console's Health page)")
+    dr.add_argument("--worker", action="store_true", help="check a GPU host's `heygem-daemon worker` set-up instead: "
+                    "broker, engine sections, the share or the bucket with this host's key")
     cf = sub.add_parser("config", help="config helpers")
     cfs = cf.add_subparsers(dest="config_command", required=True)
     chk = cfs.add_parser("check", help="validate a config file and exit (0 ok, 2 invalid)")
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "web" and args.web_command == "hash-password":
             return _hash_password()
         if args.command == "doctor":
-            return _doctor(args.config or default_config_path(), args.json)
+            return _doctor(args.config or default_config_path(), args.json, args.worker)
         # A worker host need not have the daemon's folders: it sees the shared ones through the path map.
         cfg = load_config(args.config or default_config_path(), prepare=args.command != "worker")
     except ConfigError as exc:
@@ -297,15 +299,28 @@ def _remote_lines(remote: dict[str, Any] | None) -> list[str]:
         return []
     lines = []
     if remote["down_since"]:
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(remote["down_since"]))
-        lines.append(f"{remote['broker']} UNREACHABLE since {since}: remote tasks wait, nothing is lost")
+        lines.append(f"{remote['broker']} UNREACHABLE since {_clock(remote['down_since'])}: "
+                     f"{remote.get('why') or 'no answer'}; remote tasks wait, nothing is lost")
     for outage in remote.get("downloads_waiting", []):
         lines.append(f"finished remote videos {describe(outage)}; they are safe in the bucket")
+    for queue, since in sorted(remote.get("unserved", {}).items()):
+        lines.append(f"NO healthy worker serves queue {queue} since {_clock(since)}: its tasks wait in Redis "
+                     f"(start `heygem-daemon worker --queue {queue}` on a GPU host, or fix a quarantined one)")
     for w in remote["workers"]:
         beat = f"{time.time() - w['last_beat']:.0f} s ago" if w["last_beat"] else "never"
         doing = ", ".join(f"{d}: {t}" for d, t in sorted(w["tasks"].items())) or "idle"
         lines.append(f"remote worker {w['host']} [{', '.join(w['devices'])}] {doing}; last heartbeat {beat}")
+        if w.get("problem"):
+            lines.append(f"    QUARANTINED since {_clock(w['problem']['since'])}, takes no task: "
+                         f"{w['problem']['reason']}\n    fix: {w['problem']['hint']}; then restart the worker")
+        elif w.get("queue") and w["queue"] not in remote["in_flight"]:
+            lines.append(f"    serves queue {w['queue']}, which this daemon does not send to "
+                         f"(workers.remote.queues: {', '.join(remote['in_flight'])})")
     return lines
+
+
+def _clock(when: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
 
 
 def _jobs(cfg: Config, store: Store, failed_only: bool, limit: int) -> int:
@@ -345,12 +360,12 @@ def _request(cfg: Config, store: Store, command: str, ref: str) -> int:
     return 0
 
 
-def _doctor(path: Path | None, as_json: bool) -> int:
+def _doctor(path: Path | None, as_json: bool, worker: bool = False) -> int:
     from dataclasses import asdict
 
     from heygem_daemon.ops.doctor import render, run_checks
 
-    checks = run_checks(path)
+    checks = run_checks(path, worker=worker)
     # JSON on one line, the last one: a check that prints a line of its own cannot spoil it.
     print(json.dumps([asdict(c) for c in checks], ensure_ascii=False) if as_json else render(checks))
     return 0 if all(c.ok for c in checks) else 1

@@ -559,7 +559,9 @@ def _prepare_folders(cfg: Config) -> None:
             raise ConfigError(
                 f"folders.{key}: {path.parent} does not exist; create it (or mount the share) or fix the path"
             )
-        path.mkdir(mode=0o775)
+        # Two processes starting at once (the daemon and a worker, or a restart racing its predecessor) may
+        # both find the folder missing: the second one's mkdir must not fail on the first one's folder.
+        path.mkdir(mode=0o775, exist_ok=True)
 
 
 def load_config(path: Path | None, environ: dict[str, str] | None = None, prepare: bool = True) -> Config:

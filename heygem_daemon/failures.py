@@ -11,6 +11,7 @@ Every stage (intake, engines, delivery, notifications) describes what went wrong
   using attempts; the operator is alerted after a while and `status` shows it.
 - ``internal``: a fault outside the engine (our own code, the file system). A counted attempt with
   backoff, never a tight loop.
+- ``cancelled``: the operator cancelled the job. It ends now, no retry; nothing needs fixing.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Kind(str, Enum):
     ENGINE = "engine"
     OUTAGE = "outage"
     INTERNAL = "internal"
+    CANCELLED = "cancelled"
 
     @property
     def retried(self) -> bool:

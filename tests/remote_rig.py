@@ -27,8 +27,8 @@ class RedisServer:
     """Debian's redis-server with an append-only file in its own folder, so a restart keeps the queue (as
     the README asks of a production broker)."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder, self.port = folder, free_port()
+    def __init__(self, folder: Path, password: str | None = None) -> None:
+        self.folder, self.port, self.password = folder, free_port(), password
         folder.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -42,7 +42,8 @@ class RedisServer:
         with open(self.folder / "redis.log", "ab") as log:
             self.proc = subprocess.Popen(
                 [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-                 "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "yes"],
+                 "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "yes",
+                 *(["--requirepass", self.password] if self.password else [])],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -74,14 +75,23 @@ class RemoteWorker:
         self.log = folder / "worker.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> RemoteWorker:
-        ready = self.text().count("ready.")
+    def start(self, ready: str = "ready.") -> RemoteWorker:
+        """Start it and wait for `ready` in its log (Celery's "ready.", or what a worker that may not consume
+        says)."""
+        return self.launch(ready).wait_started()
+
+    def launch(self, ready: str = "ready.") -> RemoteWorker:
+        """Start it without waiting (workers start side by side): `wait_started` waits."""
+        self._ready = (ready, self.text().count(ready) + 1)
         env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **self.env}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", CLI, "-c", str(self.config), "worker", "--hostname", self.name],
                 cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.wait_log("ready.", 60, ready + 1)
+        return self
+
+    def wait_started(self) -> RemoteWorker:
+        self.wait_log(self._ready[0], 60, self._ready[1])
         return self
 
     def kill(self) -> None:
@@ -90,9 +100,23 @@ class RemoteWorker:
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
 
+    def pause(self) -> None:
+        """The host freezes (SIGSTOP to the worker and its pool): it takes no task until `resume`."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
+        self.reap()
+
+    def reap(self) -> None:
+        """Wait for a stopping worker (killed after 20 s)."""
+        if self.proc and self.proc.poll() is None:
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
@@ -113,6 +137,15 @@ class RemoteWorker:
             assert self.proc is None or self.proc.poll() is None, f"worker {self.name} exited:\n{self.text()[-3000:]}"
             time.sleep(0.1)
         raise AssertionError(f"worker {self.name}: no {needle!r} after {timeout}s:\n{self.text()[-3000:]}")
+
+
+def stop_all(workers: list[RemoteWorker]) -> None:
+    """Stop workers side by side: each warm shutdown takes seconds."""
+    for w in workers:
+        if w.proc and w.proc.poll() is None:
+            w.proc.terminate()
+    for w in workers:
+        w.reap()
 
 
 def failed_remotely(daemon: DaemonHarness, voice: Path, name: str, timeout: float = 90.0) -> tuple[Any, list[Any]]:

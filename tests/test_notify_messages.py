@@ -98,6 +98,16 @@ def test_failure_names_the_input_the_reason_and_the_hint():
     assert "heygem-daemon retry coffee" in msg.body
 
 
+def test_a_cancelled_job_is_said_to_be_cancelled_not_to_need_fixing():
+    from heygem_daemon.failures import Kind, Problem, error_record
+    from heygem_daemon.generation.lifecycle import CANCELLED_HINT, CANCELLED_REASON
+
+    record = error_record("coffee", "generate", [Problem(Kind.CANCELLED, "generate", CANCELLED_REASON, CANCELLED_HINT)])
+    msg = failure_message("coffee", record, limits("json://127.0.0.1/hook"), PREFIX)
+    assert msg.title.endswith("coffee: cancelled") and "cancelled by the operator" in msg.body
+    assert "fix" not in msg.body.lower() and "heygem-daemon retry coffee" in msg.body
+
+
 def test_failure_with_many_problems_stays_within_the_limit_and_counts_the_rest():
     problems = [{"file": f"take-{i}.jpg", "reason": "no face found " + "x" * 80, "hint": "use a front photo"}
                 for i in range(100)]

@@ -103,8 +103,8 @@ def test_cancel_stops_the_running_task_without_a_retry_and_files_the_inputs_in_f
         "anna.jpg", "ben.jpg", "error.json", "job.yaml", "slow.wav"]
     assert not (daemon.folder("outputs") / "stopme").exists()
     assert not (daemon.folder("work") / job.id).exists()
-    # the running attempt ended for good, counted like bad input; the queued task never had one
-    assert rise(before, scrape(daemon), "heygem_failed_attempts_total", ("kind", "bad_input"), ("then", "failed")) == 1
+    # the running attempt ended for good, counted as cancelled; the queued task never had one
+    assert rise(before, scrape(daemon), "heygem_failed_attempts_total", ("kind", "cancelled"), ("then", "failed")) == 1
 
 
 def test_cancel_refuses_finished_and_unknown_jobs(daemon, media):

@@ -4,19 +4,21 @@ through a real redis-server, with the `command` engine running the fake lip-sync
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 from daemon_harness import REPO, DaemonHarness
 from media_factory import PORTRAIT_JPG
-from remote_rig import CLI, RedisServer, RemoteWorker, assert_bad_input_fails_once, failed_remotely
+from remote_rig import CLI, RedisServer, RemoteWorker, assert_bad_input_fails_once, failed_remotely, stop_all
 from test_command_engine import ARGS
 
 from heygem_daemon.ops.daemon_state import read_state
 
 pytestmark = pytest.mark.daemon  # real daemon, Redis and workers: left out of `make test-fast`
 SLOW_SECONDS = 2.5  # how long a task whose audio is named `slow…` takes, so it can be caught running
+UNMOUNTED = "w3@unmounted"
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +35,15 @@ def rig(tmp_path_factory):
         "engine": {"name": "command"}, "engines": {"command": {**engine, "cwd": str(root / f"host{i}")}},
         "workers": {"devices": ["cpu"], "remote": remote}}, {"FAKE_SLOW_SECONDS": str(SLOW_SECONDS)})
         for i in (1, 2)]
-    for w in workers:
-        w.start()
+    # A third host whose share is not mounted: the folder its path map names is an empty mount point.
+    (root / "unmounted").mkdir()
+    unmounted = RemoteWorker(root / "host3", UNMOUNTED, {
+        "engine": {"name": "command"}, "engines": {"command": engine},
+        "workers": {"devices": ["cpu"], "remote": {**remote, "path_map": {str(base): str(root / "unmounted")}}}}, {})
+    for w in (*workers, unmounted):
+        w.launch("worker set-up problem" if w is unmounted else "ready.")
+    for w in (*workers, unmounted):
+        w.wait_started()
     daemon = DaemonHarness(base, {
         "engine": {"name": "command"},
         "engines": {"command": {**engine, "cwd": str(base)}},
@@ -44,8 +53,7 @@ def rig(tmp_path_factory):
     }).start()
     yield daemon, redis, workers
     daemon.stop()
-    for w in workers:
-        w.stop()
+    stop_all([*workers, unmounted])
     redis.stop()
 
 
@@ -65,6 +73,18 @@ def running_on(daemon: DaemonHarness, task: str) -> str:
 def status_text(daemon: DaemonHarness) -> str:
     return subprocess.run([sys.executable, "-c", CLI, "-c", str(daemon.config_path), "status"], cwd=REPO,
                           capture_output=True, text=True, timeout=30).stdout
+
+
+def test_a_worker_whose_share_is_not_mounted_takes_no_task_and_status_and_doctor_say_why(rig):
+    daemon, _, _ = rig
+    status = daemon.wait_for(lambda: "QUARANTINED" in (text := status_text(daemon)) and text, 30,
+                             "status to name the worker without its share")
+    (line,) = [ln for ln in status.splitlines() if UNMOUNTED in ln]
+    assert "QUARANTINED" in status.split(line, 1)[1].splitlines()[1] and "the share is not mounted" in status
+    shown = subprocess.run([sys.executable, "-c", CLI, "-c", str(daemon.config_path), "doctor"], cwd=REPO,
+                           capture_output=True, text=True, timeout=60).stdout
+    (failed,) = [ln for ln in shown.splitlines() if f"remote worker {UNMOUNTED}" in ln]
+    assert "FAIL" in failed and "not mounted" in failed
 
 
 def test_twenty_tasks_spread_over_both_workers_each_output_once(rig, voice):
@@ -90,6 +110,15 @@ def test_doctor_finds_the_broker_and_both_workers(rig):
     (answered,) = [line for line in shown.splitlines() if "remote workers" in line]
     assert "FAIL" not in broker and "FAIL" not in answered
     assert all(w.name in answered for w in workers)
+
+
+def test_celerys_own_inspect_finds_the_workers_through_the_app_the_config_names(rig):
+    daemon, _, workers = rig
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HEYGEM_CONFIG": str(daemon.config_path)}
+    shown = subprocess.run([sys.executable, "-m", "celery", "-A", "heygem_daemon.generation.celery_app", "inspect",
+                            "ping", "--timeout", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert all(w.name in shown.stdout for w in workers)
 
 
 def test_a_worker_killed_mid_task_finishes_on_the_other_with_one_output(rig, voice):

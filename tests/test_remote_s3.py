@@ -1,19 +1,24 @@
 """Remote workers that share no folder with the daemon (workers.remote.transfer: s3), end to end: the real
-daemon, a real redis-server, a real moto S3 server and a `heygem-daemon worker` process with its own base
-folder, the `command` engine running the fake lip-sync tool. Inputs reach the worker as presigned links and
-the worker uploads each video straight to its final key: the daemon downloads it, never uploads it."""
+daemon, a real redis-server, a real nanio S3 server (it checks keys and signatures) and `heygem-daemon worker`
+processes with their own base folders, the `command` engine running the fake lip-sync tool. Inputs reach the
+worker as presigned links and the worker uploads each video straight to its final key: the daemon downloads
+it, never uploads it. Beside the good worker run two misconfigured ones (a key the bucket refuses; another
+key prefix than the daemon's): they must never take a task from it."""
 
 from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import urllib.request
 import zipfile
 
 import pytest
-from daemon_harness import DaemonHarness
+from daemon_harness import REPO, DaemonHarness
+from test_remote import status_text
 from media_factory import PORTRAIT_JPG
-from remote_rig import RedisServer, RemoteWorker, assert_bad_input_fails_once
+from remote_rig import CLI, RedisServer, RemoteWorker, assert_bad_input_fails_once, stop_all
 from s3_server import credentials_env
 from test_command_engine import ARGS
 
@@ -22,27 +27,39 @@ from heygem_daemon.generation.s3_transfer import STAGING_FOLDER, installation_id
 pytestmark = pytest.mark.daemon  # real daemon, Redis, S3 and a worker: left out of `make test-fast`
 
 
+BAD_KEY, OTHER_PREFIX = "bad-key@c", "other-prefix@b"
+
+
 @pytest.fixture(scope="module")
-def rig(tmp_path_factory, moto_server):
+def rig(tmp_path_factory, nanio_server):
     root = tmp_path_factory.mktemp("remote-s3")
-    bucket = moto_server.new_bucket()
-    s3 = moto_server.s3_settings(bucket, part_size_mb=5, retry_seconds=0.5, retry_max_seconds=1)
+    bucket = nanio_server.new_bucket()
+    s3 = nanio_server.s3_settings(bucket, part_size_mb=5, retry_seconds=0.5, retry_max_seconds=1)
     redis = RedisServer(root / "redis").start()
     engine = {"args": ARGS, "timeout": 60, "bad_input_exit_codes": [3], "progress_regex": r"(\d+)%"}
     remote = {"broker_url": redis.url, "queues": {"gpu": 2}, "beat_seconds": 0.3, "poll_seconds": 0.1,
               "transfer": "s3"}
-    # Two pool children in one process play a host with two cards; its base folder is its own, unshared.
-    worker = RemoteWorker(root / "gpu-host", "w1@gpu-host", {
-        "engine": {"name": "command"}, "engines": {"command": {**engine, "cwd": str(root / "gpu-host")}},
-        "workers": {"devices": ["cpu", "cpu"], "remote": remote}, "s3": s3}, credentials_env()).start()
+    def host(name: str, folder: str, s3: dict, env: dict) -> RemoteWorker:
+        """Pool children in one process play a host's cards; its base folder is its own, unshared."""
+        return RemoteWorker(root / folder, name, {
+            "engine": {"name": "command"}, "engines": {"command": {**engine, "cwd": str(root / folder)}},
+            "workers": {"devices": ["cpu", "cpu"], "remote": remote}, "s3": s3}, env)
+
+    worker = host("w1@gpu-host", "gpu-host", s3, {**credentials_env(), "FAKE_SLOW_SECONDS": "3"}).launch()
+    bad = [host(BAD_KEY, "bad-key", s3, {**credentials_env(), "AWS_SECRET_ACCESS_KEY": "wrong"})
+           .launch("worker set-up problem"),
+           host(OTHER_PREFIX, "other-prefix", {**s3, "key_prefix": "elsewhere/{job}/{token}/{file}"},
+                credentials_env()).launch()]
+    for w in (worker, *bad):
+        w.wait_started()
     daemon = DaemonHarness(root / "daemon", {
         "engine": {"name": "command"}, "engines": {"command": {**engine, "cwd": str(root / "daemon")}},
         "dedupe": {"window_hours": 0}, "s3": s3, "delivery": {"adhoc_quiet_seconds": 1},
-        "workers": {"devices": [], "stall_seconds": 5, "remote": remote},
+        "workers": {"devices": [], "stall_seconds": 5, "outage_alert_seconds": 1, "remote": remote},
     }).start(credentials_env())
-    yield daemon, worker, moto_server.client(), bucket
+    yield daemon, worker, nanio_server.client(), bucket, bad
     daemon.stop()
-    worker.stop()
+    stop_all([worker, *bad])
     redis.stop()
 
 
@@ -57,7 +74,7 @@ def fetch(url: str) -> bytes:
 
 
 def test_the_workers_upload_is_the_delivered_object_and_the_daemon_never_uploads_it(rig, voice):
-    daemon, worker, client, bucket = rig
+    daemon, worker, client, bucket, _ = rig
     for name in ("a0.wav", "a1.wav"):
         daemon.drop(voice, name, folder="nomount")
     daemon.drop(PORTRAIT_JPG, "face.jpg", folder="nomount")
@@ -74,8 +91,7 @@ def test_the_workers_upload_is_the_delivered_object_and_the_daemon_never_uploads
         assert fetch(entry["link"]) == (outputs / entry["file"]).read_bytes()
     with zipfile.ZipFile(io.BytesIO(fetch(links["zip"]["link"]))) as z:
         assert sorted(z.namelist()) == ["a0.mp4", "a1.mp4"]
-    uploaded_by_worker = worker.text().count("video uploaded to its final key")
-    assert uploaded_by_worker == 2
+    assert worker.text().count("video uploaded to its final key") == 2
     assert not [e for e in daemon_events(daemon, "video uploaded") if e.get("file", "").startswith("a")]
     assert sorted(e["file"] for e in daemon_events(daemon, "video already in the bucket; linking it")) == [
         "a0.mp4", "a1.mp4"]
@@ -88,5 +104,50 @@ def test_the_workers_upload_is_the_delivered_object_and_the_daemon_never_uploads
 
 
 def test_a_remote_bad_input_fails_once_with_its_reason_and_hint(rig, voice):
-    daemon, _, _, _ = rig
+    daemon, _, _, _, _ = rig
     assert_bad_input_fails_once(daemon, voice, "badinput-s3")
+
+
+def test_misconfigured_workers_render_nothing_are_named_in_status_and_alerted_once_and_every_task_is_done(
+        rig, voice):
+    daemon, worker, client, bucket, bad = rig
+    uploaded = worker.text().count("video uploaded to its final key")
+    worker.pause()  # only the misconfigured worker that consumes is there to take the first task
+    try:
+        for i in range(4):
+            daemon.drop(voice, f"a{i}.wav", folder="farm")
+        daemon.drop(PORTRAIT_JPG, "face.jpg", folder="farm")
+        bad[1].wait_log("this worker takes no more tasks", 30)
+    finally:
+        worker.resume()
+    assert daemon.wait_job("farm", timeout=60).state == "done"
+    tasks = daemon.store().tasks.select(daemon.job("farm").id)
+    assert [t.attempts for t in tasks] == [1, 1, 1, 1]  # a task a bad worker sent back used no attempt
+    assert worker.text().count("video uploaded to its final key") == uploaded + 4  # each rendered once, here
+    for w in bad:
+        assert "video uploaded" not in w.text()
+    # The one with a key the bucket refuses never consumed; the other quarantined itself at its first task.
+    assert "ready." not in bad[0].text() and "cannot write to bucket" in bad[0].text()
+    status = daemon.wait_for(lambda: (text := status_text(daemon)).count("QUARANTINED") == 2 and text, 30,
+                             "status to name both quarantined workers")
+    assert f"remote worker {BAD_KEY}" in status and f"remote worker {OTHER_PREFIX}" in status
+    assert "outside this worker's key prefix" in status and "cannot write to bucket" in status
+    alerts = lambda: [e["alert"] for e in daemon_events(daemon, "operator alert")]  # noqa: E731
+    daemon.wait_for(lambda: {f"outage:remote worker {h}" for h in (BAD_KEY, OTHER_PREFIX)} <= set(alerts()), 30,
+                    "an alert for each quarantined worker")
+    assert sorted(a for a in alerts() if "remote worker" in a) == sorted(
+        f"outage:remote worker {h}" for h in (BAD_KEY, OTHER_PREFIX))
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def test_a_cancelled_remote_render_leaves_no_scratch_folder_on_its_worker(rig, voice):
+    daemon, worker, _, _, _ = rig
+    scratch = worker.folder / "work" / "remote"
+    daemon.drop_pair(voice, PORTRAIT_JPG, "slow-cancel")
+    daemon.wait_for(lambda: scratch.is_dir() and any(scratch.iterdir()), 30, "the render to start")
+    said = subprocess.run([sys.executable, "-c", CLI, "-c", str(daemon.config_path), "cancel", "slow-cancel"],
+                          cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert said.returncode == 0, said.stderr
+    assert daemon.wait_job("slow-cancel", timeout=30).state == "failed"
+    # Revoked, its pool child killed: the worker's main process removes what the attempt left at once.
+    daemon.wait_for(lambda: not any(scratch.iterdir()), 15, "the scratch folder to go")

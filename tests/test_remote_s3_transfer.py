@@ -36,6 +36,7 @@ from heygem_daemon.generation.lifecycle import JobFinished, LifeCycle, request_c
 from heygem_daemon.generation.remote import Flight, RemoteDispatcher
 from heygem_daemon.generation.remote_worker import _fence
 from heygem_daemon.generation.s3_transfer import link_seconds_for
+from heygem_daemon.generation.remote_setup import Presence, SetupProblem
 from heygem_daemon.generation.s3_worker import S3Side, TaskFailed, check_payload, fetch_input, upload_result
 from heygem_daemon.generation.workers import Attempt, task_spec
 from heygem_daemon.state import Store
@@ -156,7 +157,7 @@ def fenced_upload(cfg, client, video: Path, deadline: float) -> tuple[threading.
     def upload() -> None:
         try:
             outcome["up"] = upload_result(S3Side(cfg), video, "day/j/tok/v.mp4", "v.mp4",
-                                          _fence(client, 7, "attempt-1", "task broker", deadline))
+                                          _fence(client, 7, "attempt-1", "task broker", deadline), deadline)
         except TaskFailed as failed:
             outcome["failed"] = failed.outcome
 
@@ -247,22 +248,21 @@ def worker_side(tmp_path: Path, moto_server, bucket: str) -> tuple[S3Side, dict]
 def test_a_worker_refuses_an_input_link_to_anything_but_its_object_store(tmp_path, moto_server, bucket, link):
     side, payload = worker_side(tmp_path, moto_server, bucket)
     payload["links"]["portrait"] = link.format(other=free_port(), bucket=bucket)
-    with pytest.raises(TaskFailed) as refused:
+    with pytest.raises(SetupProblem) as refused:  # the worker's set-up (its endpoint), not the task, is at fault
         check_payload(side, payload)
-    outcome = refused.value.outcome
-    assert outcome["kind"] == "internal" and "input portrait" in outcome["reason"] and "refused" in outcome["reason"]
-    assert "X-Amz" not in outcome["reason"] and "s3.endpoint_url" in outcome["hint"]
+    problem = refused.value
+    assert "input portrait" in problem.reason and "refused" in problem.reason
+    assert "X-Amz" not in problem.reason and "s3.endpoint_url" in problem.hint
 
 
 @pytest.mark.parametrize("key", ["other/day/j/v.mp4", "studio/../other/v.mp4"], ids=["elsewhere", "dot-dot"])
 def test_a_worker_refuses_to_upload_outside_its_key_prefix(tmp_path, moto_server, bucket, key):
     side, payload = worker_side(tmp_path, moto_server, bucket)
     payload["object"]["key"] = key
-    with pytest.raises(TaskFailed) as refused:
+    with pytest.raises(SetupProblem) as refused:
         check_payload(side, payload)
-    outcome = refused.value.outcome
-    assert outcome["kind"] == "internal" and "outside this worker's key prefix 'studio/'" in outcome["reason"]
-    assert "s3.key_prefix" in outcome["hint"]
+    assert "outside this worker's key prefix 'studio/'" in refused.value.reason
+    assert "s3.key_prefix" in refused.value.hint
 
 
 def sent(remote: RemoteDispatcher, task) -> dict:
@@ -407,7 +407,9 @@ def test_a_finished_video_gone_from_the_bucket_is_a_counted_attempt(tmp_path, mo
 
 
 def live(tmp_path: Path, s3: dict, redis: RedisServer) -> RemoteDispatcher:
-    """A dispatcher on a real redis-server whose queue no worker serves: the tests play the worker."""
+    """A dispatcher on a real redis-server whose queue no worker process serves: the tests play the worker
+    (and its entry in Redis, so the queue counts as served)."""
+    Presence(redis_client.Redis.from_url(redis.url), "tests@here", "gpu", ["cpu"]).beat()
     data = {"base_dir": str(tmp_path), "s3": s3, "workers": {"devices": [], "remote": {
         "broker_url": redis.url, "queues": {"gpu": 2}, "transfer": "s3"}}}
     (tmp_path / "config.yaml").write_text(json.dumps(data))
@@ -490,6 +492,20 @@ def test_a_finished_video_waiting_in_the_bucket_is_deleted_when_its_job_is_cance
     assert not Path(flight.task.output).exists()
 
 
+def test_an_upload_a_cancelled_attempt_began_at_its_key_is_aborted_when_the_attempt_ends(
+        tmp_path, moto_server, bucket, redis):
+    remote = live(tmp_path, moto_server.s3_settings(bucket), redis)
+    flight = sent_flight(remote, "ivan")
+    key = remote.store.tasks.get(flight.task.id).object_key
+    s3 = moto_server.client()
+    s3.create_multipart_upload(Bucket=bucket, Key=key)  # its worker was killed mid-upload (its host died)
+    request_cancel(remote.store, "ivan")
+    remote.life.settle_requests()
+    steps_until(remote, lambda: remote.store.tasks.get(flight.task.id).state == "failed", "the cancel")
+    steps_until(remote, lambda: not s3.list_multipart_uploads(Bucket=bucket, Prefix=key).get("Uploads"),
+                "the ended attempt's upload to be aborted")
+
+
 def test_a_superseded_report_of_the_attempt_still_running_sends_it_again_without_counting_it(
         tmp_path, moto_server, bucket, redis):
     remote = live(tmp_path, moto_server.s3_settings(bucket), redis)
@@ -521,7 +537,8 @@ def test_an_attempt_failed_because_it_cannot_be_followed_ends_its_fence_and_free
     beat = {"host": "w1", "device": "cuda:0", "devices": ["cuda:0"], "beat": 1.0, "progress": 0.5}
     remote.app.backend.store_result(flight.celery_id, beat, "PROGRESS")
     remote.step()
-    assert remote.describe()[0]["tasks"] == {"cuda:0": flight.task.name}
+    worker = lambda: next(w for w in remote.describe() if w["host"] == "w1")  # noqa: E731
+    assert worker()["tasks"] == {"cuda:0": flight.task.name}
     # A beat this daemon cannot read (a newer worker): the attempt fails, and the render must not complete
     # its upload to the task's key any more.
     remote.app.backend.store_result(flight.celery_id, {**beat, "beat": 2.0, "progress": "half"}, "PROGRESS")
@@ -529,7 +546,7 @@ def test_an_attempt_failed_because_it_cannot_be_followed_ends_its_fence_and_free
     task = remote.store.tasks.get(flight.task.id)
     assert (task.state, task.attempts, task.last_error["kind"]) == ("queued", 1, "internal")
     assert not fence_holds(redis_client.Redis.from_url(redis.url), task.id, flight.celery_id)
-    assert remote.describe()[0]["tasks"] == {}
+    assert worker()["tasks"] == {}
 
 
 def test_a_task_staged_while_redis_stops_answering_waits_to_be_sent_until_the_backoff_is_over(
@@ -608,7 +625,8 @@ import sys
 from pathlib import Path
 from heygem_daemon.config import load_config
 from heygem_daemon.generation.s3_worker import S3Side, upload_result
-upload_result(S3Side(load_config(Path(sys.argv[1]))), Path(sys.argv[2]), sys.argv[3], "v.mp4", lambda: True)
+upload_result(S3Side(load_config(Path(sys.argv[1]))), Path(sys.argv[2]), sys.argv[3], "v.mp4", lambda: True,
+              float("inf"))
 """
 
 
@@ -633,7 +651,7 @@ def test_a_task_redelivered_to_a_host_that_died_mid_upload_resumes_its_upload(tm
     worker.send_signal(signal.SIGKILL)
     worker.wait(10)
     upload_id = store.deliveries.at(str(video)).upload_id
-    up = upload_result(S3Side(load_config(host / "config.yaml")), video, key, "v.mp4", lambda: True)
+    up = upload_result(S3Side(load_config(host / "config.yaml")), video, key, "v.mp4", lambda: True, float("inf"))
     assert 0 < up.sent_bytes < video.stat().st_size  # the parts the server held were not sent again
     numbers = [n for u, n in moto_server.part_puts(bucket) if u == upload_id]
     assert sorted(numbers) == sorted(set(numbers)) == list(range(1, len(numbers) + 1))
@@ -667,7 +685,8 @@ def test_the_s3_path_passes_a_server_that_checks_signatures_keys_and_links(tmp_p
         fetch_input(payload["links"][name], fetched, 10)
         assert fetched.read_bytes() == getattr(spec, name).read_bytes()
     video = write_noise_video(tmp_path / "worker" / "made.mp4", 12)  # more than one 5 MB part
-    up = upload_result(side, video, payload["object"]["key"], payload["object"]["name"], lambda: True)
+    up = upload_result(side, video, payload["object"]["key"], payload["object"]["name"], lambda: True,
+                       float("inf"))
     part = attempt_part(task.output, task.attempts)
     part.parent.mkdir(parents=True, exist_ok=True)
     settle(remote, Flight(task, "gpu", None, part, 1.0, 1.0), {

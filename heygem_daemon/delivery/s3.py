@@ -470,6 +470,20 @@ def delete_object(client: BaseClient, bucket: str, key: str) -> None:
     client.delete_object(Bucket=bucket, Key=key)
 
 
+def probe_write(client: BaseClient, bucket: str, key: str) -> None:
+    """Put a small object at `key`, read it back and delete it: what a key allowed only under its prefix can
+    do (HeadBucket or ListBuckets may be refused to it). Raises what boto3 raises, or S3Failure when the object
+    read back is not the one written (another server, or a proxy, answers)."""
+    body = f"heygem write check {key}".encode()
+    client.put_object(Bucket=bucket, Key=key, Body=body)
+    try:
+        read = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    finally:
+        client.delete_object(Bucket=bucket, Key=key)
+    if read != body:
+        raise S3Failure(f"the object written to {key!r} read back different", "check s3.endpoint_url", False)
+
+
 def object_store_name(endpoint_url: str) -> str:
     """The object store as an outage names it: its host, never a signature or a key from a URL."""
     return f"object store {urlsplit(endpoint_url).netloc or endpoint_url}"

@@ -9,6 +9,7 @@ worker uploads the video to, and its name); the spec's paths are then the daemon
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -127,3 +128,24 @@ def drop_fence(client: Any, task_id: int, celery_id: str) -> None:
 def fence_holds(client: Any, task_id: int, celery_id: str) -> bool:
     value = client.get(fence_key(task_id))
     return value is not None and (value.decode() if isinstance(value, bytes) else value) == celery_id
+
+
+@functools.cache
+def _tools_app() -> Celery:
+    from heygem_daemon.cli import default_config_path
+    from heygem_daemon.config import ConfigError, load_config
+
+    path = default_config_path()
+    remote = load_config(path, prepare=False).workers.remote
+    if remote is None:
+        raise ConfigError(f"{path or 'the embedded defaults'}: workers.remote is not set; set HEYGEM_CONFIG to "
+                          "the config of the daemon or of a worker")
+    return make_app(remote, sender=True)
+
+
+def __getattr__(name: str) -> Any:
+    """`app`, for Celery's own tools: `celery -A heygem_daemon.generation.celery_app inspect ping` (or `flower`)
+    finds the app of the config $HEYGEM_CONFIG (else ./config.yaml) names, built when first asked for."""
+    if name == "app":
+        return _tools_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,7 +28,7 @@ from heygem_daemon.state import Job, NewTask, Store, Task
 
 log = get_logger("heygem.lifecycle")
 CANCELLED_REASON = "cancelled by the operator"
-CANCELLED_HINT = "fix what needed fixing, then `heygem-daemon retry JOB` (or drop the files again)"
+CANCELLED_HINT = "to make it after all: `heygem-daemon retry JOB` (or drop the files again)"
 
 
 class JobState(str, Enum):
@@ -383,8 +383,8 @@ def _settled(text: str, job_name: str) -> str:
 
 
 def _cancelled() -> Problem:
-    # Like bad input, a cancel ends the job now, without another attempt.
-    return Problem(Kind.BAD_INPUT, "generate", CANCELLED_REASON, CANCELLED_HINT)
+    # A cancel ends the job now, without another attempt (Kind.CANCELLED is never retried).
+    return Problem(Kind.CANCELLED, "generate", CANCELLED_REASON, CANCELLED_HINT)
 
 
 # --- the operator's side (CLI): requests the running daemon carries out ----------------------------------

@@ -20,12 +20,17 @@ With `transfer: s3` the data goes through the bucket instead of a shared folder 
 each send carries input links and the task's one object key, with a fence in Redis naming the attempt that
 may complete the upload; a success is downloaded into the attempt's part and finished like any other. A
 flight whose transfer (staging, download) runs is not followed meanwhile.
+
+Every worker keeps an entry in Redis (generation/remote_setup.py), read every PRESENCE_SECONDS: a queue no
+healthy worker serves, and a worker quarantined by its own set-up problem, are outages (`status`, an alert
+after `workers.outage_alert_seconds`).
 """
 
 from __future__ import annotations
 
 import functools
 import threading
+import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -42,6 +47,7 @@ from heygem_daemon.generation.remote_flight import (
     internal, queue_of,
 )
 from heygem_daemon.generation.remote_roster import WorkerRoster
+from heygem_daemon.generation.remote_setup import PRESENCE_SECONDS, unserved
 from heygem_daemon.generation.s3_flights import S3Flights
 from heygem_daemon.generation.s3_transfer import TransferTrouble
 from heygem_daemon.generation.workers import Attempt, record, record_failure, task_spec
@@ -69,6 +75,9 @@ class RemoteDispatcher:
         self.transfer = self.s3.transfer if self.s3 is not None else None  # the bucket: tests and benches
         self.flights: dict[str, list[Flight]] = {q: [] for q in self.remote.queues}
         self.roster = WorkerRoster()
+        self.unserved: dict[str, float] = {}
+        """Queue -> since when (unix time) no healthy worker serves it (replaced whole: read by other threads)."""
+        self._workers_at = 0.0
         self._pause_until = 0.0
         self._thread = threading.Thread(target=self._run, name="remote-dispatch", daemon=True)
 
@@ -110,14 +119,26 @@ class RemoteDispatcher:
         return self.celery.down_since
 
     def broker(self) -> dict[str, Any]:
-        return {"broker": self.celery.name, "down_since": self.celery.down_since,
+        return {"broker": self.celery.name, "down_since": self.celery.down_since, "why": self.celery.why,
                 "in_flight": {q: len(f) for q, f in self.flights.items()},
-                "downloads_waiting": self._downloads_waiting()}
+                "downloads_waiting": self._downloads_waiting(), "unserved": dict(self.unserved)}
 
     def outages(self) -> list[dict[str, Any]]:
-        """For OutageWatch: the broker away (tasks in flight wait for it too; none is recorded as waiting), and
-        the object store (or disk) that finished videos wait for to be downloaded."""
-        return self.celery.outages(sum(len(f) for f in self.flights.values())) + self._downloads_waiting()
+        """For OutageWatch: the broker away (tasks in flight wait for it too; none is recorded as waiting), the
+        object store (or disk) that finished videos wait for to be downloaded, queues no healthy worker serves
+        and workers quarantined by their own set-up."""
+        return (self.celery.outages(sum(len(f) for f in self.flights.values())) + self._downloads_waiting()
+                + self._worker_outages())
+
+    def _worker_outages(self) -> list[dict[str, Any]]:
+        unserved_queues = [{"dependency": f"a worker for queue {q}", "since": since,
+                            "tasks": len(self.flights.get(q, [])),
+                            "reason": f"no healthy `heygem-daemon worker` serves queue {q}"}
+                           for q, since in sorted(self.unserved.items())]
+        return unserved_queues + [
+            {"dependency": f"remote worker {w['host']}", "since": w["problem"]["since"], "tasks": 0,
+             "reason": f"it takes no task, its set-up is wrong: {w['problem']['reason']} (fix: {w['problem']['hint']})"}
+            for w in self.roster.describe() if w["alive"] and w["problem"]]
 
     def _downloads_waiting(self) -> list[dict[str, Any]]:
         """Read from other threads: on a snapshot of the flights."""
@@ -152,6 +173,7 @@ class RemoteDispatcher:
     def step(self) -> None:
         if self.s3 is not None:
             self.s3.clean_staged()
+        self._read_workers()
         cancelling = {job.id for job in self.store.jobs.select((CANCELLING,))} if self.busy() else set()
         states = self._states()
         held = functools.cache(lambda: self.celery.held(self.flights))  # asked at most once a step, if needed
@@ -167,6 +189,25 @@ class RemoteDispatcher:
                 if flight is None:
                     break
                 flights.append(flight)
+
+    def _read_workers(self) -> None:
+        """Every PRESENCE_SECONDS: the workers alive, and the queues none of the healthy ones serves."""
+        now = self.clock.monotonic()
+        if now < self._workers_at or self.celery.down_since is not None:  # Redis away: its outage says enough
+            return
+        self._workers_at = now + PRESENCE_SECONDS
+        entries = self.celery.workers()
+        if entries is None:
+            return
+        self.roster.present(entries)
+        missing = unserved(list(self.remote.queues), entries)
+        for queue in missing:
+            if queue not in self.unserved:
+                log.error("no healthy remote worker serves a queue; its tasks wait in Redis", queue=queue,
+                          quarantined=[e.host for e in entries if e.queue == queue and e.problem])
+        for queue in set(self.unserved) - set(missing):
+            log.info("a healthy remote worker serves the queue again", queue=queue)
+        self.unserved = {q: self.unserved.get(q, time.time()) for q in missing}
 
     def _pause(self) -> None:
         """No send for a while: the broker or the bucket cannot take one now."""
@@ -382,6 +423,8 @@ class RemoteDispatcher:
                    flight.seconds(self.clock.monotonic()))
         if result.ok:
             drop_stale_parts(task)
+        elif self.s3 is not None and flight.celery_id is not None:
+            self.s3.ended_unfinished(flight)
         return True
 
     def _end(self, flight: Flight) -> None:

@@ -14,11 +14,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import AuthenticationError
 from redis.exceptions import TimeoutError as RedisTimeout
 
 from heygem_daemon.config import Remote
 from heygem_daemon.failures import Kind
 from heygem_daemon.generation.celery_app import TASK_NAME, broker_name, drop_fence, fence_key, make_app, set_fence
+from heygem_daemon.generation.remote_setup import WorkerEntry, live_workers
 from heygem_daemon.generation.workers import Attempt
 from heygem_daemon.log import get_logger
 
@@ -42,6 +44,8 @@ class CeleryBroker:
         self.remote, self.name = remote, broker_name(remote)
         self.app = make_app(remote, sender=True)
         self.down_since: float | None = None
+        self.why = ""
+        """What the broker's last failure was, in words."""
         self.wedged = False
         """The last failure was a Redis that accepts but does not answer: a send would wait as long."""
 
@@ -77,6 +81,15 @@ class CeleryBroker:
                 held.add(celery_id)
         return held
 
+    def workers(self) -> list[WorkerEntry] | None:
+        """The `heygem-daemon worker`s alive now, their queue and any set-up problem; None when Redis cannot
+        be asked."""
+        try:
+            return live_workers(self.app.backend.client)
+        except Exception as exc:
+            log.warning("cannot read the remote workers' entries", error=str(exc))
+            return None
+
     def send(self, queue: str, payload: dict[str, Any], celery_id: str) -> None:
         """Raises what kombu and Redis raise when the broker cannot take it."""
         # The AsyncResult is dropped at once: that ends its result-channel subscription (see the top).
@@ -103,10 +116,10 @@ class CeleryBroker:
     # --- up or down ---
 
     def away(self, exc: Exception) -> None:
-        self.wedged = isinstance(exc, RedisTimeout)
+        self.wedged, self.why = isinstance(exc, RedisTimeout), broker_error(exc)
         if self.down_since is None:
             self.down_since = time.time()
-            log.error("task broker unreachable; remote tasks wait", broker=self.name, error=str(exc))
+            log.error("task broker unreachable; remote tasks wait", broker=self.name, error=self.why)
 
     def back(self) -> None:
         self.wedged = False
@@ -117,11 +130,24 @@ class CeleryBroker:
 
     def unreachable(self, exc: Exception) -> Attempt:
         """A send the broker did not take: the task waits, no attempt used."""
-        return Attempt(False, f"cannot reach the {self.name}: {exc}", "start Redis (systemctl start redis-server) or "
-                       "fix workers.remote.broker_url; the task waits and is sent again by itself", Kind.OUTAGE,
-                       dependency=self.name)
+        return Attempt(False, f"cannot reach the {self.name}: {broker_error(exc)}", "start Redis (systemctl start "
+                       "redis-server) or fix workers.remote.broker_url (its password: Redis's requirepass); the "
+                       "task waits and is sent again by itself", Kind.OUTAGE, dependency=self.name)
 
     def outages(self, tasks: int) -> list[dict[str, Any]]:
         """For OutageWatch: the broker away, with the `tasks` in flight that wait for it."""
         return [] if self.down_since is None else [
-            {"dependency": self.name, "since": self.down_since, "tasks": tasks, "reason": "cannot reach Redis"}]
+            {"dependency": self.name, "since": self.down_since, "tasks": tasks,
+             "reason": f"cannot reach Redis: {self.why}"}]
+
+
+def broker_error(exc: BaseException) -> str:
+    """A broker failure in words. Celery and kombu wrap Redis's own error (a refused password comes out as
+    "Retry limit exceeded ... must be restarted"): the cause that says what to fix is looked for."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen)
+        if isinstance(seen, AuthenticationError) or any(m in text for m in ("WRONGPASS", "NOAUTH", "invalid password")):
+            return f"Redis refuses the password in workers.remote.broker_url ({text})"
+        seen = seen.__cause__ or seen.__context__
+    return str(exc)

@@ -84,7 +84,7 @@ def drop_stale_parts(task: Task) -> None:
 
 def cancelled_attempt() -> Attempt:
     """The operator cancelled the job: the attempt ends it, without another."""
-    return Attempt(False, CANCELLED_REASON, CANCELLED_HINT, Kind.BAD_INPUT)
+    return Attempt(False, CANCELLED_REASON, CANCELLED_HINT, Kind.CANCELLED)
 
 
 def internal(exc: Exception, what: str = "send the task") -> Attempt:
@@ -99,6 +99,13 @@ def attempt_of(info: Any) -> Attempt:
                        Kind.INTERNAL)
     if info.get("ok"):
         return Attempt(True)
+    if info.get("setup"):
+        # The worker's own set-up failed (its endpoint, credentials, share, engine section) before it
+        # rendered: it has stopped taking tasks; the task goes to another worker, its attempt not counted.
+        log.warning("remote worker quarantined itself; its task is sent again", host=info.get("host", "?"),
+                    reason=info.get("reason", "?"))
+        return Attempt(False, f"worker {info.get('host', '?')} set-up problem: {info.get('reason', '?')}",
+                       info.get("hint", ""), Kind.SETUP, interrupted=True)
     if info.get("superseded"):
         # `_finish` has discarded a report of an attempt the store no longer runs: this one is current, so its
         # fence was not given to another attempt but lost. Sent again, the attempt not counted.

@@ -1,4 +1,5 @@
-"""The remote workers the dispatcher has heard from, for `status` and metrics (read from other threads)."""
+"""The remote workers the dispatcher has heard from (their tasks' beats) and those alive in Redis (their own
+entries: queue, set-up problem), for `status` and metrics (read from other threads)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import threading
 import time
 from typing import Any
 
+from heygem_daemon.generation.remote_setup import WorkerEntry
+
 
 class WorkerRoster:
     def __init__(self) -> None:
         self._by_host: dict[str, dict[str, Any]] = {}
+        self._present: dict[str, WorkerEntry] = {}
         self._lock = threading.Lock()
 
     def heard(self, meta: dict[str, Any], task_name: str) -> None:
@@ -30,7 +34,20 @@ class WorkerRoster:
             if worker and worker["tasks"].get(meta.get("device")) == task_name:
                 del worker["tasks"][meta["device"]]
 
-    def describe(self) -> list[dict[str, Any]]:
-        """Each remote worker heard from: host, its devices, what it runs now, its last heartbeat."""
+    def present(self, entries: list[WorkerEntry]) -> None:
+        """The workers alive now, as their own entries in Redis say."""
         with self._lock:
-            return [dict(w, tasks=dict(w["tasks"])) for _, w in sorted(self._by_host.items())]
+            self._present = {e.host: e for e in entries}
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Each remote worker heard from or alive: host, its devices, what it runs now, its last heartbeat, and
+        (alive ones) its queue and set-up problem (None: healthy)."""
+        with self._lock:
+            found = []
+            for host in sorted(set(self._by_host) | set(self._present)):
+                worker = self._by_host.get(host) or {"host": host, "devices": [], "tasks": {}, "last_beat": None}
+                entry = self._present.get(host)
+                found.append(dict(worker, tasks=dict(worker["tasks"]), alive=entry is not None,
+                                  devices=worker["devices"] or (entry.devices if entry else []),
+                                  queue=entry.queue if entry else None, problem=entry.problem if entry else None))
+            return found

@@ -118,6 +118,12 @@ class S3Flights:
         if key:
             self._threads.submit(self.transfer.delete_video, key)
 
+    def ended_unfinished(self, flight: Flight) -> None:
+        """An attempt that was sent ended without a video: what it began uploading at the task's key goes."""
+        key = self.life.store.tasks.get(flight.task.id).object_key
+        if key:
+            self._threads.submit(self.transfer.abort_uploads, key)
+
     # --- upkeep ---
 
     def clean_staged(self) -> None:

@@ -28,8 +28,8 @@ from heygem_daemon.config import MAX_LINK_EXPIRY_HOURS, Config
 from heygem_daemon.delivery.links import presign_get
 from heygem_daemon.delivery.names import object_key, safe_relpath, static_prefix
 from heygem_daemon.delivery.s3 import (
-    Stopping, delete_object, delete_prefix, describe, download_file, gone, list_folders, make_client, object_size,
-    object_store_name, put_file,
+    Stopping, abort_stale_uploads, delete_object, delete_prefix, describe, download_file, gone, list_folders,
+    make_client, object_size, object_store_name, put_file,
 )
 from heygem_daemon.engines.base import TaskSpec
 from heygem_daemon.failures import Kind
@@ -223,6 +223,17 @@ class S3Transfer:
             self._trouble("cannot delete a cancelled task's video from the bucket", exc, key=key)
             return
         log.info("cancelled task's video deleted from the bucket", key=key)
+
+    def abort_uploads(self, key: str) -> None:
+        """An attempt ended unfinished (given up, revoked, cancelled, its worker killed): a multipart upload it
+        began at the task's key is aborted now, not by the stale-upload sweep a day later (best effort)."""
+        try:
+            aborted = abort_stale_uploads(self.client, self.s3.bucket, key, set(), 0)
+        except Exception as exc:
+            self._trouble("cannot abort an ended attempt's upload", exc, key=key)
+            return
+        if aborted:
+            log.info("ended attempt's unfinished upload aborted", key=key, uploads=len(aborted))
 
     def _trouble(self, what: str, exc: Exception, **where: Any) -> None:
         failure = describe(exc, self.s3.bucket)

@@ -5,9 +5,14 @@ presigned links (plain HTTPS GET: it needs no read access to the bucket), render
 the resumable multipart Uploader straight to the key the daemon fixed for the task. Its own SQLite store
 (state/ under the worker's base_dir) records the parts, so a task redelivered to this host after a crash
 resumes the upload. Just before the object would appear, the fence in Redis must still name this attempt;
-otherwise the upload is aborted (the daemon gave this attempt up and another one owns the key).
+otherwise the upload is aborted (the daemon gave this attempt up and another one owns the key). An object store
+away during the upload keeps the finished render: the upload is tried again with backoff (resuming its parts)
+until just before the task's time limit. The scratch folder and any upload it began go when the attempt ends:
+at its end, when it is revoked (`discard_scratch`), or, for an attempt that died with its host, once its fence
+is gone (`sweep_ended`, at the worker's start and before each task).
 A payload comes through Redis: the worker fetches only http(s) links to its own object store and uploads only
-under the static part of its s3.key_prefix (`check_payload`).
+under the static part of its s3.key_prefix (`check_payload`); one that does not match is this worker's set-up
+problem (remote_setup.py), not the task's.
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ from heygem_daemon.delivery.names import static_prefix
 from heygem_daemon.delivery.s3 import (
     MiB, Superseded, Throttle, Uploaded, Uploader, abort_quietly, describe, make_client, object_store_name,
 )
-from heygem_daemon.failures import Kind
-from heygem_daemon.generation.celery_app import INPUT_FIELDS, broker_name, decode
+from heygem_daemon.failures import Kind, backoff_delay
+from heygem_daemon.generation.celery_app import INPUT_FIELDS, broker_name, decode, fence_holds
+from heygem_daemon.generation.remote_setup import SetupProblem
 from heygem_daemon.generation.workers import crash_error, run_engine
 from heygem_daemon.log import get_logger
 from heygem_daemon.state import Store, db_path
@@ -67,10 +73,9 @@ class S3Side:
 
     def client(self) -> BaseClient:
         if not self.cfg.s3.enabled:
-            raise TaskFailed(Kind.OUTAGE, "this worker host has no s3 section, but the daemon sends tasks with "
-                             "workers.remote.transfer: s3", "give the worker's config the daemon's s3 section "
-                             "(bucket, endpoint_url) and credentials; the task runs on another worker meanwhile",
-                             "object store (worker set-up)")
+            raise SetupProblem("this worker host has no s3 section, but the daemon sends tasks with "
+                               "workers.remote.transfer: s3", "give the worker's config the daemon's s3 section "
+                               "(bucket, endpoint_url, key_prefix) and credentials")
         if self._client is None:
             self._client = make_client(self.cfg.s3)
         return self._client
@@ -85,10 +90,12 @@ class S3Side:
 
 def generate_s3(side: S3Side, task: Any, payload: dict[str, Any], engines: dict[str, Any],
                 engine_settings: dict[str, dict[str, Any]], device: str, beats: Any,
-                fence: Callable[[], bool]) -> dict[str, Any]:
-    """One task with transfer s3: {ok, key, etag, sha256, size}, or {ok: False, kind, reason, hint, dependency}."""
+                fence: Callable[[], bool], deadline: float) -> dict[str, Any]:
+    """One task with transfer s3: {ok, key, etag, sha256, size}, or {ok: False, kind, reason, hint, dependency}.
+    Raises SetupProblem when this worker cannot do it (its endpoint, key prefix or credentials are wrong).
+    `deadline` (monotonic): an upload the object store does not take is tried again until then."""
     scratch = side.work / _safe_name(task.request.id)
-    _sweep_old_scratch(side.work, side.scratch_seconds)
+    sweep_ended(side, task.app.backend.client)
     video = scratch / "video.mp4"
     try:
         check_payload(side, payload)  # a worker that cannot upload, or will not, says so before it renders
@@ -107,11 +114,13 @@ def generate_s3(side: S3Side, task: Any, payload: dict[str, Any], engines: dict[
                 return {"ok": False, "kind": kind, "reason": reason, "hint": hint, "dependency": dependency}
             os.replace(writing, video)
         with _beating(beats):
-            up = upload_result(side, video, payload["object"]["key"], payload["object"]["name"], fence)
+            up = upload_result(side, video, payload["object"]["key"], payload["object"]["name"], fence, deadline)
         return {"ok": True, "key": payload["object"]["key"], "etag": up.etag, "sha256": up.sha256,
                 "size": video.stat().st_size}
     except TaskFailed as failed:
         return failed.outcome
+    except SetupProblem:
+        raise  # this worker's problem, not the task's: the caller quarantines it
     except Superseded:
         log.warning("upload aborted: the fence no longer names this attempt", celery_id=task.request.id)
         # The daemon tells the two cases apart: an attempt it gave up on, or its current one whose fence was
@@ -128,7 +137,7 @@ def generate_s3(side: S3Side, task: Any, payload: dict[str, Any], engines: dict[
 
 
 def check_payload(side: S3Side, payload: dict[str, Any]) -> None:
-    """Refuse (a counted error) a task whose links lead anywhere but this worker's object store, or whose key
+    """Refuse (SetupProblem) a task whose links lead anywhere but this worker's object store, or whose key
     lies outside its key prefix: whoever can write into Redis must not make a worker read its own files
     (file://), reach other hosts (an instance metadata service) or overwrite other objects in the bucket."""
     client = side.client()
@@ -139,16 +148,16 @@ def check_payload(side: S3Side, payload: dict[str, Any]) -> None:
         url = urlsplit(link)
         if url.scheme not in ("http", "https") or (url.hostname or "").lower() not in hosts or (
                 _port(url) != _port(endpoint)):
-            raise TaskFailed(Kind.INTERNAL, f"the link to input {name} ({url.scheme}://{url.hostname or ''}) is not "
-                             f"this worker's {store}: refused", "a worker fetches inputs only over http(s) from "
-                             "its s3.endpoint_url (AWS's endpoint for s3.region when unset): give it the daemon's "
-                             "s3 endpoint; if they match, something else wrote this task into Redis")
+            raise SetupProblem(f"the link to input {name} ({url.scheme}://{url.hostname or ''}) is not this "
+                               f"worker's {store}: refused", "a worker fetches inputs only over http(s) from its "
+                               "s3.endpoint_url (AWS's endpoint for s3.region when unset): give it the daemon's "
+                               "s3 endpoint; if they match, something else wrote this task into Redis")
     prefix = static_prefix(side.cfg.s3.key_prefix)
     key = payload["object"]["key"]
     if not key.startswith(prefix) or ".." in key.split("/"):
-        raise TaskFailed(Kind.INTERNAL, f"the video's key {key!r} is outside this worker's key prefix {prefix!r}: "
-                         "refused", "give the worker the daemon's s3.key_prefix; if they match, something else "
-                         "wrote this task into Redis")
+        raise SetupProblem(f"the video's key {key!r} is outside this worker's key prefix {prefix!r}: refused",
+                           "give the worker the daemon's s3.key_prefix; if they match, something else wrote this "
+                           "task into Redis")
 
 
 def _port(url: Any) -> int | None:
@@ -180,8 +189,12 @@ def fetch_input(link: str, dest: Path, timeout: float) -> None:
     os.replace(partial, dest)
 
 
-def upload_result(side: S3Side, video: Path, key: str, name: str, fence: Callable[[], bool]) -> Uploaded:
-    """Upload `video` to `key` with the resumable Uploader; raises TaskFailed (an outage) or Superseded."""
+def upload_result(side: S3Side, video: Path, key: str, name: str, fence: Callable[[], bool],
+                  deadline: float) -> Uploaded:
+    """Upload `video` to `key` with the resumable Uploader. An object store that does not answer (or answers
+    5xx) is waited out with backoff until `deadline` (monotonic), the parts it holds kept: the render is not
+    thrown away for a blink. Raises TaskFailed (an outage past the deadline), SetupProblem (this worker's
+    credentials, bucket or region refused) or Superseded."""
     client, store = side.client(), side.store()
     s3 = side.cfg.s3
     batch = store.deliveries.ensure_batch(BATCH, BATCH, "", None)
@@ -189,16 +202,29 @@ def upload_result(side: S3Side, video: Path, key: str, name: str, fence: Callabl
                                                                  video.stat().st_size, key, None)
     assert d is not None
     uploader = Uploader(client, s3, store, Throttle(s3.max_bandwidth_mb_s), threading.Event())
+    tries = 0
     try:
-        up = uploader.upload(d, fence)
-    except (BotoCoreError, ClientError) as exc:
-        _abandon(client, s3.bucket, store, d.id)
-        failure = describe(exc, s3.bucket)
-        raise TaskFailed(Kind.OUTAGE, f"cannot upload the video: {failure.reason}", failure.hint,
-                         object_store_name(client.meta.endpoint_url)) from exc
+        while True:
+            try:
+                up = uploader.upload(store.deliveries.get(d.id), fence)
+                break
+            except (BotoCoreError, ClientError) as exc:
+                failure, tries = describe(exc, s3.bucket), tries + 1
+                left = deadline - time.monotonic()
+                if not failure.retryable:
+                    raise SetupProblem(f"cannot upload the video: {failure.reason}", failure.hint) from exc
+                if left <= 0:
+                    raise TaskFailed(Kind.OUTAGE, f"cannot upload the video: {failure.reason}", failure.hint,
+                                     object_store_name(client.meta.endpoint_url)) from exc
+                if tries == 1:
+                    log.warning("the object store does not take the finished video; the upload waits for it",
+                                key=key, reason=failure.reason)
+                time.sleep(min(left, backoff_delay(tries, s3.retry_seconds, s3.retry_max_seconds)))
     except BaseException:
         _abandon(client, s3.bucket, store, d.id)
         raise
+    if tries:
+        log.info("video uploaded once the object store was back", key=key, tries=tries)
     store.deliveries.forget(d.id)
     log.info("video uploaded to its final key", key=key, size=video.stat().st_size, sent=up.sent_bytes)
     return up
@@ -234,15 +260,40 @@ def _safe_name(celery_id: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in celery_id) or "task"
 
 
-def _sweep_old_scratch(work: Path, older_than: float) -> None:
-    """Scratch folders a killed worker left behind, older than any redelivery of their task could come."""
-    if not work.is_dir():
+def discard_scratch(side: S3Side, celery_id: str) -> None:
+    """The attempt is over without finishing here (revoked, killed, its fence gone): its scratch folder goes and
+    the multipart upload it began is aborted. Never raises: a leftover is swept again later."""
+    scratch = side.work / _safe_name(celery_id)
+    try:
+        if side.cfg.s3.enabled:
+            store = side.store()
+            d = store.deliveries.at(str(scratch / "video.mp4"))
+            if d is not None:
+                _abandon(side.client(), side.cfg.s3.bucket, store, d.id)
+    except Exception as exc:
+        log.warning("cannot abort an ended attempt's upload", celery_id=celery_id, error=str(exc))
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def sweep_ended(side: S3Side, redis: Any) -> None:
+    """Scratch folders of attempts that ended without this worker (it was killed or stopped meanwhile): the
+    fence no longer names them. One whose name tells no task goes once older than any redelivery could come.
+    Redis away: kept for the next sweep."""
+    if not side.work.is_dir():
         return
-    cutoff = time.time() - older_than
-    for folder in work.iterdir():
+    cutoff = time.time() - side.scratch_seconds
+    for folder in side.work.iterdir():
+        parts = folder.name.split("-")
         try:
-            if folder.is_dir() and folder.stat().st_mtime < cutoff:
-                shutil.rmtree(folder, ignore_errors=True)
-        except OSError:
-            pass
+            if len(parts) == 4 and parts[0] == "heygem" and parts[1].isdigit():
+                ended = not fence_holds(redis, int(parts[1]), folder.name)
+            else:
+                ended = folder.stat().st_mtime < cutoff
+        except Exception as exc:
+            log.warning("cannot tell whether a scratch folder's attempt has ended", folder=str(folder),
+                        error=str(exc))
+            return
+        if ended:
+            log.info("scratch folder of an ended attempt removed", folder=folder.name)
+            discard_scratch(side, folder.name)
 

@@ -251,7 +251,7 @@ class Slot(threading.Thread):
                 next_cancel_check = self.clock.monotonic() + CANCEL_CHECK_INTERVAL
                 if self.store.jobs.state(spec.job_id) == CANCELLING:
                     self._drop_worker()
-                    return Attempt(False, CANCELLED_REASON, CANCELLED_HINT, Kind.BAD_INPUT)  # ends it, no retry
+                    return Attempt(False, CANCELLED_REASON, CANCELLED_HINT, Kind.CANCELLED)  # ends it, no retry
             if self.clock.monotonic() - last_beat > self.cfg.workers.stall_seconds:
                 self._drop_worker()
                 return Attempt(False, f"no heartbeat for {self.cfg.workers.stall_seconds:g} s (stalled)",

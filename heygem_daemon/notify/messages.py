@@ -258,16 +258,23 @@ def failure_message(job_name: str, record: dict[str, Any], limits: Limits, prefi
     st = _Style(limits.markdown)
     problems = record.get("problems") or [{"file": "", "reason": record.get("reason", "unknown error"),
                                            "hint": record.get("hint", "")}]
+    tail = (f"The inputs are in failed/{st.esc(job_name)}/ with error.json. Fix them, then run "
+            f"{st.code(f'heygem-daemon retry {job_name}')}.")
     if record.get("stage") == "intake":
         title = _title(limits, f"{prefix}{job_name}: refused")
         head = f"{st.bold(job_name)} was refused at intake; nothing was generated."
+    elif record.get("kind") == "cancelled":
+        made = record.get("videos_made") or []
+        title = _title(limits, f"{prefix}{job_name}: cancelled")
+        head = f"{st.bold(job_name)} was cancelled by the operator{f'; {len(made)} video(s) made' if made else ''}."
+        tail = (f"The inputs are in failed/{st.esc(job_name)}/. To make it after all, run "
+                f"{st.code(f'heygem-daemon retry {job_name}')}.")
+        problems = []
     else:
         made = record.get("videos_made") or []
         title = _title(limits, f"{prefix}{job_name}: failed")
         head = (f"{st.bold(job_name)}: {_plural(len(problems), 'video')} could not be made"
                 f"{f', {len(made)} made' if made else ''}.")
-    tail = (f"The inputs are in failed/{st.esc(job_name)}/ with error.json. Fix them, then run "
-            f"{st.code(f'heygem-daemon retry {job_name}')}.")
     problem_block = (_problem_lines(problems, st), _more("problems (see error.json)"))
     body = _fit([head, problem_block, tail, _notes(record.get("warnings") or [], st)], _budget(limits, title),
                 limits.size)

@@ -11,10 +11,10 @@ import importlib
 import shutil
 import uuid
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from heygem_daemon.ops.checks import Check
-from heygem_daemon.config import Config, ConfigError, Folders, load_config
+from heygem_daemon.config import Config, ConfigError, Folders, Remote, load_config
 
 GB = 1024 ** 3
 
@@ -30,7 +30,7 @@ PROVIDERS: list[str] = [
 ]
 
 
-def _writable(folder: Path) -> str | None:
+def unwritable(folder: Path) -> str | None:
     """None when a file can really be created in `folder` (os.access is blind to read-only mounts)."""
     probe = folder / f".heygem-doctor-{uuid.uuid4().hex[:8]}"
     try:
@@ -47,11 +47,11 @@ def folder_checks(cfg: Config) -> Iterable[Check]:
         name = f"folder {key}"
         fix = "chown it to the daemon's user, or add it to ReadWritePaths= in the unit"
         if path.is_dir():
-            problem = _writable(path)
+            problem = unwritable(path)
             yield Check(name, not problem, f"{path}" + (f" is not writable ({problem})" if problem else ""), fix)
         elif path.exists():
             yield Check(name, False, f"{path} is not a folder", f"point folders.{key} at a folder")
-        elif path.parent.is_dir() and not _writable(path.parent):
+        elif path.parent.is_dir() and not unwritable(path.parent):
             yield Check(name, True, f"{path} (created at start)")
         else:
             yield Check(name, False, f"{path} is missing and cannot be created",
@@ -124,25 +124,77 @@ def database_checks(cfg: Config) -> Iterable[Check]:
                 restore)
 
 
-def remote_checks(cfg: Config) -> Iterable[Check]:
-    """With workers.remote: Redis answers, and which `heygem-daemon worker`s answer through it."""
-    remote = cfg.workers.remote
-    if remote is None:
-        return
+WORKER_PROVIDERS: list[str] = [
+    "heygem_daemon.ops.doctor:worker_checks",
+    "heygem_daemon.ops.doctor:engine_checks",
+]
+"""`doctor --worker` on a GPU host: it has none of the daemon's folders, and its key may only write under the
+key prefix (no HeadBucket)."""
+
+
+def _broker(remote: Remote) -> tuple[Check, Any]:
+    """Redis answers (with the password of broker_url): the check and, when it does, the Celery app."""
     from heygem_daemon.generation.celery_app import broker_name, make_app  # the `remote` extra
+    from heygem_daemon.generation.remote_broker import broker_error
 
     app = make_app(remote, sender=True)
     try:
         with app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1)
     except Exception as exc:
-        yield Check("task broker", False, f"{broker_name(remote)}: {exc}",
-                    "start Redis (systemctl start redis-server) or fix workers.remote.broker_url")
+        return Check("task broker", False, f"{broker_name(remote)}: {broker_error(exc)}",
+                     "start Redis (systemctl start redis-server) or fix workers.remote.broker_url (its password: "
+                     "Redis's requirepass)"), None
+    return Check("task broker", True, broker_name(remote)), app
+
+
+def remote_checks(cfg: Config) -> Iterable[Check]:
+    """With workers.remote: Redis answers, a healthy `heygem-daemon worker` serves each queue, and what is
+    wrong with the others (quarantined by their set-up, or serving a queue this daemon does not send to)."""
+    remote = cfg.workers.remote
+    if remote is None:
         return
-    yield Check("task broker", True, broker_name(remote))
-    names = sorted(name for reply in app.control.ping(timeout=1.0) for name in reply)
-    yield Check("remote workers", bool(names), ", ".join(names) or "no `heygem-daemon worker` answered",
-                "start heygem-worker on the GPU hosts (README \"Many GPU hosts\")")
+    from heygem_daemon.generation.remote_setup import live_workers
+
+    broker, app = _broker(remote)
+    yield broker
+    if app is None:
+        return
+    workers = live_workers(app.backend.client)
+    for queue in remote.queues:
+        healthy = [w.host for w in workers if w.queue == queue and w.problem is None]
+        yield Check(f"remote workers {queue}", bool(healthy), ", ".join(healthy) or
+                    f"no healthy `heygem-daemon worker` serves queue {queue}: its tasks wait in Redis",
+                    f"start heygem-worker (--queue {queue}) on a GPU host (README \"Many GPU hosts\")")
+    for w in workers:
+        if w.problem is not None:
+            yield Check(f"remote worker {w.host}", False, f"quarantined, takes no task: {w.problem['reason']}",
+                        f"{w.problem['hint']}; then restart it (on that host: heygem-daemon doctor --worker)")
+        elif w.queue not in remote.queues:
+            yield Check(f"remote worker {w.host}", False, f"serves queue {w.queue}, which this daemon does not send "
+                        f"to (workers.remote.queues: {', '.join(remote.queues)})",
+                        "give the worker one of the daemon's queues (--queue), or add its queue to the daemon's")
+
+
+def worker_checks(cfg: Config) -> Iterable[Check]:
+    """On a worker host: Redis answers with this host's password, and the set-up a worker checks before it
+    takes a task (engine section, the share mounted, the bucket written with this host's key)."""
+    remote = cfg.workers.remote
+    if remote is None:
+        yield Check("workers.remote", False, "not set: this is no worker config",
+                    "give it broker_url and queues (README \"Many GPU hosts\")")
+        return
+    import socket
+
+    from heygem_daemon.generation.remote_setup import setup_problems
+
+    yield _broker(remote)[0]
+    problems = setup_problems(cfg, f"doctor@{socket.gethostname()}")
+    for p in problems:
+        yield Check("worker set-up", False, p.reason, p.hint)
+    if not problems:
+        what = "bucket written and read with this host's key" if remote.transfer == "s3" else "share mounted"
+        yield Check("worker set-up", True, f"engine sections valid; {what}")
 
 
 def _provider(target: str) -> Callable[[Config], Iterable[Check]]:
@@ -150,13 +202,13 @@ def _provider(target: str) -> Callable[[Config], Iterable[Check]]:
     return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
 
 
-def run_checks(path: Path | None, environ: dict[str, str] | None = None) -> list[Check]:
+def run_checks(path: Path | None, environ: dict[str, str] | None = None, worker: bool = False) -> list[Check]:
     try:
         cfg = load_config(path, environ, prepare=False)
     except ConfigError as exc:
         return [Check("config", False, str(exc), f"fix {path or 'the config'}; `heygem-daemon config check` helps")]
     checks = [Check("config", True, str(path or "embedded defaults"))]
-    for target in PROVIDERS:
+    for target in WORKER_PROVIDERS if worker else PROVIDERS:
         try:
             checks.extend(_provider(target)(cfg))
         except Exception as exc:  # a broken check must not hide the others

@@ -58,12 +58,16 @@ class StateCollector(Collector):
                                         labels=["host", "devices"])
             beat = GaugeMetricFamily("heygem_remote_worker_last_beat", "Unix time of a remote worker's last "
                                      "heartbeat", labels=["host", "devices"])
+            quarantined = GaugeMetricFamily("heygem_remote_worker_quarantined", "1 while a remote worker takes "
+                                            "no task because its own set-up is wrong", labels=["host", "devices"])
             for w in workers:
                 labels = [w["host"], ",".join(w["devices"])]
                 running.add_metric(labels, len(w["tasks"]))
                 beat.add_metric(labels, w["last_beat"] or 0)
+                quarantined.add_metric(labels, int(bool(w.get("problem"))))
             yield running
             yield beat
+            yield quarantined
         for name, value in sorted(self.flags().items()):
             yield GaugeMetricFamily(f"heygem_{name}", f"1 while the daemon is {name.replace('_', ' ')}",
                                     value=int(value))
