@@ -7,6 +7,8 @@ NEEDS=(
     "systemd-analyze=systemd"                       # unit-file tests (verify, security --offline)
     "chromedriver=chromium chromium-driver"         # the web console's browser test
     "redis-server=redis-server"                     # the remote-worker tests' broker
+    "smbd=samba"                                    # intake: an SMB upload that pauses (tests/smb_server.py)
+    "smbclient=smbclient"
 )
 missing=()
 for need in "${NEEDS[@]}"; do
