@@ -84,6 +84,7 @@ class DeliveryService:
         self.store.deliveries.wake()
         self._observer, mode = start_watcher(self.outputs, self.cfg.watcher.mode, self.cfg.watcher.poll_interval,
                                              self._touch, what="outputs")
+        self.watcher.periodic = mode == "polling"  # inotify reports every change, and says when it lost some
         self._thread = threading.Thread(target=self._run, name="delivery", daemon=True)
         self._thread.start()
         where = {"endpoint": self.client.meta.endpoint_url, "region": self.client.meta.region_name,
