@@ -19,17 +19,18 @@ OWN_TEMP = re.compile(r"^\..+\.[0-9a-f]{8}\.(tmp|moving)$")
 safe to delete once no process holds them open."""
 
 
-def temp_name(path: Path, suffix: str = "tmp") -> Path:
-    """A hidden sibling of `path` that OWN_TEMP recognises (zips, links, error.json and moves use it)."""
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.{suffix}")
+def temp_name(path: Path, suffix: str = "tmp", folder: Path | None = None) -> Path:
+    """A hidden name that OWN_TEMP recognises (zips, links, error.json and moves use it): beside `path`, or in
+    `folder` (on the same filesystem, since it is renamed onto `path`) where people do not look."""
+    return (folder or path.parent) / f".{path.name}.{uuid.uuid4().hex[:8]}.{suffix}"
 
 
 def is_own_temp(name: str) -> bool:
     return OWN_TEMP.match(name) is not None
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = temp_name(path)
+def atomic_write_text(path: Path, text: str, temp_dir: Path | None = None) -> None:
+    tmp = temp_name(path, folder=temp_dir)
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -41,8 +42,8 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+def atomic_write_json(path: Path, data: Any, temp_dir: Path | None = None) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n", temp_dir)
 
 
 def display_name(name: str) -> str:
