@@ -23,6 +23,21 @@ def open_for_writing(rig: IntakeRig, path: Path, now: bool) -> None:
                lambda: f"{path.name} {'open' if now else 'closed'} for writing in the observer's view")
 
 
+def taken_once_closed(rig: IntakeRig, target: Path) -> None:
+    """The writer closed `target`: intake sees the close, then the settle window passes."""
+    open_for_writing(rig, target, False)
+    rig.settle(0)
+    rig.settle(3)
+
+
+def claimed_bytes(rig: IntakeRig, name: str) -> bytes:
+    """What the one queued job holds of the input `name`."""
+    [job] = rig.jobs()
+    assert job.state == "queued"
+    [claimed] = rig.cfg.folder("work").rglob(name)
+    return claimed.read_bytes()
+
+
 def test_a_writer_that_pauses_longer_than_the_settle_window_keeps_its_file_until_it_closes(scratch):
     rig = IntakeRig(scratch, WATCHER)
     rig.watch()
@@ -38,15 +53,10 @@ def test_a_writer_that_pauses_longer_than_the_settle_window_keeps_its_file_until
                 rig.settle(10)
             assert rig.jobs() == [] and target.stat().st_size == len(audio) // 2
             fh.write(audio[len(audio) // 2:])
-        open_for_writing(rig, target, False)
-        rig.settle(0)  # sees the close
-        rig.settle(3)
+        taken_once_closed(rig, target)
     finally:
         rig.close()
-    [job] = rig.jobs()
-    assert job.state == "queued"
-    [claimed] = rig.cfg.folder("work").rglob("slow.wav")
-    assert claimed.read_bytes() == audio
+    assert claimed_bytes(rig, "slow.wav") == audio
 
 
 def test_an_smb_client_that_pauses_mid_upload_keeps_its_file_until_smbd_closes_it(scratch):
@@ -74,16 +84,11 @@ def test_an_smb_client_that_pauses_mid_upload_keeps_its_file_until_smbd_closes_i
             assert rig.jobs() == [] and target.stat().st_size < len(data)
             pipe.write(data[17 << 20:])
         assert client.wait(30) == 0, client.stdout.read() if client.stdout else ""
-        open_for_writing(rig, target, False)
-        rig.settle(0)
-        rig.settle(3)
+        taken_once_closed(rig, target)
     finally:
         rig.close()
         server.stop()
-    [job] = rig.jobs()
-    assert job.state == "queued"
-    [claimed] = rig.cfg.folder("work").rglob("smb.wav")
-    assert claimed.read_bytes() == data
+    assert claimed_bytes(rig, "smb.wav") == data
 
 
 def test_a_file_left_open_with_no_new_data_past_the_limit_is_refused_as_a_stalled_upload(scratch):
