@@ -4,9 +4,7 @@ alone. In-process with the real inotify observer and a clock the test moves."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import wave
 from pathlib import Path
 
 from intake_rig import IntakeRig
@@ -61,31 +59,25 @@ def test_a_writer_that_pauses_longer_than_the_settle_window_keeps_its_file_until
 
 def test_an_smb_client_that_pauses_mid_upload_keeps_its_file_until_smbd_closes_it(scratch):
     rig = IntakeRig(scratch, WATCHER)
-    rig.inbox.chmod(0o777)
     server = SmbServer(rig.inbox, scratch / "samba")
     rig.watch()
-    audio = scratch / "long.wav"
-    with wave.open(str(audio), "wb") as w:  # 200 s of noise: more than the 16 MiB smbclient sends at a time
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(48000)
-        w.writeframes(os.urandom(200 * 48000 * 2))
+    audio = write_speech_wav(scratch / "voice.wav", 2.0)
     data = audio.read_bytes()
     shutil.copy(PORTRAIT_JPG, rig.inbox / "smb.jpg")
     target = rig.inbox / "smb.wav"
+    upload = None
     try:
-        client, pipe = server.upload("smb.wav", scratch / "fifo")
-        with pipe:
-            pipe.write(data[: 17 << 20])
-            pipe.flush()
-            wait_until(lambda: target.exists() and target.stat().st_size >= 16 << 20, 30, lambda: "16 MiB on the share")
-            open_for_writing(rig, target, True)
-            rig.settle(0)
-            for _ in range(8):  # the client pauses for 80 s with its file open on the server
-                rig.settle(10)
-            assert rig.jobs() == [] and target.stat().st_size < len(data)
-            pipe.write(data[17 << 20:])
-        assert client.wait(30) == 0, client.stdout.read() if client.stdout else ""
+        upload = server.upload("smb.wav", audio, len(data) // 2)
+        open_for_writing(rig, target, True)
+        rig.settle(0)
+        for _ in range(8):  # the client pauses for 80 s with its file open on the server
+            rig.settle(10)
+        assert rig.jobs() == [] and target.stat().st_size == len(data) // 2
+        upload.finish()
         taken_once_closed(rig, target)
     finally:
+        if upload is not None:
+            upload.abandon()
         rig.close()
         server.stop()
     assert claimed_bytes(rig, "smb.wav") == data
