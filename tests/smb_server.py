@@ -115,7 +115,7 @@ class SmbServer:
                     raise RuntimeError(f"smbd did not start (see {run / 'smbd.log'})")
                 time.sleep(0.05)
 
-    def upload(self, name: str, source: Path, split: int) -> "Upload":
+    def upload(self, name: str, source: Path, split: int) -> Upload:
         """Start uploading `source` as `name`; returns once its first `split` bytes are on the share and the
         client holds the file open, paused."""
         return Upload(f"smb://127.0.0.1:{self.port}/inbox/{name}", source, split)
