@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
-"""Outputs watcher benchmark: CPU spent noticing new videos, with an empty outputs/ and with many earlier ones.
+"""Outputs watcher benchmark: CPU spent noticing new videos, and CPU spent idle, with an empty outputs/ and
+with many earlier ones.
 
 Runs the real watcher (watchdog inotify + OutputsWatcher, driven like the delivery thread drives it) in this
 process, writes new videos the way an engine does (.part, then rename), and reports the process CPU time
-until every new video was reported. Work should follow the new videos, not the size of outputs/.
-Usage: .venv/bin/python bench/outputs.py [--earlier 20000] [--videos 100]
+until every new video was reported. Then it leaves the watcher idle for a while with a short rescan period
+(many minutes of the daemon's idle time, compressed) and reports the CPU per rescan period, as the delivery
+service runs it with inotify and as it ran before (a periodic ctime walk). Work should follow the new
+videos, not the size of outputs/.
+Usage: .venv/bin/python bench/outputs.py [--earlier 20000] [--videos 100] [--idle 5]
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ import argparse
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from heygem_daemon.config import Watcher
 from heygem_daemon.delivery.outputs import OutputsWatcher
@@ -36,50 +42,72 @@ def earlier_videos(root: Path, count: int) -> set[str]:
     return known
 
 
+@contextmanager
+def delivery_loop(root: Path, known: set[str], rescan: float, periodic: bool) -> Iterator[list[str]]:
+    """The watcher and a loop stepping it like the delivery thread; yields the videos reported so far."""
+    watcher = OutputsWatcher(root, Watcher(settle_seconds=SETTLE, rescan_seconds=rescan))
+    watcher.periodic = periodic
+    reported: list[str] = []
+    stop, first_step, wake = threading.Event(), threading.Event(), threading.Event()
+
+    def touch(path: str | None) -> None:  # as DeliveryService._touch
+        watcher.touch(path)
+        wake.set()
+
+    def loop() -> None:
+        while not stop.is_set():
+            for rel, _size in watcher.step(time.monotonic(), lambda r: str(root / r) in known):
+                known.add(str(root / rel))
+                reported.append(rel)
+            first_step.set()
+            wake.wait(min(0.1, rescan))
+            wake.clear()
+
+    observer, _mode = start_watcher(root, "inotify", 1.0, touch, what="outputs")
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    first_step.wait()  # the first (full) walk at start is not what is measured
+    try:
+        yield reported
+    finally:
+        stop.set()
+        observer.stop()
+        observer.join(5)
+        thread.join(5)
+
+
 def run(earlier: int, videos: int, interval: float) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "outputs"
         root.mkdir()
         known = earlier_videos(root, earlier)
-        watcher = OutputsWatcher(root, Watcher(settle_seconds=SETTLE))
-        reported: list[str] = []
-        stop, first_step, wake = threading.Event(), threading.Event(), threading.Event()
+        with delivery_loop(root, known, 60.0, False) as reported:
+            cpu0, wall0 = time.process_time(), time.monotonic()
+            for i in range(videos):
+                folder = root / f"new-{i:04d}"
+                folder.mkdir()
+                part = folder / f"new-{i:04d}.mp4.part"
+                part.write_bytes(VIDEO)
+                part.rename(folder / f"new-{i:04d}.mp4")
+                time.sleep(interval)
+            while len([r for r in reported if r.startswith("new-")]) < videos:
+                if time.monotonic() - wall0 > 600:
+                    raise SystemExit("new videos were not all reported within 600 s")
+                time.sleep(0.05)
+            return time.process_time() - cpu0, time.monotonic() - wall0
 
-        def touch(path: str | None) -> None:  # as DeliveryService._touch
-            watcher.touch(path)
-            wake.set()
 
-        def delivery_loop() -> None:
-            while not stop.is_set():
-                for rel, _size in watcher.step(time.monotonic(), lambda r: str(root / r) in known):
-                    known.add(str(root / rel))
-                    reported.append(rel)
-                first_step.set()
-                wake.wait(0.1)
-                wake.clear()
-
-        observer, _mode = start_watcher(root, "inotify", 1.0, touch, what="outputs")
-        loop = threading.Thread(target=delivery_loop, daemon=True)
-        loop.start()
-        first_step.wait()  # the first (full) walk at start is not what is measured
-        cpu0, wall0 = time.process_time(), time.monotonic()
-        for i in range(videos):
-            folder = root / f"new-{i:04d}"
-            folder.mkdir()
-            part = folder / f"new-{i:04d}.mp4.part"
-            part.write_bytes(VIDEO)
-            part.rename(folder / f"new-{i:04d}.mp4")
-            time.sleep(interval)
-        while len([r for r in reported if r.startswith("new-")]) < videos:
-            if time.monotonic() - wall0 > 600:
-                raise SystemExit("new videos were not all reported within 600 s")
-            time.sleep(0.05)
-        cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
-        stop.set()
-        observer.stop()
-        observer.join(5)
-        loop.join(5)
-        return cpu, wall
+def idle(earlier: int, seconds: float, rescan: float, periodic: bool) -> float:
+    """Process CPU seconds per rescan period while nothing happens in outputs/."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "outputs"
+        root.mkdir()
+        known = earlier_videos(root, earlier)
+        with delivery_loop(root, known, rescan, periodic):
+            time.sleep(rescan)  # past the first periodic walk's start
+            cpu0 = time.process_time()
+            time.sleep(seconds)
+            return (time.process_time() - cpu0) / (seconds / rescan)
 
 
 def main() -> None:
@@ -87,12 +115,19 @@ def main() -> None:
     ap.add_argument("--earlier", type=int, default=20000)
     ap.add_argument("--videos", type=int, default=100)
     ap.add_argument("--interval", type=float, default=0.05, help="seconds between new videos")
+    ap.add_argument("--idle", type=float, default=5.0, help="seconds of idle measured (rescan every 0.5 s)")
     args = ap.parse_args()
     empty_cpu, empty_wall = run(0, args.videos, args.interval)
     full_cpu, full_wall = run(args.earlier, args.videos, args.interval)
     print(f"{args.videos} new videos, empty outputs/: CPU {empty_cpu:.2f} s (wall {empty_wall:.1f} s)")
     print(f"{args.videos} new videos, {args.earlier} earlier ones: CPU {full_cpu:.2f} s (wall {full_wall:.1f} s)")
     print(f"ratio CPU with {args.earlier} earlier / empty: {full_cpu / max(empty_cpu, 1e-3):.1f}x")
+    rescan = 0.5
+    for label, periodic in (("inotify, no periodic walk (now)", False), ("periodic ctime walk (before)", True)):
+        empty = idle(0, args.idle, rescan, periodic)
+        full = idle(args.earlier, args.idle, rescan, periodic)
+        print(f"idle, {label}: CPU per rescan period {empty * 1000:.1f} ms empty, {full * 1000:.1f} ms with "
+              f"{args.earlier} earlier; ratio {full / max(empty, 1e-4):.1f}x")
 
 
 if __name__ == "__main__":

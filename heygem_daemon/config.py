@@ -51,6 +51,10 @@ class Watcher(_Section):
     poll_interval: float = Field(2.0, gt=0.0)
     rescan_seconds: float = Field(60.0, gt=0.0)
     pair_timeout: float = Field(600.0, ge=0.0)
+    stalled_upload_seconds: float = Field(1800.0, ge=0.0)
+    """A file the kernel says is still open for writing waits this long without new data, then is refused."""
+    incomplete_grace_seconds: float = Field(60.0, ge=0.0)
+    """A file that looks cut short is refused only once it has not changed for this long."""
     ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
     partial: list[str] = Field(default_factory=lambda: list(DEFAULT_PARTIAL))
     ignore_hidden: bool = True

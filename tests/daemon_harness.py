@@ -19,7 +19,8 @@ from heygem_daemon.state import Job, Store
 REPO = Path(__file__).resolve().parent.parent
 
 FAST_SETTINGS: dict[str, Any] = {
-    "watcher": {"settle_seconds": 0.6, "rescan_seconds": 5, "pair_timeout": 30, "poll_interval": 0.3},
+    "watcher": {"settle_seconds": 0.6, "rescan_seconds": 5, "pair_timeout": 30, "poll_interval": 0.3,
+                "incomplete_grace_seconds": 1},
     "workers": {"backoff_seconds": 0.5, "backoff_max_seconds": 2, "max_attempts": 2, "stall_seconds": 60},
     "limits": {"max_audio_seconds": 30},
     "logging": {"console": False, "level": "debug"},

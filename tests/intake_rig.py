@@ -17,6 +17,7 @@ import pytest
 
 from heygem_daemon.config import load_config
 from heygem_daemon.engines.registry import available
+from heygem_daemon.fs.watcher import start_watcher
 from heygem_daemon.generation.lifecycle import LifeCycle
 from heygem_daemon.intake.claim import Claimer
 from heygem_daemon.intake.inspect import Inspector
@@ -86,6 +87,7 @@ class IntakeRig:
         # Start the probe child now: tests may later act as a user who cannot read this Python install.
         self.inspector.submit(self.inbox, [], self.cfg.limits, False)[0].result(60)
         self.queued = 0
+        self.observer: Any = None
         self.alerts: list[tuple[str, str]] = []
         self.intake = Intake(self.cfg, Claimer(self.cfg, LifeCycle(self.cfg, self.store)), self.inspector,
                              set(available()),
@@ -96,7 +98,14 @@ class IntakeRig:
     def _queued(self) -> None:
         self.queued += 1
 
+    def watch(self) -> None:
+        """Feed intake from the daemon's real inotify observer (events and which files are open for writing)."""
+        self.observer, _mode = start_watcher(self.inbox, "inotify", 1.0, self.intake.touch, writes=self.intake.writes)
+
     def close(self) -> None:
+        if self.observer is not None:
+            self.observer.stop()
+            self.observer.join(5)
         self.inspector.close()
         self.store.close()
         setup_logging(None, "info", console=False)

@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import os
 import threading
 import urllib.request
 import zipfile
@@ -268,5 +269,23 @@ def test_links_txt_writes_sizes_in_the_same_unit_as_the_chat_message(tmp_path):
     from heygem_daemon.delivery.links import LinkEntry, write_links
     from heygem_daemon.notify.messages import size_text as chat_size
 
-    write_links(tmp_path, "links", "job", [LinkEntry("a.mp4", 220_400, str(tmp_path / "a.mp4"))], None)
+    write_links(tmp_path, "links", "job", [LinkEntry("a.mp4", 220_400, str(tmp_path / "a.mp4"))], None,
+                tmp_path / ".heygem-tmp")
     assert "a.mp4  (220.4 kB)" in (tmp_path / "links.txt").read_text() and chat_size(220_400) == "220.4 kB"
+
+
+def test_a_links_write_killed_before_its_rename_leaves_no_temp_in_the_customers_folder(tmp_path):
+    from heygem_daemon.delivery.links import HIDDEN_TEMPS, LinkEntry, write_links
+    from heygem_daemon.fs.ops import is_own_temp
+
+    folder, temps = tmp_path / "outputs" / "job", tmp_path / "outputs" / HIDDEN_TEMPS
+    pid = os.fork()
+    if pid == 0:  # the daemon, killed between writing links.json's temp and renaming it into place
+        os.replace = lambda *_args: os._exit(9)  # type: ignore[assignment]
+        write_links(folder, "links", "job", [LinkEntry("a.mp4", 1, str(folder / "a.mp4"))], None, temps)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 9
+    assert list(folder.iterdir()) == []
+    [left] = temps.iterdir()
+    assert is_own_temp(left.name)  # the temp sweep's to remove

@@ -122,6 +122,24 @@ def steps(service: DeliveryService) -> None:
         time.sleep(0.02)
 
 
+def test_a_job_delivered_before_the_store_lost_its_rows_is_not_delivered_again_as_an_adhoc_batch(tmp_path):
+    cfg = make_cfg(tmp_path)
+    db = cfg.folder("state") / "heygem.db"
+    store = Store(db)
+    deliver(cfg, store, finished_job(cfg, store, "done-before", 2))
+    store.close()
+    for lost in db.parent.glob("heygem.db*"):  # the crash took the WAL with every row of the job
+        lost.unlink()
+    store = Store(db)
+    service = DeliveryService(cfg, store, lambda report: None, lambda key, message: None)
+    service.watcher.tracker.settle = 0.0  # the videos have long stopped changing
+    steps(service)
+    steps(service)
+    videos = sorted((cfg.folder("outputs") / "done-before").glob("*.mp4"))
+    assert len(videos) == 2 and all(store.deliveries.known(str(v)) for v in videos)
+    assert store.deliveries.adhoc_batches(10) == [] and store.deliveries.select() == []
+
+
 def test_a_remote_video_recorded_as_uploaded_is_linked_only_once_it_is_in_outputs(tmp_path, moto_server, aws_env):
     bucket = moto_server.new_bucket()
     cfg = make_cfg(tmp_path, moto_server.s3_settings(bucket))

@@ -256,3 +256,26 @@ def test_another_users_loose_pair_in_a_sticky_inbox_waits_and_names_the_owner(sc
     assert rig.jobs() == [] and list(rig.cfg.folder("work").iterdir()) == []
     [warning] = [r for r in rig.log_lines("warning") if r.get("group") == "f:st"]
     assert "sticky" in warning["reason"] and OTHER_USER in warning["reason"] and DAEMON_USER in warning["reason"]
+    # No mode bit lets anyone but an owner rename in a sticky folder: the hint says what does.
+    assert f"chown {DAEMON_USER}" in warning["hint"] and "chmod -t" in warning["hint"] and "g+w" not in warning["hint"]
+
+
+def test_an_unreadable_file_of_a_loose_pair_waits_with_one_warning_and_is_taken_once_readable(scratch, voice):
+    daemon = system_user(DAEMON_USER)
+    rig = IntakeRig(scratch)
+    chown_tree(scratch, daemon)
+    try:
+        with acting_as(daemon):
+            drop_pair(rig.inbox, "shut", voice)
+            (rig.inbox / "shut.wav").chmod(0)
+            for _ in range(4):
+                rig.settle(60)
+            assert rig.jobs() == [] and sorted(p.name for p in rig.inbox.iterdir()) == ["shut.jpg", "shut.wav"]
+            (rig.inbox / "shut.wav").chmod(0o644)  # what the warning's hint asks for
+            rig.settle(0)
+            rig.settle(3)
+    finally:
+        rig.close()
+    assert [(j.name, j.state) for j in rig.jobs()] == [("shut", "queued")]
+    [warning] = [r for r in rig.log_lines("warning") if r.get("group") == "f:shut"]
+    assert "cannot read shut.wav" in warning["reason"] and "chmod a+r" in warning["hint"]

@@ -66,3 +66,15 @@ def test_a_full_walk_when_asked_sees_every_file_again(outputs):
     watcher.touch(None)  # the kernel dropped events
     watcher.step(1.0, known)
     assert known.asked == EARLIER
+
+
+def test_with_inotify_idle_steps_walk_nothing_until_lost_events_ask_for_a_full_walk(outputs):
+    root, watcher, known = outputs
+    watcher.periodic = False  # as the delivery service sets it for inotify: the kernel reports every change
+    watcher.rescan_slack_ns = 0
+    (root / "old-03" / "missed.mp4").write_bytes(b"no event came")
+    assert watcher.step(61.0, known) == [] and watcher.step(125.0, known) == []
+    assert known.asked == 0  # nothing looked at, however long it idles
+    watcher.touch(None)  # the kernel dropped events: then everything is looked at once
+    assert watcher.step(126.0, known) == []
+    assert watcher.step(127.5, known) == [("old-03/missed.mp4", 13)]

@@ -59,3 +59,12 @@ def test_an_inotify_queue_overflow_asks_for_a_full_rescan(watched):
             Path(folder, f"f{i}").touch()
     assert touches.wait_for(None, 30), "the overflow did not lead to a rescan"
     assert os.path.isdir(folder)
+
+
+def test_an_inbox_renamed_away_and_re_created_is_watched_again_by_its_path(watched):
+    folder, touches, _observer = watched
+    folder.rename(folder.with_name("inbox.old"))  # mv inbox inbox.old; mkdir inbox
+    folder.mkdir()
+    assert touches.wait_for(None), "no rescan asked for after the folder was renamed away and re-created"
+    (folder / "late.wav").write_bytes(b"RIFF")
+    assert touches.wait_for(str(folder / "late.wav")), "a file in the new folder was not seen"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,6 +16,9 @@ from heygem_daemon.delivery.report import size_text
 from heygem_daemon.fs.ops import atomic_write_json, atomic_write_text
 
 LINKS_JSON = "links.json"
+HIDDEN_TEMPS = ".heygem-tmp"
+"""outputs/.heygem-tmp/: where files for outputs/ are written before they are renamed into place, so a write cut
+short by a kill leaves its temp there (for the temp sweep), never in a folder people open."""
 
 
 @dataclass(frozen=True)
@@ -70,13 +74,29 @@ def iso_utc(when: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
-def write_links(folder: Path, stem: str, batch: str, files: list[LinkEntry], zip_entry: LinkEntry | None) -> Path:
-    """`<stem>.json` and `<stem>.txt` in `folder`, both replaced atomically (a reader never sees half)."""
+def listed(folder: Path, rel: str, size: int) -> bool:
+    """Whether `folder`'s links.json lists `rel` (relative to the folder) at this size: a video delivered
+    before, even if the store lost its record since (a WAL lost with a crash, a database restored from backup)."""
+    try:
+        with open(folder / LINKS_JSON, "rb") as fh:
+            doc = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    files = doc.get("files") if isinstance(doc, dict) else None
+    return isinstance(files, list) and any(
+        isinstance(f, dict) and f.get("file") == rel and f.get("size") == size for f in files)
+
+
+def write_links(folder: Path, stem: str, batch: str, files: list[LinkEntry], zip_entry: LinkEntry | None,
+                temps: Path) -> Path:
+    """`<stem>.json` and `<stem>.txt` in `folder`, both replaced atomically (a reader never sees half); their
+    temps are written in `temps` (HIDDEN_TEMPS, same filesystem)."""
     folder.mkdir(parents=True, exist_ok=True)
+    temps.mkdir(exist_ok=True)
     doc = {"job": batch, "written_at": iso_utc(time.time()), "files": [asdict(f) for f in files],
            "zip": asdict(zip_entry) if zip_entry else None}
     target = folder / f"{stem}.json"
-    atomic_write_json(target, doc)
+    atomic_write_json(target, doc, temps)
     lines = [f"{batch}: {len(files)} video(s)", ""]
     for f in [*files, *([zip_entry] if zip_entry else [])]:
         lines.append(f"{f.file}  ({size_text(f.size)}" + (f", sha256 {f.sha256}" if f.sha256 else "") + ")")
@@ -84,5 +104,5 @@ def write_links(folder: Path, stem: str, batch: str, files: list[LinkEntry], zip
         if f.expires_at:
             lines.append(f"  link valid until {f.expires_at}")
         lines.append("")
-    atomic_write_text(folder / f"{stem}.txt", "\n".join(lines))
+    atomic_write_text(folder / f"{stem}.txt", "\n".join(lines), temps)
     return target

@@ -4,9 +4,11 @@ Whatever wrote the file (our engine, or another tool pointed at the folder), a v
 its size and mtime stopped changing for watcher.settle_seconds; partial and hidden names never count.
 
 outputs/ keeps growing (thousands of earlier videos), so work follows changes, not the tree: a file event
-marks that file, a new or moved-in folder has only its own subtree walked, and the periodic rescan (the
-net for missed events) looks only at entries whose ctime moved since the previous walk. A full walk
-happens at start and when asked (touch(None): the kernel dropped events, the folder came back).
+marks that file, a new or moved-in folder has only its own subtree walked. A full walk happens at start
+and when asked (touch(None): the kernel dropped events, the folder came back). With inotify that is all:
+the kernel reports every change on a local filesystem and says when it lost some, so idle costs nothing
+however many videos were delivered. Polling (network mounts) adds the periodic rescan as a net, looking
+only at entries whose ctime moved since the previous walk (the poller itself stats the whole tree anyway).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class OutputsWatcher:
         self.names = NameFilter(settings)
         self.tracker = StabilityTracker(settings.settle_seconds)
         self.rescan_seconds = settings.rescan_seconds
+        self.periodic = True
+        """Whether the periodic rescan runs: only while polling (set by the delivery service from the mode)."""
         self._lock = threading.Lock()
         self._dirty: set[str] = set()
         self._dirty_dirs: set[str] = set()
@@ -111,7 +115,7 @@ class OutputsWatcher:
             full, self._full = self._full, False
         for folder in dirs:
             dirty |= self._walk(folder)
-        if full or now >= self._next_rescan:
+        if full or (self.periodic and now >= self._next_rescan):
             started = time.time_ns()
             dirty |= self._walk(str(self.root), 0 if full else self._walked_since_ns - self.rescan_slack_ns)
             self._walked_since_ns = started

@@ -17,7 +17,9 @@ from typing import Any, Callable
 
 from heygem_daemon.config import Config
 from heygem_daemon.delivery.audit import AuditLog
-from heygem_daemon.delivery.links import LINKS_JSON, LinkEntry, iso_utc, link_seconds, presign_get, write_links
+from heygem_daemon.delivery.links import (
+    HIDDEN_TEMPS, LINKS_JSON, LinkEntry, iso_utc, link_seconds, listed, presign_get, write_links,
+)
 from heygem_daemon.delivery.names import object_key, zip_name
 from heygem_daemon.delivery.outputs import OutputsWatcher
 from heygem_daemon.delivery.report import BatchReport, VideoLink
@@ -84,6 +86,7 @@ class DeliveryService:
         self.store.deliveries.wake()
         self._observer, mode = start_watcher(self.outputs, self.cfg.watcher.mode, self.cfg.watcher.poll_interval,
                                              self._touch, what="outputs")
+        self.watcher.periodic = mode == "polling"  # inotify reports every change, and says when it lost some
         self._thread = threading.Thread(target=self._run, name="delivery", daemon=True)
         self._thread.start()
         where = {"endpoint": self.client.meta.endpoint_url, "region": self.client.meta.region_name,
@@ -179,6 +182,13 @@ class DeliveryService:
             local = job.spec.get("upload") is False  # job.yaml `upload: false`
         else:
             folder = rel_to_outputs.parts[0] if len(rel_to_outputs.parts) > 1 else ""
+            if folder and listed(self.outputs / folder, str(path.relative_to(self.outputs / folder)), size):
+                # Delivered before the store lost its record: links and chat went out once already.
+                self.store.deliveries.mark_known(str(path), size)
+                log.warning("video already listed in its folder's links.json; not delivered again",
+                            file=str(rel_to_outputs), hint="the state database lost recent rows (a crash or a "
+                            "restore): jobs finished just before it are not delivered twice")
+                return None
             batch = self.store.deliveries.open_adhoc_batch(folder) or self.store.deliveries.ensure_batch(
                 f"adhoc-{os.urandom(6).hex()}", folder or path.stem, folder, None)
         rel = str(path.relative_to(self.outputs / batch.folder)) if batch.folder else path.name
@@ -313,7 +323,7 @@ class DeliveryService:
         name = zip_name(batch.name, when)
         files = [(Path(d.path), d.rel) for d in videos]
         if self.client is None or not any(d.key for d in videos):
-            size, sha256 = write_local_zip(files, self._links_dir(batch) / name)
+            size, sha256 = write_local_zip(files, self._links_dir(batch) / name, self.outputs / HIDDEN_TEMPS)
             self.store.deliveries.set_batch_zip(batch.id, name, "", None)
         else:
             if batch.zip_upload_id:  # a zip cut short by a crash: its parts are useless, start again
@@ -402,7 +412,8 @@ class DeliveryService:
             if not linked:  # a job that made no video gets no outputs/ folder (its name stays free for a retry)
                 return
             stem = LINKS_JSON.removesuffix(".json") if batch.folder else f"{batch.name}.links"
-            write_links(self._links_dir(batch), stem, batch.name, self._entries(linked), self._zip_entry(batch))
+            write_links(self._links_dir(batch), stem, batch.name, self._entries(linked), self._zip_entry(batch),
+                        self.outputs / HIDDEN_TEMPS)
 
     def _audit(self, event: str, batch: Batch, deliveries: list[Delivery]) -> None:
         """Each file by where it went, decided by its key as delivery decides: an object in the bucket is

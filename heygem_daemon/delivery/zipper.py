@@ -74,9 +74,11 @@ def write_zip(files: list[tuple[Path, str]], out: BinaryIO) -> str:
     return hashing.sha.hexdigest()
 
 
-def write_local_zip(files: list[tuple[Path, str]], dest: Path) -> tuple[int, str]:
-    """The zip beside the videos (local-only mode), renamed into place only once complete: (size, sha256)."""
-    tmp = temp_name(dest)
+def write_local_zip(files: list[tuple[Path, str]], dest: Path, temps: Path) -> tuple[int, str]:
+    """The zip beside the videos (local-only mode), written in `temps` (same filesystem, where people do not
+    look) and renamed into place only once complete: (size, sha256)."""
+    temps.mkdir(exist_ok=True)
+    tmp = temp_name(dest, folder=temps)
     try:
         with open(tmp, "wb") as fh:
             sha256 = write_zip(files, fh)

@@ -19,17 +19,18 @@ OWN_TEMP = re.compile(r"^\..+\.[0-9a-f]{8}\.(tmp|moving)$")
 safe to delete once no process holds them open."""
 
 
-def temp_name(path: Path, suffix: str = "tmp") -> Path:
-    """A hidden sibling of `path` that OWN_TEMP recognises (zips, links, error.json and moves use it)."""
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.{suffix}")
+def temp_name(path: Path, suffix: str = "tmp", folder: Path | None = None) -> Path:
+    """A hidden name that OWN_TEMP recognises (zips, links, error.json and moves use it): beside `path`, or in
+    `folder` (on the same filesystem, since it is renamed onto `path`) where people do not look."""
+    return (folder or path.parent) / f".{path.name}.{uuid.uuid4().hex[:8]}.{suffix}"
 
 
 def is_own_temp(name: str) -> bool:
     return OWN_TEMP.match(name) is not None
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = temp_name(path)
+def atomic_write_text(path: Path, text: str, temp_dir: Path | None = None) -> None:
+    tmp = temp_name(path, folder=temp_dir)
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -41,8 +42,8 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+def atomic_write_json(path: Path, data: Any, temp_dir: Path | None = None) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n", temp_dir)
 
 
 def display_name(name: str) -> str:
@@ -85,24 +86,31 @@ def same_filesystem(a: Path, b: Path) -> bool:
     return os.stat(a).st_dev == os.stat(b).st_dev
 
 
-def move_blocker(path: Path) -> str | None:
-    """Why this process cannot move `path` out of its folder (None when it can): renaming needs write
-    access to the folder it leaves, a sticky folder (mode +t) only lets owners rename, and a folder
-    changing parents (or copied across filesystems, then deleted) needs write access to itself."""
+def move_blocker(path: Path) -> tuple[str, str] | None:
+    """Why this process cannot move `path` out of its folder, and what fixes it (None when it can): renaming
+    needs write access to the folder it leaves, a sticky folder (mode +t) only lets the entry's owner or the
+    folder's owner rename, and a folder changing parents (or copied across filesystems, then deleted) needs
+    write access to itself."""
     parent = path.parent
     st, pst = os.lstat(path), os.stat(parent)
+    later = "; it is taken as soon as it can be moved"
     # Names only for the refusal text: a user look-up (NSS, maybe LDAP) on every inbox entry is not free.
     def me() -> str:
         return user_name(os.geteuid())
 
     if not os.access(parent, os.W_OK | os.X_OK, effective_ids=True):
-        return f"the daemon's user {me()} cannot write to {parent.name}/, so it cannot move {path.name} out"
+        return (f"the daemon's user {me()} cannot write to {parent.name}/, so it cannot move {path.name} out",
+                f"chmod g+w (or o+w) '{parent.name}' with the daemon's user in its group{later}")
     if pst.st_mode & stat.S_ISVTX and os.geteuid() not in (0, st.st_uid, pst.st_uid):
+        # No mode bit helps here: only ownership counts in a sticky folder.
         return (f"{parent.name}/ is sticky (mode +t) and {path.name} belongs to {user_name(st.st_uid)}, "
-                f"not to the daemon's user {me()}")
+                f"not to the daemon's user {me()}",
+                f"make the daemon's user own the folder (chown {me()} '{parent.name}': a sticky folder's owner "
+                f"may move anything in it) or clear its sticky bit (chmod -t '{parent.name}'){later}")
     if stat.S_ISDIR(st.st_mode) and not os.access(path, os.W_OK | os.X_OK, effective_ids=True):
         return (f"the folder {path.name} (owner {user_name(st.st_uid)}, mode {stat.filemode(st.st_mode)}) is not "
-                f"writable by the daemon's user {me()}, so it cannot be moved")
+                f"writable by the daemon's user {me()}, so it cannot be moved",
+                f"chmod g+w (or o+w) '{path.name}', or drop it as a user in the daemon's group{later}")
     return None
 
 

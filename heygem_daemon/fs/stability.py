@@ -1,4 +1,5 @@
-"""When is a dropped entry completely written? When its signature stops changing for settle_seconds."""
+"""When is a dropped entry completely written? When its signature stops changing for settle_seconds, and
+(where inotify can tell) none of its files is still open for writing."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from heygem_daemon.config import Watcher
 from heygem_daemon.fs.ops import is_own_temp
@@ -47,16 +49,20 @@ class Snapshot:
     ready_marker: bool
     partial: bool
     """A member has a name that means it is still being written."""
+    writing: tuple[str, ...] = ()
+    """Members written to and not closed since (inotify): their writer may only be pausing."""
 
     @property
     def signature(self) -> Signature:
         return tuple((f.rel, f.size, f.mtime_ns, f.mode) for f in self.files) + (
-            ("", int(self.ready_marker), int(self.partial), 0),)
+            ("", int(self.ready_marker), int(self.partial), len(self.writing)),)
 
 
-def snapshot(inbox: Path, name: str, names: NameFilter) -> Snapshot | None:
+def snapshot(inbox: Path, name: str, names: NameFilter,
+             writing: Callable[[str], bool] = lambda _path: False) -> Snapshot | None:
     """Stat one top-level entry; None when it is gone or ignored. Raises OSError (PermissionError) when
-    the entry cannot be read: the caller decides how to say so."""
+    the entry cannot be read: the caller decides how to say so. `writing(path)`: is that file still open
+    for writing (OpenWrites)."""
     if names.ignored(name) or name == READY_MARKER:
         return None
     try:
@@ -64,8 +70,10 @@ def snapshot(inbox: Path, name: str, names: NameFilter) -> Snapshot | None:
     except FileNotFoundError:
         return None
     if not stat.S_ISDIR(st.st_mode):
-        return Snapshot(name, False, (_info(name, st),), False, names.partial_write(name))
+        open_now = (name,) if writing(str(inbox / name)) else ()
+        return Snapshot(name, False, (_info(name, st),), False, names.partial_write(name), open_now)
     files: list[FileInfo] = []
+    open_now: list[str] = []
     ready = partial = False
     try:
         with os.scandir(inbox / name) as it:
@@ -80,10 +88,12 @@ def snapshot(inbox: Path, name: str, names: NameFilter) -> Snapshot | None:
                 if names.ignored(entry.name):
                     continue
                 files.append(_info(f"{name}/{entry.name}", entry.stat(follow_symlinks=False)))
+                if writing(entry.path):
+                    open_now.append(files[-1].rel)
     except FileNotFoundError:
         return None
     files.sort(key=lambda f: f.rel)
-    return Snapshot(name, True, tuple(files), ready, partial)
+    return Snapshot(name, True, tuple(files), ready, partial, tuple(sorted(open_now)))
 
 
 @dataclass

@@ -21,10 +21,11 @@ from heygem_daemon.media.kinds import MediaKind, kind_of
 from heygem_daemon.proc import die_with_parent
 
 
-
 @dataclass
 class Inspection:
     problems: list[Problem] = field(default_factory=list)
+    incomplete: list[str] = field(default_factory=list)
+    """Inputs refused for what a file still arriving looks like too (empty, cut short, undecodable)."""
     digests: dict[str, str] = field(default_factory=dict)
     owner: str | None = None
 
@@ -74,6 +75,8 @@ def inspect_inputs(inbox: str, rels: list[str], limits: Limits, need_face: FaceR
             result.digests[rel] = digest
         except ProbeError as exc:
             result.problems.append(Problem.of_input(rel, exc.reason, exc.hint))
+            if exc.incomplete:
+                result.incomplete.append(rel)
         except OSError as exc:
             result.problems.append(Problem.of_input(rel, f"cannot be read ({exc.strerror})",
                                                     "check the file's permissions and drop it again"))

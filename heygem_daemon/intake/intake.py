@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import heapq
 import os
+import stat
 import threading
 import time
 from concurrent.futures import Future
@@ -17,11 +18,12 @@ from typing import Callable
 from heygem_daemon.config import Config
 from heygem_daemon.failures import Kind, Problem
 from heygem_daemon.fs.ops import move_blocker
+from heygem_daemon.fs.watcher import OpenWrites
 from heygem_daemon.intake.claim import ClaimBlocked, Claimer
 from heygem_daemon.intake.inspect import Inspection, Inspector
 from heygem_daemon.intake.pairing import (
     MANIFEST_NAMES, MAX_MANIFEST_BYTES, FileInfo, Outcome, Plan, Rejection, Wait, entry_problem, plan_folder,
-    plan_loose,
+    plan_loose, safe_name,
 )
 from heygem_daemon.fs.stability import NameFilter, Snapshot, StabilityTracker, snapshot
 from heygem_daemon.log import get_logger
@@ -69,6 +71,8 @@ class Intake:
         self.clock = clock
         self.names = NameFilter(cfg.watcher)
         self.tracker = StabilityTracker(cfg.watcher.settle_seconds)
+        self.writes = OpenWrites()
+        """Which inbox files are still open for writing (the inotify observer keeps it; polling: empty)."""
         self.wake = threading.Event()
         self.hold = threading.Event()
         """Set while nothing may be claimed (draining, disk low): entries wait in the inbox, still watched."""
@@ -173,7 +177,7 @@ class Intake:
 
     def _observe(self, name: str, now: float) -> None:
         try:
-            snap = snapshot(self.inbox, name, self.names)
+            snap = snapshot(self.inbox, name, self.names, self.writes.writing)
         except OSError as exc:
             # One entry the daemon may not read (chmod 000) must not stop everyone else's jobs.
             self._warn_once(f"read:{name}", now, "cannot read an inbox entry; skipping it until it can be read",
@@ -214,13 +218,18 @@ class Intake:
             self._schedule(now + HOLD_RECHECK, key)
             return
         snaps = [self.tracker.entries[m].snap for m in members]
+        if snaps[0].is_dir and not snaps[0].files:
+            return  # an empty folder, or one of droppings only (.DS_Store, Thumbs.db): not a job, left alone
         ready_at = max(self.tracker.stable_at(m) for m in members)
         if snaps[0].is_dir and snaps[0].ready_marker:
             ready_at = min(ready_at, now)
         if any(s.partial for s in snaps) or now < ready_at:
             self._schedule(max(ready_at, now + self.tracker.settle), key)
             return
-        blocker = self._move_blocker(snaps)
+        if any(s.writing for s in snaps):
+            self._wait_for_writer(key, members, snaps, now)
+            return
+        blocker = self._move_blocker(snaps) or self._unreadable(snaps)
         if blocker is not None:
             self._wait_blocked(key, blocker, now)
             return
@@ -235,14 +244,40 @@ class Intake:
         else:
             self._start_probe(key, outcome, snaps)
 
+    def _wait_for_writer(self, key: str, members: list[str], snaps: list[Snapshot], now: float) -> None:
+        """A file written to and not closed yet is still arriving, however long its writer pauses (Wi-Fi, VPN,
+        an SMB client): wait for the close, up to stalled_upload_seconds without new data, then refuse it."""
+        limit = self.cfg.watcher.stalled_upload_seconds
+        stalled_at = max(self.tracker.entries[m].changed_at for m in members) + limit
+        if now < stalled_at:
+            self._schedule(stalled_at, key)  # the close event wakes the group earlier
+            return
+        open_files = ", ".join(w for s in snaps for w in s.writing)
+        problem = Problem.of_input(
+            open_files, f"upload stalled: {open_files} is still open for writing but no data arrived for "
+                        f"{limit / 60:g} min",
+            "the copy or upload stopped (a dropped connection, a sleeping laptop); copy the whole file again")
+        first = snaps[0]
+        stem = PurePosixPath(first.name).stem if not first.is_dir else first.name
+        self.claimer.reject(safe_name(stem), members if not first.is_dir else [first.name], [problem], first.is_dir)
+        self._drop(members, now)
+
     def _move_blocker(self, snaps: list[Snapshot]) -> Problem | None:
         """Checked before any row or folder exists: files the daemon cannot move wait where they are."""
         for snap in snaps:
             why = move_blocker(self.inbox / snap.name)
             if why is not None:
-                return Problem(Kind.SETUP, "intake", why,
-                               f"chmod g+w (or o+w) '{snap.name}' and the inbox, or drop it as a user in the "
-                               "daemon's group; it is taken as soon as it can be moved")
+                return Problem(Kind.SETUP, "intake", *why)
+        return None
+
+    def _unreadable(self, snaps: list[Snapshot]) -> Problem | None:
+        """A file the daemon may not read (chmod 000) waits, like an unreadable folder: its owner can fix it."""
+        for snap in snaps:
+            for f in snap.files:
+                if stat.S_ISREG(f.mode) and not os.access(self.inbox / f.rel, os.R_OK, effective_ids=True):
+                    return Problem(Kind.SETUP, "intake", f"the daemon's user cannot read {f.rel}",
+                                   f"let it read the file (chmod a+r '{f.rel}') or remove it; it is taken as "
+                                   "soon as it can be read")
         return None
 
     def _wait_blocked(self, key: str, failure: Problem, now: float) -> None:
@@ -250,7 +285,7 @@ class Intake:
         tries = self._blocked.get(key, 0) + 1
         self._blocked[key] = tries
         delay = min(BLOCKED_MAX_WAIT, RETRY_AFTER_ERROR * 2 ** (tries - 1))
-        if self._warn_once(f"move:{key}:{failure.reason}", now, "inbox entry waits: it cannot be moved now",
+        if self._warn_once(f"move:{key}:{failure.reason}", now, "inbox entry waits: it cannot be taken now",
                            group=key, kind=failure.kind.value, reason=failure.reason, hint=failure.hint,
                            retry_seconds=delay) and failure.kind is Kind.OUTAGE and self.on_alert is not None:
             self.on_alert("intake-disk-full", f"New jobs wait in the inbox: {failure.reason}. {failure.hint}")
@@ -309,7 +344,7 @@ class Intake:
     def _finish_probe(self, key: str, p: Probing, now: float) -> None:
         insp = self.inspector.outcome(p.future, p.generation)
         log.debug("inputs checked", group=key, seconds=round(now - p.started, 3))
-        current = {n: snapshot(self.inbox, n, self.names) for n in p.signatures}
+        current = {n: snapshot(self.inbox, n, self.names, self.writes.writing) for n in p.signatures}
         if any(s is None or s.signature != p.signatures[n] for n, s in current.items()):
             for n in current:
                 self._observe(n, now)
@@ -322,6 +357,15 @@ class Intake:
         if insp is None:
             insp = Inspection([Problem.of_input(", ".join(p.plan.inputs), "crashed the media decoder",
                                                 "the file is probably corrupt; re-export it and drop it again")])
+        grace = self.cfg.watcher.incomplete_grace_seconds
+        young_until = max(self.tracker.entries[n].changed_at for n in members) + grace
+        if insp.incomplete and now < young_until:
+            # What a cut-short file looks like is also what a file still arriving looks like (a writer that
+            # closes between chunks, or polling mode, where closes are not seen): give it time first.
+            log.info("an input looks cut short; waiting in case it is still arriving", group=key,
+                     files=insp.incomplete, retry_seconds=round(young_until - now, 1))
+            self._schedule(young_until, key)
+            return
         if insp.problems:
             self.claimer.reject(p.plan.name_hint, p.plan.sources, insp.problems, p.is_folder,
                                 notify=p.plan.notify)

@@ -43,12 +43,18 @@ _FLOAT_FORMATS = {"flt", "fltp", "dbl", "dblp"}
 
 
 class ProbeError(Exception):
-    """An input is unusable: `reason` says what is wrong, `hint` what the person should do."""
+    """An input is unusable: `reason` says what is wrong, `hint` what the person should do. `incomplete`:
+    what a file still being written looks like too (empty, cut short, undecodable), so intake may wait."""
 
-    def __init__(self, reason: str, hint: str) -> None:
+    def __init__(self, reason: str, hint: str, incomplete: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.hint = hint
+        self.incomplete = incomplete
+
+
+def _cut_short(reason: str) -> ProbeError:
+    return ProbeError(reason, _RECOPY, incomplete=True)
 
 
 @dataclass(frozen=True)
@@ -79,7 +85,7 @@ def _check_file(path: Path, limits: Limits) -> int:
     if not stat.S_ISREG(st.st_mode):
         raise ProbeError(f"{path.name} is not a regular file", "drop in a plain file, not a link, folder or pipe")
     if st.st_size == 0:
-        raise ProbeError(f"{path.name} is empty (0 bytes)", _RECOPY)
+        raise _cut_short(f"{path.name} is empty (0 bytes)")
     if st.st_size > limits.max_file_mb * 1024 * 1024:
         raise ProbeError(
             f"{path.name} is {st.st_size / 2**20:.0f} MB, over the {limits.max_file_mb:g} MB limit",
@@ -108,7 +114,7 @@ def _check_wav(path: Path, size: int) -> None:
             return  # RF64 and friends: leave them to the decoder
         chunks = _wav_chunks(f, size)
         if b"data" not in chunks:
-            raise ProbeError(f"{path.name} is cut short: it ends before its audio data starts", _RECOPY)
+            raise _cut_short(f"{path.name} is cut short: it ends before its audio data starts")
         offset, declared = chunks[b"data"]
         # Streaming writers that never went back to fill in the size leave 0 or 0xFFFFFFFF.
         if declared in (0, 0xFFFFFFFF) or offset + declared <= size:
@@ -122,7 +128,7 @@ def _check_wav(path: Path, size: int) -> None:
         amount = f"{declared / byte_rate:.1f} s of audio but holds only {max(held, 0) / byte_rate:.1f} s"
     else:
         amount = f"{declared} bytes of audio but holds only {max(held, 0)}"
-    raise ProbeError(f"{path.name} is cut short: its header promises {amount}", _RECOPY)
+    raise _cut_short(f"{path.name} is cut short: its header promises {amount}")
 
 
 def _seconds(value: int | None, time_base: Fraction | None) -> float | None:
@@ -164,9 +170,8 @@ def _decoded_seconds(
         if not seconds:
             raise
         # Cut-off FLAC, Ogg and ADTS files decode fine up to the cut, then fail.
-        raise ProbeError(
-            f"{path.name} is damaged or cut short: decoding stops after {seconds:.1f} s ({exc.strerror or exc})",
-            _RECOPY,
+        raise _cut_short(
+            f"{path.name} is damaged or cut short: decoding stops after {seconds:.1f} s ({exc.strerror or exc})"
         ) from None
     return seconds
 
@@ -180,7 +185,7 @@ def probe_audio(path: Path, limits: Limits) -> AudioProbe:
     try:
         with av.open(str(path)) as container:
             if not container.streams.audio:
-                raise ProbeError(f"{path.name} has no audio track", _AUDIO_HINT)
+                raise ProbeError(f"{path.name} has no audio track", _AUDIO_HINT, incomplete=True)
             stream = container.streams.audio[0]
             declared = _seconds(stream.duration, stream.time_base)
             if declared is not None and declared > limits.max_audio_seconds:
@@ -190,14 +195,13 @@ def probe_audio(path: Path, limits: Limits) -> AudioProbe:
             found = AudioProbe(seconds, ctx.sample_rate, ctx.channels, ctx.name)
     except av.error.EOFError:
         # Ogg looks for its last page while opening, so a cut-off Ogg fails here.
-        raise ProbeError(f"{path.name} is cut short: the file ends unexpectedly", _RECOPY) from None
+        raise _cut_short(f"{path.name} is cut short: the file ends unexpectedly") from None
     except av.FFmpegError as exc:
-        raise ProbeError(f"{path.name} is not decodable audio ({exc.strerror or exc})", _AUDIO_HINT) from None
+        raise ProbeError(f"{path.name} is not decodable audio ({exc.strerror or exc})", _AUDIO_HINT,
+                         incomplete=True) from None
     if declared is not None and declared - seconds > max(_SHORTFALL_SECONDS, _SHORTFALL_SHARE * declared):
-        raise ProbeError(
-            f"{path.name} is cut short: it declares {declared:.1f} s but only {seconds:.1f} s can be decoded",
-            _RECOPY,
-        )
+        raise _cut_short(
+            f"{path.name} is cut short: it declares {declared:.1f} s but only {seconds:.1f} s can be decoded")
     if seconds > limits.max_audio_seconds:
         raise _too_long(path.name, "audio", seconds, limits.max_audio_seconds, "max_audio_seconds")
     if seconds < limits.min_audio_seconds:
@@ -222,9 +226,9 @@ def _image_size(path: Path, limits: Limits) -> tuple[int, int]:
             # Only now: for PNG, reading EXIF can decode the whole image.
             w, h = shown_size(im)
     except UnidentifiedImageError:
-        raise ProbeError(f"{path.name} is not a valid image", _IMAGE_HINT) from None
+        raise ProbeError(f"{path.name} is not a valid image", _IMAGE_HINT, incomplete=True) from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ProbeError(f"{path.name} is a damaged image ({exc})", _IMAGE_HINT) from None
+        raise ProbeError(f"{path.name} is a damaged image ({exc})", _IMAGE_HINT, incomplete=True) from None
     return w, h
 
 
@@ -258,8 +262,8 @@ def _probe_image(path: Path, limits: Limits, need_face: FaceRule) -> PortraitPro
             f"{path.name} has too many pixels to decode safely ({exc})",
             "scale the photo down and drop it in again",
         ) from None
-    except MediaError as exc:
-        raise ProbeError(exc.reason, exc.hint) from None
+    except MediaError as exc:  # a JPEG whose end has not arrived yet decodes as damaged too
+        raise ProbeError(exc.reason, exc.hint, incomplete=True) from None
     _check_faces([bgr], need_face, path.name)
     return PortraitProbe("image", w, h, None, None)
 
@@ -297,7 +301,7 @@ def _probe_video(path: Path, limits: Limits, need_face: FaceRule) -> PortraitPro
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
-                raise ProbeError(f"{path.name} has no video track", _VIDEO_HINT)
+                raise ProbeError(f"{path.name} has no video track", _VIDEO_HINT, incomplete=True)
             stream = container.streams.video[0]
             # Checked before decoding when the container says, and again on the first real frame.
             _check_video_pixels(path.name, stream.codec_context.width, stream.codec_context.height, limits)
@@ -309,11 +313,12 @@ def _probe_video(path: Path, limits: Limits, need_face: FaceRule) -> PortraitPro
             fps = float(stream.average_rate or stream.guessed_rate or 0) or None
             frames = _first_frames(container, stream, max(1, round((fps or 25) / 2)))
             if not frames:
-                raise ProbeError(f"{path.name} has no decodable video frames", _VIDEO_HINT)
+                raise ProbeError(f"{path.name} has no decodable video frames", _VIDEO_HINT, incomplete=True)
             _check_video_pixels(path.name, frames[0].shape[1], frames[0].shape[0], limits)
             seconds = declared if declared is not None else _demuxed_seconds(container, stream)
     except av.FFmpegError as exc:
-        raise ProbeError(f"{path.name} is not a decodable video ({exc.strerror or exc})", _VIDEO_HINT) from None
+        raise ProbeError(f"{path.name} is not a decodable video ({exc.strerror or exc})", _VIDEO_HINT,
+                         incomplete=True) from None
     if seconds > limits.max_portrait_seconds:
         raise _too_long(path.name, _A_PORTRAIT, seconds, limits.max_portrait_seconds, _PORTRAIT_KEY)
     _check_faces(frames, need_face, f"the first frames of {path.name}")

@@ -23,7 +23,8 @@ class IntakeService:
 
     def start(self) -> None:
         self._observer, self.mode = start_watcher(self.cfg.folder("inbox"), self.cfg.watcher.mode,
-                                                  self.cfg.watcher.poll_interval, self.intake.touch)
+                                                  self.cfg.watcher.poll_interval, self.intake.touch,
+                                                  writes=self.intake.writes)
         self._thread = threading.Thread(target=self.intake.run, args=(self._stop,), name="intake", daemon=True)
         self._thread.start()
 

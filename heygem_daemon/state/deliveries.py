@@ -177,6 +177,12 @@ class DeliveryRepository(Repository):
                               " state IN ('linked', 'missing') AND updated_at < ?)",
                               (now - PARTS_KEEP_SECONDS,)).rowcount
 
+    def mark_known(self, path: str, size: int) -> None:
+        """Remember a video as delivered without a delivery row (the store lost the row; links.json says so)."""
+        with self.tx() as db:
+            db.execute("INSERT OR IGNORE INTO delivered (path, size, marked_at) VALUES (?, ?, ?)",
+                       (path, size, time.time()))
+
     def delivered_marks(self) -> list[str]:
         return [r["path"] for r in self._conn().execute("SELECT path FROM delivered ORDER BY path")]
 

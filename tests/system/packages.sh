@@ -8,11 +8,14 @@ NEEDS=(
     "chromedriver=chromium chromium-driver"         # the web console's browser test
     "redis-server=redis-server"                     # the remote-worker tests' broker
     "nginx=nginx"                                   # the web console behind the README's nginx block
+    "smbd=samba"                                    # intake: an SMB upload that pauses (tests/smb_server.py)
 )
 missing=()
 for need in "${NEEDS[@]}"; do
     command -v "${need%%=*}" >/dev/null 2>&1 || missing+=(${need#*=})
 done
+# the pausing SMB client (tests/tools/smb_upload.py) runs on the system Python with Samba's client library
+/usr/bin/python3 -c 'import smbc' >/dev/null 2>&1 || missing+=(python3-smbc)
 [ ${#missing[@]} = 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing test packages: ${missing[*]}" >&2
