@@ -3,7 +3,7 @@ comes from the models below. It writes only what the console writes (a hand-over
 retry requests) and reads through the read model (views.py). Bearer tokens only (web/tokens.py); every error
 is {reason, hint}, as the console and intake say it."""
 
-from __future__ import annotations
+# No `from __future__ import annotations`: FastAPI reads the routes' annotations, some of them local aliases.
 
 import base64
 import binascii
