@@ -128,7 +128,7 @@ def test_a_multipart_request_over_the_limit_is_refused_before_it_is_read(web, sh
     big = tmp_path / "big.wav"
     big.write_bytes(b"\0" * (2 * 2**20))
     answer = multipart(shop, {"big.wav": big, "b.jpg": big})
-    assert answer.status_code == 413
+    assert answer.status_code == 413 and "tus" in answer.json()["hint"]
 
 
 @pytest.mark.parametrize("case", ["pairs name a missing file", "cut audio", "unknown engine"])
@@ -199,7 +199,7 @@ def test_a_job_shows_its_videos_links_with_expiry_and_its_problem(web, shop):
     store.jobs.set_state(job.id, "failed", error={"kind": "bad_input", "reason": "no face", "hint": "crop it"})
     folder = web.cfg.folder("outputs") / "api shown"
     folder.mkdir(parents=True)
-    (folder / "links.json").write_text(json.dumps({"job": "api shown", "files": [
+    (folder / "links.json").write_text(json.dumps({"job": "api shown", "written_at": "2026-11-24T00:00:00Z", "files": [
         {"file": "anna.mp4", "size": 10, "path": None, "link": "https://b.example/anna.mp4?sig",
          "expires_at": "2026-12-01T00:00:00Z"}], "zip": None}))
     shown = shop.api("GET", "/jobs/api shown").json()
@@ -207,6 +207,8 @@ def test_a_job_shows_its_videos_links_with_expiry_and_its_problem(web, shop):
     assert shown["links"] == [{"file": "anna.mp4", "size": 10, "sha256": None, "link": "https://b.example/anna.mp4?sig",
                                "expires_at": "2026-12-01T00:00:00Z"}]
     assert shown["problem"] == {"kind": "bad_input", "reason": "no face", "hint": "crop it"}
+    links = shop.api("GET", "/jobs/api shown/links").json()
+    assert links["job"] == "api shown" and links["files"] == shown["links"]
 
 
 def test_the_job_list_pages_newest_first_by_cursor_and_filters_by_state(web, shop):

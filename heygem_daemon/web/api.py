@@ -106,6 +106,15 @@ class JobOut(BaseModel):
     problem: JobProblem | None = None
 
 
+class Links(BaseModel):
+    """links.json as delivery wrote it."""
+
+    job: str
+    written_at: str
+    files: list[Link]
+    zip: Link | None = None
+
+
 class JobPage(BaseModel):
     jobs: list[JobOut]
     next_cursor: str | None = Field(description="pass as cursor for the next page; none on the last")
@@ -278,6 +287,16 @@ def create_api(console: Any) -> FastAPI:
     @api.get("/jobs/{ref}", response_model=JobOut, tags=["jobs"], summary="One job", responses=_problems(404))
     def get_job(ref: str, token: Reader) -> JobOut:
         return find(ref)
+
+    @api.get("/jobs/{ref}/links", response_model=Links, tags=["jobs"], summary="The job's links.json",
+             responses=_problems(404))
+    def get_links(ref: str, token: Reader) -> Links:
+        job = store.jobs.find(ref)
+        doc = links_doc(cfg, job.name) if job else None
+        if doc is None:
+            raise Refused(404, f"no links for {ref!r} (yet)", "links.json is written when the job's videos are "
+                          "delivered; GET /api/v1/jobs/{ref} shows its state")
+        return Links.model_validate(doc)
 
     def ask(ref: str, action: str, token: ApiToken) -> Answer:
         if store.jobs.find(ref) is None:

@@ -96,9 +96,9 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
             return body
 
 
-def _too_large(limit: int = MAX_FORM_BYTES) -> Response:
-    return JSONResponse({"reason": f"the request body is larger than {limit // 1024} KiB",
-                         "hint": "send the form as the page does; files go through the upload"}, 413)
+def _too_large(limit: int = MAX_FORM_BYTES, hint: str = "send the form as the page does; files go through the "
+               "upload") -> Response:
+    return JSONResponse({"reason": f"the request body is larger than {limit // 1024} KiB", "hint": hint}, 413)
 
 
 class Door:
@@ -133,7 +133,8 @@ class Door:
                                 "hint": "send the files in one request of known length, or upload them with "
                                 "tus first"}, 411)(scope, receive, send)
         elif int(declared) > self.multipart_bytes:
-            await _too_large(self.multipart_bytes)(scope, receive, send)
+            await _too_large(self.multipart_bytes, "upload large files with tus (/tus/) and create the job from "
+                             "their ids (POST /api/v1/jobs)")(scope, receive, send)
         else:
             await self.app(scope, receive, send)
 
