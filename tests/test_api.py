@@ -16,15 +16,13 @@ from heygem_daemon.state.tasks import NewTask
 from heygem_daemon.web.tokens import Tokens, create_token, parse_scopes
 from heygem_daemon.web.uploads import UPLOADS_DIR
 from media_factory import truncate, write_speech_wav
-from web_rig import ApiClient, WebServer, web_settings
+from web_rig import ApiClient, WebServer, console_config
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     base = tmp_path_factory.mktemp("api")
-    settings = {"base_dir": str(base), "logging": {"console": False}, "limits": {"max_audio_seconds": 30},
-                **web_settings(max_upload_mb=1, api_multipart_mb=1)}
-    (base / "config.yaml").write_text(yaml.safe_dump(settings))
+    console_config(base, max_upload_mb=1, api_multipart_mb=1)
     return base
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
-import yaml
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.specs.openapi.checks import (ignored_auth, response_schema_conformance,
                                                status_code_conformance)
@@ -13,7 +12,7 @@ from schemathesis.checks import not_a_server_error
 
 from heygem_daemon.state import Store
 from heygem_daemon.web.tokens import SCOPES, create_token
-from web_rig import WebServer, web_settings
+from web_rig import WebServer, console_config
 
 CHECKS = [not_a_server_error, status_code_conformance, response_schema_conformance, ignored_auth]
 
@@ -21,10 +20,8 @@ CHECKS = [not_a_server_error, status_code_conformance, response_schema_conforman
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     base = tmp_path_factory.mktemp("api-schema")
-    settings_ = {"base_dir": str(base), "logging": {"console": False},
-                 **web_settings(max_upload_mb=1, api_multipart_mb=1, api_requests_per_minute=100_000)}
-    (base / "config.yaml").write_text(yaml.safe_dump(settings_))
-    server = WebServer(base / "config.yaml").start()
+    server = WebServer(console_config(base, max_upload_mb=1, api_multipart_mb=1,
+                                      api_requests_per_minute=100_000)).start()
     store = Store(server.cfg.folder("state") / "heygem.db")
     store.jobs.create("known job", {})  # one job the generated refs may hit
     server.token = create_token(store, "fuzz", "carol", SCOPES)

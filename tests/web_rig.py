@@ -12,6 +12,7 @@ from typing import Any
 
 import requests
 import uvicorn
+import yaml
 
 from heygem_daemon.config import Config, load_config
 from heygem_daemon.web.app import create_app
@@ -27,6 +28,14 @@ TUS = {"Tus-Resumable": "1.0.0"}
 
 def web_settings(**extra: Any) -> dict[str, Any]:
     return {"web": {"enabled": True, "users": USERS, **extra}}
+
+
+def console_config(base: Path, **web: Any) -> Path:
+    """config.yaml for a console under `base`: these web settings, quiet logs, audio up to 30 s."""
+    settings = {"base_dir": str(base), "logging": {"console": False}, "limits": {"max_audio_seconds": 30},
+                **web_settings(**web)}
+    (base / "config.yaml").write_text(yaml.safe_dump(settings))
+    return base / "config.yaml"
 
 
 class WebServer:
