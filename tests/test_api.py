@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 
 import pytest
 import requests
@@ -171,6 +172,22 @@ def test_the_same_idempotency_key_returns_the_first_job_even_after_a_restart_and
     assert other.status_code == 409 and "another body" in other.json()["reason"]
     assert not (web.cfg.folder("inbox") / "once-2").exists() and not (web.cfg.folder("inbox") / "twice").exists()
     assert [line["event"] for line in audit(web) if line["job"] == "once"] == ["api upload", "api upload replayed"]
+
+
+def test_two_requests_racing_with_one_key_make_one_job(web, tokens, wav, portrait_jpg):
+    files = {"hello.wav": wav, "anna.jpg": portrait_jpg}
+    answers: list[requests.Response] = []
+    racers = [threading.Thread(target=lambda: answers.append(multipart(
+        ApiClient(web.url, tokens["shop"]), files, {"name": "raced"}, headers={"Idempotency-Key": "race-1"})))
+        for _ in range(3)]
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join()
+    made = [a for a in answers if a.status_code == 201]
+    assert made and {a.json()["ref"] for a in made} == {"raced"}
+    assert all(a.status_code == 409 and a.headers["Retry-After"] for a in answers if a.status_code != 201)
+    assert [p.name for p in web.cfg.folder("inbox").iterdir() if p.name.startswith("raced")] == ["raced"]
 
 
 def test_cancel_is_the_clis_request_audited_with_the_token_and_only_the_owner_or_an_admin_may(web, tokens, shop):
