@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from heygem_daemon.state.db import Repository
 
 IDEMPOTENCY_SECONDS = 24 * 3600
+PENDING_SECONDS = 600.0
+"""A key claimed this long ago that made no job yet was cut off (a crash mid-hand-over): free again."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,8 @@ class ApiRepository(Repository):
         One transaction: of two requests racing with one key, one claims it and the other sees the claim."""
         now = time.time()
         with self.tx() as db:
-            db.execute("DELETE FROM api_idempotency WHERE created_at < ?", (now - IDEMPOTENCY_SECONDS,))
+            db.execute("DELETE FROM api_idempotency WHERE created_at < ? OR (job_name IS NULL AND created_at < ?)",
+                       (now - IDEMPOTENCY_SECONDS, now - PENDING_SECONDS))
             row = db.execute("SELECT body_sha256, job_name FROM api_idempotency WHERE token_name = ? AND key = ?",
                              (token_name, key)).fetchone()
             if row is not None:
