@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 
 import pytest
 import requests
 import yaml
 
 from heygem_daemon.cli import main
-from heygem_daemon.state import Store
+from heygem_daemon.state import KeyUse, Store
 from heygem_daemon.state.tasks import NewTask
 from heygem_daemon.web.tokens import Tokens, create_token, parse_scopes
 from heygem_daemon.web.uploads import UPLOADS_DIR
@@ -258,3 +259,16 @@ def test_the_openapi_document_is_3_1_and_the_docs_page_loads_no_script(web):
     assert spec["openapi"].startswith("3.1") and "/jobs" in spec["paths"] and "JobOut" in spec["components"]["schemas"]
     page = requests.get(web.url + "/api/v1/docs", timeout=30)
     assert page.status_code == 200 and "<script" not in page.text and "POST /api/v1/jobs/multipart" in page.text
+
+
+def test_a_key_is_kept_24_hours_and_one_cut_off_before_it_made_a_job_frees_after_10_minutes(web, monkeypatch):
+    store = Store(web.cfg.folder("state") / "heygem.db")
+    now = time.time()
+    assert store.api.claim_key("t", "settled", "body") is None
+    store.api.settle_key("t", "settled", "job-1")
+    assert store.api.claim_key("t", "cut off", "body") is None  # the process died before it settled
+    monkeypatch.setattr("heygem_daemon.state.api.time.time", lambda: now + 601)
+    assert store.api.claim_key("t", "settled", "body") == KeyUse("body", "job-1")
+    assert store.api.claim_key("t", "cut off", "body") is None  # claimed afresh
+    monkeypatch.setattr("heygem_daemon.state.api.time.time", lambda: now + 24 * 3600 + 1)
+    assert store.api.claim_key("t", "settled", "other body") is None
