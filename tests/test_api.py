@@ -46,7 +46,8 @@ def tokens(web):
     """shop (alice) and hr (bob) read and write; reader (alice) only reads."""
     store = Store(web.cfg.folder("state") / "heygem.db")
     return {name: create_token(store, name, user, parse_scopes(scope)) for name, user, scope in (
-        ("shop", "alice", "jobs:read,jobs:write"), ("hr", "bob", "jobs:read,jobs:write"), ("reader", "alice", "jobs:read"))}
+        ("shop", "alice", "jobs:read,jobs:write"), ("hr", "bob", "jobs:read,jobs:write"),
+        ("reader", "alice", "jobs:read"))}
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,8 @@ def test_tus_uploads_made_with_the_token_become_a_job_with_its_options_and_an_au
     folder = web.cfg.folder("inbox") / "from tus"
     assert sorted(p.name for p in folder.iterdir()) == [".ready", "anna.jpg", "hello.wav", "job.yaml"]
     assert yaml.safe_load((folder / "job.yaml").read_text()) == options
-    assert {"event": "api upload", "user": "alice", "token": "shop", "job": "from tus"}.items() <= audit(web)[-1].items()
+    line = audit(web)[-1]
+    assert {"event": "api upload", "user": "alice", "token": "shop", "job": "from tus"}.items() <= line.items()
     assert shop.api("GET", "/jobs/from tus").json()["state"] == "received"
 
 

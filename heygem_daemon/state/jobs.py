@@ -96,7 +96,8 @@ class JobRepository(Repository):
         rows = db.execute(f"SELECT * {sql} ORDER BY created_at DESC LIMIT ? OFFSET ?", (*args, limit, offset))
         return [_job(r) for r in rows], total
 
-    def after(self, state: str | None, cursor: tuple[float, int] | None, limit: int) -> list[tuple[Job, tuple[float, int]]]:
+    def after(self, state: str | None, cursor: tuple[float, int] | None,
+              limit: int) -> list[tuple[Job, tuple[float, int]]]:
         """Newest first, the jobs (in `state`, or all) after the cursor, each with its own cursor
         (created_at, rowid). Keyset paging on the created_at indexes (which hold the rowid): a page costs the
         same at any depth and a job made meanwhile never shifts the pages."""

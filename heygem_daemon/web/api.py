@@ -23,7 +23,7 @@ from heygem_daemon.generation.lifecycle import JobState
 from heygem_daemon.state import ApiToken, Job
 from heygem_daemon.views import condition, job_view, links_doc
 from heygem_daemon.web.handover import JobForm
-from heygem_daemon.web.tokens import Refused, Tokens
+from heygem_daemon.web.tokens import Refused
 from heygem_daemon.web.uploads import UploadRefused
 
 TITLE = "heygem-daemon API"
