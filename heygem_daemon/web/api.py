@@ -251,8 +251,8 @@ def create_api(console: Any) -> FastAPI:
                       lambda: hand_over(token, body.uploads, body))
 
     @api.post("/jobs/multipart", status_code=201, response_model=JobOut, tags=["jobs"],
-              summary="Create a job from files in this request", responses={**created, **_problems(409, 411, 413, 415,
-                                                                                                     422, 507)})
+              summary="Create a job from files in this request",
+              responses={**created, **_problems(400, 409, 411, 413, 415, 422, 507)})
     def create_job_multipart(token: Writer, files: Annotated[list[UploadFile], File(description="the job's files")],
                              options: Annotated[str, Form(description="JobOptions as JSON")] = "{}",
                              key: IdempotencyKey = None) -> JSONResponse:
