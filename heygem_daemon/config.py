@@ -377,6 +377,8 @@ class Web(_Section):
                                          "(more are answered 429 with Retry-After)")
     api_multipart_mb: float = Field(50.0, gt=0.0, description="largest multipart request of the API (files "
                                     "sent with the job); larger files go through tus uploads")
+    api_s3_input_prefix: str = Field("", description="object keys under this prefix of s3.bucket may be a "
+                                     "job's inputs (API s3_keys, relative to it); empty: off")
 
     @field_validator("users", mode="before")
     @classmethod

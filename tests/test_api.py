@@ -15,9 +15,10 @@ import yaml
 from heygem_daemon.cli import main
 from heygem_daemon.state import KeyUse, Store
 from heygem_daemon.state.tasks import NewTask
-from heygem_daemon.web.tokens import Tokens, create_token, parse_scopes
+from heygem_daemon.web.tokens import SCOPES, Tokens, create_token, parse_scopes
 from heygem_daemon.web.uploads import UPLOADS_DIR
 from media_factory import truncate, write_speech_wav
+from s3_server import credentials_env
 from web_rig import ApiClient, WebServer, console_config
 
 
@@ -274,3 +275,35 @@ def test_a_key_is_kept_24_hours_and_one_cut_off_before_it_made_a_job_frees_after
     assert store.api.claim_key("t", "cut off", "body") is None  # claimed afresh
     monkeypatch.setattr("heygem_daemon.state.api.time.time", lambda: now + 24 * 3600 + 1)
     assert store.api.claim_key("t", "settled", "other body") is None
+
+
+@pytest.fixture
+def s3_api(tmp_path, moto_server, monkeypatch):
+    for k, v in credentials_env().items():
+        monkeypatch.setenv(k, v)
+    bucket = moto_server.new_bucket()
+    config = console_config(tmp_path, api_s3_input_prefix="inputs/")
+    settings = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**settings, "s3": moto_server.s3_settings(bucket)}))
+    server = WebServer(config).start()
+    token = create_token(Store(server.cfg.folder("state") / "heygem.db"), "lms", "alice", SCOPES)
+    yield server, ApiClient(server.url, token), moto_server.client(), bucket
+    server.stop()
+
+
+def test_objects_under_the_input_prefix_become_a_job_and_keys_outside_it_or_missing_are_422(
+        s3_api, wav, portrait_jpg):
+    web, client, s3, bucket = s3_api
+    s3.put_object(Bucket=bucket, Key="inputs/course/lesson.wav", Body=wav.read_bytes())
+    s3.put_object(Bucket=bucket, Key="inputs/course/anna.jpg", Body=portrait_jpg.read_bytes())
+    s3.put_object(Bucket=bucket, Key="private.wav", Body=wav.read_bytes())
+    made = client.api("POST", "/jobs", json={"s3_keys": ["course/lesson.wav", "course/anna.jpg"], "name": "from s3"})
+    assert made.status_code == 201, made.text
+    folder = web.cfg.folder("inbox") / "from s3"
+    assert (folder / "lesson.wav").read_bytes() == wav.read_bytes() and (folder / ".ready").exists()
+    above = client.api("POST", "/jobs", json={"s3_keys": ["../private.wav", "course/anna.jpg"]})
+    missing = client.api("POST", "/jobs", json={"s3_keys": ["course/anna.jpg", "course/none.wav"]})
+    assert above.status_code == 422 and "not a key under the input prefix" in above.json()["reason"]
+    assert missing.status_code == 422 and missing.json()["reason"] == ("no object 'course/none.wav' under the input "
+                                                                       "prefix")
+    assert not list((web.cfg.folder("work") / UPLOADS_DIR).iterdir())  # the object fetched first went too

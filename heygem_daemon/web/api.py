@@ -63,8 +63,10 @@ class JobOptions(BaseModel):
 
 
 class JobCreate(JobOptions):
-    uploads: list[str] = Field(max_length=1000, description="ids of finished tus uploads (the last part of the "
-                               "Location /tus/ answered)")
+    uploads: list[str] = Field([], max_length=1000, description="ids of finished tus uploads (the last part of "
+                               "the Location /tus/ answered)")
+    s3_keys: list[str] = Field([], max_length=1000, description="object keys under web.api_s3_input_prefix of "
+                               "the bucket, relative to it (when the operator set one)")
 
 
 class Video(BaseModel):
@@ -243,12 +245,23 @@ def create_api(console: Any) -> FastAPI:
 
     created = {201: {"model": JobOut, "description": "the job (201 also for a replayed Idempotency-Key)"}}
 
-    @api.post("/jobs", status_code=201, response_model=JobOut, tags=["jobs"], summary="Create a job from tus uploads",
-              responses={**created, **_problems(409, 413, 422, 507)})
+    @api.post("/jobs", status_code=201, response_model=JobOut, tags=["jobs"],
+              summary="Create a job from tus uploads or objects in the bucket",
+              responses={**created, **_problems(400, 409, 413, 415, 422, 502, 507)})
     def create_job(body: JobCreate, token: Writer, key: IdempotencyKey = None) -> JSONResponse:
-        """Uploads made through /tus/ (with the same token) become one job, checked as intake checks a drop."""
-        return create(token, key, _digest(body.model_dump_json()),
-                      lambda: hand_over(token, body.uploads, body))
+        """Uploads made through /tus/ (with the same token) and objects under the input prefix become one job,
+        checked as intake checks a drop."""
+        def make() -> str:
+            from heygem_daemon.web import s3_inputs  # boto3 loads when a job names objects, not at start
+
+            fetched = s3_inputs.fetch(cfg, console.uploads, token.user, body.s3_keys) if body.s3_keys else []
+            try:
+                return hand_over(token, body.uploads + [u.id for u in fetched], body)
+            except UploadRefused:
+                for upload in fetched:  # refused: the copies go; tus uploads stay for another try
+                    console.uploads.remove(upload)
+                raise
+        return create(token, key, _digest(body.model_dump_json()), make)
 
     @api.post("/jobs/multipart", status_code=201, response_model=JobOut, tags=["jobs"],
               summary="Create a job from files in this request",
