@@ -95,6 +95,19 @@ def test_without_a_token_or_with_only_a_session_cookie_the_api_answers_401(web, 
     assert made.status_code == 401
 
 
+def test_behind_a_login_proxy_its_user_header_opens_nothing_under_the_api_but_a_token_does(tmp_path):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"base_dir": str(tmp_path), "logging": {"console": False},
+                                                          "web": {"enabled": True, "auth": "proxy"}}))
+    server = WebServer(tmp_path / "config.yaml").start()
+    try:
+        token = create_token(Store(server.cfg.folder("state") / "heygem.db"), "erp", "dora", ("jobs:read",))
+        named = requests.get(server.url + "/api/v1/jobs", headers={"X-Remote-User": "dora"}, timeout=30)
+        assert named.status_code == 401
+        assert ApiClient(server.url, token).api("GET", "/jobs").status_code == 200
+    finally:
+        server.stop()
+
+
 def test_a_read_only_token_reads_but_may_not_create_cancel_or_upload(web, tokens, wav):
     reader = ApiClient(web.url, tokens["reader"])
     assert reader.api("GET", "/health").status_code == 200
