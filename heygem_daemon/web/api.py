@@ -106,6 +106,8 @@ class JobOut(BaseModel):
     links: list[Link] = []
     zip: Link | None = None
     problem: JobProblem | None = None
+    duplicate_of: str | None = Field(None, description="the earlier job with the same inputs and options whose "
+                                     "videos this one delivers (no videos of its own)")
 
 
 class Links(BaseModel):
@@ -203,7 +205,7 @@ def create_api(console: Any) -> FastAPI:
                       links=[Link(**f) for f in links.get("files", [])],
                       zip=Link(**links["zip"]) if links.get("zip") else None,
                       problem=JobProblem(kind=error.get("kind"), reason=error.get("reason"), hint=error.get("hint"))
-                      if job.error else None)
+                      if job.error else None, duplicate_of=view.get("duplicate_of"))
 
     def find(ref: str) -> JobOut:
         job = store.jobs.find(ref)
