@@ -181,7 +181,6 @@ class Gate:
                 return
         await self.app(scope, receive, send)
 
-
     async def _bearer(self, token: str, scope: Scope, receive: Receive, send: Send) -> None:
         """tus uploads for the API: an API token (jobs:write) in place of a session, so no cookie and no CSRF
         token (a bearer token is never sent by a browser on its own)."""
