@@ -55,6 +55,14 @@ def _parser() -> argparse.ArgumentParser:
         dest="sessions_command", required=True)
     wss.add_parser("list", help="who is logged in, from where, until when")
     wss.add_parser("revoke", help="log a user out everywhere, now").add_argument("user")
+    wts = wbs.add_parser("token", help="the HTTP API's bearer tokens").add_subparsers(
+        dest="token_command", required=True)
+    tc = wts.add_parser("create", help="make a token and print it once")
+    tc.add_argument("name", help="the token's name (in the audit log and `token list`)")
+    tc.add_argument("--user", required=True, help="the console user the token acts as")
+    tc.add_argument("--scope", default="jobs:read", help="comma-separated: jobs:read, jobs:write (default jobs:read)")
+    wts.add_parser("list", help="tokens with their user, scopes and last use (never the token)")
+    wts.add_parser("revoke", help="end a token, now").add_argument("name")
     wk = sub.add_parser("worker", help="run a remote generation worker (Celery) on this GPU host")
     wk.add_argument("--queue", help="the queue it serves (default: the first in workers.remote.queues)")
     wk.add_argument("--hostname", help="its name in `status` (default: heygem@<host name>)")
@@ -93,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.command == "run":
         return _run(cfg, args.config or default_config_path())
-    if args.command == "web" and args.web_command != "sessions":
+    if args.command == "web" and args.web_command not in ("sessions", "token"):
         return _web(cfg, args.config or default_config_path())
     if args.command == "worker":
         return _worker(cfg, args.queue, args.hostname)
@@ -106,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         return _status(cfg, store, args.json, args.limit)
     if args.command == "jobs":
         return _jobs(cfg, store, args.failed, args.limit)
+    if args.command == "web" and args.web_command == "token":
+        return _tokens(cfg, store, args)
     if args.command == "web":
         return _sessions(store, args.sessions_command, getattr(args, "user", None))
     return _request(cfg, store, args.command, args.job)
@@ -166,6 +176,33 @@ def _sessions(store: Store, command: str, user: str | None) -> int:
         return 0
     for s in store.web.sessions():
         print(f"{s.user}\t{s.address or '-'}\tsince {_when(s.created_at)}\tuntil {_when(s.expires_at)}")
+    return 0
+
+
+def _tokens(cfg: Config, store: Store, args: argparse.Namespace) -> int:
+    """The API's tokens in the store: the running console reads them on every request, so a revoke holds at once."""
+    from heygem_daemon.web.tokens import TokenError, create_token, parse_scopes
+
+    if args.token_command == "create":
+        if cfg.web.auth == "password" and args.user not in cfg.web.users:
+            print(f"error: {args.user!r} is not in web.users; a token acts as a configured user", file=sys.stderr)
+            return 1
+        try:
+            token = create_token(store, args.name, args.user, parse_scopes(args.scope))
+        except TokenError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(token)
+        print("(shown once: only its sha256 is kept; `web token revoke` ends it)", file=sys.stderr)
+        return 0
+    if args.token_command == "revoke":
+        ended = store.api.revoke(args.name)
+        print(f"{args.name}: {'revoked' if ended else 'no such live token'}")
+        return 0 if ended else 1
+    for t in store.api.tokens():
+        state = f"revoked {_when(t.revoked_at)}" if t.revoked_at else "live"
+        used = _when(t.last_used_at) if t.last_used_at else "never"
+        print(f"{t.name}\t{t.user}\t{','.join(t.scopes)}\tmade {_when(t.created_at)}\tlast used {used}\t{state}")
     return 0
 
 

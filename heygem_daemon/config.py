@@ -379,6 +379,12 @@ class Web(_Section):
     login_window_seconds: float = Field(300.0, gt=0.0, description="failures are forgotten after this long "
                                         "without one")
     page_size: int = Field(50, ge=5, le=500)
+    api_requests_per_minute: int = Field(120, ge=1, description="requests one API token may make per minute "
+                                         "(more are answered 429 with Retry-After)")
+    api_multipart_mb: float = Field(50.0, gt=0.0, description="largest multipart request of the API (files "
+                                    "sent with the job); larger files go through tus uploads")
+    api_s3_input_prefix: str = Field("", description="object keys under this prefix of s3.bucket may be a "
+                                     "job's inputs (API s3_keys, relative to it); empty: off")
 
     @field_validator("users", mode="before")
     @classmethod

@@ -3,12 +3,14 @@ and the web console alike (one place decides what a job looks like from outside)
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from heygem_daemon.config import Config
+from heygem_daemon.delivery.links import LINKS_JSON
 from heygem_daemon.state import Batch, Job, Notification, Store, Task
 
 CHAT_UNDELIVERED_SHOWN = 5
@@ -47,6 +49,16 @@ def job_view(cfg: Config, store: Store, job: Job) -> dict[str, Any]:
     if chat := store.outbox.select(job.id):
         view["chat"] = chat_view(chat)
     return view
+
+
+def links_doc(cfg: Config, job_name: str) -> dict[str, Any] | None:
+    """The job's links.json (its videos, presigned links and their expiry), None before delivery wrote it."""
+    path = cfg.folder("outputs") / job_name / LINKS_JSON
+    try:
+        doc: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return None
+    return doc
 
 
 def chat_view(rows: list[Notification]) -> dict[str, Any]:

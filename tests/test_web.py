@@ -24,15 +24,13 @@ from heygem_daemon.state.tasks import NewTask
 from heygem_daemon.web.uploads import UPLOADS_DIR
 from media_factory import truncate, write_speech_wav
 from s3_server import credentials_env
-from web_rig import PASSWORDS, WebServer, web_settings
+from web_rig import PASSWORDS, WebServer, console_config, web_settings
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("web")
-    settings = {"base_dir": str(base), "logging": {"console": False}, "limits": {"max_audio_seconds": 30},
-                **web_settings(max_upload_mb=1, login_attempts=3, login_delay_seconds=60)}
-    (base / "config.yaml").write_text(yaml.safe_dump(settings))
+    console_config(base, max_upload_mb=1, login_attempts=3, login_delay_seconds=60)
     return base
 
 

@@ -13,7 +13,8 @@ import pytest
 from daemon_harness import DaemonHarness
 from heygem_daemon.web.uploads import UPLOADS_DIR
 from media_factory import write_speech_wav
-from web_rig import PASSWORDS, WebServer, web_settings
+from heygem_daemon.web.tokens import SCOPES, create_token
+from web_rig import PASSWORDS, ApiClient, WebServer, web_settings
 
 pytestmark = pytest.mark.daemon
 ARTEFACTS = Path(__file__).resolve().parent / "artefacts" / "web"
@@ -46,6 +47,22 @@ def test_an_upload_from_the_web_becomes_a_job_and_its_video_is_served(rig, voice
     assert f'src="/jobs/from%20web/files/{Path(task.output).name}"' in page
     video = alice.get(f"/jobs/from web/files/{Path(task.output).name}", headers={"Range": "bytes=0-1023"})
     assert video.status_code == 206 and video.content == Path(task.output).read_bytes()[:1024]
+
+
+def test_a_job_sent_through_the_api_is_taken_by_the_daemon_and_read_back_done_with_its_video(
+        rig, portrait_jpg, tmp_path):
+    daemon, web = rig
+    store = daemon.store()
+    client = ApiClient(web.url, create_token(store, "backoffice", "alice", SCOPES))
+    voice = write_speech_wav(tmp_path / "api.wav", 1.25)  # its own audio: no duplicate of another test's job
+    parts = [("files", ("hello.wav", voice.read_bytes())), ("files", ("anna.jpg", portrait_jpg.read_bytes()))]
+    made = client.api("POST", "/jobs/multipart", files=parts, data={"options": json.dumps(
+        {"name": "from api", "engine": "preview", "preset": "480p", "upload": False})})
+    assert made.status_code == 201 and made.json()["ref"] == "from api", made.text
+    job = daemon.wait_job("from api")
+    shown = client.api("GET", "/jobs/from api").json()
+    assert job.state == "done" and shown["state"] == "done" and shown["id"] == job.id and shown["progress"] == 1.0
+    assert shown["owner"] == "alice" and [v["state"] for v in shown["videos"]] == ["done"]
 
 
 def test_a_job_the_daemon_refuses_shows_its_reason_and_hint_on_the_page(rig, voice, no_face_jpg):

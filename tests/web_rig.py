@@ -12,6 +12,7 @@ from typing import Any
 
 import requests
 import uvicorn
+import yaml
 
 from heygem_daemon.config import Config, load_config
 from heygem_daemon.web.app import create_app
@@ -27,6 +28,14 @@ TUS = {"Tus-Resumable": "1.0.0"}
 
 def web_settings(**extra: Any) -> dict[str, Any]:
     return {"web": {"enabled": True, "users": USERS, **extra}}
+
+
+def console_config(base: Path, **web: Any) -> Path:
+    """config.yaml for a console under `base`: these web settings, quiet logs, audio up to 30 s."""
+    settings = {"base_dir": str(base), "logging": {"console": False}, "limits": {"max_audio_seconds": 30},
+                **web_settings(**web)}
+    (base / "config.yaml").write_text(yaml.safe_dump(settings))
+    return base / "config.yaml"
 
 
 class WebServer:
@@ -123,3 +132,18 @@ class Client:
     def submit(self, ids: list[str], **form: Any) -> requests.Response:
         return self.http.post(self.url + "/upload/submit", json={"ids": ids, **form}, timeout=120,
                               headers={"X-CSRF-Token": self.csrf})
+
+
+class ApiClient(Client):
+    """A program using the HTTP API: its bearer token on every request, tus included; no cookie, no CSRF."""
+
+    def __init__(self, url: str, token: str) -> None:
+        super().__init__(url)
+        self.http.headers["Authorization"] = f"Bearer {token}"
+        self.csrf = "unused"  # Client.create fetches a page for the token otherwise
+
+    def headers(self, **extra: str) -> dict[str, str]:
+        return {**TUS, **extra}
+
+    def api(self, method: str, path: str, **kw: Any) -> requests.Response:
+        return self.http.request(method, f"{self.url}/api/v1{path}", timeout=60, **kw)

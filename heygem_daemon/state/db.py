@@ -259,8 +259,31 @@ CREATE TABLE web_owners (
     handed_at REAL NOT NULL
 );
 """
+# HTTP API (/api/v1): bearer tokens (only the sha256 of each token is kept; the token is shown once), and
+# each Idempotency-Key a token used with the digest of its body and the job it made (24 h), so a client's
+# retry returns the first job even after the web process restarts.
+V10_API_TOKENS = """
+CREATE TABLE api_tokens (
+    name         TEXT PRIMARY KEY,
+    user         TEXT NOT NULL,
+    scopes       TEXT NOT NULL,
+    token_sha256 TEXT NOT NULL UNIQUE,
+    created_at   REAL NOT NULL,
+    last_used_at REAL,
+    revoked_at   REAL
+);
+CREATE TABLE api_idempotency (
+    token_name  TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    body_sha256 TEXT NOT NULL,
+    job_name    TEXT,
+    created_at  REAL NOT NULL,
+    PRIMARY KEY (token_name, key)
+);
+CREATE INDEX api_idempotency_created ON api_idempotency(created_at);
+"""
 MIGRATIONS: list[str] = [V1_CORE, V2_CLEANUP_RUNS, V3_FOREIGN_KEYS, V4_HEYGEM_CODES, V5_ZIP_SHA256, V6_JOBS_PAGING,
-                         V7_REMOTE_ATTEMPTS, V8_TASK_OBJECT_KEY, V9_WEB_SESSIONS]
+                         V7_REMOTE_ATTEMPTS, V8_TASK_OBJECT_KEY, V9_WEB_SESSIONS, V10_API_TOKENS]
 
 
 BACKUP_SUFFIX = ".bak"

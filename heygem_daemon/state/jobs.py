@@ -96,6 +96,23 @@ class JobRepository(Repository):
         rows = db.execute(f"SELECT * {sql} ORDER BY created_at DESC LIMIT ? OFFSET ?", (*args, limit, offset))
         return [_job(r) for r in rows], total
 
+    def after(self, state: str | None, cursor: tuple[float, int] | None,
+              limit: int) -> list[tuple[Job, tuple[float, int]]]:
+        """Newest first, the jobs (in `state`, or all) after the cursor, each with its own cursor
+        (created_at, rowid). Keyset paging on the created_at indexes (which hold the rowid): a page costs the
+        same at any depth and a job made meanwhile never shifts the pages."""
+        sql, args = job_and_states("FROM jobs WHERE 1", None, (state,) if state else None)
+        if cursor is not None:
+            sql += " AND (created_at < ? OR (created_at = ? AND rowid < ?))"
+            args += [cursor[0], cursor[0], cursor[1]]
+        rows = self._conn().execute(f"SELECT rowid AS _row, * {sql} ORDER BY created_at DESC, rowid DESC LIMIT ?",
+                                    (*args, limit))
+        found = []
+        for row in rows:
+            fields = decoded(row, "spec", "error")
+            found.append((Job(**{k: v for k, v in fields.items() if k != "_row"}), (row["created_at"], row["_row"])))
+        return found
+
     def set_state(self, job_id: str, state: str, error: dict[str, Any] | None = None,
                       spec: dict[str, Any] | None = None) -> None:
         now = time.time()

@@ -4,7 +4,6 @@ store; the only writes are a finished upload handed to the inbox and cancel/retr
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import threading
 import time
@@ -26,9 +25,10 @@ from heygem_daemon.delivery.audit import AuditLog
 from heygem_daemon.delivery.links import LINKS_JSON
 from heygem_daemon.generation.lifecycle import JobError, JobState, request_cancel, request_retry
 from heygem_daemon.state import Store, db_path
-from heygem_daemon.views import condition, job_view, jobs_page
+from heygem_daemon.views import condition, job_view, jobs_page, links_doc
 from heygem_daemon.log import get_logger
 from heygem_daemon.web.auth import MAX_PASSWORD_CHARS, MAX_USER_CHARS, check_password, csrf_token
+from heygem_daemon.web.api import create_api
 from heygem_daemon.web.guard import Door, Gate, SecurityHeaders, SessionCookies, content_security_policy
 from heygem_daemon.web.sessions import SESSION_SECONDS, Sessions
 from heygem_daemon.web.throttle import LoginThrottle
@@ -36,6 +36,7 @@ from heygem_daemon.web.values import BadValue, whole_number
 from heygem_daemon.engines.registry import engine_names
 from heygem_daemon.web.handover import JobForm, hand_over
 from heygem_daemon.web.health import LiveChecks
+from heygem_daemon.web.tokens import Tokens
 from heygem_daemon.web.tus import TusServer
 from heygem_daemon.web.uploads import UploadRefused, Uploads
 
@@ -47,6 +48,7 @@ log = get_logger("heygem.web")
 LIVE_SECONDS = 1.0
 KEEPALIVE_SECONDS = 15.0
 STATES = tuple(s.value for s in JobState)
+ACTIONS = {"cancel": request_cancel, "retry": request_retry}
 
 
 def _media_origin(cfg: Config) -> str | None:
@@ -68,6 +70,8 @@ class Console:
         self.uploads = Uploads(cfg)
         self.audit = AuditLog(cfg.folder("logs"))
         self.sessions = Sessions(cfg.web, self.store)
+        self.tokens = Tokens(self.store, lambda user: cfg.web.auth == "proxy" or user in cfg.web.users,
+                             cfg.web.api_requests_per_minute)
         self.sessions.tidy()
         self._alerted: dict[str, int] = {}
         self.logins = LoginThrottle(cfg.web, self._alert)
@@ -215,23 +219,29 @@ class Console:
     async def job_request(self, request: Request) -> Response:
         """Cancel or retry: a request written to the store, as the CLI writes it; the daemon carries it out."""
         ref, action = request.path_params["ref"], request.path_params["action"]
-        ask = {"cancel": request_cancel, "retry": request_retry}.get(action)
-        if ask is None:
+        if action not in ACTIONS:
             return Response(status_code=404)
-        user, admin = request.state.user, self.cfg.web.is_admin(request.state.user)
-        owner = await run_in_threadpool(self._owner, ref)
-        if not admin and owner != user:
-            self.audit.action(f"web {action} refused", user=user, job=ref, owner=owner)
-            return await self.job(request, 403, f"Not done: only {owner + ' (who uploaded it) or ' if owner else ''}"
-                                  f"an admin may {action} this job.")
-        try:
-            said = await run_in_threadpool(ask, self.store, ref)
-        except JobError as exc:
-            said = f"Not done: {exc}"
-        else:
-            self.audit.action(f"web {action}", user=user, job=ref, owner=owner, admin=admin)
-        request.session["message"] = said
+        done, said = await run_in_threadpool(self.ask, ref, action, request.state.user, "web")
+        if done is None:
+            return await self.job(request, 403, said)
+        request.session["message"] = said if done else f"Not done: {said}"
         return RedirectResponse(f"/jobs/{ref}", 303)
+
+    def ask(self, ref: str, action: str, user: str, via: str, **audit: str) -> tuple[bool | None, str]:
+        """Cancel or retry for `user` (an admin, or whoever handed the job over): (True, what happens),
+        (False, why not), or (None, who may) when she may not. Audited as `<via> <action>`."""
+        admin = self.cfg.web.is_admin(user)
+        owner = self._owner(ref)
+        if not admin and owner != user:
+            self.audit.action(f"{via} {action} refused", user=user, job=ref, owner=owner, **audit)
+            return None, (f"Not done: only {owner + ' (who uploaded it) or ' if owner else ''}"
+                          f"an admin may {action} this job.")
+        try:
+            said = ACTIONS[action](self.store, ref)
+        except JobError as exc:
+            return False, str(exc)
+        self.audit.action(f"{via} {action}", user=user, job=ref, owner=owner, admin=admin, **audit)
+        return True, said
 
     def _owner(self, ref: str) -> str | None:
         """Who handed the job over from the web (None: it came another way, or no such job)."""
@@ -255,19 +265,26 @@ class Console:
                            priority=str(body.get("priority", "normal")), upload=bool(body.get("upload", True)))
         except (ValueError, KeyError, TypeError):
             return JSONResponse({"reason": "the form could not be read", "hint": "reload the page"}, 400)
-        user = request.state.user
+        try:
+            folder = await run_in_threadpool(self.hand_over, request.state.user, form, "web")
+        except UploadRefused as exc:
+            return JSONResponse({"reason": exc.reason, "hint": exc.hint}, exc.status)
+        return JSONResponse({"job": folder, "url": f"/jobs/{folder}"})
 
+    def hand_over(self, user: str, form: JobForm, via: str, **audit: str) -> str:
+        """The uploads as a job in the inbox, owned by `user`; raises UploadRefused (nothing moved).
+        Audited as `<via> upload` (or `... refused`)."""
         def known(name: str) -> bool:
             return self.store.jobs.find(name) is not None
         handed_at = time.time()  # before the job exists: its owner row applies to jobs made after it
         try:
-            folder, files, size = await run_in_threadpool(hand_over, self.cfg, self.uploads, user, form, known)
+            folder, files, size = hand_over(self.cfg, self.uploads, user, form, known)
         except UploadRefused as exc:
-            self.audit.action("web upload refused", user=user, job=form.name, reason=exc.reason)
-            return JSONResponse({"reason": exc.reason, "hint": exc.hint}, exc.status)
-        await run_in_threadpool(self.store.web.record_owner, folder, user, handed_at)
-        self.audit.action("web upload", user=user, job=folder, files=files, bytes=size)
-        return JSONResponse({"job": folder, "url": f"/jobs/{folder}"})
+            self.audit.action(f"{via} upload refused", user=user, job=form.name, reason=exc.reason, **audit)
+            raise
+        self.store.web.record_owner(folder, user, handed_at)
+        self.audit.action(f"{via} upload", user=user, job=folder, files=files, bytes=size, **audit)
+        return folder
 
     # --- health --------------------------------------------------------------------------------------
 
@@ -320,10 +337,8 @@ def _with_job_outputs(cfg: Config, view: dict[str, Any]) -> dict[str, Any]:
 
 
 def _links(cfg: Config, job_name: str) -> dict[str, Any] | None:
-    path = cfg.folder("outputs") / job_name / LINKS_JSON
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, ValueError):
+    doc = links_doc(cfg, job_name)
+    if doc is None:
         return None
     doc["by_file"] = {f["file"]: f for f in doc.get("files", [])}
     return doc
@@ -350,13 +365,14 @@ def create_app(cfg: Config, config_path: Path | None, session_key: str) -> Starl
         Route("/health/checks", console.health_checks, methods=["POST"]),
         *tus.routes(),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        Mount("/api/v1", app=create_api(console)),
     ]
     middleware = [
         Middleware(SecurityHeaders, csp=content_security_policy(_media_origin(cfg))),
-        Middleware(Door),
+        Middleware(Door, multipart_bytes=int(cfg.web.api_multipart_mb * 2**20)),
         Middleware(SessionCookies, secure=cfg.web.secure_cookies, secret_key=session_key,
                    session_cookie="heygem_session", same_site="strict", max_age=SESSION_SECONDS),
-        Middleware(Gate, web=cfg.web, sessions=console.sessions),
+        Middleware(Gate, web=cfg.web, sessions=console.sessions, tokens=console.tokens),
     ]
     app = Starlette(routes=routes, middleware=middleware)
     app.state.console = console

@@ -1,13 +1,17 @@
 """ASGI middlewares: security headers on every answer, the door (a body larger than a form needs is refused
 before anything reads it; only tus PATCH streams large bodies, to disk), the session cookie (Secure over
 HTTPS), and the gate every request passes: a known user (else the login page, or 401 for scripts), and a
-CSRF token on every state-changing request. Which proxies' forwarded headers uvicorn believes."""
+CSRF token on every state-changing request. Which proxies' forwarded headers uvicorn believes.
+
+The HTTP API (API_PREFIX) has its own bearer-token check (web/api.py): no cookie reaches it and the gate
+lets it through; its multipart job requests may be as large as web.api_multipart_mb."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 from urllib.parse import parse_qs
 
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.responses import JSONResponse, RedirectResponse, Response
@@ -16,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from heygem_daemon.config import Web
 from heygem_daemon.web.auth import csrf_ok, current_user
 from heygem_daemon.web.sessions import SID, Sessions
+from heygem_daemon.web.tokens import Refused, Tokens
 
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 PUBLIC = ("/login", "/favicon.ico")
@@ -24,7 +29,14 @@ MAX_FORM_BYTES = 64 * 1024
 """The largest body of any request but a tus PATCH: a login, a form, the upload's submit (ids of up to
 web.max_files uploads)."""
 FORM = "application/x-www-form-urlencoded"
-STREAMED = ("PATCH", "/tus/")
+TUS_PREFIX = "/tus/"
+STREAMED = ("PATCH", TUS_PREFIX)
+API_PREFIX = "/api/"
+MULTIPART = "multipart/form-data"
+
+
+def is_api(scope: Scope) -> bool:
+    return str(scope["path"]).startswith(API_PREFIX)
 
 
 def proxy_options(web: Web) -> dict[str, Any]:
@@ -67,6 +79,8 @@ class SessionCookies:
         self.secure_cookie = SessionMiddleware(app, https_only=True, **session)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and is_api(scope):  # bearer tokens only: a cookie never counts there
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"cookie"]}
         secure = scope.get("scheme") in ("https", "wss") if self.secure == "auto" else self.secure
         await (self.secure_cookie if secure else self.plain_cookie)(scope, receive, send)
 
@@ -82,24 +96,30 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
             return body
 
 
-def _too_large() -> Response:
-    return JSONResponse({"reason": f"the request body is larger than {MAX_FORM_BYTES // 1024} KiB",
-                         "hint": "send the form as the page does; files go through the upload"}, 413)
+def _too_large(limit: int = MAX_FORM_BYTES, hint: str = "send the form as the page does; files go through the "
+               "upload") -> Response:
+    return JSONResponse({"reason": f"the request body is larger than {limit // 1024} KiB", "hint": hint}, 413)
 
 
 class Door:
     """Reads the body of every state-changing request but a tus PATCH, at most MAX_FORM_BYTES, before any
-    other part sees it: memory per request stays small, whoever sends it."""
+    other part sees it: memory per request stays small, whoever sends it. An API multipart request declares
+    its length (at most `multipart_bytes`; uvicorn holds the body to it) and streams on: its files spool to disk."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, multipart_bytes: int = 0) -> None:
         self.app = app
+        self.multipart_bytes = multipart_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in SAFE_METHODS or (
                 scope["method"] == STREAMED[0] and scope["path"].startswith(STREAMED[1])):
             await self.app(scope, receive, send)
             return
-        declared = Headers(scope=scope).get("content-length", "")
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length", "")
+        if is_api(scope) and headers.get("content-type", "").startswith(MULTIPART):
+            await self._multipart(declared, scope, receive, send)
+            return
         body = None if declared.isascii() and declared.isdigit() and int(declared) > MAX_FORM_BYTES else (
             await _read_body(receive, MAX_FORM_BYTES))
         if body is None:
@@ -107,20 +127,35 @@ class Door:
             return
         await self.app(scope, _replay(body), send)
 
+    async def _multipart(self, declared: str, scope: Scope, receive: Receive, send: Send) -> None:
+        if not (declared.isascii() and declared.isdigit()):
+            await JSONResponse({"reason": "a multipart request needs a Content-Length",
+                                "hint": "send the files in one request of known length, or upload them with "
+                                "tus first"}, 411)(scope, receive, send)
+        elif int(declared) > self.multipart_bytes:
+            await _too_large(self.multipart_bytes, "upload large files with tus (/tus/) and create the job from "
+                             "their ids (POST /api/v1/jobs)")(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
 
 class Gate:
     """Runs inside the session middleware: sets scope["state"]["user"] or turns the request away."""
 
-    def __init__(self, app: ASGIApp, web: Web, sessions: Sessions) -> None:
+    def __init__(self, app: ASGIApp, web: Web, sessions: Sessions, tokens: Tokens) -> None:
         self.app = app
         self.web = web
         self.sessions = sessions
+        self.tokens = tokens
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or is_api(scope):
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
+        if scope["path"].startswith(TUS_PREFIX) and headers.get("authorization", "").lower().startswith("bearer "):
+            await self._bearer(headers["authorization"][7:].strip(), scope, receive, send)
+            return
         session = scope["session"]
         user = current_user(self.web, self.sessions, headers, session)
         if user is None and SID in session:
@@ -144,6 +179,17 @@ class Gate:
                 await JSONResponse({"reason": "missing or wrong CSRF token",
                                     "hint": "reload the page and try again"}, 403)(scope, receive, send)
                 return
+        await self.app(scope, receive, send)
+
+    async def _bearer(self, token: str, scope: Scope, receive: Receive, send: Send) -> None:
+        """tus uploads for the API: an API token (jobs:write) in place of a session, so no cookie and no CSRF
+        token (a bearer token is never sent by a browser on its own)."""
+        try:
+            found = await run_in_threadpool(self.tokens.check, token, "jobs:write")
+        except Refused as exc:
+            await JSONResponse({"reason": exc.reason, "hint": exc.hint}, exc.status, exc.headers)(scope, receive, send)
+            return
+        scope.setdefault("state", {})["user"] = found.user
         await self.app(scope, receive, send)
 
 

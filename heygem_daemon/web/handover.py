@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import yaml
 
 from heygem_daemon.config import Config
 from heygem_daemon.engines.registry import engine_names
-from heygem_daemon.failures import Problem
 from heygem_daemon.fs.ops import move
 from heygem_daemon.intake.claim import taken_names
-from heygem_daemon.intake.pairing import READY_MARKER, FileInfo, Wait, implicit_pairs, safe_name
+from heygem_daemon.intake.pairing import READY_MARKER, FileInfo, Rejection, plan_folder, safe_name
 from heygem_daemon.intake.probe import ProbeError, probe_audio, probe_portrait
 from heygem_daemon.media.face_spec import FaceRule
 from heygem_daemon.media.kinds import MediaKind, kind_of
@@ -31,6 +30,8 @@ class JobForm:
     preset: str
     priority: str
     upload: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+    """More job.yaml keys (pairs, notify, face_box, options), checked by intake's own rules."""
 
 
 def _refuse(reason: str, hint: str) -> UploadRefused:
@@ -61,17 +62,24 @@ def _file_names(uploads: list[Upload]) -> list[str]:
     return names
 
 
-def _check_pairing(folder: str, uploads: list[Upload], file_names: list[str]) -> None:
-    """The daemon pairs the folder by intake's rule (job.yaml lists no pairs): a set it would refuse is
+def _manifest(form: JobForm, name: str) -> dict[str, Any]:
+    return {"name": name, "engine": form.engine, "preset": form.preset, "priority": form.priority,
+            "upload": form.upload, **form.extra}
+
+
+def _check_plan(cfg: Config, folder: str, uploads: list[Upload], file_names: list[str],
+                manifest: dict[str, Any]) -> None:
+    """The daemon plans the folder by intake's rules (job.yaml, then the pairing): a set it would refuse is
     refused now, in intake's words, before anything moves."""
     files: list[FileInfo] = []
     for upload, name in zip(uploads, file_names):
         st = os.stat(upload.data)
         files.append(FileInfo(f"{folder}/{name}", st.st_size, st.st_mtime_ns, st.st_mode))
-    paired = implicit_pairs(folder, files)
-    problem = paired.problem if isinstance(paired, Wait) else paired  # no partner arrives later on the web
-    if isinstance(problem, Problem):
-        raise _refuse(problem.reason, problem.hint)
+    # timed out: no partner arrives later on the web
+    outcome = plan_folder(folder, files, yaml.safe_dump(manifest).encode(), True, set(engine_names(cfg)),
+                          set(cfg.presets))
+    if isinstance(outcome, Rejection):
+        raise _refuse(outcome.problems[0].reason, outcome.problems[0].hint)
 
 
 def _probe(cfg: Config, upload: Upload) -> None:
@@ -113,7 +121,7 @@ def hand_over(cfg: Config, uploads: Uploads, user: str, form: JobForm,
         raise _refuse("not every file has finished uploading", "wait for every bar to reach 100 %, then send")
     name = safe_name(form.name or Path(sets[0].name).stem)
     file_names = _file_names(sets)
-    _check_pairing(name, sets, file_names)
+    _check_plan(cfg, name, sets, file_names, _manifest(form, name))
     for upload in sets:
         _probe(cfg, upload)
     staging = uploads.root / f".set-{secrets.token_hex(8)}"
@@ -122,9 +130,8 @@ def hand_over(cfg: Config, uploads: Uploads, user: str, form: JobForm,
         os.rename(upload.data, staging / file_name)
     taken = taken_names(cfg)  # what the claim avoids too, so the job keeps this name
     target = _free(cfg.folder("inbox"), name, lambda n: known(n) or n in taken)
-    manifest = {"name": target.name, "engine": form.engine, "preset": form.preset, "priority": form.priority,
-                "upload": form.upload}
-    (staging / "job.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False), encoding="utf-8")
+    (staging / "job.yaml").write_text(yaml.safe_dump(_manifest(form, target.name), sort_keys=False),
+                                      encoding="utf-8")
     (staging / READY_MARKER).touch()
     move(staging, target)
     for upload in sets:

@@ -135,6 +135,11 @@ class Uploads:
     def remove(self, upload: Upload) -> None:
         shutil.rmtree(upload.folder, ignore_errors=True)
 
+    def remove_id(self, upload_id: str, user: str) -> None:
+        found = self.get(upload_id, user)
+        if found is not None:
+            self.remove(found)
+
 
 def _touched(folder: str) -> float:
     """When bytes last arrived (the data file), else when the folder was made."""
