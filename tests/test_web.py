@@ -52,25 +52,63 @@ def uploads_root(web) -> Path:
     return web.cfg.folder("work") / UPLOADS_DIR
 
 
+def open_patch(web, client, location: str, offset: int, length: int, first: bytes) -> socket.socket:
+    """A PATCH of `length` bytes whose socket has sent only `first`: left open, it is a client that vanished."""
+    sock = socket.create_connection(("127.0.0.1", web.port))
+    head = (f"PATCH {location} HTTP/1.1\r\nHost: 127.0.0.1\r\nTus-Resumable: 1.0.0\r\n"
+            f"X-CSRF-Token: {client.csrf}\r\nCookie: heygem_session={client.http.cookies['heygem_session']}\r\n"
+            f"Upload-Offset: {offset}\r\nContent-Type: application/offset+octet-stream\r\n"
+            f"Content-Length: {length}\r\n\r\n")
+    sock.sendall(head.encode() + first)
+    return sock
+
+
+def wait_offset(client, location: str, offset: int) -> None:
+    deadline = time.monotonic() + 10
+    while int(client.head(location).headers["Upload-Offset"]) < offset:
+        assert time.monotonic() < deadline, "the server never wrote what was sent"
+        time.sleep(0.05)
+
+
 def test_a_cut_patch_is_resumed_from_the_servers_offset_and_the_bytes_arrive_identical(web, alice):
     data = os.urandom(600_000)
     location = alice.create("voice.wav", len(data)).headers["Location"]
     # A connection that dies half-way through its PATCH: the server keeps what arrived.
-    with socket.create_connection(("127.0.0.1", web.port)) as sock:
-        head = (f"PATCH {location} HTTP/1.1\r\nHost: 127.0.0.1\r\nTus-Resumable: 1.0.0\r\n"
-                f"X-CSRF-Token: {alice.csrf}\r\nCookie: heygem_session={alice.http.cookies['heygem_session']}\r\n"
-                f"Upload-Offset: 0\r\nContent-Type: application/offset+octet-stream\r\n"
-                f"Content-Length: {len(data)}\r\n\r\n")
-        sock.sendall(head.encode() + data[:250_000])
+    with open_patch(web, alice, location, 0, len(data), data[:250_000]):
         time.sleep(0.3)
-    deadline = time.monotonic() + 10
-    while int(alice.head(location).headers["Upload-Offset"]) < 250_000 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_offset(alice, location, 250_000)
     offset = int(alice.head(location).headers["Upload-Offset"])
     assert offset == 250_000
     done = alice.patch(location, offset, data[offset:])
     assert done.status_code == 204 and done.headers["Upload-Offset"] == str(len(data))
     assert (uploads_root(web) / location.rsplit("/", 1)[1] / "data").read_bytes() == data
+
+
+def test_a_new_patch_from_the_owner_takes_over_an_upload_whose_client_vanished_with_its_socket_open(web, alice):
+    data = os.urandom(600_000)
+    location = alice.create("voice.wav", len(data)).headers["Location"]
+    with open_patch(web, alice, location, 0, len(data), data[:250_000]) as stale:
+        wait_offset(alice, location, 250_000)
+        done = alice.patch(location, 250_000, data[250_000:])  # at once, not after a timeout: no 423
+        assert done.status_code == 204 and done.headers["Upload-Offset"] == str(len(data))
+        stale.settimeout(10)
+        told = stale.recv(4096)
+    assert told.startswith(b"HTTP/1.1 409") and b"took this upload over" in told
+    assert (uploads_root(web) / location.rsplit("/", 1)[1] / "data").read_bytes() == data
+
+
+def test_a_patch_body_idle_past_upload_idle_seconds_is_ended_and_its_bytes_kept(web, alice, monkeypatch):
+    uploads = web.app.state.console.uploads
+    monkeypatch.setattr(uploads, "cfg", uploads.cfg.model_copy(update={
+        "web": uploads.cfg.web.model_copy(update={"upload_idle_seconds": 0.5})}))
+    location = alice.create("voice.wav", 1000).headers["Location"]
+    with open_patch(web, alice, location, 0, 1000, b"a" * 300) as stale:
+        stale.settimeout(10)
+        told = stale.recv(4096)
+        assert stale.recv(4096) == b""  # and the connection closed
+    assert told.startswith(b"HTTP/1.1 408") and b"no bytes for 0.5 s" in told
+    assert alice.head(location).headers["Upload-Offset"] == "300"
+    assert alice.http.delete(web.url + location, headers=alice.headers()).status_code == 204
 
 
 def test_a_patch_at_another_offset_than_the_servers_is_refused_with_409(alice):
@@ -257,15 +295,27 @@ def test_cancel_from_the_job_page_is_the_clis_request_with_an_audit_line(web, al
     assert {"event": "web cancel", "user": "alice", "job": "to cancel"}.items() <= audit[-1].items()
 
 
-def test_an_upload_that_would_leave_work_below_the_disk_guard_is_refused(web):
-    from heygem_daemon.web.uploads import UploadRefused, Uploads
+def test_each_upload_holds_its_length_against_the_disk_guard_from_creation_and_every_patch_checks_it(
+        web, alice, monkeypatch):
+    uploads = web.app.state.console.uploads
+    mb = 2**20
 
-    free_gb = shutil.disk_usage(web.cfg.folder("work")).free / 2**30
-    full = web.cfg.model_copy(update={"disk_guard": web.cfg.disk_guard.model_copy(
-        update={"min_free_gb": free_gb - 0.0005})})  # room for 0.5 MB more
-    with pytest.raises(UploadRefused) as refused:
-        Uploads(full).create("alice", 2**20, "voice.wav")
-    assert refused.value.status == 507 and "free space" in refused.value.reason
+    def guard_leaving(room: int) -> None:
+        """The disk guard set so that `room` bytes more fit beside what other uploads hold."""
+        free = shutil.disk_usage(uploads.root).free - uploads.reserved()
+        monkeypatch.setattr(uploads, "cfg", web.cfg.model_copy(update={
+            "web": web.cfg.web.model_copy(update={"max_upload_mb": 1000}),
+            "disk_guard": web.cfg.disk_guard.model_copy(update={"min_free_gb": (free - room) / 2**30})}))
+    guard_leaving(300 * mb)  # room for one 200 MB upload, not two (100 MB either side for the disk's drift)
+    first = alice.create("first.wav", 200 * mb)
+    assert first.status_code == 201
+    second = alice.create("second.wav", 200 * mb)  # nothing written yet: the first one's 200 MB are held
+    assert second.status_code == 507 and "uploads in progress hold 0.2" in second.json()["reason"]
+    guard_leaving(-100 * mb)  # the disk filled since: the first upload's PATCH is refused before any byte lands
+    location = first.headers["Location"]
+    patch = alice.patch(location, 0, b"x" * 1000)
+    assert patch.status_code == 507 and "disk_guard.min_free_gb" in patch.json()["reason"]
+    assert alice.head(location).headers["Upload-Offset"] == "0"
 
 
 def test_the_live_job_fragment_keeps_the_pages_csrf_token_for_its_forms(web, alice):
