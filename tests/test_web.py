@@ -196,6 +196,32 @@ def test_a_finished_pair_becomes_a_ready_job_folder_and_an_audit_line(web, alice
     assert {"event": "web upload", "user": "alice", "job": "web job", "files": 2}.items() <= audit[-1].items()
 
 
+def test_a_set_naming_one_upload_twice_is_refused_and_its_upload_stays(web, alice, tmp_path):
+    voice_id = alice.upload(write_speech_wav(tmp_path / "twice.wav", 1.0))
+    answer = alice.submit([voice_id, voice_id], name="twice", engine="preview", preset="480p")
+    assert answer.status_code == 422 and answer.json()["reason"] == "the same upload is listed twice"
+    assert alice.head(f"/tus/{voice_id}").status_code == 200
+    assert not (web.cfg.folder("inbox") / "twice").exists()
+
+
+def test_two_submits_of_one_set_at_once_make_one_job_and_a_reasoned_refusal_and_leave_no_staging(
+        web, alice, tmp_path, portrait_jpg):
+    ids = [alice.upload(write_speech_wav(tmp_path / "double.wav", 1.0)), alice.upload(portrait_jpg)]
+    answers: list = []
+    clicks = [threading.Thread(target=lambda: answers.append(
+        alice.submit(ids, name="double click", engine="preview", preset="480p"))) for _ in range(2)]
+    for click in clicks:
+        click.start()
+    for click in clicks:
+        click.join()
+    assert sorted(a.status_code for a in answers) == [200, 422]
+    refused = next(a for a in answers if a.status_code == 422).json()
+    assert "sent already" in refused["reason"] and refused["hint"]
+    folder = web.cfg.folder("inbox") / "double click"
+    assert sorted(p.name for p in folder.iterdir()) == [".ready", "double.wav", "job.yaml", "portrait.jpg"]
+    assert not [p for p in uploads_root(web).iterdir() if p.name.startswith(".set-")]
+
+
 def test_a_set_intake_would_refuse_is_refused_with_reason_and_hint_and_nothing_moves(web, alice, tmp_path,
                                                                                      portrait_jpg):
     cut = truncate(write_speech_wav(tmp_path / "cut.wav", 2.0), 0.5)
