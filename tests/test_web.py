@@ -290,7 +290,10 @@ def test_a_delivered_job_plays_from_its_links_with_copy_buttons_and_links_json(w
                 "expires_at": "2026-12-01T00:00:00Z"}}))
     page = alice.get("/jobs/delivered").text.replace("&amp;", "&")
     assert f'<video controls preload="metadata" src="{link}">' in page
-    assert f'data-copy="{link}"' in page and f'data-copy="{zip_link}"' in page and "valid until" in page
+    assert f'data-copy="{link}"' in page and f'data-copy="{zip_link}"' in page
+    assert f'<a href="{zip_link}" download>delivered.zip</a>' in page  # the zip opens from the page too
+    local = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(1796083200))  # 2026-12-01T00:00:00Z, as on every time
+    assert page.count(f"valid until {local}") == 2 and "2026-12-01T00:00:00Z" not in page
     download = alice.get("/jobs/delivered/files/links.json")
     assert download.json()["zip"]["link"] == zip_link and "attachment" in download.headers["Content-Disposition"]
 

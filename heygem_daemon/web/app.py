@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 from urllib.parse import urlencode, urlsplit
@@ -24,7 +23,7 @@ from heygem_daemon.delivery.audit import AuditLog
 from heygem_daemon.delivery.links import LINKS_JSON
 from heygem_daemon.generation.lifecycle import JobError, JobState, request_cancel, request_retry
 from heygem_daemon.state import Store, db_path
-from heygem_daemon.views import condition, job_view, jobs_page
+from heygem_daemon.views import condition, job_view, jobs_page, local_time
 from heygem_daemon.web.auth import LoginLimit, check_password, csrf_token
 from heygem_daemon.web.guard import Gate, SecurityHeaders, SessionCookies, content_security_policy
 from heygem_daemon.engines.registry import engine_names
@@ -61,7 +60,8 @@ class Console:
         self.checks = LiveChecks(config_path)
         self.templates = Environment(loader=PackageLoader("heygem_daemon.web", "templates"),
                                      autoescape=select_autoescape(default=True))
-        self.templates.filters["when"] = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+        self.templates.filters["when"] = local_time
+        self.live_streams = 0  # server-sent event streams open now
 
     def render(self, request: Request | None, template: str, status: int = 200, **context: Any) -> HTMLResponse:
         return HTMLResponse(self.fragment(request, template, **context), status)
@@ -232,16 +232,20 @@ class Console:
         proxies from closing the stream."""
         async def events() -> AsyncIterator[str]:
             last, quiet = None, 0.0
-            while not await request.is_disconnected():
-                html = await run_in_threadpool(render)
-                if html != last:
-                    last, quiet = html, 0.0
-                    yield "".join(f"data: {line}\n" for line in html.splitlines() or [""]) + "\n"
-                elif quiet >= KEEPALIVE_SECONDS:
-                    quiet = 0.0
-                    yield ": keep-alive\n\n"
-                await asyncio.sleep(LIVE_SECONDS)
-                quiet += LIVE_SECONDS
+            self.live_streams += 1
+            try:
+                while not await request.is_disconnected():
+                    html = await run_in_threadpool(render)
+                    if html != last:
+                        last, quiet = html, 0.0
+                        yield "".join(f"data: {line}\n" for line in html.splitlines() or [""]) + "\n"
+                    elif quiet >= KEEPALIVE_SECONDS:
+                        quiet = 0.0
+                        yield ": keep-alive\n\n"
+                    await asyncio.sleep(LIVE_SECONDS)
+                    quiet += LIVE_SECONDS
+            finally:
+                self.live_streams -= 1
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
