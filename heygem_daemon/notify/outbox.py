@@ -230,7 +230,8 @@ class Notifier:
 
 
 def notify_checks(cfg: Config) -> list[Check]:
-    """`heygem-daemon doctor` lines: every configured URL parses with apprise (no message is sent)."""
+    """`heygem-daemon doctor` lines: every configured URL parses with apprise. Nothing is sent and no service is
+    asked (a test message would reach people), and each line says so: OK means understood, not reachable."""
     try:
         urls = configured_urls(cfg.notify)
     except ConfigError as exc:
@@ -250,8 +251,8 @@ def notify_checks(cfg: Config) -> list[Check]:
                                     "check the URL format for that service in the apprise wiki"))
             else:
                 limits = target.limits()
-                checks.append(Check(name, True, f"{target.plugin.service_name}, up to {limits.body_max} characters"
-                                    f"{', markdown' if limits.markdown else ', plain text'}"))
+                checks.append(Check(name, True, f"URL valid, not contacted: {target.plugin.service_name}, up to "
+                                    f"{limits.body_max} characters{', markdown' if limits.markdown else ', plain text'}"))
     return checks
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 from urllib.parse import urlencode, urlsplit
@@ -22,6 +23,7 @@ from heygem_daemon.config import Config
 from heygem_daemon.delivery.audit import AuditLog
 from heygem_daemon.delivery.links import LINKS_JSON
 from heygem_daemon.generation.lifecycle import JobError, JobState, request_cancel, request_retry
+from heygem_daemon.ops.daemon_state import STALE_SECONDS
 from heygem_daemon.state import Store, db_path
 from heygem_daemon.views import condition, job_view, jobs_page, local_time
 from heygem_daemon.web.auth import LoginLimit, check_password, csrf_token
@@ -214,7 +216,8 @@ class Console:
         return {**condition(self.cfg, self.store), "jobs": self.store.jobs.counts(),
                 "devices": self.cfg.workers.devices, "per_device": self.cfg.workers.per_device,
                 "min_free_gb": self.cfg.disk_guard.min_free_gb, "running": self.store.tasks.select(states=("running",)),
-                "doctor": self.checks.last, "fresh_seconds": self.checks.fresh}
+                "doctor": self.checks.last, "fresh_seconds": self.checks.fresh, "now": time.time(),
+                "stale_seconds": STALE_SECONDS}
 
     async def health(self, request: Request) -> Response:
         context = await run_in_threadpool(self._health_context)
