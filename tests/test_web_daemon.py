@@ -212,6 +212,7 @@ def test_in_a_browser_a_file_added_twice_is_one_row_files_can_be_removed_and_a_d
     pick.send_keys(str(voice))  # the same file again: pointed out on its row, no second row or upload
     wait.until(lambda d: "in the list already" in rows()[2].text)
     assert len(rows()) == 3
+    driver.save_screenshot(str(ARTEFACTS / "upload-refused.png"))
     no_face_id = next(p.name for p in (web.cfg.folder("work") / UPLOADS_DIR).iterdir()
                       if (p / "info.json").exists() and json.loads((p / "info.json").read_text())["name"] == "no_face.jpg")
     rows()[0].find_element(By.CSS_SELECTOR, "button.remove").click()

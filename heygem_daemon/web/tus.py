@@ -125,6 +125,8 @@ class TusServer:
         if request.headers.get("Content-Type") != OCTETS:
             return Response(status_code=415, headers=_headers())
         await self._stop_writer(upload.id)  # its client is gone, or gave up on it and came back: this one wins
+        if not upload.data.exists():  # deleted, or handed over as a job, meanwhile
+            return Response(status_code=404, headers=_headers())
         if request.headers.get("Upload-Offset") != str(upload.offset):
             return Response(status_code=409, headers=_headers({"Upload-Offset": str(upload.offset)}))
         try:

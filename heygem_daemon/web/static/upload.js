@@ -33,12 +33,18 @@ function refreshButtons() {
   pause.textContent = paused ? "Resume" : "Pause";
 }
 
+function parsed(text) {
+  try {
+    return JSON.parse(text);
+  } catch (_) {
+    return null;  // not ours: a proxy's page, or no body
+  }
+}
+
 // A refusal's words: our JSON {reason, hint}, else the HTTP status and whatever the body says.
 function refusal(status, body, fallback) {
-  try {
-    const parsed = JSON.parse(body);
-    if (parsed && parsed.reason) return { reason: parsed.reason, hint: parsed.hint || "" };
-  } catch (_) { /* not ours: a proxy's page, or no body */ }
+  const ours = parsed(body);
+  if (ours && ours.reason) return { reason: ours.reason, hint: ours.hint || "" };
   const text = (body || "").replace(/<[^>]*>/g, " ").replace(/\s+/g, " ").trim().slice(0, 200);
   const reason = status ? `the server answered HTTP ${status}${text ? `: ${text}` : ""}` : fallback;
   return { reason, hint: "try again; if it keeps happening, tell the operator" };
@@ -81,7 +87,9 @@ function addFile(file) {
     twin.row.classList.remove("again");
     void twin.row.offsetWidth;  // restart the highlight
     twin.row.classList.add("again");
-    twin.note.textContent = `${file.name} is in the list already`;
+    twin.flash.textContent = "is in the list already";
+    clearTimeout(twin.flashTimer);
+    twin.flashTimer = setTimeout(() => { twin.flash.textContent = ""; }, 4000);
     return;
   }
   const form = document.getElementById("job");
@@ -90,13 +98,14 @@ function addFile(file) {
   const bar = el("progress");
   bar.max = 1; bar.value = 0;
   const note = el("span", "note", "");
+  const flash = el("span", "flash", "");
   const remove = el("button", "remove", "×");
   remove.type = "button";
   remove.title = `Remove ${file.name}`;
   remove.setAttribute("aria-label", remove.title);
-  row.append(name, bar, note, remove);
+  row.append(name, flash, bar, note, remove);
   document.getElementById("files").append(row);
-  const item = { file, key, row, note, id: null, error: null };
+  const item = { file, key, row, note, flash, id: null, error: null };
   remove.addEventListener("click", () => removeItem(item));
   items.push(item);
   if (!AUDIO.test(file.name) && !PORTRAIT.test(file.name)) {
@@ -179,8 +188,8 @@ async function send(event) {
                            hint: "check the connection and press Send again" });
     return;
   }
-  if (answer.ok) {
-    const result = JSON.parse(text);
+  const result = answer.ok ? parsed(text) : null;
+  if (result && result.url) {
     outcome.textContent = "";
     outcome.append("Handed to the daemon as ", Object.assign(el("a", "", result.job), { href: result.url }), ".");
     window.location.assign(result.url);
@@ -188,7 +197,7 @@ async function send(event) {
   }
   sending = false;
   refreshButtons();
-  showRefusal(outcome, refusal(answer.status, text, ""));
+  showRefusal(outcome, refusal(answer.status, text, ""));  // a 200 that is not our answer too (a proxy's page)
 }
 
 document.addEventListener("DOMContentLoaded", () => {
