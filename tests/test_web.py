@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -401,6 +402,21 @@ def test_the_session_cookie_is_secure_when_the_console_is_reached_over_https(tmp
     flags = [f.strip().lower() for f in login.headers["set-cookie"].split(";")]
     assert flags[0].startswith("heygem_session=") and "httponly" in flags and "samesite=strict" in flags
     assert ("secure" in flags) is secure
+
+
+def test_the_health_page_shows_a_heartbeat_older_than_three_beats_as_a_stuck_main_loop(web, alice):
+    from heygem_daemon.fs.ops import atomic_write_json
+    from heygem_daemon.ops.daemon_state import LOCK_FILE, STALE_SECONDS, STATE_FILE
+
+    state = web.cfg.folder("state")
+    with open(state / LOCK_FILE, "w") as lock:  # this process plays the daemon: it holds the lock
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        atomic_write_json(state / STATE_FILE, {"pid": os.getpid(), "updated": time.time() - STALE_SECONDS - 30})
+        page = alice.get("/health").text
+    assert f"running as pid {os.getpid()} since" in page
+    assert f"none for over {STALE_SECONDS:.0f} s, so its main loop is stuck" in page
 
 
 HEALTH_WITH_WAV2LIP = """
