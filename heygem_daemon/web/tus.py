@@ -160,22 +160,43 @@ class TusServer:
 
     async def _append(self, request: Request, upload: Upload) -> Body:
         """Write the body at the end of the data as it arrives; how it ended. Cancelled only while waiting for
-        bytes, never inside a write."""
-        room = upload.length - upload.offset
+        bytes, never inside a write: by a PATCH taking over, or by the idle watch below."""
+        loop = asyncio.get_running_loop()
+        writer = asyncio.current_task()
         idle = self.uploads.cfg.web.upload_idle_seconds
-        with open(upload.data, "ab", buffering=0) as out:
-            while True:
-                try:
-                    message = await asyncio.wait_for(request.receive(), idle)
-                except asyncio.TimeoutError:
-                    return Body.IDLE
-                if message["type"] == "http.disconnect":
-                    return Body.CUT  # what arrived stays; the client asks HEAD for the offset
-                chunk = message.get("body", b"")
-                if len(chunk) > room:
-                    out.write(chunk[:room])
-                    return Body.OVER
-                out.write(chunk)
-                room -= len(chunk)
-                if not message.get("more_body", False):
-                    return Body.WHOLE
+        last = loop.time()
+        stalled = False
+
+        # One timer per PATCH that looks at when the last bytes came (wait_for on every chunk would cost
+        # ~25 µs each: a quarter of a core at 1 GB/s).
+        def watch() -> None:
+            nonlocal timer, stalled
+            quiet = loop.time() - last
+            if quiet < idle:
+                timer = loop.call_later(idle - quiet, watch)
+            elif writer is not None:
+                stalled = True
+                writer.cancel()
+        timer = loop.call_later(idle, watch)
+        room = upload.length - upload.offset
+        try:
+            with open(upload.data, "ab", buffering=0) as out:
+                while True:
+                    message = await request.receive()
+                    last = loop.time()
+                    if message["type"] == "http.disconnect":
+                        return Body.CUT  # what arrived stays; the client asks HEAD for the offset
+                    chunk = message.get("body", b"")
+                    if len(chunk) > room:
+                        out.write(chunk[:room])
+                        return Body.OVER
+                    out.write(chunk)
+                    room -= len(chunk)
+                    if not message.get("more_body", False):
+                        return Body.WHOLE
+        except asyncio.CancelledError:
+            if stalled:
+                return Body.IDLE
+            raise
+        finally:
+            timer.cancel()
