@@ -99,7 +99,7 @@ def test_a_new_patch_from_the_owner_takes_over_an_upload_whose_client_vanished_w
 
 
 def test_a_patch_body_idle_past_upload_idle_seconds_is_ended_and_its_bytes_kept(web, alice, monkeypatch):
-    uploads = web.app.state.console.uploads
+    uploads = web.server.config.app.state.console.uploads
     monkeypatch.setattr(uploads, "cfg", uploads.cfg.model_copy(update={
         "web": uploads.cfg.web.model_copy(update={"upload_idle_seconds": 0.5})}))
     location = alice.create("voice.wav", 1000).headers["Location"]
@@ -327,7 +327,7 @@ def test_cancel_from_the_job_page_is_the_clis_request_with_an_audit_line(web, al
 
 def test_each_upload_holds_its_length_against_the_disk_guard_from_creation_and_every_patch_checks_it(
         web, alice, monkeypatch):
-    uploads = web.app.state.console.uploads
+    uploads = web.server.config.app.state.console.uploads
     mb = 2**20
 
     def guard_leaving(room: int) -> None:

@@ -233,7 +233,7 @@ def test_in_a_browser_pages_kept_in_the_back_forward_cache_hold_no_event_stream(
     from selenium.webdriver.support.ui import WebDriverWait
 
     _daemon, web = rig
-    console = web.app.state.console
+    console = web.server.config.app.state.console
     driver, wait = browser, WebDriverWait(browser, 30)
     for n in range(4):  # four live pages, as many job pages visited one after another
         driver.get(f"{web.url}/jobs?q=visit-{n}")

@@ -33,7 +33,7 @@ class WebServer:
         self.cfg: Config = load_config(config_path)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.app = app = create_app(self.cfg, config_path, "test-session-key")
+        app = create_app(self.cfg, config_path, "test-session-key")
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                                     timeout_graceful_shutdown=1))
         self.thread = threading.Thread(target=self.server.run, daemon=True)

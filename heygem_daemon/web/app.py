@@ -235,22 +235,28 @@ class Console:
         proxies from closing the stream."""
         async def events() -> AsyncIterator[str]:
             last, quiet = None, 0.0
-            self.live_streams += 1
-            try:
-                while not await request.is_disconnected():
-                    html = await run_in_threadpool(render)
-                    if html != last:
-                        last, quiet = html, 0.0
-                        yield "".join(f"data: {line}\n" for line in html.splitlines() or [""]) + "\n"
-                    elif quiet >= KEEPALIVE_SECONDS:
-                        quiet = 0.0
-                        yield ": keep-alive\n\n"
-                    await asyncio.sleep(LIVE_SECONDS)
-                    quiet += LIVE_SECONDS
-            finally:
-                self.live_streams -= 1
-        return StreamingResponse(events(), media_type="text/event-stream",
+            while not await request.is_disconnected():
+                html = await run_in_threadpool(render)
+                if html != last:
+                    last, quiet = html, 0.0
+                    yield "".join(f"data: {line}\n" for line in html.splitlines() or [""]) + "\n"
+                elif quiet >= KEEPALIVE_SECONDS:
+                    quiet = 0.0
+                    yield ": keep-alive\n\n"
+                await asyncio.sleep(LIVE_SECONDS)
+                quiet += LIVE_SECONDS
+        return StreamingResponse(self._counted(events()), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    async def _counted(self, stream: AsyncIterator[str]) -> AsyncIterator[str]:
+        """A live stream, counted in live_streams while it is open (each holds one of the browser's
+        connections to this host)."""
+        self.live_streams += 1
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            self.live_streams -= 1
 
 
 def _with_job_outputs(cfg: Config, view: dict[str, Any]) -> dict[str, Any]:
