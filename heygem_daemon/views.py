@@ -12,11 +12,14 @@ from heygem_daemon.config import Config
 from heygem_daemon.state import Batch, Job, Store
 
 
+def _local(when: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+
+
 def local_time(when: float | str) -> str:
     """Epoch seconds, or an ISO 8601 time with its zone (a link's expires_at), in the host's local time: every
     time a person reads is in one zone."""
-    seconds = datetime.fromisoformat(when).timestamp() if isinstance(when, str) else when
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+    return _local(datetime.fromisoformat(when).timestamp() if isinstance(when, str) else when)
 
 
 def job_view(cfg: Config, store: Store, job: Job) -> dict[str, Any]:
@@ -27,7 +30,7 @@ def job_view(cfg: Config, store: Store, job: Job) -> dict[str, Any]:
         "id": job.id, "name": job.name, "state": job.state, "videos": len(tasks), "done": done,
         "progress": round(progress, 3), "owner": job.owner, "priority": job.spec.get("priority", "normal"),
         "engine": job.spec.get("engine") or cfg.engine.name, "preset": job.spec.get("preset") or cfg.engine.preset,
-        "created": local_time(job.created_at),
+        "created": _local(job.created_at),
         "outputs": str(cfg.folder("outputs") / job.name) if done else None,
         "delivery": store.deliveries.summary(job.id),
         "tasks": [{"name": t.name, "state": t.state, "progress": round(t.progress, 3), "attempts": t.attempts,
@@ -49,7 +52,7 @@ def adhoc_view(cfg: Config, store: Store, batch: Batch) -> dict[str, Any]:
     """Videos another tool put into outputs/: no job of ours, but a delivery all the same."""
     stuck = [d.last_error for d in store.deliveries.select(batch.id) if d.state in ("pending", "uploading") and d.last_error]
     return {"name": batch.name, "outputs": str(cfg.folder("outputs") / batch.folder),
-            "created": local_time(batch.created_at),
+            "created": _local(batch.created_at),
             "delivery": store.deliveries.summary(batch.id),
             "error": {"reason": stuck[-1].get("reason"), "hint": stuck[-1].get("hint")} if stuck else None}
 
