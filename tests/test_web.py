@@ -348,6 +348,19 @@ def test_each_upload_holds_its_length_against_the_disk_guard_from_creation_and_e
     assert alice.head(location).headers["Upload-Offset"] == "0"
 
 
+def test_a_patch_the_disk_cannot_take_is_refused_with_the_systems_reason(web, alice, monkeypatch):
+    uploads = web.server.config.app.state.console.uploads
+    location = alice.create("voice.wav", 1000).headers["Location"]
+    data = uploads_root(web) / location.rsplit("/", 1)[1] / "data"
+    data.unlink()
+    data.symlink_to("/dev/full")  # every write: ENOSPC, from the kernel
+    monkeypatch.setattr(uploads, "cfg", uploads.cfg.model_copy(update={  # /dev/full was last touched at boot
+        "web": uploads.cfg.web.model_copy(update={"upload_expiry_hours": 10**6})}))
+    answer = alice.patch(location, 0, b"x" * 1000)
+    assert answer.status_code == 507 and "No space left on device" in answer.json()["reason"]
+    assert alice.http.delete(web.url + location, headers=alice.headers()).status_code == 204
+
+
 def test_the_live_job_fragment_keeps_the_pages_csrf_token_for_its_forms(web, alice):
     store = Store(web.cfg.folder("state") / "heygem.db")
     job = store.jobs.create("live one", {})

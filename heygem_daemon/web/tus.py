@@ -148,6 +148,10 @@ class TusServer:
         if writer.cancelled():
             return JSONResponse({"reason": "another request took this upload over",
                                  "hint": "ask HEAD for the offset and go on from there"}, 409, headers=_headers(offset))
+        if isinstance(failed := writer.exception(), OSError):  # the disk filled or failed under the reservation
+            return JSONResponse({"reason": f"the upload could not be written: {failed.strerror or failed}",
+                                 "hint": "try again later; if it keeps failing, tell the operator"}, 507,
+                                headers=_headers(offset))
         if writer.result() is Body.OVER:
             return JSONResponse({"reason": "more bytes than Upload-Length", "hint": "upload the file again"}, 413,
                                 headers=_headers(offset))
