@@ -369,6 +369,8 @@ class Web(_Section):
     max_files: int = Field(50, ge=2, le=1000, description="files in one job uploaded from the web")
     upload_expiry_hours: float = Field(24.0, gt=0.0, description="incomplete uploads are swept this long "
                                        "after their last byte")
+    upload_idle_seconds: float = Field(60.0, gt=0.0, description="a PATCH whose body sends nothing this long "
+                                       "is ended (its bytes kept): a client gone without closing its socket")
     uploads_every_hours: float = Field(1.0, ge=0.0, description="how often the cleanup sweeps expired uploads")
     login_attempts: int = Field(5, ge=1, description="failed logins from one address before each further try "
                                 "waits (login_delay_seconds, doubling)")

@@ -16,7 +16,7 @@ from heygem_daemon.ops.metrics import MetricsServer, StateCollector
 from heygem_daemon.ops.signals import Requests
 from heygem_daemon.ops.cleanup import Cleanup
 from heygem_daemon.config import Config, ConfigError, load_config
-from heygem_daemon.ops.daemon_state import LOCK_FILE, write_state
+from heygem_daemon.ops.daemon_state import HEARTBEAT_SECONDS, LOCK_FILE, write_state
 from heygem_daemon.notify.announce import Announcer
 from heygem_daemon.notify.outbox import Notifier, Outbox
 from heygem_daemon.delivery.service import DeliveryService
@@ -176,7 +176,7 @@ class Daemon:
     # --- the main loop: signals, watchdog, status, disk guard, cancels -----------------------------
 
     def _loop(self, done: Callable[[], bool]) -> None:
-        next_beat = next_disk = next_status = 0.0
+        next_beat = next_disk = next_status = next_heartbeat = 0.0
         unhealthy_logged = False
         while not done():
             now = time.monotonic()
@@ -194,7 +194,8 @@ class Daemon:
                     self.life.settle_requests()
                     self.outages.check()
                     self.systemd.status(self._status())
-                    if self.remote:
+                    if self.remote or now >= next_heartbeat:  # the remote roster changes every second
+                        next_heartbeat = now + HEARTBEAT_SECONDS
                         self._write_state()
             except Exception:
                 log.exception("main loop step failed; trying again")

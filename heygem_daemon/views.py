@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,12 @@ CHAT_UNDELIVERED_SHOWN = 5
 
 def _local(when: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+
+
+def local_time(when: float | str) -> str:
+    """Epoch seconds, or an ISO 8601 time with its zone (a link's expires_at), in the host's local time: every
+    time a person reads is in one zone."""
+    return _local(datetime.fromisoformat(when).timestamp() if isinstance(when, str) else when)
 
 
 def job_view(cfg: Config, store: Store, job: Job) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -54,25 +55,63 @@ def uploads_root(web) -> Path:
     return web.cfg.folder("work") / UPLOADS_DIR
 
 
+def open_patch(web, client, location: str, offset: int, length: int, first: bytes) -> socket.socket:
+    """A PATCH of `length` bytes whose socket has sent only `first`: left open, it is a client that vanished."""
+    sock = socket.create_connection(("127.0.0.1", web.port))
+    head = (f"PATCH {location} HTTP/1.1\r\nHost: 127.0.0.1\r\nTus-Resumable: 1.0.0\r\n"
+            f"X-CSRF-Token: {client.csrf}\r\nCookie: heygem_session={client.http.cookies['heygem_session']}\r\n"
+            f"Upload-Offset: {offset}\r\nContent-Type: application/offset+octet-stream\r\n"
+            f"Content-Length: {length}\r\n\r\n")
+    sock.sendall(head.encode() + first)
+    return sock
+
+
+def wait_offset(client, location: str, offset: int) -> None:
+    deadline = time.monotonic() + 10
+    while int(client.head(location).headers["Upload-Offset"]) < offset:
+        assert time.monotonic() < deadline, "the server never wrote what was sent"
+        time.sleep(0.05)
+
+
 def test_a_cut_patch_is_resumed_from_the_servers_offset_and_the_bytes_arrive_identical(web, alice):
     data = os.urandom(600_000)
     location = alice.create("voice.wav", len(data)).headers["Location"]
     # A connection that dies half-way through its PATCH: the server keeps what arrived.
-    with socket.create_connection(("127.0.0.1", web.port)) as sock:
-        head = (f"PATCH {location} HTTP/1.1\r\nHost: 127.0.0.1\r\nTus-Resumable: 1.0.0\r\n"
-                f"X-CSRF-Token: {alice.csrf}\r\nCookie: heygem_session={alice.http.cookies['heygem_session']}\r\n"
-                f"Upload-Offset: 0\r\nContent-Type: application/offset+octet-stream\r\n"
-                f"Content-Length: {len(data)}\r\n\r\n")
-        sock.sendall(head.encode() + data[:250_000])
+    with open_patch(web, alice, location, 0, len(data), data[:250_000]):
         time.sleep(0.3)
-    deadline = time.monotonic() + 10
-    while int(alice.head(location).headers["Upload-Offset"]) < 250_000 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_offset(alice, location, 250_000)
     offset = int(alice.head(location).headers["Upload-Offset"])
     assert offset == 250_000
     done = alice.patch(location, offset, data[offset:])
     assert done.status_code == 204 and done.headers["Upload-Offset"] == str(len(data))
     assert (uploads_root(web) / location.rsplit("/", 1)[1] / "data").read_bytes() == data
+
+
+def test_a_new_patch_from_the_owner_takes_over_an_upload_whose_client_vanished_with_its_socket_open(web, alice):
+    data = os.urandom(600_000)
+    location = alice.create("voice.wav", len(data)).headers["Location"]
+    with open_patch(web, alice, location, 0, len(data), data[:250_000]) as stale:
+        wait_offset(alice, location, 250_000)
+        done = alice.patch(location, 250_000, data[250_000:])  # at once, not after a timeout: no 423
+        assert done.status_code == 204 and done.headers["Upload-Offset"] == str(len(data))
+        stale.settimeout(10)
+        told = stale.recv(4096)
+    assert told.startswith(b"HTTP/1.1 409") and b"took this upload over" in told
+    assert (uploads_root(web) / location.rsplit("/", 1)[1] / "data").read_bytes() == data
+
+
+def test_a_patch_body_idle_past_upload_idle_seconds_is_ended_and_its_bytes_kept(web, alice, monkeypatch):
+    uploads = web.server.config.app.state.console.uploads
+    monkeypatch.setattr(uploads, "cfg", uploads.cfg.model_copy(update={
+        "web": uploads.cfg.web.model_copy(update={"upload_idle_seconds": 0.5})}))
+    location = alice.create("voice.wav", 1000).headers["Location"]
+    with open_patch(web, alice, location, 0, 1000, b"a" * 300) as stale:
+        stale.settimeout(10)
+        told = stale.recv(4096)
+        assert stale.recv(4096) == b""  # and the connection closed
+    assert told.startswith(b"HTTP/1.1 408") and b"no bytes for 0.5 s" in told
+    assert alice.head(location).headers["Upload-Offset"] == "300"
+    assert alice.http.delete(web.url + location, headers=alice.headers()).status_code == 204
 
 
 def test_a_patch_at_another_offset_than_the_servers_is_refused_with_409(alice):
@@ -160,6 +199,32 @@ def test_a_finished_pair_becomes_a_ready_job_folder_and_an_audit_line(web, alice
     assert {"event": "web upload", "user": "alice", "job": "web job", "files": 2}.items() <= audit[-1].items()
 
 
+def test_a_set_naming_one_upload_twice_is_refused_and_its_upload_stays(web, alice, tmp_path):
+    voice_id = alice.upload(write_speech_wav(tmp_path / "twice.wav", 1.0))
+    answer = alice.submit([voice_id, voice_id], name="twice", engine="preview", preset="480p")
+    assert answer.status_code == 422 and answer.json()["reason"] == "the same upload is listed twice"
+    assert alice.head(f"/tus/{voice_id}").status_code == 200
+    assert not (web.cfg.folder("inbox") / "twice").exists()
+
+
+def test_two_submits_of_one_set_at_once_make_one_job_and_a_reasoned_refusal_and_leave_no_staging(
+        web, alice, tmp_path, portrait_jpg):
+    ids = [alice.upload(write_speech_wav(tmp_path / "double.wav", 1.0)), alice.upload(portrait_jpg)]
+    answers: list = []
+    clicks = [threading.Thread(target=lambda: answers.append(
+        alice.submit(ids, name="double click", engine="preview", preset="480p"))) for _ in range(2)]
+    for click in clicks:
+        click.start()
+    for click in clicks:
+        click.join()
+    assert sorted(a.status_code for a in answers) == [200, 422]
+    refused = next(a for a in answers if a.status_code == 422).json()
+    assert "sent already" in refused["reason"] and refused["hint"]
+    folder = web.cfg.folder("inbox") / "double click"
+    assert sorted(p.name for p in folder.iterdir()) == [".ready", "double.wav", "job.yaml", "portrait.jpg"]
+    assert not [p for p in uploads_root(web).iterdir() if p.name.startswith(".set-")]
+
+
 def test_a_set_intake_would_refuse_is_refused_with_reason_and_hint_and_nothing_moves(web, alice, tmp_path,
                                                                                      portrait_jpg):
     cut = truncate(write_speech_wav(tmp_path / "cut.wav", 2.0), 0.5)
@@ -228,7 +293,10 @@ def test_a_delivered_job_plays_from_its_links_with_copy_buttons_and_links_json(w
                 "expires_at": "2026-12-01T00:00:00Z"}}))
     page = alice.get("/jobs/delivered").text.replace("&amp;", "&")
     assert f'<video controls preload="metadata" src="{link}">' in page
-    assert f'data-copy="{link}"' in page and f'data-copy="{zip_link}"' in page and "valid until" in page
+    assert f'data-copy="{link}"' in page and f'data-copy="{zip_link}"' in page
+    assert f'<a href="{zip_link}" download>delivered.zip</a>' in page  # the zip opens from the page too
+    local = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(1796083200))  # 2026-12-01T00:00:00Z, as on every time
+    assert page.count(f"valid until {local}") == 2 and "2026-12-01T00:00:00Z" not in page
     download = alice.get("/jobs/delivered/files/links.json")
     assert download.json()["zip"]["link"] == zip_link and "attachment" in download.headers["Content-Disposition"]
 
@@ -270,15 +338,40 @@ def test_the_job_page_says_what_a_waiting_job_waits_for_and_since_when(web, alic
     assert f"Waiting for heygem service http://gpu1:8383 since {shown}" in alice.get("/jobs/waits").text
 
 
-def test_an_upload_that_would_leave_work_below_the_disk_guard_is_refused(web):
-    from heygem_daemon.web.uploads import UploadRefused, Uploads
+def test_each_upload_holds_its_length_against_the_disk_guard_from_creation_and_every_patch_checks_it(
+        web, alice, monkeypatch):
+    uploads = web.server.config.app.state.console.uploads
+    mb = 2**20
 
-    free_gb = shutil.disk_usage(web.cfg.folder("work")).free / 2**30
-    full = web.cfg.model_copy(update={"disk_guard": web.cfg.disk_guard.model_copy(
-        update={"min_free_gb": free_gb - 0.0005})})  # room for 0.5 MB more
-    with pytest.raises(UploadRefused) as refused:
-        Uploads(full).create("alice", 2**20, "voice.wav")
-    assert refused.value.status == 507 and "free space" in refused.value.reason
+    def guard_leaving(room: int) -> None:
+        """The disk guard set so that `room` bytes more fit beside what other uploads hold."""
+        free = shutil.disk_usage(uploads.root).free - uploads.reserved()
+        monkeypatch.setattr(uploads, "cfg", web.cfg.model_copy(update={
+            "web": web.cfg.web.model_copy(update={"max_upload_mb": 1000}),
+            "disk_guard": web.cfg.disk_guard.model_copy(update={"min_free_gb": (free - room) / 2**30})}))
+    guard_leaving(300 * mb)  # room for one 200 MB upload, not two (100 MB either side for the disk's drift)
+    first = alice.create("first.wav", 200 * mb)
+    assert first.status_code == 201
+    second = alice.create("second.wav", 200 * mb)  # nothing written yet: the first one's 200 MB are held
+    assert second.status_code == 507 and "uploads in progress hold 0.2" in second.json()["reason"]
+    guard_leaving(-100 * mb)  # the disk filled since: the first upload's PATCH is refused before any byte lands
+    location = first.headers["Location"]
+    patch = alice.patch(location, 0, b"x" * 1000)
+    assert patch.status_code == 507 and "disk_guard.min_free_gb" in patch.json()["reason"]
+    assert alice.head(location).headers["Upload-Offset"] == "0"
+
+
+def test_a_patch_the_disk_cannot_take_is_refused_with_the_systems_reason(web, alice, monkeypatch):
+    uploads = web.server.config.app.state.console.uploads
+    location = alice.create("voice.wav", 1000).headers["Location"]
+    data = uploads_root(web) / location.rsplit("/", 1)[1] / "data"
+    data.unlink()
+    data.symlink_to("/dev/full")  # every write: ENOSPC, from the kernel
+    monkeypatch.setattr(uploads, "cfg", uploads.cfg.model_copy(update={  # /dev/full was last touched at boot
+        "web": uploads.cfg.web.model_copy(update={"upload_expiry_hours": 10**6})}))
+    answer = alice.patch(location, 0, b"x" * 1000)
+    assert answer.status_code == 507 and "No space left on device" in answer.json()["reason"]
+    assert alice.http.delete(web.url + location, headers=alice.headers()).status_code == 204
 
 
 def test_the_live_job_fragment_keeps_the_pages_csrf_token_for_its_forms(web, alice):
@@ -337,6 +430,21 @@ def test_the_session_cookie_is_secure_when_the_console_is_reached_over_https(tmp
     flags = [f.strip().lower() for f in login.headers["set-cookie"].split(";")]
     assert flags[0].startswith("heygem_session=") and "httponly" in flags and "samesite=strict" in flags
     assert ("secure" in flags) is secure
+
+
+def test_the_health_page_shows_a_heartbeat_older_than_three_beats_as_a_stuck_main_loop(web, alice):
+    from heygem_daemon.fs.ops import atomic_write_json
+    from heygem_daemon.ops.daemon_state import LOCK_FILE, STALE_SECONDS, STATE_FILE
+
+    state = web.cfg.folder("state")
+    with open(state / LOCK_FILE, "w") as lock:  # this process plays the daemon: it holds the lock
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        atomic_write_json(state / STATE_FILE, {"pid": os.getpid(), "updated": time.time() - STALE_SECONDS - 30})
+        page = alice.get("/health").text
+    assert f"running as pid {os.getpid()} since" in page
+    assert f"none for over {STALE_SECONDS:.0f} s, so its main loop is stuck" in page
 
 
 HEALTH_WITH_WAV2LIP = """

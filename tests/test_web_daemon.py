@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
 from daemon_harness import DaemonHarness
+from heygem_daemon.views import local_time
 from heygem_daemon.web.uploads import UPLOADS_DIR
 from media_factory import write_speech_wav
 from heygem_daemon.web.tokens import SCOPES, create_token
@@ -193,3 +195,120 @@ def test_in_a_browser_an_upload_cut_by_a_reload_resumes_on_the_same_upload(rig, 
         assert [p.name for p in mine] == [first]
     finally:
         driver.delete_network_conditions()
+
+
+@needs_chromium
+def test_in_a_browser_a_file_added_twice_is_one_row_files_can_be_removed_and_a_double_click_sends_once(
+        rig, browser, tmp_path, portrait_jpg, no_face_jpg):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    daemon, web = rig
+    driver, wait = browser, WebDriverWait(browser, 60)
+    voice = write_speech_wav(tmp_path / "twice.wav", 1.2)
+    driver.get(web.url + "/upload")
+    driver.execute_script("document.getElementById('pick').hidden = false")
+    pick = driver.find_element(By.ID, "pick")
+
+    def rows() -> list:
+        return driver.find_elements(By.CSS_SELECTOR, "#files li")
+
+    def uploaded() -> bool:
+        return all(r.find_element(By.CLASS_NAME, "note").text == "uploaded" for r in rows())
+    pick.send_keys(str(no_face_jpg))
+    pick.send_keys(str(portrait_jpg))
+    wait.until(lambda d: len(rows()) == 2 and uploaded())
+    driver.find_element(By.ID, "send").click()  # two portraits, no audio: the server refuses, with its reason
+    outcome = driver.find_element(By.ID, "outcome")
+    wait.until(lambda d: outcome.text.startswith("Refused:"))
+    assert "What to do:" in outcome.text and driver.find_element(By.ID, "send").is_enabled()
+
+    pick.send_keys(str(voice))
+    wait.until(lambda d: len(rows()) == 3 and uploaded())
+    pick.send_keys(str(voice))  # the same file again: pointed out on its row, no second row or upload
+    wait.until(lambda d: "in the list already" in rows()[2].text)
+    assert len(rows()) == 3
+    driver.save_screenshot(str(ARTEFACTS / "upload-refused.png"))
+    no_face_id = next(p.name for p in (web.cfg.folder("work") / UPLOADS_DIR).iterdir()
+                      if (p / "info.json").exists() and json.loads((p / "info.json").read_text())["name"] == "no_face.jpg")
+    rows()[0].find_element(By.CSS_SELECTOR, "button.remove").click()
+    wait.until(lambda d: len(rows()) == 2)
+    wait.until(lambda d: not (web.cfg.folder("work") / UPLOADS_DIR / no_face_id).exists())  # gone on the server
+
+    driver.find_element(By.NAME, "name").send_keys("twice clicked")
+    driver.execute_script("const b = document.getElementById('send'); b.click(); b.click();")
+    wait.until(lambda d: "/jobs/twice" in d.current_url)
+    audit = [json.loads(line) for line in (web.cfg.folder("logs") / "audit.log").read_text().splitlines()]
+    sent = [a["event"] for a in audit if a.get("job") == "twice clicked" and a["event"].startswith("web upload")]
+    assert sent == ["web upload"]  # one submit: no second one refused (or worse) behind it
+    assert daemon.wait_job("twice clicked").state == "done"
+
+
+@needs_chromium
+def test_in_a_browser_pages_kept_in_the_back_forward_cache_hold_no_event_stream(rig, browser):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _daemon, web = rig
+    console = web.server.config.app.state.console
+    driver, wait = browser, WebDriverWait(browser, 30)
+    for n in range(4):  # four live pages, as many job pages visited one after another
+        driver.get(f"{web.url}/jobs?q=visit-{n}")
+        wait.until(lambda d: console.live_streams >= 1)
+        driver.execute_script("window.keptInCache = true")
+    for _ in range(3):
+        driver.back()
+    driver.forward()
+    # Only the page on screen holds a stream (six held ones would block every further request to the host).
+    wait.until(lambda d: console.live_streams == 1)
+    assert "visit-1" in driver.current_url
+    assert driver.execute_script("return window.keptInCache === true"), "the page did not come from the cache"
+    driver.get(web.url + "/jobs")  # and the host still answers at once
+    wait.until(lambda d: console.live_streams == 1)
+
+
+@needs_chromium
+def test_in_a_browser_at_phone_width_every_page_fits_without_sideways_scrolling(rig, browser, tmp_path,
+                                                                               portrait_jpg):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    daemon, web = rig
+    alice = web.client("alice")
+    name = "a job whose name is long enough to wrap on a phone screen"
+    voice = write_speech_wav(tmp_path / "phone.wav", 1.3)
+    assert alice.submit([alice.upload(voice), alice.upload(portrait_jpg)], name=name, engine="preview",
+                        preset="480p", upload=False).status_code == 200
+    daemon.wait_job(name)
+    driver, wait = browser, WebDriverWait(browser, 60)
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True})
+    widths = {}
+    try:
+        for page, path in (("jobs", "/jobs"), ("job", f"/jobs/{name}"), ("upload", "/upload"), ("health", "/health")):
+            driver.get(web.url + path)
+            if page == "upload":
+                driver.execute_script("document.getElementById('pick').hidden = false")
+                driver.find_element(By.ID, "pick").send_keys(f"{voice}\n{portrait_jpg}")
+                wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#files li")) == 2)
+                driver.execute_script("document.getElementById('pick').hidden = true")  # as a person sees it
+            if page == "health":
+                driver.find_element(By.XPATH, "//button[text()='Run the checks']").click()
+                wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "table.doctor"))
+            driver.save_screenshot(str(ARTEFACTS / f"{page}-390.png"))  # (captureBeyondViewport hangs at times)
+            widths[page] = driver.execute_script("return document.documentElement.scrollWidth")
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    assert widths == {"jobs": 390, "job": 390, "upload": 390, "health": 390}
+
+
+def test_the_daemon_beats_its_heartbeat_and_the_health_page_shows_it(rig):
+    from heygem_daemon.ops.daemon_state import HEARTBEAT_SECONDS, read_state
+
+    daemon, web = rig
+    deadline = time.monotonic() + 3 * HEARTBEAT_SECONDS
+    # Written after the start, not only at it (the module's other tests gave it time to beat already).
+    while (state := read_state(daemon.folder("state")))["updated"] < state["started"] + HEARTBEAT_SECONDS:
+        assert time.monotonic() < deadline, state
+        time.sleep(0.2)
+    page = web.client("alice").get("/health").text
+    assert f"since {local_time(state['started'])}" in page and "Last heartbeat" in page and "stuck" not in page

@@ -26,7 +26,7 @@ def readme_server_block(listen: int, console: int) -> str:
     are for web.auth: proxy) and pointed at the console under test."""
     block = re.search(r"```nginx\n(.*?)```", README.read_text(), re.S).group(1)
     lines = [line for line in block.splitlines() if "auth_basic" not in line and "X-Remote-User" not in line]
-    block = "\n".join(lines).replace("listen 443 ssl;", f"listen 127.0.0.1:{listen};")
+    block = "\n".join(lines).replace("listen 443 ssl http2;", f"listen 127.0.0.1:{listen};")
     assert "proxy_pass http://127.0.0.1:8470;" in block and "X-Forwarded-For $remote_addr" in block
     return block.replace("127.0.0.1:8470", f"127.0.0.1:{console}")
 

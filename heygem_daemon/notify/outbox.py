@@ -267,7 +267,8 @@ class Notifier:
 
 
 def notify_checks(cfg: Config) -> list[Check]:
-    """`heygem-daemon doctor` lines: every configured URL parses with apprise (no message is sent)."""
+    """`heygem-daemon doctor` lines: every configured URL parses with apprise. Nothing is sent and no service is
+    asked (a test message would reach people), and each line says so: OK means understood, not reachable."""
     try:
         urls = configured_urls(cfg.notify)
     except ConfigError as exc:
@@ -288,7 +289,8 @@ def notify_checks(cfg: Config) -> list[Check]:
             else:
                 limits = target.limits()
                 unit = {"chars": "characters", "utf8": "bytes", "json": "bytes"}[limits.unit]
-                checks.append(Check(name, True, f"{target.plugin.service_name}, up to {limits.body_max} {unit}"
+                checks.append(Check(name, True, f"URL valid, not contacted: {target.plugin.service_name}, up to "
+                                    f"{limits.body_max} {unit}"
                                     f"{', markdown' if limits.markdown else ', plain text'}"))
     return checks
 

@@ -24,8 +24,9 @@ from heygem_daemon.config import Config
 from heygem_daemon.delivery.audit import AuditLog
 from heygem_daemon.delivery.links import LINKS_JSON
 from heygem_daemon.generation.lifecycle import JobError, JobState, request_cancel, request_retry
+from heygem_daemon.ops.daemon_state import STALE_SECONDS
 from heygem_daemon.state import Store, db_path
-from heygem_daemon.views import condition, job_view, jobs_page, links_doc
+from heygem_daemon.views import condition, job_view, jobs_page, links_doc, local_time
 from heygem_daemon.log import get_logger
 from heygem_daemon.web.auth import MAX_PASSWORD_CHARS, MAX_USER_CHARS, check_password, csrf_token
 from heygem_daemon.web.api import create_api
@@ -78,7 +79,8 @@ class Console:
         self.checks = LiveChecks(config_path)
         self.templates = Environment(loader=PackageLoader("heygem_daemon.web", "templates"),
                                      autoescape=select_autoescape(default=True))
-        self.templates.filters["when"] = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+        self.templates.filters["when"] = local_time
+        self.live_streams = 0  # server-sent event streams open now
 
     def render(self, request: Request | None, template: str, status: int = 200,
                headers: dict[str, str] | None = None, **context: Any) -> HTMLResponse:
@@ -293,7 +295,8 @@ class Console:
         return {**condition(self.cfg, self.store), "jobs": self.store.jobs.counts(),
                 "devices": self.cfg.workers.devices, "per_device": self.cfg.workers.per_device,
                 "min_free_gb": self.cfg.disk_guard.min_free_gb, "running": self.store.tasks.select(states=("running",)),
-                "doctor": self.checks.last, "fresh_seconds": self.checks.fresh}
+                "doctor": self.checks.last, "fresh_seconds": self.checks.fresh, "now": time.time(),
+                "stale_seconds": STALE_SECONDS}
 
     async def health(self, request: Request) -> Response:
         context = await run_in_threadpool(self._health_context)
@@ -321,8 +324,18 @@ class Console:
                     yield ": keep-alive\n\n"
                 await asyncio.sleep(LIVE_SECONDS)
                 quiet += LIVE_SECONDS
-        return StreamingResponse(events(), media_type="text/event-stream",
+        return StreamingResponse(self._counted(events()), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    async def _counted(self, stream: AsyncIterator[str]) -> AsyncIterator[str]:
+        """A live stream, counted in live_streams while it is open (each holds one of the browser's
+        connections to this host)."""
+        self.live_streams += 1
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            self.live_streams -= 1
 
 
 def _bad_value(exc: BadValue) -> Response:

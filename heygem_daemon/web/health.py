@@ -1,6 +1,6 @@
 """The Health page's live checks: `heygem-daemon doctor` in a child process, only when someone asks.
 
-The doctor asks S3, the chat webhooks and the engines' services, and the wav2lip checks import torch and
+The doctor asks S3 and the engines' services (chat URLs it only parses), and the wav2lip checks import torch and
 load the checkpoint: none of that belongs in the web process, nor in every page view. A child process keeps
 torch, its memory and any hang out of the console; one run at a time, and a result younger than
 FRESH_SECONDS is shown again instead of asking every service again.

@@ -3,6 +3,10 @@ declared length, file name). Plain files, no starlette, so the daemon's cleanup 
 
 An id is 32 random hex digits (128 bits) and belongs to the user who made it: anyone else is told it does
 not exist. An upload untouched for web.upload_expiry_hours is gone (the `web_uploads` sweep removes it).
+
+Disk: an upload holds its whole length from the moment it is made. What every live upload has still to
+write counts as used, so twenty uploads made at once cannot together push work/ under
+disk_guard.min_free_gb; the same sum is checked again before each PATCH (the disk may have filled since).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import os
 import re
 import secrets
 import shutil
+import threading
 import time
 import unicodedata
 from dataclasses import asdict, dataclass
@@ -84,6 +89,7 @@ class Uploads:
         self.cfg = cfg
         self.root = cfg.folder("work") / UPLOADS_DIR
         self.root.mkdir(mode=0o770, exist_ok=True)
+        self._making = threading.Lock()  # the room check and the new folder, as one step
 
     @property
     def expiry(self) -> float:
@@ -105,19 +111,46 @@ class Uploads:
             raise UploadRefused(413, f"{name} is {length / 2**20:.0f} MB, over the {self.cfg.web.max_upload_mb:g} "
                                 "MB upload limit", "shorten or compress it, or ask the operator to raise "
                                 "web.max_upload_mb")
-        free = shutil.disk_usage(self.root).free
-        if free - length < self.cfg.disk_guard.min_free_gb * 2**30:
-            raise UploadRefused(507, f"not enough free space for {name} ({free / 2**30:.1f} GB free, "
-                                f"disk_guard.min_free_gb = {self.cfg.disk_guard.min_free_gb:g})",
-                                "try again later; the operator is told by the daemon's disk guard")
-        upload_id = secrets.token_hex(16)
-        folder = self.root / upload_id
-        folder.mkdir(mode=0o770)
-        (folder / DATA).touch(mode=0o660)
-        upload = Upload(upload_id, user, length, name, time.time(), folder)
-        info = {k: v for k, v in asdict(upload).items() if k != "folder"}
-        atomic_write_json(folder / INFO, info)
+        with self._making:
+            self.check_room(name, length)
+            upload_id = secrets.token_hex(16)
+            folder = self.root / upload_id
+            folder.mkdir(mode=0o770)
+            (folder / DATA).touch(mode=0o660)
+            upload = Upload(upload_id, user, length, name, time.time(), folder)
+            info = {k: v for k, v in asdict(upload).items() if k != "folder"}
+            atomic_write_json(folder / INFO, info)
         return upload
+
+    def reserved(self, but: str = "") -> int:
+        """Bytes the live uploads (all but the one named) have still to write: held against the disk guard."""
+        total, now = 0, time.time()
+        for entry in os.scandir(self.root):
+            if entry.name == but or not _ID.match(entry.name):
+                continue
+            try:
+                length = json.loads(Path(entry.path, INFO).read_text(encoding="utf-8"))["length"]
+                data = os.stat(Path(entry.path, DATA))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # being made, handed over or swept right now: it holds nothing
+            if data.st_mtime + self.expiry >= now:
+                total += max(0, int(length) - data.st_size)
+        return total
+
+    def check_room(self, name: str, need: int, but: str = "") -> None:
+        """`need` more bytes for `name`, with what the other uploads hold, must leave disk_guard.min_free_gb."""
+        free = shutil.disk_usage(self.root).free
+        held = self.reserved(but)
+        guard = self.cfg.disk_guard.min_free_gb * 2**30
+        if free - held - need < guard:
+            raise UploadRefused(507, f"not enough free space for {name}: it needs {need / 2**30:.2f} GB, "
+                                f"{free / 2**30:.2f} GB are free, uploads in progress hold {held / 2**30:.2f} GB "
+                                f"and disk_guard.min_free_gb = {self.cfg.disk_guard.min_free_gb:g} stays free",
+                                "try again once other uploads have finished, or ask the operator to free space")
+
+    def check_patch_room(self, upload: Upload) -> None:
+        """Before a PATCH: the rest of this upload still fits beside the others (the disk may have filled)."""
+        self.check_room(upload.name, upload.length - upload.offset, but=upload.id)
 
     def get(self, upload_id: str, user: str) -> Upload | None:
         """The upload, if it exists, belongs to `user` and has not expired."""

@@ -5,10 +5,16 @@ function csrfToken() {
   return document.querySelector('meta[name="csrf-token"]').content;
 }
 
-function startLive() {
+// The page's one stream. A page kept in the back/forward cache must not hold it: the browser allows six
+// connections per host over HTTP/1.1, and a few cached job pages with open streams would block the next
+// page. So the stream closes when the page is hidden and opens again when it is shown (the first event
+// brings the fragment up to date).
+let source = null;
+
+function openLive() {
   const region = document.getElementById("live");
-  if (!region || !window.EventSource) return;
-  const source = new EventSource(region.dataset.live);
+  if (!region || !window.EventSource || source) return;
+  source = new EventSource(region.dataset.live);
   source.onmessage = (event) => {
     if (region.dataset.reload && event.data) { window.location.reload(); return; }
     if (!event.data) return;
@@ -16,6 +22,12 @@ function startLive() {
     if ([...region.querySelectorAll("video")].some((v) => !v.paused)) return;
     region.innerHTML = event.data;
   };
+}
+
+function closeLive() {
+  if (!source) return;
+  source.close();
+  source = null;
 }
 
 async function copyText(text) {
@@ -43,4 +55,6 @@ document.addEventListener("click", async (event) => {
   setTimeout(() => { button.textContent = label; }, 1500);
 });
 
-document.addEventListener("DOMContentLoaded", startLive);
+document.addEventListener("DOMContentLoaded", openLive);
+window.addEventListener("pageshow", openLive);
+window.addEventListener("pagehide", closeLive);
