@@ -44,15 +44,16 @@ MIRROR="$(host_mirror | sed -n 1p)"
 PACKAGES=python3,python3-venv,tini,ca-certificates
 BASE_ROOTFS="$CACHE/base-$SUITE"
 BASE_IMAGE="localhost/heygem-image-check-base:$SUITE"
-if [ "$(cat "$BASE_ROOTFS/.complete" 2>/dev/null)" != "$MIRROR $PACKAGES" ]; then
+# What Debian's slim images leave out: package lists and downloaded .debs, documentation, man pages, locales.
+TRIM="var/lib/apt/lists var/cache/apt usr/share/doc usr/share/man usr/share/locale"
+if [ "$(cat "$BASE_ROOTFS/.complete" 2>/dev/null)" != "$MIRROR $PACKAGES $TRIM" ]; then
     log "building the $SUITE base rootfs from $MIRROR (minbase; cached in $BASE_ROOTFS)"
     rm -rf "$BASE_ROOTFS"
     debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$BASE_ROOTFS" "$MIRROR" >&2 ||
         die "debootstrap failed (see above)"
-    rm -rf "$BASE_ROOTFS"/var/lib/apt/lists/* "$BASE_ROOTFS"/var/cache/apt/*.bin \
-        "$BASE_ROOTFS"/usr/share/doc/* "$BASE_ROOTFS"/usr/share/man/* "$BASE_ROOTFS"/usr/share/locale/*
+    for dir in $TRIM; do find "$BASE_ROOTFS/$dir" -mindepth 1 -not -type d -delete; done
     podman rmi -f "$BASE_IMAGE" >/dev/null 2>&1 || true
-    echo "$MIRROR $PACKAGES" >"$BASE_ROOTFS/.complete"
+    echo "$MIRROR $PACKAGES $TRIM" >"$BASE_ROOTFS/.complete"
 fi
 if ! podman image exists "$BASE_IMAGE"; then
     tar --exclude=./.complete -C "$BASE_ROOTFS" -cf - . | podman import -q - "$BASE_IMAGE" >/dev/null
