@@ -1,7 +1,7 @@
 # Sourced by systemd_check.sh and image_check.sh: the PASS/FAIL log, the host's apt mirror, and the cgroups
 # systemd-nspawn leaves behind on a host whose PID 1 is not systemd.
 # shellcheck shell=bash
-# The caller sets CHECK (its name in log lines) and START=$SECONDS.
+# The caller sets CHECK (its name in log lines and its make target), CACHE and START=$SECONDS.
 PASSED=()
 FAILED=()
 
@@ -53,4 +53,34 @@ container_pid1() {  # nspawn's pid, the command name of the container's PID 1 ->
         [ "$(cat "/proc/$child/comm" 2>/dev/null)" = "$2" ] && { echo "$child"; return 0; }
     done
     return 1
+}
+
+# Root on a Debian/Ubuntu host, $CACHE locked for this run (fd 9), the tools ("command:package" each)
+# installed, SUITE and MIRROR: the host's release and the apt mirror it comes from.
+check_begin() {
+    [ "$(id -u)" = 0 ] || die "run as root (sudo make $CHECK)"
+    command -v apt-get >/dev/null || die "needs a Debian/Ubuntu host (apt-get)"
+    mkdir -p "$CACHE"
+    exec 9>"$CACHE/lock"
+    flock -n 9 || die "another $CHECK is using $CACHE"
+    local tool missing=()
+    for tool in "$@"; do command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}"); done
+    if [ ${#missing[@]} -gt 0 ]; then
+        log "installing ${missing[*]}"
+        apt-get update -q >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2
+    fi
+    . /etc/os-release
+    SUITE="${VERSION_CODENAME:?no VERSION_CODENAME in /etc/os-release}"
+    MIRROR="$(host_mirror | sed -n 1p)"
+    [ -n "$MIRROR" ] || die "no apt mirror for $SUITE in /etc/apt/sources.list*"
+}
+
+wait_until() {  # seconds, description, command...
+    local seconds=$1 what=$2; shift 2
+    local deadline=$((SECONDS + seconds))
+    until "$@"; do
+        [ $SECONDS -lt $deadline ] || { log "timed out after ${seconds}s waiting for $what"; return 1; }
+        sleep 1
+    done
 }

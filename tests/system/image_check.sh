@@ -19,28 +19,11 @@ CHECK=image-check
 START=$SECONDS
 . "$REPO/tests/system/common.sh"
 
-[ "$(id -u)" = 0 ] || die "run as root (sudo make image-check)"
-command -v apt-get >/dev/null || die "needs a Debian/Ubuntu host (apt-get)"
-mkdir -p "$CACHE"
-exec 9>"$CACHE/lock"
-flock -n 9 || die "another image check is using $CACHE"
-
-# --- host tools ----------------------------------------------------------------------------------------
-TOOLS=(buildah:buildah podman:podman skopeo:skopeo umoci:umoci systemd-nspawn:systemd-container debootstrap:debootstrap)
-missing=()
-for tool in "${TOOLS[@]}"; do command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}"); done
-if [ ${#missing[@]} -gt 0 ]; then
-    log "installing ${missing[*]}"
-    apt-get update -q >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2
-fi
+check_begin buildah:buildah podman:podman skopeo:skopeo umoci:umoci systemd-nspawn:systemd-container \
+    debootstrap:debootstrap
 
 # --- the base: a slim Debian with python3, its venv module and tini, from the host's apt mirror ---------
 # Stands in for python:3.12-slim-bookworm (no registry here); trimmed the way Debian's slim images are.
-. /etc/os-release
-SUITE="${VERSION_CODENAME:?no VERSION_CODENAME in /etc/os-release}"
-MIRROR="$(host_mirror | sed -n 1p)"
-[ -n "$MIRROR" ] || die "no apt mirror for $SUITE in /etc/apt/sources.list*"
 PACKAGES=python3,python3-venv,tini,ca-certificates
 BASE_ROOTFS="$CACHE/base-$SUITE"
 BASE_IMAGE="localhost/heygem-image-check-base:$SUITE"
@@ -195,14 +178,6 @@ for _ in $(seq 30); do
     sleep 1
 done
 [ -n "$CPID" ] || die "no ${ARGV[0]} as the container's PID 1 after 30 s: $(tail -20 "$CONSOLE")"
-wait_until() {  # seconds, description, command...
-    local seconds=$1 what=$2; shift 2
-    local deadline=$((SECONDS + seconds))
-    until "$@"; do
-        [ $SECONDS -lt $deadline ] || { log "timed out after ${seconds}s waiting for $what"; return 1; }
-        sleep 1
-    done
-}
 console_has() { grep -q -- "$1" "$CONSOLE"; }
 wait_until 60 "daemon ready" console_has 'daemon ready' || die "the daemon never got ready: $(tail -20 "$CONSOLE")"
 pass "starts-as-pid1-under-tini (console log lines on the container's output)"

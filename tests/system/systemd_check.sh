@@ -16,27 +16,10 @@ CHECK=systemd-check
 START=$SECONDS
 . "$REPO/tests/system/common.sh"
 
-[ "$(id -u)" = 0 ] || die "run as root (sudo make systemd-check)"
-command -v apt-get >/dev/null || die "needs a Debian/Ubuntu host (apt-get)"
-mkdir -p "$CACHE"
-exec 9>"$CACHE/lock"
-flock -n 9 || die "another systemd check is using $CACHE"
-
-# --- host tools --------------------------------------------------------------------------------------
 # Installing systemd-container upgrades the host's systemd packages to the matching point release.
-if ! command -v systemd-nspawn >/dev/null || ! command -v debootstrap >/dev/null; then
-    log "installing systemd-container and debootstrap"
-    apt-get update -q >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q systemd-container debootstrap >&2
-fi
+check_begin systemd-nspawn:systemd-container debootstrap:debootstrap
 
 # --- the rootfs: the host's own distribution and release, from the host's own apt mirror -------------
-. /etc/os-release
-SUITE="${VERSION_CODENAME:?no VERSION_CODENAME in /etc/os-release}"
-
-MIRROR="$(host_mirror | sed -n 1p)"
-[ -n "$MIRROR" ] || die "no apt mirror for $SUITE in /etc/apt/sources.list*"
-
 # procps: /bin/kill, which the unit's ExecReload= uses (every non-minimal install has it).
 PACKAGES=systemd,dbus,python3,python3-venv,make,git,sudo,ca-certificates,procps
 PRISTINE="$CACHE/rootfs-$SUITE"
@@ -204,14 +187,6 @@ check_exposure() {  # check name, unit: `systemd-analyze security` says 2.0 or l
     else
         fail "$1" "exposure '$exposure' (limit 2.0)"
     fi
-}
-wait_until() {  # seconds, description, command...
-    local seconds=$1 what=$2; shift 2
-    local deadline=$((SECONDS + seconds))
-    until "$@"; do
-        [ $SECONDS -lt $deadline ] || { log "timed out after ${seconds}s waiting for $what"; return 1; }
-        sleep 1
-    done
 }
 
 # --- READY=1 before active, STATUS= ---------------------------------------------------------------------
