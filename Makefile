@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 # most real-daemon tests wait on settle windows and drains, which then overlap. PYTEST_ARGS= runs serially.
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: run test test-fast bench install install-remote clean systemd-check
+.PHONY: run test test-fast bench install install-remote clean systemd-check image-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,11 @@ bench: $(VENV)/.installed-test
 # As root on a Debian/Ubuntu host: boots a container with systemd and replays README "Install as a service".
 systemd-check:
 	tests/system/systemd_check.sh
+
+# As root on a Debian/Ubuntu host: builds the Containerfile with buildah (no registry, no docker daemon) and runs
+# the image's own command, user and settings under systemd-nspawn (README "Run in containers").
+image-check:
+	tests/system/image_check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache

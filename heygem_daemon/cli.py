@@ -75,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     cfs = cf.add_subparsers(dest="config_command", required=True)
     chk = cfs.add_parser("check", help="validate a config file and exit (0 ok, 2 invalid)")
     chk.add_argument("file", type=Path)
+    hl = sub.add_parser("health", help="exit 0 while the daemon runs and its heartbeat is fresh, else 1 "
+                        "(a container HEALTHCHECK)")
+    hl.add_argument("--max-age", type=float, default=30.0,
+                    help="seconds a heartbeat stays fresh (default 30)")
     return p
 
 
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "doctor":
             return _doctor(args.config or default_config_path(), args.json, args.worker)
         # A worker host need not have the daemon's folders: it sees the shared ones through the path map.
-        cfg = load_config(args.config or default_config_path(), prepare=args.command != "worker")
+        cfg = load_config(args.config or default_config_path(), prepare=args.command not in ("worker", "health"))
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -105,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         return _web(cfg, args.config or default_config_path())
     if args.command == "worker":
         return _worker(cfg, args.queue, args.hostname)
+    if args.command == "health":
+        return _health(cfg, args.max_age)
     try:
         store = Store(db_path(cfg.folder("state")))
     except DatabaseDamaged as exc:
@@ -236,6 +242,14 @@ def _worker(cfg: Config, queue: str | None, hostname: str | None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+
+
+def _health(cfg: Config, max_age: float) -> int:
+    from heygem_daemon.ops.health import problem
+
+    said = problem(cfg.folder("state"), max_age)
+    print(said or "healthy", file=sys.stderr if said else sys.stdout)
+    return 1 if said else 0
 
 
 def _config_check(path: Path) -> int:

@@ -12,54 +12,14 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
 CACHE="${SYSTEMD_CHECK_CACHE:-/var/cache/heygem-systemd-check}"
+CHECK=systemd-check
 START=$SECONDS
-PASSED=()
-FAILED=()
+. "$REPO/tests/system/common.sh"
 
-log() { printf '[systemd-check %4ds] %s\n' "$((SECONDS - START))" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-pass() { PASSED+=("$1"); log "PASS $1"; }
-fail() { FAILED+=("$1"); log "FAIL $1${2:+: $2}"; }
-
-[ "$(id -u)" = 0 ] || die "run as root (sudo make systemd-check)"
-command -v apt-get >/dev/null || die "needs a Debian/Ubuntu host (apt-get)"
-mkdir -p "$CACHE"
-exec 9>"$CACHE/lock"
-flock -n 9 || die "another systemd check is using $CACHE"
-
-# --- host tools --------------------------------------------------------------------------------------
 # Installing systemd-container upgrades the host's systemd packages to the matching point release.
-if ! command -v systemd-nspawn >/dev/null || ! command -v debootstrap >/dev/null; then
-    log "installing systemd-container and debootstrap"
-    apt-get update -q >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q systemd-container debootstrap >&2
-fi
+check_begin systemd-nspawn:systemd-container debootstrap:debootstrap
 
 # --- the rootfs: the host's own distribution and release, from the host's own apt mirror -------------
-. /etc/os-release
-SUITE="${VERSION_CODENAME:?no VERSION_CODENAME in /etc/os-release}"
-
-# The first mirror URI the host's apt configuration uses for $SUITE (deb822 .sources or one-line .list).
-host_mirror() {
-    local f
-    for f in /etc/apt/sources.list.d/*.sources; do
-        [ -f "$f" ] || continue
-        awk -v suite="$SUITE" '
-            function flush() { if (uri != "" && has) print uri; uri = ""; has = 0 }
-            /^[ \t]*$/ { flush(); next }
-            /^URIs:/ { uri = $2 }
-            /^Suites:/ { for (i = 2; i <= NF; i++) if ($i == suite) has = 1 }
-            END { flush() }' "$f"
-    done
-    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-        [ -f "$f" ] || continue
-        # "deb [options] URI suite components": the URI is the field before the suite.
-        awk -v suite="$SUITE" '$1 == "deb" { for (i = 3; i <= NF; i++) if ($i == suite) { print $(i-1); break } }' "$f"
-    done
-}
-MIRROR="$(host_mirror | sed -n 1p)"
-[ -n "$MIRROR" ] || die "no apt mirror for $SUITE in /etc/apt/sources.list*"
-
 # procps: /bin/kill, which the unit's ExecReload= uses (every non-minimal install has it).
 PACKAGES=systemd,dbus,python3,python3-venv,make,git,sudo,ca-certificates,procps
 PRISTINE="$CACHE/rootfs-$SUITE"
@@ -139,13 +99,6 @@ CONF
 # On a host whose PID 1 is not systemd: the unified cgroup hierarchy and the bpf() system call let the
 # container's systemd enforce DevicePolicy= (without them it is silently not enforced); no machined to
 # register with, so --register=no --keep-unit, and commands go in with nsenter.
-own_cgroups() {  # "mount point  our path" for the unified and the name=systemd hierarchies
-    local v2 v1
-    v2="$(awk -F: '$1 == 0 { print $3 }' /proc/self/cgroup)"
-    v1="$(awk -F: '$2 == "name=systemd" { print $3 }' /proc/self/cgroup)"
-    [ -z "$v2" ] || findmnt -rn -t cgroup2 -o TARGET | sed "s|\$| $v2|"
-    [ -z "$v1" ] || findmnt -rn -t cgroup -o TARGET,OPTIONS | awk -v p="$v1" '/name=systemd/ { print $1, p }'
-}
 poweroff() {
     if [ -n "$NSPAWN_PID" ] && kill -0 "$NSPAWN_PID" 2>/dev/null; then
         log "powering the container off"
@@ -154,15 +107,7 @@ poweroff() {
         kill -KILL "$NSPAWN_PID" 2>/dev/null || true
         wait "$NSPAWN_PID" 2>/dev/null || true
     fi
-    # With --keep-unit and no systemd on the host, nspawn leaves its (empty) cgroups below our own
-    # (payload/, supervisor/) and its state in /run/systemd/nspawn.
-    local mount own dir
-    while read -r mount own; do
-        for dir in "$mount${own%/}/payload" "$mount${own%/}/supervisor"; do
-            [ -d "$dir" ] && find "$dir" -depth -type d -exec rmdir {} + 2>/dev/null
-        done
-    done < <(own_cgroups)
-    rm -rf /run/systemd/nspawn
+    nspawn_leftovers_remove
     if [ "${SYSTEMD_CHECK_KEEP:-0}" != 1 ]; then rm -rf "$ROOT"; fi
 }
 report() {
@@ -183,15 +128,8 @@ SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1 setsid systemd-nspawn --boot --directory="$RO
     >"$CONSOLE" 2>&1 </dev/null &
 NSPAWN_PID=$!
 
-container_init() {
-    local child
-    for child in $(pgrep -P "$NSPAWN_PID" 2>/dev/null) $(pgrep -P "$(pgrep -d, -P "$NSPAWN_PID" 2>/dev/null || echo 0)" 2>/dev/null); do
-        [ "$(cat "/proc/$child/comm" 2>/dev/null)" = systemd ] && { echo "$child"; return 0; }
-    done
-    return 1
-}
 for _ in $(seq 60); do
-    CPID="$(container_init)" && break
+    CPID="$(container_pid1 "$NSPAWN_PID" systemd)" && break
     kill -0 "$NSPAWN_PID" 2>/dev/null || die "systemd-nspawn exited: $(tail -20 "$CONSOLE")"
     sleep 1
 done
@@ -249,14 +187,6 @@ check_exposure() {  # check name, unit: `systemd-analyze security` says 2.0 or l
     else
         fail "$1" "exposure '$exposure' (limit 2.0)"
     fi
-}
-wait_until() {  # seconds, description, command...
-    local seconds=$1 what=$2; shift 2
-    local deadline=$((SECONDS + seconds))
-    until "$@"; do
-        [ $SECONDS -lt $deadline ] || { log "timed out after ${seconds}s waiting for $what"; return 1; }
-        sleep 1
-    done
 }
 
 # --- READY=1 before active, STATUS= ---------------------------------------------------------------------
