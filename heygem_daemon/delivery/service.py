@@ -313,8 +313,9 @@ class DeliveryService:
                     batch.id, f.as_dict(), time.time() + self._delay(f, batch.attempts + 1)))
                 return
             batch = self.store.deliveries.batch(batch.id)  # type: ignore[assignment]
-        report = self._report(batch, job, videos)
-        self._write_links(batch)
+        # The report carries the very links links.json got: presigned twice, a second apart, they would differ.
+        entries, zip_entry = self._write_links(batch)
+        report = self._report(batch, job, videos, entries, zip_entry)
         log_report(report)
         self.on_report(report)
         self.store.deliveries.mark_reported(batch.id, job.finished_at if job else None)
@@ -347,11 +348,10 @@ class DeliveryService:
         self.store.deliveries.batch_zipped(batch.id, size, sha256)
         log.info("batch zipped", job_id=batch.job_id, batch=batch.name, zip=name, files=len(files), size=size)
 
-    def _report(self, batch: Batch, job: Job | None, videos: list[Delivery]) -> BatchReport:
-        entries = {e.file: e for e in self._entries(videos)}
+    def _report(self, batch: Batch, job: Job | None, videos: list[Delivery], entries: dict[str, LinkEntry],
+                zip_entry: LinkEntry | None) -> BatchReport:
         links = [VideoLink(name=d.rel, size=d.size, sha256=d.sha256 or "", duration=container_seconds(Path(d.path)),
                            url=entries[d.rel].link, local_path=d.path) for d in videos]
-        zip_entry = self._zip_entry(batch)
         return BatchReport(
             job_id=batch.job_id or batch.id, job_name=batch.name, videos=links, failed=self._problems(batch, job),
             zip_name=batch.zip_name, zip_url=zip_entry.link if zip_entry else None,
@@ -402,18 +402,19 @@ class DeliveryService:
     def _links_dir(self, batch: Batch) -> Path:
         return self.outputs / batch.folder if batch.folder else self.outputs
 
-    def _write_links(self, batch: Batch) -> None:
-        """links.json lists every delivered video of the folder (whichever batch brought it) and the zip."""
+    def _write_links(self, batch: Batch) -> tuple[dict[str, LinkEntry], LinkEntry | None]:
+        """links.json lists every delivered video of the folder (whichever batch brought it) and the zip.
+        Returns what it listed, by file, and the zip's entry."""
         with self._links_lock:
             batch = self.store.deliveries.batch(batch.id) or batch
             linked = [d for d in self.store.deliveries.select(folder=batch.folder) if d.state == "linked"]
             if not batch.folder:
                 linked = [d for d in linked if d.batch_id == batch.id]
-            if not linked:  # a job that made no video gets no outputs/ folder (its name stays free for a retry)
-                return
-            stem = LINKS_JSON.removesuffix(".json") if batch.folder else f"{batch.name}.links"
-            write_links(self._links_dir(batch), stem, batch.name, self._entries(linked), self._zip_entry(batch),
-                        self.outputs / HIDDEN_TEMPS)
+            entries, zip_entry = self._entries(linked), self._zip_entry(batch)
+            if linked:  # a job that made no video gets no outputs/ folder (its name stays free for a retry)
+                stem = LINKS_JSON.removesuffix(".json") if batch.folder else f"{batch.name}.links"
+                write_links(self._links_dir(batch), stem, batch.name, entries, zip_entry, self.outputs / HIDDEN_TEMPS)
+            return {e.file: e for e in entries}, zip_entry
 
     def _audit(self, event: str, batch: Batch, deliveries: list[Delivery]) -> None:
         """Each file by where it went, decided by its key as delivery decides: an object in the bucket is
