@@ -18,6 +18,8 @@ from notify_receiver import Receiver
 from s3_server import LimitedProxy, credentials_env
 from test_delivery_daemon import log_events, other_tool_writes, s3_overrides, wait_delivered, wait_reported
 
+pytestmark = pytest.mark.daemon  # starts the real daemon: left out of `make test-fast`
+
 
 @pytest.fixture
 def chat():
