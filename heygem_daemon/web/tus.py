@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 from email.utils import formatdate
-from functools import partial
+from pathlib import Path
 
 import anyio
 
@@ -26,6 +27,10 @@ VERSION = "1.0.0"
 EXTENSIONS = "creation,termination,expiration"
 OCTETS = "application/offset+octet-stream"
 PREFIX = "/tus/"
+
+
+def _open_append(path: Path) -> io.FileIO:
+    return open(path, "ab", buffering=0)
 
 
 def _headers(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -129,7 +134,7 @@ class TusServer:
         # Disk writes run in a worker thread: a slow disk must not stall every other request. The close stays
         # inline (an unbuffered file has nothing to flush), so the upload is free for the next PATCH (not 423)
         # in the same step that the client's disconnect is seen.
-        out = await anyio.to_thread.run_sync(partial(open, upload.data, "ab", buffering=0))
+        out = await anyio.to_thread.run_sync(_open_append, upload.data)
         try:
             async for chunk in request.stream():
                 if len(chunk) > room:
