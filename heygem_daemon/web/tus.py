@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 from email.utils import formatdate
-from pathlib import Path
-
-import anyio
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -27,10 +23,6 @@ VERSION = "1.0.0"
 EXTENSIONS = "creation,termination,expiration"
 OCTETS = "application/offset+octet-stream"
 PREFIX = "/tus/"
-
-
-def _open_append(path: Path) -> io.FileIO:
-    return open(path, "ab", buffering=0)
 
 
 def _headers(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -131,19 +123,14 @@ class TusServer:
     async def _append(self, request: Request, upload: Upload) -> bool:
         """Write the body at the end of the data; True when it ran past the declared length (cut there)."""
         room = upload.length - upload.offset
-        # Disk writes run in a worker thread: a slow disk must not stall every other request. The close stays
-        # inline (an unbuffered file has nothing to flush), so the upload is free for the next PATCH (not 423)
-        # in the same step that the client's disconnect is seen.
-        out = await anyio.to_thread.run_sync(_open_append, upload.data)
-        try:
-            async for chunk in request.stream():
-                if len(chunk) > room:
-                    await anyio.to_thread.run_sync(out.write, chunk[:room])
-                    return True
-                await anyio.to_thread.run_sync(out.write, chunk)
-                room -= len(chunk)
-        except ClientDisconnect:
-            pass  # what arrived stays; the client asks HEAD for the offset and goes on from there
-        finally:
-            out.close()
+        with open(upload.data, "ab", buffering=0) as out:
+            try:
+                async for chunk in request.stream():
+                    if len(chunk) > room:
+                        out.write(chunk[:room])
+                        return True
+                    out.write(chunk)
+                    room -= len(chunk)
+            except ClientDisconnect:
+                pass  # what arrived stays; the client asks HEAD for the offset and goes on from there
         return False
