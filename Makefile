@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 # most real-daemon tests wait on settle windows and drains, which then overlap. PYTEST_ARGS= runs serially.
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: run test test-fast bench install install-remote clean systemd-check image-check
+.PHONY: run test test-fast lint bench install install-remote clean systemd-check image-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ $(VENV)/.installed: pyproject.toml
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e '.[test,wav2lip,web,remote]'
+	touch $@
+
+# mypy reads the types of everything the code imports: the test venv plus the pinned linters.
+$(VENV)/.installed-lint: $(VENV)/.installed-test
+	$(BIN)/python -m pip install -q -e '.[test,wav2lip,web,remote,lint]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -42,6 +47,16 @@ test: $(VENV)/.installed-test
 test-fast: $(VENV)/.installed-test
 	tests/system/packages.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS) -m "not daemon"
+
+# Three gates, each failing with its own message: ruff (rules in pyproject.toml), mypy against the baseline
+# that may only shrink (.ci/mypy_gate.py), and the package import contracts (import-linter, pyproject.toml).
+lint: $(VENV)/.installed-lint
+	@echo "=== ruff: pyflakes, pycodestyle at 120, bugbear, blocking calls in async code ==="
+	$(BIN)/ruff check .
+	@echo "=== mypy (pydantic plugin) against .ci/mypy-baseline.txt ==="
+	$(BIN)/python .ci/mypy_gate.py
+	@echo "=== import-linter: the direction of the package graph (docs/architecture.md) ==="
+	$(BIN)/lint-imports --no-cache
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/intake.py
@@ -67,4 +82,4 @@ image-check:
 	tests/system/image_check.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache .grimp_cache

@@ -80,7 +80,8 @@ def main() -> None:
         print(f"round {n}: submitted {latency:5.2f} s after the service returned; its backoff had {left:6.1f} s "
               f"left; {latency / goal:.2f}x the goal ({goal:g} s)")
     worst = max(latency for latency, _ in rounds)
-    print(f"median {statistics.median(l for l, _ in rounds):.2f} s, worst {worst:.2f} s = {worst / goal:.2f}x "
+    median = statistics.median(latency for latency, _ in rounds)
+    print(f"median {median:.2f} s, worst {worst:.2f} s = {worst / goal:.2f}x "
           f"poll_interval + 1 s; backoff left (the wait before) median "
           f"{statistics.median(b for _, b in rounds):.1f} s")
 

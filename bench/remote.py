@@ -161,7 +161,8 @@ def main() -> int:
                 print(f"{r['in_flight']:>9} {r['total']:>8.1f} {r['ratio']:>8.3f} {r['send_to_start_p95']:>15.3f}s"
                       f" {r['idle_gap_p95']:>12.3f}s {r['daemon_ms_per_task']:>15.2f}")
             print("\none poll of N tasks in flight (one read of all states) vs one read per task (baseline)")
-            print(f"{'in flight':>9} {'poll ms':>9} {'baseline ms':>12} {'x faster':>9} {'max in flight at 0.25 s':>24}")
+            print(f"{'in flight':>9} {'poll ms':>9} {'baseline ms':>12} {'x faster':>9} "
+                  f"{'max in flight at 0.25 s':>24}")
             for in_flight in args.follow:
                 f = follow_cost(root, redis, in_flight)
                 print(f"{f['in_flight']:>9} {f['poll_ms']:>9.1f} {f['baseline_ms']:>12.1f}"

@@ -298,7 +298,8 @@ def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
         print(line)
     for dep in doc["dependencies"]:
         if dep["state"] in OUT_STATES:
-            print(f"{dep['name']} is {dep['state'].upper()}: {dep['detail']}" + (f" ({dep['hint']})" if dep["hint"] else ""))
+            hint = f" ({dep['hint']})" if dep["hint"] else ""
+            print(f"{dep['name']} is {dep['state'].upper()}: {dep['detail']}{hint}")
     for j in doc["jobs"]:
         waits = j.get("waiting_for", [])
         shown = "waiting" if waits and j["state"] in ("queued", "running") else j["state"]

@@ -17,7 +17,8 @@ LOG_FILE = "heygem.log"
 _SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key|signature)", re.I)
 # Credentials embedded in URLs (https://user:pass@host, ?token=...) are masked wherever they appear.
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s:]+:[^/@\s]+@", re.I)
-_QUERY_SECRET = re.compile(r"(?P<k>[?&](?:access_?token|token|secret|key|sign|signature|X-Amz-Signature)=)[^&\s]+", re.I)
+_QUERY_SECRET = re.compile(
+    r"(?P<k>[?&](?:access_?token|token|secret|key|sign|signature|X-Amz-Signature)=)[^&\s]+", re.I)
 REDACTED = "***"
 # syslog priorities by stdlib level, for the "<N>" prefix journald reads off each line of a stream.
 _PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))

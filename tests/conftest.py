@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
+import daemon_harness
 from media_factory import FIXTURES, PORTRAIT_JPG, write_speech_wav
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Before the test's fixtures (a module's daemon fixture included) are set up: only a test marked `daemon`
+    may start the real daemon (daemon_harness.require_daemon_marker)."""
+    daemon_harness.may_start_daemon = item.get_closest_marker("daemon") is not None
 
 
 @pytest.fixture

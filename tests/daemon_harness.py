@@ -29,6 +29,18 @@ FAST_SETTINGS: dict[str, Any] = {
 }
 
 
+# tests/conftest.py sets this per test: False for a test without the `daemon` marker, so that a test starting
+# the real daemon (or a `heygem-daemon worker`) cannot slip unmarked into `make test-fast`, the in-process part.
+# Outside pytest (bench/) it stays True.
+may_start_daemon = True
+
+
+def require_daemon_marker(what: str) -> None:
+    if not may_start_daemon:
+        raise RuntimeError(f"this test starts {what} but is not marked `@pytest.mark.daemon`: mark it (or its "
+                           "module: pytestmark = pytest.mark.daemon) so `make test-fast` stays in-process")
+
+
 def deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     out = dict(a)
     for k, v in b.items():
@@ -58,6 +70,7 @@ class DaemonHarness:
     # --- process ------------------------------------------------------------------------------
 
     def start(self, env: dict[str, str] | None = None) -> "DaemonHarness":
+        require_daemon_marker("the real daemon")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         with open(self.console, "ab") as log:
             self.proc = subprocess.Popen(

@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 import yaml
-from daemon_harness import REPO, DaemonHarness
+from daemon_harness import REPO, DaemonHarness, require_daemon_marker
 from media_factory import PORTRAIT_JPG
 from s3_server import free_port
 
@@ -82,6 +82,7 @@ class RemoteWorker:
 
     def launch(self, ready: str = "ready.") -> RemoteWorker:
         """Start it without waiting (workers start side by side): `wait_started` waits."""
+        require_daemon_marker("a `heygem-daemon worker`")
         self._ready = (ready, self.text().count(ready) + 1)
         env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **self.env}
         with open(self.log, "ab") as log:

@@ -109,10 +109,10 @@ class SmbServer:
             try:
                 socket.create_connection(("127.0.0.1", self.port), 0.5).close()
                 return
-            except OSError:
+            except OSError as refused:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"smbd did not start (see {run / 'smbd.log'})")
+                    raise RuntimeError(f"smbd did not start (see {run / 'smbd.log'})") from refused
                 time.sleep(0.05)
 
     def upload(self, name: str, source: Path, split: int) -> Upload:

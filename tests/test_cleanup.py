@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from heygem_daemon.ops.cleanup import DAY, HOUR, SWEEPS, Cleanup, Sweep, sweep_archive, sweep_rows, sweep_temp, sweep_work
+from heygem_daemon.ops.cleanup import (
+    DAY, HOUR, SWEEPS, Cleanup, Sweep, sweep_archive, sweep_rows, sweep_temp, sweep_work,
+)
 from heygem_daemon.config import load_config
 from heygem_daemon.state import NewNotification, NewTask, Part, Store
 
@@ -166,7 +168,8 @@ def test_runs_missed_while_down_happen_once_at_start(cfg, store):
     cleanup.run = lambda job: runs.append(job.name) or original(job)  # type: ignore[method-assign]
     cleanup.start()
     try:
-        wait_until(lambda: store.ops.cleanup_runs()["temp"] == store.ops.cleanup_runs()["work"] == now, "the missed runs")
+        recorded = store.ops.cleanup_runs
+        wait_until(lambda: recorded()["temp"] == recorded()["work"] == now, "the missed runs")
         # Nothing is due for the next minute: every run the scheduler took has begun, and stop() waits for it.
         wait_until(lambda: all(j.next_run_time.timestamp() > now + 60 for j in cleanup.scheduler.get_jobs()),
                    "no sweep to be due")

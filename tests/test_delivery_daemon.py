@@ -130,7 +130,8 @@ def test_a_batch_is_uploaded_linked_zipped_and_reported_once(uploading, moto_ser
     assert (out / "links.txt").read_text().count("http") == 3
 
     zip_entry = links["zip"]
-    assert zip_entry["file"] == batch.zip_name and zip_entry["file"].startswith("batch_") and not (out / batch.zip_name).exists()
+    assert zip_entry["file"] == batch.zip_name and zip_entry["file"].startswith("batch_")
+    assert not (out / batch.zip_name).exists()
     assert zip_entry["path"] is None  # streamed into the bucket: no local copy to point at
     body, headers = fetch(zip_entry["link"])
     assert hashlib.sha256(body).hexdigest() == zip_entry["sha256"] and len(body) == zip_entry["size"]

@@ -18,6 +18,8 @@ from notify_receiver import Receiver
 from s3_server import LimitedProxy, credentials_env
 from test_delivery_daemon import log_events, other_tool_writes, s3_overrides, wait_delivered, wait_reported
 
+pytestmark = pytest.mark.daemon  # starts the real daemon: left out of `make test-fast`
+
 
 @pytest.fixture
 def chat():
@@ -72,7 +74,8 @@ def test_on_a_server_lacking_calls_a_kill_mid_zip_still_zips_and_lifecycle_is_on
         videos = [other_tool_writes(harness, "pair", f"{n}.mp4", write_noise_video(tmp_path / f"{n}.mp4", 5))
                   for n in ("one", "two")]
         batch_id = harness.wait_for(lambda: harness.store().deliveries.at(str(videos[0])), 30, "a delivery").batch_id
-        harness.wait_for(lambda: harness.store().deliveries.batch(batch_id).zip_upload_id, 60, "the zip upload to start")
+        harness.wait_for(lambda: harness.store().deliveries.batch(batch_id).zip_upload_id, 60,
+                         "the zip upload to start")
         harness.kill(signal.SIGKILL)
         cut_short = harness.store().deliveries.batch(batch_id)
         harness.start(credentials_env())

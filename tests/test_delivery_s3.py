@@ -16,8 +16,8 @@ from heygem_daemon.config import S3, ConfigError, Lifecycle, load_config
 from heygem_daemon.delivery.links import content_disposition, presign_get
 from heygem_daemon.delivery.names import zip_name
 from heygem_daemon.delivery.s3 import (
-    MiB, StreamUpload, Throttle, Uploader, abort_stale_uploads, apply_lifecycle, describe, ensure_lifecycle, lifecycle_rule,
-    make_client,
+    MiB, StreamUpload, Throttle, Uploader, abort_stale_uploads, apply_lifecycle, describe, ensure_lifecycle,
+    lifecycle_rule, make_client,
 )
 from heygem_daemon.delivery.zipper import entry_names, write_zip
 from heygem_daemon.fs.files import sha256_file
@@ -78,7 +78,8 @@ def test_resume_sends_only_the_parts_the_server_does_not_hold(settings, store, t
     up = _uploader(settings, store).upload(store.deliveries.get(d.id))
     assert up.sent_bytes == video.stat().st_size - 10 * MiB
     sent = sorted(n for u, n in moto_server.part_puts(settings.bucket) if u == upload_id)
-    assert sent == list(range(1, len(store.deliveries.parts(d.id)) + 1))  # each part once: 1 and 2 only before the "crash"
+    # Each part once: 1 and 2 only before the "crash".
+    assert sent == list(range(1, len(store.deliveries.parts(d.id)) + 1))
     body = client.get_object(Bucket=settings.bucket, Key=d.key)["Body"].read()
     assert hashlib.sha256(body).hexdigest() == sha256_file(video)
 

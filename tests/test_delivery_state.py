@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 
 from daemon_harness import DaemonHarness
@@ -17,6 +18,7 @@ from media_factory import write_portrait_video
 from test_delivery_daemon import FAST_DELIVERY, log_events, wait_delivered, wait_reported
 
 
+@pytest.mark.daemon  # starts the real daemon: left out of `make test-fast`
 def test_a_delivery_left_uploaded_by_a_crash_is_linked_and_reported_at_start(tmp_path):
     harness = DaemonHarness(tmp_path / "base", FAST_DELIVERY)
     clip = harness.folder("outputs") / "cut" / "clip.mp4"

@@ -185,7 +185,8 @@ def test_a_portrait_with_several_faces_ends_as_bad_input_with_the_services_messa
         tmp_path, data_dir, service, group):
     with pytest.raises(BadInputError) as err:
         engine_for(data_dir, service.url).generate(make_task(tmp_path, portrait=two_faces(tmp_path)), Reports())
-    assert err.value.reason == f"heygem service at {service.url}: the portrait shows more than one face ({SEVERAL_FACES})"
+    assert err.value.reason == (f"heygem service at {service.url}: the portrait shows more than one face "
+                                f"({SEVERAL_FACES})")
     assert "exactly one person" in err.value.hint and not err.value.kind.retried
     assert temp_files(data_dir) == []
 
@@ -221,7 +222,8 @@ def test_an_unreachable_service_is_an_outage_that_uses_no_attempt(tmp_path, data
         engine.generate(make_task(tmp_path, store=store), Reports())
     assert not err.value.kind.counts_attempt
     assert err.value.dependency == f"heygem service {url}"  # as `status` names the service
-    assert err.value.reason.startswith(f"no heygem service can take the job ({url}: heygem service at {url} unreachable")
+    assert err.value.reason.startswith(
+        f"no heygem service can take the job ({url}: heygem service at {url} unreachable")
     assert temp_files(data_dir) == [] and store.heygem.select() == []
     (shown,) = HeygemEngine.dependencies(engine.settings)  # what `status` shows
     assert shown.state == "down" and "unreachable" in shown.detail

@@ -77,7 +77,8 @@ def test_a_worker_with_a_wrong_endpoint_fails_its_check(tmp_path, nanio_server, 
 
 def test_a_worker_with_its_key_passes_its_check_and_leaves_nothing_in_the_bucket(tmp_path, nanio_server, keys):
     bucket = nanio_server.new_bucket()
-    cfg = worker_config(tmp_path, {"transfer": "s3"}, s3=nanio_server.s3_settings(bucket, key_prefix="studio/{token}/{file}"))
+    s3 = nanio_server.s3_settings(bucket, key_prefix="studio/{token}/{file}")
+    cfg = worker_config(tmp_path, {"transfer": "s3"}, s3=s3)
     assert setup_problems(cfg, "w@h") == []
     assert nanio_server.client().list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
 

@@ -23,7 +23,7 @@ from heygem_daemon.engines.registry import check_engines  # noqa: E402
 from heygem_daemon.engines.wav2lip.audio_features import chunk_starts, melspectrogram, melspectrogram_long  # noqa: E402
 from heygem_daemon.engines.wav2lip.boxes import MISSING, BoxCache, finish_boxes, smooth  # noqa: E402
 from heygem_daemon.engines.wav2lip.checkpoint import save_checkpoint  # noqa: E402
-from heygem_daemon.engines.base import SetupError
+from heygem_daemon.engines.base import SetupError  # noqa: E402
 from heygem_daemon.engines.wav2lip.engine import Wav2LipEngine  # noqa: E402
 from heygem_daemon.engines.wav2lip.model import Wav2Lip  # noqa: E402
 from heygem_daemon.engines.wav2lip.render import encoder_for, frame_starts  # noqa: E402

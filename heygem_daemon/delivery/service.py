@@ -40,7 +40,8 @@ ENDED = ("linked", "missing")
 IDLE_WAIT = 1.0
 
 OnReport = Callable[[BatchReport], None]
-OnAlert = Callable[[str, str], None]
+# Returns whatever the sender returns (the outbox's row id): object, since it is never read here.
+OnAlert = Callable[[str, str], object]
 
 
 def log_report(report: BatchReport) -> None:
@@ -67,7 +68,8 @@ class DeliveryService:
         self.audit = AuditLog(cfg.folder("logs"))
         self.throttle = Throttle(self.settings.max_bandwidth_mb_s)
         self.client = make_client(self.settings) if self.settings.enabled else None
-        self.uploader = Uploader(self.client, self.settings, store, self.throttle, self.stopping) if self.client else None
+        self.uploader = (Uploader(self.client, self.settings, store, self.throttle, self.stopping)
+                         if self.client else None)
         self.pool = ThreadPoolExecutor(self.settings.max_concurrency, thread_name_prefix="deliver")
         self._busy: set[str] = set()
         self._busy_lock = threading.Lock()
@@ -145,7 +147,8 @@ class DeliveryService:
     # --- the decisions (delivery thread) ----------------------------------------------------------
 
     def _step(self) -> None:
-        for rel, size in self.watcher.step(time.monotonic(), lambda r: self.store.deliveries.known(str(self.outputs / r))):
+        known = self.store.deliveries.known
+        for rel, size in self.watcher.step(time.monotonic(), lambda r: known(str(self.outputs / r))):
             self._register(self.outputs / rel, size)
         now = time.time()
         for job in self.store.deliveries.jobs_to_report():

@@ -67,7 +67,7 @@ def write_zip(files: list[tuple[Path, str]], out: BinaryIO) -> str:
     """Write (path, name-in-batch) pairs as a stored zip into `out`; returns the archive's sha256."""
     names = entry_names([rel for _, rel in files])
     hashing = _Hashing(out)
-    with zipfile.ZipFile(hashing, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:  # type: ignore[arg-type]
+    with zipfile.ZipFile(hashing, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:  # type: ignore[call-overload]
         for (path, _), name in zip(files, names):
             with open(path, "rb") as src, zf.open(_info(path, name), "w") as dst:
                 shutil.copyfileobj(src, dst, COPY_BUFFER)

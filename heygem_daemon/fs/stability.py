@@ -70,8 +70,8 @@ def snapshot(inbox: Path, name: str, names: NameFilter,
     except FileNotFoundError:
         return None
     if not stat.S_ISDIR(st.st_mode):
-        open_now = (name,) if writing(str(inbox / name)) else ()
-        return Snapshot(name, False, (_info(name, st),), False, names.partial_write(name), open_now)
+        being_written = (name,) if writing(str(inbox / name)) else ()
+        return Snapshot(name, False, (_info(name, st),), False, names.partial_write(name), being_written)
     files: list[FileInfo] = []
     open_now: list[str] = []
     ready = partial = False

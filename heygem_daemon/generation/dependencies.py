@@ -7,6 +7,7 @@ and the alerts are followed by generation/outages.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 from heygem_daemon.config import Config, ConfigError
@@ -54,7 +55,7 @@ def dependency_sources(cfg: Config) -> list[Describe]:
             describe = getattr(engine_class(name), "dependencies", None)
             if describe is not None:
                 settings = settings_for(cfg, name)
-                sources.append(lambda describe=describe, settings=settings: describe(settings))
+                sources.append(partial(describe, settings))
         except ConfigError:
             continue  # `doctor` and the start-up check report a broken engine section
     return sources

@@ -185,10 +185,10 @@ class RemoteDispatcher:
                 task = self.life.take(f"remote:{queue}")
                 if task is None:
                     break
-                flight = self._send(task, queue)
-                if flight is None:
+                sent = self._send(task, queue)
+                if sent is None:
                     break
-                flights.append(flight)
+                flights.append(sent)
 
     def _read_workers(self) -> None:
         """Every PRESENCE_SECONDS: the workers alive, and the queues none of the healthy ones serves."""

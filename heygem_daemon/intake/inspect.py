@@ -10,6 +10,7 @@ import os
 from collections import OrderedDict
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,12 +106,12 @@ class Inspector:
 
     def submit(self, inbox: Path, rels: list[str], limits: Limits, need_face: FaceRule,
                face_box: FaceEdges | None = None) -> tuple[Future[Inspection], int]:
-        args = (inspect_inputs, str(inbox), rels, limits, need_face, face_box)
+        job = partial(inspect_inputs, str(inbox), rels, limits, need_face, face_box)
         try:
-            return self._pool.submit(*args), self.generation
+            return self._pool.submit(job), self.generation
         except BrokenProcessPool:
             self._renew(self.generation)
-            return self._pool.submit(*args), self.generation
+            return self._pool.submit(job), self.generation
 
     def outcome(self, fut: Future[Inspection], generation: int) -> Inspection | None:
         """The inspection, or None when the pool broke (a child died): the caller may try once more."""

@@ -58,7 +58,7 @@ class Intake:
     def __init__(self, cfg: Config, store_claimer: Claimer, inspector: Inspector, engines: set[str],
                  needs_face: Callable[[str], FaceRule], on_queued: Callable[[], None],
                  clock: Callable[[], float] = time.monotonic,
-                 on_alert: Callable[[str, str], None] | None = None) -> None:
+                 on_alert: Callable[[str, str], object] | None = None) -> None:
         self.cfg = cfg
         self.inbox = cfg.folder("inbox")
         self.claimer = store_claimer

@@ -236,6 +236,7 @@ def plan_folder(folder: str, files: list[FileInfo], manifest: bytes | None, time
             return Rejection(hint_name, [folder], [parsed])
         spec = parsed
     name = safe_name(spec.name) if spec.name else hint_name
+    outcome: list[Pair] | Problem | Wait
     if spec.pairs is not None:
         outcome = _explicit_pairs(folder, files, spec.pairs)
     else:

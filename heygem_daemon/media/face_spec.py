@@ -30,5 +30,5 @@ def scaled_edges(edges: FaceEdges, source: tuple[int, int], size: tuple[int, int
     """The same box in a picture scaled from `source` (w, h) to `size`, never empty."""
     top, bottom, left, right = edges
     sx, sy = size[0] / source[0], size[1] / source[1]
-    t, l = min(round(top * sy), size[1] - 1), min(round(left * sx), size[0] - 1)
-    return t, max(round(bottom * sy), t + 1), l, max(round(right * sx), l + 1)
+    t, lf = min(round(top * sy), size[1] - 1), min(round(left * sx), size[0] - 1)
+    return t, max(round(bottom * sy), t + 1), lf, max(round(right * sx), lf + 1)

@@ -6,7 +6,7 @@ import functools
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Literal, cast
 
 import av
 import cv2
@@ -53,7 +53,9 @@ class Mp4Writer:
             str(self.path), mode="w", format="mp4", container_options={"movflags": "+faststart"}
         )
         try:
-            self._video = self._container.add_stream(codec, rate=fps, options=_options(codec, x264_preset))
+            # A codec named by a variable types as any stream kind; this one is a video encoder.
+            self._video = cast("av.video.stream.VideoStream",
+                               self._container.add_stream(codec, rate=fps, options=_options(codec, x264_preset)))
             if codec in HEVC_ENCODERS:
                 # MP4 muxers default to `hev1`, which Apple's players refuse; `hvc1` plays everywhere.
                 self._video.codec_tag = HVC1
@@ -163,7 +165,7 @@ def encoder_usable(codec: str) -> bool:
     """Whether this FFmpeg build has `codec` and it opens here (NVENC also needs an NVIDIA GPU and driver)."""
     if codec not in av.codecs_available:
         return False
-    ctx = av.CodecContext.create(codec, "w")
+    ctx = cast("av.video.codeccontext.VideoCodecContext", av.CodecContext.create(codec, "w"))
     ctx.width, ctx.height, ctx.pix_fmt = 256, 256, "yuv420p"
     ctx.time_base = Fraction(1, 25)
     ctx.options = _options(codec, "ultrafast")  # x265 would print its banner into the daemon's console

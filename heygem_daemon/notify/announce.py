@@ -44,6 +44,7 @@ class Announcer:
             return  # the job's failure message already said why nothing was made
         job = self.store.jobs.find(report.job_id) if report.job_id else None
         if job is not None:
-            warnings = [Problem.of_input(w["file"], w["reason"], w["hint"], "notify") for w in job.spec.get("warnings", [])]
+            warnings = [Problem.of_input(w["file"], w["reason"], w["hint"], "notify")
+                        for w in job.spec.get("warnings", [])]
             report = replace(report, notify_urls=self.outbox.job_urls(job), warnings=warnings)
         self.outbox.enqueue_report(report)

@@ -182,9 +182,9 @@ def _send_apprise(target: Target, message: Message) -> Answer:
     client.add(target.plugin)
     with apprise.LogCapture(level=logging.WARNING) as captured:
         try:
-            ok = client.notify(body=message.body, title=message.title,
+            ok = bool(client.notify(body=message.body, title=message.title,
                                notify_type=apprise.NotifyType(message.kind),
-                               body_format=apprise.NotifyFormat(message.body_format))
+                               body_format=apprise.NotifyFormat(message.body_format)))
         except Exception as exc:  # a plugin bug must not stop the sender thread
             ok = False
             logging.getLogger("apprise").warning("%s: %s", type(exc).__name__, exc)

@@ -173,7 +173,7 @@ class Gate:
             token = headers.get("x-csrf-token")
             if token is None and headers.get("content-type", "").startswith(FORM):
                 body = await _read_body(receive, MAX_FORM_BYTES)
-                token = (parse_qs((body or b"").decode("latin-1")).get("csrf") or [None])[0]
+                token = next(iter(parse_qs((body or b"").decode("latin-1")).get("csrf", [])), None)
                 receive = _replay(body or b"")
             if not csrf_ok(session, token):
                 await JSONResponse({"reason": "missing or wrong CSRF token",

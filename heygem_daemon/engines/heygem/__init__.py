@@ -18,6 +18,7 @@ import os
 import time
 import uuid
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -309,7 +310,7 @@ class HeygemEngine:
         so the tasks waiting for it go as soon as it answers."""
         timeout = min(settings.request_timeout, _PROBE_TIMEOUT)
         return [replace(_dependency(e, settings.busy_alert_seconds), group=cls.name,
-                        probe=lambda e=e: probe(e, timeout), probe_every=settings.poll_interval)
+                        probe=partial(probe, e, timeout), probe_every=settings.poll_interval)
                 for e in settings.endpoints()]
 
     @classmethod

@@ -60,7 +60,8 @@ class HealthBook:
 
     def saw(self, outcome: Outcome, reason: str = "") -> None:
         now = time.time()
-        if outcome == "ok" and self._written and self._written[0] == "ok" and now - self._written[1] < _OK_REFRESH_SECONDS:
+        if (outcome == "ok" and self._written and self._written[0] == "ok"
+                and now - self._written[1] < _OK_REFRESH_SECONDS):
             return
         current = read_health(self.path, self.url) or Health(self.url)
         try:

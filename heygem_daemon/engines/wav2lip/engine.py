@@ -31,7 +31,8 @@ class Wav2LipEngine:
         pads: tuple[int, int, int, int] = Field(
             (0, 10, 0, 0), description="pixels added to the face box: top, bottom, left, right")
         smooth_frames: int = Field(5, ge=1, description="moving mean of face boxes over N video frames (1 = off)")
-        batch_size: int | None = Field(None, ge=1, le=4096, description="faces per model call; None: 128 on CUDA, 32 on CPU")
+        batch_size: int | None = Field(None, ge=1, le=4096,
+                                       description="faces per model call; None: 128 on CUDA, 32 on CPU")
         fp16: bool | None = Field(None, description="half precision; None: on for CUDA (float16), off for CPU")
         resize_factor: int = Field(1, ge=1, le=8, description="work and write at 1/N of the preset height")
         encoder: Literal["auto", "software", "nvenc"] = Field(

@@ -54,5 +54,6 @@ def to_frames(pred: torch.Tensor) -> torch.Tensor:
     """
     if pred.dim() != 4 or pred.shape[1] != 3:
         raise ValueError(f"pred must be (B, 3, H, W), got {tuple(pred.shape)}")
-    pix = torch.nan_to_num(pred.detach().to(torch.float32), nan=0.0).mul(255.0).round_().clamp_(0.0, 255.0).to(torch.uint8)
+    pix = (torch.nan_to_num(pred.detach().to(torch.float32), nan=0.0)
+           .mul(255.0).round_().clamp_(0.0, 255.0).to(torch.uint8))
     return pix.permute(0, 2, 3, 1).contiguous()

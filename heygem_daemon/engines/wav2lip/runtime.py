@@ -37,7 +37,8 @@ class HalvingBatches:
         self.on_shrink = on_shrink
 
     def run(self, fn: Callable[[int, int], T], total: int) -> list[T]:
-        """fn(start, stop) for consecutive slices covering 0..total; a slice that ran out of memory runs again smaller."""
+        """fn(start, stop) for consecutive slices covering 0..total; a slice that ran out of memory runs again
+        smaller."""
         out: list[T] = []
         start = 0
         while start < total:
