@@ -230,7 +230,8 @@ def test_in_a_browser_a_file_added_twice_is_one_row_files_can_be_removed_and_a_d
     assert len(rows()) == 3
     driver.save_screenshot(str(ARTEFACTS / "upload-refused.png"))
     no_face_id = next(p.name for p in (web.cfg.folder("work") / UPLOADS_DIR).iterdir()
-                      if (p / "info.json").exists() and json.loads((p / "info.json").read_text())["name"] == "no_face.jpg")
+                      if (p / "info.json").exists()
+                      and json.loads((p / "info.json").read_text())["name"] == "no_face.jpg")
     rows()[0].find_element(By.CSS_SELECTOR, "button.remove").click()
     wait.until(lambda d: len(rows()) == 2)
     wait.until(lambda d: not (web.cfg.folder("work") / UPLOADS_DIR / no_face_id).exists())  # gone on the server

@@ -245,7 +245,8 @@ def create_api(console: Any) -> FastAPI:
                        extra=extra)
         return str(console.hand_over(token.user, form, "api", token=token.name))
 
-    created = {201: {"model": JobOut, "description": "the job (201 also for a replayed Idempotency-Key)"}}
+    created: dict[int | str, dict[str, Any]] = {
+        201: {"model": JobOut, "description": "the job (201 also for a replayed Idempotency-Key)"}}
 
     @api.post("/jobs", status_code=201, response_model=JobOut, tags=["jobs"],
               summary="Create a job from tus uploads or objects in the bucket",

@@ -171,6 +171,7 @@ class TusServer:
         idle = self.uploads.cfg.web.upload_idle_seconds
         last = loop.time()
         stalled = False
+        timer: asyncio.TimerHandle
 
         # One timer per PATCH that looks at when the last bytes came (wait_for on every chunk would cost
         # ~25 µs each: a quarter of a core at 1 GB/s).
