@@ -68,6 +68,7 @@ class Limits(_Section):
     max_video_pixels: int = Field(8_300_000, gt=0)
     max_portrait_seconds: float = Field(120.0, gt=0.0)
     max_file_mb: float = Field(4096.0, gt=0.0)
+    max_script_chars: int = Field(20_000, gt=0, description="longest script (.txt) read out, in characters")
 
 
 class Preset(_Section):

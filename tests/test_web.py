@@ -127,7 +127,7 @@ def test_a_name_that_is_a_path_or_holds_control_characters_is_refused(web, alice
 def test_a_file_over_the_size_limit_or_of_another_type_is_refused_at_creation(alice):
     too_big = alice.create("long.wav", 2 * 2**20)
     assert too_big.status_code == 413 and "web.max_upload_mb" in too_big.json()["hint"]
-    assert alice.create("notes.txt", 100).status_code == 415
+    assert alice.create("notes.docx", 100).status_code == 415
 
 
 def test_an_incomplete_upload_left_past_its_expiry_is_swept_by_the_cleanup(web, alice):
