@@ -100,6 +100,13 @@ class EngineChoice(_Section):
     x264_preset: str = Field("veryfast", description="speed/size trade-off of libx264 and libx265 (same names)")
 
 
+class Speech(_Section):
+    """How scripts (.txt inputs) become the audio a video is rendered from (heygem_daemon/speech/)."""
+
+    engine: str = Field("espeak", description="the speech engine: espeak (offline, Debian's espeak-ng) | heygem-tts")
+    engines: dict[str, dict[str, Any]] = Field(default_factory=dict, description="each speech engine's settings")
+
+
 class Remote(_Section):
     """Generation on other hosts (`heygem-daemon worker`), through Celery with a Redis broker."""
 
@@ -429,6 +436,7 @@ class Config(_Section):
     presets: dict[str, Preset] = Field(default_factory=lambda: dict(DEFAULT_PRESETS))
     engine: EngineChoice = EngineChoice()
     engines: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    speech: Speech = Speech()
     workers: Workers = Workers()
     dedupe: Dedupe = Dedupe()
     notify: Notify = Notify()

@@ -20,10 +20,12 @@ from typing import Any
 from heygem_daemon.clock import SYSTEM_CLOCK, Clock
 from heygem_daemon.ops import metrics
 from heygem_daemon.config import Config
-from heygem_daemon.engines.base import EngineError, TaskSpec
+from heygem_daemon.engines.base import EngineError, SpeechSpec, TaskSpec
 from heygem_daemon.failures import Kind, Problem
 from heygem_daemon.generation.lifecycle import CANCELLED_HINT, CANCELLED_REASON, LifeCycle, TaskState
 from heygem_daemon.log import get_logger
+from heygem_daemon.media.kinds import MediaKind, kind_of
+from heygem_daemon.speech.step import CACHE_DIR as SPEECH_CACHE
 from heygem_daemon.proc import die_with_parent
 from heygem_daemon.state import CANCELLING, Task
 
@@ -65,6 +67,10 @@ def run_engine(engines: dict[str, Any], settings: dict[str, dict[str, Any]], nam
     from heygem_daemon.engines.registry import build_engine
 
     try:
+        if spec.speech is not None:
+            from heygem_daemon.speech.step import spoken
+
+            spec = spoken(spec, engines, progress)
         engine = engines.get(name) or engines.setdefault(name, build_engine(name, settings.get(name, {})))
         return ("done", str(engine.generate(spec, progress)))
     except EngineError as exc:
@@ -158,8 +164,15 @@ def task_spec(cfg: Config, life: LifeCycle, task: Task, device: str) -> tuple[st
         output=Path(task.output + ".part"), workdir=work / f"task-{task.id}",
         preset=preset, device=device,
         x264_preset=cfg.engine.x264_preset, options=job.spec.get("options", {}), store=life.store.path,
+        speech=speech_spec(cfg) if kind_of(task.audio) is MediaKind.SCRIPT else None,
     )
     return job.spec.get("engine", cfg.engine.name), spec
+
+
+def speech_spec(cfg: Config) -> SpeechSpec:
+    name = cfg.speech.engine
+    return SpeechSpec(name, dict(cfg.speech.engines.get(name, {})), cfg.folder("work") / SPEECH_CACHE,
+                      cfg.limits.max_script_chars)
 
 
 class Slot(threading.Thread):
