@@ -160,3 +160,12 @@ def test_a_failed_speech_leaves_nothing_in_the_cache(standin, tmp_path):
     with pytest.raises(EngineError):
         spoken(script_task(tmp_path, standin.url), {}, Beats())
     assert not list((tmp_path / ".speech-cache").glob("*.wav"))
+
+
+def test_a_script_task_sent_to_a_remote_worker_keeps_its_speech_step_with_the_cache_as_the_worker_mounts_it(tmp_path):
+    from heygem_daemon.generation.celery_app import decode, encode
+
+    task = script_task(tmp_path, "http://127.0.0.1:18180")
+    back = decode(encode(task, {str(tmp_path): "/mnt/shared"}), "cuda:0")
+    assert back.speech is not None and back.speech.cache == Path("/mnt/shared/.speech-cache")
+    assert back.speech.engine == "heygem-tts" and back.audio == Path("/mnt/shared/in/hello.txt")
