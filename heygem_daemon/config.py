@@ -105,6 +105,8 @@ class Speech(_Section):
 
     engine: str = Field("espeak", description="the speech engine: espeak (offline, Debian's espeak-ng) | heygem-tts")
     engines: dict[str, dict[str, Any]] = Field(default_factory=dict, description="each speech engine's settings")
+    part_chars: int = Field(300, ge=20, description="longest part spoken at once (a script goes by sentences)")
+    pause_seconds: float = Field(0.3, ge=0.0, le=5.0, description="silence between two sentences")
 
 
 class Remote(_Section):

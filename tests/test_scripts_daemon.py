@@ -1,4 +1,5 @@
-"""The real daemon turns a script and a photo into a talking video with the offline speech engine."""
+"""The real daemon turns a script and a photo into a talking video, with subtitles, using the offline speech
+engine."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ pytestmark = [pytest.mark.daemon,
                                  reason="espeak-ng is not installed (apt-get install espeak-ng)")]
 
 
-def test_a_script_and_a_photo_become_a_video_whose_sound_is_the_spoken_script(tmp_path):
+def test_a_script_and_a_photo_become_a_video_whose_sound_is_the_spoken_script_with_subtitles(tmp_path):
     daemon = DaemonHarness(tmp_path / "base").start()
     try:
         (tmp_path / "hello.txt").write_bytes("Hello, and welcome to the team.".encode("utf-16"))
@@ -29,5 +30,7 @@ def test_a_script_and_a_photo_become_a_video_whose_sound_is_the_spoken_script(tm
         assert spoken > 1.0 and facts.has_video
         assert abs(facts.audio_duration - spoken) <= 0.05
         assert list(daemon.folder("archive").glob("*/hello/hello.txt"))
+        subtitles = (daemon.folder("outputs") / "hello" / "hello.srt").read_text(encoding="utf-8")
+        assert subtitles.endswith("Hello, and welcome to the team.\n\n")
     finally:
         daemon.stop()

@@ -143,8 +143,8 @@ def script_task(tmp_path: Path, url: str, text: str = "Welcome to the team.") ->
 
 def test_a_retried_task_takes_its_speech_from_the_cache_without_asking_again(standin, tmp_path):
     task, engines = script_task(tmp_path, standin.url), {}
-    first = spoken(task, engines, Beats())
-    again = spoken(task, {}, Beats())  # a retry, in a fresh worker process
+    first, _ = spoken(task, engines, Beats())
+    again, _ = spoken(task, {}, Beats())  # a retry, in a fresh worker process
     assert first.audio == again.audio and first.speech is None and len(standin.invokes) == 1
     assert standin.invokes[0]["text"] == "Welcome to the team."
 
@@ -169,3 +169,43 @@ def test_a_script_task_sent_to_a_remote_worker_keeps_its_speech_step_with_the_ca
     back = decode(encode(task, {str(tmp_path): "/mnt/shared"}), "cuda:0")
     assert back.speech is not None and back.speech.cache == Path("/mnt/shared/.speech-cache")
     assert back.speech.engine == "heygem-tts" and back.audio == Path("/mnt/shared/in/hello.txt")
+
+
+def test_a_long_script_is_spoken_by_sentence_and_joined_with_a_pause_and_its_cues_follow_the_parts(standin, tmp_path):
+    text = "欢迎加入我们的团队！今天是你的第一天。\nWelcome aboard. Version 3.5 is out?"
+    task, said = spoken(script_task(tmp_path, standin.url, text), {}, Beats())
+    sent = [i["text"] for i in standin.invokes]
+    assert sent == ["欢迎加入我们的团队！", "今天是你的第一天。", "Welcome aboard.", "Version 3.5 is out?"]
+    assert [c.text for c in said] == sent
+    for before, after in zip(said, said[1:]):
+        assert abs(after.start - before.end - 0.3) < 1e-6
+    for cue, part in zip(said, sent):
+        assert abs((cue.end - cue.start) - speech_seconds(part)) < 0.01
+    assert abs(load_clip(task.audio).duration - said[-1].end) < 0.01
+
+
+def test_a_part_that_failed_is_the_only_one_asked_again(standin, tmp_path):
+    task = script_task(tmp_path, standin.url, "One. Two. Three.")
+    standin.fail_once.add("Two.")
+    with pytest.raises(EngineError):
+        spoken(task, {}, Beats())
+    spoken(task, {}, Beats())  # the retry
+    assert [i["text"] for i in standin.invokes] == ["One.", "Two.", "Two.", "Three."]
+
+
+def test_subtitles_are_written_beside_the_video_as_srt_and_vtt(tmp_path):
+    from heygem_daemon.speech.sentences import Cue
+    from heygem_daemon.speech.step import write_subtitles
+
+    write_subtitles(tmp_path / "hello", [Cue(0.0, 1.25, "Hello."), Cue(1.55, 62.0, "你好。")])
+    assert (tmp_path / "hello.srt").read_text(encoding="utf-8") == (
+        "1\n00:00:00,000 --> 00:00:01,250\nHello.\n\n2\n00:00:01,550 --> 00:01:02,000\n你好。\n\n")
+    assert (tmp_path / "hello.vtt").read_text(encoding="utf-8").startswith(
+        "WEBVTT\n\n00:00:00.000 --> 00:00:01.250\nHello.\n\n")
+
+
+def test_a_sentence_over_the_part_limit_is_cut_at_its_last_pause():
+    from heygem_daemon.speech.sentences import split_script
+
+    assert split_script("one two three four five six", 12) == ["one two", "three four", "five six"]
+    assert split_script("abcdefghij", 4) == ["abcd", "efgh", "ij"]

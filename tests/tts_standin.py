@@ -49,6 +49,8 @@ class TtsStandin:
     def __init__(self) -> None:
         self.mode = "ok"
         self.invokes: list[dict[str, Any]] = []
+        self.fail_once: set[str] = set()
+        """Texts answered HTTP 500 the first time they are asked for."""
         self.overlaps = 0
         self.release = threading.Event()
         self._serving = threading.Lock()
@@ -86,6 +88,9 @@ class TtsStandin:
                     return
                 standin.invokes.append(body)
                 mode = standin.mode
+                if body.get("text") in standin.fail_once:
+                    standin.fail_once.discard(body["text"])
+                    mode = "http500"
                 if mode == "hang":  # until released: then it answers as the mode says by then
                     standin.release.wait(30)
                     mode = standin.mode

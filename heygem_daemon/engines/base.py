@@ -37,6 +37,9 @@ class SpeechSpec:
     cache: Path
     """Where spoken scripts are kept by (text, voice, engine): work/.speech-cache/."""
     max_chars: int
+    part_chars: int = 300
+    """A script is spoken sentence by sentence, a longer sentence in parts of at most this many characters."""
+    pause_seconds: float = 0.3
 
 
 @dataclass(frozen=True)

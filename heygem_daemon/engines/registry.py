@@ -24,7 +24,7 @@ GROUP = "heygem_daemon.engines"
 @cache
 def installed(group: str) -> dict[str, str]:
     """An entry-point group: name -> `module:Class` (read once per process; packages are installed before start).
-    Lip-sync engines are GROUP; speech engines (heygem_daemon/speech/registry.py) are another group."""
+    Lip-sync engines are GROUP; third-party speech engines (heygem_daemon/speech/registry.py) another."""
     return {ep.name: ep.value for ep in entry_points(group=group)}
 
 
@@ -32,9 +32,8 @@ def available() -> dict[str, str]:
     return installed(GROUP)
 
 
-def load_class(group: str, name: str, key: str) -> Any:
-    """The class an entry point names; `key` is the config key that chose it, for the error."""
-    found = installed(group)
+def load_class(found: dict[str, str], name: str, key: str) -> Any:
+    """The class `found` (name -> `module:Class`) names; `key` is the config key that chose it, for the error."""
     try:
         target = found[name]
     except KeyError:
@@ -60,7 +59,7 @@ def engine_names(cfg: Config) -> list[str]:
 
 
 def engine_class(name: str) -> Any:
-    return load_class(GROUP, name, "engine.name")
+    return load_class(available(), name, "engine.name")
 
 
 def settings_for(cfg: Config, name: str) -> Any:

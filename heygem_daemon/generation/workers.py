@@ -67,12 +67,16 @@ def run_engine(engines: dict[str, Any], settings: dict[str, dict[str, Any]], nam
     from heygem_daemon.engines.registry import build_engine
 
     try:
+        said = None
         if spec.speech is not None:
-            from heygem_daemon.speech.step import spoken
+            from heygem_daemon.speech.step import spoken, write_subtitles
 
-            spec = spoken(spec, engines, progress)
+            spec, said = spoken(spec, engines, progress)
         engine = engines.get(name) or engines.setdefault(name, build_engine(name, settings.get(name, {})))
-        return ("done", str(engine.generate(spec, progress)))
+        made = engine.generate(spec, progress)
+        if said:
+            write_subtitles(spec.output.parent / spec.name, said)
+        return ("done", str(made))
     except EngineError as exc:
         return ("error", exc.kind.value, exc.reason, exc.hint, exc.dependency)
     except Exception as exc:  # an engine bug: retry, and keep the traceback for the operator
@@ -172,7 +176,7 @@ def task_spec(cfg: Config, life: LifeCycle, task: Task, device: str) -> tuple[st
 def speech_spec(cfg: Config) -> SpeechSpec:
     name = cfg.speech.engine
     return SpeechSpec(name, dict(cfg.speech.engines.get(name, {})), cfg.folder("work") / SPEECH_CACHE,
-                      cfg.limits.max_script_chars)
+                      cfg.limits.max_script_chars, cfg.speech.part_chars, cfg.speech.pause_seconds)
 
 
 class Slot(threading.Thread):

@@ -1,5 +1,6 @@
-"""Speech engine names -> classes: entry points in the group `heygem_daemon.speech`, as lip-sync engines are
-(`espeak` and `heygem-tts` are declared in pyproject.toml; another package may declare its own)."""
+"""Speech engine names -> classes: the built-in ones, and entry points in the group `heygem_daemon.speech` that
+another package declares (as a third-party lip-sync engine does, README "Adding an engine"). The built-in
+ones are named here rather than in pyproject.toml so they are there whatever metadata an install left."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ from heygem_daemon.config import Config, ConfigError
 from heygem_daemon.engines.registry import installed, load_class, validate_settings
 
 GROUP = "heygem_daemon.speech"
+BUILT_IN = {"espeak": "heygem_daemon.speech.espeak:EspeakEngine",
+            "heygem-tts": "heygem_daemon.speech.heygem_tts:HeygemTtsEngine"}
 
 
 def available() -> dict[str, str]:
-    return installed(GROUP)
+    return {**BUILT_IN, **installed(GROUP)}
 
 
 def speech_class(name: str) -> Any:
-    return load_class(GROUP, name, "speech.engine")
+    return load_class(available(), name, "speech.engine")
 
 
 def speech_settings(cfg: Config, name: str | None = None) -> Any:
