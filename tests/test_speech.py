@@ -209,3 +209,36 @@ def test_a_sentence_over_the_part_limit_is_cut_at_its_last_pause():
 
     assert split_script("one two three four five six", 12) == ["one two", "three four", "five six"]
     assert split_script("abcdefghij", 4) == ["abcd", "efgh", "ij"]
+
+
+@needs_espeak
+def test_a_command_line_tts_reads_the_script_through_its_argument_template(tmp_path):
+    from heygem_daemon.speech.command import CommandSpeechEngine
+
+    engine = CommandSpeechEngine(CommandSpeechEngine.Settings(args=["espeak-ng", "-w", "{output}", "-f", "{text_file}"]))
+    engine.synthesise("Good morning.", tmp_path / "a.wav", Beats())
+    assert load_clip(tmp_path / "a.wav").duration > 0.3 and list(tmp_path.iterdir()) == [tmp_path / "a.wav"]
+
+
+@pytest.mark.parametrize("args, codes, error, words", [
+    (["sh", "-c", "echo no such voice; exit 3"], [3], BadInputError, "refused the inputs (exit code 3): no such voice"),
+    (["sh", "-c", "exit 1"], [], EngineError, "failed (exit code 1)"),
+    (["true", "{text}"], [], EngineError, "wrote no audio"),
+    (["no-such-tts-program", "{text}"], [], SetupError, "cannot start no-such-tts-program"),
+], ids=["bad-input-code", "failure", "no-output", "missing"])
+def test_a_command_line_tts_that_fails_is_an_error_of_its_kind(tmp_path, args, codes, error, words):
+    from heygem_daemon.speech.command import CommandSpeechEngine
+
+    engine = CommandSpeechEngine(CommandSpeechEngine.Settings(args=args, bad_input_exit_codes=codes))
+    with pytest.raises(EngineError) as err:
+        engine.synthesise("Hello.", tmp_path / "a.wav", Beats())
+    assert type(err.value) is error and words in err.value.reason
+
+
+def test_a_command_line_tts_template_with_an_unknown_placeholder_is_a_config_error():
+    from pydantic import ValidationError
+
+    from heygem_daemon.speech.command import CommandSpeechEngine
+
+    with pytest.raises(ValidationError, match=r"unknown placeholder \{audio\}"):
+        CommandSpeechEngine.Settings(args=["tts", "{audio}"])

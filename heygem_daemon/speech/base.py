@@ -25,3 +25,31 @@ class SpeechEngine(Protocol):
     # Optional, for `heygem-daemon doctor`:
     #   @classmethod
     #   def doctor(cls, settings: Settings) -> list[heygem_daemon.ops.checks.Check]
+
+
+class Heartbeats:
+    """A tool's output lines as heartbeats only (engines.command.ToolOutput's progress callback): speaking
+    is the start of the render's attempt, whose progress the render engine reports."""
+
+    def __init__(self, progress: Reporter) -> None:
+        self.progress = progress
+
+    def __call__(self, fraction: float) -> None:
+        self.progress.heartbeat()
+
+    def heartbeat(self) -> None:
+        self.progress.heartbeat()
+
+
+def check_speech(path: Path, who: str) -> None:
+    """A speech engine's answer must be audio that decodes and lasts: else a counted, retried attempt."""
+    from heygem_daemon.engines.base import EngineError
+    from heygem_daemon.media.audio import load_clip
+    from heygem_daemon.media.errors import MediaError
+
+    try:
+        seconds = load_clip(path).duration
+    except MediaError as exc:
+        raise EngineError(f"{who} gave audio that does not decode ({exc})", "the task is tried again") from None
+    if seconds <= 0:
+        raise EngineError(f"{who} gave empty audio", "the task is tried again")

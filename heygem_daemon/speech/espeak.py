@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import time
 from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import Field
 
 from heygem_daemon.engines.base import EngineError, EngineSettings, Reporter, SetupError
+from heygem_daemon.engines.command import judge_exit
+from heygem_daemon.speech.base import check_speech
+from heygem_daemon.speech.command import speak_with
 
 INSTALL = "install it (Debian/Ubuntu: apt-get install espeak-ng), or set speech.engine to another speech engine"
 _TIMEOUT_SECONDS = 600.0
@@ -36,25 +37,21 @@ class EspeakEngine:
 
     def synthesise(self, text: str, out: Path, progress: Reporter) -> None:
         s = self.settings
-        script = out.with_name(out.name + ".txt")  # a file, not argv: long scripts, no option injection
-        script.write_text(text, encoding="utf-8")
-        argv = [s.binary, "-v", s.voice, "-s", str(s.words_per_minute), "-p", str(s.pitch), "-w", str(out),
-                "-f", str(script)]
+        # The text goes in a file, not argv: long scripts, and no text is ever taken for an option.
+        argv = [s.binary, "-v", s.voice, "-s", str(s.words_per_minute), "-p", str(s.pitch), "-w", "{output}",
+                "-f", "{text_file}"]
         try:
-            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        except FileNotFoundError:
+            code, tail = speak_with("espeak-ng", argv, text, out, progress, {}, None, _TIMEOUT_SECONDS,
+                                    "speech.engines.espeak")
+        except SetupError:
             raise SetupError(f"speech engine espeak: {s.binary} is not installed", INSTALL) from None
-        try:
-            _wait(proc, progress)
-            err = proc.stderr.read() if proc.stderr else ""
-        finally:
-            script.unlink(missing_ok=True)
-        if "voice does not exist" in err:
+        if any("voice does not exist" in line for line in tail):
             raise SetupError(f"speech engine espeak: there is no espeak-ng voice {s.voice!r}",
                              "set speech.engines.espeak.voice to one `espeak-ng --voices` lists")
-        if proc.returncode != 0 or not out.is_file() or out.stat().st_size <= 44:
-            raise EngineError(f"espeak-ng failed (exit {proc.returncode}): {err.strip()[-300:]}",
-                              "see the message; the task is tried again")
+        judge_exit("espeak-ng", code, tail, [])
+        if not out.is_file():
+            raise EngineError("espeak-ng exited 0 but wrote no audio", "the task is tried again")
+        check_speech(out, "espeak-ng")
 
     @classmethod
     def doctor(cls, settings: EspeakSettings) -> list[Any]:
@@ -64,14 +61,3 @@ class EspeakEngine:
         if found is None:
             return [Check("speech espeak", False, f"{settings.binary} not found", INSTALL)]
         return [Check("speech espeak", True, f"{found}, voice {settings.voice}")]
-
-
-def _wait(proc: subprocess.Popen[str], progress: Reporter) -> None:
-    started = time.monotonic()
-    while proc.poll() is None:
-        progress.heartbeat()
-        if time.monotonic() - started > _TIMEOUT_SECONDS:
-            proc.kill()
-            proc.wait()
-            raise EngineError(f"espeak-ng did not finish in {_TIMEOUT_SECONDS:g} s", "the task is tried again")
-        time.sleep(0.05)

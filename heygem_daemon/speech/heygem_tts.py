@@ -24,6 +24,7 @@ from pydantic import Field
 from heygem_daemon.engines.base import BadInputError, EngineError, EngineSettings, OutageError, Reporter
 from heygem_daemon.engines.heygem.pool import ServicePool
 from heygem_daemon.engines.heygem.settings import Endpoint
+from heygem_daemon.speech.base import check_speech
 
 # What the official client sends with every request.
 CLIENT_PARAMS: dict[str, Any] = {
@@ -82,7 +83,7 @@ class HeygemTtsEngine:
                     down[lease.url] = str(exc)
                     continue
             out.write_bytes(body)
-            _check_audio(out, lease.url)
+            check_speech(out, f"the TTS service {lease.url}")
             return
 
     def _invoke(self, url: str, text: str, progress: Reporter) -> bytes:
@@ -135,16 +136,3 @@ def _audio_of(url: str, answer: requests.Response) -> bytes:
     if "json" in answer.headers.get("Content-Type", "") or answer.content.lstrip()[:1] in (b"{", b"["):
         raise EngineError(f"the TTS service {url} answered JSON instead of audio: {said}", "the task is tried again")
     return answer.content
-
-
-def _check_audio(path: Path, url: str) -> None:
-    from heygem_daemon.media.audio import load_clip
-    from heygem_daemon.media.errors import MediaError
-
-    try:
-        seconds = load_clip(path).duration
-    except MediaError as exc:
-        raise EngineError(f"the TTS service {url} answered audio that does not decode ({exc})",
-                          "the task is tried again") from None
-    if seconds <= 0:
-        raise EngineError(f"the TTS service {url} answered empty audio", "the task is tried again")

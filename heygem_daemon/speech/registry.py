@@ -12,7 +12,8 @@ from heygem_daemon.engines.registry import installed, load_class, validate_setti
 
 GROUP = "heygem_daemon.speech"
 BUILT_IN = {"espeak": "heygem_daemon.speech.espeak:EspeakEngine",
-            "heygem-tts": "heygem_daemon.speech.heygem_tts:HeygemTtsEngine"}
+            "heygem-tts": "heygem_daemon.speech.heygem_tts:HeygemTtsEngine",
+            "command": "heygem_daemon.speech.command:CommandSpeechEngine"}
 
 
 def available() -> dict[str, str]:
