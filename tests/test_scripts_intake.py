@@ -87,3 +87,26 @@ def test_a_good_script_passes_the_intake_check_with_its_digest(tmp_path):
     Path(tmp_path / "s.txt").write_text("Hello there.", encoding="utf-8")
     found = inspect_inputs(str(tmp_path), ["s.txt"], Limits(), FaceRule.NONE)
     assert found.problems == [] and len(found.digests["s.txt"]) == 64
+
+
+def test_job_yaml_speech_picks_the_voice_for_its_scripts_over_the_config():
+    from heygem_daemon.config import Config
+    from heygem_daemon.generation.workers import speech_spec
+
+    plan = plan_folder("job", [f("job/anna.jpg"), f("job/hi.txt")], b"speech: {voice: zh, pitch: 40}\n", False,
+                       {"preview"}, {"480p"})
+    assert isinstance(plan, Plan) and plan.speech == {"voice": "zh", "pitch": 40}
+    cfg = Config.model_validate({"speech": {"engines": {"espeak": {"voice": "en", "words_per_minute": 140}}}})
+    spec = speech_spec(cfg, plan.speech)
+    assert spec.engine == "espeak" and spec.settings == {"voice": "zh", "pitch": 40, "words_per_minute": 140}
+
+
+def test_the_same_files_with_another_job_speech_are_not_a_duplicate():
+    from heygem_daemon.intake.claim import fingerprint
+
+    files = [f("job/anna.jpg"), f("job/hi.txt")]
+    plain = plan_folder("job", files, None, False, {"preview"}, {"480p"})
+    chinese = plan_folder("job", files, b"speech: {voice: zh}\n", False, {"preview"}, {"480p"})
+    digests = {"job/anna.jpg": "a", "job/hi.txt": "b"}
+    assert isinstance(plain, Plan) and isinstance(chinese, Plan)
+    assert fingerprint(plain, digests, "preview", "480p") != fingerprint(chinese, digests, "preview", "480p")

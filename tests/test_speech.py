@@ -242,3 +242,11 @@ def test_a_command_line_tts_template_with_an_unknown_placeholder_is_a_config_err
 
     with pytest.raises(ValidationError, match=r"unknown placeholder \{audio\}"):
         CommandSpeechEngine.Settings(args=["tts", "{audio}"])
+
+
+def test_a_speech_setting_the_engine_does_not_have_fails_the_task_at_once_naming_it(tmp_path):
+    task = script_task(tmp_path, "http://127.0.0.1:1")
+    task = TaskSpec(**{**task.__dict__, "speech": SpeechSpec("espeak", {"colour": "blue"}, tmp_path / "c", 100)})
+    with pytest.raises(SetupError) as err:
+        spoken(task, {}, Beats())
+    assert "speech.engines.espeak.colour: unknown key" in err.value.reason and "job.yaml" in err.value.hint

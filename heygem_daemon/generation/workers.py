@@ -168,15 +168,17 @@ def task_spec(cfg: Config, life: LifeCycle, task: Task, device: str) -> tuple[st
         output=Path(task.output + ".part"), workdir=work / f"task-{task.id}",
         preset=preset, device=device,
         x264_preset=cfg.engine.x264_preset, options=job.spec.get("options", {}), store=life.store.path,
-        speech=speech_spec(cfg) if kind_of(task.audio) is MediaKind.SCRIPT else None,
+        speech=speech_spec(cfg, job.spec.get("speech") or {}) if kind_of(task.audio) is MediaKind.SCRIPT else None,
     )
     return job.spec.get("engine", cfg.engine.name), spec
 
 
-def speech_spec(cfg: Config) -> SpeechSpec:
-    name = cfg.speech.engine
-    return SpeechSpec(name, dict(cfg.speech.engines.get(name, {})), cfg.folder("work") / SPEECH_CACHE,
-                      cfg.limits.max_script_chars, cfg.speech.part_chars, cfg.speech.pause_seconds)
+def speech_spec(cfg: Config, chosen: dict[str, Any]) -> SpeechSpec:
+    """The config's speech engine and settings, with a job's own (job.yaml `speech:`) over them."""
+    name = chosen.get("engine") or cfg.speech.engine
+    settings = {**cfg.speech.engines.get(name, {}), **{k: v for k, v in chosen.items() if k != "engine"}}
+    return SpeechSpec(name, settings, cfg.folder("work") / SPEECH_CACHE, cfg.limits.max_script_chars,
+                      cfg.speech.part_chars, cfg.speech.pause_seconds)
 
 
 class Slot(threading.Thread):

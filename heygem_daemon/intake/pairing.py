@@ -72,6 +72,8 @@ class Plan:
     """False (job.yaml `upload: false`): the videos stay in outputs/, even when S3 is configured."""
     priority: Priority = "normal"
     """Which jobs' tasks the slots take first; within a priority, jobs take turns."""
+    speech: dict[str, Any] | None = None
+    """job.yaml `speech:`: the speech engine (`engine:`) and its settings for this job's scripts."""
 
     @property
     def inputs(self) -> list[str]:
@@ -130,6 +132,14 @@ class Manifest(BaseModel):
     face_box: tuple[StrictInt, StrictInt, StrictInt, StrictInt] | None = None
     upload: StrictBool = True
     priority: Priority = "normal"
+    speech: dict[str, Any] | None = None
+
+    @field_validator("speech")
+    @classmethod
+    def _speech(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and not isinstance(v.get("engine", ""), str):
+            raise ValueError("engine: the name of a speech engine (espeak, heygem-tts, command)")
+        return v
 
     @field_validator("face_box")
     @classmethod
@@ -260,7 +270,7 @@ def plan_folder(folder: str, files: list[FileInfo], manifest: bytes | None, time
     if isinstance(outcome, Wait):
         return Rejection(name, [folder], [outcome.problem], spec.notify_urls()) if timed_out else outcome
     return Plan(name, [folder], outcome, spec.engine, spec.preset, spec.engine_options(), spec.notify_urls(),
-                spec.upload, spec.priority)
+                spec.upload, spec.priority, spec.speech or None)
 
 
 def _parse_manifest(folder: str, raw: bytes, engines: set[str], presets: set[str]) -> Manifest | Problem:
@@ -284,7 +294,8 @@ def _parse_manifest(folder: str, raw: bytes, engines: set[str], presets: set[str
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
         return Problem.of_input(where, f"job.yaml: {key}: {msg}",
                                 "allowed keys: name, engine, preset, priority (high, normal, low), options, notify,"
-                                " upload, face_box, pairs (audio or script, portrait, name)")
+                                " upload, face_box, speech (engine and its settings), pairs (audio or script,"
+                                " portrait, name)")
     if spec.engine is not None and spec.engine not in engines:
         return Problem.of_input(where, f"job.yaml: engine {spec.engine!r} is not available",
                        f"use one of: {', '.join(sorted(engines))}")

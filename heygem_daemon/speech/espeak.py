@@ -47,7 +47,8 @@ class EspeakEngine:
             raise SetupError(f"speech engine espeak: {s.binary} is not installed", INSTALL) from None
         if any("voice does not exist" in line for line in tail):
             raise SetupError(f"speech engine espeak: there is no espeak-ng voice {s.voice!r}",
-                             "set speech.engines.espeak.voice to one `espeak-ng --voices` lists")
+                             "pick one `espeak-ng --voices` lists (job.yaml speech: voice:, or "
+                             "speech.engines.espeak.voice), then retry the job")
         judge_exit("espeak-ng", code, tail, [])
         if not out.is_file():
             raise EngineError("espeak-ng exited 0 but wrote no audio", "the task is tried again")

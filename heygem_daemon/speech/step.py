@@ -18,7 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from heygem_daemon.engines.base import BadInputError, Reporter, SpeechSpec, TaskSpec
+from heygem_daemon.config import ConfigError
+from heygem_daemon.engines.base import BadInputError, Reporter, SetupError, SpeechSpec, TaskSpec
 from heygem_daemon.fs.ops import atomic_write_text
 from heygem_daemon.speech.sentences import Cue, cues, split_script, srt, vtt
 from heygem_daemon.speech.text import ScriptError, read_script
@@ -115,7 +116,11 @@ def _engine(plan: SpeechSpec, engines: dict[str, Any]) -> Any:
 
     key = "speech:" + plan.engine + json.dumps(plan.settings, sort_keys=True, default=str)
     if key not in engines:
-        engines[key] = build_speech(plan.engine, plan.settings)
+        try:
+            engines[key] = build_speech(plan.engine, plan.settings)
+        except ConfigError as exc:
+            raise SetupError(f"{exc}", "fix the speech: keys of the job's job.yaml (or the config's speech "
+                             "section), then retry the job") from None
     return engines[key]
 
 
