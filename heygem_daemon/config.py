@@ -107,6 +107,7 @@ class Speech(_Section):
     engines: dict[str, dict[str, Any]] = Field(default_factory=dict, description="each speech engine's settings")
     part_chars: int = Field(300, ge=20, description="longest part spoken at once (a script goes by sentences)")
     pause_seconds: float = Field(0.3, ge=0.0, le=5.0, description="silence between two sentences")
+    cache_days: float = Field(30.0, gt=0.0, description="spoken parts unused this long leave work/.speech-cache")
 
 
 class Remote(_Section):

@@ -133,6 +133,7 @@ class _locked:
         while True:
             try:
                 fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.utime(self.path)  # in use: the cache sweep leaves it
                 return
             except BlockingIOError:
                 self.progress.heartbeat()
