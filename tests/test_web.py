@@ -162,6 +162,16 @@ def test_a_finished_pair_becomes_a_ready_job_folder_and_an_audit_line(web, alice
     assert {"event": "web upload", "user": "alice", "job": "web job", "files": 2}.items() <= audit[-1].items()
 
 
+def test_a_script_and_a_photo_from_the_web_become_a_ready_job_folder(web, alice, tmp_path, portrait_jpg):
+    script = tmp_path / "welcome.txt"
+    script.write_bytes("欢迎加入我们的团队！".encode("gb18030"))
+    answer = alice.submit([alice.upload(script), alice.upload(portrait_jpg)], name="script job", engine="preview",
+                          preset="480p")
+    assert answer.status_code == 200, answer.text
+    folder = web.cfg.folder("inbox") / answer.json()["job"]
+    assert (folder / "welcome.txt").read_bytes() == script.read_bytes()
+
+
 def test_a_set_intake_would_refuse_is_refused_with_reason_and_hint_and_nothing_moves(web, alice, tmp_path,
                                                                                      portrait_jpg):
     cut = truncate(write_speech_wav(tmp_path / "cut.wav", 2.0), 0.5)
