@@ -108,6 +108,8 @@ class Speech(_Section):
     part_chars: int = Field(300, ge=20, description="longest part spoken at once (a script goes by sentences)")
     pause_seconds: float = Field(0.3, ge=0.0, le=5.0, description="silence between two sentences")
     cache_days: float = Field(30.0, gt=0.0, description="spoken parts unused this long leave work/.speech-cache")
+    ahead_slots: int = Field(1, ge=0, le=32, description="processes speaking queued scripts while the slots "
+                             "render (0 = speech only when a render slot takes the task)")
 
 
 class Remote(_Section):

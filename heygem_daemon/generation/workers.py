@@ -83,6 +83,23 @@ def run_engine(engines: dict[str, Any], settings: dict[str, dict[str, Any]], nam
         return crash_error(exc)
 
 
+SPEAK_ONLY = ""
+"""The engine name in a worker message that asks for the script's speech alone (generation/speech_ahead.py)."""
+
+
+def run_speech(engines: dict[str, Any], spec: TaskSpec, progress: Any) -> tuple[str, ...]:
+    """A script task's speech made into the cache, ahead of its render: ("done", "") or ("error", ...)."""
+    from heygem_daemon.speech.step import spoken
+
+    try:
+        spoken(spec, engines, progress)
+        return ("done", "")
+    except EngineError as exc:
+        return ("error", exc.kind.value, exc.reason, exc.hint, exc.dependency)
+    except Exception as exc:
+        return crash_error(exc)
+
+
 def crash_error(exc: Exception) -> tuple[str, str, str, str, str]:
     """An exception the engine did not classify: a full disk is an outage, anything else an engine fault."""
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
@@ -111,7 +128,10 @@ def worker_main(conn: Connection, device: str, engine_settings: dict[str, dict[s
         if msg is None:
             return
         engine_name, spec = msg
-        conn.send(run_engine(engines, engine_settings, engine_name, spec, progress))
+        if engine_name == SPEAK_ONLY:
+            conn.send(run_speech(engines, spec, progress))
+        else:
+            conn.send(run_engine(engines, engine_settings, engine_name, spec, progress))
 
 
 class WorkerProcess:
