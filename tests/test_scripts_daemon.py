@@ -24,7 +24,7 @@ def test_a_script_and_a_photo_become_a_video_whose_sound_is_the_spoken_script_wi
         daemon.drop(tmp_path / "hello.txt", "hello.txt")
         job = daemon.wait_job("hello")
         assert job.state == "done", daemon.log_text()[-2000:]
-        [speech] = (daemon.folder("work") / ".speech-cache").glob("*.wav")
+        [speech] = (daemon.folder("work") / ".speech-cache").glob("[!.]*.wav")
         spoken = load_clip(speech).duration
         facts = video_facts(daemon.folder("outputs") / "hello" / "hello.mp4")
         assert spoken > 1.0 and facts.has_video
