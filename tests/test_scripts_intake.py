@@ -110,3 +110,9 @@ def test_the_same_files_with_another_job_speech_are_not_a_duplicate():
     digests = {"job/anna.jpg": "a", "job/hi.txt": "b"}
     assert isinstance(plain, Plan) and isinstance(chinese, Plan)
     assert fingerprint(plain, digests, "preview", "480p") != fingerprint(chinese, digests, "preview", "480p")
+
+
+def test_job_yaml_script_naming_an_audio_file_is_refused_saying_what_it_must_be():
+    manifest = b"pairs:\n  - {script: a.wav, portrait: anna.jpg}\n"
+    out = plan_folder("job", [f("job/anna.jpg"), f("job/a.wav")], manifest, False, {"preview"}, {"480p"})
+    assert isinstance(out, Rejection) and "listed as script but is not a .txt file" in out.problems[0].reason

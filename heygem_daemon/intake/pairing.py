@@ -330,10 +330,10 @@ def _explicit_pairs(folder: str, files: list[FileInfo], specs: list[PairSpec]) -
             if isinstance(got, Problem):
                 return got
         assert isinstance(audio, FileInfo) and isinstance(portrait, FileInfo)
-        wanted = MediaKind.AUDIO if spec.audio is not None else MediaKind.SCRIPT
+        wanted, what = (MediaKind.AUDIO, "an audio") if spec.audio is not None else (MediaKind.SCRIPT, "a .txt")
         if kind_of(audio.name) is not wanted:
-            return Problem.of_input(audio.rel, f"listed as {wanted.value} but is not a{'n audio' if spec.audio else ' .txt'}"
-                                    " file", f"supported: {SUPPORTED}")
+            return Problem.of_input(audio.rel, f"listed as {wanted.value} but is not {what} file",
+                                    f"supported: {SUPPORTED}")
         if kind_of(portrait.name) not in (MediaKind.IMAGE, MediaKind.VIDEO):
             return Problem.of_input(portrait.rel, "listed as portrait but is not an image or video",
                            f"supported: {SUPPORTED}")
