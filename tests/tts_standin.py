@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 import wave
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -49,6 +50,8 @@ class TtsStandin:
     def __init__(self) -> None:
         self.mode = "ok"
         self.invokes: list[dict[str, Any]] = []
+        self.seconds_per_request = 0.0
+        """How long each answer takes (a GPU speaking), one request after another."""
         self.fail_once: set[str] = set()
         """Texts answered HTTP 500 the first time they are asked for."""
         self.overlaps = 0
@@ -87,6 +90,7 @@ class TtsStandin:
                     self._send(404, b'{"detail": "Not Found"}', "application/json")
                     return
                 standin.invokes.append(body)
+                time.sleep(standin.seconds_per_request)
                 mode = standin.mode
                 if body.get("text") in standin.fail_once:
                     standin.fail_once.discard(body["text"])
