@@ -71,6 +71,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/remote.py
 	$(BIN)/python bench/remote_transfer.py
 	$(BIN)/python bench/outage_wake.py
+	$(BIN)/python bench/speech.py
 
 # As root on a Debian/Ubuntu host: boots a container with systemd and replays README "Install as a service".
 systemd-check:

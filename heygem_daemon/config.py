@@ -69,6 +69,7 @@ class Limits(_Section):
     max_video_pixels: int = Field(8_300_000, gt=0)
     max_portrait_seconds: float = Field(120.0, gt=0.0)
     max_file_mb: float = Field(4096.0, gt=0.0)
+    max_script_chars: int = Field(20_000, gt=0, description="longest script (.txt) read out, in characters")
 
 
 class Preset(_Section):
@@ -98,6 +99,18 @@ class EngineChoice(_Section):
     name: str = "preview"
     preset: str = "480p"
     x264_preset: str = Field("veryfast", description="speed/size trade-off of libx264 and libx265 (same names)")
+
+
+class Speech(_Section):
+    """How scripts (.txt inputs) become the audio a video is rendered from (heygem_daemon/speech/)."""
+
+    engine: str = Field("espeak", description="the speech engine: espeak (offline, Debian's espeak-ng) | heygem-tts")
+    engines: dict[str, dict[str, Any]] = Field(default_factory=dict, description="each speech engine's settings")
+    part_chars: int = Field(300, ge=20, description="longest part spoken at once (a script goes by sentences)")
+    pause_seconds: float = Field(0.3, ge=0.0, le=5.0, description="silence between two sentences")
+    cache_days: float = Field(30.0, gt=0.0, description="spoken parts unused this long leave work/.speech-cache")
+    ahead_slots: int = Field(1, ge=0, le=32, description="processes speaking queued scripts while the slots "
+                             "render (0 = speech only when a render slot takes the task)")
 
 
 class Remote(_Section):
@@ -437,6 +450,7 @@ class Config(_Section):
     presets: dict[str, Preset] = Field(default_factory=lambda: dict(DEFAULT_PRESETS))
     engine: EngineChoice = EngineChoice()
     engines: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    speech: Speech = Speech()
     workers: Workers = Workers()
     dedupe: Dedupe = Dedupe()
     notify: Notify = Notify()

@@ -33,6 +33,7 @@ from heygem_daemon.log import get_logger, set_level, setup_logging
 from heygem_daemon.ops.reload import plan_reload
 from heygem_daemon.state import Store, db_path
 from heygem_daemon.state.db import DatabaseDamaged
+from heygem_daemon.generation.speech_ahead import SpeechAhead
 from heygem_daemon.generation.workers import WorkerPool
 
 if TYPE_CHECKING:
@@ -78,6 +79,7 @@ class Daemon:
         self.events = Events()
         self.life = LifeCycle(cfg, self.store, self.events)
         self.pool = WorkerPool(cfg, self.life)
+        self.speech = SpeechAhead(cfg, self.life) if cfg.speech.ahead_slots else None
         # Remote hosts (Celery queues) take tasks from the same queue, beside or instead of local devices.
         self.remote = _remote(cfg, self.life)
         self.outbox = Outbox(cfg, self.store)
@@ -104,6 +106,7 @@ class Daemon:
         # workers, delivery and chat that carry a job on are running.
         self.components: list[Component] = [self.chat, self.outages, self.pool,
                                             *([self.remote] if self.remote else []),
+                                            *([self.speech] if self.speech else []),
                                             self.delivery, self.cleanup, self.metrics, self.inbox]
         self._started: list[Component] = []
         self.draining = False
@@ -120,6 +123,8 @@ class Daemon:
 
     def _wake_generation(self) -> None:
         self.pool.notify()
+        if self.speech:
+            self.speech.notify()
         if self.remote:
             self.remote.notify()
 

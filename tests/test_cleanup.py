@@ -309,3 +309,14 @@ def test_temp_sweep_removes_our_own_cut_short_temps_after_minutes_unless_a_proce
         writer.wait()
     assert sorted(s.removed) == sorted([str(zip_tmp), str(moving)])
     assert fresh.exists() and held.exists()
+
+
+def test_speech_cache_sweep_removes_parts_unused_for_cache_days_and_keeps_the_rest(cfg, store):
+    from heygem_daemon.speech.sweep import sweep_speech_cache
+
+    cache = cfg.folder("work") / ".speech-cache"
+    old = write(cache / "aa.wav", age_from_later=31 * DAY)
+    used = write(cache / "bb.wav", age_from_later=29 * DAY)
+    lock = write(cache / ".heygem-daemon-locks" / "x.lock", age_from_later=LATER)
+    sweep_speech_cache(sweep(cfg, store))
+    assert not old.exists() and used.exists() and lock.exists()

@@ -38,7 +38,7 @@ def daemon(config):
 def test_every_component_is_alive_after_start(daemon):
     # In start order, which is the contract: intake last, so nothing is claimed before what carries a job on.
     assert [c.name for c in daemon.components] == [
-        "notify", "outages", "workers", "delivery", "cleanup", "metrics", "intake"]
+        "notify", "outages", "workers", "speech", "delivery", "cleanup", "metrics", "intake"]
     assert daemon.dead_components() == []
 
 

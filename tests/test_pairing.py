@@ -31,8 +31,8 @@ def test_loose_file_without_partner_waits_then_is_rejected_after_timeout():
 
 
 def test_loose_unsupported_file_is_rejected_at_once():
-    rejected = plan_loose([f("notes.txt")], timed_out=False)
-    assert isinstance(rejected, Rejection) and "not an audio or portrait" in rejected.problems[0].reason
+    rejected = plan_loose([f("notes.docx")], timed_out=False)
+    assert isinstance(rejected, Rejection) and "not an audio, script or portrait" in rejected.problems[0].reason
 
 
 def test_folder_one_audio_many_portraits_makes_one_video_per_portrait():
@@ -59,7 +59,7 @@ def test_folder_without_audio_waits_for_it():
 
 
 @pytest.mark.parametrize("names, reason, hint", [
-    (["x.jpg"], "folder has no audio file", "add an audio file to the folder"),
+    (["x.jpg"], "folder has no audio file or script (.txt)", "add an audio file or script (.txt) to the folder"),
     (["x.wav"], "folder has no portrait (photo or video)", "add a portrait (photo or video) to the folder")])
 def test_a_folder_missing_a_partner_says_which_in_plain_words(names, reason, hint):
     problem = folder(names).problem

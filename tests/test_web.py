@@ -164,7 +164,7 @@ def test_a_name_that_is_a_path_or_holds_control_characters_is_refused(web, alice
 def test_a_file_over_the_size_limit_or_of_another_type_is_refused_at_creation(alice):
     too_big = alice.create("long.wav", 2 * 2**20)
     assert too_big.status_code == 413 and "web.max_upload_mb" in too_big.json()["hint"]
-    assert alice.create("notes.txt", 100).status_code == 415
+    assert alice.create("notes.docx", 100).status_code == 415
 
 
 def test_an_incomplete_upload_left_past_its_expiry_is_swept_by_the_cleanup(web, alice):
@@ -223,6 +223,16 @@ def test_two_submits_of_one_set_at_once_make_one_job_and_a_reasoned_refusal_and_
     folder = web.cfg.folder("inbox") / "double click"
     assert sorted(p.name for p in folder.iterdir()) == [".ready", "double.wav", "job.yaml", "portrait.jpg"]
     assert not [p for p in uploads_root(web).iterdir() if p.name.startswith(".set-")]
+
+
+def test_a_script_and_a_photo_from_the_web_become_a_ready_job_folder(web, alice, tmp_path, portrait_jpg):
+    script = tmp_path / "welcome.txt"
+    script.write_bytes("欢迎加入我们的团队！".encode("gb18030"))
+    answer = alice.submit([alice.upload(script), alice.upload(portrait_jpg)], name="script job", engine="preview",
+                          preset="480p")
+    assert answer.status_code == 200, answer.text
+    folder = web.cfg.folder("inbox") / answer.json()["job"]
+    assert (folder / "welcome.txt").read_bytes() == script.read_bytes()
 
 
 def test_a_set_intake_would_refuse_is_refused_with_reason_and_hint_and_nothing_moves(web, alice, tmp_path,

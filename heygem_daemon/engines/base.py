@@ -29,6 +29,20 @@ ProgressFn = Reporter
 
 
 @dataclass(frozen=True)
+class SpeechSpec:
+    """A task whose sound is a script: which speech engine reads it out first (heygem_daemon/speech/step.py)."""
+
+    engine: str
+    settings: dict[str, Any]
+    cache: Path
+    """Where spoken scripts are kept by (text, voice, engine): work/.speech-cache/."""
+    max_chars: int
+    part_chars: int = 300
+    """A script is spoken sentence by sentence, a longer sentence in parts of at most this many characters."""
+    pause_seconds: float = 0.3
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     """Everything one generation needs: a pure function of this, so it could run on another host."""
 
@@ -48,6 +62,8 @@ class TaskSpec:
     store: Path | None = None
     """The daemon's store (SQLite file), for what must outlive an attempt that is cut short (heygem: the
     codes a service may still hold, so a sweep can clean up after a cancel or a crash)."""
+    speech: SpeechSpec | None = None
+    """Set when `audio` is a script: the worker makes the audio before the engine sees the task."""
 
 
 class EngineError(Exception):

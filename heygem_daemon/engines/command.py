@@ -42,14 +42,15 @@ def _fields(arg: str) -> list[tuple[str, str | None, str | None]]:
     return [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(arg) if name is not None]
 
 
-def _check_template(arg: str) -> str:
+def check_template(arg: str, placeholders: tuple[str, ...] = PLACEHOLDERS) -> str:
+    """One argument of an argv template: only known `{placeholders}`, written plainly."""
     try:
         fields = _fields(arg)
     except ValueError as exc:
         raise ValueError(f"{arg!r}: {exc}; write a literal brace as {{{{ or }}}}") from None
     for name, spec, conv in fields:
-        if name not in PLACEHOLDERS:
-            known = ", ".join(f"{{{p}}}" for p in PLACEHOLDERS)
+        if name not in placeholders:
+            known = ", ".join(f"{{{p}}}" for p in placeholders)
             raise ValueError(f"{arg!r}: unknown placeholder {{{name}}}; use {known}")
         if spec or conv:
             raise ValueError(f"{arg!r}: write placeholders plainly as {{{name}}}, without formatting")
@@ -73,7 +74,7 @@ class CommandEngine:
         @field_validator("args")
         @classmethod
         def _templates(cls, args: list[str]) -> list[str]:
-            return [_check_template(a) for a in args]
+            return [check_template(a) for a in args]
 
         @field_validator("progress_regex")
         @classmethod
@@ -98,7 +99,7 @@ class CommandEngine:
                   "fps": task.preset.fps, "height": task.preset.height, "device": task.device}
         argv = [arg.format_map({k: str(v) for k, v in values.items()}) for arg in self.settings.args]
         progress(0.0)
-        output = _Output(self.regex, progress)
+        output = ToolOutput(self.regex, progress)
         code = self._run(argv, output)
         tail = output.tail
         self._judge(code, tail)
@@ -111,54 +112,30 @@ class CommandEngine:
             require_playable(made)
         except MediaError as exc:
             raise EngineError(f"{self.program} exited 0 but its output is unusable: {exc.reason}",
-                              _detail(exc.hint, tail)) from None
+                              detail(exc.hint, tail)) from None
         task.output.unlink(missing_ok=True)
         move(made, task.output)
         progress(1.0)
         return task.output
 
-    def _run(self, argv: list[str], output: _Output) -> int:
-        # The tool gets no secrets meant for the daemon (HEYGEM_* overrides may hold S3 keys).
-        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)} | self.settings.env
+    def _run(self, argv: list[str], output: ToolOutput) -> int:
         try:
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                cwd=self.settings.cwd, env=env, start_new_session=True,
-                # If the worker is killed (stall, daemon gone), the tool must not keep running.
-                preexec_fn=functools.partial(die_with_parent, os.getpid()))
+            return run_tool(argv, self.settings.env, self.settings.cwd, self.settings.timeout, output,
+                            "engines.command")
         except OSError as exc:
             raise EngineError(f"cannot start {self.program}: {exc.strerror or exc}",
                               "check engines.command.args[0] (`heygem-daemon doctor`)") from None
-        deadline = time.monotonic() + self.settings.timeout
-        try:
-            _pump(proc, deadline, output)
-            proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            raise EngineError(f"{self.program} ran past the timeout of {self.settings.timeout:g} s and was killed",
-                              _detail("raise engines.command.timeout if it was still working", output.tail)) from None
-        finally:
-            _kill_group(proc)
-        return proc.returncode
 
     def _found_output(self, workdir: Path, tail: deque[str]) -> Path:
         """Tools that choose their own file name (SadTalker...) are given {workdir}: take their newest MP4."""
         made = sorted(workdir.rglob("*.mp4"), key=lambda p: p.stat().st_mtime)
         if not made:
             raise EngineError(f"{self.program} exited 0 but wrote no MP4 under its work folder",
-                              _detail("pass {output} or {workdir} so the tool writes its video there", tail))
+                              detail("pass {output} or {workdir} so the tool writes its video there", tail))
         return made[-1]
 
     def _judge(self, code: int, tail: deque[str]) -> None:
-        last = tail[-1] if tail else "no output"
-        if code in self.settings.bad_input_exit_codes:
-            raise BadInputError(f"{self.program} refused the inputs (exit code {code}): {last}",
-                                _detail("fix the inputs as the tool's message says; a retry cannot help", tail))
-        if code < 0:
-            raise EngineError(f"{self.program} was killed by signal {signal.Signals(-code).name}: {last}",
-                              _detail("the task will be retried", tail))
-        if code:
-            raise EngineError(f"{self.program} failed (exit code {code}): {last}",
-                              _detail("the task will be retried", tail))
+        judge_exit(self.program, code, tail, self.settings.bad_input_exit_codes)
 
     @classmethod
     def doctor(cls, settings: CommandEngine.Settings, devices: list[str]) -> list[Check]:
@@ -170,7 +147,7 @@ class CommandEngine:
         return [Check("command program", True, f"{found} is executable")]
 
 
-class _Output:
+class ToolOutput:
     """Takes the tool's output lines: keeps the tail, and feeds the worker's progress callback (every line
     is a heartbeat, throttled; with a regex, also the value)."""
 
@@ -192,6 +169,43 @@ class _Output:
         if value != self.value or now - self.sent_at >= _BEAT_SECONDS:
             self.value, self.sent_at = value, now
             self.progress(value)
+
+
+def judge_exit(program: str, code: int, tail: deque[str], bad_input_exit_codes: list[int]) -> None:
+    """A tool's exit code as an engine error of its kind (none for 0)."""
+    last = tail[-1] if tail else "no output"
+    if code in bad_input_exit_codes:
+        raise BadInputError(f"{program} refused the inputs (exit code {code}): {last}",
+                            detail("fix the inputs as the tool's message says; a retry cannot help", tail))
+    if code < 0:
+        raise EngineError(f"{program} was killed by signal {signal.Signals(-code).name}: {last}",
+                          detail("the task will be retried", tail))
+    if code:
+        raise EngineError(f"{program} failed (exit code {code}): {last}",
+                          detail("the task will be retried", tail))
+
+
+def run_tool(argv: list[str], extra_env: dict[str, str], cwd: Path | None, timeout: float, output: ToolOutput,
+             section: str) -> int:
+    """Run a tool in its own process group, its output lines to `output`; its exit code. OSError when it
+    cannot start; EngineError past `timeout` (`section`: the config section that sets it, for the hint)."""
+    # The tool gets no secrets meant for the daemon (HEYGEM_* overrides may hold S3 keys).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)} | extra_env
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=cwd, env=env, start_new_session=True,
+        # If the worker is killed (stall, daemon gone), the tool must not keep running.
+        preexec_fn=functools.partial(die_with_parent, os.getpid()))
+    deadline = time.monotonic() + timeout
+    try:
+        _pump(proc, deadline, output)
+        proc.wait(max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        raise EngineError(f"{Path(argv[0]).name} ran past the timeout of {timeout:g} s and was killed",
+                          detail(f"raise {section}.timeout if it was still working", output.tail)) from None
+    finally:
+        _kill_group(proc)
+    return proc.returncode
 
 
 def _pump(proc: subprocess.Popen[bytes], deadline: float, on_line: Callable[[str], None]) -> None:
@@ -230,6 +244,6 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         proc.stdout.close()
 
 
-def _detail(hint: str, tail: deque[str]) -> str:
+def detail(hint: str, tail: deque[str]) -> str:
     """The hint's first line is shown to people; the output tail rides along as detail for error.json."""
     return hint + ("\noutput (last lines):\n" + "\n".join(tail) if tail else "")

@@ -22,9 +22,35 @@ GROUP = "heygem_daemon.engines"
 
 
 @cache
+def installed(group: str) -> dict[str, str]:
+    """An entry-point group: name -> `module:Class` (read once per process; packages are installed before start).
+    Lip-sync engines are GROUP; third-party speech engines (heygem_daemon/speech/registry.py) another."""
+    return {ep.name: ep.value for ep in entry_points(group=group)}
+
+
 def available() -> dict[str, str]:
-    """Installed engines: name -> `module:Class` (read once per process; packages are installed before start)."""
-    return {ep.name: ep.value for ep in entry_points(group=GROUP)}
+    return installed(GROUP)
+
+
+def load_class(found: dict[str, str], name: str, key: str) -> Any:
+    """The class `found` (name -> `module:Class`) names; `key` is the config key that chose it, for the error."""
+    try:
+        target = found[name]
+    except KeyError:
+        raise ConfigError(f"{key}: unknown engine {name!r}; available: {', '.join(sorted(found))}") from None
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def validate_settings(cls: Any, raw: dict[str, Any], key: str) -> Any:
+    """`cls.Settings` from a config section, a mistake as one line naming the key (`key` = the section)."""
+    try:
+        return cls.Settings.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{key}.{where}: {msg}") from None
 
 
 def engine_names(cfg: Config) -> list[str]:
@@ -33,24 +59,11 @@ def engine_names(cfg: Config) -> list[str]:
 
 
 def engine_class(name: str) -> Any:
-    engines = available()
-    try:
-        target = engines[name]
-    except KeyError:
-        raise ConfigError(f"engine.name: unknown engine {name!r}; available: {', '.join(sorted(engines))}") from None
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
+    return load_class(available(), name, "engine.name")
 
 
 def settings_for(cfg: Config, name: str) -> Any:
-    cls = engine_class(name)
-    try:
-        return cls.Settings.model_validate(cfg.engines.get(name, {}))
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"engines.{name}.{key}: {msg}") from None
+    return validate_settings(engine_class(name), cfg.engines.get(name, {}), f"engines.{name}")
 
 
 def check_engines(cfg: Config) -> None:
@@ -61,6 +74,9 @@ def check_engines(cfg: Config) -> None:
     settings_for(cfg, cfg.engine.name)
     for name in cfg.engines:
         settings_for(cfg, name)
+    from heygem_daemon.speech.registry import check_speech
+
+    check_speech(cfg)
 
 
 def build_engine(name: str, raw_settings: dict[str, Any]) -> Engine:

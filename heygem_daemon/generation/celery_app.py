@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from celery import Celery
 
 from heygem_daemon.config import Preset, Remote
-from heygem_daemon.engines.base import TaskSpec
+from heygem_daemon.engines.base import SpeechSpec, TaskSpec
 
 TASK_NAME = "heygem.generate"
 RESULT_DAYS = 7
@@ -96,6 +96,8 @@ def encode(spec: TaskSpec, path_map: dict[str, str]) -> dict[str, Any]:
         out[name] = str(map_path(out[name], path_map))
     out["preset"] = spec.preset.model_dump()
     out["store"] = None  # the daemon's SQLite file is not shared with other hosts
+    if spec.speech is not None:  # the speech cache is in the shared work/
+        out["speech"] = {**dataclasses.asdict(spec.speech), "cache": str(map_path(spec.speech.cache, path_map))}
     return out
 
 
@@ -103,6 +105,8 @@ def decode(data: dict[str, Any], device: str) -> TaskSpec:
     fields = {**data, "preset": Preset.model_validate(data["preset"]), "device": device}
     for name in PATH_FIELDS:
         fields[name] = Path(fields[name])
+    if data.get("speech"):
+        fields["speech"] = SpeechSpec(**{**data["speech"], "cache": Path(data["speech"]["cache"])})
     return TaskSpec(**fields)
 
 

@@ -107,8 +107,10 @@ def generate_s3(side: S3Side, task: Any, payload: dict[str, Any], engines: dict[
                     fetch_input(payload["links"][name], dest, side.cfg.s3.read_timeout)
             writing = scratch / f"video.{os.getpid()}.writing.part"
             (scratch / "task").mkdir(parents=True, exist_ok=True)
+            # No shared work/ here: a script is spoken into the task's own scratch folder.
+            speech = spec.speech and dataclasses.replace(spec.speech, cache=scratch / "speech")
             outcome = run_engine(engines, engine_settings, payload["engine"], dataclasses.replace(
-                spec, output=writing, workdir=scratch / "task", **inputs), beats)
+                spec, output=writing, workdir=scratch / "task", speech=speech, **inputs), beats)
             if outcome[0] == "error":
                 _, kind, reason, hint, dependency = outcome
                 return {"ok": False, "kind": kind, "reason": reason, "hint": hint, "dependency": dependency}

@@ -20,10 +20,12 @@ from typing import Any
 from heygem_daemon.clock import SYSTEM_CLOCK, Clock
 from heygem_daemon.ops import metrics
 from heygem_daemon.config import Config
-from heygem_daemon.engines.base import EngineError, TaskSpec
+from heygem_daemon.engines.base import EngineError, SpeechSpec, TaskSpec
 from heygem_daemon.failures import Kind, Problem
 from heygem_daemon.generation.lifecycle import CANCELLED_HINT, CANCELLED_REASON, LifeCycle, TaskState
 from heygem_daemon.log import get_logger
+from heygem_daemon.media.kinds import MediaKind, kind_of
+from heygem_daemon.speech.step import CACHE_DIR as SPEECH_CACHE
 from heygem_daemon.proc import die_with_parent
 from heygem_daemon.state import CANCELLING, Task
 
@@ -65,11 +67,36 @@ def run_engine(engines: dict[str, Any], settings: dict[str, dict[str, Any]], nam
     from heygem_daemon.engines.registry import build_engine
 
     try:
+        said = None
+        if spec.speech is not None:
+            from heygem_daemon.speech.step import spoken, write_subtitles
+
+            spec, said = spoken(spec, engines, progress)
         engine = engines.get(name) or engines.setdefault(name, build_engine(name, settings.get(name, {})))
-        return ("done", str(engine.generate(spec, progress)))
+        made = engine.generate(spec, progress)
+        if said:
+            write_subtitles(spec.output.parent / spec.name, said)
+        return ("done", str(made))
     except EngineError as exc:
         return ("error", exc.kind.value, exc.reason, exc.hint, exc.dependency)
     except Exception as exc:  # an engine bug: retry, and keep the traceback for the operator
+        return crash_error(exc)
+
+
+SPEAK_ONLY = ""
+"""The engine name in a worker message that asks for the script's speech alone (generation/speech_ahead.py)."""
+
+
+def run_speech(engines: dict[str, Any], spec: TaskSpec, progress: Any) -> tuple[str, ...]:
+    """A script task's speech made into the cache, ahead of its render: ("done", "") or ("error", ...)."""
+    from heygem_daemon.speech.step import spoken
+
+    try:
+        spoken(spec, engines, progress)
+        return ("done", "")
+    except EngineError as exc:
+        return ("error", exc.kind.value, exc.reason, exc.hint, exc.dependency)
+    except Exception as exc:
         return crash_error(exc)
 
 
@@ -101,7 +128,10 @@ def worker_main(conn: Connection, device: str, engine_settings: dict[str, dict[s
         if msg is None:
             return
         engine_name, spec = msg
-        conn.send(run_engine(engines, engine_settings, engine_name, spec, progress))
+        if engine_name == SPEAK_ONLY:
+            conn.send(run_speech(engines, spec, progress))
+        else:
+            conn.send(run_engine(engines, engine_settings, engine_name, spec, progress))
 
 
 class WorkerProcess:
@@ -158,8 +188,17 @@ def task_spec(cfg: Config, life: LifeCycle, task: Task, device: str) -> tuple[st
         output=Path(task.output + ".part"), workdir=work / f"task-{task.id}",
         preset=preset, device=device,
         x264_preset=cfg.engine.x264_preset, options=job.spec.get("options", {}), store=life.store.path,
+        speech=speech_spec(cfg, job.spec.get("speech") or {}) if kind_of(task.audio) is MediaKind.SCRIPT else None,
     )
     return job.spec.get("engine", cfg.engine.name), spec
+
+
+def speech_spec(cfg: Config, chosen: dict[str, Any]) -> SpeechSpec:
+    """The config's speech engine and settings, with a job's own (job.yaml `speech:`) over them."""
+    name = chosen.get("engine") or cfg.speech.engine
+    settings = {**cfg.speech.engines.get(name, {}), **{k: v for k, v in chosen.items() if k != "engine"}}
+    return SpeechSpec(name, settings, cfg.folder("work") / SPEECH_CACHE, cfg.limits.max_script_chars,
+                      cfg.speech.part_chars, cfg.speech.pause_seconds)
 
 
 class Slot(threading.Thread):

@@ -42,8 +42,10 @@ class ClaimBlocked(Exception):
 def fingerprint(plan: Plan, digests: dict[str, str], engine: str, preset: str) -> str:
     """Same inputs (by content) + same options = same result, whatever the files are called."""
     pairs = sorted((digests[p.audio], digests[p.portrait]) for p in plan.pairs)
-    doc = json.dumps({"pairs": pairs, "engine": engine, "preset": preset, "options": plan.options},
-                     sort_keys=True)
+    facts: dict[str, Any] = {"pairs": pairs, "engine": engine, "preset": preset, "options": plan.options}
+    if plan.speech:  # only then: earlier jobs' fingerprints stay what they were
+        facts["speech"] = plan.speech
+    doc = json.dumps(facts, sort_keys=True)
     return hashlib.sha256(doc.encode()).hexdigest()
 
 
@@ -138,6 +140,8 @@ class Claimer:
                       for p in plan.pairs],
         }
         self._notify_spec(spec, plan.name_hint, plan.notify)
+        if plan.speech:
+            spec["speech"] = plan.speech
         if not plan.upload:
             spec["upload"] = False
         job = self.store.jobs.create(plan.name_hint, spec, fp, insp.owner, taken_names(self.cfg))

@@ -18,7 +18,6 @@ from heygem_daemon.config import Limits
 from heygem_daemon.fs.files import file_owner, sha256_file
 from heygem_daemon.failures import Problem
 from heygem_daemon.media.face_spec import FaceEdges, FaceRule
-from heygem_daemon.media.kinds import MediaKind, kind_of
 from heygem_daemon.proc import die_with_parent
 
 
@@ -59,7 +58,7 @@ _passed = _PassedCache()
 
 def inspect_inputs(inbox: str, rels: list[str], limits: Limits, need_face: FaceRule,
                    face_box: FaceEdges | None = None) -> Inspection:
-    from heygem_daemon.intake.probe import ProbeError, probe_audio, probe_portrait
+    from heygem_daemon.intake.probe import ProbeError, probe_input
 
     result = Inspection()
     for rel in rels:
@@ -68,10 +67,7 @@ def inspect_inputs(inbox: str, rels: list[str], limits: Limits, need_face: FaceR
             digest = sha256_file(path) if path.is_file() and not path.is_symlink() else ""
             key = (digest, need_face, limits, face_box)
             if not digest or key not in _passed:
-                if kind_of(rel) is MediaKind.AUDIO:
-                    probe_audio(path, limits)
-                else:
-                    probe_portrait(path, limits, need_face, face_box)
+                probe_input(path, limits, need_face, face_box)
                 _passed.add(key)
             result.digests[rel] = digest
         except ProbeError as exc:

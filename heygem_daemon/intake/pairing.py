@@ -2,6 +2,7 @@
 
 1. Folder `inbox/<name>/`: 1 audio + N portraits, or N audios + 1 portrait; anything else needs job.yaml.
 2. Loose pair: `inbox/alice.wav` + `inbox/alice.jpg` (same stem, any case) -> one video.
+A script (`.txt`, read out by the speech engine) stands wherever an audio file may.
 3. job.yaml sets per-job options (name, engine, preset, priority, options, notify, upload, face_box) and may
    list pairs explicitly.
 """
@@ -16,12 +17,13 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError, field_validator, model_validator
 
 from heygem_daemon.failures import Problem
 from heygem_daemon.fs.ops import display_name
 from heygem_daemon.media.face_spec import FaceEdges
-from heygem_daemon.media.kinds import AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS, MediaKind, kind_of
+from heygem_daemon.media.kinds import (AUDIO_EXTS, IMAGE_EXTS, SCRIPT_EXTS, SPEECH_KINDS, VIDEO_EXTS, MediaKind,
+                                       kind_of)
 
 MANIFEST_NAMES = ("job.yaml", "job.yml")
 FACE_BOX = "face_box"
@@ -29,7 +31,7 @@ FACE_BOX = "face_box"
 READY_MARKER = ".ready"
 MAX_MANIFEST_BYTES = 64 * 1024
 Priority = Literal["high", "normal", "low"]
-SUPPORTED = ", ".join(sorted(AUDIO_EXTS | IMAGE_EXTS | VIDEO_EXTS))
+SUPPORTED = ", ".join(sorted(AUDIO_EXTS | SCRIPT_EXTS | IMAGE_EXTS | VIDEO_EXTS))
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class FileInfo:
 @dataclass(frozen=True)
 class Pair:
     audio: str
+    """The sound: an audio file, or a script the speech engine reads out."""
     portrait: str
     name: str
 
@@ -69,6 +72,8 @@ class Plan:
     """False (job.yaml `upload: false`): the videos stay in outputs/, even when S3 is configured."""
     priority: Priority = "normal"
     """Which jobs' tasks the slots take first; within a priority, jobs take turns."""
+    speech: dict[str, Any] | None = None
+    """job.yaml `speech:`: the speech engine (`engine:`) and its settings for this job's scripts."""
 
     @property
     def inputs(self) -> list[str]:
@@ -100,9 +105,20 @@ Outcome = Plan | Rejection | Wait
 
 class PairSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    audio: str
+    audio: str | None = None
+    script: str | None = None
     portrait: str
     name: str | None = None
+
+    @model_validator(mode="after")
+    def _one_sound(self) -> "PairSpec":
+        if (self.audio is None) == (self.script is None):
+            raise ValueError("give each pair either audio: (a sound file) or script: (a .txt file), not both")
+        return self
+
+    @property
+    def sound(self) -> str:
+        return self.audio if self.audio is not None else self.script  # type: ignore[return-value]
 
 
 class Manifest(BaseModel):
@@ -116,6 +132,14 @@ class Manifest(BaseModel):
     face_box: tuple[StrictInt, StrictInt, StrictInt, StrictInt] | None = None
     upload: StrictBool = True
     priority: Priority = "normal"
+    speech: dict[str, Any] | None = None
+
+    @field_validator("speech")
+    @classmethod
+    def _speech(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and not isinstance(v.get("engine", ""), str):
+            raise ValueError("engine: the name of a speech engine (espeak, heygem-tts, command)")
+        return v
 
     @field_validator("face_box")
     @classmethod
@@ -183,7 +207,7 @@ def entry_problem(info: FileInfo) -> Problem | None:
                                 "put all files of a job directly in one folder")
     if not stat.S_ISREG(info.mode):
         return Problem.of_input(shown, "is not a regular file (a pipe, socket or device)",
-                                "drop ordinary audio and image/video files only")
+                                "drop ordinary audio, script (.txt) and image/video files only")
     if shown != info.rel:
         return Problem.of_input(shown, "file name is not valid UTF-8",
                                 "rename the file using plain letters and digits and drop it again")
@@ -191,7 +215,7 @@ def entry_problem(info: FileInfo) -> Problem | None:
 
 
 def _unsupported(info: FileInfo) -> Problem:
-    return Problem.of_input(info.rel, f"is not an audio or portrait file (supported: {SUPPORTED})",
+    return Problem.of_input(info.rel, f"is not an audio, script or portrait file (supported: {SUPPORTED})",
                             "remove it or convert it to a supported format")
 
 
@@ -205,17 +229,18 @@ def plan_loose(group: list[FileInfo], timed_out: bool) -> Outcome:
     others = [f for f in group if kind_of(f.name) is MediaKind.OTHER]
     if others:
         return Rejection(safe_name(stem), sources, [_unsupported(f) for f in others])
-    audios = [f for f in group if kind_of(f.name) is MediaKind.AUDIO]
+    audios = [f for f in group if kind_of(f.name) in SPEECH_KINDS]
     portraits = [f for f in group if f not in audios]
     if len(audios) > 1 or len(portraits) > 1:
         names = ", ".join(sources)
         return Rejection(safe_name(stem), sources, [Problem.of_input(
-            names, f"several files share the name {stem!r} ({names}); a loose pair is one audio + one portrait",
+            names, f"several files share the name {stem!r} ({names}); a loose pair is one audio (or script) + "
+            "one portrait",
             "keep one audio and one portrait with that name, or put them in a folder with a job.yaml")])
     if audios and portraits:
         return Plan(safe_name(stem), sources, [Pair(audios[0].rel, portraits[0].rel, safe_name(stem))])
     lonely = group[0]
-    missing = "portrait (.jpg, .png, .mp4 ...)" if audios else "audio file (.wav, .mp3 ...)"
+    missing = "portrait (.jpg, .png, .mp4 ...)" if audios else "audio file (.wav, .mp3 ...) or script (.txt)"
     problem = Problem.of_input(lonely.rel, f"no {missing} named {stem!r} arrived to pair with it",
                                f"drop a {missing.split(' (')[0]} called {stem}.<ext> next to it, "
                                "or put both files in a folder")
@@ -246,7 +271,7 @@ def plan_folder(folder: str, files: list[FileInfo], manifest: bytes | None, time
     if isinstance(outcome, Wait):
         return Rejection(name, [folder], [outcome.problem], spec.notify_urls()) if timed_out else outcome
     return Plan(name, [folder], outcome, spec.engine, spec.preset, spec.engine_options(), spec.notify_urls(),
-                spec.upload, spec.priority)
+                spec.upload, spec.priority, spec.speech or None)
 
 
 def _parse_manifest(folder: str, raw: bytes, engines: set[str], presets: set[str]) -> Manifest | Problem:
@@ -270,7 +295,8 @@ def _parse_manifest(folder: str, raw: bytes, engines: set[str], presets: set[str
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
         return Problem.of_input(where, f"job.yaml: {key}: {msg}",
                                 "allowed keys: name, engine, preset, priority (high, normal, low), options, notify,"
-                                " upload, face_box, pairs (audio, portrait, name)")
+                                " upload, face_box, speech (engine and its settings), pairs (audio or script,"
+                                " portrait, name)")
     if spec.engine is not None and spec.engine not in engines:
         return Problem.of_input(where, f"job.yaml: engine {spec.engine!r} is not available",
                        f"use one of: {', '.join(sorted(engines))}")
@@ -299,14 +325,16 @@ def _explicit_pairs(folder: str, files: list[FileInfo], specs: list[PairSpec]) -
     by_name = {f.name: f for f in files}
     pairs: list[Pair] = []
     for spec in specs:
-        audio = _member(folder, spec.audio, by_name)
+        audio = _member(folder, spec.sound, by_name)
         portrait = _member(folder, spec.portrait, by_name)
         for got in (audio, portrait):
             if isinstance(got, Problem):
                 return got
         assert isinstance(audio, FileInfo) and isinstance(portrait, FileInfo)
-        if kind_of(audio.name) is not MediaKind.AUDIO:
-            return Problem.of_input(audio.rel, "listed as audio but is not an audio file", f"supported: {SUPPORTED}")
+        wanted, what = (MediaKind.AUDIO, "an audio") if spec.audio is not None else (MediaKind.SCRIPT, "a .txt")
+        if kind_of(audio.name) is not wanted:
+            return Problem.of_input(audio.rel, f"listed as {wanted.value} but is not {what} file",
+                                    f"supported: {SUPPORTED}")
         if kind_of(portrait.name) not in (MediaKind.IMAGE, MediaKind.VIDEO):
             return Problem.of_input(portrait.rel, "listed as portrait but is not an image or video",
                            f"supported: {SUPPORTED}")
@@ -321,14 +349,14 @@ def implicit_pairs(folder: str, files: list[FileInfo]) -> list[Pair] | Problem |
     others = [f for f in files if kind_of(f.name) is MediaKind.OTHER]
     if others:
         return _unsupported(others[0])
-    audios = sorted((f for f in files if kind_of(f.name) is MediaKind.AUDIO), key=lambda f: f.rel)
+    audios = sorted((f for f in files if kind_of(f.name) in SPEECH_KINDS), key=lambda f: f.rel)
     portraits = sorted((f for f in files if f not in audios), key=lambda f: f.rel)
     if len(audios) == 1 and portraits:
         pairs = [Pair(audios[0].rel, p.rel, safe_name(PurePosixPath(p.name).stem)) for p in portraits]
     elif len(portraits) == 1 and audios:
         pairs = [Pair(a.rel, portraits[0].rel, safe_name(PurePosixPath(a.name).stem)) for a in audios]
     elif not audios or not portraits:
-        missing = "audio file" if not audios else "portrait (photo or video)"
+        missing = "audio file or script (.txt)" if not audios else "portrait (photo or video)"
         return Wait(Problem.of_input(folder, f"folder has no {missing}",
                             f"add {'an' if not audios else 'a'} {missing} to the folder; a job needs both"))
     else:

@@ -350,3 +350,25 @@ def probe_portrait(path: Path, limits: Limits, need_face: FaceRule,
             f"(bottom at most {found.height}, right at most {found.width})",
         )
     return found
+
+
+def probe_script(path: Path, limits: Limits) -> int:
+    """Check a script: a regular file whose text is readable and within limits; returns its characters."""
+    from heygem_daemon.speech.text import ScriptError, read_script
+
+    _check_file(path, limits)
+    try:
+        return len(read_script(path, limits.max_script_chars))
+    except ScriptError as exc:
+        raise ProbeError(exc.reason, exc.hint, exc.incomplete) from None
+
+
+def probe_input(path: Path, limits: Limits, need_face: FaceRule, face_box: FaceEdges | None = None) -> None:
+    """Whichever check the file's kind calls for (by its extension)."""
+    kind = kind_of(path)
+    if kind is MediaKind.AUDIO:
+        probe_audio(path, limits)
+    elif kind is MediaKind.SCRIPT:
+        probe_script(path, limits)
+    else:
+        probe_portrait(path, limits, need_face, face_box)

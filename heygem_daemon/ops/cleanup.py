@@ -90,6 +90,7 @@ SWEEPS: list[SweepJob] = [
     SweepJob("stale_uploads", lambda c: c.cleanup.stale_uploads_every_hours,
              "heygem_daemon.delivery.sweeps:stale_uploads"),
     SweepJob("heygem_codes", lambda c: c.cleanup.temp_every_hours, "heygem_daemon.engines.heygem.codes:sweep_codes"),
+    SweepJob("speech_cache", lambda c: c.cleanup.temp_every_hours, "heygem_daemon.speech.sweep:sweep_speech_cache"),
     SweepJob("web_uploads", lambda c: c.web.uploads_every_hours, "heygem_daemon.web.uploads:expired_uploads"),
     SweepJob("backup", lambda c: c.cleanup.backup_every_hours, "heygem_daemon.ops.backup:backup_database"),
 ]

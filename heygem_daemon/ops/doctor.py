@@ -23,6 +23,7 @@ PROVIDERS: list[str] = [
     "heygem_daemon.ops.doctor:codec_checks",
     "heygem_daemon.ops.doctor:disk_checks",
     "heygem_daemon.ops.doctor:engine_checks",
+    "heygem_daemon.speech.registry:speech_checks",
     "heygem_daemon.ops.doctor:database_checks",
     "heygem_daemon.ops.doctor:remote_checks",
     "heygem_daemon.delivery.s3:s3_checks",

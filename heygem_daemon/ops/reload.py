@@ -12,7 +12,7 @@ from heygem_daemon.config import Config
 # where it is used.
 RESTART_KEYS = (
     "base_dir", "folders", "engines", "engine.name", "workers.devices", "workers.per_device", "workers.nice",
-    "workers.remote",
+    "workers.remote", "speech.ahead_slots",
     "watcher.mode", "watcher.poll_interval", "watcher.probe_workers", "logging.console", "metrics",
     "s3", "delivery", "notify",
 )

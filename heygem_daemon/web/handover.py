@@ -24,9 +24,8 @@ from heygem_daemon.engines.registry import engine_names
 from heygem_daemon.fs.ops import move
 from heygem_daemon.intake.claim import taken_names
 from heygem_daemon.intake.pairing import READY_MARKER, FileInfo, Rejection, plan_folder, safe_name
-from heygem_daemon.intake.probe import ProbeError, probe_audio, probe_portrait
+from heygem_daemon.intake.probe import ProbeError, probe_input
 from heygem_daemon.media.face_spec import FaceRule
-from heygem_daemon.media.kinds import MediaKind, kind_of
 from heygem_daemon.web.uploads import Upload, UploadRefused, Uploads
 
 
@@ -102,11 +101,8 @@ def _probe(cfg: Config, upload: Upload) -> None:
     named = upload.folder / upload.name
     os.link(upload.data, named)
     try:
-        if kind_of(upload.name) is MediaKind.AUDIO:
-            probe_audio(named, cfg.limits)
-        else:
-            # Whether a face is needed depends on the engine: the daemon checks that when it takes the job.
-            probe_portrait(named, cfg.limits, FaceRule.NONE)
+        # Whether a face is needed depends on the engine: the daemon checks that when it takes the job.
+        probe_input(named, cfg.limits, FaceRule.NONE)
     except ProbeError as exc:
         raise _refuse(exc.reason, exc.hint) from None
     finally:

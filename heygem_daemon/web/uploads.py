@@ -102,9 +102,9 @@ class Uploads:
         limit = self.cfg.web.max_upload_mb * 2**20
         name = clean_name(raw_name)
         if kind_of(name) is MediaKind.OTHER:
-            raise UploadRefused(415, f"{name} is not an audio, image or video file",
-                                "upload WAV, MP3, M4A, FLAC, OGG or OPUS audio and JPEG, PNG, WebP, MP4, MOV or "
-                                "WebM portraits")
+            raise UploadRefused(415, f"{name} is not an audio, script, image or video file",
+                                "upload WAV, MP3, M4A, FLAC, OGG or OPUS audio or a .txt script, and JPEG, PNG, "
+                                "WebP, MP4, MOV or WebM portraits")
         if length <= 0:
             raise UploadRefused(400, f"{name} is empty", "pick the file again")
         if length > limit:

@@ -9,6 +9,7 @@ NEEDS=(
     "redis-server=redis-server"                     # the remote-worker tests' broker
     "nginx=nginx"                                   # the web console behind the README's nginx block
     "smbd=samba"                                    # intake: an SMB upload that pauses (tests/smb_server.py)
+    "espeak-ng=espeak-ng"                           # scripts: the offline speech engine (speech.engine: espeak)
 )
 missing=()
 for need in "${NEEDS[@]}"; do
