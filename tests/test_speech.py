@@ -215,7 +215,8 @@ def test_a_sentence_over_the_part_limit_is_cut_at_its_last_pause():
 def test_a_command_line_tts_reads_the_script_through_its_argument_template(tmp_path):
     from heygem_daemon.speech.command import CommandSpeechEngine
 
-    engine = CommandSpeechEngine(CommandSpeechEngine.Settings(args=["espeak-ng", "-w", "{output}", "-f", "{text_file}"]))
+    args = ["espeak-ng", "-w", "{output}", "-f", "{text_file}"]
+    engine = CommandSpeechEngine(CommandSpeechEngine.Settings(args=args))
     engine.synthesise("Good morning.", tmp_path / "a.wav", Beats())
     assert load_clip(tmp_path / "a.wav").duration > 0.3 and list(tmp_path.iterdir()) == [tmp_path / "a.wav"]
 

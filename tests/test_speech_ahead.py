@@ -27,7 +27,8 @@ def standin():
 def life(tmp_path, standin):
     (tmp_path / "base").mkdir()
     path = tmp_path / "config.yaml"
-    path.write_text(f"base_dir: base\nspeech: {{engine: heygem-tts, engines: {{heygem-tts: {{services: [{standin.url}]}}}}}}\n")
+    services = f"{{heygem-tts: {{services: [{standin.url}]}}}}"
+    path.write_text(f"base_dir: base\nspeech: {{engine: heygem-tts, engines: {services}}}\n")
     cfg = load_config(path, environ={})
     for name in ("work", "outputs", "state"):
         cfg.folder(name).mkdir(exist_ok=True)

@@ -20,7 +20,8 @@ class CommandSpeechSettings(EngineSettings):
     args: list[str] = Field(min_length=1, description="argv template; {text}, {text_file} (UTF-8), {output} (a .wav)")
     env: dict[str, str] = Field(default_factory=dict)
     timeout: float = Field(600.0, gt=0.0)
-    bad_input_exit_codes: list[int] = Field(default_factory=list, description="exit codes meaning: this text cannot work")
+    bad_input_exit_codes: list[int] = Field(default_factory=list,
+                                            description="exit codes meaning: this text cannot work")
     cwd: Path | None = None
 
     @field_validator("args")
