@@ -147,13 +147,15 @@ class Daemon:
         self.disk.check()
         self._apply_hold()
         self.start_components()
-        if not self._stopping():
+        ready = not self._stopping()
+        if ready:
             self.systemd.ready(self._status())
             log.info("daemon ready", inbox=str(self.cfg.folder("inbox")), outputs=str(self.cfg.folder("outputs")),
                      engine=self.cfg.engine.name, devices=self.cfg.workers.devices, watch_mode=self.inbox.mode,
                      watchdog_seconds=self.systemd.watchdog_interval, metrics_port=self.cfg.metrics.port)
         self._loop(self._stopping)
-        self._drain()
+        if ready:  # a stop during start-up: nothing began that a drain would wait for (delivery may not even run)
+            self._drain()
         log.info("stopping")
         self.stop_components()
         self.inspector.close()
