@@ -110,6 +110,7 @@ class Daemon:
                                             self.delivery, self.cleanup, self.metrics, self.inbox]
         self._started: list[Component] = []
         self.draining = False
+        self.ready = False
 
     def _subscribe(self) -> None:
         """Who hears of what the life cycle does: slots wake for queued work, delivery for finished videos,
@@ -141,13 +142,24 @@ class Daemon:
         return self.remote.describe() if self.remote else []
 
     def run(self) -> int:
+        try:
+            return self._serve()
+        except DatabaseDamaged:
+            # Nothing more goes into a damaged file: no drain; what runs is stopped as a crash would stop it
+            # (every step is crash-safe), and the operator restores the backup.
+            self.stop_components()
+            self.inspector.close()
+            self.systemd.close()
+            raise
+
+    def _serve(self) -> int:
         recover_detected(self.cfg, self.store)
         self.life.recover(self.remote.adoptable() if self.remote else frozenset())
         rescue_unknown_inputs(self.cfg, self.store)
         self.disk.check()
         self._apply_hold()
         self.start_components()
-        ready = not self._stopping()
+        ready = self.ready = not self._stopping()
         if ready:
             self.systemd.ready(self._status())
             log.info("daemon ready", inbox=str(self.cfg.folder("inbox")), outputs=str(self.cfg.folder("outputs")),
@@ -175,7 +187,11 @@ class Daemon:
 
     def stop_components(self) -> None:
         while self._started:
-            self._started.pop().stop()
+            component = self._started.pop()
+            try:
+                component.stop()
+            except Exception:  # the others must stop all the same
+                log.exception("a component did not stop cleanly", component=component.name)
 
     def dead_components(self) -> list[str]:
         return [c.name for c in self._started if not c.alive()]
@@ -186,6 +202,8 @@ class Daemon:
         next_beat = next_disk = next_status = next_heartbeat = 0.0
         unhealthy_logged = False
         while not done():
+            if self.store.db.damage is not None:  # met by any thread: the daemon stops (exit 2)
+                raise self.store.db.damage
             now = time.monotonic()
             try:
                 if self.requests.reload and not self.draining:
@@ -325,12 +343,13 @@ def run_daemon(cfg: Config, config_path: Path | None = None, requests: Requests 
     setup_logging(cfg.folder("logs"), cfg.logging.level, cfg.logging.console)
     check_engines(cfg)
     lock = acquire_lock(cfg.folder("state"))
+    daemon: Daemon | None = None
     try:
-        try:
-            daemon = Daemon(cfg, config_path, requests)
-        except DatabaseDamaged as exc:
-            log.error("cannot start: the state database is damaged", error=str(exc))
-            raise
+        daemon = Daemon(cfg, config_path, requests)
         return daemon.run()
+    except DatabaseDamaged as exc:  # at start or found later by any thread: one line, exit 2 (cli)
+        when = "stopping" if daemon is not None and daemon.ready else "cannot start"
+        log.error(f"{when}: the state database is damaged", error=str(exc))
+        raise
     finally:
         lock.close()
