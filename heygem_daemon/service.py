@@ -20,7 +20,7 @@ from heygem_daemon.ops.daemon_state import HEARTBEAT_SECONDS, LOCK_FILE, write_s
 from heygem_daemon.notify.announce import Announcer
 from heygem_daemon.notify.outbox import Notifier, Outbox
 from heygem_daemon.delivery.service import DeliveryService
-from heygem_daemon.ops.diskguard import DiskGuard
+from heygem_daemon.ops.diskguard import DiskGuard, wake_folder_waiters
 from heygem_daemon.ops.orphans import rescue_unknown_inputs
 from heygem_daemon.engines.registry import available, check_engines, needs_face
 from heygem_daemon.intake.claim import Claimer, recover_detected
@@ -216,6 +216,7 @@ class Daemon:
                         self._apply_hold()
                 if now >= next_status:
                     next_status = now + STATUS_INTERVAL
+                    self._wake_on_folders_back()
                     self.life.settle_requests()
                     self.outages.check()
                     self.systemd.status(self._status())
@@ -236,6 +237,13 @@ class Daemon:
                     log.error("a daemon thread died; withholding the watchdog ping so systemd restarts us",
                               components=dead)
             time.sleep(SIGNAL_POLL_SECONDS)
+
+    def _wake_on_folders_back(self) -> None:
+        """Tasks waiting for work/ or outputs/ go at once when it can be written again, not at their backoff."""
+        woken = wake_folder_waiters(self.cfg, self.store, time.time())
+        if woken:
+            log.info("writable again; the tasks waiting for it go on", folders=woken)
+            self._wake_generation()
 
     def _drain(self) -> None:
         """Stop taking work; let running tasks finish and finished videos be delivered within

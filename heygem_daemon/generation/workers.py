@@ -26,6 +26,7 @@ from heygem_daemon.generation.lifecycle import CANCELLED_HINT, CANCELLED_REASON,
 from heygem_daemon.log import get_logger
 from heygem_daemon.media.kinds import MediaKind, kind_of
 from heygem_daemon.speech.step import CACHE_DIR as SPEECH_CACHE
+from heygem_daemon.ops.diskguard import folder_fault
 from heygem_daemon.proc import die_with_parent
 from heygem_daemon.state import CANCELLING, Task
 
@@ -251,6 +252,10 @@ class Slot(threading.Thread):
                          attempt=task.attempts)
         started = self.clock.monotonic()
         try:
+            blocked = environment_fault(self.cfg)
+            if blocked is not None:  # before any engine work: the task waits, its attempt not counted
+                record_failure(self.life, self.device, task, blocked, bound)
+                return
             engine, spec = task_spec(self.cfg, self.life, task, self.device)
             spec.workdir.mkdir(parents=True, exist_ok=True)
             spec.output.parent.mkdir(parents=True, exist_ok=True)
@@ -259,12 +264,14 @@ class Slot(threading.Thread):
             seconds = self.clock.monotonic() - started
             outcome = "done" if result.ok else "interrupted" if result.interrupted else "failed"
             metrics.TASK_SECONDS.labels(self.device, outcome).observe(seconds)
+            if outcome == "failed" and result.kind in (Kind.ENGINE, Kind.INTERNAL):
+                result = environment_fault(self.cfg) or result  # e.g. outputs/ turned read-only mid-render
             record(self.life, self.device, task, spec.output, result, bound, seconds)
         except Exception as exc:
-            # Our own fault (a preset gone after a reload, work/ or outputs/ unwritable): a counted
-            # attempt with backoff like any failure, so it can never spin.
+            # Our own fault (a preset gone after a reload, a job's folder in the way): a counted attempt
+            # with backoff like any failure, so it can never spin; work/ or outputs/ unusable is an outage.
             bound.exception("supervisor error")
-            record_failure(self.life, self.device, task, Attempt(
+            record_failure(self.life, self.device, task, environment_fault(self.cfg) or Attempt(
                 False, f"{type(exc).__name__}: {exc}", "the daemon could not run the task; see the log", Kind.INTERNAL),
                 bound)
         finally:
@@ -322,6 +329,16 @@ class Slot(threading.Thread):
         if self.worker is not None:
             self.worker.kill()
             self.worker = None
+
+
+def environment_fault(cfg: Config) -> Attempt | None:
+    """A folder every task needs (work/, outputs/) that cannot be written: an outage of the environment, so
+    no task uses up its attempts on it (a job's own problem, such as a preset removed by a reload, still
+    fails that job)."""
+    fault = folder_fault(cfg)
+    if fault is None:
+        return None
+    return Attempt(False, fault.reason, fault.hint, Kind.OUTAGE, dependency=fault.dependency)
 
 
 def record(life: LifeCycle, device: str, task: Task, part: Path, result: Attempt, bound: Any,
