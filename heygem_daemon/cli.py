@@ -292,6 +292,9 @@ def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
         print(json.dumps(doc, indent=2, ensure_ascii=False))
         return 0
     print("tasks: " + (", ".join(f"{k} {v}" for k, v in sorted(doc["tasks"].items())) or "none yet"))
+    for paused in (doc["daemon"].get("state_full"), doc["daemon"].get("disk_low")):  # why the daemon waits
+        if paused:
+            print(paused)
     for outage in doc["waiting_for"]:
         print(describe(outage))
     for line in _remote_lines(doc["daemon"].get("remote")):

@@ -22,6 +22,7 @@ from heygem_daemon.notify.outbox import Notifier, Outbox
 from heygem_daemon.delivery.service import DeliveryService
 from heygem_daemon.ops.diskguard import DiskGuard, wake_folder_waiters
 from heygem_daemon.ops.orphans import rescue_unknown_inputs
+from heygem_daemon.ops.statedisk import StateDisk
 from heygem_daemon.engines.registry import available, check_engines, needs_face
 from heygem_daemon.intake.claim import Claimer, recover_detected
 from heygem_daemon.intake.inspect import Inspector
@@ -98,6 +99,7 @@ class Daemon:
         self._subscribe()
         self.systemd = sdnotify.Notifier()
         self.disk = DiskGuard(cfg)
+        self.state_disk = StateDisk(cfg.folder("state"), self.store.db, self.outbox.alert_now)
         self.cleanup = Cleanup(cfg, self.store)
         self.metrics = MetricsServer(cfg.metrics.port, StateCollector(
             self.store, self.pool.describe, lambda: {"draining": self.draining, "disk_low": bool(self.disk.low)},
@@ -206,6 +208,8 @@ class Daemon:
                 raise self.store.db.damage
             now = time.monotonic()
             try:
+                if self.state_disk.check():
+                    self._state_disk_changed()
                 if self.requests.reload and not self.draining:
                     self.requests.reload = False
                     self._reload()
@@ -270,6 +274,9 @@ class Daemon:
     def _drain_delivery(self, deadline: float) -> None:
         """Finished videos reach people before we exit, not at the next start: upload, links, zip, report and
         chat message of every batch that can be sent now, within what is left of the drain time."""
+        if self.state_disk.full:
+            log.warning("stopping while the state disk is full; videos still to deliver go out at the next start")
+            return
         since = time.monotonic()
 
         def delivered() -> bool:
@@ -280,18 +287,31 @@ class Daemon:
         if not delivered():
             log.warning("stopping before delivery caught up; videos still to deliver go out at the next start")
 
+    def _state_disk_changed(self) -> None:
+        self._apply_hold()
+        if self.state_disk.full is None:
+            self.intake.undo_cut_claims()
+            self.outbox.enqueue_alert("state-disk-back", f"The state disk has room again ({self.state_disk.folder}):"
+                                      " the daemon goes on by itself.")
+
     def _apply_hold(self) -> None:
-        if self.draining or self.disk.low:
+        if self.draining or self.disk.low or self.state_disk.full:
             self.intake.hold.set()
         else:
             self.intake.hold.clear()
             self.intake.wake.set()
+        # Slots: held for the drain, or while nothing they do could be recorded.
+        if self.draining or self.state_disk.full:
+            self.pool.hold.set()
+        else:
+            self.pool.hold.clear()
+            self._wake_generation()
         self._write_state()
 
     def _write_state(self) -> None:
         remote = {"remote": {**self.remote.broker(), "workers": self.remote.describe()}} if self.remote else {}
         write_state(self.cfg.folder("state"), draining=self.draining, disk_low=self.disk.low,
-                    devices=self.cfg.workers.devices, **remote)
+                    state_full=self.state_disk.full, devices=self.cfg.workers.devices, **remote)
 
     def _status(self) -> str:
         counts = self.store.tasks.counts()
@@ -305,6 +325,8 @@ class Daemon:
                       for o in self.remote.broker()["downloads_waiting"]]
         if self.disk.low:
             parts.append(self.disk.low)
+        if self.state_disk.full:
+            parts.append(self.state_disk.full)
         if self.draining:
             parts.append("draining for shutdown")
         return " | ".join(parts)

@@ -87,6 +87,26 @@ class Outbox:
         return self._enqueue(f"alert:{key}:{window}", "alert", None, self.operator_urls,
                              lambda t: [alert_message(text, t.limits(), self.cfg.title_prefix, resolved)])
 
+    def alert_now(self, key: str, text: str) -> threading.Thread:
+        """An alert the store cannot record (its disk is full, and the outbox is in it): sent straight to the
+        operator targets, one try each, on a thread of its own so the main loop never waits for a chat
+        service. Holding it until there is room would tell the operator only once the trouble is over."""
+        def go() -> None:
+            for url in dict.fromkeys(self.operator_urls):
+                target = parse_target(url)
+                if target is None:
+                    continue
+                error = send(target, alert_message(text, target.limits(), self.cfg.title_prefix))
+                if error is None:
+                    log.info("operator alert sent straight to the chat target", alert=key, target=target.label)
+                else:
+                    log.warning("operator alert not delivered (it is in the log and status)", alert=key,
+                                target=target.label, error=error)
+
+        thread = threading.Thread(target=go, name=f"alert-{key}", daemon=True)
+        thread.start()
+        return thread
+
     def _enqueue(self, key: str, kind: str, job_id: str | None, urls: list[str],
                  render: Callable[[Target], list[Message]]) -> int:
         # Called from intake and the worker supervisor: a problem here is logged, never raised into them.
@@ -176,6 +196,9 @@ class Notifier:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            if self.store.db.full_since is not None:  # a send could not be recorded: it would go out twice
+                self._stop.wait(1.0)
+                continue
             try:
                 self.send_due()
             except Exception:
