@@ -108,3 +108,50 @@ def test_a_render_that_ends_on_a_full_state_disk_is_held_and_recorded_for_its_ow
     assert life.store.jobs.get(first.id).state == "done"
     assert [t.state for t in life.store.tasks.select(second.id)] == ["queued"]  # nothing recorded against bob
     assert s.step() and life.store.jobs.get(second.id).state == "done"
+
+
+@pytest.mark.daemon
+def test_the_daemon_waits_out_a_state_disk_that_fills_mid_render_and_every_pair_ends_right(tmp_path, tmpfs, voice):
+    from daemon_harness import DaemonHarness
+    from media_factory import PORTRAIT_JPG
+    from notify_receiver import Receiver
+    from test_command_engine import ARGS
+
+    state = tmpfs("state", "size=12m")
+    receiver = Receiver().start()
+    release = tmp_path / "release"
+    harness = DaemonHarness(tmp_path / "base", {
+        "folders": {"state": str(state)},
+        "engine": {"name": "command"},
+        "engines": {"command": {"args": ARGS, "timeout": 120, "progress_regex": r"(\d+)%"}},
+        "notify": {"urls": [f"json://127.0.0.1:{receiver.port}/hook"]},
+        "dedupe": {"window_hours": 0},
+    })
+    try:
+        harness.store = lambda: Store(state / "heygem.db")  # type: ignore[method-assign]
+        harness.start(env={"FAKE_RELEASE_FILE": str(release), "FAKE_SLOW_SECONDS": "120"})
+        harness.drop_pair(voice, PORTRAIT_JPG, "slow-first")  # the tool renders until `release` exists
+        harness.wait_for(lambda: [t for t in harness.store().tasks.select(states=("running",))], 60, "a render")
+        filler = fill(state)
+        harness.wait_for(lambda: read_state(state).get("state_full"), 30, "status to say the state disk is full")
+        harness.drop_pair(voice, PORTRAIT_JPG, "second")  # arrives while nothing can be recorded
+        release.touch()
+        harness.wait_for(lambda: any("The state disk is full" in p.text for p in receiver.posts), 30, "the alert")
+        # The render ends while nothing can be recorded: its slot holds the outcome.
+        harness.wait_for(lambda: '"event": "task done"' in harness.log_text(), 60, "the render to end")
+        assert (harness.inbox / "second.wav").exists()  # not claimed meanwhile
+        filler.unlink()
+        first, second = harness.wait_job("slow-first"), harness.wait_job("second")
+        assert (first.state, second.state) == ("done", "done")
+        tasks = harness.store().tasks.select()
+        assert [t.attempts for t in tasks] == [1, 1]  # no outcome of one task was taken for another's
+        assert all(Path(t.output).stat().st_size > 0 for t in tasks)
+        events = [json.loads(line)["event"] for line in harness.log_text().splitlines()]
+        assert events.count("state disk full; the daemon waits until there is room (nothing is claimed, no task "
+                            "starts, finished renders are held)") == 1
+        assert events.count("state disk has room again; the daemon goes on") == 1
+        assert "Traceback" not in harness.log_text()
+        assert read_state(state).get("state_full") is None
+    finally:
+        harness.stop()
+        receiver.stop()
