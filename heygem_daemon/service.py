@@ -18,11 +18,11 @@ from heygem_daemon.ops.cleanup import Cleanup
 from heygem_daemon.config import Config, ConfigError, load_config
 from heygem_daemon.ops.daemon_state import HEARTBEAT_SECONDS, LOCK_FILE, write_state
 from heygem_daemon.notify.announce import Announcer
-from heygem_daemon.notify.outbox import Notifier, Outbox
+from heygem_daemon.notify.outbox import Notifier, Outbox, alert_now
 from heygem_daemon.delivery.service import DeliveryService
 from heygem_daemon.ops.diskguard import DiskGuard, wake_folder_waiters
 from heygem_daemon.ops.orphans import rescue_unknown_inputs
-from heygem_daemon.ops.statedisk import StateDisk
+from heygem_daemon.ops.statedisk import StateDisk, wait_for_room
 from heygem_daemon.engines.registry import available, check_engines, needs_face
 from heygem_daemon.intake.claim import Claimer, recover_detected
 from heygem_daemon.intake.inspect import Inspector
@@ -99,7 +99,7 @@ class Daemon:
         self._subscribe()
         self.systemd = sdnotify.Notifier()
         self.disk = DiskGuard(cfg)
-        self.state_disk = StateDisk(cfg.folder("state"), self.store.db, self.outbox.alert_now)
+        self.state_disk = StateDisk(cfg.folder("state"), self.store.db, lambda k, t: alert_now(cfg.notify, k, t))
         self.cleanup = Cleanup(cfg, self.store)
         self.metrics = MetricsServer(cfg.metrics.port, StateCollector(
             self.store, self.pool.describe, lambda: {"draining": self.draining, "disk_low": bool(self.disk.low)},
@@ -374,7 +374,11 @@ def run_daemon(cfg: Config, config_path: Path | None = None, requests: Requests 
     check_engines(cfg)
     lock = acquire_lock(cfg.folder("state"))
     daemon: Daemon | None = None
+    requests = requests or Requests()
     try:
+        if not wait_for_room(cfg.folder("state"), lambda: requests.stops > 0,
+                             lambda k, t: alert_now(cfg.notify, k, t), sdnotify.Notifier()):
+            return 0  # stopped while waiting for room: nothing had started
         daemon = Daemon(cfg, config_path, requests)
         return daemon.run()
     except DatabaseDamaged as exc:  # at start or found later by any thread: one line, exit 2 (cli)

@@ -15,7 +15,8 @@ import pytest
 from heygem_daemon.config import load_config
 from heygem_daemon.generation.lifecycle import LifeCycle
 from heygem_daemon.ops.daemon_state import read_state, write_state
-from heygem_daemon.ops.statedisk import StateDisk
+from heygem_daemon.ops.sdnotify import Notifier
+from heygem_daemon.ops.statedisk import StateDisk, wait_for_room
 from heygem_daemon.service import acquire_lock
 from heygem_daemon.state import Store
 from heygem_daemon.state.db import StateFull
@@ -67,6 +68,18 @@ def test_an_idle_daemon_finds_its_state_disk_full_alerts_once_and_goes_on_when_t
     assert life.store.db.full_since is not None  # the sender and delivery wait meanwhile
     filler.unlink()
     assert disk.check() and disk.full is None and life.store.db.full_since is None
+
+
+def test_a_daemon_starting_on_a_full_state_disk_waits_alerted_until_a_stop_or_room(life):
+    folder = life.cfg.folder("state")
+    alerts: list[tuple[str, str]] = []
+    filler = fill(folder)
+    stops = iter([False, False, True])  # SQLite could not even open the store now: nothing is tried
+    assert not wait_for_room(folder, lambda: next(stops), lambda k, m: alerts.append((k, m)), Notifier({}))
+    assert [k for k, _ in alerts] == ["state-disk-full"]
+    filler.unlink()
+    assert wait_for_room(folder, lambda: False, lambda k, m: alerts.append((k, m)), Notifier({}))
+    assert len(alerts) == 1
 
 
 def test_status_says_why_the_daemon_waits_even_when_the_state_disk_has_no_room_for_a_new_copy(life):

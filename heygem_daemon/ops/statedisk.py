@@ -19,6 +19,7 @@ from typing import Callable
 
 from heygem_daemon.fs.ops import temp_name
 from heygem_daemon.log import get_logger
+from heygem_daemon.ops.sdnotify import Notifier
 from heygem_daemon.state.db import Database
 
 log = get_logger("heygem.statedisk")
@@ -29,12 +30,15 @@ MIN_FREE = 1 * MIB
 RESUME_FREE = 8 * MIB
 PROBE_BYTES = 256 * 1024
 ALERT_KEY = "state-disk-full"
+# While it waits to start, the daemon asks systemd for this much more start time, this often.
+START_EXTEND_SECONDS = 30.0
+START_STATUS_EVERY = 10.0
 
 
 class StateDisk:
     """Called from the daemon's main loop; `full` says why the daemon waits, or None."""
 
-    def __init__(self, folder: Path, db: Database, alert_now: Callable[[str, str], object],
+    def __init__(self, folder: Path, db: Database | None, alert_now: Callable[[str, str], object],
                  usage: Callable[[str], "shutil._ntuple_diskusage"] = shutil.disk_usage) -> None:
         self.folder, self.db, self.alert_now, self.usage = folder, db, alert_now, usage
         self.full: str | None = None
@@ -43,22 +47,26 @@ class StateDisk:
         """Look at the disk; True when the outage began or ended now."""
         free = self._free()
         if self.full is None:
-            if self.db.full_since is None and (free is None or free >= MIN_FREE):
+            if self._full_since() is None and (free is None or free >= MIN_FREE):
                 return False
             self._begin(free)
             return True
         if free is not None and free >= RESUME_FREE and self._takes_a_write():
-            self.db.writable_again()
+            if self.db is not None:
+                self.db.writable_again()
             log.info("state disk has room again; the daemon goes on", folder=str(self.folder),
                      free_mib=round(free / MIB, 1), full_for_seconds=round(time.time() - self._since))
             self.full = None
             return True
         return False
 
+    def _full_since(self) -> float | None:
+        return self.db.full_since if self.db is not None else None
+
     def _begin(self, free: int | None) -> None:
-        if self.db.full_since is None:
-            self.db.full_since = time.time()  # writers learn it before they try
-        self._since = self.db.full_since
+        self._since = self._full_since() or time.time()
+        if self.db is not None:
+            self.db.full_since = self._since  # writers learn it before they try
         room = f"{free / MIB:.1f} MiB free" if free is not None else "cannot tell the free space"
         self.full = (f"state disk full: {self.folder} ({room}); nothing can be recorded, so no job is claimed and "
                      f"no task starts until there is room ({RESUME_FREE // MIB} MiB)")
@@ -87,3 +95,22 @@ class StateDisk:
             return False
         finally:
             probe.unlink(missing_ok=True)
+
+
+def wait_for_room(folder: Path, stopping: Callable[[], bool], alert_now: Callable[[str, str], object],
+                  systemd: Notifier) -> bool:
+    """Before the store is opened: on a full state disk SQLite cannot even open it (its -shm file), so the
+    daemon waits here — said once, alerted once, systemd's start timeout stretched — until there is room.
+    False when a stop came first."""
+    disk = StateDisk(folder, None, alert_now)
+    disk.check()
+    told = 0.0
+    while disk.full is not None:
+        if stopping():
+            return False
+        if time.monotonic() - told >= START_STATUS_EVERY:
+            told = time.monotonic()
+            systemd.send(f"STATUS={disk.full}", f"EXTEND_TIMEOUT_USEC={int(START_EXTEND_SECONDS * 1_000_000)}")
+        time.sleep(0.2)
+        disk.check()
+    return True
