@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Callable
 
 from heygem_daemon.component import Component
+from heygem_daemon.failures import Kind
 from heygem_daemon.ops import metrics, sdnotify
 from heygem_daemon.ops.metrics import MetricsServer, StateCollector
 from heygem_daemon.ops.signals import Requests
@@ -113,6 +114,9 @@ class Daemon:
         self._started: list[Component] = []
         self.draining = False
         self.ready = False
+        # Whether a task may wait for work/ or outputs/ (set at start and by each outage): only then does the
+        # main loop look, so an idle daemon with a long queue does not scan it every second.
+        self._folder_waiters = True
 
     def _subscribe(self) -> None:
         """Who hears of what the life cycle does: slots wake for queued work, delivery for finished videos,
@@ -122,6 +126,7 @@ class Daemon:
         self.events.subscribe(JobFinished, lambda _e: self.delivery.wake.set())
         self.events.subscribe(TaskFailed, lambda e: metrics.ATTEMPTS_FAILED.labels(e.problem.kind.value,
                                                                                  e.state.value).inc())
+        self.events.subscribe(TaskFailed, self._note_outage)
         self.announcer.subscribe(self.events)
 
     def _wake_generation(self) -> None:
@@ -242,9 +247,16 @@ class Daemon:
                               components=dead)
             time.sleep(SIGNAL_POLL_SECONDS)
 
+    def _note_outage(self, event: TaskFailed) -> None:
+        if event.problem.kind is Kind.OUTAGE:
+            self._folder_waiters = True
+
     def _wake_on_folders_back(self) -> None:
         """Tasks waiting for work/ or outputs/ go at once when it can be written again, not at their backoff."""
+        if not self._folder_waiters:
+            return
         woken = wake_folder_waiters(self.cfg, self.store, time.time())
+        self._folder_waiters = woken is not None
         if woken:
             log.info("writable again; the tasks waiting for it go on", folders=woken)
             self._wake_generation()

@@ -86,10 +86,12 @@ def folder_fault(cfg: Config) -> FolderFault | None:
     return None
 
 
-def wake_folder_waiters(cfg: Config, store: Store, now: float) -> list[str]:
+def wake_folder_waiters(cfg: Config, store: Store, now: float) -> list[str] | None:
     """Tasks waiting for work/ or outputs/ are due at once when it can be written again (not at the end of
-    their backoff); returns the folders whose waiters were woken."""
-    waited = {o["dependency"] for o in store.tasks.outages()}
+    their backoff); returns the folders whose waiters were woken, or None when no task waits for one."""
+    waited = {o["dependency"] for o in store.tasks.outages()} & {f"{key}/" for key in SHARED_FOLDERS}
+    if not waited:
+        return None
     woken = []
     for key in SHARED_FOLDERS:
         if f"{key}/" not in waited:
