@@ -86,19 +86,6 @@ def keep_signal_handlers():
         signal.signal(sig, handler)
 
 
-def test_run_on_a_damaged_database_exits_2_with_one_line_in_the_log_and_on_stderr(config, capsys,
-                                                                                  keep_signal_handlers):
-    db_path(config).parent.mkdir(parents=True, exist_ok=True)
-    damage(db_path(config))
-    assert main(["-c", str(config), "run"]) == EXIT_CONFIG
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: the state database") and "Traceback" not in err[0]
-    log = load_config(config, environ={}).folder("logs") / "heygem.log"
-    lines = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [line["event"] for line in lines if line["level"] == "error"] == [
-        "cannot start: the state database is damaged"]
-
-
 def test_status_on_a_damaged_database_exits_2_without_a_traceback(config, capsys):
     db_path(config).parent.mkdir(parents=True, exist_ok=True)
     damage(db_path(config))
@@ -138,16 +125,18 @@ def test_status_on_a_database_with_a_damaged_jobs_page_exits_2_with_one_line(con
     assert len(err) == 1 and err[0].startswith("error: the state database") and "no backup yet" in err[0]
 
 
-@pytest.mark.parametrize("table, when", [("jobs", "cannot start"),  # read by recovery, in the main thread
-                                         ("notifications", "stopping")])  # found by the backup sweep's check
-def test_run_on_a_database_with_one_damaged_page_exits_2_with_one_line_naming_the_way_back(
-        config, capsys, keep_signal_handlers, table, when):
+@pytest.mark.parametrize("damaged, when", [
+    (damage, "cannot start"),  # the whole file: opening it fails
+    (lambda path: damage_page(path, "jobs"), "cannot start"),  # jobs' root page, read by recovery
+    (lambda path: damage_page(path, "notifications"), "stopping"),  # found later, by the backup's check
+], ids=["whole file", "jobs page", "another table's page"])
+def test_run_on_a_damaged_database_exits_2_with_one_line_in_the_log_and_on_stderr(config, capsys,
+                                                                                  keep_signal_handlers, damaged, when):
     db_path(config).parent.mkdir(parents=True, exist_ok=True)
-    damage_page(db_path(config), table)
+    damaged(db_path(config))
     assert main(["-c", str(config), "run"]) == EXIT_CONFIG
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: the state database") and "Traceback" not in err[0]
     log = load_config(config, environ={}).folder("logs") / "heygem.log"
     lines = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [line["event"] for line in lines if line["level"] == "error"] == [
-        f"{when}: the state database is damaged"]
+    assert [line["event"] for line in lines if line["level"] == "error"] == [f"{when}: the state database is damaged"]
