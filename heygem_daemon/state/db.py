@@ -18,7 +18,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NoReturn
 
 from heygem_daemon.log import Reported
 
@@ -341,58 +341,79 @@ def quick_check(path: Path) -> list[str]:
 
 
 class _Cursor(sqlite3.Cursor):
-    """Every statement and every fetch (SQLite reads pages while it steps) goes through `_checked`."""
+    """Every statement and every fetch (SQLite reads pages while it steps) says what an error means for the
+    daemon (`Database.translate`). Plain try blocks: a query costs next to nothing more when all is well."""
+
+    __slots__ = ()
 
     def execute(self, *args: Any) -> Any:
-        return _checked(self.connection, super().execute, *args)
+        try:
+            return sqlite3.Cursor.execute(self, *args)
+        except sqlite3.DatabaseError as exc:
+            _reraise(self, exc)
 
     def executemany(self, *args: Any) -> Any:
-        return _checked(self.connection, super().executemany, *args)
+        try:
+            return sqlite3.Cursor.executemany(self, *args)
+        except sqlite3.DatabaseError as exc:
+            _reraise(self, exc)
 
     def executescript(self, *args: Any) -> Any:
-        return _checked(self.connection, super().executescript, *args)
+        try:
+            return sqlite3.Cursor.executescript(self, *args)
+        except sqlite3.DatabaseError as exc:
+            _reraise(self, exc)
 
     def fetchone(self) -> Any:
-        return _checked(self.connection, super().fetchone)
+        try:
+            return sqlite3.Cursor.fetchone(self)
+        except sqlite3.DatabaseError as exc:
+            _reraise(self, exc)
 
     def fetchmany(self, *args: Any) -> Any:
-        return _checked(self.connection, super().fetchmany, *args)
+        try:
+            return sqlite3.Cursor.fetchmany(self, *args)
+        except sqlite3.DatabaseError as exc:
+            _reraise(self, exc)
 
     def fetchall(self) -> Any:
-        return _checked(self.connection, super().fetchall)
+        try:
+            return sqlite3.Cursor.fetchall(self)
+        except sqlite3.DatabaseError as exc:
+            _reraise(self, exc)
 
     def __next__(self) -> Any:
-        return _checked(self.connection, super().__next__)
+        try:
+            return sqlite3.Cursor.__next__(self)
+        except sqlite3.DatabaseError as exc:
+            _reraise(self, exc)
 
 
 class _Connection(sqlite3.Connection):
-    """A connection whose errors say what they mean for the daemon (`Database.translate`). The C-level
-    shortcuts make plain cursors, so they are routed through `_Cursor` here."""
+    """A connection whose cursors are `_Cursor`s. The C-level shortcuts would make plain ones, so they are
+    routed here, through `Connection.cursor` (which hands the cursor the row factory)."""
 
     owner: "Database | None" = None
 
-    def cursor(self, factory: Any = None) -> Any:
-        return super().cursor(factory or _Cursor)
+    def cursor(self, factory: Any = _Cursor) -> Any:
+        return sqlite3.Connection.cursor(self, factory)
 
     def execute(self, *args: Any) -> Any:
-        return self.cursor().execute(*args)
+        return sqlite3.Connection.cursor(self, _Cursor).execute(*args)
 
     def executemany(self, *args: Any) -> Any:
-        return self.cursor().executemany(*args)
+        return sqlite3.Connection.cursor(self, _Cursor).executemany(*args)
 
     def executescript(self, *args: Any) -> Any:
-        return self.cursor().executescript(*args)
+        return sqlite3.Connection.cursor(self, _Cursor).executescript(*args)
 
 
-def _checked(conn: Any, call: Any, *args: Any) -> Any:
-    try:
-        return call(*args)
-    except sqlite3.DatabaseError as exc:
-        owner = getattr(conn, "owner", None)
-        meant = owner.translate(exc) if owner is not None else exc
-        if meant is exc:
-            raise
-        raise meant from exc
+def _reraise(cursor: sqlite3.Cursor, exc: sqlite3.DatabaseError) -> NoReturn:
+    owner = getattr(cursor.connection, "owner", None)
+    meant = owner.translate(exc) if owner is not None else exc
+    if meant is exc:
+        raise exc
+    raise meant from exc
 
 
 class Database:
