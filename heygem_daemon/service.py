@@ -103,8 +103,7 @@ class Daemon:
         self.state_disk = StateDisk(cfg.folder("state"), self.store.db, lambda k, t: alert_now(cfg.notify, k, t))
         self.cleanup = Cleanup(cfg, self.store)
         self.metrics = MetricsServer(cfg.metrics.port, StateCollector(
-            self.store, self.pool.describe, lambda: {"draining": self.draining, "disk_low": bool(self.disk.low)},
-            self._remote_workers))
+            self.store, self.pool.describe, self._flags, self._remote_workers))
         # Started in this order, stopped in reverse: intake last in, so nothing is claimed before the
         # workers, delivery and chat that carry a job on are running.
         self.components: list[Component] = [self.chat, self.outages, self.pool,
@@ -128,6 +127,10 @@ class Daemon:
                                                                                  e.state.value).inc())
         self.events.subscribe(TaskFailed, self._note_outage)
         self.announcer.subscribe(self.events)
+
+    def _flags(self) -> dict[str, bool]:
+        """What the daemon holds for, as metrics (heygem_<flag>)."""
+        return {"draining": self.draining, "disk_low": bool(self.disk.low), "state_disk_full": bool(self.state_disk.full)}
 
     def _wake_generation(self) -> None:
         self.pool.notify()
