@@ -18,7 +18,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 from heygem_daemon.log import Reported
 
@@ -340,53 +340,28 @@ def quick_check(path: Path) -> list[str]:
     return [] if rows == ["ok"] else rows
 
 
+def _translating(method: Callable[..., Any]) -> Callable[..., Any]:
+    """`method` of sqlite3.Cursor, its errors said as they matter to the daemon (`Database.translate`). A plain
+    try block: a query costs next to nothing more when all is well."""
+    def call(self: sqlite3.Cursor, *args: Any) -> Any:
+        try:
+            return method(self, *args)
+        except sqlite3.DatabaseError as exc:
+            _reraise(self, exc)
+    return call
+
+
 class _Cursor(sqlite3.Cursor):
-    """Every statement and every fetch (SQLite reads pages while it steps) says what an error means for the
-    daemon (`Database.translate`). Plain try blocks: a query costs next to nothing more when all is well."""
+    """Every statement and every fetch (SQLite reads pages while it steps) goes through `_translating`."""
 
     __slots__ = ()
-
-    def execute(self, *args: Any) -> Any:
-        try:
-            return sqlite3.Cursor.execute(self, *args)
-        except sqlite3.DatabaseError as exc:
-            _reraise(self, exc)
-
-    def executemany(self, *args: Any) -> Any:
-        try:
-            return sqlite3.Cursor.executemany(self, *args)
-        except sqlite3.DatabaseError as exc:
-            _reraise(self, exc)
-
-    def executescript(self, *args: Any) -> Any:
-        try:
-            return sqlite3.Cursor.executescript(self, *args)
-        except sqlite3.DatabaseError as exc:
-            _reraise(self, exc)
-
-    def fetchone(self) -> Any:
-        try:
-            return sqlite3.Cursor.fetchone(self)
-        except sqlite3.DatabaseError as exc:
-            _reraise(self, exc)
-
-    def fetchmany(self, *args: Any) -> Any:
-        try:
-            return sqlite3.Cursor.fetchmany(self, *args)
-        except sqlite3.DatabaseError as exc:
-            _reraise(self, exc)
-
-    def fetchall(self) -> Any:
-        try:
-            return sqlite3.Cursor.fetchall(self)
-        except sqlite3.DatabaseError as exc:
-            _reraise(self, exc)
-
-    def __next__(self) -> Any:
-        try:
-            return sqlite3.Cursor.__next__(self)
-        except sqlite3.DatabaseError as exc:
-            _reraise(self, exc)
+    execute = _translating(sqlite3.Cursor.execute)
+    executemany = _translating(sqlite3.Cursor.executemany)
+    executescript = _translating(sqlite3.Cursor.executescript)
+    fetchone = _translating(sqlite3.Cursor.fetchone)
+    fetchmany = _translating(sqlite3.Cursor.fetchmany)
+    fetchall = _translating(sqlite3.Cursor.fetchall)
+    __next__ = _translating(sqlite3.Cursor.__next__)
 
 
 class _Connection(sqlite3.Connection):
