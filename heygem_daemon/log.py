@@ -9,6 +9,7 @@ import re
 import sys
 import threading
 from pathlib import Path
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -29,7 +30,7 @@ class Reported(Exception):
     disk): the many threads that run into it while it lasts stay quiet instead of logging a traceback each."""
 
 
-def drop_reported(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+def drop_reported(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     exc = event.get("exc_info")
     if exc is True:
         exc = sys.exc_info()[1]

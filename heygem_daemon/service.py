@@ -130,7 +130,8 @@ class Daemon:
 
     def _flags(self) -> dict[str, bool]:
         """What the daemon holds for, as metrics (heygem_<flag>)."""
-        return {"draining": self.draining, "disk_low": bool(self.disk.low), "state_disk_full": bool(self.state_disk.full)}
+        return {"draining": self.draining, "disk_low": bool(self.disk.low),
+                "state_disk_full": bool(self.state_disk.full)}
 
     def _wake_generation(self) -> None:
         self.pool.notify()
