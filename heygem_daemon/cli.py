@@ -111,20 +111,20 @@ def main(argv: list[str] | None = None) -> int:
         return _worker(cfg, args.queue, args.hostname)
     if args.command == "health":
         return _health(cfg, args.max_age)
-    try:
+    try:  # a damaged page may show up at any query, not only when the file is opened
         store = Store(db_path(cfg.folder("state")))
+        if args.command == "status":
+            return _status(cfg, store, args.json, args.limit)
+        if args.command == "jobs":
+            return _jobs(cfg, store, args.failed, args.limit)
+        if args.command == "web" and args.web_command == "token":
+            return _tokens(cfg, store, args)
+        if args.command == "web":
+            return _sessions(store, args.sessions_command, getattr(args, "user", None))
+        return _request(cfg, store, args.command, args.job)
     except DatabaseDamaged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    if args.command == "status":
-        return _status(cfg, store, args.json, args.limit)
-    if args.command == "jobs":
-        return _jobs(cfg, store, args.failed, args.limit)
-    if args.command == "web" and args.web_command == "token":
-        return _tokens(cfg, store, args)
-    if args.command == "web":
-        return _sessions(store, args.sessions_command, getattr(args, "user", None))
-    return _request(cfg, store, args.command, args.job)
 
 
 def _run(cfg: Config, path: Path | None) -> int:
@@ -292,6 +292,9 @@ def _status(cfg: Config, store: Store, as_json: bool, limit: int) -> int:
         print(json.dumps(doc, indent=2, ensure_ascii=False))
         return 0
     print("tasks: " + (", ".join(f"{k} {v}" for k, v in sorted(doc["tasks"].items())) or "none yet"))
+    for paused in (doc["daemon"].get("state_full"), doc["daemon"].get("disk_low")):  # why the daemon waits
+        if paused:
+            print(paused)
     for outage in doc["waiting_for"]:
         print(describe(outage))
     for line in _remote_lines(doc["daemon"].get("remote")):

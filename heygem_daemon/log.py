@@ -9,6 +9,7 @@ import re
 import sys
 import threading
 from pathlib import Path
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -22,6 +23,22 @@ _QUERY_SECRET = re.compile(
 REDACTED = "***"
 # syslog priorities by stdlib level, for the "<N>" prefix journald reads off each line of a stream.
 _PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+
+
+class Reported(Exception):
+    """An error the daemon reports once by itself, as a change of its state (a damaged database, a full state
+    disk): the many threads that run into it while it lasts stay quiet instead of logging a traceback each."""
+
+
+def drop_reported(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    exc = event.get("exc_info")
+    if exc is True:
+        exc = sys.exc_info()[1]
+    elif isinstance(exc, tuple):
+        exc = exc[1]
+    if isinstance(exc, Reported):
+        raise structlog.DropEvent
+    return event
 
 
 def redact_text(text: str) -> str:
@@ -52,7 +69,7 @@ def setup_logging(logs_dir: Path | None, level: str = "info", console: bool = Tr
         redact_secrets,
     ]
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        processors=[drop_reported, *shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Callable
 
 from heygem_daemon.component import Component
+from heygem_daemon.failures import Kind
 from heygem_daemon.ops import metrics, sdnotify
 from heygem_daemon.ops.metrics import MetricsServer, StateCollector
 from heygem_daemon.ops.signals import Requests
@@ -18,10 +19,11 @@ from heygem_daemon.ops.cleanup import Cleanup
 from heygem_daemon.config import Config, ConfigError, load_config
 from heygem_daemon.ops.daemon_state import HEARTBEAT_SECONDS, LOCK_FILE, write_state
 from heygem_daemon.notify.announce import Announcer
-from heygem_daemon.notify.outbox import Notifier, Outbox
+from heygem_daemon.notify.outbox import Notifier, Outbox, alert_now
 from heygem_daemon.delivery.service import DeliveryService
-from heygem_daemon.ops.diskguard import DiskGuard
+from heygem_daemon.ops.diskguard import DiskGuard, wake_folder_waiters
 from heygem_daemon.ops.orphans import rescue_unknown_inputs
+from heygem_daemon.ops.statedisk import StateDisk, wait_for_room
 from heygem_daemon.engines.registry import available, check_engines, needs_face
 from heygem_daemon.intake.claim import Claimer, recover_detected
 from heygem_daemon.intake.inspect import Inspector
@@ -98,10 +100,10 @@ class Daemon:
         self._subscribe()
         self.systemd = sdnotify.Notifier()
         self.disk = DiskGuard(cfg)
+        self.state_disk = StateDisk(cfg.folder("state"), self.store.db, lambda k, t: alert_now(cfg.notify, k, t))
         self.cleanup = Cleanup(cfg, self.store)
         self.metrics = MetricsServer(cfg.metrics.port, StateCollector(
-            self.store, self.pool.describe, lambda: {"draining": self.draining, "disk_low": bool(self.disk.low)},
-            self._remote_workers))
+            self.store, self.pool.describe, self._flags, self._remote_workers))
         # Started in this order, stopped in reverse: intake last in, so nothing is claimed before the
         # workers, delivery and chat that carry a job on are running.
         self.components: list[Component] = [self.chat, self.outages, self.pool,
@@ -110,6 +112,10 @@ class Daemon:
                                             self.delivery, self.cleanup, self.metrics, self.inbox]
         self._started: list[Component] = []
         self.draining = False
+        self.ready = False
+        # Whether a task may wait for work/ or outputs/ (set at start and by each outage): only then does the
+        # main loop look, so an idle daemon with a long queue does not scan it every second.
+        self._folder_waiters = True
 
     def _subscribe(self) -> None:
         """Who hears of what the life cycle does: slots wake for queued work, delivery for finished videos,
@@ -119,7 +125,13 @@ class Daemon:
         self.events.subscribe(JobFinished, lambda _e: self.delivery.wake.set())
         self.events.subscribe(TaskFailed, lambda e: metrics.ATTEMPTS_FAILED.labels(e.problem.kind.value,
                                                                                  e.state.value).inc())
+        self.events.subscribe(TaskFailed, self._note_outage)
         self.announcer.subscribe(self.events)
+
+    def _flags(self) -> dict[str, bool]:
+        """What the daemon holds for, as metrics (heygem_<flag>)."""
+        return {"draining": self.draining, "disk_low": bool(self.disk.low),
+                "state_disk_full": bool(self.state_disk.full)}
 
     def _wake_generation(self) -> None:
         self.pool.notify()
@@ -141,19 +153,32 @@ class Daemon:
         return self.remote.describe() if self.remote else []
 
     def run(self) -> int:
+        try:
+            return self._serve()
+        except DatabaseDamaged:
+            # Nothing more goes into a damaged file: no drain; what runs is stopped as a crash would stop it
+            # (every step is crash-safe), and the operator restores the backup.
+            self.stop_components()
+            self.inspector.close()
+            self.systemd.close()
+            raise
+
+    def _serve(self) -> int:
         recover_detected(self.cfg, self.store)
         self.life.recover(self.remote.adoptable() if self.remote else frozenset())
         rescue_unknown_inputs(self.cfg, self.store)
         self.disk.check()
         self._apply_hold()
         self.start_components()
-        if not self._stopping():
+        ready = self.ready = not self._stopping()
+        if ready:
             self.systemd.ready(self._status())
             log.info("daemon ready", inbox=str(self.cfg.folder("inbox")), outputs=str(self.cfg.folder("outputs")),
                      engine=self.cfg.engine.name, devices=self.cfg.workers.devices, watch_mode=self.inbox.mode,
                      watchdog_seconds=self.systemd.watchdog_interval, metrics_port=self.cfg.metrics.port)
         self._loop(self._stopping)
-        self._drain()
+        if ready:  # a stop during start-up: nothing began that a drain would wait for (delivery may not even run)
+            self._drain()
         log.info("stopping")
         self.stop_components()
         self.inspector.close()
@@ -173,7 +198,11 @@ class Daemon:
 
     def stop_components(self) -> None:
         while self._started:
-            self._started.pop().stop()
+            component = self._started.pop()
+            try:
+                component.stop()
+            except Exception:  # the others must stop all the same
+                log.exception("a component did not stop cleanly", component=component.name)
 
     def dead_components(self) -> list[str]:
         return [c.name for c in self._started if not c.alive()]
@@ -184,8 +213,12 @@ class Daemon:
         next_beat = next_disk = next_status = next_heartbeat = 0.0
         unhealthy_logged = False
         while not done():
+            if self.store.db.damage is not None:  # met by any thread: the daemon stops (exit 2)
+                raise self.store.db.damage
             now = time.monotonic()
             try:
+                if self.state_disk.check():
+                    self._state_disk_changed()
                 if self.requests.reload and not self.draining:
                     self.requests.reload = False
                     self._reload()
@@ -196,6 +229,7 @@ class Daemon:
                         self._apply_hold()
                 if now >= next_status:
                     next_status = now + STATUS_INTERVAL
+                    self._wake_on_folders_back()
                     self.life.settle_requests()
                     self.outages.check()
                     self.systemd.status(self._status())
@@ -216,6 +250,20 @@ class Daemon:
                     log.error("a daemon thread died; withholding the watchdog ping so systemd restarts us",
                               components=dead)
             time.sleep(SIGNAL_POLL_SECONDS)
+
+    def _note_outage(self, event: TaskFailed) -> None:
+        if event.problem.kind is Kind.OUTAGE:
+            self._folder_waiters = True
+
+    def _wake_on_folders_back(self) -> None:
+        """Tasks waiting for work/ or outputs/ go at once when it can be written again, not at their backoff."""
+        if not self._folder_waiters:
+            return
+        woken = wake_folder_waiters(self.cfg, self.store, time.time())
+        self._folder_waiters = woken is not None
+        if woken:
+            log.info("writable again; the tasks waiting for it go on", folders=woken)
+            self._wake_generation()
 
     def _drain(self) -> None:
         """Stop taking work; let running tasks finish and finished videos be delivered within
@@ -242,6 +290,9 @@ class Daemon:
     def _drain_delivery(self, deadline: float) -> None:
         """Finished videos reach people before we exit, not at the next start: upload, links, zip, report and
         chat message of every batch that can be sent now, within what is left of the drain time."""
+        if self.state_disk.full:
+            log.warning("stopping while the state disk is full; videos still to deliver go out at the next start")
+            return
         since = time.monotonic()
 
         def delivered() -> bool:
@@ -252,18 +303,31 @@ class Daemon:
         if not delivered():
             log.warning("stopping before delivery caught up; videos still to deliver go out at the next start")
 
+    def _state_disk_changed(self) -> None:
+        self._apply_hold()
+        if self.state_disk.full is None:
+            self.intake.undo_cut_claims()
+            self.outbox.enqueue_alert("state-disk-back", f"The state disk has room again ({self.state_disk.folder}):"
+                                      " the daemon goes on by itself.")
+
     def _apply_hold(self) -> None:
-        if self.draining or self.disk.low:
+        if self.draining or self.disk.low or self.state_disk.full:
             self.intake.hold.set()
         else:
             self.intake.hold.clear()
             self.intake.wake.set()
+        # Slots: held for the drain, or while nothing they do could be recorded.
+        if self.draining or self.state_disk.full:
+            self.pool.hold.set()
+        else:
+            self.pool.hold.clear()
+            self._wake_generation()
         self._write_state()
 
     def _write_state(self) -> None:
         remote = {"remote": {**self.remote.broker(), "workers": self.remote.describe()}} if self.remote else {}
         write_state(self.cfg.folder("state"), draining=self.draining, disk_low=self.disk.low,
-                    devices=self.cfg.workers.devices, **remote)
+                    state_full=self.state_disk.full, devices=self.cfg.workers.devices, **remote)
 
     def _status(self) -> str:
         counts = self.store.tasks.counts()
@@ -277,6 +341,8 @@ class Daemon:
                       for o in self.remote.broker()["downloads_waiting"]]
         if self.disk.low:
             parts.append(self.disk.low)
+        if self.state_disk.full:
+            parts.append(self.state_disk.full)
         if self.draining:
             parts.append("draining for shutdown")
         return " | ".join(parts)
@@ -323,12 +389,17 @@ def run_daemon(cfg: Config, config_path: Path | None = None, requests: Requests 
     setup_logging(cfg.folder("logs"), cfg.logging.level, cfg.logging.console)
     check_engines(cfg)
     lock = acquire_lock(cfg.folder("state"))
+    daemon: Daemon | None = None
+    requests = requests or Requests()
     try:
-        try:
-            daemon = Daemon(cfg, config_path, requests)
-        except DatabaseDamaged as exc:
-            log.error("cannot start: the state database is damaged", error=str(exc))
-            raise
+        if not wait_for_room(cfg.folder("state"), lambda: requests.stops > 0,
+                             lambda k, t: alert_now(cfg.notify, k, t), sdnotify.Notifier()):
+            return 0  # stopped while waiting for room: nothing had started
+        daemon = Daemon(cfg, config_path, requests)
         return daemon.run()
+    except DatabaseDamaged as exc:  # at start or found later by any thread: one line, exit 2 (cli)
+        when = "stopping" if daemon is not None and daemon.ready else "cannot start"
+        log.error(f"{when}: the state database is damaged", error=str(exc))
+        raise
     finally:
         lock.close()

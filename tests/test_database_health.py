@@ -33,6 +33,22 @@ def damage(path):
         path.with_name(path.name + suffix).unlink(missing_ok=True)
 
 
+def damage_page(path, table):
+    """Overwrite the root page of one table (found through sqlite_master) of a database with some rows."""
+    store = Store(path)
+    for n in range(50):
+        store.jobs.create(f"job{n}", {"pad": "x" * 300})
+    store.close()
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    (root,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)).fetchone()
+    (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+    conn.close()
+    with open(path, "r+b") as fh:
+        fh.seek((root - 1) * page_size)
+        fh.write(b"\xa5" * page_size)
+
+
 def test_backup_sweep_makes_a_consistent_copy_that_opens_with_its_jobs(config):
     cfg = load_config(config, environ={})
     store = Store(db_path(config))
@@ -70,19 +86,6 @@ def keep_signal_handlers():
         signal.signal(sig, handler)
 
 
-def test_run_on_a_damaged_database_exits_2_with_one_line_in_the_log_and_on_stderr(config, capsys,
-                                                                                  keep_signal_handlers):
-    db_path(config).parent.mkdir(parents=True, exist_ok=True)
-    damage(db_path(config))
-    assert main(["-c", str(config), "run"]) == EXIT_CONFIG
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: the state database") and "Traceback" not in err[0]
-    log = load_config(config, environ={}).folder("logs") / "heygem.log"
-    lines = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [line["event"] for line in lines if line["level"] == "error"] == [
-        "cannot start: the state database is damaged"]
-
-
 def test_status_on_a_damaged_database_exits_2_without_a_traceback(config, capsys):
     db_path(config).parent.mkdir(parents=True, exist_ok=True)
     damage(db_path(config))
@@ -112,3 +115,28 @@ def test_the_backup_is_not_replaced_by_a_copy_of_a_database_damaged_in_use(confi
     with pytest.raises(sqlite3.DatabaseError):
         Store(db_path(config)).db.backup()
     assert backup_path(db_path(config)).read_bytes() == good
+
+
+def test_status_on_a_database_with_a_damaged_jobs_page_exits_2_with_one_line(config, capsys):
+    db_path(config).parent.mkdir(parents=True, exist_ok=True)
+    damage_page(db_path(config), "jobs")
+    assert main(["-c", str(config), "status"]) == EXIT_CONFIG
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: the state database") and "no backup yet" in err[0]
+
+
+@pytest.mark.parametrize("damaged, when", [
+    (damage, "cannot start"),  # the whole file: opening it fails
+    (lambda path: damage_page(path, "jobs"), "cannot start"),  # jobs' root page, read by recovery
+    (lambda path: damage_page(path, "notifications"), "stopping"),  # found later, by the backup's check
+], ids=["whole file", "jobs page", "another table's page"])
+def test_run_on_a_damaged_database_exits_2_with_one_line_in_the_log_and_on_stderr(config, capsys,
+                                                                                  keep_signal_handlers, damaged, when):
+    db_path(config).parent.mkdir(parents=True, exist_ok=True)
+    damaged(db_path(config))
+    assert main(["-c", str(config), "run"]) == EXIT_CONFIG
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: the state database") and "Traceback" not in err[0]
+    log = load_config(config, environ={}).folder("logs") / "heygem.log"
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [line["event"] for line in lines if line["level"] == "error"] == [f"{when}: the state database is damaged"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+import subprocess
 import threading
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from heygem_daemon.generation.workers import Attempt, Slot, crash_error
 from heygem_daemon.engines.base import TaskSpec
 from heygem_daemon.engines.registry import build_engine
 from heygem_daemon.notify.announce import Announcer
+from heygem_daemon.ops.diskguard import wake_folder_waiters
 from heygem_daemon.notify.outbox import Outbox
 from heygem_daemon.state import Job, NewTask, Store
 from media_factory import PORTRAIT_JPG, write_speech_wav
@@ -309,6 +311,36 @@ def test_status_shows_a_job_whose_tasks_all_wait_as_waiting_for_the_dependency_n
     assert line.split()[1:5] == ["waiting", "0/2", "videos", "0.0%"]
     assert f"(waiting for {error[4]} since " in line
     assert life.store.jobs.get(job.id).state == "running"  # the store's state is unchanged: only shown truly
+
+
+def test_a_read_only_outputs_folder_is_an_outage_that_uses_no_attempt_alerts_once_and_ends_by_itself(
+        tmp_path, tmpfs, clock):
+    outputs = tmpfs("outputs", "size=4m")
+    (tmp_path / "config.yaml").write_text(json.dumps({
+        "base_dir": str(tmp_path), "folders": {"outputs": str(outputs)},
+        "workers": {"max_attempts": MAX_ATTEMPTS, "backoff_seconds": BACKOFF, "backoff_max_seconds": 60,
+                    "outage_alert_seconds": 600}}))
+    cfg = load_config(tmp_path / "config.yaml", environ={})
+    life = LifeCycle(cfg, Store(cfg.folder("state") / "heygem.db"), clock=clock)
+    job = claimed(life, "alice", media=True)
+    subprocess.run(["mount", "-o", "remount,ro", str(outputs)], check=True)
+    alerts: list[tuple[str, str]] = []
+    watch = outages.OutageWatch(cfg, life.store, lambda k, m: alerts.append((k, m)), clock)
+    s = slot(life, clock, PreviewInProcess)
+    for _ in range(30):  # far more tries than max_attempts, and longer than outage_alert_seconds
+        run_until_settled(s, clock, limit=2)
+        watch.check()
+    s.step()  # the task tried again, and waits out its backoff
+    (task,) = life.store.tasks.select(job.id)
+    assert task.state == "queued" and task.attempts == 0 and task.last_error["dependency"] == "outputs/"
+    assert task.not_before > clock.now
+    assert "Read-only file system" in task.last_error["reason"]
+    assert len(alerts) == 1 and alerts[0][0].startswith("outage:outputs/") and "Read-only" in alerts[0][1]
+    subprocess.run(["mount", "-o", "remount,rw", str(outputs)], check=True)
+    # The daemon's main loop wakes the waiting tasks when the folder takes a file again: no backoff to wait out.
+    assert wake_folder_waiters(cfg, life.store, clock.now) == ["outputs/"]
+    assert s.step()
+    assert life.store.jobs.get(job.id).state == "done" and (outputs / "alice" / "v0.mp4").stat().st_size > 0
 
 
 # --- fair queue ----------------------------------------------------------------------------------------

@@ -122,6 +122,9 @@ class DeliveryService:
         if self.client is not None and self.settings.lifecycle.wanted:
             self._apply_lifecycle()
         while not self.stopping.is_set():
+            if self.store.db.full_since is not None:  # the state disk is full: nothing done could be recorded
+                self.stopping.wait(1.0)
+                continue
             began, submitted = time.monotonic(), self._submitted
             try:
                 self._step()

@@ -15,7 +15,7 @@ import time
 import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from heygem_daemon.clock import SYSTEM_CLOCK, Clock
 from heygem_daemon.ops import metrics
@@ -26,14 +26,24 @@ from heygem_daemon.generation.lifecycle import CANCELLED_HINT, CANCELLED_REASON,
 from heygem_daemon.log import get_logger
 from heygem_daemon.media.kinds import MediaKind, kind_of
 from heygem_daemon.speech.step import CACHE_DIR as SPEECH_CACHE
+from heygem_daemon.ops.diskguard import folder_fault
 from heygem_daemon.proc import die_with_parent
 from heygem_daemon.state import CANCELLING, Task
+from heygem_daemon.state.db import StateFull
 
 log = get_logger("heygem.workers")
 PROGRESS_WRITE_INTERVAL = 0.5
 BEAT_INTERVAL = 1.0
 IDLE_POLL = 1.0
 CANCEL_CHECK_INTERVAL = 1.0
+# How often a slot holding an outcome the store could not take (its disk full) tries to record it again.
+HOLD_RETRY_SECONDS = 0.5
+T = TypeVar("T")
+Held = Callable[[Callable[[], T]], T]
+
+
+def at_once(call: Callable[[], T]) -> T:
+    return call()
 
 
 class _Reporter:
@@ -214,6 +224,8 @@ class Slot(threading.Thread):
         self.engine_settings = engine_settings
         self.worker: WorkerProcess | None = None
         self.current: Task | None = None
+        self.holding = False
+        """An outcome waits here for the store to take it (its disk is full)."""
 
     def run(self) -> None:
         while not self.stop_event.is_set():
@@ -230,6 +242,8 @@ class Slot(threading.Thread):
         """Take the next runnable task and run one attempt of it; False when none is due."""
         try:
             task = self.life.take(self.device)
+        except StateFull:  # the daemon holds the slots meanwhile (ops/statedisk.py)
+            return False
         except Exception:
             log.exception("cannot read the queue", device=self.device)
             return False
@@ -251,6 +265,10 @@ class Slot(threading.Thread):
                          attempt=task.attempts)
         started = self.clock.monotonic()
         try:
+            blocked = environment_fault(self.cfg)
+            if blocked is not None:  # before any engine work: the task waits, its attempt not counted
+                record_failure(self.life, self.device, task, blocked, bound, self._held)
+                return
             engine, spec = task_spec(self.cfg, self.life, task, self.device)
             spec.workdir.mkdir(parents=True, exist_ok=True)
             spec.output.parent.mkdir(parents=True, exist_ok=True)
@@ -259,18 +277,48 @@ class Slot(threading.Thread):
             seconds = self.clock.monotonic() - started
             outcome = "done" if result.ok else "interrupted" if result.interrupted else "failed"
             metrics.TASK_SECONDS.labels(self.device, outcome).observe(seconds)
-            record(self.life, self.device, task, spec.output, result, bound, seconds)
+            if outcome == "failed" and result.kind in (Kind.ENGINE, Kind.INTERNAL):
+                result = environment_fault(self.cfg) or result  # e.g. outputs/ turned read-only mid-render
+            record(self.life, self.device, task, spec.output, result, bound, seconds, self._held)
+        except StateFull:  # only when stopping while an outcome was held: recovery settles it at the next start
+            bound.warning("stopping with an outcome the full state disk could not take; the next start settles it")
         except Exception as exc:
-            # Our own fault (a preset gone after a reload, work/ or outputs/ unwritable): a counted
-            # attempt with backoff like any failure, so it can never spin.
+            # Our own fault (a preset gone after a reload, a job's folder in the way): a counted attempt
+            # with backoff like any failure, so it can never spin; work/ or outputs/ unusable is an outage.
             bound.exception("supervisor error")
-            record_failure(self.life, self.device, task, Attempt(
+            record_failure(self.life, self.device, task, environment_fault(self.cfg) or Attempt(
                 False, f"{type(exc).__name__}: {exc}", "the daemon could not run the task; see the log", Kind.INTERNAL),
-                bound)
+                bound, self._held)
         finally:
             self.current = None
 
+    def _held(self, call: Callable[[], T]) -> T:
+        """Record an outcome; while the store cannot take it (its disk is full) keep it here and try again. The
+        slot takes no other task meanwhile and its worker is idle, so no result can ever be recorded against
+        another task. A stop gives up holding: the task is still `running` in the store, which recovery
+        settles (its output in place: done; else queued again, the attempt not counted)."""
+        while True:
+            try:
+                result = call()
+            except StateFull:
+                if self.stop_event.is_set():
+                    raise
+                self.holding = True
+                self.stop_event.wait(HOLD_RETRY_SECONDS)
+                continue
+            self.holding = False
+            return result
+
     def _attempt(self, engine: str, spec: TaskSpec) -> Attempt:
+        try:
+            return self._follow(engine, spec)
+        except BaseException:
+            # The worker may still be rendering this task: were it kept, the next task would read this one's
+            # answer. It goes with the attempt.
+            self._drop_worker()
+            raise
+
+    def _follow(self, engine: str, spec: TaskSpec) -> Attempt:
         if self.worker is None or not self.worker.alive():
             self.worker = WorkerProcess(self.device, self.engine_settings, self.cfg.workers.nice)
         worker = self.worker
@@ -310,7 +358,10 @@ class Slot(threading.Thread):
             kind = msg[0]
             if kind == "progress":
                 if last_beat - last_write >= PROGRESS_WRITE_INTERVAL:
-                    self.store.tasks.set_progress(spec.task_id, msg[1])
+                    try:
+                        self.store.tasks.set_progress(spec.task_id, msg[1])
+                    except StateFull:  # progress is for show: the render goes on
+                        pass
                     last_write = last_beat
             elif kind == "done":
                 return Attempt(True)
@@ -324,13 +375,24 @@ class Slot(threading.Thread):
             self.worker = None
 
 
+def environment_fault(cfg: Config) -> Attempt | None:
+    """A folder every task needs (work/, outputs/) that cannot be written: an outage of the environment, so
+    no task uses up its attempts on it (a job's own problem, such as a preset removed by a reload, still
+    fails that job)."""
+    fault = folder_fault(cfg)
+    if fault is None:
+        return None
+    return Attempt(False, fault.reason, fault.hint, Kind.OUTAGE, dependency=fault.dependency)
+
+
 def record(life: LifeCycle, device: str, task: Task, part: Path, result: Attempt, bound: Any,
-           seconds: float) -> None:
+           seconds: float, held: Held[Any] = at_once) -> None:
     """Finish an attempt, local or remote alike: a checked `.part` is renamed into place and the task is done;
-    anything else goes through the life cycle's failure rules."""
+    anything else goes through the life cycle's failure rules. `held` runs each store write (a slot keeps
+    trying while the state disk is full); the file steps before it are done once."""
     if result.interrupted:
         part.unlink(missing_ok=True)
-        life.interrupted(task)
+        held(lambda: life.interrupted(task))
         bound.info("task interrupted; requeued, the attempt not counted", reason=result.reason)
         return
     if result.ok:
@@ -339,14 +401,15 @@ def record(life: LifeCycle, device: str, task: Task, part: Path, result: Attempt
         else:
             os.replace(part, task.output)
             bound.info("task done", output=task.output, seconds=round(seconds, 2))
-            life.task_done(task)
+            held(lambda: life.task_done(task))
             return
     part.unlink(missing_ok=True)
-    record_failure(life, device, task, result, bound)
+    record_failure(life, device, task, result, bound, held)
 
 
-def record_failure(life: LifeCycle, device: str, task: Task, result: Attempt, bound: Any) -> None:
-    state = life.attempt_failed(task, result.problem(), device, result.dependency)
+def record_failure(life: LifeCycle, device: str, task: Task, result: Attempt, bound: Any,
+                   held: Held[TaskState] = at_once) -> None:
+    state = held(lambda: life.attempt_failed(task, result.problem(), device, result.dependency))
     if result.kind is Kind.OUTAGE and state is TaskState.QUEUED:
         bound.warning("task waits for a dependency (attempt not counted)", reason=result.reason)
     else:
@@ -386,7 +449,8 @@ class WorkerPool:
         self.wake.set()
 
     def busy(self) -> bool:
-        return any(s.current is not None for s in self.slots)
+        """A render runs (a slot holding an outcome for a full state disk does not count: a stop gives it up)."""
+        return any(s.current is not None and not s.holding for s in self.slots)
 
     def alive(self) -> bool:
         return all(s.is_alive() for s in self.slots)

@@ -19,7 +19,7 @@ from heygem_daemon.config import Config
 from heygem_daemon.failures import Kind, Problem
 from heygem_daemon.fs.ops import move_blocker
 from heygem_daemon.fs.watcher import OpenWrites
-from heygem_daemon.intake.claim import ClaimBlocked, Claimer
+from heygem_daemon.intake.claim import ClaimBlocked, Claimer, recover_detected
 from heygem_daemon.intake.inspect import Inspection, Inspector
 from heygem_daemon.intake.pairing import (
     MANIFEST_NAMES, MAX_MANIFEST_BYTES, FileInfo, Outcome, Plan, Rejection, Wait, entry_problem, plan_folder,
@@ -88,6 +88,7 @@ class Intake:
         self._blocked: dict[str, int] = {}
         """Groups whose files cannot be moved now, with how many tries failed (for the backoff)."""
         self._warned: dict[str, float] = {}
+        self._undo_cut_claims = False
 
     def set_config(self, cfg: Config) -> None:
         """Live config (SIGHUP): settle time, timeouts, limits, name patterns; called from the main thread,
@@ -95,6 +96,13 @@ class Intake:
         with self._lock:
             self._new_cfg = cfg
             self._rescan = True
+        self.wake.set()
+
+    def undo_cut_claims(self) -> None:
+        """After the state disk was full: a claim whose files moved but whose `queued` could not be recorded
+        is undone (files back to the inbox, claimed again) at the next step, in this thread, which is the only
+        one that claims — so no claim in progress is taken for a cut one."""
+        self._undo_cut_claims = True
         self.wake.set()
 
     # --- called from watcher threads ------------------------------------------------------------
@@ -149,6 +157,9 @@ class Intake:
             dirty, self._dirty = self._dirty, set()
             rescan = self._rescan or now >= self._next_rescan
             self._rescan = False
+        if self._undo_cut_claims:
+            self._undo_cut_claims = False
+            recover_detected(self.cfg, self.claimer.store)
         if new_cfg is not None:
             self.cfg = self.claimer.cfg = new_cfg
             self.names = NameFilter(new_cfg.watcher)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from heygem_daemon.ops.checks import Check
-from heygem_daemon.config import Config, ConfigError
+from heygem_daemon.config import Config, ConfigError, Notify
 from heygem_daemon.notify.messages import Message, alert_message, failure_message, report_messages
 from heygem_daemon.delivery.report import BatchReport
 from heygem_daemon.notify.targets import (
@@ -176,6 +176,9 @@ class Notifier:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            if self.store.db.full_since is not None:  # a send could not be recorded: it would go out twice
+                self._stop.wait(1.0)
+                continue
             try:
                 self.send_due()
             except Exception:
@@ -264,6 +267,27 @@ class Notifier:
             f"{target.label} refused a chat message ({detail}); \"{row.title}\" was not delivered and will not "
             "be sent again. Check that target's URL, token and secret (heygem-daemon doctor); `heygem-daemon "
             "status` lists the refused messages.")
+
+
+def alert_now(cfg: Notify, key: str, text: str) -> threading.Thread:
+    """An alert the store cannot record (its disk is full, and the outbox is in it): sent straight to the
+    operator targets, one try each, on a thread of its own so the caller never waits for a chat service.
+    Holding it until there is room would tell the operator only once the trouble is over."""
+    def go() -> None:
+        for url in dict.fromkeys(operator_urls(cfg)):
+            target = parse_target(url)
+            if target is None:
+                continue
+            answer = send(target, alert_message(text, target.limits(), cfg.title_prefix))
+            if answer.outcome == "delivered":
+                log.info("operator alert sent straight to the chat target", alert=key, target=target.label)
+            else:
+                log.warning("operator alert not delivered (the log and status say it)", alert=key,
+                            target=target.label, error=answer.detail)
+
+    thread = threading.Thread(target=go, name=f"alert-{key}", daemon=True)
+    thread.start()
+    return thread
 
 
 def notify_checks(cfg: Config) -> list[Check]:

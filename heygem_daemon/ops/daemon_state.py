@@ -4,6 +4,7 @@ daemon's heartbeat: a main loop that stopped turning stops it)."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -13,16 +14,43 @@ from typing import Any
 
 import psutil
 
-from heygem_daemon.fs.ops import atomic_write_json
+from heygem_daemon.fs.ops import atomic_write_text
 
 STATE_FILE = "daemon.json"
 LOCK_FILE = "heygem.pid"
 HEARTBEAT_SECONDS = 5.0
 STALE_SECONDS = 3 * HEARTBEAT_SECONDS
+# The file is padded to this size, so that on a full state disk — when a new copy cannot be written — the
+# new state (why the daemon waits) still fits over the old one, in blocks the file already holds.
+PADDED_SIZE = 4096
 
 
 def write_state(state_dir: Path, **fields: Any) -> None:
-    atomic_write_json(state_dir / STATE_FILE, {"pid": os.getpid(), "updated": time.time(), **fields})
+    path = state_dir / STATE_FILE
+    text = json.dumps({"pid": os.getpid(), "updated": time.time(), **fields}, indent=2, ensure_ascii=False)
+    data = (text + "\n").encode()
+    data += b" " * (PADDED_SIZE - len(data))  # JSON allows trailing white space
+    try:
+        atomic_write_text(path, data.decode())
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not _overwrite(path, data):
+            raise
+
+
+def _overwrite(path: Path, data: bytes) -> bool:
+    """Write `data` over the file in place, padded to its size, if it fits. A reader meeting it half written
+    sees bad JSON and takes it as no state (`read_state`); this runs only when the disk is full."""
+    try:
+        with open(path, "r+b") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if len(data) > size:
+                return False
+            fh.write(data + b" " * (size - len(data)))
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError:
+        return False
+    return True
 
 
 def lock_holder(state_dir: Path) -> int | None:

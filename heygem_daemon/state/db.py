@@ -18,7 +18,9 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, NoReturn
+
+from heygem_daemon.log import Reported
 
 V1_CORE = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -291,7 +293,7 @@ BACKUP_SUFFIX = ".bak"
 _DAMAGED = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
-class DatabaseDamaged(Exception):
+class DatabaseDamaged(Reported, sqlite3.DatabaseError):
     """The state database cannot be read: one line that says what, where the backup is and how to recover."""
 
     def __init__(self, path: Path, cause: BaseException) -> None:
@@ -307,9 +309,18 @@ class DatabaseDamaged(Exception):
         super().__init__(f"the state database {path} is damaged ({cause}); {recover}")
 
 
-def damaged(exc: BaseException) -> bool:
+class StateFull(Reported, sqlite3.OperationalError):
+    """SQLite cannot write: the state folder's disk is full. Nothing was written; the same call succeeds
+    once there is room again (`Database.full_since` says since when)."""
+
+
+def _code(exc: BaseException) -> int | None:
     code = getattr(exc, "sqlite_errorcode", None)
-    return isinstance(exc, sqlite3.DatabaseError) and code is not None and (code & 0xFF) in _DAMAGED
+    return code & 0xFF if isinstance(exc, sqlite3.DatabaseError) and code is not None else None
+
+
+def damaged(exc: BaseException) -> bool:
+    return _code(exc) in _DAMAGED
 
 
 def backup_path(path: Path) -> Path:
@@ -329,47 +340,130 @@ def quick_check(path: Path) -> list[str]:
     return [] if rows == ["ok"] else rows
 
 
+def _translating(method: Callable[..., Any]) -> Callable[..., Any]:
+    """`method` of sqlite3.Cursor, its errors said as they matter to the daemon (`Database.translate`). A plain
+    try block: a query costs next to nothing more when all is well."""
+    def call(self: sqlite3.Cursor, *args: Any) -> Any:
+        try:
+            return method(self, *args)
+        except sqlite3.DatabaseError as exc:
+            _reraise(self, exc)
+    return call
+
+
+class _Cursor(sqlite3.Cursor):
+    """Every statement and every fetch (SQLite reads pages while it steps) goes through `_translating`."""
+
+    __slots__ = ()
+    execute = _translating(sqlite3.Cursor.execute)
+    executemany = _translating(sqlite3.Cursor.executemany)
+    executescript = _translating(sqlite3.Cursor.executescript)
+    fetchone = _translating(sqlite3.Cursor.fetchone)
+    fetchmany = _translating(sqlite3.Cursor.fetchmany)
+    fetchall = _translating(sqlite3.Cursor.fetchall)
+    __next__ = _translating(sqlite3.Cursor.__next__)
+
+
+class _Connection(sqlite3.Connection):
+    """A connection whose cursors are `_Cursor`s. The C-level shortcuts would make plain ones, so they are
+    routed here, through `Connection.cursor` (which hands the cursor the row factory)."""
+
+    owner: "Database | None" = None
+
+    def cursor(self, factory: Any = _Cursor) -> Any:
+        return sqlite3.Connection.cursor(self, factory)
+
+    def execute(self, *args: Any) -> Any:
+        return sqlite3.Connection.cursor(self, _Cursor).execute(*args)
+
+    def executemany(self, *args: Any) -> Any:
+        return sqlite3.Connection.cursor(self, _Cursor).executemany(*args)
+
+    def executescript(self, *args: Any) -> Any:
+        return sqlite3.Connection.cursor(self, _Cursor).executescript(*args)
+
+
+def _reraise(cursor: sqlite3.Cursor, exc: sqlite3.DatabaseError) -> NoReturn:
+    owner = getattr(cursor.connection, "owner", None)
+    meant = owner.translate(exc) if owner is not None else exc
+    if meant is exc:
+        raise exc
+    raise meant from exc
+
+
 class Database:
-    """Connections for the calling thread, and IMMEDIATE transactions: readers never see half a change."""
+    """Connections for the calling thread, and IMMEDIATE transactions: readers never see half a change.
+
+    Answers of SQLite that concern the whole daemon are translated wherever they come up, in any thread: a
+    damaged page (SQLITE_CORRUPT, SQLITE_NOTADB) raises `DatabaseDamaged`, kept in `damage` (the daemon stops,
+    exit 2); a full disk (SQLITE_FULL) raises `StateFull` and sets `full_since` (an outage the daemon waits
+    out; `writable_again` clears it)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._local = threading.local()
+        self.damage: DatabaseDamaged | None = None
+        self.full_since: float | None = None
         try:
             migrate(self.conn())
-        except sqlite3.DatabaseError as exc:
-            if damaged(exc):
-                self.close()
-                raise DatabaseDamaged(path, exc) from exc
+        except DatabaseDamaged:
+            self.close()
             raise
+
+    def translate(self, exc: sqlite3.DatabaseError) -> sqlite3.DatabaseError:
+        code = _code(exc)
+        if code in _DAMAGED:
+            return self._damaged(exc)
+        if code == sqlite3.SQLITE_FULL:
+            if self.full_since is None:
+                self.full_since = time.time()
+            return StateFull(str(exc))
+        return exc
+
+    def _damaged(self, cause: BaseException) -> DatabaseDamaged:
+        found = DatabaseDamaged(self.path, cause)
+        self.damage = self.damage or found
+        return found
+
+    def writable_again(self) -> None:
+        """The daemon found room on the state disk again: writes go ahead."""
+        self.full_since = None
 
     def backup(self) -> Path:
         """An online copy (SQLite's backup API, consistent while others write) beside the database, swapped
-        in only once complete and checked, so a crash or a damaged source never costs the last good one."""
+        in only once complete and checked, so a crash or a damaged source never costs the last good one. A
+        copy that fails is removed at once (on a full state disk it would hold the space everyone needs);
+        damage the copy reveals is the database's own: `DatabaseDamaged`."""
         target = backup_path(self.path)
         tmp = target.with_name(f".{target.name}.tmp")  # one daemon per state folder: a fixed name is ours
         tmp.unlink(missing_ok=True)
-        dest = sqlite3.connect(tmp)
         try:
-            self.conn().backup(dest)
-            problems = [r[0] for r in dest.execute("PRAGMA quick_check")]
-        finally:
-            dest.close()
-        if problems != ["ok"]:
+            dest = sqlite3.connect(tmp)
+            try:
+                self.conn().backup(dest)
+                problems = [r[0] for r in dest.execute("PRAGMA quick_check")]
+            finally:
+                dest.close()
+            if problems != ["ok"]:
+                raise self._damaged(sqlite3.DatabaseError(f"a copy failed its quick_check: {problems[:3]}"))
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException as exc:
             tmp.unlink(missing_ok=True)
-            raise sqlite3.DatabaseError(f"the copy failed its quick_check: {problems[:3]}")
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            if damaged(exc):
+                raise self._damaged(exc) from exc
+            raise
         os.replace(tmp, target)
         return target
 
     def conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, factory=_Connection)
+            conn.owner = self
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -383,10 +477,13 @@ class Database:
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # SQLite may have rolled back by itself (a full disk), or left a failed COMMIT open: either way the
+            # connection must come out of it without a transaction, or every later BEGIN fails.
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
