@@ -87,9 +87,11 @@ class Daemon:
         # Remote hosts (Celery queues) take tasks from the same queue, beside or instead of local devices.
         self.remote = _remote(cfg, self.life)
         self.outbox = Outbox(cfg, self.store)
-        self.chat = Notifier(self.outbox, {WEBHOOK: lambda row: deliver_webhook(self.store, row, cfg.web.webhook_allow)})
-        self.announcer = Announcer(self.outbox, self.store,
-                                   Webhooks(self.outbox, self.store, lambda job: job_resource(cfg, self.store, job)))
+        # Webhooks ride the chat outbox (one row per event and token); their body is the API's job resource.
+        self.chat = Notifier(self.outbox, {WEBHOOK: lambda row: deliver_webhook(self.store, row,
+                                                                                cfg.web.webhook_allow)})
+        webhooks = Webhooks(self.outbox, self.store, lambda job: job_resource(cfg, self.store, job))
+        self.announcer = Announcer(self.outbox, self.store, webhooks)
         self.outages = OutageWatch(cfg, self.store, self.outbox.enqueue_alert,
                                    others=lambda: self.remote.outages() if self.remote else [],
                                    wake=self._wake_generation,

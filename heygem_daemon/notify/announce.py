@@ -5,7 +5,8 @@
   lists what failed as well, so a job that half failed is announced once, not twice.
 - Duplicates are told nothing (the first drop was).
 The same moments are the webhooks' job.done / job.failed (video.done when each video is made), so a
-webhook's body carries the links the report has. Every message goes through the outbox, whose event keys make a repeated event (recovery) add nothing.
+webhook's body carries the links the report has. Every message goes through the outbox, whose event keys
+make a repeated event (recovery) add nothing.
 """
 
 from __future__ import annotations

@@ -238,7 +238,7 @@ class Notifier:
         answer = send(target, Message(row.title, row.body, row.body_format, row.notify_type))
         if answer.outcome == "refused":
             self._alert_refused(target, row, answer.detail)
-        return self._settle(row, answer, bound, target.plugin.service_name)
+        return self._settle(row, answer, bound, target.plugin.service_name or "the chat service")
 
     def _settle(self, row: Notification, answer: Answer, bound: Any, service: str) -> int:
         """Record a send's outcome: sent, refused for good, given up after max age, or a retry with backoff."""

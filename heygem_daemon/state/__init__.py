@@ -17,8 +17,9 @@ from heygem_daemon.state.outbox import NewNotification, Notification, OutboxRepo
 from heygem_daemon.state.tasks import NewTask, Task, TaskQueue
 from heygem_daemon.state.web import WebRepository, WebSession
 
-__all__ = ["DB_FILE", "db_path", "CANCELLING", "TERMINAL_JOB_STATES", "ApiToken", "Webhook", "Batch", "Delivery", "HeygemCode",
-           "Job", "KeyUse", "NewNotification", "NewTask", "Notification", "Part", "Store", "Task", "WebSession"]
+__all__ = ["DB_FILE", "db_path", "CANCELLING", "TERMINAL_JOB_STATES", "ApiToken", "Batch", "Delivery", "HeygemCode",
+           "Job", "KeyUse", "NewNotification", "NewTask", "Notification", "Part", "Store", "Task", "Webhook",
+           "WebSession"]
 
 
 DB_FILE = "heygem.db"
