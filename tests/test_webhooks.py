@@ -4,12 +4,15 @@ receivers to, with a real SQLite store, the real outbox sender and the API's own
 import hashlib
 import hmac
 import threading
+import time
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
+import yaml
 
+from heygem_daemon.cli import main
 from heygem_daemon.config import Config
 from heygem_daemon.generation.lifecycle import JobFinished, JobState, TaskFinished
 from heygem_daemon.notify.announce import Announcer
@@ -235,3 +238,23 @@ def test_the_announcer_sends_job_failed_when_nothing_was_made_and_video_done_per
     assert set(events) == {"video.done", "job.failed"}
     failed = events["job.failed"]
     assert failed.state == "failed" and failed.problem is not None and failed.problem.reason == "the engine failed"
+
+
+def test_token_create_with_a_callback_prints_its_secret_once_and_rotate_secret_keeps_both_for_the_overlap(
+        tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"base_dir": str(tmp_path), "logging": {"console": False},
+                                                          "web": {"auth": "proxy"}}))
+    cli = ["-c", str(tmp_path / "config.yaml"), "web", "token"]
+    assert main([*cli, "create", "shop", "--user", "alice", "--callback", "https://erp.example.com/h?k=s3cr"]) == 0
+    first = capsys.readouterr().out.split("webhook secret: ")[1].strip()
+    assert main([*cli, "rotate-secret", "shop"]) == 0
+    second = capsys.readouterr().out.split("webhook secret: ")[1].strip()
+    assert main([*cli, "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "callback https://erp.example.com" in listed and "s3cr" not in listed and first not in listed
+
+    store = Store(tmp_path / "state" / "heygem.db")
+    hook = store.api.webhook("shop", time.time())
+    store.close()
+    assert hook is not None and hook.secrets == (second, first)
+    assert first not in repr(hook)
