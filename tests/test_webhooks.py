@@ -22,7 +22,9 @@ from heygem_daemon.state import Store
 from heygem_daemon.views import job_resource, job_view
 from heygem_daemon.web.api import JobOut
 from heygem_daemon.web.tokens import TokenError, create_token, rotate_secret, webhook_secret
-from notify_receiver import serve, shut
+from daemon_harness import DaemonHarness
+from media_factory import FIXTURES
+from notify_receiver import serve, shut, wait_until
 
 LOOPBACK = ["127.0.0.0/8"]
 
@@ -31,6 +33,7 @@ LOOPBACK = ["127.0.0.0/8"]
 class Hit:
     headers: dict[str, str]
     body: bytes
+    status: int
 
 
 class HookReceiver:
@@ -44,8 +47,8 @@ class HookReceiver:
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with receiver._lock:
-                    receiver.hits.append(Hit(dict(self.headers), body))
                     status = receiver.statuses.pop(0) if receiver.statuses else 200
+                    receiver.hits.append(Hit(dict(self.headers), body, status))
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -258,3 +261,44 @@ def test_token_create_with_a_callback_prints_its_secret_once_and_rotate_secret_k
     store.close()
     assert hook is not None and hook.secrets == (second, first)
     assert first not in repr(hook)
+
+
+@pytest.mark.daemon
+def test_the_daemon_sends_a_failed_api_job_once_across_sigkills_before_and_after_the_send(tmp_path, receiver, voice):
+    hook = receiver(503)  # the receiver is down for the first try
+    harness = DaemonHarness(tmp_path / "base", {"notify": {"retry_base_seconds": 0.2, "retry_max_seconds": 0.5},
+                                                "web": {"webhook_allow": LOOPBACK}})
+    store = harness.store()
+    create_token(store, "shop", "alice", ("jobs:write",), hook.url)
+    secret = webhook_secret(store, "shop") or ""
+    for name in ("alpha", "bravo"):
+        store.web.record_owner(name, "alice", 0.0, "shop")
+    store.close()
+
+    def drop(name: str) -> None:  # a portrait without a face: the job fails, nothing is made
+        harness.drop(voice, "voice.wav", folder=f".{name}")
+        harness.drop(FIXTURES / "no_face.jpg", "coffee.jpg", folder=f".{name}")
+        (harness.inbox / f".{name}").rename(harness.inbox / name)
+
+    def sent(name: str) -> None:
+        job = harness.wait_job(name, timeout=60)
+        wait_until(lambda: [r for r in harness.store().outbox.select(job.id) if r.state == "sent"], 30,
+                   lambda: f"the webhook of {name} to be recorded as sent; hits: {hook.hits}")
+    try:
+        harness.start()
+        drop("alpha")
+        wait_until(lambda: hook.hits, 60, lambda: "a first delivery attempt")
+        harness.kill()  # answered 503: recorded, not sent
+        harness.start()
+        sent("alpha")
+        harness.kill()  # sent and recorded: a restart sends nothing again
+        harness.start()
+        drop("bravo")
+        sent("bravo")
+    finally:
+        harness.stop()
+    delivered = [JobOut.model_validate_json(h.body).ref for h in hook.hits if h.status == 200]
+    assert sorted(delivered) == ["alpha", "bravo"]
+    assert all(verify(secret, h.headers["X-Heygem-Signature"], h.body) for h in hook.hits)
+    assert {h.headers["X-Heygem-Event"] for h in hook.hits} == {"job.failed"}
+    assert secret not in harness.log_text()
