@@ -221,6 +221,15 @@ def test_jobs_not_made_by_a_token_with_a_callback_send_nothing(tmp_path, store, 
     assert hooks.job_ended(api_job(store, "no-callback", token="reader")) == 0
 
 
+def test_a_job_resource_that_cannot_be_made_is_logged_and_not_raised_into_the_life_cycle(tmp_path, store, receiver):
+    _, hooks, _, _ = rig(tmp_path, store, receiver().url, LOOPBACK)
+
+    def broken(job):
+        raise KeyError("size")
+    assert Webhooks(hooks.outbox, store, broken).job_ended(api_job(store)) == 0
+    assert store.outbox.select() == []
+
+
 def test_a_callback_must_be_an_http_url_without_credentials(store):
     for bad in ("ftp://example.com/x", "https://user:pw@example.com/x", "example.com"):
         with pytest.raises(TokenError):

@@ -256,7 +256,7 @@ class Notifier:
         age = time.time() - row.created_at
         if age >= self.cfg.max_age_hours * 3600:
             self.store.outbox.failed(row.id, answer.detail, None)
-            bound.error("notification given up: the chat service kept refusing it", error=answer.detail,
+            bound.error("notification given up: the service kept failing it", error=answer.detail,
                         attempts=row.attempts + 1, title=row.title,
                         fix="check the service and the URL (heygem-daemon doctor)")
             return 0

@@ -21,10 +21,12 @@ from urllib.parse import urlsplit
 
 import urllib3
 
+from heygem_daemon.log import get_logger
 from heygem_daemon.notify.outbox import Outbox
 from heygem_daemon.notify.robots import Answer
 from heygem_daemon.state import Job, NewNotification, Notification, Store, Webhook
 
+log = get_logger("heygem.notify")
 KIND = "webhook"
 TARGET_PREFIX = "webhook:"
 EVENTS = ("job.done", "job.failed", "video.done")
@@ -162,10 +164,15 @@ class Webhooks:
 
     def enqueue(self, event: str, job: Job, key: str) -> int:
         """`key` tells repeats of one event apart from a new one (the attempt, the video's task id)."""
-        token = self.store.web.owner_token(job.name, job.created_at)
-        if token is None or self.store.api.webhook(token, time.time()) is None:
+        # Called from the life cycle's events and delivery's hand-over: a problem here is logged, never raised.
+        try:
+            token = self.store.web.owner_token(job.name, job.created_at)
+            if token is None or self.store.api.webhook(token, time.time()) is None:
+                return 0
+            body = json.dumps(self.render(job), separators=(",", ":"), sort_keys=True)
+        except Exception:
+            log.exception("could not record a webhook", webhook=event, job_id=job.id, job=job.name)
             return 0
-        body = json.dumps(self.render(job), separators=(",", ":"), sort_keys=True)
         row = NewNotification(f"{KIND}:{event}:{job.id}:{key}", TARGET_PREFIX + token, KIND, job.id, event, body,
                               "json", "info")
         return self.outbox.record_rows([row])
