@@ -2,6 +2,7 @@
 receivers to, with a real SQLite store, the real outbox sender and the API's own job serialiser."""
 
 import hashlib
+import json
 import hmac
 import threading
 import time
@@ -14,6 +15,7 @@ import yaml
 
 from heygem_daemon.cli import main
 from heygem_daemon.config import Config
+from heygem_daemon.delivery.report import BatchReport, VideoLink
 from heygem_daemon.generation.lifecycle import JobFinished, JobState, TaskFinished
 from heygem_daemon.notify.announce import Announcer
 from heygem_daemon.notify.outbox import Notifier, Outbox
@@ -219,6 +221,26 @@ def test_jobs_not_made_by_a_token_with_a_callback_send_nothing(tmp_path, store, 
     create_token(store, "reader", "alice", ("jobs:read",))
     assert hooks.job_ended(api_job(store, "from-console", token=None)) == 0  # type: ignore[arg-type]
     assert hooks.job_ended(api_job(store, "no-callback", token="reader")) == 0
+
+
+def test_job_done_goes_out_when_delivery_reports_the_job_with_its_links_in_the_body(tmp_path, store, receiver):
+    hook = receiver()
+    cfg, hooks, notifier, _ = rig(tmp_path, store, hook.url, LOOPBACK)
+    job = api_job(store)
+    store.jobs.set_state(job.id, "done")
+    link = "https://bucket.example.com/promo/anna.mp4?X-Amz-Signature=abc"
+    (cfg.folder("outputs") / "promo").mkdir(parents=True)
+    (cfg.folder("outputs") / "promo" / "links.json").write_text(json.dumps({"job": "promo", "written_at": "now",
+        "files": [{"file": "anna.mp4", "size": 10, "link": link, "expires_at": "2026-12-01T00:00:00Z"}]}))
+
+    Announcer(notifier.outbox, store, hooks).reported(BatchReport(job.id, "promo", [
+        VideoLink("anna.mp4", 10, "0" * 64, 1.0, link)], [], None, None, 1_796_083_200.0))
+    notifier.send_due()
+
+    [hit] = hook.hits
+    body = JobOut.model_validate_json(hit.body)
+    assert hit.headers["X-Heygem-Event"] == "job.done" and body.state == "done"
+    assert [(f.file, f.link) for f in body.links] == [("anna.mp4", link)]
 
 
 def test_a_job_resource_that_cannot_be_made_is_logged_and_not_raised_into_the_life_cycle(tmp_path, store, receiver):
