@@ -3,6 +3,7 @@ receivers to, with a real SQLite store, the real outbox sender and the API's own
 
 import hashlib
 import json
+import ssl
 import hmac
 import threading
 import time
@@ -19,6 +20,7 @@ from heygem_daemon.delivery.report import BatchReport, VideoLink
 from heygem_daemon.generation.lifecycle import JobFinished, JobState, TaskFinished
 from heygem_daemon.notify.announce import Announcer
 from heygem_daemon.notify.outbox import Notifier, Outbox
+from heygem_daemon.notify import webhooks
 from heygem_daemon.notify.webhooks import KIND, Unreachable, Webhooks, deliver, destination
 from heygem_daemon.state import Store
 from heygem_daemon.views import job_resource, job_view
@@ -27,6 +29,7 @@ from heygem_daemon.web.tokens import TokenError, create_token, rotate_secret, we
 from daemon_harness import DaemonHarness
 from media_factory import FIXTURES
 from notify_receiver import serve, shut, wait_until
+from robot_receiver import SLACK, make_tls
 
 LOOPBACK = ["127.0.0.0/8"]
 
@@ -41,11 +44,16 @@ class Hit:
 class HookReceiver:
     """Answers each POST with the next of `statuses` (then 200) and records what came."""
 
-    def __init__(self, *statuses: int) -> None:
+    def __init__(self, *statuses: int, tls: ssl.SSLContext | None = None) -> None:
         self.statuses, self.hits, self._lock = list(statuses), [], threading.Lock()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            def setup(self) -> None:
+                if tls is not None:
+                    self.request = tls.wrap_socket(self.request, server_side=True)
+                super().setup()
+
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with receiver._lock:
@@ -74,8 +82,8 @@ def verify(secret: str, header: str, body: bytes) -> bool:
 def receiver():
     made: list[HookReceiver] = []
 
-    def make(*statuses: int) -> HookReceiver:
-        made.append(HookReceiver(*statuses))
+    def make(*statuses: int, tls: ssl.SSLContext | None = None) -> HookReceiver:
+        made.append(HookReceiver(*statuses, tls=tls))
         return made[-1]
     yield make
     for r in made:
@@ -193,6 +201,26 @@ def test_the_first_allowed_address_is_the_one_connected_to():
                                                                              "93.184.215.14")
     assert destination("http://hooks.example.com/x", ["10.0.0.0/8"], resolved)[2] == "10.0.0.5"
     assert destination("http://hooks.example.com/x", ["hooks.example.com"], resolved)[2] == "10.0.0.5"
+
+
+def test_an_https_callback_goes_to_the_checked_address_with_its_certificate_checked_for_the_urls_host(
+        tmp_path, store, receiver, monkeypatch):
+    ca, context = make_tls(tmp_path / "tls")
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))  # the test CA as the system's trust store
+    monkeypatch.setattr(webhooks, "_resolve", lambda host, port: ["127.0.0.1"])  # the DNS answer
+    hook = receiver(tls=context)
+    port = hook.server.server_address[1]
+    _, hooks, notifier, secret = rig(tmp_path, store, f"https://{SLACK}:{port}/hooks/heygem", LOOPBACK)
+    create_token(store, "other", "alice", ("jobs:write",), f"https://erp.example.com:{port}/hooks")  # not in the cert
+    hooks.job_ended(replace(api_job(store), state="done"))
+    hooks.job_ended(replace(api_job(store, "second", token="other"), state="done"))
+
+    assert notifier.send_due() == 1
+
+    [hit] = hook.hits
+    assert hit.headers["Host"] == f"{SLACK}:{port}" and verify(secret, hit.headers["X-Heygem-Signature"], hit.body)
+    [mismatch] = store.outbox.select(states=("retrying",))
+    assert mismatch.target == "webhook:other" and "SSLError" in (mismatch.last_error or "")
 
 
 def test_during_a_rotation_both_secrets_sign_and_after_the_overlap_only_the_new_one(tmp_path, store, receiver):
