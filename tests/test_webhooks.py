@@ -175,6 +175,21 @@ def test_a_4xx_answer_is_refused_for_good_and_shown_on_the_job(tmp_path, store, 
     assert "chat" not in job_view(cfg, store, job)
 
 
+@pytest.mark.parametrize(("status", "state"), [(302, "gave_up"), (401, "gave_up"), (408, "retrying"),
+                                              (429, "retrying"), (503, "retrying")])
+def test_redirects_and_4xx_are_refused_for_good_but_408_429_and_5xx_are_retried(tmp_path, store, receiver,
+                                                                                 status, state):
+    hook = receiver(status)
+    _, hooks, notifier, _ = rig(tmp_path, store, hook.url, LOOPBACK)
+    job = api_job(store)
+    hooks.job_ended(replace(job, state="done"))
+
+    notifier.send_due()
+
+    [row] = store.outbox.select(job.id)
+    assert row.state == state and f"HTTP {status}" in (row.last_error or "")
+
+
 def test_a_loopback_callback_is_refused_unless_web_webhook_allow_lists_it(tmp_path, store, receiver):
     hook = receiver()
     _, hooks, notifier, _ = rig(tmp_path, store, hook.url, [])
