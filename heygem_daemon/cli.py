@@ -61,8 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     tc.add_argument("name", help="the token's name (in the audit log and `token list`)")
     tc.add_argument("--user", required=True, help="the console user the token acts as")
     tc.add_argument("--scope", default="jobs:read", help="comma-separated: jobs:read, jobs:write (default jobs:read)")
+    tc.add_argument("--callback", help="http(s) URL that gets the signed webhooks of the jobs this token makes")
     wts.add_parser("list", help="tokens with their user, scopes and last use (never the token)")
     wts.add_parser("revoke", help="end a token, now").add_argument("name")
+    wts.add_parser("rotate-secret", help="a new webhook signing secret; the old one signs too for "
+                   "web.webhook_secret_overlap_hours").add_argument("name")
     wk = sub.add_parser("worker", help="run a remote generation worker (Celery) on this GPU host")
     wk.add_argument("--queue", help="the queue it serves (default: the first in workers.remote.queues)")
     wk.add_argument("--hostname", help="its name in `status` (default: heygem@<host name>)")
@@ -187,19 +190,34 @@ def _sessions(store: Store, command: str, user: str | None) -> int:
 
 def _tokens(cfg: Config, store: Store, args: argparse.Namespace) -> int:
     """The API's tokens in the store: the running console reads them on every request, so a revoke holds at once."""
-    from heygem_daemon.web.tokens import TokenError, create_token, parse_scopes
+    from heygem_daemon.notify.webhooks import where
+    from heygem_daemon.web.tokens import TokenError, create_token, parse_scopes, rotate_secret, webhook_secret
 
     if args.token_command == "create":
         if cfg.web.auth == "password" and args.user not in cfg.web.users:
             print(f"error: {args.user!r} is not in web.users; a token acts as a configured user", file=sys.stderr)
             return 1
         try:
-            token = create_token(store, args.name, args.user, parse_scopes(args.scope))
+            token = create_token(store, args.name, args.user, parse_scopes(args.scope), args.callback)
         except TokenError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         print(token)
         print("(shown once: only its sha256 is kept; `web token revoke` ends it)", file=sys.stderr)
+        if secret := webhook_secret(store, args.name):
+            print(f"webhook secret: {secret}")
+            print("(shown once: verify X-Heygem-Signature with it; `web token rotate-secret` replaces it)",
+                  file=sys.stderr)
+        return 0
+    if args.token_command == "rotate-secret":
+        try:
+            secret = rotate_secret(store, args.name, cfg.web.webhook_secret_overlap_hours)
+        except TokenError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"webhook secret: {secret}")
+        print(f"(shown once; the previous secret signs too for {cfg.web.webhook_secret_overlap_hours:g} h)",
+              file=sys.stderr)
         return 0
     if args.token_command == "revoke":
         ended = store.api.revoke(args.name)
@@ -208,7 +226,8 @@ def _tokens(cfg: Config, store: Store, args: argparse.Namespace) -> int:
     for t in store.api.tokens():
         state = f"revoked {_when(t.revoked_at)}" if t.revoked_at else "live"
         used = _when(t.last_used_at) if t.last_used_at else "never"
-        print(f"{t.name}\t{t.user}\t{','.join(t.scopes)}\tmade {_when(t.created_at)}\tlast used {used}\t{state}")
+        print(f"{t.name}\t{t.user}\t{','.join(t.scopes)}\tmade {_when(t.created_at)}\tlast used {used}\t{state}"
+              f"\tcallback {where(t.callback_url) if t.callback_url else 'none'}")
     return 0
 
 

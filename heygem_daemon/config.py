@@ -401,6 +401,10 @@ class Web(_Section):
                                     "sent with the job); larger files go through tus uploads")
     api_s3_input_prefix: str = Field("", description="object keys under this prefix of s3.bucket may be a "
                                      "job's inputs (API s3_keys, relative to it); empty: off")
+    webhook_allow: list[str] = Field(default_factory=list, description="networks (CIDR) or host names a webhook may "
+                                     "reach although private, loopback, link-local or reserved; none by default")
+    webhook_secret_overlap_hours: float = Field(24.0, ge=0.0, description="after `web token rotate-secret`, the "
+                                                "previous secret signs webhooks too (a second v1=) this long")
 
     @field_validator("users", mode="before")
     @classmethod

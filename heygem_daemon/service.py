@@ -20,6 +20,8 @@ from heygem_daemon.config import Config, ConfigError, load_config
 from heygem_daemon.ops.daemon_state import HEARTBEAT_SECONDS, LOCK_FILE, write_state
 from heygem_daemon.notify.announce import Announcer
 from heygem_daemon.notify.outbox import Notifier, Outbox, alert_now
+from heygem_daemon.notify.webhooks import KIND as WEBHOOK, Webhooks, deliver as deliver_webhook
+from heygem_daemon.views import job_resource
 from heygem_daemon.delivery.service import DeliveryService
 from heygem_daemon.ops.diskguard import DiskGuard, wake_folder_waiters
 from heygem_daemon.ops.orphans import rescue_unknown_inputs
@@ -85,8 +87,11 @@ class Daemon:
         # Remote hosts (Celery queues) take tasks from the same queue, beside or instead of local devices.
         self.remote = _remote(cfg, self.life)
         self.outbox = Outbox(cfg, self.store)
-        self.chat = Notifier(self.outbox)
-        self.announcer = Announcer(self.outbox, self.store)
+        # Webhooks ride the chat outbox (one row per event and token); their body is the API's job resource.
+        self.chat = Notifier(self.outbox, {WEBHOOK: lambda row: deliver_webhook(self.store, row,
+                                                                                cfg.web.webhook_allow)})
+        webhooks = Webhooks(self.outbox, self.store, lambda job: job_resource(cfg, self.store, job))
+        self.announcer = Announcer(self.outbox, self.store, webhooks)
         self.outages = OutageWatch(cfg, self.store, self.outbox.enqueue_alert,
                                    others=lambda: self.remote.outages() if self.remote else [],
                                    wake=self._wake_generation,

@@ -12,6 +12,7 @@ from typing import Any
 
 from heygem_daemon.config import Config
 from heygem_daemon.delivery.links import LINKS_JSON
+from heygem_daemon.notify.webhooks import KIND as WEBHOOK, TARGET_PREFIX as WEBHOOK_TARGET
 from heygem_daemon.state import Batch, Job, Notification, Store, Task
 
 CHAT_UNDELIVERED_SHOWN = 5
@@ -53,9 +54,41 @@ def job_view(cfg: Config, store: Store, job: Job) -> dict[str, Any]:
         view["error"] = {"reason": job.error.get("reason"), "hint": job.error.get("hint")}
     if job.spec.get("warnings"):
         view["warnings"] = job.spec["warnings"]
-    if chat := store.outbox.select(job.id):
+    rows = store.outbox.select(job.id)
+    if chat := [r for r in rows if r.kind != WEBHOOK]:
         view["chat"] = chat_view(chat)
+    if hooks := [r for r in rows if r.kind == WEBHOOK]:
+        view["webhooks"] = webhooks_view(hooks)
     return view
+
+
+def webhooks_view(rows: list[Notification]) -> list[dict[str, Any]]:
+    """A job's webhook deliveries: event, receiver (the token), state, tries and what the receiver said last."""
+    return [{"event": r.title, "token": r.target.removeprefix(WEBHOOK_TARGET), "state": r.state,
+             "attempts": r.attempts, "error": r.last_error, "sent": _local(r.sent_at) if r.sent_at else None}
+            for r in rows]
+
+
+def job_resource(cfg: Config, store: Store, job: Job) -> dict[str, Any]:
+    """The job as the API shows it (GET /api/v1/jobs/{ref}, web/api.py's JobOut) and webhooks send it: one
+    serialiser for both, so a webhook's body is what the receiver would GET."""
+    view = job_view(cfg, store, job)
+    links = links_doc(cfg, job.name) or {}
+    error = job.error
+    return {"ref": job.name, "id": job.id, "state": job.state, "progress": view["progress"],
+            "priority": view["priority"], "engine": view["engine"], "preset": view["preset"],
+            "owner": store.web.owner(job.name, job.created_at), "created": job.created_at,
+            "videos": [{k: t[k] for k in ("name", "state", "progress", "attempts", "error", "file")}
+                       for t in view["tasks"]],
+            "links": [_link(f) for f in links.get("files", [])],
+            "zip": _link(links["zip"]) if links.get("zip") else None,
+            "problem": {k: error.get(k) for k in ("kind", "reason", "hint")} if error else None,
+            "duplicate_of": view.get("duplicate_of")}
+
+
+def _link(entry: dict[str, Any]) -> dict[str, Any]:
+    return {"file": entry["file"], "size": entry["size"], "sha256": entry.get("sha256"), "link": entry.get("link"),
+            "expires_at": entry.get("expires_at")}
 
 
 def links_doc(cfg: Config, job_name: str) -> dict[str, Any] | None:

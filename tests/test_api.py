@@ -131,6 +131,8 @@ def test_tus_uploads_made_with_the_token_become_a_job_with_its_options_and_an_au
     line = audit(web)[-1]
     assert {"event": "api upload", "user": "alice", "token": "shop", "job": "from tus"}.items() <= line.items()
     assert shop.api("GET", "/jobs/from tus").json()["state"] == "received"
+    # The job's webhooks go to the token that handed it over.
+    assert Store(web.cfg.folder("state") / "heygem.db").web.owner_token("from tus", time.time()) == "shop"
 
 
 def test_files_in_one_multipart_request_become_a_job(web, shop, wav, portrait_jpg):

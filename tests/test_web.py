@@ -522,3 +522,18 @@ def test_viewing_the_health_page_asks_no_service_and_the_checks_run_once_a_minut
     while bucket_asked() == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert bucket_asked() == 1
+
+
+def test_the_job_page_shows_its_webhook_deliveries_and_what_a_refusing_receiver_said(web, alice):
+    from heygem_daemon.state import NewNotification
+
+    store = Store(web.cfg.folder("state") / "heygem.db")
+    job = store.jobs.create("hooked", {})
+    store.outbox.add([NewNotification(f"webhook:{e}:{job.id}:1", "webhook:shop", "webhook", job.id, e, "{}", "json",
+                                      "info") for e in ("video.done", "job.done")])
+    sent, refused = store.outbox.select(job.id)
+    store.outbox.sent(sent.id)
+    store.outbox.failed(refused.id, "refused by webhook: http://erp answered HTTP 410: gone", None)
+    page = alice.get("/jobs/hooked").text
+    assert "Webhooks (2)" in page and "<td>video.done</td><td>shop</td><td>sent</td>" in page
+    assert "<td>job.done</td><td>shop</td><td>gave_up</td>" in page and "answered HTTP 410: gone" in page

@@ -19,6 +19,7 @@ from heygem_daemon.ops.checks import Check
 from heygem_daemon.config import Config, ConfigError, Notify
 from heygem_daemon.notify.messages import Message, alert_message, failure_message, report_messages
 from heygem_daemon.delivery.report import BatchReport
+from heygem_daemon.notify.robots import Answer
 from heygem_daemon.notify.targets import (
     Target, configured_urls, job_target_urls, operator_urls, parse_target, send, target_id,
 )
@@ -113,9 +114,18 @@ class Outbox:
                 part_key = key if len(parts) == 1 else f"{key}{PART}{i}/{len(parts)}"
                 rows.append(NewNotification(part_key, target.id, kind, job_id, msg.title, msg.body,
                                             msg.body_format, msg.kind))
-        added = self.store.outbox.add(rows) if rows else 0
+        return self.record_rows(rows)
+
+    def record_rows(self, rows: list[NewNotification]) -> int:
+        """Rows made elsewhere (webhooks) into the store, and the sender woken. Never raises into the caller."""
+        try:
+            added = self.store.outbox.add(rows) if rows else 0
+        except Exception:
+            log.exception("could not record a notification", notification=rows[0].event_key, job_id=rows[0].job_id)
+            return 0
         if added:
-            log.info("notification queued", notification=key, kind=kind, job_id=job_id, targets=added)
+            log.info("notification queued", notification=rows[0].event_key, kind=rows[0].kind,
+                     job_id=rows[0].job_id, targets=added)
             self.wake.set()
         return added
 
@@ -142,8 +152,10 @@ class Notifier:
 
     name = "notify"
 
-    def __init__(self, outbox: Outbox) -> None:
+    def __init__(self, outbox: Outbox, senders: dict[str, Callable[[Notification], Answer]] | None = None) -> None:
         self.outbox = outbox
+        self.senders = senders or {}
+        """Rows of these kinds go to their own sender (webhooks); the rest are chat messages."""
         self.store = outbox.store
         self.cfg = outbox.cfg
         self._stop = threading.Event()
@@ -204,6 +216,9 @@ class Notifier:
         return sent
 
     def _deliver(self, row: Notification) -> int:
+        if row.kind in self.senders:
+            bound = log.bind(notification=row.event_key, job_id=row.job_id, target=row.target)
+            return self._settle(row, self.senders[row.kind](row), bound, row.kind)
         url = self.outbox.url_for(row)
         bound = log.bind(notification=row.event_key, job_id=row.job_id, target=f"#{row.target[:8]}")
         if url is None:
@@ -221,6 +236,12 @@ class Notifier:
             self.store.outbox.postpone(row.id, paced_until)
             return 0
         answer = send(target, Message(row.title, row.body, row.body_format, row.notify_type))
+        if answer.outcome == "refused":
+            self._alert_refused(target, row, answer.detail)
+        return self._settle(row, answer, bound, target.plugin.service_name or "the chat service")
+
+    def _settle(self, row: Notification, answer: Answer, bound: Any, service: str) -> int:
+        """Record a send's outcome: sent, refused for good, given up after max age, or a retry with backoff."""
         if answer.outcome == "delivered":
             # Recorded before anything else: a kill between the service's answer and this commit sends the
             # message again at the next start (at-least-once); nothing else runs inside that window.
@@ -228,15 +249,14 @@ class Notifier:
             bound.info("notification sent", attempts=row.attempts + 1)
             return 1
         if answer.outcome == "refused":
-            self.store.outbox.failed(row.id, f"refused by {target.plugin.service_name}: {answer.detail}", None)
-            bound.error("notification refused by the chat service; it will not be sent again", error=answer.detail,
+            self.store.outbox.failed(row.id, f"refused by {service}: {answer.detail}", None)
+            bound.error("notification refused; it will not be sent again", error=answer.detail,
                         title=row.title, fix="check the target's URL, token and secret (heygem-daemon doctor)")
-            self._alert_refused(target, row, answer.detail)
             return 0
         age = time.time() - row.created_at
         if age >= self.cfg.max_age_hours * 3600:
             self.store.outbox.failed(row.id, answer.detail, None)
-            bound.error("notification given up: the chat service kept refusing it", error=answer.detail,
+            bound.error("notification given up: the service kept failing it", error=answer.detail,
                         attempts=row.attempts + 1, title=row.title,
                         fix="check the service and the URL (heygem-daemon doctor)")
             return 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from heygem_daemon.state.api import ApiRepository, ApiToken, KeyUse
+from heygem_daemon.state.api import ApiRepository, ApiToken, KeyUse, Webhook
 from heygem_daemon.state.db import Database
 from heygem_daemon.state.deliveries import Batch, Delivery, DeliveryRepository, Part
 from heygem_daemon.state.heygem import HeygemCode, HeygemCodes
@@ -18,7 +18,8 @@ from heygem_daemon.state.tasks import NewTask, Task, TaskQueue
 from heygem_daemon.state.web import WebRepository, WebSession
 
 __all__ = ["DB_FILE", "db_path", "CANCELLING", "TERMINAL_JOB_STATES", "ApiToken", "Batch", "Delivery", "HeygemCode",
-           "Job", "KeyUse", "NewNotification", "NewTask", "Notification", "Part", "Store", "Task", "WebSession"]
+           "Job", "KeyUse", "NewNotification", "NewTask", "Notification", "Part", "Store", "Task", "Webhook",
+           "WebSession"]
 
 
 DB_FILE = "heygem.db"

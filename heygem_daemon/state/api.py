@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from heygem_daemon.state.db import Repository
 
@@ -21,6 +21,17 @@ class ApiToken:
     created_at: float
     last_used_at: float | None
     revoked_at: float | None
+    callback_url: str | None = None
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """Where a token's events go and the secrets that sign them: the current one, and the previous one until
+    `previous_until` (a rotation's overlap). Kept apart from ApiToken so the secrets are read only to sign."""
+
+    token: str
+    url: str
+    secrets: tuple[str, ...] = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -34,16 +45,34 @@ class KeyUse:
 
 def _token(row: sqlite3.Row) -> ApiToken:
     return ApiToken(row["name"], row["user"], tuple(row["scopes"].split(",")), row["created_at"],
-                    row["last_used_at"], row["revoked_at"])
+                    row["last_used_at"], row["revoked_at"], row["callback_url"])
 
 
 class ApiRepository(Repository):
-    def add_token(self, name: str, user: str, scopes: tuple[str, ...], token_sha256: str) -> bool:
+    def add_token(self, name: str, user: str, scopes: tuple[str, ...], token_sha256: str,
+                  callback_url: str | None = None, webhook_secret: str | None = None) -> bool:
         """False when a token of that name exists (revoked ones too: names stay unique in the audit log)."""
         with self.tx() as db:
-            added = db.execute("INSERT OR IGNORE INTO api_tokens (name, user, scopes, token_sha256, created_at)"
-                               " VALUES (?, ?, ?, ?, ?)", (name, user, ",".join(scopes), token_sha256, time.time()))
+            added = db.execute("INSERT OR IGNORE INTO api_tokens (name, user, scopes, token_sha256, created_at,"
+                               " callback_url, webhook_secret) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                               (name, user, ",".join(scopes), token_sha256, time.time(), callback_url, webhook_secret))
             return added.rowcount == 1
+
+    def webhook(self, name: str, now: float) -> Webhook | None:
+        """The live token's callback and the secrets valid at `now`; None without a callback or once revoked."""
+        row = self._conn().execute("SELECT callback_url, webhook_secret, previous_secret, previous_until FROM"
+                                   " api_tokens WHERE name = ? AND revoked_at IS NULL", (name,)).fetchone()
+        if row is None or not row["callback_url"] or not row["webhook_secret"]:
+            return None
+        previous = (row["previous_secret"],) if row["previous_secret"] and (row["previous_until"] or 0) > now else ()
+        return Webhook(name, row["callback_url"], (row["webhook_secret"], *previous))
+
+    def rotate_secret(self, name: str, secret: str, previous_until: float) -> bool:
+        """`secret` signs from now on; the one it replaces signs too until `previous_until`."""
+        with self.tx() as db:
+            return db.execute("UPDATE api_tokens SET previous_secret = webhook_secret, previous_until = ?,"
+                              " webhook_secret = ? WHERE name = ? AND revoked_at IS NULL AND callback_url IS NOT NULL",
+                              (previous_until, secret, name)).rowcount == 1
 
     def token(self, token_sha256: str) -> ApiToken | None:
         row = self._conn().execute("SELECT * FROM api_tokens WHERE token_sha256 = ?", (token_sha256,)).fetchone()

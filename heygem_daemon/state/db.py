@@ -284,8 +284,17 @@ CREATE TABLE api_idempotency (
 );
 CREATE INDEX api_idempotency_created ON api_idempotency(created_at);
 """
+# Webhooks: a token's callback URL and signing secret (kept as is: it must sign; the previous one signs too until
+# previous_until, for a rotation), and which token handed a job over (its callback is the job's).
+V11_WEBHOOKS = """
+ALTER TABLE api_tokens ADD COLUMN callback_url TEXT;
+ALTER TABLE api_tokens ADD COLUMN webhook_secret TEXT;
+ALTER TABLE api_tokens ADD COLUMN previous_secret TEXT;
+ALTER TABLE api_tokens ADD COLUMN previous_until REAL;
+ALTER TABLE web_owners ADD COLUMN token TEXT;
+"""
 MIGRATIONS: list[str] = [V1_CORE, V2_CLEANUP_RUNS, V3_FOREIGN_KEYS, V4_HEYGEM_CODES, V5_ZIP_SHA256, V6_JOBS_PAGING,
-                         V7_REMOTE_ATTEMPTS, V8_TASK_OBJECT_KEY, V9_WEB_SESSIONS, V10_API_TOKENS]
+                         V7_REMOTE_ATTEMPTS, V8_TASK_OBJECT_KEY, V9_WEB_SESSIONS, V10_API_TOKENS, V11_WEBHOOKS]
 
 
 BACKUP_SUFFIX = ".bak"

@@ -55,11 +55,18 @@ class WebRepository(Repository):
             db.executemany("DELETE FROM web_sessions WHERE id_sha256 = ?", gone)
         return len(gone)
 
-    def record_owner(self, job_name: str, user: str, handed_at: float) -> None:
+    def record_owner(self, job_name: str, user: str, handed_at: float, token: str | None = None) -> None:
+        """`token`: the API token that handed it over (its webhook is the job's), None from the console."""
         with self.tx() as db:
-            db.execute("INSERT INTO web_owners (job_name, user, handed_at) VALUES (?, ?, ?) ON CONFLICT(job_name)"
-                       " DO UPDATE SET user = excluded.user, handed_at = excluded.handed_at",
-                       (job_name, user, handed_at))
+            db.execute("INSERT INTO web_owners (job_name, user, handed_at, token) VALUES (?, ?, ?, ?)"
+                       " ON CONFLICT(job_name) DO UPDATE SET user = excluded.user, handed_at = excluded.handed_at,"
+                       " token = excluded.token", (job_name, user, handed_at, token))
+
+    def owner_token(self, job_name: str, created_at: float) -> str | None:
+        """The API token that handed this job over, if one did."""
+        row: sqlite3.Row | None = self._conn().execute(
+            "SELECT token FROM web_owners WHERE job_name = ? AND handed_at <= ?", (job_name, created_at)).fetchone()
+        return str(row["token"]) if row and row["token"] else None
 
     def owner(self, job_name: str, created_at: float) -> str | None:
         """Who handed the job over, if this job came from that hand-over (not an earlier job of that name)."""

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 
 from heygem_daemon.generation.lifecycle import JobState
 from heygem_daemon.state import ApiToken, Job
-from heygem_daemon.views import condition, job_view, links_doc
+from heygem_daemon.views import condition, job_resource, links_doc
 from heygem_daemon.web.handover import JobForm
 from heygem_daemon.web.tokens import Refused
 from heygem_daemon.web.uploads import UploadRefused
@@ -196,16 +196,7 @@ def create_api(console: Any) -> FastAPI:
         "the same key and body within 24 h return the first job; the same key with another body is 409"))]
 
     def job_out(job: Job) -> JobOut:
-        view = job_view(cfg, store, job)
-        links = links_doc(cfg, job.name) or {}
-        error = job.error or {}
-        return JobOut(ref=job.name, id=job.id, state=job.state, progress=view["progress"], priority=view["priority"],
-                      engine=view["engine"], preset=view["preset"], owner=store.web.owner(job.name, job.created_at),
-                      created=job.created_at, videos=[Video(**t) for t in view["tasks"]],
-                      links=[Link(**f) for f in links.get("files", [])],
-                      zip=Link(**links["zip"]) if links.get("zip") else None,
-                      problem=JobProblem(kind=error.get("kind"), reason=error.get("reason"), hint=error.get("hint"))
-                      if job.error else None, duplicate_of=view.get("duplicate_of"))
+        return JobOut.model_validate(job_resource(cfg, store, job))
 
     def find(ref: str) -> JobOut:
         job = store.jobs.find(ref)

@@ -284,7 +284,7 @@ class Console:
         except UploadRefused as exc:
             self.audit.action(f"{via} upload refused", user=user, job=form.name, reason=exc.reason, **audit)
             raise
-        self.store.web.record_owner(folder, user, handed_at)
+        self.store.web.record_owner(folder, user, handed_at, audit.get("token"))
         self.audit.action(f"{via} upload", user=user, job=folder, files=files, bytes=size, **audit)
         return folder
 

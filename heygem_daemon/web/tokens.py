@@ -11,11 +11,13 @@ import secrets
 import threading
 import time
 from typing import Callable
+from urllib.parse import urlsplit
 
 from heygem_daemon.state import ApiToken, Store
 
 SCOPES = ("jobs:read", "jobs:write")
 PREFIX = "hgd_"
+SECRET_PREFIX = "whsec_"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 LAST_USED_EVERY = 60.0
 """Seconds between writes of a token's last-used time: one write a minute, not one per request."""
@@ -45,16 +47,44 @@ def parse_scopes(text: str) -> tuple[str, ...]:
     return scopes
 
 
-def create_token(store: Store, name: str, user: str, scopes: tuple[str, ...]) -> str:
-    """A new token (256 random bits); only its digest is stored."""
+def create_token(store: Store, name: str, user: str, scopes: tuple[str, ...], callback: str | None = None) -> str:
+    """A new token (256 random bits); only its digest is stored. With a callback URL, a webhook signing secret
+    too (`webhook_secret` reads it, to show it once with the token)."""
     if not NAME.fullmatch(name):
         raise TokenError(f"token name {name!r}: letters, digits, '.', '_' and '-', at most 64")
     if not user:
         raise TokenError("--user names the console user the token acts as")
+    if callback is not None:
+        check_callback(callback)
     token = PREFIX + secrets.token_urlsafe(32)
-    if not store.api.add_token(name, user, scopes, digest(token)):
+    if not store.api.add_token(name, user, scopes, digest(token), callback, new_secret() if callback else None):
         raise TokenError(f"a token called {name!r} exists (revoked ones keep their name); pick another name")
     return token
+
+
+def webhook_secret(store: Store, name: str) -> str | None:
+    """The secret that signs the token's webhooks now (None without a callback)."""
+    hook = store.api.webhook(name, time.time())
+    return hook.secrets[0] if hook else None
+
+
+def new_secret() -> str:
+    return SECRET_PREFIX + secrets.token_urlsafe(32)
+
+
+def check_callback(url: str) -> None:
+    """Only the form is checked here; the address is checked each time a webhook is sent (notify/webhooks.py)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
+        raise TokenError(f"--callback {url!r}: an http(s) URL with a host and no user:password@")
+
+
+def rotate_secret(store: Store, name: str, overlap_hours: float) -> str:
+    """A new signing secret for the token's webhooks; the old one signs too for `overlap_hours`."""
+    secret = new_secret()
+    if not store.api.rotate_secret(name, secret, time.time() + overlap_hours * 3600):
+        raise TokenError(f"no live token {name!r} with a callback URL")
+    return secret
 
 
 class Tokens:
