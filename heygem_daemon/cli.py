@@ -170,7 +170,8 @@ def _web(cfg: Config, path: Path | None) -> int:
         return EXIT_CONFIG
     from heygem_daemon.log import setup_logging
 
-    setup_logging(None, cfg.logging.level)  # the journal; logs/heygem.log is the daemon's
+    # The journal (or the container's output); logs/heygem.log is the daemon's.
+    setup_logging(None, cfg.logging.level, console_stream=cfg.logging.console_stream)
     app = create_app(cfg, path, session_key())
     uvicorn.run(app, host=web.host, port=web.port, server_header=False, log_level=cfg.logging.level,
                 access_log=False, timeout_graceful_shutdown=5, **proxy_options(web))

@@ -234,6 +234,8 @@ class Notify(_Section):
 class Logging(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     console: bool = True
+    # stderr for systemd (the journal reads both); the container image sets stdout, where `docker logs` wants it.
+    console_stream: Literal["stderr", "stdout"] = "stderr"
 
 
 class Shutdown(_Section):

@@ -60,8 +60,10 @@ def redact_secrets(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str,
     return _redact(event)
 
 
-def setup_logging(logs_dir: Path | None, level: str = "info", console: bool = True) -> None:
-    """Route structlog and stdlib logging to a JSON file (when logs_dir) and a console renderer."""
+def setup_logging(logs_dir: Path | None, level: str = "info", console: bool = True,
+                  console_stream: str = "stderr") -> None:
+    """Route structlog and stdlib logging to a JSON file (when logs_dir) and a console renderer on
+    console_stream ("stderr", or "stdout" as containers want it)."""
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -84,8 +86,9 @@ def setup_logging(logs_dir: Path | None, level: str = "info", console: bool = Tr
         fh.setFormatter(_formatter(shared, structlog.processors.JSONRenderer()))
         root.addHandler(fh)
     if console:
-        ch = logging.StreamHandler(sys.stderr)
-        journal = stderr_is_journal()
+        stream = sys.stdout if console_stream == "stdout" else sys.stderr
+        ch = logging.StreamHandler(stream)
+        journal = is_journal(stream)
         ch.setFormatter(_formatter(shared, structlog.dev.ConsoleRenderer(colors=False), journal))
         root.addHandler(ch)
     set_level(level)
@@ -106,12 +109,12 @@ def set_level(level: str) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 
-def stderr_is_journal() -> bool:
-    """systemd sets JOURNAL_STREAM=<dev>:<inode> of the stream it connected; it counts only while stderr
-    is still that stream (not when our output was redirected elsewhere by a child or a shell)."""
+def is_journal(stream: Any) -> bool:
+    """systemd sets JOURNAL_STREAM=<dev>:<inode> of the stream it connected; it counts only while our stream
+    is still that one (not when our output was redirected elsewhere by a child or a shell)."""
     try:
         dev, ino = (int(x) for x in os.environ.get("JOURNAL_STREAM", "").split(":"))
-        st = os.fstat(sys.stderr.fileno())
+        st = os.fstat(stream.fileno())
     except (ValueError, OSError, AttributeError):
         return False
     return (st.st_dev, st.st_ino) == (dev, ino)

@@ -391,7 +391,7 @@ def _remote(cfg: Config, life: LifeCycle) -> "RemoteDispatcher | None":
 
 def run_daemon(cfg: Config, config_path: Path | None = None, requests: Requests | None = None) -> int:
     """Run until stopped. `requests` carries the signals recorded since the handlers were installed."""
-    setup_logging(cfg.folder("logs"), cfg.logging.level, cfg.logging.console)
+    setup_logging(cfg.folder("logs"), cfg.logging.level, cfg.logging.console, cfg.logging.console_stream)
     check_engines(cfg)
     lock = acquire_lock(cfg.folder("state"))
     daemon: Daemon | None = None

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jsonschema
 import yaml
 
-from heygem_daemon.config import Shutdown
+from heygem_daemon.config import Shutdown, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "deploy" / "compose.yaml"
@@ -29,3 +30,12 @@ def test_compose_file_follows_the_compose_specification_schema() -> None:
 def test_compose_gives_the_daemon_longer_than_its_drain_to_stop() -> None:
     grace = compose()["services"]["heygem-daemon"]["stop_grace_period"]
     assert grace.endswith("s") and float(grace[:-1]) > Shutdown().drain_seconds
+
+
+def test_compose_reads_scripts_out_with_the_official_tts_container(tmp_path) -> None:
+    # Compose's ${NAME:-default} as it resolves with nothing set in .env.
+    env = {key: re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(value))
+           for key, value in compose()["services"]["heygem-daemon"]["environment"].items()}
+    cfg = load_config(None, {**env, "HEYGEM_BASE_DIR": str(tmp_path)}, prepare=False)
+    assert cfg.speech.engine == "heygem-tts"
+    assert cfg.speech.engines["heygem-tts"]["services"] == ["http://duix-avatar-tts:8080"]

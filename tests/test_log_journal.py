@@ -1,4 +1,5 @@
-"""Console lines carry their syslog priority when stderr is the journal, so `journalctl -p` filters work."""
+"""Console lines carry their syslog priority when their stream is the journal, so `journalctl -p` filters work;
+the console stream is stderr unless logging.console_stream says stdout (the container image does)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 
 import pytest
 
+from heygem_daemon.config import load_config
 from heygem_daemon.log import get_logger, setup_logging
 
 
@@ -66,3 +68,22 @@ def test_no_prefix_without_journal_stream(stderr_file, monkeypatch):
     lines = _log_each_level(fh, monkeypatch)
     assert any("error line" in line for line in lines)
     assert not any(line.startswith("<") for line in lines)
+
+
+def test_console_stream_stdout_puts_lines_on_stdout_not_stderr(tmp_path, monkeypatch):
+    cfg = load_config(None, {"HEYGEM_LOGGING__CONSOLE_STREAM": "stdout", "HEYGEM_BASE_DIR": str(tmp_path)},
+                      prepare=False)
+    with open(tmp_path / "out.txt", "w", encoding="utf-8") as out, \
+            open(tmp_path / "err.txt", "w", encoding="utf-8") as err:
+        monkeypatch.setattr(sys, "stdout", out)
+        monkeypatch.setattr(sys, "stderr", err)
+        st = os.fstat(out.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+        try:
+            setup_logging(None, "info", console_stream=cfg.logging.console_stream)
+            get_logger("heygem.test").warning("a line for docker logs")
+        finally:
+            logging.getLogger().handlers.clear()
+    assert (tmp_path / "out.txt").read_text(encoding="utf-8").startswith("<4>")
+    assert "a line for docker logs" in (tmp_path / "out.txt").read_text(encoding="utf-8")
+    assert (tmp_path / "err.txt").read_text(encoding="utf-8") == ""

@@ -269,7 +269,8 @@ def run_worker(cfg: Config, queue: str | None, hostname: str | None) -> int:
     queue = queue or next(iter(remote.queues))
     if queue not in remote.queues:
         raise ConfigError(f"queue {queue!r} is not in workers.remote.queues ({', '.join(remote.queues)})")
-    setup_logging(None, cfg.logging.level, console=True)  # the journal keeps it, as for the daemon
+    # The journal keeps it, as for the daemon.
+    setup_logging(None, cfg.logging.level, console_stream=cfg.logging.console_stream)
     app = worker_app(cfg, queue)
     name = hostname or f"heygem@{socket.gethostname()}"
     try:

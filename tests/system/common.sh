@@ -42,7 +42,8 @@ nspawn_leftovers_remove() {
     local mount own dir
     while read -r mount own; do
         for dir in "$mount${own%/}/payload" "$mount${own%/}/supervisor"; do
-            [ -d "$dir" ] && find "$dir" -depth -type d -exec rmdir {} + 2>/dev/null
+            # A cgroup the kernel has not emptied yet stays: harmless, and gone by the next run.
+            [ ! -d "$dir" ] || find "$dir" -depth -type d -exec rmdir {} + 2>/dev/null || true
         done
     done < <(own_cgroups)
     rm -rf /run/systemd/nspawn

@@ -169,7 +169,7 @@ NSPAWN=(systemd-nspawn --quiet --directory="$ROOTFS" --register=no --keep-unit -
 
 # --- run it ----------------------------------------------------------------------------------------------------
 log "starting the image's command under systemd-nspawn (console: $CONSOLE)"
-"${NSPAWN[@]}" -- "${ARGV[@]}" >"$CONSOLE" 2>&1 </dev/null &
+"${NSPAWN[@]}" -- "${ARGV[@]}" >"$CONSOLE" 2>"$WORK/stderr.log" </dev/null &
 NSPAWN_PID=$!
 CPID=
 for _ in $(seq 30); do
@@ -180,7 +180,13 @@ done
 [ -n "$CPID" ] || die "no ${ARGV[0]} as the container's PID 1 after 30 s: $(tail -20 "$CONSOLE")"
 console_has() { grep -q -- "$1" "$CONSOLE"; }
 wait_until 60 "daemon ready" console_has 'daemon ready' || die "the daemon never got ready: $(tail -20 "$CONSOLE")"
-pass "starts-as-pid1-under-tini (console log lines on the container's output)"
+pass "starts-as-pid1-under-tini"
+# docker logs shows both streams, but the issue asks for stdout (the image sets logging.console_stream).
+if grep -q 'daemon ready' "$WORK/stderr.log"; then
+    fail "console-logs-on-stdout" "log lines on stderr: $(head -3 "$WORK/stderr.log")"
+else
+    pass "console-logs-on-stdout ($(grep -c . "$CONSOLE") lines so far, $(grep -c . "$WORK/stderr.log") on stderr)"
+fi
 
 # The HEALTHCHECK as docker runs it: in the container (its PID 1's working folder is the image's
 # WorkingDir), as its user, with its environment.
@@ -257,8 +263,13 @@ fi
 
 # --- size ------------------------------------------------------------------------------------------------------
 log "sizes: image $(mib "$image_size") MiB unpacked ($(mib "$base_size") MiB of it the base), $(mib "$pull_size") MiB to pull (compressed layers)"
-if [ "$(mib "$pull_size")" -lt 400 ]; then
+# The issue's 400 MB holds for the pull, not unpacked: 540 MiB measured, of which the base is 124, PyAV's FFmpeg
+# 101, OpenCV 159 (its own FFmpeg and OpenBLAS among it), numpy 56 (README "Run in containers"). The unpacked
+# budget is that figure with room for dependency updates, so a new heavy dependency shows here.
+PULL_BUDGET_MIB=400
+UNPACKED_BUDGET_MIB=570
+if [ "$(mib "$pull_size")" -lt "$PULL_BUDGET_MIB" ] && [ "$(mib "$image_size")" -lt "$UNPACKED_BUDGET_MIB" ]; then
     pass "size ($(mib "$pull_size") MiB compressed, $(mib "$image_size") MiB unpacked)"
 else
-    fail "size" "$(mib "$pull_size") MiB compressed (budget 400)"
+    fail "size" "$(mib "$pull_size") MiB compressed (budget $PULL_BUDGET_MIB), $(mib "$image_size") MiB unpacked (budget $UNPACKED_BUDGET_MIB)"
 fi
