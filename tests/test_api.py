@@ -19,7 +19,7 @@ from heygem_daemon.web.tokens import SCOPES, Tokens, create_token, parse_scopes
 from heygem_daemon.web.uploads import UPLOADS_DIR
 from media_factory import truncate, write_speech_wav
 from s3_server import credentials_env
-from web_rig import ApiClient, WebServer, console_config
+from web_rig import ApiClient, WebServer, console_config, serving
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +31,7 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def web(base):
-    server = WebServer(base / "config.yaml").start()
-    yield server
-    server.stop()
+    yield from serving(base / "config.yaml")
 
 
 def make_token(base, name: str, user: str, scope: str, capsys) -> str:

@@ -25,7 +25,7 @@ from heygem_daemon.state.tasks import NewTask
 from heygem_daemon.web.uploads import UPLOADS_DIR
 from media_factory import truncate, write_speech_wav
 from s3_server import credentials_env
-from web_rig import PASSWORDS, WebServer, console_config, web_settings
+from web_rig import PASSWORDS, WebServer, console_config, serving, web_settings
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +37,7 @@ def base(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def web(base):
-    server = WebServer(base / "config.yaml").start()
-    yield server
-    server.stop()
+    yield from serving(base / "config.yaml")
 
 
 @pytest.fixture(scope="module")

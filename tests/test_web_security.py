@@ -19,7 +19,7 @@ from heygem_daemon.web.auth import MAX_USER_CHARS, hash_password
 from heygem_daemon.web.sessions import Sessions
 from heygem_daemon.web.throttle import Strikes
 from media_factory import write_speech_wav
-from web_rig import HASHES, WebServer, web_settings
+from web_rig import HASHES, serving, web_settings
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
@@ -31,9 +31,7 @@ def web(tmp_path_factory):
                 "notify": {"operator_urls": ["json://127.0.0.1:9/alerts"]},
                 **web_settings(login_attempts=3, login_user_attempts=4, login_delay_seconds=60)}
     (base / "config.yaml").write_text(yaml.safe_dump(settings))
-    server = WebServer(base / "config.yaml").start()
-    yield server
-    server.stop()
+    yield from serving(base / "config.yaml")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import requests
 import uvicorn
@@ -147,3 +147,10 @@ class ApiClient(Client):
 
     def api(self, method: str, path: str, **kw: Any) -> requests.Response:
         return self.http.request(method, f"{self.url}/api/v1{path}", timeout=60, **kw)
+
+
+def serving(config: Path) -> Iterator[WebServer]:
+    """A console on `config` for a fixture's lifetime (`yield from serving(...)`)."""
+    server = WebServer(config).start()
+    yield server
+    server.stop()
