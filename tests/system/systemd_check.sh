@@ -368,7 +368,9 @@ BROKER="redis://:$REDIS_PASSWORD@127.0.0.1:6379/0"
 printf 'requirepass %s\nappendonly yes\n' "$REDIS_PASSWORD" >>"$ROOT/etc/redis/redis.conf"
 inside systemctl restart redis-server
 # Written from outside (the rootfs is a host folder); single quotes: systemd keeps the spaces inside.
-printf '%s\n' "HEYGEM_WORKERS__DEVICES='[]'" "HEYGEM_WORKERS__REMOTE='{broker_url: \"$BROKER\", queues: {gpu: 2}}'" \
+# The daemon maps the paths it sends: the worker host's mount point (/mnt/heygem) is in its path_map too.
+printf '%s\n' "HEYGEM_WORKERS__DEVICES='[]'" \
+    "HEYGEM_WORKERS__REMOTE='{broker_url: \"$BROKER\", queues: {gpu: 2}, path_map: {/srv/heygem: /mnt/heygem}}'" \
     >>"$ROOT/etc/heygem/heygem-daemon.env"
 
 # The worker host: a second container from the pristine rootfs, sharing the host's network (Redis on
@@ -389,7 +391,7 @@ case "$(head -1 "$1")" in
     sed -i -e 's|^  name: heygem .*|  name: preview|' -e 's|^engines: {}.*|engines: {preview: {}}|' \
         -e 's|^  devices: .*|  devices: [cpu]|' -e 's|^    broker_url: .*|    broker_url: redis://127.0.0.1:6379/0|' \
         -e 's|^    queues: .*|    queues: {gpu: 2}|' -e 's|^    path_map: .*|    path_map: {/srv/heygem: /mnt/heygem}|' "$1"
-    for line in '  name: preview$' '^engines: {preview: {}}$' '  devices: \[cpu\]$' '    broker_url: redis:' \
+    for line in '  name: preview$' 'engines: {preview: {}}$' '  devices: \[cpu\]$' '    broker_url: redis:' \
             '    queues: {gpu: 2}$' '    path_map: {/srv/heygem: /mnt/heygem}$'; do
         grep -q "^$line" "$1" || { echo "operator-edits: the example config has no line for '$line'" >&2; exit 1; }
     done;;
