@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The unit under a real systemd: boots a minimal Debian/Ubuntu container (systemd-nspawn --boot), replays
 # the README's "Install as a service" block cut out of README.md (between the systemd-check-install
-# markers, so the docs cannot drift), and checks what the unit promises. Run as root on a Debian/Ubuntu
-# host: `sudo make systemd-check`. Works on a host whose PID 1 is not systemd (CI containers).
+# markers, so the docs cannot drift), and checks what the unit promises; then boots a second container as a
+# GPU host and replays README "Many GPU hosts"'s worker-host block (the systemd-check: worker markers) the
+# same way. Run as root on a Debian/Ubuntu host: `sudo make systemd-check`. Works on a host whose PID 1 is
+# not systemd (CI containers).
 #
 # Environment:
 #   SYSTEMD_CHECK_CACHE  folder kept between runs: the pristine rootfs and pip's cache
 #                        (default /var/cache/heygem-systemd-check; delete it to rebuild)
-#   SYSTEMD_CHECK_KEEP=1 leave the container's rootfs in place after the run (for a look around)
+#   SYSTEMD_CHECK_KEEP=1 leave the containers' rootfs in place after the run (for a look around)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
