@@ -1,3 +1,4 @@
+import sys
 import types
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin
@@ -8,7 +9,7 @@ from config_examples import CONFIG_YAML, commented_engine_example
 from pydantic import BaseModel
 
 from heygem_daemon.cli import main
-from heygem_daemon.config import Config, ConfigError, Remote, load_config
+from heygem_daemon.config import Config, ConfigError, Remote, _prepare_folders, load_config
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -47,6 +48,28 @@ def test_missing_parent_folder_is_an_error_not_created(tmp_path):
         load_config(write(tmp_path, "folders:\n  inbox: /nonexistent-share/inbox\n"), environ={})
     assert "folders.inbox" in str(err.value) and "mount" in str(err.value)
     assert not Path("/nonexistent-share").exists()
+
+
+def test_a_folder_another_process_creates_between_the_check_and_mkdir_is_taken_as_it_is(tmp_path):
+    """Issue 20 item 7: the daemon and a worker (or a restart and its predecessor) start at once."""
+    cfg = load_config(write(tmp_path, f"base_dir: {tmp_path}\n"), environ={}, prepare=False)
+    raced: list[Path] = []
+
+    def other_process_wins(frame: types.FrameType, event: str, arg: object) -> None:
+        # At the moment _prepare_folders calls Path.mkdir, the folder appears (the other process's mkdir).
+        called_by_prepare = frame.f_back is not None and frame.f_back.f_code is _prepare_folders.__code__
+        if event == "call" and frame.f_code.co_name == "mkdir" and called_by_prepare:
+            target = frame.f_locals["self"]
+            target.mkdir()
+            raced.append(target)
+
+    sys.setprofile(other_process_wins)
+    try:
+        _prepare_folders(cfg)
+    finally:
+        sys.setprofile(None)
+    assert raced and all(path.is_dir() for path in raced)
+    assert all(cfg.folder(key).is_dir() for key in ("inbox", "work", "outputs", "failed", "archive", "state", "logs"))
 
 
 def test_unknown_preset_is_refused(tmp_path):

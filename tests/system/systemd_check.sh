@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The unit under a real systemd: boots a minimal Debian/Ubuntu container (systemd-nspawn --boot), replays
 # the README's "Install as a service" block cut out of README.md (between the systemd-check-install
-# markers, so the docs cannot drift), and checks what the unit promises. Run as root on a Debian/Ubuntu
-# host: `sudo make systemd-check`. Works on a host whose PID 1 is not systemd (CI containers).
+# markers, so the docs cannot drift), and checks what the unit promises; then boots a second container as a
+# GPU host and replays README "Many GPU hosts"'s worker-host block (the systemd-check: worker markers) the
+# same way. Run as root on a Debian/Ubuntu host: `sudo make systemd-check`. Works on a host whose PID 1 is
+# not systemd (CI containers).
 #
 # Environment:
 #   SYSTEMD_CHECK_CACHE  folder kept between runs: the pristine rootfs and pip's cache
 #                        (default /var/cache/heygem-systemd-check; delete it to rebuild)
-#   SYSTEMD_CHECK_KEEP=1 leave the container's rootfs in place after the run (for a look around)
+#   SYSTEMD_CHECK_KEEP=1 leave the containers' rootfs in place after the run (for a look around)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -37,12 +39,9 @@ if [ "${1:-}" = --rootfs-only ]; then log "rootfs ready: $PRISTINE"; exit 0; fi
 # --- a fresh container from the pristine rootfs --------------------------------------------------------
 ROOT="$CACHE/run"
 MACHINE=heygem-check
-NSPAWN_PID=
-CPID=
-rm -rf "$ROOT"
+WROOT="$CACHE/run-worker"
+rm -rf "$ROOT" "$WROOT"
 cp -a --reflink=auto "$PRISTINE" "$ROOT"
-echo "$MACHINE" >"$ROOT/etc/hostname"
-printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n' "$MACHINE" >"$ROOT/etc/hosts"  # as the Debian installer writes
 mkdir -p "$CACHE/pip-cache"
 
 # The project as it is in this worktree (committed or not), as a git repository the README clones.
@@ -58,12 +57,6 @@ git -C "$ROOT$SRC" -c user.name=systemd-check -c user.email=check@localhost comm
 # indexes, find-links) are bound in read-only at the same place, files they name (constraints) copied.
 BINDS=(--bind="$CACHE/pip-cache:/root/.cache/pip")
 PIP_ENV=()
-for conf in /etc/pip.conf /etc/xdg/pip/pip.conf "$HOME/.config/pip/pip.conf" "$HOME/.pip/pip.conf"; do
-    [ -f "$conf" ] || continue
-    dest="$ROOT${conf/#$HOME//root}"
-    mkdir -p "$(dirname "$dest")"
-    cp "$conf" "$dest"
-done
 while IFS='=' read -r name value; do
     PIP_ENV+=("$name=$value")
 done < <(env | grep -E '^PIP_[A-Z_]+=' || true)
@@ -74,16 +67,26 @@ done < <(env | grep -E '^PIP_[A-Z_]+=' || true)
 while read -r path; do
     # A local index's pages link to files beside it (<root>/simple -> <root>/files): bind its root.
     [ "$(basename "$path")" = simple ] && path="$(dirname "$path")"
-    if [ -d "$path" ]; then
-        BINDS+=(--bind-ro="$path")
-    elif [ -f "$path" ]; then
-        mkdir -p "$ROOT$(dirname "$path")"
-        cp "$path" "$ROOT$path"
-    fi
+    if [ -d "$path" ]; then BINDS+=(--bind-ro="$path"); fi
 done <"$CACHE/pip-paths"
-if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
-    cp /etc/ssl/certs/ca-certificates.crt "$ROOT/etc/ssl/certs/ca-certificates.crt"
-fi
+pip_settings_into() {  # rootfs: the pip configuration files, the files they name (constraints), the CA bundle
+    local conf dest path
+    for conf in /etc/pip.conf /etc/xdg/pip/pip.conf "$HOME/.config/pip/pip.conf" "$HOME/.pip/pip.conf"; do
+        [ -f "$conf" ] || continue
+        dest="$1${conf/#$HOME//root}"
+        mkdir -p "$(dirname "$dest")"
+        cp "$conf" "$dest"
+    done
+    while read -r path; do
+        [ -f "$path" ] || continue
+        mkdir -p "$1$(dirname "$path")"
+        cp "$path" "$1$path"
+    done <"$CACHE/pip-paths"
+    if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
+        cp /etc/ssl/certs/ca-certificates.crt "$1/etc/ssl/certs/ca-certificates.crt"
+    fi
+}
+pip_settings_into "$ROOT"
 
 # A shorter watchdog and restart delay than the shipped unit, so the frozen-daemon check takes seconds.
 mkdir -p "$ROOT/etc/systemd/system/heygem-daemon.service.d"
@@ -98,17 +101,27 @@ CONF
 # --- boot ------------------------------------------------------------------------------------------------
 # On a host whose PID 1 is not systemd: the unified cgroup hierarchy and the bpf() system call let the
 # container's systemd enforce DevicePolicy= (without them it is silently not enforced); no machined to
-# register with, so --register=no --keep-unit, and commands go in with nsenter.
+# register with, so --register=no --keep-unit, and commands go in with nsenter. nspawn makes its payload/ and
+# supervisor/ cgroups below its own: a second container starts from a cgroup of its own (CGROUP_BELOW).
+NSPAWN_PIDS=()
+CGROUP_BELOW=heygem-check-worker-host
 poweroff() {
-    if [ -n "$NSPAWN_PID" ] && kill -0 "$NSPAWN_PID" 2>/dev/null; then
-        log "powering the container off"
-        kill -TERM "$NSPAWN_PID" 2>/dev/null || true
-        for _ in $(seq 60); do kill -0 "$NSPAWN_PID" 2>/dev/null || break; sleep 1; done
-        kill -KILL "$NSPAWN_PID" 2>/dev/null || true
-        wait "$NSPAWN_PID" 2>/dev/null || true
-    fi
+    local i pid
+    for ((i = ${#NSPAWN_PIDS[@]} - 1; i >= 0; i--)); do
+        pid=${NSPAWN_PIDS[i]}
+        kill -0 "$pid" 2>/dev/null || continue
+        log "powering container $((i + 1)) off"
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
     nspawn_leftovers_remove
-    if [ "${SYSTEMD_CHECK_KEEP:-0}" != 1 ]; then rm -rf "$ROOT"; fi
+    local mount own
+    while read -r mount own; do
+        [ -d "$mount${own%/}/$CGROUP_BELOW" ] && find "$mount${own%/}/$CGROUP_BELOW" -depth -type d -exec rmdir {} + 2>/dev/null
+    done < <(own_cgroups)
+    if [ "${SYSTEMD_CHECK_KEEP:-0}" != 1 ]; then rm -rf "$ROOT" "$WROOT"; fi
 }
 report() {
     local rc=$?
@@ -121,44 +134,75 @@ report() {
 trap report EXIT
 trap 'exit 130' INT TERM
 
-CONSOLE="$CACHE/console.log"
-log "booting $SUITE with systemd-nspawn (console: $CONSOLE)"
-SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1 setsid systemd-nspawn --boot --directory="$ROOT" --machine="$MACHINE" \
-    --register=no --keep-unit --system-call-filter=bpf --console=read-only "${BINDS[@]}" \
-    >"$CONSOLE" 2>&1 </dev/null &
-NSPAWN_PID=$!
-
-for _ in $(seq 60); do
-    CPID="$(container_pid1 "$NSPAWN_PID" systemd)" && break
-    kill -0 "$NSPAWN_PID" 2>/dev/null || die "systemd-nspawn exited: $(tail -20 "$CONSOLE")"
-    sleep 1
-done
-[ -n "$CPID" ] || die "no systemd inside the container after 60 s: $(tail -20 "$CONSOLE")"
-
-inside() {
-    nsenter -t "$CPID" -a env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
+inside_of() {  # the container's PID 1 on the host, command...
+    local pid1=$1; shift
+    nsenter -t "$pid1" -a env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
         LANG=C.UTF-8 TERM=dumb SYSTEMD_PAGER= SYSTEMD_COLORS=0 "${PIP_ENV[@]}" "$@"
 }
-# Until the container's systemd has its bus up, systemctl answers nothing: ask again.
-state=
-for _ in $(seq 120); do
-    state="$(inside timeout 120 systemctl is-system-running --wait 2>/dev/null || true)"
-    [ -n "$state" ] && break
-    sleep 1
-done
-case "$state" in
-    running|degraded) log "container up ($state)";;
-    *) die "container did not boot ($state): $(tail -20 "$CONSOLE")";;
-esac
-[ "$state" = running ] || inside systemctl --failed --no-legend >&2 || true
+# rootfs, machine, cgroup below ours or "", extra systemd-nspawn options... -> BOOTED (its PID 1 on the host)
+boot() {
+    local root=$1 machine=$2 below=$3; shift 3
+    local console="$CACHE/console-$machine.log" nspawn pid1= state= mount own
+    echo "$machine" >"$root/etc/hostname"
+    printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n' "$machine" >"$root/etc/hosts"  # as the Debian installer writes
+    log "booting $SUITE as $machine with systemd-nspawn (console: $console)"
+    if [ -n "$below" ]; then
+        while read -r mount own; do mkdir -p "$mount${own%/}/$below"; done < <(own_cgroups)
+    fi
+    (
+        if [ -n "$below" ]; then
+            while read -r mount own; do echo "$BASHPID" >"$mount${own%/}/$below/cgroup.procs"; done < <(own_cgroups)
+        fi
+        SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1 exec setsid systemd-nspawn --boot --directory="$root" --machine="$machine" \
+            --register=no --keep-unit --system-call-filter=bpf --console=read-only "${BINDS[@]}" "$@" \
+            >"$console" 2>&1 </dev/null
+    ) &
+    nspawn=$!
+    NSPAWN_PIDS+=("$nspawn")
+    for _ in $(seq 60); do
+        pid1="$(container_pid1 "$nspawn" systemd)" && break
+        kill -0 "$nspawn" 2>/dev/null || die "systemd-nspawn exited: $(tail -20 "$console")"
+        sleep 1
+    done
+    [ -n "$pid1" ] || die "no systemd inside $machine after 60 s: $(tail -20 "$console")"
+    # Until the container's systemd has its bus up, systemctl answers nothing: ask again.
+    for _ in $(seq 120); do
+        state="$(inside_of "$pid1" timeout 120 systemctl is-system-running --wait 2>/dev/null || true)"
+        [ -n "$state" ] && break
+        sleep 1
+    done
+    case "$state" in
+        running|degraded) log "$machine up ($state)";;
+        *) die "$machine did not boot ($state): $(tail -20 "$console")";;
+    esac
+    [ "$state" = running ] || inside_of "$pid1" systemctl --failed --no-legend >&2 || true
+    BOOTED=$pid1
+}
+# The block of README.md between "<!-- systemd-check: NAME begin" and "<!-- systemd-check: NAME end" (in a
+# list item too), fences dropped, <this repository> made the worktree copy; into the file given.
+readme_block() {  # name, file
+    awk -v name="$1" '$0 ~ "<!-- systemd-check: " name " begin" { on = 1; next }
+         $0 ~ "<!-- systemd-check: " name " end" { on = 0 } on && !/^ *```/' "$REPO/README.md" >"$2"
+    [ -s "$2" ] || die "no $1 block between the systemd-check markers in README.md"
+    grep -q '<this repository>' "$2" || die "the $1 block no longer clones <this repository>"
+    sed -i "s|<this repository>|$SRC|" "$2"
+}
+
+# The daemon host gets the fixed uid/gid of the worker host's block (README "Many GPU hosts": "make the same
+# change on the daemon host before its first systemd-sysusers"): its sed, on an override in /etc/sysusers.d.
+WBLOCK="$CACHE/worker-block.sh"
+readme_block worker "$WBLOCK"
+sysusers_sed="$(sed -n "s|.*sed -i '\([^']*\)' /usr/lib/sysusers.d/heygem-daemon.conf.*|\1|p" "$WBLOCK")"
+[ -n "$sysusers_sed" ] || die "the worker block no longer fixes the uid in /usr/lib/sysusers.d/heygem-daemon.conf"
+mkdir -p "$ROOT/etc/sysusers.d"
+sed "$sysusers_sed" "$REPO/systemd/heygem-daemon.sysusers.conf" >"$ROOT/etc/sysusers.d/heygem-daemon.conf"
+boot "$ROOT" "$MACHINE" ""
+CPID=$BOOTED
+inside() { inside_of "$CPID" "$@"; }
 
 # --- the README's install block, as written ---------------------------------------------------------------
 BLOCK="$CACHE/install-block.sh"
-awk '/<!-- systemd-check: install begin/ { on = 1; next } /<!-- systemd-check: install end/ { on = 0 }
-     on && !/^```/' "$REPO/README.md" >"$BLOCK"
-[ -s "$BLOCK" ] || die "no install block between the systemd-check markers in README.md"
-grep -q '<this repository>' "$BLOCK" || die "the install block no longer clones <this repository>"
-sed -i "s|<this repository>|$SRC|" "$BLOCK"
+readme_block install "$BLOCK"
 cp "$BLOCK" "$ROOT/root/install-block.sh"
 
 # PID 1 at debug level logs each sd_notify message it gets: that shows READY=1 arriving before "Started".
@@ -178,9 +222,9 @@ journal() { inside journalctl -u heygem-daemon --no-pager -o cat "$@"; }
 contains() { grep -q -- "$2" <<<"$1"; }
 journal_has() { contains "$(journal)" "$1"; }
 pid1_journal() { inside journalctl --no-pager -o short-monotonic _PID=1; }
-check_exposure() {  # check name, unit: `systemd-analyze security` says 2.0 or less
+check_exposure() {  # check name, unit[, the container's runner]: `systemd-analyze security` says 2.0 or less
     local exposure
-    exposure="$(inside systemd-analyze security --no-pager "$2" |
+    exposure="$("${3:-inside}" systemd-analyze security --no-pager "$2" |
         sed -n "s/.*Overall exposure level for $2: \([0-9.]*\).*/\1/p")"
     if [ -n "$exposure" ] && awk -v e="$exposure" 'BEGIN { exit !(e <= 2.0) }'; then
         pass "$1 ($exposure)"
@@ -309,9 +353,9 @@ else
     fail "drained-stop" "the long task never started: $(journal | tail -5)"
 fi
 
-# --- the other two units: a remote worker rendering through a real Redis, and the web console ---------------
-# Both on this one box: Debian's redis-server, the `remote` and `web` extras as README "Many GPU hosts"
-# and "Web console" install them, the settings through each unit's env file (HEYGEM_* overrides).
+# --- the other two units: a second (GPU) host from README "Many GPU hosts" as written, and the web console ----
+# This container is the daemon host: Debian's redis-server with a password and appendonly (README "Broker"),
+# the `remote` and `web` extras, the settings through the daemon's env file (HEYGEM_* overrides).
 log "installing redis-server and the remote and web extras inside"
 if inside bash -euo pipefail -c 'apt-get update -q >/dev/null
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null
@@ -321,41 +365,91 @@ else
     fail "extras-install" "see above"
     exit 1
 fi
+REDIS_PASSWORD="$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+BROKER="redis://:$REDIS_PASSWORD@127.0.0.1:6379/0"
+printf 'requirepass %s\nappendonly yes\n' "$REDIS_PASSWORD" >>"$ROOT/etc/redis/redis.conf"
+inside systemctl restart redis-server
 # Written from outside (the rootfs is a host folder); single quotes: systemd keeps the spaces inside.
-REMOTE="'{broker_url: redis://127.0.0.1:6379/0, queues: {gpu: 2}}'"
-printf '%s\n' "HEYGEM_WORKERS__DEVICES='[]'" "HEYGEM_WORKERS__REMOTE=$REMOTE" >>"$ROOT/etc/heygem/heygem-daemon.env"
-printf '%s\n' "HEYGEM_WORKERS__DEVICES='[cpu]'" "HEYGEM_WORKERS__REMOTE=$REMOTE" >"$ROOT/etc/heygem/heygem-worker.env"
-chmod 0600 "$ROOT/etc/heygem/heygem-worker.env"
-inside install -m 0644 /opt/heygem-daemon/systemd/heygem-worker.service /opt/heygem-daemon/systemd/heygem-web.service \
-    /etc/systemd/system/
-inside systemctl daemon-reload
-wjournal() { inside journalctl -u heygem-worker --no-pager -o cat; }
+# The daemon maps the paths it sends: the worker host's mount point (/mnt/heygem) is in its path_map too.
+printf '%s\n' "HEYGEM_WORKERS__DEVICES='[]'" \
+    "HEYGEM_WORKERS__REMOTE='{broker_url: \"$BROKER\", queues: {gpu: 2}, path_map: {/srv/heygem: /mnt/heygem}}'" \
+    >>"$ROOT/etc/heygem/heygem-daemon.env"
+
+# The worker host: a second container from the pristine rootfs, sharing the host's network (Redis on
+# 127.0.0.1), the daemon's /srv/heygem bound in at /mnt/heygem (the README's "mounted elsewhere" case), the
+# worktree copy to clone. Its block runs as written; at the two sudoedit lines the operator's edits are made
+# by SUDO_EDITOR: this daemon's engine, a CPU device, the broker, the queue, the path map, the password.
+cp -a --reflink=auto "$PRISTINE" "$WROOT"
+mkdir -p "$WROOT$SRC" "$WROOT/mnt/heygem"
+cp -a "$ROOT$SRC/." "$WROOT$SRC/"
+pip_settings_into "$WROOT"
+echo "HEYGEM_WORKERS__REMOTE__BROKER_URL=$BROKER" >"$WROOT/root/broker-url"
+cat >"$WROOT/root/operator-edits.sh" <<'EDITS'
+#!/bin/sh
+# SUDO_EDITOR for the README's worker block (written by tests/system/systemd_check.sh): the operator's edits.
+set -eu
+case "$(head -1 "$1")" in
+*/etc/heygem/config.yaml*)
+    sed -i -e 's|^  name: heygem .*|  name: preview|' -e 's|^engines: {}.*|engines: {preview: {}}|' \
+        -e 's|^  devices: .*|  devices: [cpu]|' -e 's|^    broker_url: .*|    broker_url: redis://127.0.0.1:6379/0|' \
+        -e 's|^    queues: .*|    queues: {gpu: 2}|' -e 's|^    path_map: .*|    path_map: {/srv/heygem: /mnt/heygem}|' "$1"
+    for line in '  name: preview$' 'engines: {preview: {}}$' '  devices: \[cpu\]$' '    broker_url: redis:' \
+            '    queues: {gpu: 2}$' '    path_map: {/srv/heygem: /mnt/heygem}$'; do
+        grep -q "^$line" "$1" || { echo "operator-edits: the example config has no line for '$line'" >&2; exit 1; }
+    done;;
+*/etc/heygem/heygem-worker.env*)
+    cat /root/broker-url >>"$1";;
+*)
+    echo "operator-edits: an unexpected file to edit: $(head -1 "$1")" >&2; exit 1;;
+esac
+EDITS
+chmod 0755 "$WROOT/root/operator-edits.sh"
+cp "$WBLOCK" "$WROOT/root/worker-block.sh"
+boot "$WROOT" heygem-gpu1 "$CGROUP_BELOW" --bind="$ROOT/srv/heygem:/mnt/heygem"
+WPID=$BOOTED
+on_worker() { inside_of "$WPID" "$@"; }
+log "running the README's worker-host block on heygem-gpu1"
+if on_worker env SUDO_EDITOR=/root/operator-edits.sh bash -euo pipefail -x /root/worker-block.sh >&2; then
+    pass "worker-host-block"
+else
+    fail "worker-host-block" "the README's worker-host block failed (see above)"
+    exit 1
+fi
+# "the same numeric uid/gid on every host": files on the share have one owner.
+ids="$(inside id -u heygem):$(inside id -g heygem) $(on_worker id -u heygem):$(on_worker id -g heygem)"
+if [ "$ids" = "990:990 990:990" ]; then pass "fixed-uid-gid"; else fail "fixed-uid-gid" "daemon host, worker host: $ids"; fi
+wunit() { on_worker systemctl show heygem-worker -p "$1" --value; }
+wjournal() { on_worker journalctl -u heygem-worker --no-pager -o cat; }
 worker_says() { contains "$(wjournal)" "$1"; }
-inside systemctl enable --now heygem-worker
+if wait_until 60 "the worker to be ready" worker_says 'ready\.' && [ "$(wunit ActiveState)" = active ] &&
+        contains "$(wunit DropInPaths)" heygem-worker.service.d/share.conf; then
+    pass "worker-host-ready ($(wunit ActiveState), drop-in $(wunit DropInPaths))"
+else
+    fail "worker-host-ready" "$(wunit ActiveState), drop-ins '$(wunit DropInPaths)': $(wjournal | tail -15)"
+fi
 inside systemctl start heygem-daemon
-if wait_until 60 "the worker to be ready" worker_says 'ready\.'; then
-    inside sudo -u alice cp /opt/heygem-daemon/tests/fixtures/portrait.jpg /srv/heygem/inbox/remote1.jpg
-    # A voice of its own: the same pair as hello would be a duplicate drop, not generated again.
-    inside sudo -u alice bash -c "cd /tmp && $PY -c 'import sys; sys.path.insert(0, \"/opt/heygem-daemon/tests\")
+inside sudo -u alice cp /opt/heygem-daemon/tests/fixtures/portrait.jpg /srv/heygem/inbox/remote1.jpg
+# A voice of its own: the same pair as hello would be a duplicate drop, not generated again.
+inside sudo -u alice bash -c "cd /tmp && $PY -c 'import sys; sys.path.insert(0, \"/opt/heygem-daemon/tests\")
 from pathlib import Path; from media_factory import write_speech_wav
 write_speech_wav(Path(\"/tmp/remote1.wav\"), 2.0)' && cp /tmp/remote1.wav /srv/heygem/inbox/remote1.wav"
-    if wait_until 180 "remote1.mp4" inside test -s /srv/heygem/outputs/remote1/remote1.mp4 &&
-            wait_until 30 "the worker's report" worker_says 'succeeded in' &&
-            journal_has 'task sent to a remote queue.*task=remote1'; then
-        pass "worker-unit-renders ($(probe_mp4 /srv/heygem/outputs/remote1/remote1.mp4))"
-    else
-        fail "worker-unit-renders" "daemon: $(journal | tail -5) worker: $(wjournal | tail -8)"
-    fi
+if wait_until 180 "remote1.mp4" inside test -s /srv/heygem/outputs/remote1/remote1.mp4 &&
+        wait_until 30 "the worker's report" worker_says 'succeeded in' &&
+        journal_has 'task sent to a remote queue.*task=remote1'; then
+    pass "worker-host-renders ($(probe_mp4 /srv/heygem/outputs/remote1/remote1.mp4))"
 else
-    fail "worker-unit-renders" "the worker never became ready: $(wjournal | tail -15)"
+    fail "worker-host-renders" "daemon: $(journal | tail -5) worker: $(wjournal | tail -8)"
 fi
-check_exposure worker-security-exposure heygem-worker.service
-inside systemctl stop heygem-worker
-if [ "$(inside systemctl show heygem-worker -p Result --value)" = success ]; then
+check_exposure worker-security-exposure heygem-worker.service on_worker
+on_worker systemctl stop heygem-worker
+if [ "$(wunit Result)" = success ]; then
     pass "worker-clean-stop"
 else
-    fail "worker-clean-stop" "$(inside systemctl show heygem-worker -p Result --value): $(wjournal | tail -5)"
+    fail "worker-clean-stop" "$(wunit Result): $(wjournal | tail -5)"
 fi
+
+inside install -m 0644 /opt/heygem-daemon/systemd/heygem-web.service /etc/systemd/system/
+inside systemctl daemon-reload
 
 # The web console: a user from web.users logs in and sees the jobs the daemon made.
 hash="$(inside sh -c 'echo "s3cret-pass" | /opt/heygem-daemon/.venv/bin/heygem-daemon web hash-password')"
