@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from celery import Celery
+from celery.backends.redis import RedisBackend
 
 from heygem_daemon.config import Preset, Remote
 from heygem_daemon.engines.base import SpeechSpec, TaskSpec
@@ -42,6 +43,18 @@ def render_time_limit(remote: Remote) -> float:
     return max(visibility - max(60.0, 0.05 * visibility), 0.5 * visibility)
 
 
+class PollingRedisBackend(RedisBackend):
+    """The daemon's result backend. It reads task states by polling (one MGET, remote_broker.py) and never
+    subscribes to a task's result channel: unread heartbeats would pile up there until Redis drops the
+    connection, and Celery's own unsubscribe, left for the next send, could keep one channel open."""
+
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        return None
+
+
+SENDER_BACKEND = f"{__name__}:{PollingRedisBackend.__name__}"
+
+
 def make_app(remote: Remote, sender: bool = False) -> Celery:
     """Late acks and prefetch 1: a task leaves Redis only once it is done, and a worker holds no more
     than it runs. A host that dies leaves its task unacknowledged: the daemon notices the silence, revokes it
@@ -49,7 +62,9 @@ def make_app(remote: Remote, sender: bool = False) -> Celery:
     counted attempt as for a crashed local worker: requeued by Celery it could loop for ever on one bad
     input. The daemon (`sender`) gives up connecting at once: a broker away is an outage it waits out, not
     a stall of its loop."""
-    app = Celery("heygem", broker=remote.broker_url, backend=remote.broker_url, set_as_current=False)
+    # `class+url`: Celery's form for a backend class of one's own on a standard URL.
+    backend_url = f"{SENDER_BACKEND}+{remote.broker_url}" if sender else remote.broker_url
+    app = Celery("heygem", broker=remote.broker_url, backend=backend_url, set_as_current=False)
     transport: dict[str, Any] = {"visibility_timeout": remote.visibility_timeout_seconds}
     backend = dict(transport)
     timeouts: dict[str, Any] = {}

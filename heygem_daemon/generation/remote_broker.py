@@ -92,7 +92,7 @@ class CeleryBroker:
 
     def send(self, queue: str, payload: dict[str, Any], celery_id: str) -> None:
         """Raises what kombu and Redis raise when the broker cannot take it."""
-        # The AsyncResult is dropped at once: that ends its result-channel subscription (see the top).
+        # The sender's backend subscribes to no result channel (celery_app.PollingRedisBackend; see the top).
         self.app.send_task(TASK_NAME, args=[payload], queue=queue, task_id=celery_id)
 
     def revoke(self, celery_id: str) -> None:
