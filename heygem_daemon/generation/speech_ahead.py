@@ -23,6 +23,9 @@ from heygem_daemon.media.kinds import MediaKind, kind_of
 
 log = get_logger("heygem.speech")
 POLL_SECONDS = 0.5
+FILL_EVERY_SECONDS = 10.0
+"""Without a wake or a freed slot, the queue is read this seldom: reading every queued task each poll would
+cost in proportion to the queue (a burst of thousands of pairs) for an optimisation."""
 
 
 @dataclass
@@ -64,14 +67,19 @@ class SpeechAhead:
         self.wake.set()
 
     def _run(self) -> None:
+        woken, next_fill = True, 0.0
         while not self.stop_event.is_set():
             try:
+                busy = [s for s in self.slots if s.task_id is not None]
                 for slot in self.slots:
                     self._collect(slot)
-                self._fill()
+                freed = any(s.task_id is None for s in busy)
+                if woken or freed or self.clock.monotonic() >= next_fill:
+                    self._fill()
+                    next_fill = self.clock.monotonic() + FILL_EVERY_SECONDS
             except Exception:  # a store hiccup: speech ahead is an optimisation, the renders carry on
                 log.exception("speech ahead failed a round")
-            self.wake.wait(POLL_SECONDS)
+            woken = self.wake.wait(POLL_SECONDS)
             self.wake.clear()
 
     def _fill(self) -> None:
